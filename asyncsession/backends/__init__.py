@@ -1,0 +1,1 @@
+"""Storage backends. Each is one module; Redis and SQLite need their extras."""

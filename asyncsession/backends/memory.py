@@ -1,0 +1,320 @@
+"""MemoryStore: one process, no I/O; for development, tests and single-server apps.
+
+Each session is kept as its metadata plus its data as encoded JSON bytes, so every
+``get`` returns an independent copy and data round-trips exactly as in the other
+backends. Expiry buckets (one per second, ordered by a small heap of bucket keys)
+make purging cost O(expired), never a scan of all sessions. Every hook runs without
+an ``await`` in its critical section, so each is atomic under any concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from ..codec import split_data
+from ..config import Config
+from ..controls import ControlledStore, with_controls
+from ..errors import InvalidSession, SessionLimitExceeded
+from ..session import Clock, Session
+from ..store import NO_EVICTIONS, InsertResult, Outcome, Store
+
+PURGE_BATCH = 2_000
+"""Sessions removed between two yields to the event loop during a purge."""
+
+
+class _Entry:
+    __slots__ = ("bucket", "data", "meta")
+
+    def __init__(self, meta: Session, data: bytes, bucket: int) -> None:
+        self.meta = meta  # a private Session whose ``data`` stays empty
+        self.data = data
+        self.bucket = bucket
+
+
+def _bucket_of(expires_at: datetime | None) -> int:
+    # ceil, so every session in a bucket whose key is <= now has expired
+    return math.ceil(expires_at.timestamp()) if expires_at is not None else 2**62
+
+
+_EMPTY: dict[str, Any] = {}
+
+
+def _meta(session: Session) -> Session:
+    return Session(
+        id=session.id,
+        user_id=session.user_id,
+        site_id=session.site_id,
+        organization_id=session.organization_id,
+        data=_EMPTY,
+        created_at=session.created_at,
+        updated_at=session.updated_at,
+        last_accessed_at=session.last_accessed_at,
+        expires_at=session.expires_at,
+        absolute_expires_at=session.absolute_expires_at,
+        ip_address=session.ip_address,
+        user_agent=session.user_agent,
+        version=session.version,
+    )
+
+
+class MemoryStore(Store):
+    """In-process store (the seed's ``backend/memory``)."""
+
+    backend_name = "memory"
+
+    def __init__(self, config: Config | None = None, *, clock: Clock | None = None) -> None:
+        super().__init__(config, clock=clock)
+        self._entries: dict[str, _Entry] = {}
+        self._users: dict[tuple[str, str], dict[str, None]] = {}
+        self._buckets: dict[int, dict[str, None]] = {}
+        self._bucket_keys: list[int] = []
+
+    @classmethod
+    def with_controls(
+        cls, config: Config | None = None, *, clock: Clock | None = None, **options: Any
+    ) -> ControlledStore:
+        """A controlled memory store: the seed's ``NewWithControls(config)``."""
+        return with_controls(cls(config, clock=clock), config, **options)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def _close(self) -> None:
+        self._entries.clear()
+        self._users.clear()
+        self._buckets.clear()
+        self._bucket_keys.clear()
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _add(self, meta: Session, data: bytes) -> None:
+        bucket = _bucket_of(meta.expires_at)
+        self._entries[meta.id] = _Entry(meta, data, bucket)
+        self._bucket_add(meta.id, bucket)
+        if meta.user_id is not None:
+            key = (meta.site_id, meta.user_id)
+            index = self._users.get(key)
+            if index is None:
+                self._users[key] = {meta.id: None}
+            else:
+                index[meta.id] = None
+
+    def _remove(self, session_id: str) -> _Entry | None:
+        entry = self._entries.pop(session_id, None)
+        if entry is None:
+            return None
+        bucket = self._buckets.get(entry.bucket)
+        if bucket is not None:
+            bucket.pop(session_id, None)
+        meta = entry.meta
+        if meta.user_id is not None:
+            key = (meta.site_id, meta.user_id)
+            index = self._users.get(key)
+            if index is not None:
+                index.pop(session_id, None)
+                if not index:
+                    del self._users[key]
+        return entry
+
+    def _bucket_add(self, session_id: str, bucket: int) -> None:
+        ids = self._buckets.get(bucket)
+        if ids is None:
+            self._buckets[bucket] = {session_id: None}
+            heapq.heappush(self._bucket_keys, bucket)
+        else:
+            ids[session_id] = None
+
+    def _set_expiry(self, entry: _Entry, expires_at: datetime | None) -> None:
+        entry.meta.expires_at = expires_at
+        bucket = _bucket_of(expires_at)
+        if bucket != entry.bucket:
+            old = self._buckets.get(entry.bucket)
+            if old is not None:
+                old.pop(entry.meta.id, None)
+            entry.bucket = bucket
+            self._bucket_add(entry.meta.id, bucket)
+
+    def _live(self, session_id: str, scope: Config, now: datetime) -> _Entry | Outcome:
+        entry = self._entries.get(session_id)
+        if entry is None:
+            return Outcome.MISSING
+        meta = entry.meta
+        if meta.site_id != scope.site_id:
+            return Outcome.OTHER_SITE
+        if meta.expires_at is not None and now >= meta.expires_at:
+            return Outcome.EXPIRED
+        return entry
+
+    # ------------------------------------------------------------------ hooks
+
+    async def _insert(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> InsertResult:
+        if session.id in self._entries:
+            raise InvalidSession("a session with this id already exists")
+        result = NO_EVICTIONS
+        limit = scope.max_sessions_per_user
+        if limit and session.user_id is not None:
+            index = self._users.get((scope.site_id, session.user_id))
+            if index is not None and len(index) >= limit:
+                live = [
+                    e.meta
+                    for e in map(self._entries.__getitem__, index)
+                    if e.meta.expires_at is None or now < e.meta.expires_at
+                ]
+                excess = len(live) - limit + 1
+                if excess > 0:
+                    if scope.eviction == "reject":
+                        raise SessionLimitExceeded(
+                            f"user already has {len(live)} sessions (limit {limit})",
+                            details={"limit": limit, "count": len(live)},
+                        )
+                    if scope.eviction == "lru":
+                        live.sort(key=lambda m: m.last_accessed_at)
+                    else:
+                        live.sort(key=lambda m: m.created_at)
+                    evicted = [m.id for m in live[:excess]]
+                    for session_id in evicted:
+                        self._remove(session_id)
+                    result = InsertResult(evicted)
+        self._add(_meta(session), split_data(record))
+        return result
+
+    async def _load(self, session_id: str) -> Session | None:
+        entry = self._entries.get(session_id)
+        if entry is None:
+            return None
+        m = entry.meta
+        return Session(
+            id=m.id,
+            user_id=m.user_id,
+            site_id=m.site_id,
+            organization_id=m.organization_id,
+            data=orjson.loads(entry.data),
+            created_at=m.created_at,
+            updated_at=m.updated_at,
+            last_accessed_at=m.last_accessed_at,
+            expires_at=m.expires_at,
+            absolute_expires_at=m.absolute_expires_at,
+            ip_address=m.ip_address,
+            user_agent=m.user_agent,
+            version=m.version,
+        )
+
+    async def _replace(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> Outcome:
+        found = self._live(session.id, scope, now)
+        if isinstance(found, Outcome):
+            return found
+        if found.meta.user_id != session.user_id:
+            return Outcome.USER_CHANGED
+        if found.meta.version != session.version - 1:
+            return Outcome.CONFLICT
+        found.data = split_data(record)
+        found.meta = _meta(session)
+        self._set_expiry(found, session.expires_at)
+        return Outcome.OK
+
+    async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:
+        found = self._live(session_id, scope, now)
+        if isinstance(found, Outcome):
+            return found
+        meta = found.meta
+        meta.last_accessed_at = now
+        if scope.idle_timeout is not None:
+            absolute = meta.absolute_expires_at or meta.expires_at
+            sliding = now + scope.idle_timeout
+            self._set_expiry(found, sliding if absolute is None or sliding < absolute else absolute)
+        return Outcome.OK
+
+    async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
+        found = self._live(session_id, scope, now)
+        if isinstance(found, Outcome):
+            return found
+        if new_id in self._entries:  # 256-bit ids: never in practice, but never overwrite
+            return Outcome.CONFLICT
+        self._remove(session_id)
+        found.meta.id = new_id
+        self._add(found.meta, found.data)
+        return Outcome.OK
+
+    async def _delete(self, session_id: str, scope: Config) -> Outcome:
+        entry = self._entries.get(session_id)
+        if entry is None:
+            return Outcome.MISSING
+        if entry.meta.site_id != scope.site_id:
+            return Outcome.OTHER_SITE
+        self._remove(session_id)
+        return Outcome.OK
+
+    async def _delete_by_user(
+        self, user_id: str, keep: str | None, scope: Config, now: datetime
+    ) -> list[str]:
+        index = self._users.get((scope.site_id, user_id))
+        if not index:
+            return []
+        deleted = []
+        for session_id in list(index):
+            if session_id == keep:
+                continue
+            entry = self._remove(session_id)
+            if entry is not None and (entry.meta.expires_at is None or now < entry.meta.expires_at):
+                deleted.append(session_id)
+        return deleted
+
+    async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:
+        index = self._users.get((scope.site_id, user_id))
+        if not index:
+            return []
+        live = []
+        for session_id in index:
+            meta = self._entries[session_id].meta
+            if meta.expires_at is None or now < meta.expires_at:
+                live.append(meta)
+        live.sort(key=lambda m: m.created_at)
+        sessions = []
+        for meta in live:
+            session = await self._load(meta.id)
+            if session is not None:
+                sessions.append(session)
+        return sessions
+
+    async def _purge(self, now: datetime) -> int:
+        """Empty every expired bucket, ``PURGE_BATCH`` sessions between event-loop yields."""
+        cutoff = math.ceil(now.timestamp())
+        removed = 0
+        budget = PURGE_BATCH
+        while self._bucket_keys and self._bucket_keys[0] <= cutoff:
+            key = self._bucket_keys[0]
+            ids = self._buckets.get(key)
+            partial = key == cutoff  # this bucket may hold sessions expiring after now
+            if ids and not partial:
+                while ids and budget:
+                    session_id, _ = ids.popitem()
+                    self._remove(session_id)
+                    removed += 1
+                    budget -= 1
+            elif ids:
+                for session_id in [
+                    sid
+                    for sid in ids
+                    if (exp := self._entries[sid].meta.expires_at) is not None and now >= exp
+                ]:
+                    self._remove(session_id)
+                    removed += 1
+                    budget -= 1
+                break  # the rest of this bucket is still live; later buckets too
+            if not ids:
+                heapq.heappop(self._bucket_keys)
+                self._buckets.pop(key, None)
+            if budget <= 0:
+                budget = PURGE_BATCH
+                await asyncio.sleep(0)
+        return removed

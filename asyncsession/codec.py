@@ -1,0 +1,188 @@
+"""The one place that turns a ``Session`` into bytes and back (orjson).
+
+A record is a JSON object: a small header of metadata (timestamps as integer
+microseconds since the epoch, so they round-trip exactly) followed by ``"d"``,
+the session data. The data is encoded once, strictly: anything orjson would
+silently change (datetimes, UUIDs, tuples, enums, dataclasses, NaN) is refused,
+so what you store is exactly what you read back from any backend.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from .errors import NotSerializable
+from .session import Session
+
+RECORD_FORMAT = 1
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+MAX_DEPTH = 250  # orjson refuses deeper than 254; keep a margin for the record itself
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+_STRICT = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+class CorruptRecord(ValueError):
+    """Stored bytes that are not a session record of this library."""
+
+
+def to_us(when: datetime) -> int:
+    """Aware datetime to integer microseconds since the epoch (exact)."""
+    return (when - EPOCH) // _ONE_US
+
+
+def from_us(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)
+
+
+def _opt_us(when: datetime | None) -> int | None:
+    return None if when is None else to_us(when)
+
+
+def _opt_dt(us: int | None) -> datetime | None:
+    return None if us is None else from_us(us)
+
+
+def encode_data(data: Any) -> bytes:
+    """Encode session data as JSON, refusing anything that would not round-trip exactly."""
+    if type(data) is not dict:
+        raise NotSerializable(
+            f"session data must be a dict, not {type(data).__name__}",
+            details={"path": "data", "type": type(data).__name__},
+        )
+    try:
+        raw = orjson.dumps(data, option=_STRICT)
+    except (orjson.JSONEncodeError, TypeError, RecursionError) as exc:
+        raise _not_serializable(data) from exc
+    # Cheap C-level check for what orjson encodes without complaint but changes:
+    # tuples, UUIDs, plain enums, NaN/Infinity.
+    if orjson.loads(raw) != data:
+        raise _not_serializable(data)
+    return raw
+
+
+def _not_serializable(data: dict[str, Any]) -> NotSerializable:
+    path, reason, type_name = find_non_json(data)
+    return NotSerializable(
+        f"session data is not JSON-native at {path}: {reason}",
+        details={"path": path, "type": type_name, "reason": reason},
+    )
+
+
+def find_non_json(data: Any) -> tuple[str, str, str]:
+    """Path, reason and type name of the first value that is not JSON-native.
+
+    Iterative, so hostile nesting cannot exhaust the Python stack.
+    """
+    stack: list[tuple[str, Any, int]] = [("data", data, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        kind = type(value)
+        if value is None or kind is bool or kind is str:
+            continue
+        if kind is int:
+            if not _INT_MIN <= value <= _INT_MAX:
+                return path, "integer does not fit in 64 bits", "int"
+            continue
+        if kind is float:
+            if not math.isfinite(value):
+                return path, f"{value!r} has no JSON form", "float"
+            continue
+        if depth >= MAX_DEPTH:
+            return path, f"nested deeper than {MAX_DEPTH} levels", kind.__name__
+        if kind is dict:
+            items = list(value.items())
+            for key, item in reversed(items):
+                if type(key) is not str:
+                    return f"{path}[{key!r}]", "keys must be str", type(key).__name__
+                stack.append((f"{path}[{orjson.dumps(key).decode()}]", item, depth + 1))
+            continue
+        if kind is list:
+            for index in range(len(value) - 1, -1, -1):
+                stack.append((f"{path}[{index}]", value[index], depth + 1))
+            continue
+        return path, f"{kind.__name__} is not a JSON type", kind.__name__
+    return "data", "value does not round-trip through JSON", type(data).__name__
+
+
+def encode(session: Session, data: bytes | None = None) -> bytes:
+    """The full record; ``data`` is ``encode_data(session.data)`` when already computed."""
+    if data is None:
+        data = encode_data(session.data)
+    header = orjson.dumps(
+        {
+            "f": RECORD_FORMAT,
+            "id": session.id,
+            "u": session.user_id,
+            "s": session.site_id,
+            "o": session.organization_id,
+            "c": to_us(session.created_at),
+            "m": to_us(session.updated_at),
+            "a": to_us(session.last_accessed_at),
+            "e": _opt_us(session.expires_at),
+            "x": _opt_us(session.absolute_expires_at),
+            "ip": session.ip_address,
+            "ua": session.user_agent,
+            "n": session.version,
+        }
+    )
+    return b"".join((header[:-1], b',"d":', data, b"}"))
+
+
+def split_data(record: bytes) -> bytes:
+    """The encoded data of a record made by ``encode`` (header strings cannot hold ``"``)."""
+    return record[record.index(b',"d":') + 5 : -1]
+
+
+def _check(value: Any, types: type | tuple[type, ...], name: str) -> Any:
+    if type(value) is bool or not isinstance(value, types):
+        raise CorruptRecord(f"field {name!r} has type {type(value).__name__}")
+    return value
+
+
+_STR_OR_NONE = (str, type(None))
+_INT_OR_NONE = (int, type(None))
+
+
+def decode(raw: bytes | bytearray | memoryview | str) -> Session:
+    """Parse a record; anything that is not one raises ``CorruptRecord``."""
+    try:
+        r = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptRecord("not JSON") from exc
+    if type(r) is not dict or r.get("f") != RECORD_FORMAT:
+        raise CorruptRecord("not a session record")
+    try:
+        data = r["d"]
+        if type(data) is not dict:
+            raise CorruptRecord("field 'd' is not an object")
+        return Session(
+            id=_check(r["id"], str, "id"),
+            user_id=_check(r["u"], _STR_OR_NONE, "u"),
+            site_id=_check(r["s"], str, "s"),
+            organization_id=_check(r["o"], _STR_OR_NONE, "o"),
+            data=data,
+            created_at=from_us(_check(r["c"], int, "c")),
+            updated_at=from_us(_check(r["m"], int, "m")),
+            last_accessed_at=from_us(_check(r["a"], int, "a")),
+            expires_at=_opt_dt(_check(r["e"], _INT_OR_NONE, "e")),
+            absolute_expires_at=_opt_dt(_check(r["x"], _INT_OR_NONE, "x")),
+            ip_address=_check(r["ip"], _STR_OR_NONE, "ip"),
+            user_agent=_check(r["ua"], _STR_OR_NONE, "ua"),
+            version=_check(r["n"], int, "n"),
+        )
+    except KeyError as exc:
+        raise CorruptRecord(f"missing field {exc.args[0]!r}") from exc
+    except (OverflowError, ValueError) as exc:
+        if isinstance(exc, CorruptRecord):
+            raise
+        raise CorruptRecord(f"bad timestamp: {exc}") from exc

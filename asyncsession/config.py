@@ -1,0 +1,86 @@
+"""Store configuration: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal, get_args
+
+Eviction = Literal["oldest", "lru", "reject"]
+EVICTION_POLICIES: tuple[str, ...] = get_args(Eviction)
+
+MiB = 1024 * 1024
+
+_SITE_RE = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+
+
+def _duration(name: str, value: timedelta | float | int | None) -> timedelta | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"Config.{name} must be a timedelta or seconds, not {value!r}")
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    if isinstance(value, timedelta):
+        return value
+    raise ValueError(f"Config.{name} must be a timedelta or seconds, not {type(value).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Settings shared by every backend and the controls layer.
+
+    Defaults are the seed's ``DefaultConfig()``: 1 MiB sessions, 24 h TTL, cleanup
+    every 5 minutes, keys under ``"session:"``. Durations accept ``timedelta`` or
+    seconds and are stored as ``timedelta``.
+    """
+
+    site_id: str = ""
+    max_session_size: int = MiB
+    max_sessions_per_user: int = 0
+    eviction: Eviction = "oldest"
+    default_ttl: timedelta = field(default=timedelta(hours=24))
+    idle_timeout: timedelta | None = None
+    cleanup_interval: timedelta = field(default=timedelta(minutes=5))
+    key_prefix: str = "session:"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.site_id, str) or not _SITE_RE.match(self.site_id):
+            raise ValueError(
+                "Config.site_id must be at most 64 characters of letters, digits, '.', '_' or '-'"
+                f", got {self.site_id!r}"
+            )
+        for name in ("max_session_size", "max_sessions_per_user"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"Config.{name} must be an int, got {value!r}")
+            if value < 0:
+                raise ValueError(f"Config.{name} must be >= 0 (0 means no limit), got {value}")
+        if self.eviction not in EVICTION_POLICIES:
+            raise ValueError(
+                f"Config.eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}"
+            )
+        ttl = _duration("default_ttl", self.default_ttl)
+        if ttl is None or ttl <= timedelta(0):
+            raise ValueError(f"Config.default_ttl must be positive, got {self.default_ttl!r}")
+        object.__setattr__(self, "default_ttl", ttl)
+        idle = _duration("idle_timeout", self.idle_timeout)
+        if idle is not None and idle <= timedelta(0):
+            raise ValueError(f"Config.idle_timeout must be positive or None, got {idle!r}")
+        object.__setattr__(self, "idle_timeout", idle)
+        interval = _duration("cleanup_interval", self.cleanup_interval)
+        if interval is None or interval < timedelta(0):
+            raise ValueError(
+                f"Config.cleanup_interval must be >= 0 (0 turns cleanup off), got {interval!r}"
+            )
+        object.__setattr__(self, "cleanup_interval", interval)
+        if not isinstance(self.key_prefix, str) or any(c in self.key_prefix for c in "{}\r\n"):
+            raise ValueError(
+                f"Config.key_prefix must be a string without braces or newlines, got {self.key_prefix!r}"
+            )
+
+
+def default_config() -> Config:
+    """The seed's ``DefaultConfig()``."""
+    return Config()

@@ -1,0 +1,247 @@
+"""ControlledStore: the seed's controls wrapped around any backend.
+
+The wrapped store does the storage; this layer adds the session size limit,
+violation events (logged on the ``asyncsession`` logger and handed to
+``on_violation``) and lifecycle events (``on_event``). Its ``Config`` is the scope
+of every operation it forwards, so several ControlledStores with different
+``site_id`` (and limits) can share one backend without seeing each other's
+sessions. Per-user limits and expiry are enforced inside the backend's atomic
+operations, with this layer's config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from .config import Config
+from .errors import ErrorCode, SessionError, SessionTooLarge, StoreClosed, short_hash
+from .session import Session
+from .store import InsertResult, Outcome, Store
+
+logger = logging.getLogger("asyncsession")
+
+VIOLATION_TYPES = (
+    "size_exceeded",
+    "not_serializable",
+    "invalid_session",
+    "session_limit_exceeded",
+    "site_mismatch",
+    "conflict",
+)
+EVENT_TYPES = ("created", "updated", "rotated", "deleted", "evicted", "expired")
+
+
+@dataclass(frozen=True, slots=True)
+class ViolationEvent:
+    """A policy violation: what happened, where, to whom; never a full session id."""
+
+    type: str
+    code: ErrorCode
+    message: str
+    site_id: str
+    user_id: str | None
+    session: str | None  # short hash
+    details: dict[str, Any] = field(default_factory=dict)
+    at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """A lifecycle event: created, updated, rotated, deleted, evicted, expired."""
+
+    type: str
+    site_id: str
+    user_id: str | None
+    session: str | None  # short hash
+    details: dict[str, Any] = field(default_factory=dict)
+    at: datetime | None = None
+
+
+E = TypeVar("E", ViolationEvent, SessionEvent)
+Handler = Callable[[E], Awaitable[None] | None]
+
+
+class ControlledStore(Store):
+    """A ``Store`` that enforces the controls of its ``config`` over ``store``."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config | None = None,
+        *,
+        logger: logging.Logger | None = None,
+        on_violation: Handler[ViolationEvent] | None = None,
+        on_event: Handler[SessionEvent] | None = None,
+    ) -> None:
+        if isinstance(store, ControlledStore):
+            store = store.store
+        super().__init__(config if config is not None else store.config, clock=store.clock)
+        self.store = store
+        self.backend_name = store.backend_name
+        self.logger = logger or globals()["logger"]
+        self.on_violation = on_violation
+        self.on_event = on_event
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    # Lifecycle: the backend owns connections and the cleanup task.
+
+    async def __aenter__(self) -> ControlledStore:
+        await self.store.__aenter__()
+        self._check_open()
+        return self
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"{self.backend_name} store is closed")
+        self.store._check_open()
+
+    def _start_cleanup(self) -> None:
+        self.store._start_cleanup()
+
+    async def close(self) -> None:
+        """Close the wrapped backend and wait for pending async handlers."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.store.close()
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    async def _close(self) -> None:  # pragma: no cover - close() is overridden
+        await self.store.close()
+
+    # Controls
+
+    def encode(self, session: Session) -> bytes:
+        record = super().encode(session)
+        limit = self.config.max_session_size
+        if limit and len(record) > limit:
+            exc = SessionTooLarge(
+                f"session is {len(record)} bytes encoded, over the limit of {limit}",
+                details={"size": len(record), "limit": limit, "session": short_hash(session.id)},
+            )
+            self._violation("size_exceeded", exc, session)
+            raise exc
+        return record
+
+    def _violation(
+        self, kind: str, error: SessionError, session: Session | None, **extra: Any
+    ) -> None:
+        session_id = extra.pop("session_id", None) or (session.id if session else None)
+        event = ViolationEvent(
+            type=kind,
+            code=error.code,
+            message=error.message,
+            site_id=self.config.site_id,
+            user_id=session.user_id if session else extra.pop("user_id", None),
+            session=short_hash(session_id) if session_id else error.details.get("session"),
+            details={**error.details, **extra},
+            at=self.clock(),
+        )
+        self.logger.warning(
+            "asyncsession violation %s: %s",
+            kind,
+            error.message,
+            extra={
+                "violation": kind,
+                "code": str(error.code),
+                "site_id": event.site_id,
+                "user_id": event.user_id,
+                "session": event.session,
+                "details": event.details,
+            },
+        )
+        if self.on_violation is not None:
+            self._dispatch(self.on_violation, event)
+
+    def _event(self, kind: str, session: Session | None, **extra: Any) -> None:
+        if self.on_event is None:
+            return
+        session_id = extra.pop("session_id", None) or (session.id if session else None)
+        user_id = session.user_id if session else extra.pop("user_id", None)
+        event = SessionEvent(
+            type=kind,
+            site_id=self.config.site_id,
+            user_id=user_id,
+            session=short_hash(session_id) if session_id else None,
+            details=extra,
+            at=self.clock(),
+        )
+        self._dispatch(self.on_event, event)
+
+    def _dispatch(self, handler: Callable[[Any], Any], event: Any) -> None:
+        try:
+            result = handler(event)
+        except Exception:
+            self.logger.exception("asyncsession: %s handler raised", event.type)
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(self._await_handler(result, event.type))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _await_handler(self, result: Awaitable[Any], kind: str) -> None:
+        try:
+            await result
+        except Exception:
+            self.logger.exception("asyncsession: %s handler raised", kind)
+
+    async def drain(self) -> None:
+        """Wait for async handlers scheduled so far (useful in tests and at shutdown)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    # Storage: forwarded to the backend with this store's config as the scope.
+
+    async def _insert(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> InsertResult:
+        return await self.store._insert(session, record, scope, now)
+
+    async def _load(self, session_id: str) -> Session | None:
+        return await self.store._load(session_id)
+
+    async def _replace(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> Outcome:
+        return await self.store._replace(session, record, scope, now)
+
+    async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:
+        return await self.store._touch(session_id, scope, now)
+
+    async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
+        return await self.store._rotate(session_id, new_id, scope, now)
+
+    async def _delete(self, session_id: str, scope: Config) -> Outcome:
+        return await self.store._delete(session_id, scope)
+
+    async def _delete_by_user(
+        self, user_id: str, keep: str | None, scope: Config, now: datetime
+    ) -> list[str]:
+        return await self.store._delete_by_user(user_id, keep, scope, now)
+
+    async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:
+        return await self.store._list_by_user(user_id, scope, now)
+
+    async def _purge(self, now: datetime) -> int:
+        return await self.store._purge(now)
+
+
+def with_controls(
+    store: Store,
+    config: Config | None = None,
+    *,
+    logger: logging.Logger | None = None,
+    on_violation: Handler[ViolationEvent] | None = None,
+    on_event: Handler[SessionEvent] | None = None,
+) -> ControlledStore:
+    """Wrap ``store`` in the controls of ``config`` (default: the store's own config)."""
+    return ControlledStore(
+        store, config, logger=logger, on_violation=on_violation, on_event=on_event
+    )

@@ -1,0 +1,165 @@
+"""The session model: one dataclass, timezone-aware UTC timestamps, ids from ``secrets``."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from .errors import InvalidSession, short_hash
+
+Clock = Callable[[], datetime]
+"""A function returning the current time as an aware UTC ``datetime``."""
+
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
+MAX_USER_ID_LENGTH = 256
+
+
+def utcnow() -> datetime:
+    """The default clock."""
+    return datetime.now(UTC)
+
+
+def generate_session_id() -> str:
+    """32 random bytes from ``secrets``, base64url without padding: 43 characters."""
+    return secrets.token_urlsafe(32)
+
+
+def is_valid_session_id(session_id: object) -> bool:
+    return isinstance(session_id, str) and SESSION_ID_RE.fullmatch(session_id) is not None
+
+
+def check_session_id(session_id: object) -> str:
+    """Return ``session_id`` if it is well formed, else raise ``InvalidSession``.
+
+    Runs before any backend is touched: no key injection, glob characters or giant keys.
+    """
+    if isinstance(session_id, str) and SESSION_ID_RE.fullmatch(session_id) is not None:
+        return session_id
+    if isinstance(session_id, str):
+        shown = {"length": len(session_id)}
+        if len(session_id) <= 128:
+            shown["session"] = short_hash(session_id)  # type: ignore[assignment]
+    else:
+        shown = {"type": type(session_id).__name__}  # type: ignore[dict-item]
+    raise InvalidSession(
+        "session id must be 16-128 characters of A-Z, a-z, 0-9, '-' or '_'", details=shown
+    )
+
+
+def normalize_user_id(user_id: object) -> str | None:
+    """``None`` stays anonymous; ``str``, ``int`` and ``UUID`` become a non-empty ``str``."""
+    if user_id is None:
+        return None
+    if isinstance(user_id, bool):
+        raise InvalidSession("user id must be str, int or UUID, not bool")
+    if isinstance(user_id, int | UUID):
+        return str(user_id)
+    if isinstance(user_id, str):
+        if not user_id:
+            raise InvalidSession("user id must not be empty (use None for anonymous sessions)")
+        if len(user_id) > MAX_USER_ID_LENGTH:
+            raise InvalidSession(
+                f"user id longer than {MAX_USER_ID_LENGTH} characters",
+                details={"length": len(user_id), "limit": MAX_USER_ID_LENGTH},
+            )
+        if "\x00" in user_id:
+            raise InvalidSession("user id must not contain NUL")
+        return user_id
+    raise InvalidSession(
+        f"user id must be str, int or UUID, not {type(user_id).__name__}",
+        details={"type": type(user_id).__name__},
+    )
+
+
+@dataclass(slots=True, kw_only=True, eq=True)
+class Session:
+    """A server-side session.
+
+    ``expires_at`` is when the session stops being valid. With ``Config.idle_timeout``
+    it moves forward on every access but never past ``absolute_expires_at``, the hard
+    deadline fixed at creation. ``version`` is bumped by every successful update and
+    is what compare-and-set checks.
+    """
+
+    id: str
+    user_id: str | None
+    site_id: str = ""
+    organization_id: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+    last_accessed_at: datetime = field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    absolute_expires_at: datetime | None = None
+    ip_address: str | None = None
+    user_agent: str | None = None
+    version: int = 0
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        """True once ``now`` (default: the current time) has reached ``expires_at``."""
+        if self.expires_at is None:
+            return False
+        return (now or utcnow()) >= self.expires_at
+
+    def ttl(self, now: datetime | None = None) -> timedelta:
+        """Time left until expiry (zero once expired; ``timedelta.max`` with no expiry)."""
+        if self.expires_at is None:
+            return timedelta.max
+        return max(self.expires_at - (now or utcnow()), timedelta(0))
+
+    @property
+    def short_id(self) -> str:
+        """What logs and events show instead of the id."""
+        return short_hash(self.id)
+
+    def __repr__(self) -> str:
+        # Never print the full id: reprs end up in logs and tracebacks.
+        return (
+            f"Session(id=<{self.short_id}>, user_id={self.user_id!r}, site_id={self.site_id!r}, "
+            f"version={self.version}, expires_at={self.expires_at!r}, keys={sorted(self.data)!r})"
+        )
+
+
+_NEW_SESSION_FIELDS = frozenset({"organization_id", "data", "ip_address", "user_agent", "site_id"})
+
+
+def new_session(
+    user_id: str | int | UUID | None,
+    ttl: timedelta | float | None = None,
+    *,
+    now: datetime | None = None,
+    **fields: Any,
+) -> Session:
+    """Build a new session with a fresh id (the seed's ``NewSession(userID, ttl)``).
+
+    ``ttl`` (timedelta or seconds) sets ``expires_at``; without it the store applies
+    ``Config.default_ttl``. ``fields`` sets ``data``, ``organization_id``,
+    ``ip_address``, ``user_agent``.
+    """
+    unknown = set(fields) - _NEW_SESSION_FIELDS
+    if unknown:
+        raise TypeError(f"new_session() got unexpected fields: {', '.join(sorted(unknown))}")
+    at = now or utcnow()
+    expires_at = None
+    if ttl is not None:
+        delta = ttl if isinstance(ttl, timedelta) else timedelta(seconds=ttl)
+        if delta <= timedelta(0):
+            raise InvalidSession("ttl must be positive", details={"ttl": delta.total_seconds()})
+        expires_at = at + delta
+    data = fields.pop("data", None)
+    return Session(
+        id=generate_session_id(),
+        user_id=normalize_user_id(user_id),
+        data=dict(data) if data is not None else {},
+        created_at=at,
+        updated_at=at,
+        last_accessed_at=at,
+        expires_at=expires_at,
+        absolute_expires_at=expires_at,
+        **fields,
+    )

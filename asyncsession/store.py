@@ -1,0 +1,446 @@
+"""The Store contract every backend implements.
+
+``Store`` holds the public API and everything that is the same in every backend:
+id validation, defaults, expiry arithmetic on an injectable clock, error mapping,
+background cleanup. A backend implements the ``_``-prefixed storage hooks, each of
+which must be atomic on its own (one Lua script, one SQL transaction, or a block
+with no ``await`` in it). Hooks receive a ``scope`` (the ``Config`` of the caller:
+site, per-user limit, eviction, idle timeout) and ``now`` from the clock, so one
+backend can serve several sites and never reads the time itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import Enum
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+from . import codec
+from .config import Config
+from .errors import (
+    InvalidSession,
+    SessionConflict,
+    SessionError,
+    SessionExpired,
+    SessionLimitExceeded,
+    SessionNotFound,
+    StoreClosed,
+    short_hash,
+)
+from .session import Clock, Session, check_session_id, generate_session_id, normalize_user_id, utcnow
+
+logger = logging.getLogger("asyncsession")
+
+
+class Outcome(Enum):
+    """What a write hook found, so the caller can raise the right error."""
+
+    OK = "ok"
+    MISSING = "missing"
+    EXPIRED = "expired"
+    OTHER_SITE = "other_site"
+    CONFLICT = "conflict"
+    USER_CHANGED = "user_changed"
+
+
+@dataclass(frozen=True, slots=True)
+class InsertResult:
+    """What ``_insert`` did besides inserting: the ids it evicted for the per-user limit."""
+
+    evicted: Sequence[str] = ()
+
+
+NO_EVICTIONS = InsertResult()
+
+
+def absolute_deadline(session: Session) -> datetime | None:
+    return session.absolute_expires_at or session.expires_at
+
+
+def idle_deadline(absolute: datetime | None, now: datetime, idle: timedelta | None) -> datetime | None:
+    """``min(absolute deadline, now + idle_timeout)``; the absolute deadline without idle."""
+    if idle is None:
+        return absolute
+    sliding = now + idle
+    return sliding if absolute is None or sliding < absolute else absolute
+
+
+class Store(ABC):
+    """Async session store. Use as ``async with store:`` or call ``close()``."""
+
+    backend_name: ClassVar[str] = "store"
+
+    def __init__(self, config: Config | None = None, *, clock: Clock | None = None) -> None:
+        self.config = config if config is not None else Config()
+        self.clock: Clock = clock or utcnow
+        self._closed = False
+        self._cleanup_task: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Self:
+        self._check_open()
+        await self._open()
+        self._start_cleanup()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Stop background cleanup and release connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        task, self._cleanup_task = self._cleanup_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"{self.backend_name} store is closed")
+        if self._cleanup_task is None and self.config.cleanup_interval:
+            self._start_cleanup()
+
+    def _start_cleanup(self) -> None:
+        if self._cleanup_task is not None or not self.config.cleanup_interval:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._cleanup_task = loop.create_task(
+            self._cleanup_loop(), name=f"asyncsession-{self.backend_name}-cleanup"
+        )
+
+    async def _cleanup_loop(self) -> None:
+        interval = self.config.cleanup_interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                removed = await self.purge_expired()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("asyncsession: background cleanup failed; will retry")
+            else:
+                if removed:
+                    logger.debug(
+                        "asyncsession: purged expired sessions",
+                        extra={"backend": self.backend_name, "count": removed},
+                    )
+
+    # --------------------------------------------------------------- public API
+
+    @property
+    def scope(self) -> Config:
+        """The config whose site, limits and timeouts this store's operations use."""
+        return self.config
+
+    def encode(self, session: Session) -> bytes:
+        """Encode a record for a write. ``ControlledStore`` adds the size limit here."""
+        try:
+            return codec.encode(session)
+        except SessionError as exc:
+            self._violation("not_serializable", exc, session)
+            raise
+
+    async def create(self, session: Session) -> Session:
+        """Insert a new session (insert-if-absent); returns it with defaults filled in.
+
+        ``site_id`` is set from the config, ``expires_at`` from ``default_ttl`` if unset.
+        An existing id is ``InvalidSession``, never an overwrite. The per-user limit
+        is enforced atomically with the configured eviction policy.
+        """
+        self._check_open()
+        if not isinstance(session, Session):
+            raise self._invalid("create() needs a Session", None, type=type(session).__name__)
+        try:
+            check_session_id(session.id)
+            user_id = normalize_user_id(session.user_id)
+        except InvalidSession as exc:
+            self._violation("invalid_session", exc, None)
+            raise
+        scope = self.scope
+        now = self.clock()
+        session.user_id = user_id
+        session.site_id = scope.site_id
+        absolute = absolute_deadline(session) or now + scope.default_ttl
+        session.absolute_expires_at = absolute
+        session.expires_at = idle_deadline(absolute, now, scope.idle_timeout)
+        record = self.encode(session)
+        try:
+            result = await self._insert(session, record, scope, now)
+        except SessionLimitExceeded as exc:
+            self._violation("session_limit_exceeded", exc, session)
+            raise
+        except InvalidSession as exc:
+            self._violation("invalid_session", exc, session)
+            raise
+        self._event("created", session)
+        for evicted in result.evicted:
+            self._event("evicted", None, session_id=evicted, user_id=user_id)
+        return session
+
+    async def get(self, session_id: str) -> Session:
+        """A fresh copy of the session. ``SessionNotFound`` / ``SessionExpired``."""
+        self._check_open()
+        self._check_id(session_id)
+        try:
+            session = await self._load(session_id)
+        except codec.CorruptRecord as exc:
+            raise self._corrupt(session_id, exc) from exc
+        return self._visible(session, session_id, self.scope.site_id, self.clock())
+
+    def _visible(
+        self, session: Session | None, session_id: str, site_id: str, now: datetime
+    ) -> Session:
+        if session is None:
+            raise SessionNotFound("session not found", details={"session": short_hash(session_id)})
+        if session.site_id != site_id:
+            exc = SessionNotFound("session not found", details={"session": short_hash(session_id)})
+            self._violation("site_mismatch", exc, session, other_site=session.site_id)
+            raise exc
+        if session.expires_at is not None and now >= session.expires_at:
+            raise SessionExpired(
+                "session expired",
+                details={"session": short_hash(session_id), "expired_at": session.expires_at},
+            )
+        return session
+
+    async def update(self, session: Session) -> Session:
+        """Compare-and-set write of ``session`` at ``session.version``.
+
+        Stale version: ``SessionConflict``. Missing, deleted or expired:
+        ``SessionNotFound`` (never resurrected). On success ``version`` is bumped and
+        ``updated_at`` (and with ``idle_timeout``, ``expires_at``) set.
+        """
+        self._check_open()
+        if not isinstance(session, Session):
+            raise self._invalid("update() needs a Session", None, type=type(session).__name__)
+        self._check_id(session.id)
+        scope = self.scope
+        now = self.clock()
+        absolute = absolute_deadline(session)
+        new = replace(
+            session,
+            version=session.version + 1,
+            updated_at=now,
+            last_accessed_at=now,
+            expires_at=idle_deadline(absolute, now, scope.idle_timeout),
+            absolute_expires_at=absolute,
+        )
+        record = self.encode(new)
+        outcome = await self._replace(new, record, scope, now)
+        if outcome is not Outcome.OK:
+            raise self._write_error(outcome, session.id, session, expected=session.version)
+        session.version = new.version
+        session.updated_at = now
+        session.last_accessed_at = now
+        session.expires_at = new.expires_at
+        session.absolute_expires_at = absolute
+        self._event("updated", session)
+        return session
+
+    async def touch(self, session_id: str) -> None:
+        """Record an access; with ``idle_timeout`` slide the expiry (never past the
+        absolute deadline). Never rewrites data, never bumps the version."""
+        self._check_open()
+        self._check_id(session_id)
+        outcome = await self._touch(session_id, self.scope, self.clock())
+        if outcome is not Outcome.OK:
+            raise self._write_error(outcome, session_id, None)
+
+    async def rotate(self, session_id: str) -> str:
+        """Move the session to a new id atomically (session-fixation defence)."""
+        self._check_open()
+        self._check_id(session_id)
+        new_id = generate_session_id()
+        outcome = await self._rotate(session_id, new_id, self.scope, self.clock())
+        if outcome is not Outcome.OK:
+            raise self._write_error(outcome, session_id, None)
+        self._event("rotated", None, session_id=new_id, previous=short_hash(session_id))
+        return new_id
+
+    async def delete(self, session_id: str) -> None:
+        """Delete a session; deleting a missing one is not an error."""
+        self._check_open()
+        self._check_id(session_id)
+        outcome = await self._delete(session_id, self.scope)
+        if outcome is Outcome.OTHER_SITE:
+            self._violation(
+                "site_mismatch",
+                SessionNotFound("session not found", details={"session": short_hash(session_id)}),
+                None,
+                session_id=session_id,
+            )
+        elif outcome is Outcome.OK:
+            self._event("deleted", None, session_id=session_id)
+
+    async def delete_by_user(self, user_id: str | Any, *, keep: str | None = None) -> int:
+        """Delete the user's sessions on this site, except ``keep``; returns how many."""
+        self._check_open()
+        user = self._check_user(user_id)
+        if keep is not None:
+            self._check_id(keep)
+        deleted = await self._delete_by_user(user, keep, self.scope, self.clock())
+        for session_id in deleted:
+            self._event("deleted", None, session_id=session_id, user_id=user)
+        return len(deleted)
+
+    async def list_by_user(self, user_id: str | Any) -> list[Session]:
+        """The user's live sessions on this site, oldest first."""
+        self._check_open()
+        user = self._check_user(user_id)
+        return await self._list_by_user(user, self.scope, self.clock())
+
+    async def purge_expired(self) -> int:
+        """Remove expired sessions and stale index entries now; returns how many sessions."""
+        self._check_open()
+        return await self._purge(self.clock())
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_id(self, session_id: object) -> None:
+        try:
+            check_session_id(session_id)
+        except InvalidSession as exc:
+            self._violation("invalid_session", exc, None)
+            raise
+
+    def _check_user(self, user_id: object) -> str:
+        try:
+            user = normalize_user_id(user_id)
+        except InvalidSession as exc:
+            self._violation("invalid_session", exc, None)
+            raise
+        if user is None:
+            exc = InvalidSession("user id is required (anonymous sessions are not indexed)")
+            self._violation("invalid_session", exc, None)
+            raise exc
+        return user
+
+    def _invalid(self, message: str, session: Session | None, **details: Any) -> InvalidSession:
+        exc = InvalidSession(message, details=details)
+        self._violation("invalid_session", exc, session)
+        return exc
+
+    def _corrupt(self, session_id: str, cause: Exception) -> SessionNotFound:
+        exc = SessionNotFound(
+            "session not found", details={"session": short_hash(session_id), "corrupt": True}
+        )
+        self._violation(
+            "invalid_session",
+            InvalidSession(
+                f"stored record is not a valid session: {cause}",
+                details={"session": short_hash(session_id)},
+            ),
+            None,
+            session_id=session_id,
+        )
+        return exc
+
+    def _write_error(
+        self, outcome: Outcome, session_id: str, session: Session | None, expected: int = 0
+    ) -> SessionError:
+        details: dict[str, Any] = {"session": short_hash(session_id)}
+        if outcome is Outcome.CONFLICT:
+            exc: SessionError = SessionConflict(
+                "session was changed concurrently; reload and retry",
+                details={**details, "expected_version": expected},
+            )
+            self._violation("conflict", exc, session)
+            return exc
+        if outcome is Outcome.EXPIRED:
+            return SessionExpired("session expired", details=details)
+        if outcome is Outcome.USER_CHANGED:
+            return self._invalid(
+                "user_id of a stored session cannot change; create a new session", session
+            )
+        exc = SessionNotFound("session not found", details=details)
+        if outcome is Outcome.OTHER_SITE:
+            self._violation("site_mismatch", exc, session, session_id=session_id)
+        return exc
+
+    def _violation(
+        self, kind: str, error: SessionError, session: Session | None, **extra: Any
+    ) -> None:
+        """Hook for policy violations; the raw store ignores them, ControlledStore reports."""
+
+    def _event(self, kind: str, session: Session | None, **extra: Any) -> None:
+        """Hook for lifecycle events; the raw store ignores them."""
+
+    # ------------------------------------------------------------ backend hooks
+
+    async def _open(self) -> None:  # noqa: B027 - optional hook
+        """Open connections eagerly (``async with``); backends may also open lazily."""
+
+    @abstractmethod
+    async def _close(self) -> None: ...
+
+    @abstractmethod
+    async def _insert(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> InsertResult:
+        """Atomically: refuse an existing id (``InvalidSession``); for a user, drop the
+        user's expired index entries, then enforce ``scope.max_sessions_per_user`` with
+        ``scope.eviction`` (``SessionLimitExceeded`` for reject); insert; index."""
+
+    @abstractmethod
+    async def _load(self, session_id: str) -> Session | None:
+        """The stored session or None; ``codec.CorruptRecord`` for undecodable bytes."""
+
+    @abstractmethod
+    async def _replace(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> Outcome:
+        """Atomically write ``record`` (which encodes ``session``, already at its new
+        version) iff the stored session exists, is live at ``now``, belongs to
+        ``scope.site_id`` and ``session.user_id``, and is at ``session.version - 1``."""
+
+    @abstractmethod
+    async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:
+        """Atomically set last access to ``now`` and, with ``scope.idle_timeout``, the
+        expiry to ``min(absolute deadline, now + idle)``; data and version untouched."""
+
+    @abstractmethod
+    async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
+        """Atomically move a live session of ``scope.site_id`` to ``new_id``."""
+
+    @abstractmethod
+    async def _delete(self, session_id: str, scope: Config) -> Outcome:
+        """Delete if it belongs to ``scope.site_id``: OK, MISSING or OTHER_SITE."""
+
+    @abstractmethod
+    async def _delete_by_user(
+        self, user_id: str, keep: str | None, scope: Config, now: datetime
+    ) -> list[str]:
+        """Atomically delete the user's sessions on the site except ``keep``; returns the
+        ids of the live ones deleted (expired ones go too, uncounted)."""
+
+    @abstractmethod
+    async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:
+        """The user's live sessions on the site, oldest (``created_at``) first."""
+
+    @abstractmethod
+    async def _purge(self, now: datetime) -> int:
+        """Remove every session expired at ``now`` (all sites) and stale index entries."""
