@@ -60,14 +60,36 @@ def encode_data(data: Any) -> bytes:
             details={"path": "data", "type": type(data).__name__},
         )
     try:
+        # orjson refuses sets, bytes, non-str keys, ints past 64 bits, nesting past 254
+        # levels, and (with these options) datetimes, dataclasses and str/int/dict/list
+        # subclasses ...
         raw = orjson.dumps(data, option=_STRICT)
     except (orjson.JSONEncodeError, TypeError, RecursionError) as exc:
         raise _not_serializable(data) from exc
-    # Cheap C-level check for what orjson encodes without complaint but changes:
-    # tuples, UUIDs, plain enums, NaN/Infinity.
-    if orjson.loads(raw) != data:
+    # ... but encodes tuples, UUIDs, enums and NaN/Infinity without complaint, changing
+    # them. One exact-type pass catches those; orjson already bounded the depth.
+    if not _json_native(data.values()):
         raise _not_serializable(data)
     return raw
+
+
+def _json_native(values: Any) -> bool:
+    for x in values:
+        t = type(x)
+        if t is str or t is int or t is bool or x is None:
+            continue
+        if t is float:
+            if x - x != 0.0:  # NaN and +-Infinity
+                return False
+        elif t is dict:
+            if not _json_native(x.values()):
+                return False
+        elif t is list:
+            if not _json_native(x):
+                return False
+        else:
+            return False
+    return True
 
 
 def _not_serializable(data: dict[str, Any]) -> NotSerializable:

@@ -59,7 +59,8 @@ class Config:
                 raise ValueError(f"Config.{name} must be >= 0 (0 means no limit), got {value}")
         if self.eviction not in EVICTION_POLICIES:
             raise ValueError(
-                f"Config.eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}"
+                f"Config.eviction must be one of {', '.join(EVICTION_POLICIES)}"
+                f", got {self.eviction!r}"
             )
         ttl = _duration("default_ttl", self.default_ttl)
         if ttl is None or ttl <= timedelta(0):
@@ -77,7 +78,8 @@ class Config:
         object.__setattr__(self, "cleanup_interval", interval)
         if not isinstance(self.key_prefix, str) or any(c in self.key_prefix for c in "{}\r\n"):
             raise ValueError(
-                f"Config.key_prefix must be a string without braces or newlines, got {self.key_prefix!r}"
+                "Config.key_prefix must be a string without braces or newlines"
+                f", got {self.key_prefix!r}"
             )
 
 

@@ -82,7 +82,7 @@ class ControlledStore(Store):
         if isinstance(store, ControlledStore):
             store = store.store
         super().__init__(config if config is not None else store.config, clock=store.clock)
-        self.store = store
+        self.store: Store = store
         self.backend_name = store.backend_name
         self.logger = logger or globals()["logger"]
         self.on_violation = on_violation

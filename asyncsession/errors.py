@@ -67,7 +67,9 @@ class SessionError(Exception):
         return f"[{self.code}] {self.message}"
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.message!r}, code={self.code!s}, details={self.details!r})"
+        return (
+            f"{type(self).__name__}({self.message!r}, code={self.code!s}, details={self.details!r})"
+        )
 
 
 class SessionNotFound(SessionError):

@@ -22,8 +22,10 @@ def _missing(extra: str, exc: ImportError) -> ValueError:
 def open_backend(url: str, config: Config | None = None, *, clock: Clock | None = None) -> Store:
     """The raw backend for ``url`` (no controls); see ``open_store``."""
     config = config if config is not None else Config()
-    if not isinstance(url, str) or "://" not in url and not url.startswith("sqlite:"):
-        raise ValueError(f"not a store URL: {url!r} (try memory://, sqlite:///path.db, redis://host)")
+    if not isinstance(url, str) or ("://" not in url and not url.startswith("sqlite:")):
+        raise ValueError(
+            f"not a store URL: {url!r} (try memory://, sqlite:///path.db, redis://host)"
+        )
     scheme = url.split(":", 1)[0].lower()
     if scheme == "memory":
         from .backends.memory import MemoryStore

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import Enum
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 from . import codec
 from .config import Config
@@ -34,7 +34,14 @@ from .errors import (
     StoreClosed,
     short_hash,
 )
-from .session import Clock, Session, check_session_id, generate_session_id, normalize_user_id, utcnow
+from .session import (
+    Clock,
+    Session,
+    check_session_id,
+    generate_session_id,
+    normalize_user_id,
+    utcnow,
+)
 
 logger = logging.getLogger("asyncsession")
 
@@ -64,7 +71,9 @@ def absolute_deadline(session: Session) -> datetime | None:
     return session.absolute_expires_at or session.expires_at
 
 
-def idle_deadline(absolute: datetime | None, now: datetime, idle: timedelta | None) -> datetime | None:
+def idle_deadline(
+    absolute: datetime | None, now: datetime, idle: timedelta | None
+) -> datetime | None:
     """``min(absolute deadline, now + idle_timeout)``; the absolute deadline without idle."""
     if idle is None:
         return absolute
@@ -75,7 +84,7 @@ def idle_deadline(absolute: datetime | None, now: datetime, idle: timedelta | No
 class Store(ABC):
     """Async session store. Use as ``async with store:`` or call ``close()``."""
 
-    backend_name: ClassVar[str] = "store"
+    backend_name: str = "store"
 
     def __init__(self, config: Config | None = None, *, clock: Clock | None = None) -> None:
         self.config = config if config is not None else Config()
@@ -334,9 +343,7 @@ class Store(ABC):
             self._violation("invalid_session", exc, None)
             raise
         if user is None:
-            exc = InvalidSession("user id is required (anonymous sessions are not indexed)")
-            self._violation("invalid_session", exc, None)
-            raise exc
+            raise self._invalid("user id is required (anonymous sessions are not indexed)", None)
         return user
 
     def _invalid(self, message: str, session: Session | None, **details: Any) -> InvalidSession:
@@ -381,12 +388,12 @@ class Store(ABC):
             self._violation("site_mismatch", exc, session, session_id=session_id)
         return exc
 
-    def _violation(
+    def _violation(  # noqa: B027 - optional hook
         self, kind: str, error: SessionError, session: Session | None, **extra: Any
     ) -> None:
         """Hook for policy violations; the raw store ignores them, ControlledStore reports."""
 
-    def _event(self, kind: str, session: Session | None, **extra: Any) -> None:
+    def _event(self, kind: str, session: Session | None, **extra: Any) -> None:  # noqa: B027
         """Hook for lifecycle events; the raw store ignores them."""
 
     # ------------------------------------------------------------ backend hooks

@@ -65,4 +65,6 @@ async def harness(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIter
 @pytest.fixture
 async def store(harness: Harness) -> ControlledStore:
     """A controlled store with a per-user limit of 5 and cleanup off (tests purge by hand)."""
-    return await harness.controlled(Config(site_id="site-a", max_sessions_per_user=5, cleanup_interval=0))
+    return await harness.controlled(
+        Config(site_id="site-a", max_sessions_per_user=5, cleanup_interval=0)
+    )
