@@ -1,0 +1,656 @@
+"""SQLiteStore: one database file shared safely by several worker processes (aiosqlite).
+
+A session is one row: its metadata in columns (timestamps as integer microseconds,
+so they round-trip exactly and expiry is plain integer comparison in SQL) and its
+data as the encoded JSON bytes. ``touch`` is then a two-column ``UPDATE`` that never
+rewrites data, and a ``get`` builds the same ``Session`` the memory backend returns.
+
+Every hook is one call on aiosqlite's connection thread: a function that runs its
+statements back to back, so no other coroutine's statement can land inside a
+transaction and a ``get`` costs one thread hop. Writes that read before they write
+(create with a per-user limit, rotate, delete_by_user) run in ``BEGIN IMMEDIATE``,
+which takes the database write lock up front, so they are atomic across processes
+too; ``update`` and ``touch`` are single compare-and-set ``UPDATE`` statements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import aiosqlite
+import orjson
+
+from ..codec import EPOCH, CorruptRecord, split_data, to_us
+from ..config import Config
+from ..controls import ControlledStore, with_controls
+from ..errors import InvalidSession, SessionLimitExceeded, StoreClosed, StoreUnavailable, short_hash
+from ..session import Clock, Session
+from ..store import NO_EVICTIONS, InsertResult, Outcome, Store
+
+logger = logging.getLogger("asyncsession")
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+"""Stored in ``PRAGMA user_version``; a database with a higher one is refused."""
+
+PURGE_BATCH = 1_000
+"""Rows deleted per statement (and per write-lock hold) by ``purge_expired``."""
+
+MEMORY = ":memory:"
+
+# Each entry upgrades the schema from version ``i`` to ``i + 1`` in one transaction.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE sessions (
+            id       TEXT PRIMARY KEY NOT NULL,
+            site_id  TEXT NOT NULL,
+            user_id  TEXT,
+            org_id   TEXT,
+            created  INTEGER NOT NULL,
+            updated  INTEGER NOT NULL,
+            accessed INTEGER NOT NULL,
+            expires  INTEGER,
+            absolute INTEGER,
+            ip       TEXT,
+            ua       TEXT,
+            version  INTEGER NOT NULL,
+            data     BLOB NOT NULL
+        )""",
+        # Anonymous sessions are never looked up by user: keep them out of this index.
+        "CREATE INDEX sessions_user ON sessions (site_id, user_id, created) "
+        "WHERE user_id IS NOT NULL",
+        "CREATE INDEX sessions_expires ON sessions (expires)",
+    ),
+)
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+_FIELDS = (
+    "site_id, user_id, org_id, created, updated, accessed, expires, absolute, ip, ua, version, data"
+)
+_LIVE = "(expires IS NULL OR expires > ?)"
+
+_SELECT = f"SELECT {_FIELDS} FROM sessions WHERE id = ?"
+_INSERT = f"INSERT INTO sessions (id, {_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_LIVE_OF_USER = (
+    f"SELECT id FROM sessions WHERE site_id = ? AND user_id = ? AND id != ? AND {_LIVE} "
+    "ORDER BY {order}, rowid"
+)
+_LIVE_BY_CREATED = _LIVE_OF_USER.format(order="created")
+_LIVE_BY_ACCESS = _LIVE_OF_USER.format(order="accessed")
+_EVICT = "DELETE FROM sessions WHERE id = ?"
+_REPLACE = (
+    "UPDATE sessions SET site_id = ?, org_id = ?, created = ?, updated = ?, accessed = ?, "
+    "expires = ?, absolute = ?, ip = ?, ua = ?, version = ?, data = ? "
+    f"WHERE id = ? AND site_id = ? AND user_id IS ? AND version = ? AND {_LIVE}"
+)
+_STATE = "SELECT site_id, user_id, version, expires FROM sessions WHERE id = ?"
+_TOUCH = f"UPDATE sessions SET accessed = ? WHERE id = ? AND site_id = ? AND {_LIVE}"
+# min(absolute deadline, now + idle); the absolute deadline of a row without one is its
+# current expiry, as in the memory backend. Right-hand sides see the old row.
+_TOUCH_IDLE = (
+    "UPDATE sessions SET accessed = ?1, expires = CASE "
+    "WHEN coalesce(absolute, expires) IS NULL OR ?2 < coalesce(absolute, expires) THEN ?2 "
+    "ELSE coalesce(absolute, expires) END "
+    "WHERE id = ?3 AND site_id = ?4 AND (expires IS NULL OR expires > ?5)"
+)
+_ROTATE = (
+    f"INSERT INTO sessions (id, {_FIELDS}) SELECT ?, {_FIELDS} FROM sessions "
+    f"WHERE id = ? AND site_id = ? AND {_LIVE}"
+)
+_DELETE = "DELETE FROM sessions WHERE id = ? AND site_id = ?"
+_EXISTS = "SELECT 1 FROM sessions WHERE id = ?"
+_DELETE_USER = (
+    "DELETE FROM sessions WHERE site_id = ? AND user_id = ? AND id IS NOT ? "
+    "RETURNING rowid, id, expires"
+)
+_LIST_USER = (
+    f"SELECT id, {_FIELDS} FROM sessions WHERE site_id = ? AND user_id = ? AND {_LIVE} "
+    "ORDER BY created, rowid"
+)
+_PURGE = (
+    "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions WHERE expires <= ? LIMIT ?)"
+)
+
+Row = tuple[Any, ...]
+
+
+def _us(when: datetime | None) -> int | None:
+    return None if when is None else to_us(when)
+
+
+def _dt(us: int | None) -> datetime | None:
+    return None if us is None else EPOCH + timedelta(microseconds=us)
+
+
+def _row_params(session: Session, data: bytes) -> tuple[Any, ...]:
+    """The ``_FIELDS`` values of ``session``."""
+    return (
+        session.site_id,
+        session.user_id,
+        session.organization_id,
+        to_us(session.created_at),
+        to_us(session.updated_at),
+        to_us(session.last_accessed_at),
+        _us(session.expires_at),
+        _us(session.absolute_expires_at),
+        session.ip_address,
+        session.user_agent,
+        session.version,
+        data,
+    )
+
+
+def _session(session_id: str, row: Row) -> Session:
+    """A ``Session`` from the ``_FIELDS`` columns of a row; ``CorruptRecord`` if they
+    are not what this backend writes."""
+    try:
+        site, user, org, created, updated, accessed, expires, absolute, ip, ua, version, raw = row
+        data = orjson.loads(raw)
+        if type(data) is not dict:
+            raise CorruptRecord("session data is not a JSON object")
+        if type(version) is not int:
+            raise CorruptRecord("version is not an integer")
+        return Session(
+            id=session_id,
+            user_id=user,
+            site_id=site,
+            organization_id=org,
+            data=data,
+            created_at=EPOCH + timedelta(microseconds=created),
+            updated_at=EPOCH + timedelta(microseconds=updated),
+            last_accessed_at=EPOCH + timedelta(microseconds=accessed),
+            expires_at=_dt(expires),
+            absolute_expires_at=_dt(absolute),
+            ip_address=ip,
+            user_agent=ua,
+            version=version,
+        )
+    except CorruptRecord:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:  # JSONDecodeError is a ValueError
+        raise CorruptRecord(f"undecodable session row: {type(exc).__name__}") from exc
+
+
+def _live(expires: int | None, now_us: int) -> bool:
+    return expires is None or expires > now_us
+
+
+def _rollback(c: sqlite3.Connection) -> None:
+    if c.in_transaction:
+        c.execute("ROLLBACK")
+
+
+class _Gone(sqlite3.OperationalError):
+    """The database file was deleted or replaced while this store had it open."""
+
+
+class _Call:
+    """A hook's function for the connection thread. Its repr names only the function:
+    aiosqlite logs queued calls at DEBUG, and arguments hold full session ids."""
+
+    __slots__ = ("args", "fn", "store")
+
+    def __init__(self, store: SQLiteStore, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.store = store
+        self.fn = fn
+        self.args = args
+
+    def __call__(self) -> Any:
+        store = self.store
+        conn = store._sqlite
+        if conn is None:  # pragma: no cover - closed between queueing and running
+            raise sqlite3.OperationalError("connection is closed")
+        if store._identity is not None:
+            store._check_file()
+        return self.fn(conn, *self.args)
+
+    def __repr__(self) -> str:
+        return f"<asyncsession sqlite {getattr(self.fn, '__name__', 'call')}>"
+
+
+class SQLiteStore(Store):
+    """SQLite store on aiosqlite (WAL, ``synchronous=NORMAL``, a busy timeout).
+
+    ``path`` is a file path (its directory must exist) or ``":memory:"``. The
+    connection opens on first use or ``async with`` and ``close()`` closes it.
+    ``busy_timeout`` is how long (seconds) a write waits for another process's
+    write lock before failing with ``StoreUnavailable``.
+    """
+
+    backend_name = "sqlite"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        config: Config | None = None,
+        *,
+        clock: Clock | None = None,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(config, clock=clock)
+        path = os.fspath(path)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"SQLiteStore needs a file path or ':memory:', got {path!r}")
+        if busy_timeout < 0:
+            raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout!r}")
+        self.path = path if path == MEMORY else os.path.abspath(path)
+        self.busy_timeout = float(busy_timeout)
+        self._conn: aiosqlite.Connection | None = None
+        self._sqlite: sqlite3.Connection | None = None  # used on the connection thread only
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+        self._open_lock = asyncio.Lock()
+
+    @classmethod
+    def with_controls(
+        cls,
+        path: str | os.PathLike[str],
+        config: Config | None = None,
+        *,
+        clock: Clock | None = None,
+        busy_timeout: float = 5.0,
+        **options: Any,
+    ) -> ControlledStore:
+        """A controlled SQLite store: the seed's ``NewWithControls(config)``."""
+        store = cls(path, config, clock=clock, busy_timeout=busy_timeout)
+        return with_controls(store, config, **options)
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    # -------------------------------------------------------------- connection
+
+    async def _open(self) -> None:
+        if self._conn is None:
+            await self._connect()
+
+    async def _connect(self) -> aiosqlite.Connection:
+        async with self._open_lock:
+            if self._conn is not None:
+                return self._conn
+            if self._closed:
+                raise StoreClosed("sqlite store is closed")
+            self._check_directory()
+            try:
+                conn = await aiosqlite.connect(
+                    self.path, isolation_level=None, timeout=self.busy_timeout
+                )
+            except sqlite3.Error as exc:
+                raise self._unavailable(exc) from exc
+            try:
+                await conn._execute(self._setup, conn._conn)  # type: ignore[no-untyped-call]
+            except BaseException as exc:
+                self._sqlite = None
+                self._identity = None
+                try:
+                    await conn.close()
+                except Exception:  # pragma: no cover - already failing
+                    logger.debug("asyncsession: closing a failed sqlite connection raised")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._unavailable(exc) from exc
+                raise
+            self._conn = conn
+            return conn
+
+    def _check_directory(self) -> None:
+        """sqlite3 would say only "unable to open database file"; say what is wrong."""
+        if self.path == MEMORY:
+            return
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            raise StoreUnavailable(
+                f"sqlite database {self.path!r}: directory {directory!r} does not exist",
+                details={"path": self.path},
+            )
+
+    def _setup(self, c: sqlite3.Connection) -> None:
+        """Connection thread: pragmas, then create or migrate the schema."""
+        c.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        if self.path != MEMORY:
+            mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                logger.warning(
+                    "asyncsession: sqlite database %r cannot use WAL (journal_mode=%s); "
+                    "writers will block readers",
+                    self.path,
+                    mode,
+                )
+        c.execute("PRAGMA synchronous = NORMAL")
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            self._check_version(version)
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                version = c.execute("PRAGMA user_version").fetchone()[0]  # another process?
+                self._check_version(version)
+                if (
+                    version == 0
+                    and c.execute("SELECT 1 FROM sqlite_master WHERE name = 'sessions'").fetchone()
+                ):
+                    raise StoreUnavailable(
+                        f"sqlite database {self.path!r} already has a 'sessions' table that "
+                        "asyncsession did not create; use a dedicated database file",
+                        details={"path": self.path},
+                    )
+                for step in MIGRATIONS[version:]:
+                    for statement in step:
+                        c.execute(statement)
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                c.execute("COMMIT")
+            except BaseException:
+                _rollback(c)
+                raise
+        self._sqlite = c
+        if self.path != MEMORY:
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"sqlite database {self.path!r} has schema version {version}, newer than this "
+                f"version of asyncsession supports ({SCHEMA_VERSION}); upgrade asyncsession "
+                "(the database was left untouched)",
+                details={"path": self.path, "schema_version": version},
+            )
+
+    def _check_file(self) -> None:
+        """Connection thread: fail if the file was deleted or replaced under us. SQLite
+        keeps using the unlinked inode in WAL mode, silently diverging from every
+        process that opens the path afterwards."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise _Gone("database file was deleted while open") from None
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise _Gone("database file was replaced while open")
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(sqlite3_connection, *args)`` on the connection thread."""
+        conn = self._conn
+        if conn is None:
+            conn = await self._connect()
+        try:
+            # aiosqlite's own queue: one thread hop per hook, whatever the statement count
+            result: T = await conn._execute(_Call(self, fn, args))  # type: ignore[no-untyped-call]
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+        except ValueError as exc:  # aiosqlite: "Connection closed"
+            if self._closed:
+                raise StoreClosed("sqlite store is closed") from exc
+            raise StoreUnavailable(
+                f"sqlite database {self.path!r} is unavailable: {exc}",
+                details={"path": self.path},
+            ) from exc
+        return result
+
+    def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailable:
+        name = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
+        if name.startswith("SQLITE_BUSY") or name.startswith("SQLITE_LOCKED"):
+            why = f"database is locked (busy timeout of {self.busy_timeout:g}s exceeded)"
+        elif name.startswith("SQLITE_READONLY"):
+            why = "database is read-only"
+        elif name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or name.startswith("SQLITE_CORRUPT"):
+            why = "file is corrupt or not a database"
+        elif name.startswith("SQLITE_CANTOPEN"):
+            why = "cannot open the database file"
+        else:
+            why = str(exc)
+        return StoreUnavailable(
+            f"sqlite database {self.path!r} is unavailable: {why} ({name}: {exc})",
+            details={"path": self.path, "sqlite_error": name},
+        )
+
+    async def _close(self) -> None:
+        async with self._open_lock:
+            conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            try:
+                await conn.close()
+            except Exception as exc:
+                logger.warning(
+                    "asyncsession: closing sqlite database %r failed: %s", self.path, exc
+                )
+            finally:
+                self._sqlite = None
+
+    # ------------------------------------------------------------------ hooks
+
+    async def _insert(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> InsertResult:
+        params = (session.id, *_row_params(session, split_data(record)))
+        limit = scope.max_sessions_per_user if session.user_id is not None else 0
+        evicted = await self._run(_insert, params, scope.site_id, limit, scope.eviction, to_us(now))
+        return InsertResult(evicted) if evicted else NO_EVICTIONS
+
+    async def _load(self, session_id: str) -> Session | None:
+        row = await self._run(_load, session_id)
+        return None if row is None else _session(session_id, row)
+
+    async def _replace(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> Outcome:
+        params = (
+            session.site_id,
+            session.organization_id,
+            to_us(session.created_at),
+            to_us(session.updated_at),
+            to_us(session.last_accessed_at),
+            _us(session.expires_at),
+            _us(session.absolute_expires_at),
+            session.ip_address,
+            session.user_agent,
+            session.version,
+            split_data(record),
+            session.id,
+            scope.site_id,
+            session.user_id,
+            session.version - 1,
+            to_us(now),
+        )
+        return await self._run(_replace, params, session.user_id, session.version - 1)
+
+    async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:
+        now_us = to_us(now)
+        params: tuple[Any, ...]
+        if scope.idle_timeout is None:
+            sql, params = _TOUCH, (now_us, session_id, scope.site_id, now_us)
+        else:
+            sliding = to_us(now + scope.idle_timeout)
+            sql, params = _TOUCH_IDLE, (now_us, sliding, session_id, scope.site_id, now_us)
+        return await self._run(_touch, sql, params, session_id, scope.site_id, now_us)
+
+    async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
+        return await self._run(_rotate, session_id, new_id, scope.site_id, to_us(now))
+
+    async def _delete(self, session_id: str, scope: Config) -> Outcome:
+        return await self._run(_delete, session_id, scope.site_id)
+
+    async def _delete_by_user(
+        self, user_id: str, keep: str | None, scope: Config, now: datetime
+    ) -> list[str]:
+        return await self._run(_delete_by_user, scope.site_id, user_id, keep, to_us(now))
+
+    async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:
+        rows = await self._run(_list_by_user, scope.site_id, user_id, to_us(now))
+        sessions = []
+        for row in rows:
+            try:
+                sessions.append(_session(row[0], row[1:]))
+            except CorruptRecord as exc:
+                logger.warning(
+                    "asyncsession: skipping undecodable sqlite row %s: %s", short_hash(row[0]), exc
+                )
+        return sessions
+
+    async def _purge(self, now: datetime) -> int:
+        """Delete expired rows ``PURGE_BATCH`` per statement. Each statement is its own
+        short write transaction, so other writers (this process's queued operations and
+        other processes) get the lock between batches."""
+        now_us = to_us(now)
+        removed = 0
+        while True:
+            count = await self._run(_purge_batch, now_us, PURGE_BATCH)
+            removed += count
+            if count < PURGE_BATCH:
+                return removed
+            await asyncio.sleep(0)
+
+
+# ----------------------------------------------------- connection-thread functions
+#
+# Each runs on aiosqlite's thread with the sqlite3 connection (autocommit mode: a
+# statement outside BEGIN is its own transaction). They never await, so nothing else
+# on this connection runs between their statements.
+
+
+def _load(c: sqlite3.Connection, session_id: str) -> Row | None:
+    row: Row | None = c.execute(_SELECT, (session_id,)).fetchone()
+    return row
+
+
+def _insert(
+    c: sqlite3.Connection,
+    params: tuple[Any, ...],
+    site_id: str,
+    limit: int,
+    eviction: str,
+    now_us: int,
+) -> list[str]:
+    session_id, user_id = params[0], params[2]
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        try:
+            c.execute(_INSERT, params)
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" not in str(exc):
+                raise
+            raise InvalidSession(
+                "a session with this id already exists",
+                details={"session": short_hash(session_id)},
+            ) from None
+        evicted: list[str] = []
+        if limit:
+            sql = _LIVE_BY_ACCESS if eviction == "lru" else _LIVE_BY_CREATED
+            live = [r[0] for r in c.execute(sql, (site_id, user_id, session_id, now_us))]
+            excess = len(live) - limit + 1
+            if excess > 0:
+                if eviction == "reject":
+                    raise SessionLimitExceeded(
+                        f"user already has {len(live)} sessions (limit {limit})",
+                        details={"limit": limit, "count": len(live)},
+                    )
+                evicted = live[:excess]
+                c.executemany(_EVICT, [(i,) for i in evicted])
+        c.execute("COMMIT")
+    except BaseException:
+        _rollback(c)
+        raise
+    return evicted
+
+
+def _classify(
+    c: sqlite3.Connection,
+    session_id: str,
+    site_id: str,
+    now_us: int,
+    user_id: str | None = None,
+    version: int | None = None,
+) -> Outcome:
+    """Why a guarded write matched no row, checked in the memory backend's order."""
+    row = c.execute(_STATE, (session_id,)).fetchone()
+    if row is None:
+        return Outcome.MISSING
+    if row[0] != site_id:
+        return Outcome.OTHER_SITE
+    if not _live(row[3], now_us):
+        return Outcome.EXPIRED
+    if version is not None:
+        if row[1] != user_id:
+            return Outcome.USER_CHANGED
+        if row[2] != version:
+            return Outcome.CONFLICT
+    return Outcome.MISSING  # pragma: no cover - changed between the write and this read
+
+
+def _replace(
+    c: sqlite3.Connection, params: tuple[Any, ...], user_id: str | None, expected: int
+) -> Outcome:
+    if c.execute(_REPLACE, params).rowcount == 1:
+        return Outcome.OK
+    return _classify(c, params[11], params[12], params[15], user_id, expected)
+
+
+def _touch(
+    c: sqlite3.Connection,
+    sql: str,
+    params: tuple[Any, ...],
+    session_id: str,
+    site_id: str,
+    now_us: int,
+) -> Outcome:
+    if c.execute(sql, params).rowcount == 1:
+        return Outcome.OK
+    return _classify(c, session_id, site_id, now_us)
+
+
+def _rotate(
+    c: sqlite3.Connection, session_id: str, new_id: str, site_id: str, now_us: int
+) -> Outcome:
+    # INSERT a copy then DELETE (not UPDATE id): the copy gets a new rowid, so like the
+    # memory backend the rotated session sorts after its peers of equal created_at.
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        try:
+            moved = c.execute(_ROTATE, (new_id, session_id, site_id, now_us)).rowcount
+        except sqlite3.IntegrityError:
+            outcome = Outcome.CONFLICT  # the new id exists: never overwrite
+        else:
+            if moved == 1:
+                c.execute(_EVICT, (session_id,))
+                outcome = Outcome.OK
+            else:
+                outcome = _classify(c, session_id, site_id, now_us)
+        c.execute("COMMIT")
+    except BaseException:
+        _rollback(c)
+        raise
+    return outcome
+
+
+def _delete(c: sqlite3.Connection, session_id: str, site_id: str) -> Outcome:
+    if c.execute(_DELETE, (session_id, site_id)).rowcount == 1:
+        return Outcome.OK
+    if c.execute(_EXISTS, (session_id,)).fetchone() is not None:
+        return Outcome.OTHER_SITE
+    return Outcome.MISSING
+
+
+def _delete_by_user(
+    c: sqlite3.Connection, site_id: str, user_id: str, keep: str | None, now_us: int
+) -> list[str]:
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        rows: Sequence[Row] = c.execute(_DELETE_USER, (site_id, user_id, keep)).fetchall()
+        c.execute("COMMIT")
+    except BaseException:
+        _rollback(c)
+        raise
+    return [r[1] for r in sorted(rows) if _live(r[2], now_us)]
+
+
+def _list_by_user(c: sqlite3.Connection, site_id: str, user_id: str, now_us: int) -> list[Row]:
+    return c.execute(_LIST_USER, (site_id, user_id, now_us)).fetchall()
+
+
+def _purge_batch(c: sqlite3.Connection, now_us: int, batch: int) -> int:
+    count: int = c.execute(_PURGE, (now_us, batch)).rowcount
+    return count
