@@ -1,0 +1,328 @@
+"""Session model, ids, config validation, errors, codec and open_store."""
+
+from __future__ import annotations
+
+import base64
+import enum
+import math
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncsession import (
+    Config,
+    ErrorCode,
+    InvalidSession,
+    NotSerializable,
+    SessionError,
+    generate_session_id,
+    is_valid_session_id,
+    new_session,
+    open_store,
+    short_hash,
+)
+from asyncsession import codec
+from asyncsession.factory import redact, sqlite_path
+
+# ------------------------------------------------------------------------ ids, model
+
+
+def test_generate_session_id() -> None:
+    ids = {generate_session_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for session_id in list(ids)[:50]:
+        assert len(session_id) == 43 and is_valid_session_id(session_id)
+        assert len(base64.urlsafe_b64decode(session_id + "=")) == 32
+
+
+def test_generate_uses_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncsession.session as mod
+
+    calls: list[int] = []
+
+    def fake(n: int) -> str:
+        calls.append(n)
+        return "A" * 43
+
+    monkeypatch.setattr(mod.secrets, "token_urlsafe", fake)
+    assert generate_session_id() == "A" * 43 and calls == [32]
+
+
+def test_new_session_fields() -> None:
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    s = new_session(
+        7, timedelta(hours=2), now=now, data={"a": 1}, user_agent="UA", ip_address="::1"
+    )
+    assert s.user_id == "7" and s.data == {"a": 1}
+    assert s.created_at == s.updated_at == s.last_accessed_at == now
+    assert s.expires_at == s.absolute_expires_at == now + timedelta(hours=2)
+    assert s.version == 0 and s.site_id == ""
+    assert s.created_at.tzinfo is UTC
+    assert new_session(uuid.UUID(int=5)).user_id == str(uuid.UUID(int=5))
+    assert new_session(None).user_id is None
+    assert new_session("u", 60, now=now).expires_at == now + timedelta(seconds=60)
+    assert new_session("u").expires_at is None
+
+
+@pytest.mark.parametrize("bad", ["", True, 1.5, ["x"], "x" * 257, "a\x00b"])
+def test_new_session_bad_user(bad: Any) -> None:
+    with pytest.raises(InvalidSession) as info:
+        new_session(bad)
+    assert info.value.code is ErrorCode.SESSION_INVALID
+
+
+def test_new_session_bad_ttl_and_fields() -> None:
+    with pytest.raises(InvalidSession):
+        new_session("u", 0)
+    with pytest.raises(InvalidSession):
+        new_session("u", timedelta(seconds=-1))
+    with pytest.raises(TypeError):
+        new_session("u", colour="red")
+
+
+def test_is_expired_and_ttl() -> None:
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    s = new_session("u", 60, now=now)
+    assert not s.is_expired(now + timedelta(seconds=59))
+    assert s.is_expired(now + timedelta(seconds=60))
+    assert s.ttl(now) == timedelta(seconds=60)
+    assert s.ttl(now + timedelta(days=1)) == timedelta(0)
+    assert new_session("u").ttl() == timedelta.max
+    assert not new_session("u").is_expired()
+
+
+def test_repr_hides_id() -> None:
+    s = new_session("u", data={"secret": "v"})
+    assert s.id not in repr(s) and short_hash(s.id) in repr(s)
+    assert "v" not in repr(s).split("keys=")[1].replace("['secret']", "")
+
+
+def test_short_hash() -> None:
+    assert short_hash("abc") == "ba7816bf8f01"
+
+
+# -------------------------------------------------------------------------- config
+
+
+def test_config_defaults_are_the_seeds() -> None:
+    c = Config()
+    assert c.max_session_size == 1024 * 1024
+    assert c.default_ttl == timedelta(hours=24)
+    assert c.cleanup_interval == timedelta(minutes=5)
+    assert c.key_prefix == "session:"
+    assert c.max_sessions_per_user == 0 and c.eviction == "oldest" and c.idle_timeout is None
+
+
+def test_config_seconds() -> None:
+    c = Config(default_ttl=60, idle_timeout=30.5, cleanup_interval=0)
+    assert c.default_ttl == timedelta(seconds=60)
+    assert c.idle_timeout == timedelta(seconds=30.5)
+    assert c.cleanup_interval == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"max_session_size": -1}, "max_session_size"),
+        ({"max_sessions_per_user": -5}, "max_sessions_per_user"),
+        ({"max_sessions_per_user": True}, "max_sessions_per_user"),
+        ({"default_ttl": 0}, "default_ttl"),
+        ({"default_ttl": timedelta(seconds=-1)}, "default_ttl"),
+        ({"idle_timeout": 0}, "idle_timeout"),
+        ({"cleanup_interval": -1}, "cleanup_interval"),
+        ({"eviction": "random"}, "eviction"),
+        ({"site_id": "a:b"}, "site_id"),
+        ({"site_id": "{x}"}, "site_id"),
+        ({"key_prefix": "a{b}"}, "key_prefix"),
+        ({"default_ttl": "1h"}, "default_ttl"),
+    ],
+)
+def test_config_validation_names_the_field(changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=f"Config.{field}"):
+        Config(**changes)
+
+
+def test_config_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Config().site_id = "x"  # type: ignore[misc]
+
+
+# -------------------------------------------------------------------------- errors
+
+
+def test_error_details_and_str() -> None:
+    e = NotSerializable("bad", details={"path": 'data["x"]'})
+    assert isinstance(e, SessionError)
+    assert e.code is ErrorCode.SESSION_NOT_SERIALIZABLE and e.http_status == 400
+    assert "SESSION_NOT_SERIALIZABLE" in str(e) and e.details["path"] == 'data["x"]'
+
+
+# --------------------------------------------------------------------------- codec
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+json_data = st.dictionaries(st.text(max_size=10), json_values, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_data)
+def test_json_native_data_roundtrips_exactly(data: dict[str, Any]) -> None:
+    s = new_session("u", 60, data=data)
+    s.site_id = "x"
+    back = codec.decode(codec.encode(s))
+    assert back == s
+    assert repr(back.data) == repr(data)  # same types too (int stays int, -0.0 stays -0.0)
+
+
+class Colour(enum.Enum):
+    RED = 1
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+
+
+class Name(enum.StrEnum):
+    A = "a"
+
+
+non_json = st.sampled_from(
+    [
+        datetime(2024, 1, 1),
+        uuid.UUID(int=1),
+        (1, 2),
+        Colour.RED,
+        Level.LOW,
+        Name.A,
+        float("nan"),
+        float("inf"),
+        -math.inf,
+        b"x",
+        {1, 2},
+        frozenset(),
+        2**64,
+        -(2**63) - 1,
+        object(),
+        {1: "int key"},
+        {("t",): "tuple key"},
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_data, non_json, st.lists(st.text(max_size=5), min_size=1, max_size=4))
+def test_non_json_values_rejected_with_path(
+    data: dict[str, Any], bad: Any, path: list[str]
+) -> None:
+    target: dict[str, Any] = data
+    for key in path[:-1]:
+        target[key] = {}
+        target = target[key]
+    target[path[-1]] = bad
+    with pytest.raises(NotSerializable) as info:
+        codec.encode_data(data)
+    assert info.value.details["path"].startswith("data[")
+    assert info.value.code is ErrorCode.SESSION_NOT_SERIALIZABLE
+
+
+def test_deep_nesting_and_huge_strings() -> None:
+    deep: Any = []
+    for _ in range(10_000):
+        deep = [deep]
+    with pytest.raises(NotSerializable, match="nested deeper"):
+        codec.encode_data({"deep": deep})
+    big = codec.encode_data({"s": "x" * 5_000_000})
+    assert len(big) > 5_000_000
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"not json", b"[]", b"{}", b'{"f":1}', b"\xff\xfe", b'{"f":2,"id":"x"}', b"null"],
+)
+def test_decode_rejects_non_records(raw: bytes) -> None:
+    with pytest.raises(codec.CorruptRecord):
+        codec.decode(raw)
+
+
+def test_decode_rejects_wrong_types() -> None:
+    s = new_session("u", 60)
+    good = codec.encode(s)
+    assert codec.decode(good) == s
+    import orjson
+
+    for key, value in [("n", "1"), ("n", True), ("d", []), ("u", 5), ("c", "x"), ("c", 2**63 - 1)]:
+        record = orjson.loads(good)
+        record[key] = value
+        with pytest.raises(codec.CorruptRecord):
+            codec.decode(orjson.dumps(record))
+
+
+def test_split_data_matches_encode_data() -> None:
+    s = new_session("u", 60, user_agent='evil ,"d": agent', data={"k": ',"d":'})
+    assert codec.split_data(codec.encode(s)) == codec.encode_data(s.data)
+
+
+# ----------------------------------------------------------------------- factory
+
+
+async def test_open_store_memory() -> None:
+    store = open_store("memory://", Config(site_id="x"))
+    async with store:
+        s = await store.create(new_session("u"))
+        assert (await store.get(s.id)).site_id == "x"
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "nonsense", "", "mysql://u:hunter2@h/db"])
+def test_open_store_bad_url(url: str) -> None:
+    with pytest.raises(ValueError) as info:
+        open_store(url)
+    assert "hunter2" not in str(info.value)
+
+
+def test_redact_and_sqlite_path() -> None:
+    assert redact("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redact("redis://:pw@host") == "redis://:***@host"
+    assert redact("redis://host") == "redis://host"
+    assert sqlite_path("sqlite:///tmp/x.db") == "/tmp/x.db"
+    assert sqlite_path("sqlite://rel.db") == "rel.db"
+    assert sqlite_path("sqlite://:memory:") == ":memory:"
+    assert sqlite_path("sqlite:rel.db") == "rel.db"
+
+
+def test_import_without_extras_runs_memory() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name.split('.')[0] in {'redis', 'aiosqlite', 'starlette'}:\n"
+        "        raise ImportError('blocked ' + name)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "import asyncio, asyncsession as a\n"
+        "async def main():\n"
+        "    async with a.MemoryStore.with_controls(a.Config()) as s:\n"
+        "        x = await s.create(a.new_session('u'))\n"
+        "        print((await s.get(x.id)).user_id)\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "u"
