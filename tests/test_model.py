@@ -19,13 +19,13 @@ from asyncsession import (
     InvalidSession,
     NotSerializable,
     SessionError,
+    codec,
     generate_session_id,
     is_valid_session_id,
     new_session,
     open_store,
     short_hash,
 )
-from asyncsession import codec
 from asyncsession.factory import redact, sqlite_path
 
 # ------------------------------------------------------------------------ ids, model
