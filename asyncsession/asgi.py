@@ -1,0 +1,724 @@
+"""ASGI integration: a pure ASGI ``SessionMiddleware`` plus login/logout helpers and
+FastAPI dependencies.
+
+The middleware keeps the session data on the server (any ``Store``) and only an
+opaque, random id in an HttpOnly cookie. ``scope["session"]`` is a ``SessionDict``
+(a real ``dict``), so ``request.session`` works exactly as with
+``starlette.middleware.sessions.SessionMiddleware``. Per request:
+
+* load: one ``store.get`` when, and only when, a well-formed cookie was sent; an
+  unknown, expired, other-site or malformed id is never adopted (fresh session,
+  stale cookie cleared);
+* save: just before ``http.response.start`` (so streaming and file responses keep
+  their sessions), only if the data changed, with compare-and-set; on
+  ``SessionConflict`` it re-reads and re-applies only the top-level keys this
+  request changed, so parallel requests that change different keys all persist;
+* anonymous sessions are created in the store on their first write; with an idle
+  timeout the session is touched at most once per ``touch_fraction`` of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import (
+    SessionConflict,
+    SessionError,
+    SessionNotFound,
+    StoreClosed,
+    StoreUnavailable,
+    short_hash,
+)
+from .session import Session, is_valid_session_id, new_session
+from .store import Store
+
+if TYPE_CHECKING:
+    from fastapi import Depends
+    from starlette.applications import Starlette
+else:
+    try:
+        from fastapi import Depends
+    except ImportError:  # Starlette-only install: the Annotated aliases are inert
+
+        def Depends(dependency: Any) -> Any:
+            return dependency
+
+
+logger = logging.getLogger("asyncsession.asgi")
+
+SCOPE_KEY = "asyncsession"
+"""Where the middleware keeps its per-connection state in the ASGI scope."""
+
+MAX_USER_AGENT = 512
+_EXPIRED = "Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+_UNAVAILABLE = (StoreUnavailable, StoreClosed)
+_COOKIE_NAME_CHARS = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+
+def _dumps(data: dict[str, Any]) -> bytes | None:
+    """A snapshot of ``data`` to compare against later; None if it cannot be encoded."""
+    try:
+        return orjson.dumps(data)
+    except (TypeError, RecursionError):
+        return None
+
+
+class SessionDict(dict[str, Any]):
+    """The session data of one request: a plain ``dict`` (``request.session``).
+
+    Changes are found by comparing against a snapshot taken at load, so nested
+    mutations (``session["cart"].append(x)``) are saved too. ``clear()`` ends the
+    session like ``logout``: the stored record is deleted when the response starts,
+    and anything written afterwards goes into a new session with a new id.
+    """
+
+    __slots__ = ("_cleared",)
+
+    def __init__(self, data: dict[str, Any] | None = None) -> None:
+        super().__init__(data or ())
+        self._cleared = False
+
+    def clear(self) -> None:
+        super().clear()
+        self._cleared = True
+
+    def _reset(self, data: dict[str, Any]) -> None:
+        super().clear()
+        self.update(data)
+        self._cleared = False
+
+
+class _Connection:
+    """Per-connection state: the stored record, the live data and what to tell the client."""
+
+    __slots__ = (
+        "client_id",
+        "cookie_possible",
+        "cookie_sent",
+        "data",
+        "degraded",
+        "mw",
+        "original",
+        "refreshed",
+        "scope",
+        "session",
+        "touch_due",
+    )
+
+    def __init__(self, mw: SessionMiddleware, scope: Scope) -> None:
+        self.mw = mw
+        self.scope = scope
+        self.session: Session | None = None  # the stored record this request holds
+        self.data = SessionDict()
+        self.original: bytes | None = None  # snapshot of the stored data
+        self.client_id: str | None = None  # the id in the client's cookie, if it is live
+        self.cookie_sent = False  # the request carried a cookie with our name
+        self.degraded = False  # store unavailable, serving an ephemeral anonymous session
+        self.touch_due = False
+        self.refreshed = False  # saved or touched: refresh a Max-Age cookie
+        self.cookie_possible = True  # False once a websocket handshake is done
+
+    @property
+    def store(self) -> Store:
+        return self.mw.store
+
+    # ------------------------------------------------------------------ load
+
+    async def load(self) -> None:
+        self.cookie_sent, session_id = self.mw.read_cookie(self.scope)
+        if session_id is None:
+            return
+        try:
+            session = await self.store.get(session_id)
+        except SessionNotFound:
+            logger.debug("session cookie not adopted: %s", short_hash(session_id))
+            return
+        self.adopt(session)
+        self.client_id = session_id
+        every = self.mw.touch_every
+        if every is not None:
+            self.touch_due = self.store.clock() - session.last_accessed_at >= every
+
+    def adopt(self, session: Session) -> None:
+        self.session = session
+        self.data._reset(session.data)
+        self.original = _dumps(session.data)
+
+    def forget(self) -> None:
+        """The stored session is gone: empty data, expire the cookie (unless a new one)."""
+        self.session = None
+        self.original = None
+        self.data._reset({})
+        self.touch_due = False
+
+    # ------------------------------------------------------------------ save
+
+    def _diff(self) -> tuple[list[str], list[str]] | None:
+        """Top-level keys changed and deleted since load; None when nothing changed."""
+        current = _dumps(self.data)
+        if current is not None and current == self.original:
+            return None
+        before: dict[str, Any] = orjson.loads(self.original) if self.original else {}
+        changed = []
+        for key, value in self.data.items():
+            if key not in before:
+                changed.append(key)
+                continue
+            now = _dumps({key: value})
+            if now is None or now != orjson.dumps({key: before[key]}):
+                changed.append(key)
+        deleted = [key for key in before if key not in self.data]
+        if not changed and not deleted:
+            return None
+        return changed, deleted
+
+    async def commit(self) -> None:
+        """Persist this request's changes (idempotent: a second call saves only new ones)."""
+        if self.data._cleared:
+            self.data._cleared = False
+            if self.session is not None:
+                await self.store.delete(self.session.id)
+                data = dict(self.data)
+                self.forget()
+                self.data.update(data)
+        if self.session is None:
+            if self.data:
+                await self._create()
+            return
+        diff = self._diff()
+        if diff is not None:
+            await self._save(self.session, *diff)
+        elif self.touch_due:
+            self.touch_due = False
+            try:
+                await self.store.touch(self.session.id)
+            except SessionNotFound:
+                self.forget()
+            except _UNAVAILABLE as exc:
+                logger.warning("session touch skipped: %s", exc)
+            else:
+                self.refreshed = True
+
+    async def _create(self) -> None:
+        if self.degraded:
+            logger.warning("session store unavailable: dropping a new anonymous session")
+            return
+        if not self.cookie_possible:
+            logger.debug("websocket session written after accept: no cookie can carry it")
+            return
+        session = new_session(None, data=dict(self.data), **self.mw.client_fields(self.scope))
+        self.session = await self.store.create(session)
+        self.original = _dumps(self.session.data)
+        self.refreshed = True
+
+    async def _save(self, session: Session, changed: list[str], deleted: list[str]) -> None:
+        """Compare-and-set; on conflict re-read and re-apply just our keys (bounded)."""
+        data = self.data
+        session.data = dict(data)
+        attempt = 0
+        while True:
+            try:
+                await self.store.update(session)
+                break
+            except SessionConflict:
+                attempt += 1
+                if attempt > self.mw.max_retries:
+                    raise
+                if attempt > 1:
+                    await asyncio.sleep(random.uniform(0, 0.0005 * 2**attempt))
+            except SessionNotFound:
+                self._gone(session)
+                return
+            try:
+                session = await self.store.get(session.id)
+            except SessionNotFound:
+                self._gone(session)
+                return
+            for key in changed:
+                session.data[key] = data[key]
+            for key in deleted:
+                session.data.pop(key, None)
+        self.session = session
+        if attempt:
+            # keep the other writers' keys visible to the rest of this request
+            data._reset(session.data)
+        self.original = _dumps(session.data)
+        self.touch_due = False
+        self.refreshed = True
+
+    def _gone(self, session: Session) -> None:
+        logger.info(
+            "session %s was deleted during the request; its changes are dropped",
+            short_hash(session.id),
+        )
+        self.forget()
+
+    # --------------------------------------------------------------- cookies
+
+    def cookie_headers(self) -> list[tuple[bytes, bytes]]:
+        """``Set-Cookie`` (and ``Vary``) headers this response needs."""
+        mw = self.mw
+        session = self.session
+        if session is not None:
+            headers = [(b"vary", b"Cookie")]
+            if session.id != self.client_id or (mw.max_age is not None and self.refreshed):
+                headers.append((b"set-cookie", mw.set_cookie_value(session.id)))
+                self.client_id = session.id
+            self.refreshed = False
+            return headers
+        if self.cookie_sent and not self.degraded:
+            self.cookie_sent = False
+            self.client_id = None
+            return [(b"vary", b"Cookie"), (b"set-cookie", mw.expire_cookie_value)]
+        return []
+
+
+class SessionMiddleware:
+    """Server-side sessions for any ASGI app (``http`` and ``websocket`` scopes).
+
+    ``store`` is any ``Store`` (usually ``open_store(url, config)``); the app owns
+    its lifecycle (open it in the lifespan, close it at shutdown). Cookie defaults
+    are the safe ones: HttpOnly, Secure, SameSite=Lax, Path=/, a browser-session
+    cookie unless ``max_age`` (seconds or timedelta) is given. Set
+    ``https_only=False`` only for plain-http development on localhost.
+
+    ``on_unavailable="fail"`` answers 503 when the store cannot load a session;
+    ``"anonymous"`` serves an empty, unsaved session instead (logged) and leaves
+    the client's cookie alone. ``touch_fraction`` (of ``Config.idle_timeout``) or
+    ``touch_interval`` bound how often a read-only request writes ``touch``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        store: Store,
+        *,
+        cookie_name: str = "session",
+        path: str = "/",
+        domain: str | None = None,
+        same_site: Literal["lax", "strict", "none"] = "lax",
+        https_only: bool = True,
+        partitioned: bool = False,
+        max_age: int | timedelta | None = None,
+        touch_fraction: float = 0.1,
+        touch_interval: timedelta | float | None = None,
+        on_unavailable: Literal["fail", "anonymous"] = "fail",
+        max_retries: int = 5,
+        record_client: bool = True,
+    ) -> None:
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be an asyncsession Store, not {type(store).__name__}")
+        if not cookie_name or not set(cookie_name) <= _COOKIE_NAME_CHARS:
+            raise ValueError(f"invalid cookie name {cookie_name!r}")
+        same_site = same_site.lower()  # type: ignore[assignment]
+        if same_site not in ("lax", "strict", "none"):
+            raise ValueError(f"same_site must be 'lax', 'strict' or 'none', not {same_site!r}")
+        if (same_site == "none" or partitioned) and not https_only:
+            raise ValueError("SameSite=None and Partitioned cookies need https_only=True (Secure)")
+        if cookie_name.startswith("__Host-") and (not https_only or domain or path != "/"):
+            raise ValueError("a __Host- cookie needs https_only=True, path='/' and no domain")
+        if cookie_name.startswith("__Secure-") and not https_only:
+            raise ValueError("a __Secure- cookie needs https_only=True")
+        for value, what in ((path, "path"), (domain or "", "domain")):
+            if any(c in value for c in ";,\r\n\x00 ") or not value.isascii():
+                raise ValueError(f"invalid cookie {what} {value!r}")
+        if on_unavailable not in ("fail", "anonymous"):
+            raise ValueError("on_unavailable must be 'fail' or 'anonymous'")
+        if not 0 < touch_fraction <= 1:
+            raise ValueError("touch_fraction must be in (0, 1]")
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.app = app
+        self.store = store
+        self.cookie_name = cookie_name
+        self._cookie_name_bytes = cookie_name.encode("ascii")
+        if isinstance(max_age, timedelta):
+            max_age = int(max_age.total_seconds())
+        if max_age is not None and max_age <= 0:
+            raise ValueError("max_age must be positive (None: a browser-session cookie)")
+        self.max_age = max_age
+        self.on_unavailable = on_unavailable
+        self.max_retries = max_retries
+        self.record_client = record_client
+
+        idle = store.config.idle_timeout
+        if touch_interval is not None:
+            every: timedelta | None = (
+                touch_interval
+                if isinstance(touch_interval, timedelta)
+                else timedelta(seconds=touch_interval)
+            )
+        else:
+            every = idle * touch_fraction if idle is not None else None
+        self.touch_every = every
+
+        attrs = f"; Path={path}"
+        if domain:
+            attrs += f"; Domain={domain}"
+        attrs += "; HttpOnly"
+        if https_only:
+            attrs += "; Secure"
+        attrs += f"; SameSite={same_site.capitalize()}"
+        if partitioned:
+            attrs += "; Partitioned"
+        self._attrs = attrs
+        self._max_age_attr = f"; Max-Age={max_age}" if max_age is not None else ""
+        self.expire_cookie_value = f"{cookie_name}=; {_EXPIRED}{attrs}".encode("latin-1")
+
+    # ---------------------------------------------------------------- cookies
+
+    def set_cookie_value(self, session_id: str) -> bytes:
+        return f"{self.cookie_name}={session_id}{self._max_age_attr}{self._attrs}".encode("ascii")
+
+    def read_cookie(self, scope: Scope) -> tuple[bool, str | None]:
+        """(a cookie with our name was sent, its id if well formed and unambiguous).
+
+        Duplicates with different values (cookie tossing from a sibling domain or an
+        old path), quoting, non-ASCII and oversized values all give no id, so they
+        never reach the store.
+        """
+        name = self._cookie_name_bytes
+        found: bytes | None = None
+        for key, value in scope["headers"]:
+            if key != b"cookie" or name not in value:
+                continue
+            for part in value.split(b";"):
+                k, sep, v = part.partition(b"=")
+                if not sep or k.strip() != name:
+                    continue
+                v = v.strip()
+                if found is not None and v != found:
+                    return True, None
+                found = v
+        if found is None:
+            return False, None
+        if len(found) > 130:
+            return True, None
+        if len(found) >= 2 and found[:1] == b'"' and found[-1:] == b'"':
+            found = found[1:-1]
+        try:
+            session_id = found.decode("ascii")
+        except UnicodeDecodeError:
+            return True, None
+        return True, session_id if is_valid_session_id(session_id) else None
+
+    def client_fields(self, scope: Scope) -> dict[str, Any]:
+        """``ip_address`` and ``user_agent`` recorded on a new session."""
+        if not self.record_client:
+            return {}
+        client = scope.get("client")
+        agent = None
+        for key, value in scope["headers"]:
+            if key == b"user-agent":
+                agent = value.decode("latin-1")[:MAX_USER_AGENT]
+                break
+        return {"ip_address": client[0] if client else None, "user_agent": agent}
+
+    # ------------------------------------------------------------------- ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        conn = _Connection(self, scope)
+        try:
+            await conn.load()
+        except _UNAVAILABLE as exc:
+            if self.on_unavailable == "fail":
+                logger.error("session store unavailable, answering 503: %s", exc)
+                await _refuse(kind, receive, send, 503, "Session store unavailable")
+                return
+            logger.warning("session store unavailable, serving an anonymous session: %s", exc)
+            conn.degraded = True
+            conn.forget()
+        scope["session"] = conn.data
+        scope[SCOPE_KEY] = conn
+        if kind == "http":
+            await self._http(conn, scope, receive, send)
+        else:
+            await self._websocket(conn, scope, receive, send)
+
+    async def _http(self, conn: _Connection, scope: Scope, receive: Receive, send: Send) -> None:
+        replaced = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return  # we answered with an error instead of the app's response
+            if message["type"] == "http.response.start":
+                status = await _commit_or_status(conn)
+                if status is not None:
+                    replaced = True
+                    await _send_error(send, status)
+                    return
+                extra = conn.cookie_headers()
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+    async def _websocket(
+        self, conn: _Connection, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "websocket.accept":
+                status = await _commit_or_status(conn)
+                conn.cookie_possible = False
+                if status is not None:
+                    await send({"type": "websocket.close", "code": 1011})
+                    return
+                extra = conn.cookie_headers()
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+        # changes made after the handshake: saved when the connection ends
+        await _commit_or_status(conn)
+
+
+async def _commit_or_status(conn: _Connection) -> int | None:
+    """Commit; on failure log and return the status to answer instead."""
+    try:
+        await conn.commit()
+    except _UNAVAILABLE as exc:
+        logger.error("session not saved, store unavailable: %s", exc)
+        return 503
+    except SessionConflict as exc:
+        logger.error("session not saved after %d retries: %s", conn.mw.max_retries, exc)
+        return 409
+    except SessionError as exc:
+        # NotSerializable, SessionTooLarge...: a bug in the app, not the client's fault
+        logger.error(
+            "session not saved (%s): %s",
+            exc.code,
+            exc.message,
+            extra={"code": str(exc.code), "details": exc.details},
+        )
+        return 500
+    return None
+
+
+_ERROR_TEXT = {
+    409: b"Session conflict, please retry",
+    500: b"Internal Server Error",
+    503: b"Session store unavailable",
+}
+
+
+async def _send_error(send: Send, status: int) -> None:
+    body = _ERROR_TEXT.get(status, b"Error")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse(kind: str, receive: Receive, send: Send, status: int, text: str) -> None:
+    if kind == "http":
+        await _send_error(send, status)
+        return
+    message = await receive()  # websocket.connect
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.close", "code": 1011, "reason": text})
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _conn(connection: HTTPConnection) -> _Connection:
+    state = connection.scope.get(SCOPE_KEY)
+    if not isinstance(state, _Connection):
+        raise RuntimeError("asyncsession.SessionMiddleware is not installed on this app")
+    return state
+
+
+def session_data(connection: HTTPConnection) -> SessionDict:
+    """The live session data (the same object as ``request.session``)."""
+    return _conn(connection).data
+
+
+def current_session(connection: HTTPConnection) -> Session | None:
+    """The stored ``Session`` record (user id, expiry, client metadata) or None while
+    the request has no stored session. Its ``data`` is as of load or last save; the
+    live data is ``request.session``."""
+    return _conn(connection).session
+
+
+def current_user_id(connection: HTTPConnection) -> str | None:
+    """The logged-in user's id, or None for an anonymous session."""
+    session = _conn(connection).session
+    return session.user_id if session is not None else None
+
+
+def require_user(connection: HTTPConnection) -> str:
+    """The logged-in user's id; 401 otherwise (a FastAPI dependency)."""
+    user_id = current_user_id(connection)
+    if user_id is None:
+        raise HTTPException(401, "login required")
+    return user_id
+
+
+async def login(
+    connection: HTTPConnection,
+    user_id: str | int | Any,
+    *,
+    ttl: timedelta | float | None = None,
+    **fields: Any,
+) -> Session:
+    """Bind ``user_id`` to this client under a brand-new session id, keeping the data.
+
+    A new session is created (the store enforces the per-user limit atomically) and
+    the previous one is deleted: the id an attacker may have planted before login is
+    worthless afterwards (session fixation). ``fields`` go to ``new_session``
+    (``organization_id``, ``data``, ``ip_address``, ``user_agent``); the client's
+    address and user agent are recorded by default.
+    """
+    conn = _conn(connection)
+    old = conn.session
+    fields.setdefault("data", dict(conn.data))
+    for key, value in conn.mw.client_fields(connection.scope).items():
+        fields.setdefault(key, value)
+    session = await conn.store.create(new_session(user_id, ttl, **fields))
+    conn.adopt(session)
+    conn.touch_due = False
+    conn.refreshed = True
+    if old is not None:
+        await conn.store.delete(old.id)
+    logger.info("login: session %s for user %r", short_hash(session.id), session.user_id)
+    return session
+
+
+async def logout(connection: HTTPConnection) -> None:
+    """Delete the server-side session and expire the cookie. Data written afterwards
+    in the same request starts a new anonymous session."""
+    conn = _conn(connection)
+    if conn.session is not None:
+        await conn.store.delete(conn.session.id)
+    conn.forget()
+
+
+async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = True) -> int:
+    """Revoke the current user's other sessions (all of them with
+    ``keep_current=False``); returns how many were deleted."""
+    conn = _conn(connection)
+    session = conn.session
+    if session is None or session.user_id is None:
+        return 0
+    count = await conn.store.delete_by_user(
+        session.user_id, keep=session.id if keep_current else None
+    )
+    if not keep_current:
+        conn.forget()
+    return count
+
+
+async def list_user_sessions(connection: HTTPConnection) -> list[Session]:
+    """The current user's live sessions, oldest first (for a "your devices" page).
+
+    Show ``Session.short_id`` to identify them, never ``Session.id``: an id is a
+    bearer credential. ``revoke_session`` takes the short id.
+    """
+    user_id = current_user_id(connection)
+    if user_id is None:
+        return []
+    return await _conn(connection).store.list_by_user(user_id)
+
+
+async def revoke_session(connection: HTTPConnection, short_id: str) -> bool:
+    """Delete one of the current user's sessions by its ``short_id``; True if found.
+    Revoking the current session is ``logout``."""
+    conn = _conn(connection)
+    current = conn.session
+    if current is None or current.user_id is None:
+        return False
+    if current.short_id == short_id:
+        await logout(connection)
+        return True
+    for session in await conn.store.list_by_user(current.user_id):
+        if session.short_id == short_id:
+            await conn.store.delete(session.id)
+            return True
+    return False
+
+
+async def save_session(connection: HTTPConnection) -> None:
+    """Persist changes now (the middleware otherwise saves when the response starts,
+    or for websockets when the connection ends); useful in long-lived websockets."""
+    await _conn(connection).commit()
+
+
+def session_expires_at(connection: HTTPConnection) -> datetime | None:
+    """When the current stored session expires (None without one)."""
+    session = _conn(connection).session
+    return session.expires_at if session is not None else None
+
+
+# ---------------------------------------------------------------------- FastAPI
+
+SessionDep = Annotated[SessionDict, Depends(session_data)]
+"""``def handler(session: SessionDep)``: the live session data."""
+CurrentSessionDep = Annotated[Session | None, Depends(current_session)]
+"""The stored ``Session`` record or None."""
+CurrentUserDep = Annotated[str, Depends(require_user)]
+"""The logged-in user's id; the handler answers 401 without one."""
+
+
+async def session_error_handler(request: Request, exc: Exception) -> Response:
+    """Answer a ``SessionError`` with its ``http_status`` and a JSON body."""
+    if not isinstance(exc, SessionError):  # pragma: no cover - registered for SessionError
+        raise exc
+    return JSONResponse(
+        {"error": {"code": str(exc.code), "message": exc.message}},
+        status_code=exc.http_status,
+        headers={"cache-control": "no-store"},
+    )
+
+
+def install_exception_handler(app: Starlette) -> None:
+    """``install_exception_handler(app)``: every ``SessionError`` becomes its HTTP status."""
+    app.add_exception_handler(SessionError, session_error_handler)
+
+
+__all__ = [
+    "CurrentSessionDep",
+    "CurrentUserDep",
+    "SessionDep",
+    "SessionDict",
+    "SessionMiddleware",
+    "current_session",
+    "current_user_id",
+    "install_exception_handler",
+    "list_user_sessions",
+    "login",
+    "logout",
+    "logout_everywhere",
+    "require_user",
+    "revoke_session",
+    "save_session",
+    "session_data",
+    "session_error_handler",
+    "session_expires_at",
+]

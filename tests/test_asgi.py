@@ -1,0 +1,1033 @@
+"""SessionMiddleware, the login/logout helpers and the FastAPI integration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import fastapi
+import httpx
+import pytest
+
+pytest.importorskip("starlette")
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
+
+from asyncsession import (
+    Config,
+    ControlledStore,
+    CurrentSessionDep,
+    CurrentUserDep,
+    MemoryStore,
+    Session,
+    SessionConflict,
+    SessionDep,
+    SessionDict,
+    SessionMiddleware,
+    SessionNotFound,
+    StoreUnavailable,
+    current_session,
+    install_exception_handler,
+    list_user_sessions,
+    login,
+    logout,
+    logout_everywhere,
+    new_session,
+    open_store,
+    revoke_session,
+    short_hash,
+)
+
+from .clock import FakeClock
+
+BASE = "https://testserver"
+PLANTED = "A" * 43  # well formed, never issued
+
+
+class CountingStore(ControlledStore):
+    """A controlled memory store that counts public calls and can be made to fail."""
+
+    def __init__(self, config: Config, clock: FakeClock | None = None) -> None:
+        super().__init__(MemoryStore(config, clock=clock), config)
+        self.calls: Counter[str] = Counter()
+        self.fail: set[str] = set()
+        self.conflicts_forever = False
+
+    def _count(self, name: str) -> None:
+        self.calls[name] += 1
+        if name in self.fail:
+            raise StoreUnavailable("redis is down (test)")
+
+    async def get(self, session_id: str) -> Session:
+        self._count("get")
+        return await super().get(session_id)
+
+    async def create(self, session: Session) -> Session:
+        self._count("create")
+        return await super().create(session)
+
+    async def update(self, session: Session) -> Session:
+        self._count("update")
+        if self.conflicts_forever:
+            raise SessionConflict("always stale (test)")
+        return await super().update(session)
+
+    async def touch(self, session_id: str) -> None:
+        self._count("touch")
+        await super().touch(session_id)
+
+    async def delete(self, session_id: str) -> None:
+        self._count("delete")
+        await super().delete(session_id)
+
+    def writes(self) -> int:
+        return sum(self.calls[k] for k in ("create", "update", "touch", "delete"))
+
+
+# ------------------------------------------------------------------ the test app
+
+
+async def read(request: Request) -> JSONResponse:
+    return JSONResponse(dict(request.session))
+
+
+async def set_key(request: Request) -> JSONResponse:
+    params = request.query_params
+    delay = float(params.get("delay", "0"))
+    if delay:
+        await asyncio.sleep(delay)
+    request.session[params["key"]] = params["value"]
+    return JSONResponse(dict(request.session))
+
+
+async def delete_key(request: Request) -> PlainTextResponse:
+    del request.session[request.query_params["key"]]
+    return PlainTextResponse("ok")
+
+
+async def incr(request: Request) -> JSONResponse:
+    request.session["n"] = request.session.get("n", 0) + 1
+    return JSONResponse({"n": request.session["n"]})
+
+
+async def nested(request: Request) -> PlainTextResponse:
+    request.session.setdefault("cart", [])
+    request.session["cart"].append(request.query_params["item"])
+    return PlainTextResponse("ok")
+
+
+async def nested_inplace(request: Request) -> PlainTextResponse:
+    request.session["cart"].append(request.query_params["item"])  # no top-level write at all
+    return PlainTextResponse("ok")
+
+
+async def do_login(request: Request) -> JSONResponse:
+    session = await login(request, request.query_params["user"])
+    return JSONResponse({"user": session.user_id})
+
+
+async def do_logout(request: Request) -> PlainTextResponse:
+    await logout(request)
+    return PlainTextResponse("bye")
+
+
+async def everywhere(request: Request) -> JSONResponse:
+    keep = request.query_params.get("keep", "1") == "1"
+    return JSONResponse({"deleted": await logout_everywhere(request, keep_current=keep)})
+
+
+async def devices(request: Request) -> JSONResponse:
+    sessions = await list_user_sessions(request)
+    current = current_session(request)
+    return JSONResponse(
+        [
+            {"short": s.short_id, "current": current is not None and s.id == current.id}
+            for s in sessions
+        ]
+    )
+
+
+async def revoke(request: Request) -> JSONResponse:
+    return JSONResponse({"found": await revoke_session(request, request.query_params["short"])})
+
+
+async def clear(request: Request) -> PlainTextResponse:
+    request.session.clear()
+    if "then" in request.query_params:
+        request.session["then"] = request.query_params["then"]
+    return PlainTextResponse("cleared")
+
+
+async def bad(request: Request) -> PlainTextResponse:
+    request.session["when"] = datetime.now(UTC)
+    return PlainTextResponse("this never reaches the client")
+
+
+async def stream(request: Request) -> StreamingResponse:
+    request.session["streamed"] = "yes"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(3):
+            yield f"chunk{i}\n".encode()
+
+    return StreamingResponse(chunks(), media_type="text/plain")
+
+
+async def file(request: Request) -> FileResponse:
+    request.session["filed"] = "yes"
+    return FileResponse(__file__)
+
+
+async def ws(websocket: WebSocket) -> None:
+    if websocket.query_params.get("before"):
+        websocket.session["before_accept"] = websocket.query_params["before"]
+    await websocket.accept()
+    await websocket.send_json(dict(websocket.session))
+    text = await websocket.receive_text()
+    websocket.session["ws"] = text
+    await websocket.close()
+
+
+ROUTES = [
+    Route("/read", read),
+    Route("/set", set_key, methods=["POST"]),
+    Route("/delete", delete_key, methods=["POST"]),
+    Route("/incr", incr, methods=["POST"]),
+    Route("/nested", nested, methods=["POST"]),
+    Route("/nested-inplace", nested_inplace, methods=["POST"]),
+    Route("/login", do_login, methods=["POST"]),
+    Route("/logout", do_logout, methods=["POST"]),
+    Route("/everywhere", everywhere, methods=["POST"]),
+    Route("/devices", devices),
+    Route("/revoke", revoke, methods=["POST"]),
+    Route("/clear", clear, methods=["POST"]),
+    Route("/bad", bad, methods=["POST"]),
+    Route("/stream", stream),
+    Route("/file", file),
+    WebSocketRoute("/ws", ws),
+]
+
+
+def make_app(store: Any, **options: Any) -> Starlette:
+    app = Starlette(routes=ROUTES)
+    app.add_middleware(SessionMiddleware, store=store, **options)
+    install_exception_handler(app)
+    return app
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def cstore(clock: FakeClock) -> CountingStore:
+    return CountingStore(Config(cleanup_interval=0, max_sessions_per_user=10), clock)
+
+
+def client(app: Any, **kwargs: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=("203.0.113.9", 4711)),
+        base_url=BASE,
+        headers={"user-agent": "pytest-agent/1.0"},
+        **kwargs,
+    )
+
+
+def set_cookies(response: httpx.Response) -> list[str]:
+    return response.headers.get_list("set-cookie")
+
+
+def cookie_id(response: httpx.Response) -> str:
+    (header,) = set_cookies(response)
+    value = header.split(";", 1)[0].split("=", 1)[1]
+    assert value, header
+    return value
+
+
+def attrs(header: str) -> dict[str, str]:
+    parts = [p.strip() for p in header.split(";")[1:]]
+    return {p.split("=", 1)[0].lower(): (p.split("=", 1)[1] if "=" in p else "") for p in parts}
+
+
+async def new_cookie(c: httpx.AsyncClient, key: str = "a", value: str = "1") -> str:
+    response = await c.post("/set", params={"key": key, "value": value})
+    assert response.status_code == 200
+    return cookie_id(response)
+
+
+# ------------------------------------------------------------------- cookies
+
+
+async def test_secure_cookie_defaults(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        response = await c.post("/set", params={"key": "a", "value": "1"})
+    (header,) = set_cookies(response)
+    a = attrs(header)
+    assert header.startswith("session=")
+    assert "httponly" in a and "secure" in a
+    assert a["samesite"] == "Lax"
+    assert a["path"] == "/"
+    assert "domain" not in a
+    assert "max-age" not in a and "expires" not in a  # a browser-session cookie
+    assert "partitioned" not in a
+    assert "Cookie" in response.headers.get_list("vary")
+
+
+async def test_cookie_options(cstore: CountingStore) -> None:
+    app = make_app(
+        cstore,
+        cookie_name="__Secure-sid",
+        path="/app",
+        domain="example.com",
+        same_site="none",
+        partitioned=True,
+        max_age=3600,
+    )
+    async with client(app) as c:
+        response = await c.post("/set", params={"key": "a", "value": "1"})
+    (header,) = set_cookies(response)
+    a = attrs(header)
+    assert header.startswith("__Secure-sid=")
+    assert a["path"] == "/app"
+    assert a["domain"] == "example.com"
+    assert a["samesite"] == "None"
+    assert a["max-age"] == "3600"
+    assert "partitioned" in a and "secure" in a and "httponly" in a
+
+
+async def test_development_cookie_without_secure(cstore: CountingStore) -> None:
+    async with client(make_app(cstore, https_only=False, same_site="strict")) as c:
+        response = await c.post("/set", params={"key": "a", "value": "1"})
+    a = attrs(set_cookies(response)[0])
+    assert "secure" not in a
+    assert a["samesite"] == "Strict"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"same_site": "none", "https_only": False},
+        {"partitioned": True, "https_only": False},
+        {"same_site": "sometimes"},
+        {"cookie_name": "bad name"},
+        {"cookie_name": "__Host-sid", "domain": "example.com"},
+        {"cookie_name": "__Host-sid", "path": "/app"},
+        {"path": "/a;b"},
+        {"max_age": 0},
+        {"touch_fraction": 0},
+        {"on_unavailable": "ignore"},
+    ],
+)
+def test_unsafe_or_invalid_options_are_refused(
+    cstore: CountingStore, options: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError):
+        SessionMiddleware(Starlette(), cstore, **options)
+
+
+def test_store_must_be_a_store() -> None:
+    with pytest.raises(TypeError):
+        SessionMiddleware(Starlette(), {})  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ load/save
+
+
+async def test_no_cookie_no_store_call_and_no_session(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        response = await c.get("/read")
+    assert response.json() == {}
+    assert set_cookies(response) == []
+    assert sum(cstore.calls.values()) == 0
+    assert len(cstore.store) == 0  # type: ignore[arg-type]
+
+
+async def test_anonymous_session_created_on_first_write(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        sid = await new_cookie(c, "a", "1")
+        assert cstore.calls["create"] == 1
+        stored = await cstore.get(sid)
+        assert stored.user_id is None
+        assert stored.data == {"a": "1"}
+        assert stored.ip_address == "203.0.113.9"
+        assert stored.user_agent == "pytest-agent/1.0"
+        # the client's jar sends it back
+        assert (await c.get("/read")).json() == {"a": "1"}
+
+
+async def test_no_write_on_unmodified_requests(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        await new_cookie(c)
+        cstore.calls.clear()
+        for _ in range(5):
+            response = await c.get("/read")
+            assert response.json() == {"a": "1"}
+            assert set_cookies(response) == []
+        assert cstore.calls == Counter({"get": 5})
+        # writing the value it already has is not a change either
+        response = await c.post("/set", params={"key": "a", "value": "1"})
+        assert cstore.writes() == 0
+        response = await c.post("/set", params={"key": "a", "value": "2"})
+        assert cstore.calls["update"] == 1
+        assert set_cookies(response) == []  # same id, no Max-Age: nothing to re-send
+
+
+async def test_one_round_trip_per_read_and_two_per_write(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        await new_cookie(c)
+        cstore.calls.clear()
+        await c.post("/incr")
+    assert cstore.calls == Counter({"get": 1, "update": 1})
+
+
+async def test_touch_at_most_once_per_fraction_of_idle_timeout(clock: FakeClock) -> None:
+    store = CountingStore(Config(cleanup_interval=0, idle_timeout=600), clock)
+    async with client(make_app(store, touch_fraction=0.1, max_age=3600)) as c:
+        sid = await new_cookie(c)
+        store.calls.clear()
+        for _ in range(3):
+            assert set_cookies(await c.get("/read")) == []
+        assert store.calls["touch"] == 0
+        clock.advance(61)  # past 10% of 600 s
+        response = await c.get("/read")
+        assert store.calls["touch"] == 1
+        # a Max-Age cookie is refreshed along with the server-side expiry
+        assert attrs(set_cookies(response)[0])["max-age"] == "3600"
+        for _ in range(3):
+            await c.get("/read")
+        assert store.calls["touch"] == 1
+        stored = await store.get(sid)
+        assert stored.last_accessed_at == clock.now
+        assert stored.expires_at == clock.now + timedelta(seconds=600)
+
+
+async def test_touch_interval_without_idle_timeout(clock: FakeClock) -> None:
+    store = CountingStore(Config(cleanup_interval=0), clock)
+    async with client(make_app(store, touch_interval=30)) as c:
+        sid = await new_cookie(c)
+        clock.advance(10)
+        await c.get("/read")
+        assert store.calls["touch"] == 0
+        clock.advance(25)
+        await c.get("/read")
+        assert store.calls["touch"] == 1
+        assert (await store.get(sid)).last_accessed_at == clock.now
+
+
+async def test_idle_session_expires_and_is_not_adopted(clock: FakeClock) -> None:
+    store = CountingStore(Config(cleanup_interval=0, idle_timeout=60), clock)
+    async with client(make_app(store)) as c:
+        sid = await new_cookie(c)
+        clock.advance(61)
+        response = await c.get("/read")
+        assert response.json() == {}
+        (header,) = set_cookies(response)
+        assert attrs(header)["max-age"] == "0"
+        response = await c.post("/set", params={"key": "b", "value": "2"})
+        assert cookie_id(response) != sid
+
+
+async def test_delete_key_and_nested_mutations_are_saved(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        sid = await new_cookie(c, "a", "1")
+        await c.post("/nested", params={"item": "x"})
+        await c.post("/nested-inplace", params={"item": "y"})
+        assert (await cstore.get(sid)).data == {"a": "1", "cart": ["x", "y"]}
+        await c.post("/delete", params={"key": "a"})
+        assert (await cstore.get(sid)).data == {"cart": ["x", "y"]}
+
+
+async def test_session_dict_is_a_dict(cstore: CountingStore) -> None:
+    seen: list[Any] = []
+
+    async def handler(request: Request) -> PlainTextResponse:
+        seen.append(request.session)
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", handler)])
+    app.add_middleware(SessionMiddleware, store=cstore)
+    async with client(app) as c:
+        await c.get("/")
+    assert isinstance(seen[0], dict) and isinstance(seen[0], SessionDict)
+
+
+# ------------------------------------------------------- fixation, stale ids
+
+
+async def test_never_adopts_an_id_the_server_did_not_issue(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        response = await c.get("/read", headers={"cookie": f"session={PLANTED}"})
+        assert response.json() == {}
+        (header,) = set_cookies(response)
+        assert header.startswith("session=;") and attrs(header)["max-age"] == "0"
+        assert cstore.calls["get"] == 1
+        response = await c.post(
+            "/set", params={"key": "a", "value": "1"}, headers={"cookie": f"session={PLANTED}"}
+        )
+        sid = cookie_id(response)
+        assert sid != PLANTED
+    with pytest.raises(Exception, match="not found"):
+        await cstore.get(PLANTED)
+
+
+async def test_other_site_ids_are_never_adopted(clock: FakeClock) -> None:
+    backend = MemoryStore(Config(cleanup_interval=0), clock=clock)
+    site_a = ControlledStore(backend, Config(site_id="a", cleanup_interval=0))
+    site_b = ControlledStore(backend, Config(site_id="b", cleanup_interval=0))
+    theirs = await site_b.create(new_session("mallory", data={"role": "admin"}))
+    async with client(make_app(site_a)) as c:
+        response = await c.get("/read", headers={"cookie": f"session={theirs.id}"})
+        assert response.json() == {}
+        assert attrs(set_cookies(response)[0])["max-age"] == "0"
+        response = await c.post(
+            "/set", params={"key": "x", "value": "1"}, headers={"cookie": f"session={theirs.id}"}
+        )
+        assert cookie_id(response) != theirs.id
+    assert (await site_b.get(theirs.id)).data == {"role": "admin"}
+
+
+BAD_COOKIES: list[tuple[str, list[tuple[bytes, bytes]]]] = [
+    ("malformed", [(b"cookie", b"session=not/valid!")]),
+    ("too short", [(b"cookie", b"session=abc")]),
+    ("10k id", [(b"cookie", b"session=" + b"A" * 10_000)]),
+    ("oversized header", [(b"cookie", b"x=" + b"y" * 100_000 + b"; session=" + b"B" * 200)]),
+    ("badly quoted", [(b"cookie", b'session="' + PLANTED.encode())]),
+    ("quote inside", [(b"cookie", b'session=AAAA"AAAAAAAAAAAAAAAAAAAA')]),
+    ("non-ascii", [(b"cookie", "session=AAAAAAAAAAAAAAAAAAAé".encode())]),
+    ("latin-1 bytes", [(b"cookie", b"session=AAAAAAAAAAAAAAAAAAA\xff\xfe")]),
+    ("control chars", [(b"cookie", b"session=AAAAAAAAAAAAAAAAAAAA\x00\x01")]),
+    ("empty", [(b"cookie", b"session=")]),
+    ("glob", [(b"cookie", b"session=*AAAAAAAAAAAAAAAAAAAAAAA")]),
+    ("injection", [(b"cookie", b"session=AAAAAAAAAAAAAAAA:*\r\nDEL")]),
+]
+
+
+async def _raw_request(app: Any, headers: list[tuple[bytes, bytes]], path: str = "/read") -> Any:
+    """Call the app with exactly these headers (no client normalisation)."""
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET" if path == "/read" else "POST",
+        "scheme": "https",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"key=k&value=v" if path == "/set" else b"",
+        "headers": [(b"host", b"testserver"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 443),
+    }
+    await app(scope, receive, send)
+    start = messages[0]
+    assert start["type"] == "http.response.start"
+    return start
+
+
+@pytest.mark.parametrize(("name", "headers"), BAD_COOKIES, ids=[n for n, _ in BAD_COOKIES])
+async def test_bad_cookies_get_a_fresh_session_without_a_lookup(
+    cstore: CountingStore, name: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    app = make_app(cstore)
+    start = await _raw_request(app, headers)
+    assert start["status"] == 200
+    assert cstore.calls["get"] == 0
+    cookies = [v for k, v in start["headers"] if k == b"set-cookie"]
+    assert cookies and cookies[0].startswith(b"session=;")  # stale cookie cleared
+    start = await _raw_request(app, headers, "/set")
+    assert start["status"] == 200
+    assert cstore.calls["get"] == 0
+    (cookie,) = [v for k, v in start["headers"] if k == b"set-cookie"]
+    sid = cookie.split(b";")[0].split(b"=", 1)[1].decode()
+    assert (await cstore.get(sid)).data == {"k": "v"}
+
+
+async def test_duplicated_cookie_with_different_values_is_ambiguous(
+    cstore: CountingStore,
+) -> None:
+    real = await cstore.create(new_session(None, data={"a": 1}))
+    for headers in (
+        [(b"cookie", f"session={real.id}; session={PLANTED}".encode())],
+        [(b"cookie", f"session={real.id}".encode()), (b"cookie", f"session={PLANTED}".encode())],
+    ):
+        start = await _raw_request(make_app(cstore), headers)
+        assert start["status"] == 200
+    assert cstore.calls["get"] == 0
+
+
+async def test_same_cookie_twice_and_quoted_cookie_are_accepted(cstore: CountingStore) -> None:
+    real = await cstore.create(new_session(None, data={"a": 1}))
+    for header in (
+        f"session={real.id}; session={real.id}",
+        f'other=1; session="{real.id}"',
+        f"session={real.id}; other=1",
+    ):
+        async with client(make_app(cstore)) as c:
+            response = await c.get("/read", headers={"cookie": header})
+        assert response.json() == {"a": 1}, header
+
+
+async def test_other_cookies_are_ignored(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        response = await c.get("/read", headers={"cookie": "sessionx=1; xsession=2; a=session"})
+    assert response.status_code == 200
+    assert sum(cstore.calls.values()) == 0
+    assert set_cookies(response) == []
+
+
+# --------------------------------------------------------------- login/logout
+
+
+async def test_login_rotates_the_id_and_keeps_the_data(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        anon = await new_cookie(c, "cart", "3 items")
+        response = await c.post("/login", params={"user": "alice"})
+        assert response.json() == {"user": "alice"}
+        sid = cookie_id(response)
+        assert sid != anon
+        with pytest.raises(Exception, match="not found"):
+            await cstore.get(anon)
+        stored = await cstore.get(sid)
+        assert stored.user_id == "alice"
+        assert stored.data == {"cart": "3 items"}
+        assert stored.ip_address == "203.0.113.9"
+        assert stored.user_agent == "pytest-agent/1.0"
+        assert [s.id for s in await cstore.list_by_user("alice")] == [sid]
+        # the planted pre-login id is worthless afterwards
+        response = await c.get("/read", headers={"cookie": f"session={anon}"})
+        assert response.json() == {}
+
+
+async def test_login_without_a_previous_session(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        response = await c.post("/login", params={"user": "bob"})
+        sid = cookie_id(response)
+        assert (await cstore.get(sid)).user_id == "bob"
+        response = await c.post("/incr")
+        assert response.json() == {"n": 1}
+        assert (await cstore.get(sid)).data == {"n": 1}
+
+
+async def test_logout_removes_the_server_side_record(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        await c.post("/login", params={"user": "alice"})
+        (session,) = await cstore.list_by_user("alice")
+        response = await c.post("/logout")
+        (header,) = set_cookies(response)
+        assert header.startswith("session=;") and attrs(header)["max-age"] == "0"
+        assert "httponly" in attrs(header) and "secure" in attrs(header)
+        assert await cstore.list_by_user("alice") == []
+        with pytest.raises(Exception, match="not found"):
+            await cstore.get(session.id)
+        # a replayed cookie after logout is not adopted
+        response = await c.get("/read", headers={"cookie": f"session={session.id}"})
+        assert response.json() == {}
+
+
+async def test_clear_ends_the_session(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        sid = await new_cookie(c)
+        response = await c.post("/clear")
+        assert attrs(set_cookies(response)[0])["max-age"] == "0"
+        with pytest.raises(Exception, match="not found"):
+            await cstore.get(sid)
+        sid = await new_cookie(c)
+        response = await c.post("/clear", params={"then": "flash"})
+        new = cookie_id(response)
+        assert new != sid
+        assert (await cstore.get(new)).data == {"then": "flash"}
+
+
+async def test_logout_everywhere_and_devices(cstore: CountingStore) -> None:
+    app = make_app(cstore)
+    async with client(app) as laptop, client(app) as phone, client(app) as tablet:
+        for device in (laptop, phone, tablet):
+            await device.post("/login", params={"user": "alice"})
+        devices = (await laptop.get("/devices")).json()
+        assert len(devices) == 3
+        assert [d["current"] for d in devices] == [True, False, False]
+        # revoke the phone by its short id
+        phone_short = devices[1]["short"]
+        assert (await laptop.post("/revoke", params={"short": phone_short})).json() == {
+            "found": True
+        }
+        assert (await phone.get("/devices")).json() == []
+        assert len((await laptop.get("/devices")).json()) == 2
+        assert (await laptop.post("/everywhere")).json() == {"deleted": 1}
+        assert (await tablet.get("/devices")).json() == []
+        assert len((await laptop.get("/devices")).json()) == 1
+        assert (await laptop.post("/everywhere", params={"keep": "0"})).json() == {"deleted": 1}
+        assert (await laptop.get("/devices")).json() == []
+    assert await cstore.list_by_user("alice") == []
+
+
+async def test_revoke_only_reaches_the_users_own_sessions(cstore: CountingStore) -> None:
+    app = make_app(cstore)
+    async with client(app) as alice, client(app) as bob:
+        await alice.post("/login", params={"user": "alice"})
+        await bob.post("/login", params={"user": "bob"})
+        (bobs,) = await cstore.list_by_user("bob")
+        response = await alice.post("/revoke", params={"short": short_hash(bobs.id)})
+        assert response.json() == {"found": False}
+        assert len(await cstore.list_by_user("bob")) == 1
+
+
+async def test_login_limit_maps_to_429(clock: FakeClock) -> None:
+    store = CountingStore(
+        Config(cleanup_interval=0, max_sessions_per_user=1, eviction="reject"), clock
+    )
+    app = make_app(store)
+    async with client(app) as one, client(app) as two:
+        assert (await one.post("/login", params={"user": "carol"})).status_code == 200
+        response = await two.post("/login", params={"user": "carol"})
+        assert response.status_code == 429
+        assert response.json()["error"]["code"] == "SESSION_LIMIT_EXCEEDED"
+
+
+# --------------------------------------------------------- parallel requests
+
+
+def _parallel_stores() -> list[str]:
+    return ["memory", "sqlite", "redis"]
+
+
+@pytest.fixture(params=_parallel_stores())
+async def any_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[ControlledStore]:
+    config = Config(cleanup_interval=0, key_prefix=f"test-asgi-{os.getpid()}-{id(tmp_path)}:")
+    if request.param == "memory":
+        store = open_store("memory://", config)
+    elif request.param == "sqlite":
+        pytest.importorskip("aiosqlite")
+        store = open_store(f"sqlite:///{tmp_path}/sessions.db", config)
+    else:
+        try:
+            store = open_store("redis://127.0.0.1:6379/0", config)
+        except ValueError as exc:
+            pytest.skip(f"RedisStore not available: {exc}")
+        try:
+            await store.get(PLANTED)
+        except StoreUnavailable as exc:
+            pytest.skip(f"no Redis at 127.0.0.1:6379: {exc}")
+        except Exception:
+            pass
+    async with store:
+        yield store
+
+
+async def test_parallel_requests_changing_different_keys_all_persist(
+    any_store: ControlledStore,
+) -> None:
+    app = make_app(any_store, max_retries=50)
+    async with client(app) as c:
+        sid = await new_cookie(c, "base", "0")
+
+        async def one(i: int) -> int:
+            response = await c.post(
+                "/set", params={"key": f"k{i}", "value": str(i), "delay": "0.01"}
+            )
+            return response.status_code
+
+        statuses = await asyncio.gather(*(one(i) for i in range(24)))
+        assert statuses == [200] * 24
+    stored = await any_store.get(sid)
+    assert stored.data == {"base": "0", **{f"k{i}": str(i) for i in range(24)}}
+    assert stored.version >= 24
+
+
+async def test_parallel_requests_same_key_last_writer_wins(any_store: ControlledStore) -> None:
+    app = make_app(any_store, max_retries=50)
+    async with client(app) as c:
+        sid = await new_cookie(c, "base", "0")
+        results = await asyncio.gather(
+            *(
+                c.post("/set", params={"key": "color", "value": f"c{i}", "delay": "0.01"})
+                for i in range(10)
+            )
+        )
+    assert all(r.status_code == 200 for r in results)
+    stored = await any_store.get(sid)
+    assert stored.data["color"] in {f"c{i}" for i in range(10)}
+    assert stored.data["base"] == "0"
+
+
+async def test_conflict_retries_are_bounded(cstore: CountingStore) -> None:
+    async with client(make_app(cstore, max_retries=2)) as c:
+        sid = await new_cookie(c)
+        cstore.conflicts_forever = True
+        cstore.calls.clear()
+        response = await c.post("/incr")
+    assert response.status_code == 409
+    assert cstore.calls["update"] == 3
+    assert (await cstore.get(sid)).data == {"a": "1"}
+
+
+async def test_session_deleted_during_request_is_not_resurrected(
+    cstore: CountingStore,
+) -> None:
+    app = make_app(cstore)
+    async with client(app) as c:
+        await c.post("/login", params={"user": "dave"})
+        (session,) = await cstore.list_by_user("dave")
+        task = asyncio.create_task(
+            c.post("/set", params={"key": "late", "value": "1", "delay": "0.05"})
+        )
+        await asyncio.sleep(0.01)
+        await cstore.delete_by_user("dave")
+        response = await task
+    assert response.status_code == 200
+    assert attrs(set_cookies(response)[0])["max-age"] == "0"
+    with pytest.raises(Exception, match="not found"):
+        await cstore.get(session.id)
+
+
+# ---------------------------------------------------- streaming, files, websockets
+
+
+async def test_streaming_response_keeps_its_session(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        response = await c.get("/stream")
+        assert response.text == "chunk0\nchunk1\nchunk2\n"
+        sid = cookie_id(response)
+        assert (await cstore.get(sid)).data == {"streamed": "yes"}
+
+
+async def test_file_response_keeps_its_session(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        sid = await new_cookie(c)
+        response = await c.get("/file")
+        assert response.status_code == 200 and "test_file_response" in response.text
+    assert (await cstore.get(sid)).data == {"a": "1", "filed": "yes"}
+
+
+def test_websocket_reads_and_writes_the_session(cstore: CountingStore) -> None:
+    app = make_app(cstore)
+    with TestClient(app, base_url=BASE) as tc:
+        response = tc.post("/set", params={"key": "a", "value": "1"})
+        sid = response.cookies["session"]
+        with tc.websocket_connect("wss://testserver/ws") as websocket:
+            assert websocket.receive_json() == {"a": "1"}
+            websocket.send_text("hello")
+        assert tc.get("/read").json() == {"a": "1", "ws": "hello"}
+    assert cstore.calls["create"] == 1
+    assert cstore.store._entries[sid]  # type: ignore[attr-defined]
+
+
+def test_websocket_new_session_cookie_in_the_handshake(cstore: CountingStore) -> None:
+    app = make_app(cstore)
+    with (
+        TestClient(app, base_url=BASE) as tc,
+        tc.websocket_connect("wss://testserver/ws?before=hi") as ws,
+    ):
+        assert ws.receive_json() == {"before_accept": "hi"}
+        ws.send_text("x")
+        headers = dict(ws.extra_headers or [])
+    cookie = headers[b"set-cookie"].decode()
+    sid = cookie.split(";")[0].split("=", 1)[1]
+    assert "HttpOnly" in cookie
+    assert asyncio.run(cstore.get(sid)).data == {"before_accept": "hi", "ws": "x"}
+
+
+def test_websocket_refused_when_store_is_down(cstore: CountingStore) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    app = make_app(cstore)
+    with TestClient(app, base_url=BASE) as tc:
+        sid = tc.post("/set", params={"key": "a", "value": "1"}).cookies["session"]
+        assert sid
+        cstore.fail.add("get")
+        with (
+            pytest.raises(WebSocketDisconnect) as exc_info,
+            tc.websocket_connect("wss://testserver/ws"),
+        ):
+            pass
+        assert exc_info.value.code == 1011
+
+
+# ------------------------------------------------------------- store failures
+
+
+async def test_store_failure_on_load_answers_503(
+    cstore: CountingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with client(make_app(cstore)) as c:
+        await new_cookie(c)
+        cstore.fail.add("get")
+        with caplog.at_level(logging.ERROR, "asyncsession"):
+            response = await c.get("/read")
+    assert response.status_code == 503
+    assert set_cookies(response) == []  # the cookie is kept for when the store is back
+    assert "unavailable" in caplog.text
+
+
+async def test_store_failure_can_degrade_to_anonymous(
+    cstore: CountingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with client(make_app(cstore, on_unavailable="anonymous")) as c:
+        sid = await new_cookie(c)
+        cstore.fail.add("get")
+        with caplog.at_level(logging.WARNING, "asyncsession"):
+            response = await c.get("/read")
+            assert response.status_code == 200
+            assert response.json() == {}
+            assert set_cookies(response) == []  # the real session is not thrown away
+            response = await c.post("/set", params={"key": "b", "value": "2"})
+            assert response.status_code == 200
+            assert set_cookies(response) == []
+        assert "anonymous" in caplog.text
+        assert cstore.calls["create"] == 1  # nothing created while degraded
+        cstore.fail.clear()
+        assert (await c.get("/read")).json() == {"a": "1"}
+    assert (await cstore.get(sid)).data == {"a": "1"}
+
+
+async def test_store_failure_on_save_answers_503(cstore: CountingStore) -> None:
+    async with client(make_app(cstore)) as c:
+        await new_cookie(c)
+        cstore.fail.add("update")
+        response = await c.post("/incr")
+    assert response.status_code == 503
+    assert response.text == "Session store unavailable"
+
+
+async def test_not_serializable_is_a_logged_500_and_leaves_the_session(
+    cstore: CountingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with client(make_app(cstore)) as c:
+        sid = await new_cookie(c)
+        before = await cstore.get(sid)
+        with caplog.at_level(logging.ERROR, "asyncsession"):
+            response = await c.post("/bad")
+        assert response.status_code == 500
+        assert "never reaches" not in response.text
+        assert "SESSION_NOT_SERIALIZABLE" in caplog.text
+        after = await cstore.get(sid)
+        assert after.data == {"a": "1"} and after.version == before.version
+        # an anonymous session is not created with bad data either
+        async with client(make_app(cstore)) as fresh:
+            response = await fresh.post("/bad")
+        assert response.status_code == 500
+        assert set_cookies(response) == []
+        assert len(cstore.store) == 1  # type: ignore[arg-type]
+
+
+async def test_full_session_ids_never_reach_the_logs(
+    cstore: CountingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids: set[str] = set()
+    with caplog.at_level(logging.DEBUG, "asyncsession"):
+        async with client(make_app(cstore)) as c:
+            ids.add(await new_cookie(c))
+            response = await c.post("/login", params={"user": "eve"})
+            ids.add(cookie_id(response))
+            await c.get("/read", headers={"cookie": f"session={PLANTED}"})
+            cstore.fail.add("get")
+            await c.get("/read")
+    ids.add(PLANTED)
+    text = "\n".join(r.getMessage() + repr(r.__dict__) for r in caplog.records)
+    assert caplog.records
+    for sid in ids:
+        assert sid not in text
+
+
+# ------------------------------------------------------------------- FastAPI
+
+
+def test_fastapi_dependencies_and_exception_handler(cstore: CountingStore) -> None:
+    api = fastapi.FastAPI()
+    api.add_middleware(SessionMiddleware, store=cstore)
+    install_exception_handler(api)
+
+    @api.post("/login/{user}")
+    async def login_route(user: str, request: fastapi.Request) -> dict[str, Any]:
+        session = await login(request, user)
+        return {"user": session.user_id}
+
+    @api.post("/visit")
+    async def visit(session: SessionDep) -> dict[str, Any]:
+        session["visits"] = session.get("visits", 0) + 1
+        return dict(session)
+
+    @api.get("/me")
+    async def me(user: CurrentUserDep, record: CurrentSessionDep) -> dict[str, Any]:
+        assert record is not None
+        return {"user": user, "short": record.short_id}
+
+    @api.get("/missing")
+    async def missing() -> None:
+        raise SessionNotFound("no such session")
+
+    @api.websocket("/ws")
+    async def ws_route(websocket: fastapi.WebSocket, session: SessionDep) -> None:
+        await websocket.accept()
+        await websocket.send_json(dict(session))
+        await websocket.close()
+
+    with TestClient(api, base_url=BASE) as tc:
+        assert tc.get("/me").status_code == 401
+        assert tc.post("/visit").json() == {"visits": 1}
+        assert tc.post("/visit").json() == {"visits": 2}
+        assert tc.post("/login/zoe").json() == {"user": "zoe"}
+        response = tc.get("/me")
+        assert response.status_code == 200 and response.json()["user"] == "zoe"
+        assert tc.post("/visit").json() == {"visits": 3}
+        with tc.websocket_connect("wss://testserver/ws") as ws:
+            assert ws.receive_json() == {"visits": 3}
+        response = tc.get("/missing")
+        assert response.status_code == 404
+        assert response.json() == {
+            "error": {"code": "SESSION_NOT_FOUND", "message": "no such session"}
+        }
+
+
+async def test_helpers_without_the_middleware_say_so() -> None:
+    async def handler(request: Request) -> PlainTextResponse:
+        await login(request, "x")
+        return PlainTextResponse("")
+
+    app = Starlette(routes=[Route("/", handler)])
+    async with client(app) as c:
+        with pytest.raises(RuntimeError, match="SessionMiddleware is not installed"):
+            await c.get("/")
+
+
+def test_package_imports_without_starlette() -> None:
+    code = (
+        "import sys; sys.modules['starlette'] = None; sys.modules['fastapi'] = None\n"
+        "import asyncsession\n"
+        "assert asyncsession.MemoryStore\n"
+        "try:\n    asyncsession.SessionMiddleware\nexcept ImportError: print('lazy')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "lazy"
+
+
+def test_public_names_are_exported() -> None:
+    import asyncsession
+
+    for name in ("SessionMiddleware", "login", "logout", "SessionDep", "CurrentUserDep"):
+        assert name in asyncsession.__all__
+        assert getattr(asyncsession, name) is not None
