@@ -1,0 +1,536 @@
+"""Memory backend: our rows beside a baseline and a peer, in the same run.
+
+Rows (all through the same ``abench`` harness, all storing ``PAYLOAD``):
+
+* ours: ``ControlledStore`` over ``MemoryStore`` (per-user limit 5, 1 MiB size check,
+  strict JSON check) and the raw ``MemoryStore``: create, get, update, touch;
+  ``delete_by_user`` for users with 1, 5 and 25 sessions.
+* baseline: a dict of ``orjson`` bytes (``d[k] = orjson.dumps(data)`` /
+  ``orjson.loads(d[k])``): the least any in-process store of encoded sessions can do.
+* peer: starsessions ``InMemoryStore`` with its default ``JsonSerializer``, called the
+  way its middleware calls them (serialize + ``write``, ``read`` + deserialize).
+
+Every row runs at each ``--bench-sizes`` number of stored sessions. Stored sessions
+belong to users with 2 sessions each (typical), plus 1,000 users at the limit of 5.
+Then the background cleanup of the largest size of expired sessions, with a probe
+measuring the event loop's longest stall, and the memory each stored session costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import random
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import orjson
+import pytest
+from conftest import PAYLOAD, PAYLOAD_JSON, AsyncBench, ManualClock, Runner
+from starsessions.serializers import JsonSerializer
+from starsessions.stores.memory import InMemoryStore
+
+from asyncsession import (
+    Config,
+    ControlledStore,
+    MemoryStore,
+    Session,
+    codec,
+    generate_session_id,
+    new_session,
+    with_controls,
+)
+
+SUITE = "memory"
+LIMIT = 5
+LIMIT_USERS = 1_000
+READ = {"baseline": 0.5, "peer": 2.0}  # issue 2 targets: controlled get
+WRITE = {"baseline": 0.4, "peer": 2.0}  # issue 2 targets: controlled create
+LIFETIME = 86_400  # starsessions lifetime/ttl arguments (seconds)
+
+
+# ----------------------------------------------------------------- fixtures
+
+
+@dataclass
+class Ours:
+    raw: MemoryStore
+    ctl: ControlledStore
+    ids: list[str]  # ids of the 2-session users' sessions (never evicted), shuffled
+    users: list[str]  # users with 2 sessions each
+    limit_users: list[str]  # users with LIMIT sessions each
+    created: list[str] = field(default_factory=list)  # made by the last create round
+
+
+@dataclass
+class Dicts:
+    """The baseline dict and the peer store, filled like ours."""
+
+    keys: list[str]
+    base: dict[str, bytes]
+    peer: InMemoryStore
+    created: list[str] = field(default_factory=list)
+
+
+def _fill_users(stored: int) -> tuple[list[str], list[str]]:
+    limit_users = [f"limit-{n}" for n in range(min(LIMIT_USERS, stored // (2 * LIMIT)))]
+    users = [f"user-{n}" for n in range(max(1, (stored - len(limit_users) * LIMIT) // 2))]
+    return users, limit_users
+
+
+@pytest.fixture(scope="module")
+def ours(runner: Runner, stored: int) -> Iterator[Ours]:
+    raw = MemoryStore(Config(cleanup_interval=0))
+    ctl = with_controls(raw, Config(max_sessions_per_user=LIMIT, cleanup_interval=0))
+    users, limit_users = _fill_users(stored)
+
+    async def fill() -> list[str]:
+        for user in limit_users:
+            for _ in range(LIMIT):
+                await ctl.create(new_session(user, data=PAYLOAD))
+        ids = []
+        for n in range(stored - len(raw)):
+            session = await ctl.create(new_session(users[n // 2], data=PAYLOAD))
+            ids.append(session.id)
+        return ids
+
+    ids = runner.run(fill())
+    assert len(raw) == stored
+    random.Random(1).shuffle(ids)
+    yield Ours(raw, ctl, ids, users, limit_users)
+    runner.run(ctl.close())
+
+
+@pytest.fixture(scope="module")
+def dicts(stored: int) -> Iterator[Dicts]:
+    keys = [generate_session_id() for _ in range(stored)]
+    # Exact-size copies: a bytes object straight from orjson.dumps keeps its whole
+    # write buffer (4-8 KiB resident each here), which would make the fill 8 GB at 1M.
+    base = {key: bytes(memoryview(orjson.dumps(PAYLOAD))) for key in keys}
+    peer = InMemoryStore()
+    # the same JSON text json.dumps gives, made faster (the fill is not timed)
+    peer.data = {key: bytes(memoryview(PAYLOAD_JSON)) for key in keys}
+    random.Random(1).shuffle(keys)
+    yield Dicts(keys, base, peer)
+    base.clear()
+    peer.data.clear()
+
+
+def _create_setup(
+    world: Ours, runner: Runner, owners: list[str], batch: list[Session], evicting: bool
+) -> Callable[[int, int], None]:
+    """Untimed before each create round: build this round's ``Session`` objects and,
+    unless the creates evict (which keeps the size), delete the last round's ones so
+    the store stays at its size."""
+
+    def setup(start: int, n: int) -> None:
+        if not evicting:
+            runner.run(_delete(world.raw, world.created))
+        world.created.clear()
+        batch[:] = [new_session(owners[(start + k) % len(owners)], data=PAYLOAD) for k in range(n)]
+        world.created.extend(s.id for s in batch)
+
+    return setup
+
+
+async def _delete(store: MemoryStore, ids: list[str]) -> None:
+    for session_id in ids:
+        await store.delete(session_id)
+
+
+# ------------------------------------------------------------ harness floor
+
+
+def test_harness(abench: AsyncBench) -> None:
+    """An empty awaited coroutine: the floor every row below includes."""
+
+    async def op(i: int) -> None:
+        return None
+
+    abench.describe(suite=SUITE, role="harness", op="noop", label="harness (await noop)")
+    abench(op)
+
+
+# --------------------------------------------------------------------- read
+
+
+@pytest.mark.parametrize("kind", ["controlled", "raw"])
+def test_get(abench: AsyncBench, ours: Ours, stored: int, kind: str) -> None:
+    store = ours.ctl if kind == "controlled" else ours.raw
+    ids = ours.ids
+    get = store.get
+
+    async def op(i: int) -> Session:
+        return await get(ids[i % len(ids)])
+
+    abench.describe(
+        suite=SUITE,
+        role="ours",
+        op="get",
+        compare="read",
+        label=f"{kind} get",
+        group="memory read",
+        stored=stored,
+        targets=READ if kind == "controlled" else None,
+    )
+    abench(op)
+
+
+def test_get_baseline(abench: AsyncBench, dicts: Dicts, stored: int) -> None:
+    keys, base = dicts.keys, dicts.base
+    loads = orjson.loads
+
+    async def op(i: int) -> Any:
+        return loads(base[keys[i % len(keys)]])
+
+    abench.describe(
+        suite=SUITE,
+        role="baseline",
+        op="read",
+        label="dict get + orjson.loads",
+        group="memory read",
+        stored=stored,
+    )
+    abench(op)
+
+
+def test_get_peer(abench: AsyncBench, dicts: Dicts, stored: int) -> None:
+    keys, store, serializer = dicts.keys, dicts.peer, JsonSerializer()
+
+    async def op(i: int) -> Any:
+        return serializer.deserialize(await store.read(keys[i % len(keys)], LIFETIME))
+
+    abench.describe(
+        suite=SUITE,
+        role="peer",
+        op="read",
+        label="starsessions InMemoryStore read + json",
+        group="memory read",
+        stored=stored,
+    )
+    abench(op)
+
+
+# -------------------------------------------------------------------- write
+
+
+@pytest.mark.parametrize("kind", ["controlled", "controlled-at-limit", "raw"])
+def test_create(abench: AsyncBench, runner: Runner, ours: Ours, stored: int, kind: str) -> None:
+    store = ours.raw if kind == "raw" else ours.ctl
+    owners = ours.limit_users if kind == "controlled-at-limit" else ours.users
+    batch: list[Session] = []
+    create = store.create
+
+    async def op(i: int) -> Session:
+        return await create(batch[i % len(batch)])
+
+    labels = {
+        "controlled": "controlled create (limit 5, user has 2)",
+        "controlled-at-limit": "controlled create (user at limit 5: evicts oldest)",
+        "raw": "raw create",
+    }
+    abench.describe(
+        suite=SUITE,
+        role="ours",
+        op="create",
+        compare="write",
+        label=labels[kind],
+        group="memory write",
+        stored=stored,
+        targets=WRITE if kind == "controlled" else None,
+    )
+    evicting = kind == "controlled-at-limit"
+    abench(op, setup=_create_setup(ours, runner, owners, batch, evicting))
+    if not evicting:
+        runner.run(_delete(ours.raw, ours.created))
+    ours.created.clear()
+    assert len(ours.raw) == stored  # evicting creates kept the size; the others were undone
+
+
+def test_create_baseline(abench: AsyncBench, dicts: Dicts, stored: int) -> None:
+    base, batch = dicts.base, dicts.created
+    dumps = orjson.dumps
+
+    async def op(i: int) -> None:
+        base[batch[i % len(batch)]] = dumps(PAYLOAD)
+
+    def setup(start: int, n: int) -> None:
+        for key in batch:
+            del base[key]
+        batch[:] = [generate_session_id() for _ in range(n)]
+
+    abench.describe(
+        suite=SUITE,
+        role="baseline",
+        op="write",
+        label="dict set + orjson.dumps",
+        group="memory write",
+        stored=stored,
+    )
+    abench(op, setup=setup)
+    setup(0, 0)
+
+
+def test_create_peer(abench: AsyncBench, runner: Runner, dicts: Dicts, stored: int) -> None:
+    store, batch, serializer = dicts.peer, dicts.created, JsonSerializer()
+
+    async def op(i: int) -> None:
+        await store.write(batch[i % len(batch)], serializer.serialize(PAYLOAD), LIFETIME, LIFETIME)
+
+    def setup(start: int, n: int) -> None:
+        for key in batch:
+            runner.run(store.remove(key))
+        batch[:] = [generate_session_id() for _ in range(n)]
+
+    abench.describe(
+        suite=SUITE,
+        role="peer",
+        op="write",
+        label="starsessions InMemoryStore write + json",
+        group="memory write",
+        stored=stored,
+    )
+    abench(op, setup=setup)
+    setup(0, 0)
+
+
+@pytest.mark.parametrize("kind", ["controlled", "raw"])
+def test_update(abench: AsyncBench, runner: Runner, ours: Ours, stored: int, kind: str) -> None:
+    store = ours.ctl if kind == "controlled" else ours.raw
+    ids = ours.ids
+    batch: list[Session] = []
+    update = store.update
+
+    async def op(i: int) -> Session:
+        return await update(batch[i % len(batch)])
+
+    async def load(start: int, n: int) -> None:
+        batch[:] = [await store.get(ids[(start + k) % len(ids)]) for k in range(n)]
+
+    abench.describe(
+        suite=SUITE,
+        role="ours",
+        op="update",
+        compare="write",
+        label=f"{kind} update",
+        group="memory write",
+        stored=stored,
+    )
+    abench(op, setup=lambda start, n: runner.run(load(start, n)))
+
+
+@pytest.mark.parametrize("kind", ["controlled", "raw"])
+def test_touch(abench: AsyncBench, ours: Ours, stored: int, kind: str) -> None:
+    store = ours.ctl if kind == "controlled" else ours.raw
+    ids = ours.ids
+    touch = store.touch
+
+    async def op(i: int) -> None:
+        await touch(ids[i % len(ids)])
+
+    abench.describe(
+        suite=SUITE,
+        role="ours",
+        op="touch",
+        label=f"{kind} touch",
+        group="memory touch",
+        stored=stored,
+    )
+    abench(op)
+
+
+@pytest.mark.parametrize("per_user", [1, 5, 25])
+def test_delete_by_user(
+    abench: AsyncBench, runner: Runner, ours: Ours, stored: int, per_user: int
+) -> None:
+    """Cost per call for a user with ``per_user`` sessions: O(that user's sessions),
+    flat in how many other sessions are stored."""
+    users: list[str] = []
+    delete_by_user = ours.ctl.delete_by_user
+    ops = max(20, abench.ops // 5)
+
+    async def op(i: int) -> int:
+        deleted = await delete_by_user(users[i % len(users)])
+        assert deleted == per_user
+        return deleted
+
+    async def make(start: int, n: int) -> None:
+        users[:] = [f"dbu-{per_user}-{start + k}" for k in range(n)]
+        for user in users:
+            for _ in range(per_user):  # raw store: no per-user limit
+                await ours.raw.create(new_session(user, data=PAYLOAD))
+
+    abench.describe(
+        suite=SUITE,
+        role="ours",
+        op="delete_by_user",
+        label=f"delete_by_user ({per_user} sessions)",
+        group="memory delete_by_user",
+        stored=stored,
+        per_user=per_user,
+    )
+    abench(op, setup=lambda start, n: runner.run(make(start, n)), ops=ops)
+    assert len(ours.raw) == stored
+
+
+# ------------------------------------------------------------------ cleanup
+
+
+class PassRecordingStore(MemoryStore):
+    """A MemoryStore that records each purge pass: (removed, left, seconds)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.passes: list[tuple[int, int, float]] = []
+        self.passed = asyncio.Event()
+
+    async def purge_expired(self) -> int:
+        started = time.perf_counter()
+        removed = await super().purge_expired()
+        self.passes.append((removed, len(self), time.perf_counter() - started))
+        self.passed.set()
+        return removed
+
+
+async def _fill_expiring(store: MemoryStore, clock: ManualClock, count: int) -> None:
+    """``count`` sessions (users with 2 sessions each), one-hour TTL, created over the 59
+    minutes before ``clock.now``: expiries spread over the hour after it (~3,500 buckets)."""
+    step = timedelta(minutes=59) / max(count, 1)
+    start = clock.now
+    clock.now = start - timedelta(minutes=59)
+    for n in range(count):
+        await store.create(new_session(f"user-{n // 2}", ttl=3600, data=PAYLOAD, now=clock.now))
+        clock.now += step
+    clock.now = start
+
+
+async def _probe(stop: asyncio.Event, stalls: list[float]) -> None:
+    """Yield to the loop over and over; the longest gap between two turns is the
+    longest time anything else held the event loop. Measured twice: wall-clock, and
+    this thread's CPU time (which leaves out time the OS gave to other processes: on
+    a busy 2-core machine the wall gap also counts being preempted)."""
+    wall, cpu = time.perf_counter, time.thread_time
+    last_wall, last_cpu = wall(), cpu()
+    worst_wall = worst_cpu = 0.0
+    while not stop.is_set():
+        await asyncio.sleep(0)
+        now_wall, now_cpu = wall(), cpu()
+        worst_wall = max(worst_wall, now_wall - last_wall)
+        worst_cpu = max(worst_cpu, now_cpu - last_cpu)
+        last_wall, last_cpu = now_wall, now_cpu
+    stalls.extend((worst_wall, worst_cpu))
+
+
+def test_cleanup(benchmark: Any, runner: Runner, largest_size: int) -> None:
+    """``largest_size`` expired sessions removed by the background cleanup task in one
+    pass while a probe measures the event loop's longest stall (target < 20 ms)."""
+    clock = ManualClock()
+    store = PassRecordingStore(Config(cleanup_interval=0.01), clock=clock)
+    live = 1_000  # sessions that must survive the purge
+    runner.run(_fill_expiring(store, clock, largest_size))
+
+    async def fill_live() -> None:
+        for n in range(live):
+            await store.create(new_session(f"live-{n}", ttl=timedelta(days=2), data=PAYLOAD))
+
+    runner.run(fill_live())
+    gc.collect()
+    stalls: list[float] = []
+
+    async def one_pass() -> None:
+        stop = asyncio.Event()
+        probe = asyncio.ensure_future(_probe(stop, stalls))
+        await asyncio.sleep(0.02)  # the probe is running before anything expires
+        store.passes.clear()
+        store.passed.clear()
+        clock.advance(timedelta(hours=2))  # every non-live session is now expired
+        await store.passed.wait()
+        stop.set()
+        await probe
+
+    benchmark.pedantic(lambda: runner.run(one_pass()), rounds=1, iterations=1)
+    removed, left, seconds = store.passes[0]
+    runner.run(store.close())
+    benchmark.group = f"memory cleanup @ {largest_size:,} expired"
+    benchmark.extra_info.update(
+        suite=SUITE,
+        role="ours",
+        op="cleanup",
+        label="background cleanup pass",
+        expired=largest_size,
+        removed=removed,
+        left=left,
+        pass_seconds=seconds,
+        max_stall_ms=stalls[1] * 1000,
+        max_stall_wall_ms=stalls[0] * 1000,
+        targets={"max_stall_ms": 20.0},
+    )
+    assert removed == largest_size, "all expired sessions are gone after one pass"
+    assert left == live
+
+
+# ------------------------------------------------------------------- memory
+
+
+def _rss() -> int:
+    """Resident set size in bytes (Linux /proc; psutil elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - not Linux
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+def test_memory_per_session(benchmark: Any, runner: Runner, largest_size: int) -> None:
+    """Bytes each stored session costs beyond its encoded record (target <= 1 KB), at
+    ``largest_size`` sessions in a controlled store (limit 5; users with 2 sessions)."""
+    count = largest_size
+    raw = MemoryStore(Config(cleanup_interval=0))
+    store = with_controls(raw, Config(max_sessions_per_user=LIMIT, cleanup_interval=0))
+    sample = [new_session(f"user-{n}", data=PAYLOAD) for n in range(1000)]
+    for s in sample:
+        s.expires_at = s.absolute_expires_at = s.created_at + timedelta(days=1)
+    record_size = sum(len(codec.encode(s)) for s in sample) / len(sample)
+    data_size = len(PAYLOAD_JSON)
+    del sample
+
+    async def fill() -> None:
+        for n in range(count):
+            await store.create(new_session(f"user-{n // 2}", data=PAYLOAD))
+
+    gc.collect()
+    rss_before = _rss()
+    tracemalloc.start()
+    traced_before = tracemalloc.get_traced_memory()[0]
+    benchmark.pedantic(lambda: runner.run(fill()), rounds=1, iterations=1)
+    gc.collect()
+    traced = tracemalloc.get_traced_memory()[0] - traced_before
+    rss = _rss() - rss_before - tracemalloc.get_tracemalloc_memory()
+    tracemalloc.stop()
+    assert len(raw) == count
+    runner.run(store.close())
+
+    per_traced = traced / count
+    per_rss = rss / count
+    benchmark.group = f"memory footprint @ {count:,} sessions"
+    benchmark.extra_info.update(
+        suite=SUITE,
+        role="ours",
+        op="memory",
+        label="fill (tracemalloc on)",
+        sessions=count,
+        record_bytes=record_size,
+        data_bytes=data_size,
+        tracemalloc_bytes_per_session=per_traced,
+        rss_bytes_per_session=per_rss,
+        overhead_tracemalloc=per_traced - record_size,
+        overhead_rss=per_rss - record_size,
+        targets={"overhead_tracemalloc": 1024.0, "overhead_rss": 1024.0},
+    )
