@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from .config import Config
 from .errors import ErrorCode, SessionError, SessionTooLarge, StoreClosed, short_hash
 from .session import Session
-from .store import InsertResult, Outcome, Store
+from .store import InsertResult, Outcome, PurgedSession, ScanEntry, Store
 
 logger = logging.getLogger("asyncsession")
 
@@ -53,7 +53,11 @@ class ViolationEvent:
 
 @dataclass(frozen=True, slots=True)
 class SessionEvent:
-    """A lifecycle event: created, updated, rotated, deleted, evicted, expired."""
+    """A lifecycle event: created, updated, rotated, deleted, evicted, expired.
+
+    ``expired`` events come from purges (``purge_expired()`` or background cleanup)
+    and go to the controlled store of the session's own site.
+    """
 
     type: str
     site_id: str
@@ -88,6 +92,7 @@ class ControlledStore(Store):
         self.on_violation = on_violation
         self.on_event = on_event
         self._pending: set[asyncio.Task[Any]] = set()
+        store._purge_watchers.add(self)  # weak: for ``expired`` events from any purge
 
     # Lifecycle: the backend owns connections and the cleanup task.
 
@@ -175,6 +180,15 @@ class ControlledStore(Store):
         )
         self._dispatch(self.on_event, event)
 
+    def _wants_expired(self) -> bool:
+        return self.on_event is not None
+
+    def _expired(self, removed: Sequence[PurgedSession]) -> None:
+        site = self.config.site_id
+        for site_id, user_id, session_id in removed:
+            if site_id == site:
+                self._event("expired", None, session_id=session_id, user_id=user_id)
+
     def _dispatch(self, handler: Callable[[Any], Any], event: Any) -> None:
         try:
             result = handler(event)
@@ -229,8 +243,22 @@ class ControlledStore(Store):
     async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:
         return await self.store._list_by_user(user_id, scope, now)
 
+    async def purge_expired(self) -> int:
+        """Purge through the backend, which tells every controlled store sharing it."""
+        self._check_open()
+        return await self.store.purge_expired()
+
     async def _purge(self, now: datetime) -> int:
         return await self.store._purge(now)
+
+    async def _purge_report(self, now: datetime) -> list[PurgedSession]:
+        return await self.store._purge_report(now)
+
+    def _scan(self, batch: int) -> AsyncIterator[Sequence[ScanEntry]]:
+        return self.store._scan(batch)
+
+    async def _scan_estimate(self) -> int | None:
+        return await self.store._scan_estimate()
 
 
 def with_controls(

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import Enum
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from . import codec
 from .config import Config
@@ -67,6 +68,24 @@ class InsertResult:
 NO_EVICTIONS = InsertResult()
 
 
+class PurgedSession(NamedTuple):
+    """A session ``_purge_report`` removed: enough for an ``expired`` event."""
+
+    site_id: str
+    user_id: str | None
+    session_id: str
+
+
+class ScanEntry(NamedTuple):
+    """One stored session as an admin scan sees it (live or expired-not-purged)."""
+
+    site_id: str
+    user_id: str | None
+    session_id: str
+    size: int  # bytes stored: the JSON of ``data`` (Redis: the whole record, with its header)
+    expires_at: datetime | None
+
+
 def absolute_deadline(session: Session) -> datetime | None:
     return session.absolute_expires_at or session.expires_at
 
@@ -91,6 +110,8 @@ class Store(ABC):
         self.clock: Clock = clock or utcnow
         self._closed = False
         self._cleanup_task: asyncio.Task[None] | None = None
+        # Stores (ControlledStores) told what purge removed, when they ask for it.
+        self._purge_watchers: weakref.WeakSet[Store] = weakref.WeakSet()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -323,9 +344,27 @@ class Store(ABC):
         return await self._list_by_user(user, self.scope, self.clock())
 
     async def purge_expired(self) -> int:
-        """Remove expired sessions and stale index entries now; returns how many sessions."""
+        """Remove expired sessions and stale index entries now; returns how many sessions.
+
+        When a watching store wants ``expired`` events (a ``ControlledStore`` with an
+        ``on_event`` handler), the backend reports what it removed; otherwise purge
+        stays a plain count.
+        """
         self._check_open()
-        return await self._purge(self.clock())
+        now = self.clock()
+        watchers = [w for w in self._purge_watchers if w._wants_expired()]
+        if not watchers:
+            return await self._purge(now)
+        try:
+            removed = await self._purge_report(now)
+        except NotImplementedError:
+            return await self._purge(now)
+        for watcher in watchers:
+            try:
+                watcher._expired(removed)
+            except Exception:
+                logger.exception("asyncsession: reporting expired sessions failed")
+        return len(removed)
 
     # ------------------------------------------------------------------ helpers
 
@@ -396,6 +435,13 @@ class Store(ABC):
     def _event(self, kind: str, session: Session | None, **extra: Any) -> None:  # noqa: B027
         """Hook for lifecycle events; the raw store ignores them."""
 
+    def _wants_expired(self) -> bool:
+        """Whether this watcher of a backend's purge wants ``_expired`` calls."""
+        return False
+
+    def _expired(self, removed: Sequence[PurgedSession]) -> None:  # noqa: B027
+        """Told by the backend what one purge removed (all sites)."""
+
     # ------------------------------------------------------------ backend hooks
 
     async def _open(self) -> None:  # noqa: B027 - optional hook
@@ -451,3 +497,22 @@ class Store(ABC):
     @abstractmethod
     async def _purge(self, now: datetime) -> int:
         """Remove every session expired at ``now`` (all sites) and stale index entries."""
+
+    # Optional hooks: a backend without them still works; what needs them degrades
+    # (no ``expired`` events) or says it is unsupported (admin scans).
+
+    async def _purge_report(self, now: datetime) -> list[PurgedSession]:
+        """``_purge`` that also says what it removed. Used only when someone listens
+        for ``expired`` events, so the plain ``_purge`` stays as cheap as it can be."""
+        raise NotImplementedError
+
+    def _scan(self, batch: int) -> AsyncIterator[Sequence[ScanEntry]]:
+        """Every stored session of every site, about ``batch`` at a time, for admin
+        tools (``asyncsession stats``). Not a snapshot: sessions written during the scan
+        may or may not appear. Each batch must hold the backend only briefly."""
+        raise NotImplementedError(f"the {self.backend_name} backend cannot scan its sessions")
+
+    async def _scan_estimate(self) -> int | None:
+        """About how many sessions ``_scan`` will yield (for a progress bar); None if
+        unknown."""
+        return None

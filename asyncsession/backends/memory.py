@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ from ..config import Config
 from ..controls import ControlledStore, with_controls
 from ..errors import InvalidSession, SessionLimitExceeded
 from ..session import Clock, Session
-from ..store import NO_EVICTIONS, InsertResult, Outcome, Store
+from ..store import NO_EVICTIONS, InsertResult, Outcome, PurgedSession, ScanEntry, Store
 
 PURGE_BATCH = 2_000
 """Sessions removed between two yields to the event loop during a purge."""
@@ -287,7 +288,16 @@ class MemoryStore(Store):
         return sessions
 
     async def _purge(self, now: datetime) -> int:
-        """Empty every expired bucket, ``PURGE_BATCH`` sessions between event-loop yields."""
+        return await self._purge_into(now, None)
+
+    async def _purge_report(self, now: datetime) -> list[PurgedSession]:
+        removed: list[PurgedSession] = []
+        await self._purge_into(now, removed)
+        return removed
+
+    async def _purge_into(self, now: datetime, report: list[PurgedSession] | None) -> int:
+        """Empty every expired bucket, ``PURGE_BATCH`` sessions between event-loop yields;
+        with ``report``, append what was removed to it."""
         cutoff = math.ceil(now.timestamp())
         removed = 0
         budget = PURGE_BATCH
@@ -298,7 +308,11 @@ class MemoryStore(Store):
             if ids and not partial:
                 while ids and budget:
                     session_id, _ = ids.popitem()
-                    self._remove(session_id)
+                    entry = self._remove(session_id)
+                    if report is not None and entry is not None:
+                        report.append(
+                            PurgedSession(entry.meta.site_id, entry.meta.user_id, session_id)
+                        )
                     removed += 1
                     budget -= 1
             elif ids:
@@ -307,7 +321,11 @@ class MemoryStore(Store):
                     for sid in ids
                     if (exp := self._entries[sid].meta.expires_at) is not None and now >= exp
                 ]:
-                    self._remove(session_id)
+                    entry = self._remove(session_id)
+                    if report is not None and entry is not None:
+                        report.append(
+                            PurgedSession(entry.meta.site_id, entry.meta.user_id, session_id)
+                        )
                     removed += 1
                     budget -= 1
                 break  # the rest of this bucket is still live; later buckets too
@@ -318,3 +336,19 @@ class MemoryStore(Store):
                 budget = PURGE_BATCH
                 await asyncio.sleep(0)
         return removed
+
+    async def _scan(self, batch: int) -> AsyncIterator[Sequence[ScanEntry]]:
+        """Every session, ``batch`` per event-loop turn (over a snapshot of the ids)."""
+        ids = list(self._entries)
+        for start in range(0, len(ids), batch):
+            out = []
+            for session_id in ids[start : start + batch]:
+                entry = self._entries.get(session_id)
+                if entry is not None:
+                    m = entry.meta
+                    out.append(ScanEntry(m.site_id, m.user_id, m.id, len(entry.data), m.expires_at))
+            yield out
+            await asyncio.sleep(0)
+
+    async def _scan_estimate(self) -> int | None:
+        return len(self._entries)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -29,8 +29,16 @@ from ..config import Config
 from ..controls import ControlledStore, with_controls
 from ..errors import InvalidSession, SessionLimitExceeded, StoreUnavailable
 from ..factory import redact
-from ..session import Clock, Session
-from ..store import NO_EVICTIONS, InsertResult, Outcome, Store, absolute_deadline
+from ..session import Clock, Session, is_valid_session_id
+from ..store import (
+    NO_EVICTIONS,
+    InsertResult,
+    Outcome,
+    PurgedSession,
+    ScanEntry,
+    Store,
+    absolute_deadline,
+)
 
 PURGE_BATCH = 1_000
 """Expired sessions one purge script call removes (each call is atomic and short)."""
@@ -263,27 +271,51 @@ return out
 """
 
 # KEYS: expiry set
-# ARGV: now, batch size, session key prefix
-# Returns {sessions removed, expiry entries examined}.
+# ARGV: now, batch size, session key prefix, [report: '1']
+# Returns {sessions removed, expiry entries examined}, then with report the id,
+# site and index key ('' anonymous) of each removed session.
 _PURGE = """
 local xkey, now, sprefix = KEYS[1], ARGV[1], ARGV[3]
 local ids = redis.call('ZRANGEBYSCORE', xkey, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 local removed = 0
+local out = {0, #ids}
 for _, id in ipairs(ids) do
   local skey = sprefix .. id
-  local f = fields(skey, 'e', 'i')
+  local f = fields(skey, 'e', 'i', 's')
   if f and f[1] and f[1] ~= '' and not live(f[1], tonumber(now)) then
     redis.call('DEL', skey)
     if f[2] then redis.call('ZREM', f[2], id) end
     redis.call('ZREM', xkey, id)
     removed = removed + 1
+    if ARGV[4] == '1' then
+      out[#out + 1] = id
+      out[#out + 1] = f[3] or ''
+      out[#out + 1] = f[2] or ''
+    end
   elseif f and f[1] and f[1] ~= '' then
     redis.call('ZADD', xkey, f[1], id)
   else
     redis.call('ZREM', xkey, id)
   end
 end
-return {removed, #ids}
+out[1] = removed
+return out
+"""
+
+# KEYS: session keys (one SCAN batch)
+# Returns site, index key, expires, record length per key (false for a key that is
+# gone or not a session hash).
+_SCAN = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local f = redis.pcall('HMGET', key, 's', 'i', 'e')
+  if f.err or not f[1] then
+    out[i] = false
+  else
+    out[i] = {f[1], f[2] or '', f[3] or '', redis.call('HSTRLEN', key, 'r')}
+  end
+end
+return out
 """
 
 # KEYS: session keys. Returns record, accessed, expires per key ('WRONGTYPE' as the
@@ -318,7 +350,8 @@ DELETE_BY_USER = _Script(_DELETE_BY_USER)
 LIST = _Script(_LIST)
 PURGE = _Script(_PURGE)
 MULTI_GET = _Script(_MULTI_GET, prelude=False)
-SCRIPTS = (INSERT, REPLACE, TOUCH, ROTATE, DELETE, DELETE_BY_USER, LIST, PURGE, MULTI_GET)
+SCAN = _Script(_SCAN, prelude=False)
+SCRIPTS = (INSERT, REPLACE, TOUCH, ROTATE, DELETE, DELETE_BY_USER, LIST, PURGE, MULTI_GET, SCAN)
 
 _OUTCOMES = {
     b"ok": Outcome.OK,
@@ -356,6 +389,13 @@ def _escape_user(user_id: str) -> bytes:
     raw = user_id.encode("utf-8", "surrogatepass")
     if b"%" in raw or b"{" in raw or b"}" in raw:
         raw = raw.replace(b"%", b"%25").replace(b"{", b"%7B").replace(b"}", b"%7D")
+    return raw
+
+
+def _glob_escape(raw: bytes) -> bytes:
+    """``raw`` as a literal ``SCAN MATCH`` pattern."""
+    for special in (b"\\", b"*", b"?", b"[", b"]"):
+        raw = raw.replace(special, b"\\" + special)
     return raw
 
 
@@ -783,3 +823,61 @@ class RedisStore(Store):
             removed += int(count)
             if int(seen) < PURGE_BATCH:
                 return removed
+
+    async def _purge_report(self, now: datetime) -> list[PurgedSession]:
+        """``_purge`` that also returns what it removed (for ``expired`` events)."""
+        removed: list[PurgedSession] = []
+        cutoff = codec.to_us(now)
+        while True:
+            reply = await self._eval(
+                PURGE, (self._xkey,), (cutoff, PURGE_BATCH, self._sprefix, b"1")
+            )
+            for j in range(2, len(reply), 3):
+                site, ikey = reply[j + 1].decode(), reply[j + 2]
+                removed.append(PurgedSession(site, self._user_of(ikey), reply[j].decode()))
+            if int(reply[1]) < PURGE_BATCH:
+                return removed
+
+    def _user_of(self, index_key: bytes) -> str | None:
+        """The user id an ``index_key`` was made from (None for '' = anonymous)."""
+        if not index_key.startswith(self._iprefix):
+            return None
+        length, _, rest = index_key[len(self._iprefix) :].partition(b":")
+        raw = rest[int(length) + 1 :]
+        if b"%" in raw:
+            raw = raw.replace(b"%7B", b"{").replace(b"%7D", b"}").replace(b"%25", b"%")
+        return raw.decode("utf-8", "surrogatepass")
+
+    async def _scan(self, batch: int) -> AsyncIterator[Sequence[ScanEntry]]:
+        """``SCAN`` over the session keys with ``COUNT batch`` (never ``KEYS``), then one
+        short script reads the fields of each batch. ``size`` is the stored record
+        (data plus its metadata header)."""
+        pattern = _glob_escape(self._sprefix) + b"*"
+        skip = len(self._sprefix)
+        cursor: int | bytes = 0
+        while True:
+            cursor, keys = await self._call("SCAN", cursor, "MATCH", pattern, "COUNT", batch)
+            if keys:
+                rows = await self._eval(SCAN, keys, ())
+                out = []
+                for key, row in zip(keys, rows, strict=True):
+                    if not row or not is_valid_session_id(key[skip:].decode()):
+                        continue  # not a session, or a longer prefix's key
+                    site, ikey, expires, size = row
+                    out.append(
+                        ScanEntry(
+                            site.decode(),
+                            self._user_of(ikey) if ikey else None,
+                            key[skip:].decode(),
+                            int(size),
+                            codec.from_us(int(expires)) if expires else None,
+                        )
+                    )
+                yield out
+            if int(cursor) == 0:
+                return
+
+    async def _scan_estimate(self) -> int | None:
+        """Sessions with a deadline (the expiry set); sessions that never expire are not
+        counted, so this can be low."""
+        return int(await self._call("ZCARD", self._xkey))

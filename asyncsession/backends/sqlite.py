@@ -19,7 +19,7 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ from ..config import Config
 from ..controls import ControlledStore, with_controls
 from ..errors import InvalidSession, SessionLimitExceeded, StoreClosed, StoreUnavailable, short_hash
 from ..session import Clock, Session
-from ..store import NO_EVICTIONS, InsertResult, Outcome, Store
+from ..store import NO_EVICTIONS, InsertResult, Outcome, PurgedSession, ScanEntry, Store
 
 logger = logging.getLogger("asyncsession")
 
@@ -116,6 +116,11 @@ _LIST_USER = (
 )
 _PURGE = (
     "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions WHERE expires <= ? LIMIT ?)"
+)
+_PURGE_REPORT = _PURGE + " RETURNING site_id, user_id, id"
+_SCAN = (
+    "SELECT rowid, site_id, user_id, id, length(data), expires FROM sessions "
+    "WHERE rowid > ? ORDER BY rowid LIMIT ?"
 )
 
 Row = tuple[Any, ...]
@@ -504,6 +509,30 @@ class SQLiteStore(Store):
                 return removed
             await asyncio.sleep(0)
 
+    async def _purge_report(self, now: datetime) -> list[PurgedSession]:
+        """``_purge`` returning what it removed (only used when expired events are wanted)."""
+        now_us = to_us(now)
+        removed: list[PurgedSession] = []
+        while True:
+            rows = await self._run(_purge_report_batch, now_us, PURGE_BATCH)
+            removed.extend(PurgedSession(*row) for row in rows)
+            if len(rows) < PURGE_BATCH:
+                return removed
+            await asyncio.sleep(0)
+
+    async def _scan(self, batch: int) -> AsyncIterator[Sequence[ScanEntry]]:
+        """Every row in rowid order, ``batch`` rows per read (keyset pagination)."""
+        after = 0
+        while True:
+            rows = await self._run(_scan_batch, after, batch)
+            if not rows:
+                return
+            after = rows[-1][0]
+            yield [ScanEntry(r[1], r[2], r[3], r[4], _dt(r[5])) for r in rows]
+
+    async def _scan_estimate(self) -> int | None:
+        return await self._run(_count)
+
 
 # ----------------------------------------------------- connection-thread functions
 #
@@ -653,4 +682,17 @@ def _list_by_user(c: sqlite3.Connection, site_id: str, user_id: str, now_us: int
 
 def _purge_batch(c: sqlite3.Connection, now_us: int, batch: int) -> int:
     count: int = c.execute(_PURGE, (now_us, batch)).rowcount
+    return count
+
+
+def _purge_report_batch(c: sqlite3.Connection, now_us: int, batch: int) -> list[Row]:
+    return c.execute(_PURGE_REPORT, (now_us, batch)).fetchall()
+
+
+def _scan_batch(c: sqlite3.Connection, after: int, batch: int) -> list[Row]:
+    return c.execute(_SCAN, (after, batch)).fetchall()
+
+
+def _count(c: sqlite3.Connection) -> int:
+    count: int = c.execute("SELECT count(*) FROM sessions").fetchone()[0]
     return count
