@@ -70,13 +70,14 @@ end
 local function expire(key, px)
   if px == '' then redis.call('PERSIST', key) else redis.call('PEXPIREAT', key, px) end
 end
-local function extend_index(ikey, px, fresh)
-  if px == '' then redis.call('PERSIST', ikey) return end
-  if not fresh then
-    local t = redis.call('PEXPIRETIME', ikey)
-    if t == -1 or t >= tonumber(px) then return end
+-- keep a user index alive at least as long as a session it holds; t is the index's
+-- PEXPIRETIME before this write (-2: new, -1: holds a session that never expires)
+local function outlive(ikey, px, t)
+  if px == '' then
+    if t >= 0 then redis.call('PERSIST', ikey) end
+  elseif t ~= -1 and t < tonumber(px) then
+    redis.call('PEXPIREAT', ikey, px)
   end
-  redis.call('PEXPIREAT', ikey, px)
 end
 local function index_add(ikey, id)
   local last = redis.call('ZRANGE', ikey, -1, -1, 'WITHSCORES')
@@ -84,8 +85,12 @@ local function index_add(ikey, id)
   if last[2] then seq = tonumber(last[2]) + 1 end
   redis.call('ZADD', ikey, string.format('%d', seq), id)
 end
-local function schedule(xkey, e, id)
-  if e == '' then redis.call('ZREM', xkey, id) else redis.call('ZADD', xkey, e, id) end
+-- the expiry set holds every session that can expire; it outlives the last of them
+local function schedule(xkey, e, id, px)
+  if e == '' then redis.call('ZREM', xkey, id) return end
+  local t = redis.call('PEXPIRETIME', xkey)
+  redis.call('ZADD', xkey, e, id)
+  if t < tonumber(px) then redis.call('PEXPIREAT', xkey, px) end
 end
 """
 
@@ -137,15 +142,15 @@ end
 if ikey then
   redis.call('HSET', skey, 'r', ARGV[1], 's', site, 'n', ARGV[3], 'c', ARGV[4], 'a', ARGV[5],
     'e', e, 'x', ARGV[7], 'i', ikey)
-  local fresh = redis.call('EXISTS', ikey) == 0
+  local t = redis.call('PEXPIRETIME', ikey)
   index_add(ikey, id)
-  extend_index(ikey, px, fresh)
+  outlive(ikey, px, t)
 else
   redis.call('HSET', skey, 'r', ARGV[1], 's', site, 'n', ARGV[3], 'c', ARGV[4], 'a', ARGV[5],
     'e', e, 'x', ARGV[7])
 end
 if px ~= '' then redis.call('PEXPIREAT', skey, px) end
-schedule(xkey, e, id)
+schedule(xkey, e, id, px)
 return evicted
 """
 
@@ -164,8 +169,8 @@ if f[3] ~= ARGV[4] then return 'conflict' end
 redis.call('HSET', skey, 'r', ARGV[1], 'n', ARGV[5], 'c', ARGV[6], 'a', ARGV[7], 'e', e,
   'x', ARGV[9])
 expire(skey, px)
-schedule(xkey, e, ARGV[12])
-if f[2] then extend_index(f[2], px, false) end
+schedule(xkey, e, ARGV[12], px)
+if f[2] then outlive(f[2], px, redis.call('PEXPIRETIME', f[2])) end
 return 'ok'
 """
 
@@ -187,8 +192,8 @@ if f[4] and f[4] ~= '' and tonumber(f[4]) < tonumber(sliding) then e = f[4] end
 redis.call('HSET', skey, 'a', now, 'e', e)
 local px = string.format('%d', math.floor((tonumber(e) + 999) / 1000) + tonumber(ARGV[4]))
 redis.call('PEXPIREAT', skey, px)
-redis.call('ZADD', xkey, e, ARGV[5])
-if f[2] then extend_index(f[2], px, false) end
+schedule(xkey, e, ARGV[5], px)
+if f[2] then outlive(f[2], px, redis.call('PEXPIRETIME', f[2])) end
 return 'ok'
 """
 
@@ -204,7 +209,7 @@ if not live(f[3], tonumber(ARGV[2])) then return 'expired' end
 if redis.call('EXISTS', nkey) == 1 then return 'conflict' end
 redis.call('RENAME', skey, nkey)
 redis.call('ZREM', xkey, id)
-schedule(xkey, f[3], new)
+if f[3] ~= '' then redis.call('ZADD', xkey, f[3], new) end
 if f[2] then
   redis.call('ZREM', f[2], id)
   index_add(f[2], new)

@@ -1,0 +1,868 @@
+"""Redis-specific tests: key layout, atomicity under real concurrency, batching,
+NOSCRIPT recovery, purging, corrupt data, failure mapping and a server-kill fault test.
+
+The concurrency and fault tests need a real server (``REDIS_URL``, default
+``redis://127.0.0.1:6379/15``); the rest also run on fakeredis. With
+``ASYNCSESSION_REQUIRE_REDIS=1`` a missing server fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+redis = pytest.importorskip("redis")
+
+from redis.asyncio import Redis  # noqa: E402
+from redis.asyncio.connection import Connection  # noqa: E402
+
+from asyncsession import (  # noqa: E402
+    Config,
+    ControlledStore,
+    InvalidSession,
+    SessionConflict,
+    SessionExpired,
+    SessionLimitExceeded,
+    SessionNotFound,
+    StoreUnavailable,
+    ViolationEvent,
+    new_session,
+    open_store,
+    short_hash,
+    with_controls,
+)
+from asyncsession.backends import redis as redis_backend  # noqa: E402
+from asyncsession.backends.redis import RedisStore  # noqa: E402
+from asyncsession.codec import to_us  # noqa: E402
+
+from . import backend_redis  # noqa: E402
+from .clock import FakeClock  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = backend_redis.REDIS_URL
+
+
+def need_real_redis() -> None:
+    if backend_redis.server_reachable():
+        return
+    if backend_redis.REQUIRE:
+        pytest.fail(f"ASYNCSESSION_REQUIRE_REDIS=1 but no Redis server answers at {REDIS_URL}")
+    pytest.skip(f"needs a real Redis server at {REDIS_URL}")
+
+
+class CountingConnection(Connection):
+    """Counts writes to the socket: one per round trip (a pipeline is one write)."""
+
+    writes = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).writes += 1
+        await super().send_packed_command(command, check_health)
+
+
+def cfg(**changes: Any) -> Config:
+    base: dict[str, Any] = {"site_id": "site-a", "max_sessions_per_user": 5, "cleanup_interval": 0}
+    base.update(changes)
+    return Config(**base)
+
+
+class Env:
+    """Opens RedisStores on one test's own prefix and cleans everything up."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.prefix = f"test:{uuid.uuid4().hex[:12]}:"
+        self.real = backend_redis.server_reachable()
+        self.client: Any = Redis.from_url(REDIS_URL) if self.real else backend_redis.fake_client()
+        self.stores: list[Any] = []
+
+    def raw(self, config: Config | None = None, **options: Any) -> RedisStore:
+        config = replace(config or cfg(), key_prefix=self.prefix)
+        if options:
+            store = RedisStore.from_url(REDIS_URL, config, clock=self.clock, **options)
+        else:
+            store = RedisStore(self.client, config, clock=self.clock)
+        self.stores.append(store)
+        return store
+
+    def controlled(self, config: Config | None = None, **options: Any) -> ControlledStore:
+        config = replace(config or cfg(), key_prefix=self.prefix)
+        store = with_controls(self.raw(config), config, **options)
+        self.stores.append(store)
+        return store
+
+    async def keys(self) -> list[bytes]:
+        pattern = self.prefix.replace("*", "\\*") + "*"
+        return sorted([k async for k in self.client.scan_iter(match=pattern, count=1000)])
+
+    async def close(self) -> None:
+        for store in reversed(self.stores):
+            await store.close()
+        await backend_redis.delete_prefix(self.client, self.prefix)
+        await self.client.aclose()
+
+
+@pytest.fixture
+async def env(clock: FakeClock) -> AsyncIterator[Env]:
+    if not backend_redis.server_reachable() and backend_redis.REQUIRE:
+        pytest.fail(f"ASYNCSESSION_REQUIRE_REDIS=1 but no Redis server answers at {REDIS_URL}")
+    e = Env(clock)
+    try:
+        yield e
+    finally:
+        await e.close()
+
+
+# ------------------------------------------------------------------------ key layout
+
+
+async def test_key_layout_and_fields(env: Env, clock: FakeClock) -> None:
+    store = env.controlled()
+    s = await store.create(new_session("alice", timedelta(hours=1), data={"k": [1]}, now=clock()))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    skey = f"{env.prefix}s:{s.id}".encode()
+    ikey = f"{env.prefix}u:6:site-a:alice".encode()
+    xkey = f"{env.prefix}expiry".encode()
+    assert await env.keys() == sorted([skey, ikey, xkey])
+    fields = await env.client.hgetall(skey)
+    assert set(fields) == {b"r", b"s", b"n", b"c", b"a", b"e", b"x", b"i"}
+    assert fields[b"s"] == b"site-a" and fields[b"i"] == ikey and fields[b"n"] == b"0"
+    assert fields[b"e"] == str(to_us(s.expires_at)).encode()  # type: ignore[arg-type]
+    assert await env.client.zrange(ikey, 0, -1) == [s.id.encode()]
+    assert await env.client.zscore(xkey, s.id) == to_us(s.expires_at)  # type: ignore[arg-type]
+
+
+async def test_native_expiry_follows_deadlines(env: Env, clock: FakeClock) -> None:
+    store = env.controlled(cfg(idle_timeout=600))
+    s = await store.create(new_session("alice", timedelta(hours=2), now=clock()))
+    skey = store.store.session_key(s.id)  # type: ignore[attr-defined]
+    ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    grace = RedisStore.expiry_grace_ms
+
+    def px(when: Any) -> int:
+        return -(-to_us(when) // 1000) + grace
+
+    xkey = store.store.expiry_key  # type: ignore[attr-defined]
+    assert s.expires_at == clock() + timedelta(seconds=600)
+    assert await env.client.pexpiretime(skey) == px(s.expires_at)
+    assert await env.client.pexpiretime(ikey) == px(s.expires_at)
+    assert await env.client.pexpiretime(xkey) == px(s.expires_at)
+    clock.advance(300)
+    await store.touch(s.id)
+    got = await store.get(s.id)
+    assert got.expires_at == clock() + timedelta(seconds=600)
+    assert await env.client.pexpiretime(skey) == px(got.expires_at)
+    assert await env.client.pexpiretime(ikey) == px(got.expires_at)
+    assert await env.client.pexpiretime(xkey) == px(got.expires_at)
+    # never past the absolute deadline
+    while clock() + timedelta(seconds=600) < s.absolute_expires_at:  # type: ignore[operator]
+        clock.advance(500)
+        await store.touch(s.id)
+    got = await store.get(s.id)
+    assert got.expires_at == s.absolute_expires_at
+    assert await env.client.pexpiretime(skey) == px(s.absolute_expires_at)
+
+
+async def test_session_without_expiry_keeps_its_index(env: Env, clock: FakeClock) -> None:
+    store = env.controlled()
+    s = await store.create(new_session("alice", timedelta(hours=1), now=clock()))
+    skey = store.store.session_key(s.id)  # type: ignore[attr-defined]
+    ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    xkey = store.store.expiry_key  # type: ignore[attr-defined]
+    s.expires_at = s.absolute_expires_at = None
+    await store.update(s)
+    assert await env.client.pexpiretime(skey) == -1
+    assert await env.client.pexpiretime(ikey) == -1
+    assert await env.client.exists(xkey) == 0  # only sessions that can expire are in it
+    other = await store.create(new_session("alice", timedelta(hours=1), now=clock()))
+    assert await env.client.pexpiretime(ikey) == -1  # still holds one that never expires
+    assert await env.client.zrange(xkey, 0, -1) == [other.id.encode()]
+    clock.advance(timedelta(days=365))
+    assert await store.purge_expired() == 1
+    assert [x.id for x in await store.list_by_user("alice")] == [s.id]
+
+
+async def test_touch_writes_two_fields_only(env: Env, clock: FakeClock) -> None:
+    store = env.controlled(cfg(idle_timeout=600))
+    s = await store.create(new_session("alice", data={"big": 2**63, "empty": [], "o": {}}))
+    skey = store.store.session_key(s.id)  # type: ignore[attr-defined]
+    before = await env.client.hgetall(skey)
+    clock.advance(10)
+    await store.touch(s.id)
+    after = await env.client.hgetall(skey)
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {b"a", b"e"}
+    got = await store.get(s.id)
+    assert got.data == {"big": 2**63, "empty": [], "o": {}}
+    assert got.last_accessed_at == clock() and got.version == 0
+
+
+async def test_user_index_follows_every_write(env: Env, clock: FakeClock) -> None:
+    store = env.controlled()
+    ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    a = await store.create(new_session("alice"))
+    b = await store.create(new_session("alice"))
+    new_b = await store.rotate(b.id)
+    assert await env.client.zrange(ikey, 0, -1) == [a.id.encode(), new_b.encode()]
+    await store.delete(a.id)
+    assert await env.client.zrange(ikey, 0, -1) == [new_b.encode()]
+    await store.delete(new_b)
+    assert await env.client.exists(ikey) == 0
+    assert await env.keys() == []
+
+
+async def test_stale_index_members_are_dropped(env: Env, clock: FakeClock) -> None:
+    """A session key that vanished (native expiry, FLUSH, eviction by Redis) leaves an
+    index member behind; the scripts that read the index drop it."""
+    store = env.controlled(cfg(max_sessions_per_user=2, eviction="reject"))
+    ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    a = await store.create(new_session("alice"))
+    b = await store.create(new_session("alice"))
+    await env.client.delete(store.store.session_key(a.id))  # type: ignore[attr-defined]
+    c = await store.create(new_session("alice"))  # would be rejected if a still counted
+    assert await env.client.zrange(ikey, 0, -1) == [b.id.encode(), c.id.encode()]
+    await env.client.delete(store.store.session_key(b.id))  # type: ignore[attr-defined]
+    assert [s.id for s in await store.list_by_user("alice")] == [c.id]
+    assert await env.client.zrange(ikey, 0, -1) == [c.id.encode()]
+
+
+async def test_eviction_ties_broken_by_insertion_order(env: Env, clock: FakeClock) -> None:
+    oldest = env.controlled(cfg(max_sessions_per_user=3))
+    made = [await oldest.create(new_session("alice")) for _ in range(3)]  # same created_at
+    await oldest.create(new_session("alice"))
+    ids = [s.id for s in await oldest.list_by_user("alice")]
+    assert made[0].id not in ids and made[1].id in ids and made[2].id in ids
+
+    lru = env.controlled(cfg(site_id="b", max_sessions_per_user=3, eviction="lru"))
+    made = [await lru.create(new_session("bob")) for _ in range(3)]
+    clock.advance(1)
+    await lru.touch(made[0].id)
+    await lru.create(new_session("bob"))
+    ids = [s.id for s in await lru.list_by_user("bob")]
+    assert made[0].id in ids and made[1].id not in ids and made[2].id in ids
+
+
+# ------------------------------------------------------------------ concurrency (real)
+
+
+@pytest.mark.parametrize("eviction", ["oldest", "lru", "reject"])
+async def test_500_concurrent_creates_leave_exactly_the_limit(env: Env, eviction: str) -> None:
+    need_real_redis()
+    store = env.controlled(cfg(max_sessions_per_user=5, eviction=eviction))
+
+    async def one() -> str:
+        try:
+            await store.create(new_session("alice"))
+        except SessionLimitExceeded:
+            return "rejected"
+        return "created"
+
+    results = await asyncio.gather(*(one() for _ in range(500)))
+    ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    assert await env.client.zcard(ikey) == 5
+    assert len(await store.list_by_user("alice")) == 5
+    session_keys = [k for k in await env.keys() if k.startswith(f"{env.prefix}s:".encode())]
+    assert len(session_keys) == 5
+    if eviction == "reject":
+        assert results.count("created") == 5
+    else:
+        assert results.count("created") == 500
+
+
+WORKER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from asyncsession import Config, SessionLimitExceeded, new_session
+    from asyncsession.backends.redis import RedisStore
+
+    url, prefix, go, n, eviction = sys.argv[1:6]
+
+    async def main():
+        config = Config(site_id="site-a", max_sessions_per_user=5, eviction=eviction,
+                        cleanup_interval=0, key_prefix=prefix)
+        async with RedisStore.from_url(url, config) as store:
+            await store.client.blpop([go], timeout=30)  # start together
+            async def one():
+                try:
+                    await store.create(new_session("alice"))
+                    return 1
+                except SessionLimitExceeded:
+                    return 0
+            print(sum(await asyncio.gather(*(one() for _ in range(int(n))))))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("eviction", ["oldest", "reject"])
+async def test_concurrent_creates_from_4_processes(env: Env, eviction: str) -> None:
+    need_real_redis()
+    go = f"{env.prefix}go"
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            WORKER,
+            REDIS_URL,
+            env.prefix,
+            go,
+            "125",
+            eviction,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for _ in range(4)
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait until all four block on the start list
+            clients = await env.client.client_list()
+            if sum(c.get("cmd") == "blpop" for c in clients) >= 4:
+                break
+            await asyncio.sleep(0.05)
+        await env.client.rpush(go, *["go"] * 4)
+        async with asyncio.timeout(60):
+            outputs = [await p.communicate() for p in procs]
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err.decode()
+    created = sum(int(out) for out, _ in outputs)
+    store = env.controlled(cfg(max_sessions_per_user=5, eviction=eviction))
+    assert len(await store.list_by_user("alice")) == 5
+    ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    assert await env.client.zcard(ikey) == 5
+    assert created == (5 if eviction == "reject" else 500)
+
+
+async def test_200_concurrent_stale_updates_one_winner_per_version(env: Env) -> None:
+    need_real_redis()
+    store = env.controlled()
+    s = await store.create(new_session("alice", data={"n": 0}))
+    for version in range(3):
+        copies = [await store.get(s.id) for _ in range(200)]
+        assert {c.version for c in copies} == {version}
+        for i, c in enumerate(copies):
+            c.data["writer"] = i
+
+        async def write(c: Any) -> int | None:
+            try:
+                await store.update(c)
+            except SessionConflict:
+                return None
+            return int(c.data["writer"])
+
+        results = await asyncio.gather(*(write(c) for c in copies))
+        winners = [r for r in results if r is not None]
+        assert len(winners) == 1
+        got = await store.get(s.id)
+        assert got.version == version + 1
+        assert got.data["writer"] == winners[0]
+
+
+# -------------------------------------------------------------------------- batching
+
+
+async def test_concurrent_gets_share_one_round_trip(env: Env, clock: FakeClock) -> None:
+    need_real_redis()
+    CountingConnection.writes = 0
+    raw = env.raw(cfg(), connection_class=CountingConnection)
+    store = with_controls(raw, cfg())
+    await raw.__aenter__()
+    sessions = [await store.create(new_session(f"u{i}", data={"i": i})) for i in range(64)]
+    missing = new_session("nobody").id
+
+    CountingConnection.writes = 0
+    got = await asyncio.gather(*(store.get(s.id) for s in sessions))
+    assert CountingConnection.writes == 1
+    assert [g.data["i"] for g in got] == list(range(64))
+    assert [g.id for g in got] == [s.id for s in sessions]
+
+    CountingConnection.writes = 0
+    results = await asyncio.gather(
+        store.get(sessions[0].id),
+        store.get(missing),
+        store.get(sessions[1].id),
+        return_exceptions=True,
+    )
+    assert CountingConnection.writes == 1
+    assert isinstance(results[1], SessionNotFound)
+    assert results[0].id == sessions[0].id and results[2].id == sessions[1].id  # type: ignore[union-attr]
+
+    # a lone get: one round trip, answered without waiting for company
+    CountingConnection.writes = 0
+    started = time.perf_counter()
+    for s in sessions[:20]:
+        assert (await store.get(s.id)).id == s.id
+    assert CountingConnection.writes == 20
+    assert (time.perf_counter() - started) / 20 < 0.05
+
+    # writes of one turn are pipelined too
+    CountingConnection.writes = 0
+    for s in sessions:
+        s.data["touched"] = True
+    await asyncio.gather(*(store.update(s) for s in sessions))
+    assert CountingConnection.writes == 1
+    for s in sessions[:3]:
+        assert (await store.get(s.id)).data["touched"] is True
+
+
+async def test_batch_survives_a_cancelled_leader(env: Env) -> None:
+    store = env.controlled()
+    sessions = [await store.create(new_session(f"u{i}", data={"i": i})) for i in range(10)]
+    tasks = [asyncio.ensure_future(store.get(s.id)) for s in sessions]
+    await asyncio.sleep(0)  # all ten are in one batch; the first leads it
+    tasks[0].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert [r.data["i"] for r in results[1:]] == list(range(1, 10))  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------- NOSCRIPT
+
+
+async def test_noscript_recovery_after_script_flush(env: Env, clock: FakeClock) -> None:
+    store = env.controlled(cfg(idle_timeout=60))
+    s = await store.create(new_session("alice", timedelta(minutes=5), data={"v": 1}))
+    others = [await store.create(new_session("bob")) for _ in range(3)]
+
+    async def flush() -> None:
+        await env.client.script_flush()
+        assert await env.client.script_exists(redis_backend.INSERT.sha) == [False]
+
+    await flush()
+    await store.create(new_session("alice"))
+    await flush()
+    got = await store.get(s.id)  # HMGET: no script needed
+    await flush()
+    batch = await asyncio.gather(*(store.get(o.id) for o in others))  # multi-get script
+    assert [b.id for b in batch] == [o.id for o in others]
+    await flush()
+    got.data["v"] = 2
+    await store.update(got)
+    await flush()
+    await asyncio.gather(*(store.touch(o.id) for o in others))  # one pipeline, all NOSCRIPT
+    await flush()
+    new_id = await store.rotate(s.id)
+    await flush()
+    assert [x.data.get("v") for x in await store.list_by_user("alice")] == [2, None]
+    await flush()
+    await store.delete(new_id)
+    await flush()
+    assert await store.delete_by_user("bob") == 3
+    await flush()
+    clock.advance(timedelta(hours=25))
+    assert await store.purge_expired() == 1
+    assert await env.keys() == []
+
+
+# ------------------------------------------------------------------------- purging
+
+
+async def test_10000_expired_sessions_purged_leave_no_key(env: Env, clock: FakeClock) -> None:
+    store = env.controlled(cfg(max_sessions_per_user=0, idle_timeout=3600))
+    batch = 500
+    for start in range(0, 10_000, batch):
+        await asyncio.gather(
+            *(
+                store.create(new_session(None if i % 3 == 0 else f"user-{i % 700}"))
+                for i in range(start, start + batch)
+            )
+        )
+        clock.advance(0.01)
+    survivor = await store.create(new_session("keeper", timedelta(days=7)))
+    touched = await store.create(new_session("keeper"))
+    clock.advance(1800)
+    await store.touch(touched.id)  # idle deadlines moved: these must survive the next purge
+    await store.touch(survivor.id)
+    assert len(await env.keys()) > 10_000
+    clock.advance(3000)
+    assert await store.purge_expired() == 10_000
+    assert {s.id for s in await store.list_by_user("keeper")} == {survivor.id, touched.id}
+    keys = await env.keys()
+    raw = store.store
+    assert set(keys) == {
+        raw.session_key(survivor.id),  # type: ignore[attr-defined]
+        raw.session_key(touched.id),  # type: ignore[attr-defined]
+        raw.index_key("site-a", "keeper"),  # type: ignore[attr-defined]
+        raw.expiry_key,  # type: ignore[attr-defined]
+    }
+    clock.advance(timedelta(days=8))
+    assert await store.purge_expired() == 2
+    assert await env.keys() == []
+    assert await store.purge_expired() == 0
+
+
+async def test_expired_session_is_not_writable_before_purge(env: Env, clock: FakeClock) -> None:
+    """Expiry in scripts uses the injected clock, not Redis's: the key is still there."""
+    store = env.controlled()
+    s = await store.create(new_session("alice", timedelta(seconds=30), now=clock()))
+    clock.advance(30)
+    assert await env.client.exists(store.store.session_key(s.id))  # type: ignore[attr-defined]
+    with pytest.raises(SessionExpired):
+        await store.get(s.id)
+    for op in (store.update(s), store.touch(s.id), store.rotate(s.id)):
+        with pytest.raises(SessionNotFound):
+            await op
+    assert await store.list_by_user("alice") == []
+    assert await store.delete_by_user("alice") == 0
+    assert await env.keys() == []
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+async def test_bad_ids_never_reach_redis(env: Env) -> None:
+    need_real_redis()
+    raw = env.raw(cfg(), connection_class=CountingConnection)
+    store = with_controls(raw, cfg())
+    await raw.__aenter__()
+    CountingConnection.writes = 0
+    for bad in ["*", "session:*", "a?b[c]d" * 3, "x\r\nFLUSHALL\r\n" * 2, "\x00" * 20, "é" * 20]:
+        for op in (store.get, store.touch, store.rotate, store.delete):
+            with pytest.raises(InvalidSession):
+                await op(bad)
+        with pytest.raises(InvalidSession):
+            await store.delete_by_user("alice", keep=bad)
+        s = new_session("alice")
+        s.id = bad
+        with pytest.raises(InvalidSession):
+            await store.create(s)
+        with pytest.raises(InvalidSession):
+            await store.update(s)
+    assert CountingConnection.writes == 0
+
+
+def test_index_keys_are_injective_and_brace_free() -> None:
+    store = RedisStore(Redis(), Config(key_prefix="p:"))
+    # the backend does not rely on Config's site rules: even sites with ':' or '{' stay apart
+    pairs = [
+        ("a", "b:c"),
+        ("a:b", "c"),
+        ("a", "b"),
+        ("", "a:b"),
+        ("a", ":b"),
+        ("a{", "b"),
+        ("a", "{b"),
+        ("1:a", "b"),
+        ("a", "%7B"),
+        ("a", "{"),
+        ("a", "%"),
+        ("a", "%25"),
+        ("a", "x}y{z"),
+        ("a", "*"),
+        ("a", "\n"),
+    ]
+    keys = [store.index_key(site, user) for site, user in pairs]
+    assert len(set(keys)) == len(keys)
+    for (site, _), key in zip(pairs, keys, strict=True):
+        if "{" not in site:
+            assert b"{" not in key and b"}" not in key
+    session_keys = {store.session_key("A" * 16), store.session_key("u:1:a:" + "b" * 16)}
+    assert not session_keys & set(keys)
+    assert store.expiry_key not in session_keys | set(keys)
+
+
+async def test_sites_and_users_with_tricky_names_do_not_collide(env: Env) -> None:
+    backend = env.raw(cfg(site_id=""))
+    stores = {site: with_controls(backend, cfg(site_id=site)) for site in ("a", "a.b", "a-b", "")}
+    users = ["b:c", "c", "b", "*", "[x]", "x}y{z", "%7B", "{", "line\nbreak", "é", "a" * 256]
+    made: dict[tuple[str, str], str] = {}
+    for site, store in stores.items():
+        for user in users:
+            made[(site, user)] = (await store.create(new_session(user))).id
+    for site, store in stores.items():
+        for user in users:
+            assert [s.id for s in await store.list_by_user(user)] == [made[(site, user)]]
+    assert await stores["a"].delete_by_user("*") == 1
+    assert [s.id for s in await stores["a.b"].list_by_user("*")] == [made[("a.b", "*")]]
+    for key in await env.keys():
+        assert b"{" not in key and b"}" not in key
+
+
+# ---------------------------------------------------------------------- corrupt data
+
+
+@pytest.mark.parametrize(
+    "corruption",
+    ["string", "list", "garbage_record", "truncated", "no_record", "bad_timestamp"],
+)
+async def test_corrupt_values_are_not_found_with_violation(
+    env: Env, corruption: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[ViolationEvent] = []
+    store = env.controlled(on_violation=events.append)
+    good = await store.create(new_session("alice", data={"ok": True}))
+    victim = await store.create(new_session("alice", data={"ok": False}))
+    key = store.store.session_key(victim.id)  # type: ignore[attr-defined]
+    record = await env.client.hget(key, "r")
+    if corruption == "string":
+        await env.client.delete(key)
+        await env.client.set(key, b"not a session")
+    elif corruption == "list":
+        await env.client.delete(key)
+        await env.client.rpush(key, b"x")
+    elif corruption == "garbage_record":
+        await env.client.hset(key, "r", b"\xff\xfe{]")
+    elif corruption == "truncated":
+        await env.client.hset(key, "r", record[: len(record) // 2])
+    elif corruption == "no_record":
+        await env.client.hdel(key, "r")
+    else:
+        await env.client.hset(key, "a", b"yesterday")
+
+    caplog.set_level(logging.WARNING, logger="asyncsession")
+    with pytest.raises(SessionNotFound) as info:
+        await store.get(victim.id)
+    assert info.value.details.get("corrupt") is True
+    assert [e.type for e in events] == ["invalid_session"]
+    assert events[0].session == short_hash(victim.id)
+    assert victim.id not in caplog.text
+    # in a batch, the corrupt one fails alone
+    results = await asyncio.gather(store.get(good.id), store.get(victim.id), return_exceptions=True)
+    assert results[0].data == {"ok": True}  # type: ignore[union-attr]
+    assert isinstance(results[1], SessionNotFound)
+    # list skips it
+    assert [s.id for s in await store.list_by_user("alice")] == [good.id]
+    # writes: a key that is not a session hash is missing to them; a hash whose record
+    # is damaged still has intact metadata, so touch and update work (update rewrites
+    # the record); nothing crashes
+    structural = corruption in ("string", "list")
+    for op in (lambda: store.touch(victim.id), lambda: store.update(victim)):
+        if structural:
+            with pytest.raises(SessionNotFound):
+                await op()
+        else:
+            await op()
+    if not structural:
+        assert (await store.get(victim.id)).data == {"ok": False}
+        await env.client.hset(key, "r", b"\x00")
+    await store.delete(victim.id)
+    assert not await env.client.exists(key)
+    assert (await store.get(good.id)).data == {"ok": True}
+
+
+# ------------------------------------------------------------------ failures, lifecycle
+
+
+async def test_unreachable_server_is_store_unavailable_without_password(clock: FakeClock) -> None:
+    port = free_port()
+    url = f"redis://user:s3cret-pw@127.0.0.1:{port}/0"
+    store = RedisStore.from_url(url, cfg(), clock=clock, socket_connect_timeout=0.5)
+    controlled = with_controls(store, cfg())
+    try:
+        for op in (
+            lambda: controlled.get(new_session("a").id),
+            lambda: controlled.create(new_session("a")),
+            lambda: controlled.list_by_user("a"),
+            lambda: controlled.purge_expired(),
+            lambda: store.__aenter__(),
+        ):
+            with pytest.raises(StoreUnavailable) as info:
+                await op()
+            text = str(info.value) + repr(info.value.details)
+            assert "s3cret-pw" not in text
+            assert f"redis://user:***@127.0.0.1:{port}/0" in text
+            assert isinstance(info.value.__cause__, redis.exceptions.RedisError | OSError)
+            assert info.value.http_status == 503
+    finally:
+        await controlled.close()
+
+
+async def test_owned_client_closed_passed_client_not(clock: FakeClock) -> None:
+    need_real_redis()
+    name = f"asyncsession-test-{uuid.uuid4().hex[:8]}"
+    watcher = Redis.from_url(REDIS_URL)
+
+    async def connected() -> int:
+        return sum(c.get("name") == name for c in await watcher.client_list())
+
+    owned = RedisStore.from_url(REDIS_URL, cfg(), clock=clock, client_name=name)
+    async with owned:
+        await owned.purge_expired()
+        assert await connected() == 1
+    assert await connected() == 0
+    await watcher.aclose()
+
+    client = Redis.from_url(REDIS_URL)
+    try:
+        async with RedisStore(client, cfg(), clock=clock):
+            pass
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+def test_unsupported_schemes() -> None:
+    with pytest.raises(ValueError, match="cluster"):
+        RedisStore.from_url("redis+cluster://:pw@h:1")
+    with pytest.raises(TypeError):
+        RedisStore("redis://localhost")  # type: ignore[arg-type]
+
+
+async def test_open_store_routes_redis_urls(clock: FakeClock) -> None:
+    need_real_redis()
+    store = open_store(REDIS_URL, cfg(key_prefix=f"test:{uuid.uuid4().hex}:"), clock=clock)
+    async with store:
+        assert isinstance(store.store, RedisStore)
+        s = await store.create(new_session("alice"))
+        assert (await store.get(s.id)).id == s.id
+        await store.delete(s.id)
+
+
+# ------------------------------------------------------------------------ fault test
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def redis_server(port: int, password: str) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """Start (and restart) a throwaway redis-server; always stop what was started."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if backend_redis.REQUIRE:
+            pytest.fail("redis-server is not on PATH")
+        pytest.skip("redis-server is not on PATH")
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                password,
+                "--daemonize",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(proc)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                return proc
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+
+
+async def test_server_killed_and_restarted_during_load(clock: FakeClock) -> None:
+    port = free_port()
+    password = "fault-pw"
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
+    with redis_server(port, password) as start:
+        server = start()
+        config = cfg(max_sessions_per_user=0)
+        store = with_controls(
+            RedisStore.from_url(
+                url, config, clock=clock, socket_timeout=1, socket_connect_timeout=1
+            ),
+            config,
+        )
+        async with store:
+            outcomes: dict[str, int] = {"ok": 0, "unavailable": 0, "gone": 0}
+            written: dict[str, int] = {}  # session id -> last counter we know was stored
+            stop = asyncio.Event()
+
+            async def worker(n: int) -> None:
+                s = None
+                while not stop.is_set():
+                    try:
+                        if s is None:
+                            s = await store.create(new_session(f"user{n}", data={"counter": 0}))
+                            written[s.id] = 0
+                        got = await store.get(s.id)
+                        assert got.data["counter"] == got.version  # never a torn record
+                        got.data["counter"] += 1
+                        await store.update(got)
+                        written[s.id] = got.data["counter"]
+                        outcomes["ok"] += 1
+                    except StoreUnavailable as exc:
+                        assert password not in str(exc)
+                        outcomes["unavailable"] += 1
+                        await asyncio.sleep(0.01)
+                    except SessionNotFound:  # lost with the server (no persistence)
+                        outcomes["gone"] += 1
+                        s = None
+                    await asyncio.sleep(0)
+
+            workers = [asyncio.ensure_future(worker(n)) for n in range(16)]
+            try:
+                await wait_for(lambda: outcomes["ok"] >= 200, 20)
+                server.send_signal(signal.SIGKILL)
+                server.wait(timeout=10)
+                before = outcomes["unavailable"]
+                await wait_for(lambda: outcomes["unavailable"] >= before + 16, 20)
+                with pytest.raises(StoreUnavailable):
+                    await store.get(new_session(None).id)
+                ok_while_down = outcomes["ok"]
+                await asyncio.sleep(0.2)
+                assert outcomes["ok"] == ok_while_down  # nothing succeeds while it is down
+                start()
+                await wait_for(lambda: outcomes["ok"] >= ok_while_down + 200, 30)
+            finally:
+                stop.set()
+                results = await asyncio.gather(*workers, return_exceptions=True)
+            assert [r for r in results if r is not None] == []  # no assertion failed inside
+            assert outcomes["gone"] >= 1
+            # every session still there is whole, and no acknowledged write was lost
+            # (an update cut off by the kill may or may not have been applied)
+            for session_id, counter in written.items():
+                try:
+                    got = await store.get(session_id)
+                except SessionNotFound:
+                    continue
+                assert got.data["counter"] == got.version
+                assert counter <= got.version <= counter + 1
+
+
+async def wait_for(condition: Callable[[], bool], within: float) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
