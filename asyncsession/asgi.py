@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -67,37 +68,159 @@ _COOKIE_NAME_CHARS = frozenset(
 )
 
 
-def _dumps(data: dict[str, Any]) -> bytes | None:
-    """A snapshot of ``data`` to compare against later; None if it cannot be encoded."""
+_VARY = [(b"vary", b"Cookie")]
+_ABSENT = b""
+"""Snapshot of a key that did not exist (no JSON encoding is empty)."""
+_MUTABLE = (list, dict)
+
+
+def _snapshot(value: Any) -> bytes | None:
+    """The JSON of ``value`` to compare against later; None if it cannot be encoded
+    (then the key always counts as changed and the store reports the bad value)."""
     try:
-        return orjson.dumps(data)
+        return orjson.dumps(value)
     except (TypeError, RecursionError):
         return None
 
 
 class SessionDict(dict[str, Any]):
-    """The session data of one request: a plain ``dict`` (``request.session``).
+    """The session data of one request: a real ``dict`` (``request.session``).
 
-    Changes are found by comparing against a snapshot taken at load, so nested
-    mutations (``session["cart"].append(x)``) are saved too. ``clear()`` ends the
-    session like ``logout``: the stored record is deleted when the response starts,
-    and anything written afterwards goes into a new session with a new id.
+    It remembers, for every top-level key the request set, deleted, or read a list or
+    dict from, what that key held before; at the end only keys whose JSON differs
+    count as changed. So nested mutations (``session["cart"].append(x)``) are saved,
+    setting a key to the value it already has is not a write, and a read-only request
+    costs no encoding at all. A value reached around the session's own methods
+    (``dict(session)["cart"].append(x)``) is not seen: call ``mark_changed(key)``.
+
+    ``clear()`` ends the session like ``logout``: the stored record is deleted when
+    the response starts, and anything written afterwards goes into a new session
+    with a new id.
     """
 
-    __slots__ = ("_cleared",)
+    __slots__ = ("_cleared", "_seen")
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         super().__init__(data or ())
+        self._seen: dict[str, bytes | None] = {}
         self._cleared = False
+
+    # -- reads that hand out a mutable value: remember it as it was
+
+    def __getitem__(self, key: str) -> Any:
+        value = dict.__getitem__(self, key)
+        if type(value) in _MUTABLE and key not in self._seen:
+            self._seen[key] = _snapshot(value)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = dict.get(self, key, _MISSING)
+        if value is _MISSING:
+            return default
+        if type(value) in _MUTABLE and key not in self._seen:
+            self._seen[key] = _snapshot(value)
+        return value
+
+    def values(self) -> Any:
+        self._see_all()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._see_all()
+        return dict.items(self)
+
+    def copy(self) -> dict[str, Any]:
+        self._see_all()
+        return dict(self)
+
+    def _see_all(self) -> None:
+        seen = self._seen
+        for key, value in dict.items(self):
+            if type(value) in _MUTABLE and key not in seen:
+                seen[key] = _snapshot(value)
+
+    # -- writes: remember the old value first
+
+    def _before(self, key: str) -> None:
+        if key not in self._seen:
+            value = dict.get(self, key, _MISSING)
+            self._seen[key] = _ABSENT if value is _MISSING else _snapshot(value)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._before(key)
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._before(key)
+        dict.__delitem__(self, key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            self._before(key)
+        return dict.pop(self, key, *default)
+
+    def popitem(self) -> tuple[str, Any]:
+        key, value = dict.popitem(self)
+        if key not in self._seen:
+            self._seen[key] = _snapshot(value)
+        return key, value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key in self:
+            return self[key]
+        self[key] = default
+        return default
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other: Any) -> SessionDict:  # type: ignore[override,misc]
+        self.update(other)
+        return self
 
     def clear(self) -> None:
-        super().clear()
+        dict.clear(self)
+        self._seen = {}
         self._cleared = True
 
+    def mark_changed(self, key: str) -> None:
+        """Save ``key`` even if no change was seen (e.g. a nested value mutated
+        through a copy)."""
+        self._seen[key] = None
+
+    # -- for the middleware
+
+    def changes(self) -> tuple[list[str], list[str]] | None:
+        """Top-level keys changed and deleted since load (or the last save)."""
+        if not self._seen:
+            return None
+        changed: list[str] = []
+        deleted: list[str] = []
+        for key, before in self._seen.items():
+            if dict.__contains__(self, key):
+                now = _snapshot(dict.__getitem__(self, key))
+                if now is None or now != before:
+                    changed.append(key)
+            elif before is not _ABSENT:
+                deleted.append(key)
+        if not changed and not deleted:
+            return None
+        return changed, deleted
+
     def _reset(self, data: dict[str, Any]) -> None:
-        super().clear()
-        self.update(data)
+        """A new baseline: the stored data as loaded, created or saved."""
+        dict.clear(self)
+        dict.update(self, data)
+        self._seen = {}
         self._cleared = False
+
+    def _saved(self) -> None:
+        self._seen = {}
+
+
+_MISSING: Any = object()
+_EMPTY_SESSION = SessionDict()  # a placeholder, never handed to an app
 
 
 class _Connection:
@@ -110,7 +233,6 @@ class _Connection:
         "data",
         "degraded",
         "mw",
-        "original",
         "refreshed",
         "scope",
         "session",
@@ -121,8 +243,7 @@ class _Connection:
         self.mw = mw
         self.scope = scope
         self.session: Session | None = None  # the stored record this request holds
-        self.data = SessionDict()
-        self.original: bytes | None = None  # snapshot of the stored data
+        self.data: SessionDict = _EMPTY_SESSION  # replaced in load() or forget()
         self.client_id: str | None = None  # the id in the client's cookie, if it is live
         self.cookie_sent = False  # the request carried a cookie with our name
         self.degraded = False  # store unavailable, serving an ephemeral anonymous session
@@ -136,16 +257,14 @@ class _Connection:
 
     # ------------------------------------------------------------------ load
 
-    async def load(self) -> None:
-        self.cookie_sent, session_id = self.mw.read_cookie(self.scope)
-        if session_id is None:
-            return
+    async def load(self, session_id: str) -> None:
         try:
             session = await self.store.get(session_id)
         except SessionNotFound:
             logger.debug("session cookie not adopted: %s", short_hash(session_id))
             return
-        self.adopt(session)
+        self.session = session
+        self.data = SessionDict(session.data)
         self.client_id = session_id
         every = self.mw.touch_every
         if every is not None:
@@ -154,35 +273,17 @@ class _Connection:
     def adopt(self, session: Session) -> None:
         self.session = session
         self.data._reset(session.data)
-        self.original = _dumps(session.data)
 
     def forget(self) -> None:
         """The stored session is gone: empty data, expire the cookie (unless a new one)."""
         self.session = None
-        self.original = None
-        self.data._reset({})
+        if self.data is _EMPTY_SESSION:
+            self.data = SessionDict()
+        else:
+            self.data._reset({})
         self.touch_due = False
 
     # ------------------------------------------------------------------ save
-
-    def _diff(self) -> tuple[list[str], list[str]] | None:
-        """Top-level keys changed and deleted since load; None when nothing changed."""
-        current = _dumps(self.data)
-        if current is not None and current == self.original:
-            return None
-        before: dict[str, Any] = orjson.loads(self.original) if self.original else {}
-        changed = []
-        for key, value in self.data.items():
-            if key not in before:
-                changed.append(key)
-                continue
-            now = _dumps({key: value})
-            if now is None or now != orjson.dumps({key: before[key]}):
-                changed.append(key)
-        deleted = [key for key in before if key not in self.data]
-        if not changed and not deleted:
-            return None
-        return changed, deleted
 
     async def commit(self) -> None:
         """Persist this request's changes (idempotent: a second call saves only new ones)."""
@@ -197,7 +298,7 @@ class _Connection:
             if self.data:
                 await self._create()
             return
-        diff = self._diff()
+        diff = self.data.changes()
         if diff is not None:
             await self._save(self.session, *diff)
         elif self.touch_due:
@@ -220,7 +321,7 @@ class _Connection:
             return
         session = new_session(None, data=dict(self.data), **self.mw.client_fields(self.scope))
         self.session = await self.store.create(session)
-        self.original = _dumps(self.session.data)
+        self.data._saved()
         self.refreshed = True
 
     async def _save(self, session: Session, changed: list[str], deleted: list[str]) -> None:
@@ -254,7 +355,8 @@ class _Connection:
         if attempt:
             # keep the other writers' keys visible to the rest of this request
             data._reset(session.data)
-        self.original = _dumps(session.data)
+        else:
+            data._saved()
         self.touch_due = False
         self.refreshed = True
 
@@ -267,17 +369,21 @@ class _Connection:
 
     # --------------------------------------------------------------- cookies
 
+    def pending(self) -> bool:
+        """Whether ``commit`` has anything to do (cheap: read-only requests skip it)."""
+        data = self.data
+        return bool(data._seen) or data._cleared or self.touch_due
+
     def cookie_headers(self) -> list[tuple[bytes, bytes]]:
         """``Set-Cookie`` (and ``Vary``) headers this response needs."""
         mw = self.mw
         session = self.session
         if session is not None:
-            headers = [(b"vary", b"Cookie")]
-            if session.id != self.client_id or (mw.max_age is not None and self.refreshed):
-                headers.append((b"set-cookie", mw.set_cookie_value(session.id)))
-                self.client_id = session.id
+            if session.id == self.client_id and not (self.refreshed and mw.max_age is not None):
+                return _VARY
+            self.client_id = session.id
             self.refreshed = False
-            return headers
+            return [_VARY[0], (b"set-cookie", mw.set_cookie_value(session.id))]
         if self.cookie_sent and not self.degraded:
             self.cookie_sent = False
             self.client_id = None
@@ -343,7 +449,10 @@ class SessionMiddleware:
         self.app = app
         self.store = store
         self.cookie_name = cookie_name
-        self._cookie_name_bytes = cookie_name.encode("ascii")
+        # the value of every ``name=value`` pair with our name (not the tail of another)
+        self._cookie_re = re.compile(
+            rb"(?:^|[;\s])" + re.escape(cookie_name.encode()) + rb"=([^;]*)"
+        )
         if isinstance(max_age, timedelta):
             max_age = int(max_age.total_seconds())
         if max_age is not None and max_age <= 0:
@@ -389,19 +498,14 @@ class SessionMiddleware:
         old path), quoting, non-ASCII and oversized values all give no id, so they
         never reach the store.
         """
-        name = self._cookie_name_bytes
         found: bytes | None = None
         for key, value in scope["headers"]:
-            if key != b"cookie" or name not in value:
-                continue
-            for part in value.split(b";"):
-                k, sep, v = part.partition(b"=")
-                if not sep or k.strip() != name:
-                    continue
-                v = v.strip()
-                if found is not None and v != found:
-                    return True, None
-                found = v
+            if key == b"cookie":
+                for v in self._cookie_re.findall(value):
+                    v = v.strip()
+                    if found is not None and v != found:
+                        return True, None
+                    found = v
         if found is None:
             return False, None
         if len(found) > 130:
@@ -434,39 +538,42 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
         conn = _Connection(self, scope)
-        try:
-            await conn.load()
-        except _UNAVAILABLE as exc:
-            if self.on_unavailable == "fail":
-                logger.error("session store unavailable, answering 503: %s", exc)
-                await _refuse(kind, receive, send, 503, "Session store unavailable")
-                return
-            logger.warning("session store unavailable, serving an anonymous session: %s", exc)
-            conn.degraded = True
-            conn.forget()
+        conn.cookie_sent, session_id = self.read_cookie(scope)
+        if session_id is not None:
+            try:
+                await conn.load(session_id)
+            except _UNAVAILABLE as exc:
+                if self.on_unavailable == "fail":
+                    logger.error("session store unavailable, answering 503: %s", exc)
+                    await _refuse(kind, receive, send, 503, "Session store unavailable")
+                    return
+                logger.warning("session store unavailable, serving an anonymous session: %s", exc)
+                conn.degraded = True
+                conn.forget()
+        if conn.data is _EMPTY_SESSION:
+            conn.data = SessionDict()
         scope["session"] = conn.data
         scope[SCOPE_KEY] = conn
-        if kind == "http":
-            await self._http(conn, scope, receive, send)
-        else:
+        if kind == "websocket":
             await self._websocket(conn, scope, receive, send)
-
-    async def _http(self, conn: _Connection, scope: Scope, receive: Receive, send: Send) -> None:
+            return
         replaced = False
 
         async def send_wrapper(message: Message) -> None:
             nonlocal replaced
-            if replaced:
-                return  # we answered with an error instead of the app's response
-            if message["type"] == "http.response.start":
+            if message["type"] != "http.response.start":
+                if not replaced:
+                    await send(message)
+                return  # else: we answered with an error instead of the app's response
+            if conn.pending():
                 status = await _commit_or_status(conn)
                 if status is not None:
                     replaced = True
                     await _send_error(send, status)
                     return
-                extra = conn.cookie_headers()
-                if extra:
-                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            extra = conn.cookie_headers()
+            if extra:
+                message = _with_headers(message, extra)
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
@@ -483,12 +590,22 @@ class SessionMiddleware:
                     return
                 extra = conn.cookie_headers()
                 if extra:
-                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                    message = _with_headers(message, extra)
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
         # changes made after the handshake: saved when the connection ends
         await _commit_or_status(conn)
+
+
+def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
+    """``message`` with ``extra`` headers appended (in place when they are a list, as
+    Starlette's own middleware does)."""
+    headers = message.get("headers")
+    if type(headers) is list:
+        headers.extend(extra)
+        return message
+    return {**message, "headers": [*(headers or ()), *extra]}
 
 
 async def _commit_or_status(conn: _Connection) -> int | None:

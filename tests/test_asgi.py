@@ -1035,3 +1035,50 @@ def test_public_names_are_exported() -> None:
     for name in ("SessionMiddleware", "login", "logout", "SessionDep", "CurrentUserDep"):
         assert name in asyncsession.__all__
         assert getattr(asyncsession, name) is not None
+
+
+# ------------------------------------------------------------ SessionDict
+
+
+def test_session_dict_tracks_top_level_changes() -> None:
+    d = SessionDict({"a": 1, "cart": ["x"], "prefs": {"theme": "dark"}, "gone": 0})
+    assert d.changes() is None
+    assert d["a"] == 1 and d.get("missing") is None  # scalar reads: nothing to remember
+    assert d.changes() is None
+    d["a"] = 1  # the same value
+    d.get("prefs")  # a mutable value handed out, not changed
+    assert d.changes() is None
+    d["cart"].append("y")
+    d.setdefault("new", []).append(1)
+    d.update({"b": 2}, c=3)
+    d |= {"e": 5}
+    del d["gone"]
+    assert d.pop("nope", None) is None
+    changes = d.changes()
+    assert changes is not None
+    changed, deleted = changes
+    assert sorted(changed) == ["b", "c", "cart", "e", "new"]
+    assert deleted == ["gone"]
+
+
+def test_session_dict_sees_mutations_through_items_and_copies() -> None:
+    d = SessionDict({"cart": [], "prefs": {}})
+    for key, value in d.items():
+        if key == "cart":
+            value.append(1)
+    for value in d.values():
+        if isinstance(value, dict):
+            value["k"] = "v"
+    assert d.changes() == (["cart", "prefs"], [])
+    e = SessionDict({"cart": []})
+    dict.__getitem__(e, "cart").append(1)  # around the session's methods: not seen ...
+    assert e.changes() is None
+    e.mark_changed("cart")  # ... unless marked
+    assert e.changes() == (["cart"], [])
+    f = SessionDict({"a": 1})
+    assert f.popitem() == ("a", 1)
+    assert f.changes() == ([], ["a"])
+    g = SessionDict({"a": {"x": 1}})
+    g["a"]["x"] = 2
+    g["a"]["x"] = 1  # back to what was loaded
+    assert g.changes() is None
