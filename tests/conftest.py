@@ -11,6 +11,12 @@ from asyncsession import Config, ControlledStore, Store, with_controls
 
 from .backends import Backend, available
 from .clock import FakeClock
+from .redis_servers import (  # noqa: F401  (fixtures: throwaway Cluster / Sentinel servers)
+    private_cluster,
+    redis_cluster,
+    redis_sentinel,
+    redis_servers_cleanup,
+)
 
 BACKENDS = available()
 
