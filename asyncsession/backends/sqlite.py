@@ -86,7 +86,7 @@ _LIVE_BY_CREATED = _LIVE_OF_USER.format(order="created")
 _LIVE_BY_ACCESS = _LIVE_OF_USER.format(order="accessed")
 _EVICT = "DELETE FROM sessions WHERE id = ?"
 _REPLACE = (
-    "UPDATE sessions SET site_id = ?, org_id = ?, created = ?, updated = ?, accessed = ?, "
+    "UPDATE sessions SET org_id = ?, created = ?, updated = ?, accessed = ?, "
     "expires = ?, absolute = ?, ip = ?, ua = ?, version = ?, data = ? "
     f"WHERE id = ? AND site_id = ? AND user_id IS ? AND version = ? AND {_LIVE}"
 )
@@ -130,8 +130,12 @@ def _us(when: datetime | None) -> int | None:
     return None if when is None else to_us(when)
 
 
+def _at(us: int) -> datetime:
+    return EPOCH + timedelta(0, 0, us)
+
+
 def _dt(us: int | None) -> datetime | None:
-    return None if us is None else EPOCH + timedelta(microseconds=us)
+    return None if us is None else EPOCH + timedelta(0, 0, us)
 
 
 def _row_params(session: Session, data: bytes) -> tuple[Any, ...]:
@@ -162,17 +166,24 @@ def _session(session_id: str, row: Row) -> Session:
             raise CorruptRecord("session data is not a JSON object")
         if type(version) is not int:
             raise CorruptRecord("version is not an integer")
+        # Timestamps often coincide (a fresh session: all three; expiry and deadline
+        # until the first idle slide): convert each distinct value once.
+        created_at = _at(created)
+        updated_at = created_at if updated == created else _at(updated)
+        accessed_at = updated_at if accessed == updated else _at(accessed)
+        expires_at = None if expires is None else _at(expires)
+        absolute_at = expires_at if absolute == expires else _dt(absolute)
         return Session(
             id=session_id,
             user_id=user,
             site_id=site,
             organization_id=org,
             data=data,
-            created_at=EPOCH + timedelta(microseconds=created),
-            updated_at=EPOCH + timedelta(microseconds=updated),
-            last_accessed_at=EPOCH + timedelta(microseconds=accessed),
-            expires_at=_dt(expires),
-            absolute_expires_at=_dt(absolute),
+            created_at=created_at,
+            updated_at=updated_at,
+            last_accessed_at=accessed_at,
+            expires_at=expires_at,
+            absolute_expires_at=absolute_at,
             ip_address=ip,
             user_agent=ua,
             version=version,
@@ -443,8 +454,9 @@ class SQLiteStore(Store):
     async def _replace(
         self, session: Session, record: bytes, scope: Config, now: datetime
     ) -> Outcome:
+        # The row's site never changes: it is matched against the scope, not taken
+        # from the caller's (possibly edited) copy.
         params = (
-            session.site_id,
             session.organization_id,
             to_us(session.created_at),
             to_us(session.updated_at),
@@ -615,7 +627,7 @@ def _replace(
 ) -> Outcome:
     if c.execute(_REPLACE, params).rowcount == 1:
         return Outcome.OK
-    return _classify(c, params[11], params[12], params[15], user_id, expected)
+    return _classify(c, params[10], params[11], params[14], user_id, expected)
 
 
 def _touch(
