@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import secrets
 from collections.abc import Callable
@@ -24,9 +26,29 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def generate_session_id() -> str:
-    """32 random bytes from ``secrets``, base64url without padding: 43 characters."""
-    return secrets.token_urlsafe(32)
+TAG_LENGTH = 4
+"""Characters of the user tag that starts a user session's id (see ``user_tag``)."""
+
+
+def user_tag(user_id: str) -> str:
+    """Four base64url characters derived from the user id (24 bits of its SHA-256).
+
+    Ids of a user's sessions start with it, so in Redis Cluster a session and its
+    user's index share a hash slot and per-user limits stay atomic. Not a secret: the
+    43 random characters after it carry the id's 256 bits of randomness.
+    """
+    digest = hashlib.sha256(b"asyncsession-user:" + user_id.encode("utf-8", "surrogatepass"))
+    return base64.urlsafe_b64encode(digest.digest()[:3]).decode()
+
+
+def generate_session_id(user_id: str | None = None) -> str:
+    """32 random bytes from ``secrets``, base64url without padding: 43 characters.
+
+    With a (normalized) ``user_id`` the id is ``user_tag(user_id)`` followed by those 43
+    characters (47 in all): the form user sessions get from ``new_session``.
+    """
+    token = secrets.token_urlsafe(32)
+    return token if user_id is None else user_tag(user_id) + token
 
 
 def is_valid_session_id(session_id: object) -> bool:
@@ -139,7 +161,8 @@ def new_session(
 
     ``ttl`` (timedelta or seconds) sets ``expires_at``; without it the store applies
     ``Config.default_ttl``. ``fields`` sets ``data``, ``organization_id``,
-    ``ip_address``, ``user_agent``.
+    ``ip_address``, ``user_agent``. A user session's id starts with the user's tag
+    (``generate_session_id(user_id)``), which Redis Cluster needs.
     """
     unknown = set(fields) - _NEW_SESSION_FIELDS
     if unknown:
@@ -152,9 +175,10 @@ def new_session(
             raise InvalidSession("ttl must be positive", details={"ttl": delta.total_seconds()})
         expires_at = at + delta
     data = fields.pop("data", None)
+    user = normalize_user_id(user_id)
     return Session(
-        id=generate_session_id(),
-        user_id=normalize_user_id(user_id),
+        id=generate_session_id(user),
+        user_id=user,
         data=dict(data) if data is not None else {},
         created_at=at,
         updated_at=at,

@@ -304,7 +304,7 @@ class Store(ABC):
         """Move the session to a new id atomically (session-fixation defence)."""
         self._check_open()
         self._check_id(session_id)
-        new_id = generate_session_id()
+        new_id = self._rotated_id(session_id)
         outcome = await self._rotate(session_id, new_id, self.scope, self.clock())
         if outcome is not Outcome.OK:
             raise self._write_error(outcome, session_id, None)
@@ -367,6 +367,11 @@ class Store(ABC):
         return len(removed)
 
     # ------------------------------------------------------------------ helpers
+
+    def _rotated_id(self, session_id: str) -> str:
+        """The fresh id ``rotate`` moves ``session_id`` to. A backend that places
+        sessions by a prefix of the id (Redis Cluster) keeps that prefix."""
+        return generate_session_id()
 
     def _check_id(self, session_id: object) -> None:
         try:
