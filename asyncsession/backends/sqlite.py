@@ -328,6 +328,9 @@ class SQLiteStore(Store):
     def _setup(self, c: sqlite3.Connection) -> None:
         """Connection thread: pragmas, then create or migrate the schema."""
         c.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        # Refuse a newer schema before anything writes to the file (even the WAL switch).
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        self._check_version(version)
         if self.path != MEMORY:
             mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -338,9 +341,7 @@ class SQLiteStore(Store):
                     mode,
                 )
         c.execute("PRAGMA synchronous = NORMAL")
-        version = c.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:
-            self._check_version(version)
             c.execute("BEGIN IMMEDIATE")
             try:
                 version = c.execute("PRAGMA user_version").fetchone()[0]  # another process?

@@ -1,0 +1,731 @@
+# ruff: noqa: ASYNC220, ASYNC230, ASYNC240 - these tests poke at files on purpose
+"""SQLite-specific tests (issue 4): what the conformance suite cannot see.
+
+Several processes on one file, the on-disk schema and its versioning, reopening,
+every failure the file system can throw at it, batched purge, and values that would
+be dangerous if they ever reached SQL text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import multiprocessing
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("aiosqlite")
+
+import aiosqlite
+
+from asyncsession import (
+    Config,
+    InvalidSession,
+    Session,
+    SessionConflict,
+    SessionLimitExceeded,
+    SessionNotFound,
+    StoreUnavailable,
+    ViolationEvent,
+    new_session,
+    open_store,
+    with_controls,
+)
+from asyncsession.backends import sqlite as sqlite_backend
+from asyncsession.backends.sqlite import PURGE_BATCH, SCHEMA_VERSION, SQLiteStore
+
+from .clock import FakeClock
+
+PAYLOAD: dict[str, Any] = {
+    "role": "admin",
+    "cart": [{"sku": f"sku-{i}", "qty": i, "price": 9.99 + i} for i in range(5)],
+    "big": 2**64 - 1,
+    "neg": -(2**63),
+    "unicode": "héllo \u2603 \U0001f600 \x00 nul",
+    "float": 1e-300,
+}
+
+
+def cfg(**changes: Any) -> Config:
+    base: dict[str, Any] = {"site_id": "site-a", "max_sessions_per_user": 5, "cleanup_interval": 0}
+    base.update(changes)
+    return Config(**base)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "sessions.db")
+
+
+@pytest.fixture
+def stores() -> Iterator[list[SQLiteStore]]:
+    """Stores a test opened; closed at the end even when the test fails."""
+    opened: list[SQLiteStore] = []
+    yield opened
+    for store in opened:
+        if store._conn is not None:
+            store._conn.stop()
+
+
+def sqlite_store(stores: list[SQLiteStore], path: str, **kwargs: Any) -> SQLiteStore:
+    kwargs.setdefault("config", cfg())
+    store = SQLiteStore(path, **kwargs)
+    stores.append(store)
+    return store
+
+
+def raw_sql(path: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Run SQL on the file from a separate plain sqlite3 connection."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def assert_unavailable(exc: StoreUnavailable, path: str, *words: str) -> None:
+    assert exc.code == "STORE_UNAVAILABLE" and exc.http_status == 503
+    assert os.path.abspath(path) in str(exc)
+    for word in words:
+        assert word in str(exc).lower(), str(exc)
+
+
+# ------------------------------------------------------------------ lifecycle
+
+
+async def test_lazy_open_once_under_concurrent_first_use(
+    db: str, stores: list[SQLiteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real_connect = aiosqlite.connect
+
+    def counting_connect(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
+        calls.append(args[0])
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite_backend.aiosqlite, "connect", counting_connect)
+    store = SQLiteStore.with_controls(db, cfg(max_sessions_per_user=0))
+    stores.append(store.store)  # type: ignore[arg-type]
+    assert not os.path.exists(db), "constructing a store must not touch the file"
+    created = await asyncio.gather(*(store.create(new_session(f"u{i}")) for i in range(20)))
+    assert calls == [os.path.abspath(db)]
+    assert [s.id for s in await store.list_by_user("u3")] == [created[3].id]
+    await store.close()
+    assert store.store._conn is None  # type: ignore[attr-defined]
+
+
+async def test_async_with_opens_eagerly_and_close_releases(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    store = sqlite_store(stores, db)
+    async with store:
+        assert store._conn is not None
+        assert os.path.exists(db)
+        conn = store._conn
+    assert store._conn is None
+    with pytest.raises(ValueError):  # aiosqlite's own "no active connection"
+        _ = conn._conn
+
+
+async def test_schema_pragmas_and_indexes(db: str, stores: list[SQLiteStore]) -> None:
+    store = sqlite_store(stores, db, busy_timeout=2.5)
+    await store.create(new_session("alice"))
+    assert raw_sql(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert raw_sql(db, "PRAGMA journal_mode") == [("wal",)]
+    columns = [r[1] for r in raw_sql(db, "PRAGMA table_info(sessions)")]
+    assert columns[0] == "id" and {"site_id", "user_id", "created", "expires", "version"} <= set(
+        columns
+    )
+    indexes = {
+        r[0]: r[1] for r in raw_sql(db, "SELECT name, sql FROM sqlite_master WHERE type='index'")
+    }
+    assert "(site_id, user_id, created)" in indexes["sessions_user"]
+    assert "(expires)" in indexes["sessions_expires"]
+    # per-connection settings, read on the store's own connection
+    assert await store._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 1  # NORMAL
+    assert await store._run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()[0]) == 2500
+
+
+async def test_queries_use_the_indexes(db: str, stores: list[SQLiteStore]) -> None:
+    store = sqlite_store(stores, db)
+    await store.create(new_session("alice"))
+
+    def plan(sql: str) -> str:
+        n = sql.count("?")
+        return " ".join(r[3] for r in raw_sql(db, "EXPLAIN QUERY PLAN " + sql, (1,) * n))
+
+    assert "sessions_user" in plan(sqlite_backend._LIST_USER)
+    assert "sessions_user" in plan(sqlite_backend._LIVE_BY_CREATED)
+    assert "sessions_user" in plan(sqlite_backend._DELETE_USER)
+    assert "sessions_expires" in plan(sqlite_backend._PURGE)
+    assert "SCAN" not in plan(sqlite_backend._SELECT)
+
+
+async def test_reopen_keeps_every_session_intact(db: str, stores: list[SQLiteStore]) -> None:
+    clock = FakeClock()
+    config = cfg(idle_timeout=timedelta(minutes=10), max_sessions_per_user=0)
+    first = SQLiteStore.with_controls(db, config, clock=clock)
+    made = []
+    for i in range(30):
+        s = new_session(
+            f"user-{i % 4}" if i % 5 else None,
+            ttl=3600,
+            now=clock(),
+            data={**PAYLOAD, "i": i},
+            organization_id=f"org-{i}" if i % 2 else None,
+            ip_address="203.0.113.7",
+            user_agent="Mozilla/5.0 'quoted' \"agent\"",
+        )
+        made.append(await first.create(s))
+        clock.advance(1)
+    await first.update(made[1])  # version 1, new updated_at
+    await first.touch(made[2].id)  # only access time and expiry
+    rotated = await first.rotate(made[3].id)
+    before = {s.id: await first.get(s.id) for s in made if s.id != made[3].id}
+    before[rotated] = await first.get(rotated)
+    lists = {u: await first.list_by_user(u) for u in ("user-1", "user-2", "user-3")}
+    await first.close()
+
+    second = SQLiteStore.with_controls(db, config, clock=clock)
+    stores.append(second.store)  # type: ignore[arg-type]
+    after = {sid: await second.get(sid) for sid in before}
+    assert after == before
+    assert after[made[1].id].version == 1
+    assert after[made[2].id].last_accessed_at == clock()
+    assert after[made[2].id].expires_at == clock() + timedelta(minutes=10)
+    assert {u: await second.list_by_user(u) for u in lists} == lists
+    with pytest.raises(SessionNotFound):
+        await second.get(made[3].id)
+    await second.close()
+
+
+# ------------------------------------------------------------ schema version
+
+
+async def test_newer_schema_is_refused_and_left_untouched(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    await sqlite_store(stores, db).create(new_session("alice"))
+    await stores[0].close()
+    raw_sql(db, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    digest = file_digest(db)
+    store = sqlite_store(stores, db)
+    with pytest.raises(StoreUnavailable) as info:
+        await store.get("a" * 43)
+    assert_unavailable(info.value, db, "schema version", "upgrade asyncsession")
+    assert info.value.details["schema_version"] == SCHEMA_VERSION + 1
+    assert file_digest(db) == digest
+    assert store._conn is None  # nothing left open; a later call tries again
+
+
+async def test_empty_file_is_migrated_and_foreign_table_refused(
+    tmp_path: Path, stores: list[SQLiteStore]
+) -> None:
+    empty = str(tmp_path / "empty.db")
+    Path(empty).touch()
+    await sqlite_store(stores, empty).create(new_session("alice"))
+    assert raw_sql(empty, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+    foreign = str(tmp_path / "app.db")
+    raw_sql(foreign, "CREATE TABLE sessions (token TEXT)")
+    with pytest.raises(StoreUnavailable) as info:
+        await sqlite_store(stores, foreign).get("a" * 43)
+    assert_unavailable(info.value, foreign, "did not create")
+    assert raw_sql(foreign, "PRAGMA user_version") == [(0,)]
+
+
+async def test_two_processes_creating_the_schema_at_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "race.db")
+    code = textwrap.dedent(
+        f"""
+        import asyncio
+        from asyncsession import Config, new_session
+        from asyncsession.backends.sqlite import SQLiteStore
+        async def main():
+            async with SQLiteStore({path!r}, Config(cleanup_interval=0)) as store:
+                await store.create(new_session("alice"))
+        asyncio.run(main())
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(4)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    assert raw_sql(path, "SELECT count(*) FROM sessions") == [(4,)]
+
+
+# ---------------------------------------------------------- several processes
+
+
+def _create_worker(path: str, eviction: str, barrier: Any, results: Any) -> None:
+    async def main() -> tuple[int, int, list[str]]:
+        config = cfg(max_sessions_per_user=5, eviction=eviction)
+        store = SQLiteStore.with_controls(path, config, busy_timeout=60)
+        async with store:
+            barrier.wait()
+            outcomes = await asyncio.gather(
+                *(store.create(new_session("alice")) for _ in range(100)), return_exceptions=True
+            )
+        ok = sum(isinstance(o, Session) for o in outcomes)
+        limited = sum(isinstance(o, SessionLimitExceeded) for o in outcomes)
+        other = [repr(o) for o in outcomes if not isinstance(o, Session | SessionLimitExceeded)]
+        return ok, limited, other
+
+    results.put(asyncio.run(main()))
+
+
+def _run_processes(target: Any, *args: Any, n: int = 4) -> list[Any]:
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(n)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, barrier, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        out = [results.get(timeout=240) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():  # pragma: no cover - only on a hang
+                p.kill()
+    assert [p.exitcode for p in procs] == [0] * n
+    return out
+
+
+@pytest.mark.parametrize("eviction", ["oldest", "lru", "reject"])
+async def test_four_processes_never_exceed_the_user_limit(
+    db: str, stores: list[SQLiteStore], eviction: str
+) -> None:
+    async with sqlite_store(stores, db):  # schema exists before the race starts
+        pass
+    out = _run_processes(_create_worker, db, eviction)
+    assert [other for _, _, other in out] == [[]] * 4
+    ok = sum(o for o, _, _ in out)
+    limited = sum(n for _, n, _ in out)
+    if eviction == "reject":
+        assert (ok, limited) == (5, 395)
+    else:
+        assert (ok, limited) == (400, 0)
+    assert raw_sql(db, "SELECT count(*) FROM sessions WHERE user_id = 'alice'") == [(5,)]
+    store = SQLiteStore.with_controls(db, cfg())
+    stores.append(store.store)  # type: ignore[arg-type]
+    assert len(await store.list_by_user("alice")) == 5
+    await store.close()
+
+
+def _update_worker(path: str, session_id: str, rounds: int, barrier: Any, results: Any) -> None:
+    async def main() -> list[int]:
+        store = SQLiteStore.with_controls(path, cfg(), busy_timeout=60)
+        won = []
+        async with store:
+            for r in range(rounds):
+                barrier.wait()  # everyone reads the same version...
+                s = await store.get(session_id)
+                barrier.wait()  # ...then everyone writes
+                s.data["n"] = s.data.get("n", 0) + 1
+                s.data["pids"] = [*s.data.get("pids", []), os.getpid()]
+                try:
+                    await store.update(s)
+                except SessionConflict:
+                    continue
+                won.append(r)
+        return won
+
+    results.put(asyncio.run(main()))
+
+
+async def test_four_processes_stale_updates_one_winner_per_version(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    store = SQLiteStore.with_controls(db, cfg())
+    stores.append(store.store)  # type: ignore[arg-type]
+    s = await store.create(new_session("alice", data={"n": 0}))
+    await store.close()
+    rounds = 15
+    out = _run_processes(_update_worker, db, s.id, rounds)
+    wins = sorted(r for won in out for r in won)
+    assert wins == list(range(rounds)), "exactly one winner in every round"
+    store = SQLiteStore.with_controls(db, cfg())
+    stores.append(store.store)  # type: ignore[arg-type]
+    final = await store.get(s.id)
+    assert final.version == rounds
+    assert final.data["n"] == rounds and len(final.data["pids"]) == rounds  # no lost update
+    await store.close()
+
+
+async def test_two_stores_on_one_file_share_the_limit(db: str, stores: list[SQLiteStore]) -> None:
+    a = SQLiteStore.with_controls(db, cfg(max_sessions_per_user=3, eviction="reject"))
+    b = SQLiteStore.with_controls(db, cfg(max_sessions_per_user=3, eviction="reject"))
+    stores.extend([a.store, b.store])  # type: ignore[list-item]
+    outcomes = await asyncio.gather(
+        *(st.create(new_session("alice")) for _ in range(20) for st in (a, b)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(o, Session) for o in outcomes) == 3
+    assert sum(isinstance(o, SessionLimitExceeded) for o in outcomes) == 37
+    assert raw_sql(db, "SELECT count(*) FROM sessions") == [(3,)]  # refused ones left nothing
+    await a.close()
+    await b.close()
+
+
+# ------------------------------------------------------------------ failures
+
+_HOLD_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("ROLLBACK")
+"""
+
+
+async def test_lock_held_by_another_process_past_busy_timeout(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    store = SQLiteStore.with_controls(db, cfg(), busy_timeout=0.2)
+    stores.append(store.store)  # type: ignore[arg-type]
+    s = await store.create(new_session("alice"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, db],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        for write in (
+            store.create(new_session("alice")),
+            store.rotate(s.id),
+            store.delete_by_user("alice"),
+            store.touch(s.id),
+        ):
+            with pytest.raises(StoreUnavailable) as info:
+                await write
+            assert_unavailable(info.value, db, "locked", "busy timeout")
+            assert info.value.details["sqlite_error"].startswith("SQLITE_BUSY")
+            assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+            assert s.id not in str(info.value) and s.id not in repr(info.value.details)
+        assert (await store.get(s.id)).id == s.id  # WAL: readers never wait for the writer
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert len(await store.list_by_user("alice")) == 1  # nothing half-done
+    await store.create(new_session("alice"))  # and it recovers once the lock is gone
+    await store.close()
+
+
+@pytest.fixture
+def read_only(db: str) -> Iterator[None]:
+    """Make ``db`` read-only for this process (chattr +i when running as root)."""
+    if os.geteuid() != 0:
+        os.chmod(db, 0o444)
+        yield
+        os.chmod(db, 0o644)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", db], capture_output=True).returncode:
+        pytest.skip("running as root and cannot make a file immutable here")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", db], check=True)
+
+
+async def _make_db(path: str) -> Session:
+    store = SQLiteStore.with_controls(path, cfg())
+    try:
+        return await store.create(new_session("alice", data=PAYLOAD))
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def made(db: str) -> Session:
+    return await _make_db(db)
+
+
+async def test_read_only_file(
+    db: str, made: Session, read_only: None, stores: list[SQLiteStore]
+) -> None:
+    store = SQLiteStore.with_controls(db, cfg())
+    stores.append(store.store)  # type: ignore[arg-type]
+    assert (await store.get(made.id)).data == PAYLOAD  # reading still works
+    for write in (
+        store.create(new_session("bob")),
+        store.update(made),
+        store.touch(made.id),
+        store.delete(made.id),
+        store.purge_expired(),
+    ):
+        with pytest.raises(StoreUnavailable) as info:
+            await write
+        assert_unavailable(info.value, db, "read-only")
+    await store.close()
+
+
+async def test_deleted_file(db: str, stores: list[SQLiteStore]) -> None:
+    store = SQLiteStore.with_controls(db, cfg())
+    stores.append(store.store)  # type: ignore[arg-type]
+    s = await store.create(new_session("alice"))
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.remove(db + suffix)
+    for call in (store.get(s.id), store.create(new_session("bob")), store.touch(s.id)):
+        with pytest.raises(StoreUnavailable) as info:
+            await call
+        assert_unavailable(info.value, db, "deleted")
+        assert s.id not in str(info.value)
+    await store.close()
+
+
+async def test_replaced_file(db: str, tmp_path: Path, stores: list[SQLiteStore]) -> None:
+    store = SQLiteStore.with_controls(db, cfg())
+    stores.append(store.store)  # type: ignore[arg-type]
+    s = await store.create(new_session("alice"))
+    other = str(tmp_path / "other.db")
+    await _make_db(other)
+    os.replace(other, db)
+    with pytest.raises(StoreUnavailable) as info:
+        await store.get(s.id)
+    assert_unavailable(info.value, db, "replaced")
+    await store.close()
+
+
+async def test_file_that_is_not_a_database(db: str, stores: list[SQLiteStore]) -> None:
+    Path(db).write_bytes(b"this is not a database\x00" * 500)
+    digest = file_digest(db)
+    store = SQLiteStore.with_controls(db, cfg())
+    stores.append(store.store)  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable) as info:
+        await store.create(new_session("alice"))
+    assert_unavailable(info.value, db, "corrupt or not a database")
+    assert info.value.details["sqlite_error"] == "SQLITE_NOTADB"
+    assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+    assert file_digest(db) == digest
+    await store.close()
+
+
+async def test_corrupted_pages(db: str, stores: list[SQLiteStore]) -> None:
+    store = SQLiteStore.with_controls(db, cfg(max_sessions_per_user=0))
+    stores.append(store.store)  # type: ignore[arg-type]
+    made = [await store.create(new_session(f"u{i}", data=PAYLOAD)) for i in range(200)]
+    await store.close()
+    raw_sql(db, "PRAGMA wal_checkpoint(TRUNCATE)")
+    size = os.path.getsize(db)
+    with open(db, "r+b") as f:  # keep the header page, trash everything after it
+        f.seek(4096)
+        f.write(os.urandom(size - 4096))
+    store = SQLiteStore.with_controls(db, cfg())
+    stores.append(store.store)  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable) as info:
+        for s in made:
+            await store.get(s.id)
+        await store.list_by_user("u1")
+    assert_unavailable(info.value, db, "corrupt")
+    await store.close()
+
+
+async def test_missing_directory(tmp_path: Path) -> None:
+    path = str(tmp_path / "no" / "such" / "dir" / "sessions.db")
+    store = SQLiteStore.with_controls(path, cfg())  # constructing is fine...
+    with pytest.raises(StoreUnavailable) as info:  # ...using it says what is wrong
+        await store.get("a" * 43)
+    assert_unavailable(info.value, path, "does not exist", str(tmp_path / "no" / "such" / "dir"))
+    assert not os.path.exists(os.path.dirname(path))
+    os.makedirs(os.path.dirname(path))  # and it works once the directory is there
+    await store.create(new_session("alice"))
+    await store.close()
+    via_url = open_store(f"sqlite:///{tmp_path}/missing/x.db", cfg())
+    with pytest.raises(StoreUnavailable):
+        await via_url.list_by_user("alice")
+    await via_url.close()
+
+
+async def test_undecodable_row_is_not_found_with_violation(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    events: list[ViolationEvent] = []
+    store = SQLiteStore.with_controls(db, cfg(), on_violation=events.append)
+    stores.append(store.store)  # type: ignore[arg-type]
+    bad_json = await store.create(new_session("alice"))
+    bad_type = await store.create(new_session("alice"))
+    bad_time = await store.create(new_session("alice"))
+    good = await store.create(new_session("alice"))
+    raw_sql(db, "UPDATE sessions SET data = ? WHERE id = ?", (b"{not json", bad_json.id))
+    raw_sql(db, "UPDATE sessions SET data = ? WHERE id = ?", (b"[1, 2]", bad_type.id))
+    raw_sql(db, "UPDATE sessions SET created = 'yesterday' WHERE id = ?", (bad_time.id,))
+    for s in (bad_json, bad_type, bad_time):
+        with pytest.raises(SessionNotFound) as info:
+            await store.get(s.id)
+        assert info.value.details["corrupt"] is True
+    assert [e.type for e in events] == ["invalid_session"] * 3
+    assert all(e.session is not None and len(e.session) == 12 for e in events)
+    assert [x.id for x in await store.list_by_user("alice")] == [good.id]  # skipped, not raised
+    await store.close()
+
+
+# ----------------------------------------------------------------------- purge
+
+
+async def test_purge_runs_in_batches_and_lets_others_in(
+    db: str, stores: list[SQLiteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    store = SQLiteStore.with_controls(db, cfg(max_sessions_per_user=0), clock=clock)
+    stores.append(store.store)  # type: ignore[arg-type]
+    expiring = 2 * PURGE_BATCH + 500
+    for i in range(expiring):
+        await store.create(new_session(f"u{i % 7}", ttl=10, now=clock()))
+    live = await store.create(new_session("u1", ttl=3600, now=clock()))
+    clock.advance(11)
+
+    order: list[str] = []
+    real_batch, real_load = sqlite_backend._purge_batch, sqlite_backend._load
+
+    def batch(c: sqlite3.Connection, now_us: int, size: int) -> int:
+        count = real_batch(c, now_us, size)
+        order.append(f"purge:{count}")
+        return count
+
+    def load(c: sqlite3.Connection, session_id: str) -> Any:
+        order.append("get")
+        return real_load(c, session_id)
+
+    monkeypatch.setattr(sqlite_backend, "_purge_batch", batch)
+    monkeypatch.setattr(sqlite_backend, "_load", load)
+    purge = asyncio.create_task(store.purge_expired())
+    await asyncio.sleep(0)
+    got = await store.get(live.id)
+    assert await purge == expiring
+    assert got.id == live.id
+    assert order == [
+        f"purge:{PURGE_BATCH}",
+        "get",  # queued while the first batch ran, served before the second
+        f"purge:{PURGE_BATCH}",
+        "purge:500",
+    ]
+    assert raw_sql(db, "SELECT count(*) FROM sessions") == [(1,)]
+    assert await store.purge_expired() == 0
+    await store.close()
+
+
+async def test_expired_never_returned_before_purge(db: str, stores: list[SQLiteStore]) -> None:
+    clock = FakeClock()
+    store = SQLiteStore.with_controls(db, cfg(), clock=clock)
+    stores.append(store.store)  # type: ignore[arg-type]
+    s = await store.create(new_session("alice", ttl=5, now=clock()))
+    clock.advance(5)  # expiry is inclusive: at expires_at it is gone
+    with pytest.raises(SessionNotFound):
+        await store.get(s.id)
+    assert await store.list_by_user("alice") == []
+    assert raw_sql(db, "SELECT count(*) FROM sessions") == [(1,)]  # still on disk
+    await store.close()
+
+
+# ------------------------------------------------------------------ bad input
+
+DANGEROUS_USERS = [
+    "a%",
+    "abc",
+    "a_c",
+    "%",
+    "_",
+    "o'brien",
+    "x'; DROP TABLE sessions; --",
+    'quote"d',
+    "back\\slash",
+    "[a-z]*",
+]
+
+
+async def test_sql_dangerous_values_are_stored_and_matched_literally(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    backend = sqlite_store(stores, db, config=cfg(site_id=""))
+    a_b = with_controls(backend, cfg(site_id="a_b", max_sessions_per_user=0))
+    axb = with_controls(backend, cfg(site_id="axb", max_sessions_per_user=0))
+    dotted = with_controls(backend, cfg(site_id="a.b", max_sessions_per_user=0))
+    by_user = {u: await a_b.create(new_session(u)) for u in DANGEROUS_USERS}
+    other_site = await axb.create(new_session("a%"))
+    await dotted.create(new_session("a%"))
+    for user, s in by_user.items():
+        assert [x.id for x in await a_b.list_by_user(user)] == [s.id]
+    assert [x.id for x in await axb.list_by_user("a%")] == [other_site.id]
+    with pytest.raises(SessionNotFound):
+        await axb.get(by_user["a%"].id)  # site "axb" is not "a_b"
+
+    assert await a_b.delete_by_user("%") == 1
+    assert await a_b.delete_by_user("_") == 1
+    assert await a_b.delete_by_user("x'; DROP TABLE sessions; --") == 1
+    assert {u for u in DANGEROUS_USERS if await a_b.list_by_user(u)} == set(DANGEROUS_USERS) - {
+        "%",
+        "_",
+        "x'; DROP TABLE sessions; --",
+    }
+
+    # ids differing only where a LIKE pattern would not care
+    underscores = new_session("bob")
+    underscores.id = "_" * 16
+    letters = new_session("bob")
+    letters.id = "a" * 16
+    await a_b.create(underscores)
+    await a_b.create(letters)
+    assert (await a_b.get("_" * 16)).id == "_" * 16
+    await a_b.delete("_" * 16)
+    assert (await a_b.get("a" * 16)).id == "a" * 16
+
+    # free-text fields keep quotes, %, _ and NUL exactly
+    odd = 'it\'s 100% _\x00_ "fine"; --'
+    s = await a_b.create(
+        new_session("carol", organization_id=odd, ip_address=odd, user_agent=odd, data={odd: odd})
+    )
+    got = await a_b.get(s.id)
+    assert (got.organization_id, got.ip_address, got.user_agent, got.data) == (
+        odd,
+        odd,
+        odd,
+        {odd: odd},
+    )
+    with pytest.raises(InvalidSession):
+        await a_b.create(new_session("nul\x00user"))
+    assert (
+        raw_sql(db, "SELECT count(*) FROM sessions WHERE site_id = 'a_b'")[0][0]
+        == len(DANGEROUS_USERS) - 3 + 2
+    )
+    await backend.close()
+
+
+async def test_debug_logs_of_aiosqlite_never_show_session_ids(
+    db: str, stores: list[SQLiteStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SQLiteStore.with_controls(db, cfg())
+    stores.append(store.store)  # type: ignore[arg-type]
+    with caplog.at_level(logging.DEBUG, logger="aiosqlite"):
+        s = await store.create(new_session("alice"))
+        await store.get(s.id)
+        await store.update(s)
+        await store.touch(s.id)
+        new_id = await store.rotate(s.id)
+        await store.delete(new_id)
+    assert any("asyncsession sqlite" in r.getMessage() for r in caplog.records)
+    assert s.id not in caplog.text and new_id not in caplog.text
+    await store.close()
