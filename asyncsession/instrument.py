@@ -168,7 +168,7 @@ def instrument(
     tracer: Tracer | None = None,
     registry: CollectorRegistry | None = None,
     buckets: Sequence[float] = DEFAULT_BUCKETS,
-    latency_samples_per_second: float | None = 1000.0,
+    latency_samples_per_second: float | None = 200.0,
     root_spans: bool = False,
 ) -> ControlledStore:
     """An instrumented twin of ``store``: same backend, config and handlers.
