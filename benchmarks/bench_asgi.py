@@ -1,0 +1,338 @@
+"""ASGI middleware: whole requests through a Starlette app, called in-process.
+
+Every row calls the same Starlette app (one route that reads ``user_id`` from the
+session, one that bumps a counter in it) directly as an ASGI callable, with a
+prebuilt scope and a no-op ``send``: no sockets, no HTTP parsing, so what differs
+between rows is the session middleware and its store. Sessions hold ``PAYLOAD``
+(~1 KB).
+
+Suites and targets (issue 5):
+
+* ``asgi-redis``, Redis at ``REDIS_URL`` (default ``redis://127.0.0.1:6379/15``):
+  ours (``SessionMiddleware`` + ``RedisStore`` via ``open_store``) against the peer,
+  starsessions' ``SessionMiddleware`` + ``SessionAutoloadMiddleware`` on its
+  ``RedisStore``, same server, same run. Read-only request >= 1.5x the peer's
+  requests/s; request changing one key >= 1.0x.
+* ``asgi-memory``: ours on ``MemoryStore`` against the same app with no session
+  middleware (baseline): the middleware may at most double the cost of a request
+  (speed ratio >= 0.5). starsessions on its ``InMemoryStore`` is shown as a peer.
+
+    .venv/bin/pytest benchmarks/bench_asgi.py --benchmark-only \\
+        --benchmark-json=.benchmarks/asgi.json
+    .venv/bin/python benchmarks/ratios.py .benchmarks/asgi.json
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from conftest import PAYLOAD, AsyncBench, Runner
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starsessions import SessionAutoloadMiddleware
+from starsessions import SessionMiddleware as StarSessionMiddleware
+from starsessions.serializers import JsonSerializer
+from starsessions.stores.base import SessionStore
+from starsessions.stores.memory import InMemoryStore
+from starsessions.stores.redis import RedisStore as StarRedisStore
+
+from asyncsession import Config, ControlledStore, SessionMiddleware, new_session, open_store
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+COOKIE = "session"
+READ_REDIS = {"peer": 1.5}
+WRITE_REDIS = {"peer": 1.0}
+OVERHEAD = {"baseline": 0.5}  # at most 2x the cost of the app without sessions
+
+
+# ----------------------------------------------------------------------- the app
+
+
+async def read(request: Request) -> PlainTextResponse:
+    session = request.scope.get("session")
+    user = session.get("user_id") if session is not None else None
+    return PlainTextResponse(user or "anonymous")
+
+
+async def write(request: Request) -> PlainTextResponse:
+    session = request.scope.get("session")
+    if session is not None:
+        session["counter"] = session.get("counter", 0) + 1
+    return PlainTextResponse("ok")
+
+
+ROUTES = [Route("/", read), Route("/write", write, methods=["GET", "POST"])]
+
+
+def plain_app() -> Starlette:
+    return Starlette(routes=ROUTES)
+
+
+def our_app(store: ControlledStore) -> Starlette:
+    return Starlette(routes=ROUTES, middleware=[Middleware(SessionMiddleware, store=store)])
+
+
+def their_app(store: SessionStore) -> Starlette:
+    return Starlette(
+        routes=ROUTES,
+        middleware=[
+            Middleware(StarSessionMiddleware, store=store, cookie_https_only=True),
+            Middleware(SessionAutoloadMiddleware),
+        ],
+    )
+
+
+class Client:
+    """Calls an ASGI app in-process with a fixed cookie; checks the status."""
+
+    def __init__(self, app: Any, cookie: str | None) -> None:
+        self.app = app
+        headers = [(b"host", b"bench"), (b"user-agent", b"bench/1.0")]
+        if cookie is not None:
+            headers.append((b"cookie", f"{COOKIE}={cookie}".encode()))
+        self.headers = headers
+        self.status = 0
+
+    def scope(self, path: str) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "https",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": list(self.headers),
+            "client": ("127.0.0.1", 50000),
+            "server": ("bench", 443),
+            "state": {},
+        }
+
+    async def receive(self) -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+
+    async def get(self, path: str) -> None:
+        await self.app(self.scope(path), self.receive, self.send)
+
+
+def checked(runner: Runner, client: Client, path: str) -> Client:
+    runner.run(client.get(path))
+    assert client.status == 200, client.status
+    return client
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def memory(runner: Runner) -> Iterator[tuple[ControlledStore, str]]:
+    store = open_store("memory://", Config(cleanup_interval=0))
+    session = runner.run(store.create(new_session("u-48213", data=PAYLOAD)))
+    yield store, session.id
+    runner.run(store.close())
+
+
+@pytest.fixture(scope="module")
+def redis(runner: Runner) -> Iterator[tuple[ControlledStore, str]]:
+    prefix = f"bench-asgi-{uuid.uuid4().hex[:8]}:"
+    try:
+        store = open_store(REDIS_URL, Config(cleanup_interval=0, key_prefix=prefix))
+        session = runner.run(store.create(new_session("u-48213", data=PAYLOAD)))
+    except Exception as exc:  # no RedisStore yet, or no server
+        if os.environ.get("ASYNCSESSION_REQUIRE_REDIS") == "1":
+            raise
+        pytest.skip(f"Redis rows need RedisStore and a server at {REDIS_URL}: {exc}")
+    yield store, session.id
+    runner.run(store.delete(session.id))
+    runner.run(store.close())
+
+
+def _their_session(runner: Runner, store: SessionStore) -> str:
+    session_id = secrets.token_hex(16)
+    runner.run(store.write(session_id, JsonSerializer().serialize(PAYLOAD), 0, 86_400))
+    return session_id
+
+
+@pytest.fixture(scope="module")
+def their_redis(runner: Runner) -> Iterator[tuple[StarRedisStore, str]]:
+    from redis.asyncio import Redis
+
+    try:
+        connection = Redis.from_url(REDIS_URL)
+        runner.run(connection.ping())
+    except Exception as exc:
+        if os.environ.get("ASYNCSESSION_REQUIRE_REDIS") == "1":
+            raise
+        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    store = StarRedisStore(connection=connection, prefix=f"bench-asgi-ss-{uuid.uuid4().hex[:8]}:")
+    session_id = _their_session(runner, store)
+    yield store, session_id
+    runner.run(store.remove(session_id))
+    runner.run(connection.aclose())
+
+
+# ---------------------------------------------------------------------- rows
+
+
+def test_asgi_memory_read_baseline(abench: AsyncBench, runner: Runner) -> None:
+    client = checked(runner, Client(plain_app(), None), "/")
+    abench.describe(
+        suite="asgi-memory",
+        role="baseline",
+        op="read request",
+        label="app without session middleware",
+        group="asgi memory: read-only request",
+    )
+    abench(lambda i: client.get("/"))
+
+
+def test_asgi_memory_read(
+    abench: AsyncBench, runner: Runner, memory: tuple[ControlledStore, str]
+) -> None:
+    store, session_id = memory
+    client = checked(runner, Client(our_app(store), session_id), "/")
+    abench.describe(
+        suite="asgi-memory",
+        role="ours",
+        op="ours read request",
+        compare="read request",
+        label="SessionMiddleware on MemoryStore (controlled)",
+        group="asgi memory: read-only request",
+        targets=OVERHEAD,
+    )
+    abench(lambda i: client.get("/"))
+
+
+def test_asgi_memory_read_peer(abench: AsyncBench, runner: Runner) -> None:
+    store = InMemoryStore()
+    client = checked(runner, Client(their_app(store), _their_session(runner, store)), "/")
+    abench.describe(
+        suite="asgi-memory",
+        role="peer",
+        op="read request",
+        label="starsessions SessionMiddleware + autoload on InMemoryStore",
+        group="asgi memory: read-only request",
+    )
+    abench(lambda i: client.get("/"))
+
+
+def test_asgi_memory_write_baseline(abench: AsyncBench, runner: Runner) -> None:
+    client = checked(runner, Client(plain_app(), None), "/write")
+    abench.describe(
+        suite="asgi-memory",
+        role="baseline",
+        op="write request",
+        label="app without session middleware",
+        group="asgi memory: request changing one key",
+    )
+    abench(lambda i: client.get("/write"))
+
+
+def test_asgi_memory_write(
+    abench: AsyncBench, runner: Runner, memory: tuple[ControlledStore, str]
+) -> None:
+    store, session_id = memory
+    client = checked(runner, Client(our_app(store), session_id), "/write")
+    abench.describe(
+        suite="asgi-memory",
+        role="ours",
+        op="ours write request",
+        compare="write request",
+        label="SessionMiddleware on MemoryStore (controlled)",
+        group="asgi memory: request changing one key",
+    )
+    abench(lambda i: client.get("/write"))
+
+
+def test_asgi_memory_write_peer(abench: AsyncBench, runner: Runner) -> None:
+    store = InMemoryStore()
+    client = checked(runner, Client(their_app(store), _their_session(runner, store)), "/write")
+    abench.describe(
+        suite="asgi-memory",
+        role="peer",
+        op="write request",
+        label="starsessions SessionMiddleware + autoload on InMemoryStore",
+        group="asgi memory: request changing one key",
+    )
+    abench(lambda i: client.get("/write"))
+
+
+def test_asgi_redis_read(
+    abench: AsyncBench, runner: Runner, redis: tuple[ControlledStore, str]
+) -> None:
+    store, session_id = redis
+    client = checked(runner, Client(our_app(store), session_id), "/")
+    abench.describe(
+        suite="asgi-redis",
+        role="ours",
+        op="ours read request",
+        compare="read request",
+        label="SessionMiddleware on RedisStore",
+        group="asgi redis: read-only request",
+        targets=READ_REDIS,
+    )
+    abench(lambda i: client.get("/"))
+
+
+def test_asgi_redis_read_peer(
+    abench: AsyncBench, runner: Runner, their_redis: tuple[StarRedisStore, str]
+) -> None:
+    store, session_id = their_redis
+    client = checked(runner, Client(their_app(store), session_id), "/")
+    abench.describe(
+        suite="asgi-redis",
+        role="peer",
+        op="read request",
+        label="starsessions SessionMiddleware + autoload on its RedisStore",
+        group="asgi redis: read-only request",
+    )
+    abench(lambda i: client.get("/"))
+
+
+def test_asgi_redis_write(
+    abench: AsyncBench, runner: Runner, redis: tuple[ControlledStore, str]
+) -> None:
+    store, session_id = redis
+    client = checked(runner, Client(our_app(store), session_id), "/write")
+    abench.describe(
+        suite="asgi-redis",
+        role="ours",
+        op="ours write request",
+        compare="write request",
+        label="SessionMiddleware on RedisStore",
+        group="asgi redis: request changing one key",
+        targets=WRITE_REDIS,
+    )
+    abench(lambda i: client.get("/write"))
+    data = runner.run(store.get(session_id)).data
+    assert data["counter"] > 1000 and orjson.dumps(data["cart"]) == orjson.dumps(PAYLOAD["cart"])
+
+
+def test_asgi_redis_write_peer(
+    abench: AsyncBench, runner: Runner, their_redis: tuple[StarRedisStore, str]
+) -> None:
+    store, session_id = their_redis
+    client = checked(runner, Client(their_app(store), session_id), "/write")
+    abench.describe(
+        suite="asgi-redis",
+        role="peer",
+        op="write request",
+        label="starsessions SessionMiddleware + autoload on its RedisStore",
+        group="asgi redis: request changing one key",
+    )
+    abench(lambda i: client.get("/write"))
