@@ -43,7 +43,13 @@ from asyncsession import (
     with_controls,
 )
 from asyncsession.backends import sqlite as sqlite_backend
-from asyncsession.backends.sqlite import PURGE_BATCH, SCHEMA_VERSION, SQLiteStore
+from asyncsession.backends.sqlite import (
+    PURGE_BATCH,
+    PURGE_FIRST_BATCH,
+    PURGE_HOLD,
+    SCHEMA_VERSION,
+    SQLiteStore,
+)
 
 from .clock import FakeClock
 
@@ -599,12 +605,16 @@ async def test_purge_runs_in_batches_and_lets_others_in(
     clock.advance(11)
 
     order: list[str] = []
+    sizes: list[int] = []
+    # what each batch "took": the first one too long, the rest quick
+    reported = iter([5 * PURGE_HOLD, *[PURGE_HOLD / 100] * 10])
     real_batch, real_load = sqlite_backend._purge_batch, sqlite_backend._load
 
-    def batch(c: sqlite3.Connection, now_us: int, size: int) -> int:
-        count = real_batch(c, now_us, size)
+    def batch(c: sqlite3.Connection, now_us: int, size: int) -> tuple[int, int, float]:
+        _, count, _ = real_batch(c, now_us, size)
+        sizes.append(size)
         order.append(f"purge:{count}")
-        return count
+        return count, count, next(reported)
 
     def load(c: sqlite3.Connection, session_id: str) -> Any:
         order.append("get")
@@ -617,11 +627,16 @@ async def test_purge_runs_in_batches_and_lets_others_in(
     got = await store.get(live.id)
     assert await purge == expiring
     assert got.id == live.id
+    first = PURGE_FIRST_BATCH
+    shrunk = first // 5  # the slow batch shrinks the next one to fit PURGE_HOLD
+    assert sizes == [first, shrunk, PURGE_BATCH, PURGE_BATCH, PURGE_BATCH]
     assert order == [
-        f"purge:{PURGE_BATCH}",
+        f"purge:{first}",
         "get",  # queued while the first batch ran, served before the second
+        f"purge:{shrunk}",
+        f"purge:{PURGE_BATCH}",  # quick batches grow back, never past PURGE_BATCH
         f"purge:{PURGE_BATCH}",
-        "purge:500",
+        f"purge:{expiring - first - shrunk - 2 * PURGE_BATCH}",
     ]
     assert raw_sql(db, "SELECT count(*) FROM sessions") == [(1,)]
     assert await store.purge_expired() == 0

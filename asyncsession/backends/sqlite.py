@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -36,12 +37,18 @@ from ..store import NO_EVICTIONS, InsertResult, Outcome, PurgedSession, ScanEntr
 logger = logging.getLogger("asyncsession")
 
 T = TypeVar("T")
+_B = TypeVar("_B")
 
 SCHEMA_VERSION = 1
 """Stored in ``PRAGMA user_version``; a database with a higher one is refused."""
 
 PURGE_BATCH = 1_000
-"""Rows deleted per statement (and per write-lock hold) by ``purge_expired``."""
+"""Most rows ``purge_expired`` deletes per statement (one write-lock hold)."""
+PURGE_FIRST_BATCH = 250
+"""Rows in the first purge statement, before its timing sizes the next ones."""
+PURGE_MIN_BATCH = 10
+PURGE_HOLD = 0.02
+"""Seconds of write-lock hold each purge batch aims at (the issue allows 50 ms)."""
 
 MEMORY = ":memory:"
 
@@ -510,28 +517,36 @@ class SQLiteStore(Store):
         return sessions
 
     async def _purge(self, now: datetime) -> int:
-        """Delete expired rows ``PURGE_BATCH`` per statement. Each statement is its own
-        short write transaction, so other writers (this process's queued operations and
-        other processes) get the lock between batches."""
-        now_us = to_us(now)
         removed = 0
-        while True:
-            count = await self._run(_purge_batch, now_us, PURGE_BATCH)
+        async for count in self._purge_batches(_purge_batch, to_us(now)):
             removed += count
-            if count < PURGE_BATCH:
-                return removed
-            await asyncio.sleep(0)
+        return removed
 
     async def _purge_report(self, now: datetime) -> list[PurgedSession]:
         """``_purge`` returning what it removed (only used when expired events are wanted)."""
-        now_us = to_us(now)
         removed: list[PurgedSession] = []
-        while True:
-            rows = await self._run(_purge_report_batch, now_us, PURGE_BATCH)
+        async for rows in self._purge_batches(_purge_report_batch, to_us(now)):
             removed.extend(PurgedSession(*row) for row in rows)
-            if len(rows) < PURGE_BATCH:
-                return removed
-            await asyncio.sleep(0)
+        return removed
+
+    async def _purge_batches(
+        self, fn: Callable[[sqlite3.Connection, int, int], tuple[_B, int, float]], now_us: int
+    ) -> AsyncIterator[_B]:
+        """Delete expired rows in batches, each one statement and so one short write
+        transaction. The batch size adapts to keep each write-lock hold near
+        ``PURGE_HOLD`` seconds (at most ``PURGE_BATCH`` rows), and after each batch the
+        purge pauses as long as the batch held the lock: this process's queued
+        operations run in between, and other processes, whose SQLite busy handler
+        polls, find the lock free at least half of the time."""
+        size = PURGE_FIRST_BATCH
+        while True:
+            result, count, seconds = await self._run(fn, now_us, size)
+            yield result
+            if count < size:
+                return
+            if seconds > 0:
+                size = max(PURGE_MIN_BATCH, min(PURGE_BATCH, int(size * PURGE_HOLD / seconds)))
+            await asyncio.sleep(min(seconds, PURGE_HOLD * 2))
 
     async def _scan(self, batch: int) -> AsyncIterator[Sequence[ScanEntry]]:
         """Every row in rowid order, ``batch`` rows per read (keyset pagination)."""
@@ -693,13 +708,19 @@ def _list_by_user(c: sqlite3.Connection, site_id: str, user_id: str, now_us: int
     return c.execute(_LIST_USER, (site_id, user_id, now_us)).fetchall()
 
 
-def _purge_batch(c: sqlite3.Connection, now_us: int, batch: int) -> int:
+def _purge_batch(c: sqlite3.Connection, now_us: int, batch: int) -> tuple[int, int, float]:
+    """One purge statement: (rows deleted, rows deleted, seconds it held the lock)."""
+    started = time.perf_counter()
     count: int = c.execute(_PURGE, (now_us, batch)).rowcount
-    return count
+    return count, count, time.perf_counter() - started
 
 
-def _purge_report_batch(c: sqlite3.Connection, now_us: int, batch: int) -> list[Row]:
-    return c.execute(_PURGE_REPORT, (now_us, batch)).fetchall()
+def _purge_report_batch(
+    c: sqlite3.Connection, now_us: int, batch: int
+) -> tuple[list[Row], int, float]:
+    started = time.perf_counter()
+    rows = c.execute(_PURGE_REPORT, (now_us, batch)).fetchall()
+    return rows, len(rows), time.perf_counter() - started
 
 
 def _scan_batch(c: sqlite3.Connection, after: int, batch: int) -> list[Row]:
