@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .cli import ADMIN_COMMANDS
+
 
 @dataclass(frozen=True)
 class Command:
@@ -62,6 +64,7 @@ COMMANDS: list[Command] = [
     Command(
         "demo", "run the demo web app (log in, counter, your devices)", _configure_demo, _run_demo
     ),
+    *(Command(*spec) for spec in ADMIN_COMMANDS),  # stats, list-user, show, revoke...
 ]
 
 

@@ -1,0 +1,686 @@
+"""Admin commands: ``asyncsession stats | list-user | show | revoke | revoke-user | purge``.
+
+Each command opens the store named by ``--store`` (or ``$ASYNCSESSION_STORE``) for one
+site (``--site``), prints a table (or JSON with ``--json``) and exits with a status a
+script can act on. Failures are one line on stderr, never a traceback:
+
+====  ==================================================================
+0     done
+1     nothing found: no such session, no sessions for that user or site
+2     bad input: a bad URL or scheme, an invalid id or site, a missing extra
+3     the store is unavailable: unreachable, wrong password, not a database
+130   interrupted
+====  ==================================================================
+
+Full session ids are never printed except the one the user typed: other sessions
+appear as their short hash (the first 12 hex digits of SHA-256, as in logs), which
+``revoke HASH --user USER`` accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+from .config import Config
+from .controls import ControlledStore
+from .errors import (
+    InvalidSession,
+    SessionError,
+    SessionExpired,
+    SessionNotFound,
+    StoreClosed,
+    StoreUnavailable,
+    short_hash,
+)
+from .factory import open_store, redact, sqlite_path
+from .session import Session
+
+OK, NOT_FOUND, BAD_INPUT, UNAVAILABLE, INTERRUPTED = 0, 1, 2, 3, 130
+ENV_STORE = "ASYNCSESSION_STORE"
+SHORT_HASH = re.compile(r"[0-9a-f]{12}")
+DEFAULT_PREFIX = Config().key_prefix
+
+
+class CommandError(Exception):
+    """A failure to report as one line, with the exit status to return."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=os.environ.get(ENV_STORE),
+        metavar="URL",
+        help="sqlite:PATH, memory://, redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://..., "
+        f"unix://..., redis+cluster://... (default: ${ENV_STORE})",
+    )
+    parser.add_argument(
+        "--site", default="", help="site id the sessions belong to (default: the empty site)"
+    )
+    parser.add_argument(
+        "--prefix",
+        default=DEFAULT_PREFIX,
+        help="key prefix of the store (Redis; default: %(default)r)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also show the library's log messages"
+    )
+
+
+def _configure_stats(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.set_defaults(site=None)  # all sites unless --site
+    parser.add_argument(
+        "--top", type=int, default=10, metavar="N", help="largest sessions to list (default: 10)"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="sessions read per step (Redis: SCAN COUNT; default: 1000)",
+    )
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="always show a progress bar on stderr (default: when stderr is a terminal)",
+    )
+    progress.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _configure_user(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.add_argument("user", metavar="USER", help="user id")
+
+
+def _configure_show(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.add_argument("id", metavar="ID", help="session id (the cookie value)")
+
+
+def _configure_revoke(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.add_argument(
+        "id", metavar="ID", help="session id, or the short hash list-user shows (with --user)"
+    )
+    parser.add_argument("--user", help="owner of the session, to revoke by short hash")
+
+
+def _configure_revoke_user(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.add_argument("user", metavar="USER", help="user id")
+    parser.add_argument("--keep", metavar="ID", help="session id to keep (e.g. the current one)")
+
+
+def _configure_purge(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.set_defaults(site=None)
+    parser.add_argument(
+        "--batch", type=int, default=1000, metavar="N", help="sessions read per step with --site"
+    )
+
+
+# -------------------------------------------------------------------- running
+
+
+def _runner(
+    command: Callable[[ControlledStore, argparse.Namespace, TextIO], Awaitable[int]],
+) -> Callable[[argparse.Namespace], int]:
+    """Wrap ``command`` to open the store, map every failure to a line and a status."""
+
+    def run(args: argparse.Namespace) -> int:
+        out: TextIO = sys.stdout
+        with _quiet_library(args.verbose):
+            try:
+                return asyncio.run(_with_store(command, args, out))
+            except CommandError as exc:
+                _fail(str(exc), args)
+                return exc.status
+            except KeyboardInterrupt:
+                _fail("interrupted", args)
+                return INTERRUPTED
+
+    return run
+
+
+async def _with_store(
+    command: Callable[[ControlledStore, argparse.Namespace, TextIO], Awaitable[int]],
+    args: argparse.Namespace,
+    out: TextIO,
+) -> int:
+    store = _open(args)
+    try:
+        try:
+            await store.__aenter__()
+            return await command(store, args, out)
+        finally:
+            await store.close()
+    except CommandError:
+        raise
+    except (StoreUnavailable, StoreClosed) as exc:
+        raise CommandError(exc.message, UNAVAILABLE) from exc
+    except InvalidSession as exc:
+        raise CommandError(exc.message, BAD_INPUT) from exc
+    except SessionError as exc:
+        raise CommandError(exc.message, NOT_FOUND) from exc
+    except OSError as exc:
+        raise CommandError(f"{type(exc).__name__}: {exc}", UNAVAILABLE) from exc
+    except Exception as exc:  # never a traceback; say what it was
+        raise CommandError(f"unexpected {type(exc).__name__}: {exc}", 1) from exc
+
+
+def _open(args: argparse.Namespace) -> ControlledStore:
+    url = args.store
+    if not url:
+        raise CommandError(f"no store given: use --store URL or set ${ENV_STORE}", BAD_INPUT)
+    try:
+        config = Config(
+            site_id=args.site or "", key_prefix=args.prefix, cleanup_interval=timedelta(0)
+        )
+        if url.split(":", 1)[0].lower() == "sqlite":
+            path = sqlite_path(url)
+            if path != ":memory:" and not os.path.isfile(path):
+                raise CommandError(f"no SQLite database at {path!r}", UNAVAILABLE)
+        return open_store(url, config)
+    except ValueError as exc:
+        raise CommandError(str(exc), BAD_INPUT) from exc
+
+
+def _fail(message: str, args: argparse.Namespace) -> None:
+    url = getattr(args, "store", None) or ""
+    if url:  # no password in any message, whatever produced it
+        password = _password(url)
+        if password:
+            message = message.replace(url, redact(url)).replace(password, "***")
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"asyncsession {args.command}: error: {first}", file=sys.stderr)
+
+
+def _password(url: str) -> str | None:
+    try:
+        from urllib.parse import unquote, urlsplit
+
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+@contextmanager
+def _quiet_library(verbose: bool) -> Iterator[None]:
+    """The library logs violations (e.g. an id of another site) as warnings; a shell
+    user gets the command's own message instead, unless ``--verbose``."""
+    log = logging.getLogger("asyncsession")
+    level = log.level
+    if not verbose:
+        log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+# ------------------------------------------------------------------- commands
+
+
+@dataclass
+class SiteStats:
+    sessions: int = 0
+    expired: int = 0
+    anonymous: int = 0
+    bytes: int = 0
+    users: set[str] = field(default_factory=set)
+
+    def as_dict(self, site: str) -> dict[str, Any]:
+        return {
+            "site": site,
+            "sessions": self.sessions,
+            "live": self.sessions - self.expired,
+            "expired_not_purged": self.expired,
+            "users": len(self.users),
+            "anonymous": self.anonymous,
+            "bytes": self.bytes,
+        }
+
+
+async def _stats(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:
+    if args.top < 0 or args.batch < 1:
+        raise CommandError("--top must be >= 0 and --batch >= 1", BAD_INPUT)
+    site = args.site
+    now = datetime.now(UTC)
+    sites: dict[str, SiteStats] = {}
+    largest: list[tuple[int, str, str, str | None, datetime | None]] = []
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    bar = Progress(await store._scan_estimate() if show else None, enabled=show)
+    scanned = 0
+    try:
+        scan = store._scan(args.batch)
+    except NotImplementedError as exc:
+        raise CommandError(str(exc), BAD_INPUT) from exc
+    async for batch in scan:
+        scanned += len(batch)
+        bar.update(scanned)
+        for entry in batch:
+            if site is not None and entry.site_id != site:
+                continue
+            st = sites.get(entry.site_id)
+            if st is None:
+                st = sites[entry.site_id] = SiteStats()
+            st.sessions += 1
+            st.bytes += entry.size
+            expired = entry.expires_at is not None and entry.expires_at <= now
+            if expired:
+                st.expired += 1
+            elif entry.user_id is None:
+                st.anonymous += 1
+            else:
+                st.users.add(entry.user_id)
+            if args.top:
+                item = (
+                    entry.size,
+                    short_hash(entry.session_id),
+                    entry.site_id,
+                    entry.user_id,
+                    entry.expires_at,
+                )
+                if len(largest) < args.top:
+                    heapq.heappush(largest, item)
+                elif item[0] > largest[0][0]:
+                    heapq.heapreplace(largest, item)
+    bar.done()
+    if site is not None and site not in sites:
+        raise CommandError(f"no sessions for site {site!r}", NOT_FOUND)
+    rows = [sites[name].as_dict(name) for name in sorted(sites)]
+    top = sorted(largest, reverse=True)
+    if args.json:
+        _json(
+            {
+                "scanned": scanned,
+                "at": now.isoformat(),
+                "sites": rows,
+                "largest": [
+                    {
+                        "session": h,
+                        "site": s,
+                        "user": u,
+                        "size": size,
+                        "expires_at": _iso(e),
+                    }
+                    for size, h, s, u, e in top
+                ],
+            },
+            out,
+        )
+        return OK
+    if not rows:
+        print("no sessions", file=out)
+        return OK
+    table(
+        out,
+        ["site", "sessions", "live", "expired (not purged)", "users", "anonymous", "size"],
+        [
+            [
+                r["site"] or "(default)",
+                f"{r['sessions']:,}",
+                f"{r['live']:,}",
+                f"{r['expired_not_purged']:,}",
+                f"{r['users']:,}",
+                f"{r['anonymous']:,}",
+                _bytes(r["bytes"]),
+            ]
+            for r in rows
+        ],
+        right={1, 2, 3, 4, 5, 6},
+    )
+    if top:
+        print(f"\nlargest {len(top)} sessions", file=out)
+        table(
+            out,
+            ["session", "site", "user", "size", "expires"],
+            [
+                [h, s or "(default)", u or "(anonymous)", _bytes(size), _when(e, now)]
+                for size, h, s, u, e in top
+            ],
+            right={3},
+        )
+    return OK
+
+
+async def _list_user(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:
+    sessions = await store.list_by_user(args.user)
+    now = datetime.now(UTC)
+    if args.json:
+        _json([_describe(s, now) for s in sessions], out)
+    elif sessions:
+        table(
+            out,
+            ["session", "created", "last access", "expires", "ip", "user agent"],
+            [
+                [
+                    s.short_id,
+                    _when(s.created_at, now),
+                    _when(s.last_accessed_at, now),
+                    _when(s.expires_at, now),
+                    s.ip_address or "",
+                    _clip(s.user_agent or "", 40),
+                ]
+                for s in sessions
+            ],
+        )
+    if not sessions:
+        raise CommandError(f"no live sessions for user {args.user!r}{_on(store)}", NOT_FOUND)
+    return OK
+
+
+async def _show(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:
+    session = await _find(store, args.id)
+    now = datetime.now(UTC)
+    others = []
+    if session.user_id is not None:
+        others = [s.short_id for s in await store.list_by_user(session.user_id)]
+        others = [h for h in others if h != session.short_id]
+    info = {"id": args.id, **_describe(session, now), "other_sessions_of_user": others}
+    if args.json:
+        _json({**info, "data": session.data}, out)
+        return OK
+    for key, value in info.items():
+        if key == "other_sessions_of_user":
+            value = ", ".join(others) if others else "none"
+        elif isinstance(value, str) and key.endswith("_at"):
+            value = _when(datetime.fromisoformat(value), now)
+        elif value is None:
+            value = ""
+        print(f"{key.replace('_', ' '):>24}  {value}", file=out)
+    print(f"{'data':>24}  {json.dumps(session.data, indent=2, ensure_ascii=False)}", file=out)
+    return OK
+
+
+async def _revoke(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:
+    session_id = args.id
+    if SHORT_HASH.fullmatch(session_id):
+        if not args.user:
+            raise CommandError("revoking by short hash needs --user USER", BAD_INPUT)
+        matches = [s.id for s in await store.list_by_user(args.user) if s.short_id == session_id]
+        if not matches:
+            raise CommandError(
+                f"user {args.user!r} has no live session {session_id}{_on(store)}", NOT_FOUND
+            )
+        session_id = matches[0]
+        expired = False
+    else:
+        try:
+            session = await _find(store, session_id)
+        except CommandError as exc:
+            if not isinstance(exc.__cause__, SessionExpired):
+                raise
+            expired = True
+        else:
+            expired = False
+            if args.user and session.user_id != args.user:
+                raise CommandError(f"that session belongs to another user{_on(store)}", NOT_FOUND)
+    await store.delete(session_id)
+    result = {"revoked": short_hash(session_id), "was_expired": expired}
+    if args.json:
+        _json(result, out)
+    else:
+        note = " (it had already expired)" if expired else ""
+        print(f"revoked session {short_hash(session_id)}{note}", file=out)
+    return OK
+
+
+async def _revoke_user(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:
+    count = await store.delete_by_user(args.user, keep=args.keep)
+    if args.json:
+        _json({"user": args.user, "revoked": count}, out)
+    else:
+        kept = " (kept the one given with --keep)" if args.keep else ""
+        print(f"revoked {count} session(s) of user {args.user!r}{_on(store)}{kept}", file=out)
+    return OK
+
+
+async def _purge(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:
+    if args.site is not None:
+        removed = {args.site: await _purge_site(store, args.batch)}
+    else:
+        removed = {}
+        try:
+            report = await store._purge_report(store.clock())
+        except NotImplementedError:
+            count = await store.purge_expired()
+            removed = {"(all sites)": count} if count else {}
+        else:
+            for entry in report:
+                removed[entry.site_id] = removed.get(entry.site_id, 0) + 1
+    total = sum(removed.values())
+    if args.json:
+        _json({"purged": total, "by_site": removed}, out)
+    elif total:
+        table(
+            out,
+            ["site", "purged"],
+            [[s or "(default)", f"{n:,}"] for s, n in sorted(removed.items())],
+            right={1},
+        )
+    else:
+        where = f" on site {args.site!r}" if args.site is not None else ""
+        print(f"no expired sessions{where}", file=out)
+    return OK
+
+
+async def _purge_site(store: ControlledStore, batch: int) -> int:
+    """Delete this site's expired sessions (a purge is otherwise global): a scan, then
+    deletes scoped to the site."""
+    if batch < 1:
+        raise CommandError("--batch must be >= 1", BAD_INPUT)
+    now = store.clock()
+    site = store.config.site_id
+    expired: list[str] = []
+    try:
+        scan = store._scan(batch)
+    except NotImplementedError as exc:
+        raise CommandError(str(exc), BAD_INPUT) from exc
+    async for entries in scan:
+        expired.extend(
+            e.session_id
+            for e in entries
+            if e.site_id == site and e.expires_at is not None and e.expires_at <= now
+        )
+    for session_id in expired:
+        await store.delete(session_id)
+    return len(expired)
+
+
+async def _find(store: ControlledStore, session_id: str) -> Session:
+    """The session, or a CommandError that says why not (and where it is, if another
+    site holds it)."""
+    try:
+        return await store.get(session_id)
+    except SessionExpired as exc:
+        raise CommandError(f"session {short_hash(session_id)} has expired", NOT_FOUND) from exc
+    except SessionNotFound as exc:
+        try:
+            other = await store.store._load(session_id)
+        except Exception:  # an undecodable record: nothing to point to
+            other = None
+        if other is not None and other.site_id != store.config.site_id:
+            flag = other.site_id or "''"
+            raise CommandError(
+                f"no session with that id{_on(store)}; it belongs to site "
+                f"{other.site_id!r} (use --site {flag})",
+                NOT_FOUND,
+            ) from exc
+        raise CommandError(f"no session with that id{_on(store)}", NOT_FOUND) from exc
+
+
+# -------------------------------------------------------------------- output
+
+
+class Progress:
+    """A progress bar on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, total: int | None, *, enabled: bool, stream: TextIO | None = None) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.last = 0.0
+        self.width = 0
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.1:
+            return
+        self.last = now
+        if self.total:
+            fraction = min(done / self.total, 1.0)
+            filled = int(fraction * 30)
+            line = (
+                f"scanning [{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%} "
+                f"{done:,} / ~{self.total:,} sessions"
+            )
+        else:
+            line = f"scanning... {done:,} sessions"
+        self.width = max(self.width, len(line))
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+
+
+def table(
+    out: TextIO,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    right: frozenset[int] | set[int] = frozenset(),
+) -> None:
+    """Columns padded to their widest cell; ``right`` holds right-aligned columns."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    print(line(headers), file=out)
+    print(line(["-" * w for w in widths]), file=out)
+    for row in rows:
+        print(line(row), file=out)
+
+
+def _json(value: Any, out: TextIO) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False), file=out)
+
+
+def _describe(s: Session, now: datetime) -> dict[str, Any]:
+    return {
+        "session": s.short_id,
+        "site": s.site_id,
+        "user": s.user_id,
+        "organization": s.organization_id,
+        "created_at": _iso(s.created_at),
+        "updated_at": _iso(s.updated_at),
+        "last_accessed_at": _iso(s.last_accessed_at),
+        "expires_at": _iso(s.expires_at),
+        "ip": s.ip_address,
+        "user_agent": s.user_agent,
+        "version": s.version,
+        "size": len(json.dumps(s.data, separators=(",", ":"), ensure_ascii=False).encode()),
+    }
+
+
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _when(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return "never"
+    stamp = when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    delta = when - now
+    ago = delta < timedelta(0)
+    return f"{stamp} ({'' if ago else 'in '}{_span(abs(delta))}{' ago' if ago else ''})"
+
+
+def _span(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value:.1f} TiB"
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _on(store: ControlledStore) -> str:
+    return f" on site {store.config.site_id!r}" if store.config.site_id else ""
+
+
+# ---------------------------------------------------------------- registration
+
+CommandSpec = tuple[
+    str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]
+]
+
+ADMIN_COMMANDS: list[CommandSpec] = [
+    (
+        "stats",
+        "sessions per site, users, expired-but-not-purged, the largest sessions",
+        _configure_stats,
+        _runner(_stats),
+    ),
+    ("list-user", "a user's live sessions (short hashes)", _configure_user, _runner(_list_user)),
+    ("show", "one session: metadata and data", _configure_show, _runner(_show)),
+    ("revoke", "delete one session", _configure_revoke, _runner(_revoke)),
+    (
+        "revoke-user",
+        "delete a user's sessions (log out everywhere)",
+        _configure_revoke_user,
+        _runner(_revoke_user),
+    ),
+    (
+        "purge",
+        "remove expired sessions now (every site, or only --site)",
+        _configure_purge,
+        _runner(_purge),
+    ),
+]
+"""``(name, help, configure, run)`` of each admin command, for ``__main__``."""

@@ -1,0 +1,371 @@
+"""The admin CLI (``python -m asyncsession stats|list-user|show|revoke|revoke-user|purge``),
+in-process and as a subprocess, against stores that outlive the process: a SQLite file
+and Redis under a unique key prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from asyncsession import Config, new_session, open_store, short_hash
+from asyncsession.__main__ import main
+
+from . import backend_redis
+
+
+@dataclass
+class Filled:
+    url: str
+    prefix: str = "session:"
+    ids: dict[str, list[str]] = field(default_factory=dict)  # "site/user" -> ids
+    expired: list[str] = field(default_factory=list)
+
+    @property
+    def all_ids(self) -> list[str]:
+        return [i for ids in self.ids.values() for i in ids] + self.expired
+
+    def args(self, *rest: str) -> list[str]:
+        return [*rest, "--store", self.url, "--prefix", self.prefix]
+
+
+async def fill(url: str, prefix: str) -> Filled:
+    """shop: alice x3 (one big), bob x1, one anonymous, 2 expired (carol);
+    blog: alice x1. The expired ones expired a few seconds ago (Redis itself drops
+    keys a grace period after their deadline)."""
+    out = Filled(url, prefix)
+
+    def cfg(site: str) -> Config:
+        return Config(site_id=site, key_prefix=prefix, cleanup_interval=0)
+
+    async with open_store(url, cfg("shop")) as shop:
+        for user, n in (("alice", 3), ("bob", 1)):
+            for k in range(n):
+                s = new_session(user, 3600, ip_address="10.1.2.3", user_agent="Firefox")
+                s.data["blob"] = "x" * (5000 if (user, k) == ("alice", 0) else 10)
+                out.ids.setdefault(f"shop/{user}", []).append((await shop.create(s)).id)
+        out.ids["shop/-"] = [(await shop.create(new_session(None, 3600))).id]
+    past = datetime.now(UTC) - timedelta(seconds=65)
+    async with open_store(url, cfg("shop"), clock=lambda: past) as old:
+        for _ in range(2):
+            out.expired.append((await old.create(new_session("carol", 60, now=past))).id)
+    async with open_store(url, cfg("blog")) as blog:
+        out.ids["blog/alice"] = [(await blog.create(new_session("alice", 3600))).id]
+    return out
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Filled:
+    pytest.importorskip("aiosqlite")
+    return asyncio.run(fill(f"sqlite:{tmp_path / 'sessions.db'}", "session:"))
+
+
+@pytest.fixture
+def redis_store() -> Iterator[Filled]:
+    reason = backend_redis.skip_reason()
+    if reason or backend_redis.using_fakeredis():
+        pytest.skip(reason or "the CLI needs a real Redis server (REDIS_URL)")
+    prefix = f"test:cli-{uuid.uuid4().hex[:12]}:"
+    filled = asyncio.run(fill(backend_redis.REDIS_URL, prefix))
+    yield filled
+
+    async def clean() -> None:
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(backend_redis.REDIS_URL)
+        try:
+            await backend_redis.delete_prefix(client, prefix)
+        finally:
+            await client.aclose()
+
+    asyncio.run(clean())
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest) -> Filled:
+    filled: Filled = request.getfixturevalue(f"{request.param}_store")
+    return filled
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(err: str, command: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"asyncsession {command}: error: "), err
+    assert "Traceback" not in err
+
+
+def assert_no_full_ids(text: str, filled: Filled, allowed: str = "") -> None:
+    for session_id in filled.all_ids:
+        if session_id != allowed:
+            assert session_id not in text
+
+
+# ------------------------------------------------------------------------ stats
+
+
+def test_stats_table_and_json(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, *store.args("stats", "--top", "2"))
+    assert status == 0, err
+    assert_no_full_ids(out, store)
+    lines = out.splitlines()
+    header = lines[0].split()
+    assert header[:3] == ["site", "sessions", "live"]
+    shop = next(line.split() for line in lines if line.startswith("shop"))
+    blog = next(line.split() for line in lines if line.startswith("blog"))
+    # site, sessions, live, expired, users, anonymous
+    assert shop[:6] == ["shop", "7", "5", "2", "2", "1"]
+    assert blog[:6] == ["blog", "1", "1", "0", "1", "0"]
+    assert "largest 2 sessions" in out
+    assert short_hash(store.ids["shop/alice"][0]) in out  # the 5 KB one
+
+    status, out, _ = run(capsys, *store.args("stats", "--json", "--top", "1"))
+    assert status == 0
+    report = json.loads(out)
+    sites = {s["site"]: s for s in report["sites"]}
+    assert sites["shop"] == {
+        "site": "shop",
+        "sessions": 7,
+        "live": 5,
+        "expired_not_purged": 2,
+        "users": 2,
+        "anonymous": 1,
+        "bytes": sites["shop"]["bytes"],
+    }
+    assert sites["blog"]["sessions"] == 1
+    assert report["scanned"] == 8
+    (big,) = report["largest"]
+    assert big["session"] == short_hash(store.ids["shop/alice"][0])
+    assert (big["site"], big["user"]) == ("shop", "alice") and big["size"] > 5000
+
+
+def test_stats_one_site_and_a_site_without_sessions(
+    sqlite_store: Filled, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = run(capsys, *sqlite_store.args("stats", "--site", "blog", "--json"))
+    assert status == 0
+    assert [s["site"] for s in json.loads(out)["sites"]] == ["blog"]
+    status, out, err = run(capsys, *sqlite_store.args("stats", "--site", "nosuch"))
+    assert status == 1 and out == ""
+    assert_one_line_error(err, "stats")
+    assert "no sessions for site 'nosuch'" in err
+
+
+def test_stats_progress_bar_on_stderr(
+    sqlite_store: Filled, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run(capsys, *sqlite_store.args("stats", "--progress", "--batch", "2"))
+    assert status == 0
+    assert "scanning [" in err and "/ ~8 sessions" in err
+    assert "scanning" not in out
+    status, _, err = run(capsys, *sqlite_store.args("stats"))  # not a terminal: no bar
+    assert status == 0 and err == ""
+
+
+def test_stats_of_an_empty_memory_store(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "stats", "--store", "memory://") == (0, "no sessions\n", "")
+
+
+# ------------------------------------------------------------ users, sessions
+
+
+def test_list_user(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, *store.args("list-user", "alice", "--site", "shop"))
+    assert status == 0
+    assert_no_full_ids(out, store)
+    for session_id in store.ids["shop/alice"]:
+        assert short_hash(session_id) in out
+    assert short_hash(store.ids["blog/alice"][0]) not in out  # another site
+    assert "10.1.2.3" in out and "Firefox" in out
+    status, out, _ = run(capsys, *store.args("list-user", "alice", "--site", "shop", "--json"))
+    listed = json.loads(out)
+    assert [s["session"] for s in listed] == [short_hash(i) for i in store.ids["shop/alice"]]
+    status, out, err = run(capsys, *store.args("list-user", "carol", "--site", "shop"))
+    assert status == 1  # only expired sessions
+    assert_one_line_error(err, "list-user")
+
+
+def test_show(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    first, *others = store.ids["shop/alice"]
+    status, out, _ = run(capsys, *store.args("show", first, "--site", "shop"))
+    assert status == 0
+    assert first in out  # the id typed is fine
+    assert_no_full_ids(out, store, allowed=first)
+    for other in others:
+        assert short_hash(other) in out
+    assert "x" * 5000 in out  # the data
+    status, out, _ = run(capsys, *store.args("show", first, "--site", "shop", "--json"))
+    shown = json.loads(out)
+    assert shown["id"] == first and shown["user"] == "alice"
+    assert shown["data"] == {"blob": "x" * 5000}
+    assert sorted(shown["other_sessions_of_user"]) == sorted(short_hash(i) for i in others)
+    assert_no_full_ids(out, store, allowed=first)
+
+
+def test_show_errors(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    session_id = store.ids["shop/bob"][0]
+    status, out, err = run(capsys, *store.args("show", session_id, "--site", "blog"))
+    assert status == 1 and out == ""
+    assert_one_line_error(err, "show")
+    assert "belongs to site 'shop'" in err and session_id not in err
+    status, _, err = run(capsys, *store.args("show", store.expired[0], "--site", "shop"))
+    assert status == 1 and "expired" in err
+    status, _, err = run(capsys, *store.args("show", "not*an*id", "--site", "shop"))
+    assert status == 2
+    assert_one_line_error(err, "show")
+    status, _, err = run(capsys, *store.args("show", "A" * 43, "--site", "shop"))
+    assert status == 1
+    assert_one_line_error(err, "show")
+
+
+def test_revoke(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    bob = store.ids["shop/bob"][0]
+    status, out, _ = run(capsys, *store.args("revoke", bob, "--site", "shop"))
+    assert status == 0 and short_hash(bob) in out and bob not in out
+    status, _, err = run(capsys, *store.args("revoke", bob, "--site", "shop"))
+    assert status == 1  # already gone
+    assert_one_line_error(err, "revoke")
+    # by short hash, as list-user shows it
+    target = store.ids["shop/alice"][1]
+    status, _, err = run(capsys, *store.args("revoke", short_hash(target), "--site", "shop"))
+    assert status == 2 and "--user" in err
+    status, out, _ = run(
+        capsys,
+        *store.args("revoke", short_hash(target), "--user", "alice", "--site", "shop", "--json"),
+    )
+    assert status == 0 and json.loads(out) == {"revoked": short_hash(target), "was_expired": False}
+    status, out, _ = run(capsys, *store.args("list-user", "alice", "--site", "shop", "--json"))
+    assert short_hash(target) not in out and len(json.loads(out)) == 2
+    # an expired session can be revoked too
+    status, out, _ = run(capsys, *store.args("revoke", store.expired[0], "--site", "shop"))
+    assert status == 0 and "already expired" in out
+
+
+def test_revoke_user(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    keep = store.ids["shop/alice"][2]
+    status, out, _ = run(
+        capsys, *store.args("revoke-user", "alice", "--site", "shop", "--keep", keep, "--json")
+    )
+    assert status == 0 and json.loads(out) == {"user": "alice", "revoked": 2}
+    status, out, _ = run(capsys, *store.args("list-user", "alice", "--site", "shop", "--json"))
+    assert [s["session"] for s in json.loads(out)] == [short_hash(keep)]
+    status, out, _ = run(capsys, *store.args("list-user", "alice", "--site", "blog", "--json"))
+    assert len(json.loads(out)) == 1  # other sites untouched
+    status, out, _ = run(capsys, *store.args("revoke-user", "nobody", "--site", "shop"))
+    assert status == 0 and "revoked 0 session(s)" in out
+
+
+def test_purge(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, *store.args("purge", "--site", "blog"))
+    assert (status, out) == (0, "no expired sessions on site 'blog'\n")
+    status, out, _ = run(capsys, *store.args("purge", "--json"))
+    assert status == 0 and json.loads(out) == {"purged": 2, "by_site": {"shop": 2}}
+    status, out, _ = run(capsys, *store.args("stats", "--json"))
+    assert all(s["expired_not_purged"] == 0 for s in json.loads(out)["sites"])
+
+
+def test_purge_one_site(sqlite_store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, *sqlite_store.args("purge", "--site", "shop"))
+    assert status == 0 and "shop" in out and "2" in out
+    status, out, _ = run(capsys, *sqlite_store.args("stats", "--json"))
+    assert {s["site"]: s["sessions"] for s in json.loads(out)["sites"]} == {"shop": 5, "blog": 1}
+
+
+# -------------------------------------------------------------------- bad input
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("aiosqlite")
+    not_db = tmp_path / "notes.txt"
+    not_db.write_text("this is not a database\n" * 100)
+    cases = [
+        (["--store", "http://example.com"], 2, "unknown store URL scheme 'http'"),
+        (["--store", "ftp://user:hunter2@host/x"], 2, "unknown store URL scheme"),
+        (["--store", "nonsense"], 2, "not a store URL"),
+        ([], 2, "no store given"),
+        (["--store", f"sqlite:{tmp_path / 'missing.db'}"], 3, "no SQLite database"),
+        (["--store", f"sqlite:{not_db}"], 3, "not a database"),
+        (["--store", f"redis://127.0.0.1:{_free_port()}/0"], 3, "unavailable"),
+        (["--store", "memory://", "--site", "no spaces"], 2, "site_id"),
+    ]
+    for extra, expected, message in cases:
+        status, out, err = run(capsys, "stats", *extra)
+        assert status == expected, (extra, err)
+        assert out == ""
+        assert_one_line_error(err, "stats")
+        assert message in err, (extra, err)
+        assert "hunter2" not in err
+    assert not (tmp_path / "missing.db").exists()  # the CLI never creates a database
+    assert not_db.read_text().startswith("this is not a database")
+
+
+def test_wrong_redis_password(capsys: pytest.CaptureFixture[str]) -> None:
+    if backend_redis.skip_reason() or backend_redis.using_fakeredis():
+        pytest.skip("needs a real Redis server")
+    url = backend_redis.REDIS_URL.replace("redis://", "redis://no-such-user:s3cr3t-pw@", 1)
+    status, out, err = run(capsys, "stats", "--store", url)
+    assert status == 3 and out == ""
+    assert_one_line_error(err, "stats")
+    assert "s3cr3t-pw" not in err and "AuthenticationError" in err
+
+
+def test_store_from_environment(
+    sqlite_store: Filled, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ASYNCSESSION_STORE", sqlite_store.url)
+    status, out, _ = run(capsys, "stats", "--json")
+    assert status == 0 and json.loads(out)["scanned"] == 8
+
+
+# ------------------------------------------------------------------- subprocess
+
+
+def test_subprocess(sqlite_store: Filled, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("ASYNCSESSION_STORE", None)
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "asyncsession", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+
+    done = cli("stats", "--store", sqlite_store.url, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["scanned"] == 8
+    done = cli("list-user", "alice", "--store", sqlite_store.url, "--site", "shop")
+    assert done.returncode == 0 and short_hash(sqlite_store.ids["shop/alice"][0]) in done.stdout
+    done = cli("revoke-user", "alice", "--store", sqlite_store.url, "--site", "shop")
+    assert done.returncode == 0 and "revoked 3" in done.stdout
+    done = cli("stats", "--store", f"sqlite:{tmp_path / 'nope.db'}")
+    assert done.returncode == 3 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    done = cli("show", "x", "--store", "gopher://host")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    done = cli("stats")  # argparse itself: usage on stderr, status 2
+    assert done.returncode == 2 and "Traceback" not in done.stderr
