@@ -229,6 +229,9 @@ class ControlledStore(Store):
     async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:
         return await self.store._touch(session_id, scope, now)
 
+    def _rotated_id(self, session_id: str) -> str:
+        return self.store._rotated_id(session_id)
+
     async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
         return await self.store._rotate(session_id, new_id, scope, now)
 
