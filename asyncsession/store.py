@@ -273,6 +273,7 @@ class Store(ABC):
         absolute = absolute_deadline(session)
         new = replace(
             session,
+            site_id=scope.site_id,  # as in create: a caller cannot move a session to another site
             version=session.version + 1,
             updated_at=now,
             last_accessed_at=now,
@@ -283,6 +284,7 @@ class Store(ABC):
         outcome = await self._replace(new, record, scope, now)
         if outcome is not Outcome.OK:
             raise self._write_error(outcome, session.id, session, expected=session.version)
+        session.site_id = new.site_id
         session.version = new.version
         session.updated_at = now
         session.last_accessed_at = now

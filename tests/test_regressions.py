@@ -1,0 +1,38 @@
+"""Bugs the stateful model test (tests/test_stateful.py) found, each kept as the short
+sequence it shrank to, run against every backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from asyncsession import Config, SessionNotFound, ViolationEvent, new_session, with_controls
+
+from .conftest import Harness
+
+
+def cfg(site: str, **changes: Any) -> Config:
+    return Config(site_id=site, cleanup_interval=0, **changes)
+
+
+async def test_update_cannot_move_a_session_to_another_site(harness: Harness, clock: Any) -> None:
+    """Shrunk sequence: create on site b; update through site b a copy whose ``site_id``
+    says "a". The update wrote the copy's site, so the session left site b's view (but
+    not its user index) and site a could read it. The store's site is authoritative on
+    update exactly as on create."""
+    backend = await harness.raw(cfg(""))
+    a_events: list[ViolationEvent] = []
+    a = with_controls(backend, cfg("a"), on_violation=a_events.append)
+    b = with_controls(backend, cfg("b"))
+    s = await b.create(new_session("alice", now=clock()))
+    s.site_id = "a"
+    await b.update(s)
+    assert s.site_id == "b" and s.version == 1
+    got = await b.get(s.id)
+    assert got.site_id == "b" and got.version == 1
+    assert [x.id for x in await b.list_by_user("alice")] == [s.id]
+    with pytest.raises(SessionNotFound):
+        await a.get(s.id)
+    assert [e.type for e in a_events] == ["site_mismatch"]
+    assert await a.list_by_user("alice") == []
