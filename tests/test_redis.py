@@ -246,16 +246,18 @@ async def test_stale_index_members_are_dropped(env: Env, clock: FakeClock) -> No
 
 async def test_eviction_ties_broken_by_insertion_order(env: Env, clock: FakeClock) -> None:
     oldest = env.controlled(cfg(max_sessions_per_user=3))
-    made = [await oldest.create(new_session("alice")) for _ in range(3)]  # same created_at
-    await oldest.create(new_session("alice"))
+    made = [
+        await oldest.create(new_session("alice", now=clock())) for _ in range(3)
+    ]  # same created_at
+    await oldest.create(new_session("alice", now=clock()))
     ids = [s.id for s in await oldest.list_by_user("alice")]
     assert made[0].id not in ids and made[1].id in ids and made[2].id in ids
 
     lru = env.controlled(cfg(site_id="b", max_sessions_per_user=3, eviction="lru"))
-    made = [await lru.create(new_session("bob")) for _ in range(3)]
+    made = [await lru.create(new_session("bob", now=clock())) for _ in range(3)]
     clock.advance(1)
     await lru.touch(made[0].id)
-    await lru.create(new_session("bob"))
+    await lru.create(new_session("bob", now=clock()))
     ids = [s.id for s in await lru.list_by_user("bob")]
     assert made[0].id in ids and made[1].id not in ids and made[2].id in ids
 

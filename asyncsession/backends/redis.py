@@ -15,12 +15,14 @@ See ``docs/backends.md`` for the key layout.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection as Connection
 from redis.asyncio.connection import ConnectionPool
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -44,10 +46,16 @@ PURGE_BATCH = 1_000
 """Expired sessions one purge script call removes (each call is atomic and short)."""
 
 DEFAULT_REDIS_OPTIONS: dict[str, Any] = {
-    "socket_timeout": 5.0,
+    "socket_timeout": None,
     "socket_connect_timeout": 5.0,
 }
-"""Options ``from_url`` passes to redis-py unless the URL or the caller sets them."""
+"""Options ``from_url`` passes to redis-py unless the URL or the caller sets them. No
+per-socket-call timeout: the store bounds each whole round trip itself (``timeout``),
+which costs one timer instead of a task per write and a timer per reply."""
+
+DEFAULT_TIMEOUT = 5.0
+"""Seconds one round trip (connect, write, all replies) may take before the store
+gives up with ``StoreUnavailable``."""
 
 # --------------------------------------------------------------------------- Lua
 #
@@ -379,6 +387,49 @@ MAX_BATCH = 512
 """Requests one pipeline carries at most; more in the same turn start another."""
 
 
+def _pack(commands: list[tuple[Any, ...]]) -> bytes:
+    """Commands in RESP, as one buffer (our arguments are only bytes, str and int)."""
+    out: list[bytes] = []
+    add = out.append
+    for command in commands:
+        add(b"*%d\r\n" % len(command))
+        for arg in command:
+            if type(arg) is bytes:
+                add(b"$%d\r\n" % len(arg))
+                add(arg)
+            elif type(arg) is str:
+                raw = arg.encode()
+                add(b"$%d\r\n" % len(raw))
+                add(raw)
+            elif type(arg) is int:
+                raw = b"%d" % arg
+                add(b"$%d\r\n" % len(raw))
+                add(raw)
+            else:
+                raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+            add(b"\r\n")
+    return b"".join(out)
+
+
+def _reusable(conn: Connection) -> bool:
+    """Connected, nothing unread, no end-of-stream from the server (checked without
+    I/O on the asyncio stream redis-py reads from; False if that is not available)."""
+    reader = getattr(conn, "_reader", None)
+    if reader is None or not isinstance(reader, asyncio.StreamReader):
+        return False
+    return not reader.at_eof() and not getattr(reader, "_buffer", True)
+
+
+def _loop_idle() -> bool:
+    """True when no other callback is ready to run in this event-loop turn.
+
+    Reads asyncio's ready queue; on loops without one (uvloop) it answers False and
+    every request takes the batching path, which costs one extra loop iteration.
+    """
+    ready = getattr(asyncio.get_running_loop(), "_ready", None)
+    return ready is not None and not ready
+
+
 def _unwrap(reply: Any) -> Any:
     if isinstance(reply, BaseException):
         raise reply
@@ -426,9 +477,15 @@ class RedisStore(Store):
     """Batches on the wire at once; more requests wait and join the next batch."""
 
     def __init__(
-        self, client: Redis, config: Config | None = None, *, clock: Clock | None = None
+        self,
+        client: Redis,
+        config: Config | None = None,
+        *,
+        clock: Clock | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__(config, clock=clock)
+        self.timeout = timeout
         if not isinstance(client, Redis):
             raise TypeError(f"RedisStore needs a redis.asyncio.Redis, not {type(client).__name__}")
         self.client = client
@@ -441,8 +498,11 @@ class RedisStore(Store):
         self._iprefix = prefix + b"u:"
         self._xkey = prefix + b"expiry"
         self._batch: list[_Entry] | None = None
-        self._slots = asyncio.Semaphore(min(self.max_in_flight, self._pool.max_connections))
+        self._max_in_flight = max(1, min(self.max_in_flight, self._pool.max_connections))
+        self._in_flight = 0
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._idle: list[Connection] = []
 
     @classmethod
     def from_url(
@@ -451,12 +511,14 @@ class RedisStore(Store):
         config: Config | None = None,
         *,
         clock: Clock | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         **redis_options: Any,
     ) -> RedisStore:
         """A store on its own connection pool (closed by ``close()``).
 
         ``redis://``, ``rediss://`` and ``unix://`` URLs as redis-py reads them; extra
-        keyword arguments go to ``redis.asyncio.Redis.from_url``.
+        keyword arguments go to ``redis.asyncio.Redis.from_url``. ``timeout`` bounds each
+        round trip (``None``: no bound).
         """
         scheme = url.split(":", 1)[0].lower()
         if scheme not in ("redis", "rediss", "unix"):
@@ -466,7 +528,7 @@ class RedisStore(Store):
             )
         options = {**DEFAULT_REDIS_OPTIONS, **redis_options}
         client = Redis.from_url(url, **options)
-        store = cls(client, config, clock=clock)
+        store = cls(client, config, clock=clock, timeout=timeout)
         store._owns_client = True
         store._where = redact(url)
         return store
@@ -528,11 +590,17 @@ class RedisStore(Store):
             if len(batch) >= MAX_BATCH:
                 self._batch = None
             return _unwrap(await waiter)
+        if self._in_flight < self._max_in_flight and _loop_idle():
+            # Nothing else can run in this turn, so nothing could join: send now.
+            self._in_flight += 1
+            try:
+                return _unwrap((await self._roundtrip([request]))[0])
+            finally:
+                self._release()
         batch = self._batch = [(request, None)]
-        slots = self._slots
         try:
             await asyncio.sleep(0)
-            await slots.acquire()
+            await self._acquire()
         except asyncio.CancelledError:
             if self._batch is batch:
                 self._batch = None
@@ -547,21 +615,46 @@ class RedisStore(Store):
             try:
                 return _unwrap((await self._roundtrip([request]))[0])
             finally:
-                slots.release()
+                self._release()
         # The replies of the others must arrive even if this caller is cancelled.
         task = asyncio.ensure_future(self._run(batch, holding=True))
         return _unwrap((await asyncio.shield(task))[0])
+
+    async def _acquire(self) -> None:
+        """Take one of the ``max_in_flight`` slots, waiting (in order) if none is free."""
+        if self._in_flight < self._max_in_flight:
+            self._in_flight += 1
+            return
+        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(slot)
+        try:
+            await slot
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled():
+                self._release()  # handed a slot while being cancelled: pass it on
+            else:
+                self._slot_waiters.remove(slot)
+            raise
+
+    def _release(self) -> None:
+        waiters = self._slot_waiters
+        while waiters:
+            slot = waiters.popleft()
+            if not slot.done():
+                slot.set_result(None)  # the slot passes straight to the next batch
+                return
+        self._in_flight -= 1
 
     async def _run(self, batch: list[_Entry], *, holding: bool) -> list[Any]:
         """Send a batch, hand each waiter its reply; never raises (errors are replies)."""
         requests = [request for request, _ in batch]
         try:
             if not holding:
-                await self._slots.acquire()
+                await self._acquire()
             try:
                 replies = await self._roundtrip(requests)
             finally:
-                self._slots.release()
+                self._release()
         except StoreUnavailable as exc:
             replies = [exc] * len(batch)
         for (_, waiter), reply in zip(batch, replies, strict=True):
@@ -622,34 +715,50 @@ class RedisStore(Store):
         return tuple(reply[index])
 
     async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Write ``commands`` at once on a pooled connection and read every reply.
+        """Write ``commands`` at once on a connection and read every reply.
 
-        Error replies come back in place; a transport failure is ``StoreUnavailable``.
-        No client-side retry, so a write is never applied twice; the pool replaces
-        connections the server closed, so the store recovers by itself.
+        Error replies come back in place; a transport failure or the ``timeout`` is
+        ``StoreUnavailable``. No client-side retry, so a write is never applied twice.
+        A connection that failed is closed and handed back to the pool, which opens a
+        new one next time: once Redis is back, the store works again by itself.
         """
-        pool = self._pool
         try:
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
-        try:
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
+            async with asyncio.timeout(self.timeout):
+                conn = await self._checkout()
                 try:
-                    replies.append(await conn.read_response(disable_decoding=True))
-                except ResponseError as exc:
-                    replies.append(exc)
-            return replies
-        except (RedisError, OSError) as exc:
-            await conn.disconnect()
+                    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                    replies: list[Any] = []
+                    for _ in commands:
+                        try:
+                            replies.append(await conn.read_response(disable_decoding=True))
+                        except ResponseError as exc:
+                            replies.append(exc)
+                except BaseException:
+                    await conn.disconnect()  # replies may be pending: never reuse it
+                    await self._pool.release(conn)
+                    raise
+                self._idle.append(conn)
+                return replies
+        except (RedisError, OSError, TimeoutError) as exc:
             raise self._unavailable(exc) from exc
-        except BaseException:
+
+    async def _checkout(self) -> Connection:
+        """A connection for one exchange.
+
+        The store keeps the (at most ``max_in_flight``) connections it used checked
+        out of the pool and reuses them directly: the pool's per-command checkout
+        (a lock and a probing read that costs a loop iteration) would double the
+        client-side cost of a read. An idle connection the server has closed or
+        written to meanwhile (restart, timeout, kill) goes back to the pool instead.
+        """
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if _reusable(conn):
+                return conn
             await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
+            await self._pool.release(conn)
+        return cast(Connection, await self._pool.get_connection())  # type: ignore[no-untyped-call]
 
     async def _call(self, *args: Any) -> Any:
         return await self._request((None, args))
@@ -665,6 +774,9 @@ class RedisStore(Store):
     async def _close(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._pool.release(conn)
         if self._owns_client:
             await self.client.aclose()
 
