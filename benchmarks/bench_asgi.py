@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -336,3 +337,77 @@ def test_asgi_redis_write_peer(
         group="asgi redis: request changing one key",
     )
     abench(lambda i: client.get("/write"))
+
+
+# ------------------------------------------------------- interleaved ratios
+
+
+def test_asgi_interleaved(
+    benchmark: Any,
+    runner: Runner,
+    memory: tuple[ControlledStore, str],
+    redis: tuple[ControlledStore, str],
+    their_redis: tuple[StarRedisStore, str],
+) -> None:
+    """The targets, measured robustly on a busy machine: pytest-benchmark runs the rows
+    above one after another, so load from other processes lands on some rows and not
+    others. Here every variant runs one short batch in turn, round after round, and
+    the best batch of each (the least disturbed) is compared. The memory rows are
+    timed on the thread's CPU clock (no I/O, blind to other processes); the Redis
+    rows on the wall clock (their cost is mostly waiting for the server).
+
+    The ``*_time_ratio`` numbers are our time / the reference's time (lower is
+    better): memory <= 2.0 (overhead at most 2x), Redis read <= 1/1.5, write <= 1.0.
+    """
+    store, session_id = memory
+    rstore, rsession_id = redis
+    tstore, tsession_id = their_redis
+    clients = {
+        "plain read": (checked(runner, Client(plain_app(), None), "/"), "/"),
+        "memory read": (checked(runner, Client(our_app(store), session_id), "/"), "/"),
+        "plain write": (checked(runner, Client(plain_app(), None), "/write"), "/write"),
+        "memory write": (
+            checked(runner, Client(our_app(store), session_id), "/write"),
+            "/write",
+        ),
+        "redis read": (checked(runner, Client(our_app(rstore), rsession_id), "/"), "/"),
+        "star read": (checked(runner, Client(their_app(tstore), tsession_id), "/"), "/"),
+        "redis write": (
+            checked(runner, Client(our_app(rstore), rsession_id), "/write"),
+            "/write",
+        ),
+        "star write": (
+            checked(runner, Client(their_app(tstore), tsession_id), "/write"),
+            "/write",
+        ),
+    }
+    cpu = {"plain read", "memory read", "plain write", "memory write"}
+    ops, rounds = 50, 40
+    best = dict.fromkeys(clients, float("inf"))
+
+    async def batch(client: Client, path: str, clock: Any) -> float:
+        start = clock()
+        for _ in range(ops):
+            await client.get(path)
+        return (clock() - start) / ops
+
+    def measure() -> None:
+        for _ in range(rounds):
+            for name, (client, path) in clients.items():
+                clock = time.thread_time if name in cpu else time.perf_counter
+                best[name] = min(best[name], runner.run(batch(client, path, clock)))
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    info = benchmark.extra_info
+    info.update(suite="asgi-interleaved", role="ours", op="interleaved", label="interleaved")
+    for name, seconds in best.items():
+        info[f"{name.replace(' ', '_')}_us"] = seconds * 1e6
+    info["memory_read_time_ratio"] = best["memory read"] / best["plain read"]
+    info["memory_write_time_ratio"] = best["memory write"] / best["plain write"]
+    info["redis_read_time_ratio"] = best["redis read"] / best["star read"]
+    info["redis_write_time_ratio"] = best["redis write"] / best["star write"]
+    info["targets"] = {
+        "memory_read_time_ratio": 2.0,
+        "redis_read_time_ratio": round(1 / 1.5, 3),
+        "redis_write_time_ratio": 1.0,
+    }
