@@ -648,8 +648,11 @@ async def test_corrupt_values_are_not_found_with_violation(
     results = await asyncio.gather(store.get(good.id), store.get(victim.id), return_exceptions=True)
     assert results[0].data == {"ok": True}  # type: ignore[union-attr]
     assert isinstance(results[1], SessionNotFound)
-    # list skips it
+    # list skips it, with a warning that names it by its short hash only
     assert [s.id for s in await store.list_by_user("alice")] == [good.id]
+    if corruption in ("garbage_record", "truncated", "bad_timestamp"):
+        assert "skipped a stored record" in caplog.text
+    assert victim.id not in caplog.text
     # writes: a key that is not a session hash is missing to them; a hash whose record
     # is damaged still has intact metadata, so touch and update work (update rewrites
     # the record); nothing crashes

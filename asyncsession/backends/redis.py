@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, cast
@@ -29,7 +30,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from .. import codec
 from ..config import Config
 from ..controls import ControlledStore, with_controls
-from ..errors import InvalidSession, SessionLimitExceeded, StoreUnavailable
+from ..errors import InvalidSession, SessionLimitExceeded, StoreUnavailable, short_hash
 from ..factory import redact
 from ..session import Clock, Session, is_valid_session_id
 from ..store import (
@@ -41,6 +42,8 @@ from ..store import (
     Store,
     absolute_deadline,
 )
+
+logger = logging.getLogger("asyncsession")
 
 PURGE_BATCH = 1_000
 """Expired sessions one purge script call removes (each call is atomic and short)."""
@@ -811,8 +814,13 @@ class RedisStore(Store):
             session_id = flat[j].decode()
             try:
                 session = self._decode(session_id, (flat[j + 1], flat[j + 2], flat[j + 3]))
-            except codec.CorruptRecord:
-                continue  # not a session record: invisible, as to get()
+            except codec.CorruptRecord as exc:  # invisible, as to get()
+                logger.warning(
+                    "asyncsession: skipped a stored record that is not a valid session: %s",
+                    exc,
+                    extra={"backend": "redis", "session": short_hash(session_id)},
+                )
+                continue
             if session is None or session.site_id != scope.site_id:
                 continue
             if session.expires_at is None or now < session.expires_at:
