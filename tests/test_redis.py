@@ -871,3 +871,27 @@ async def wait_for(condition: Callable[[], bool], within: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+async def test_hung_server_times_out_then_recovers(clock: FakeClock) -> None:
+    port = free_port()
+    url = f"redis://:pw@127.0.0.1:{port}/0"
+    with redis_server(port, "pw") as start:
+        server = start()
+        config = cfg()
+        store = with_controls(RedisStore.from_url(url, config, clock=clock, timeout=0.3), config)
+        async with store:
+            s = await store.create(new_session("alice", data={"v": 1}))
+            server.send_signal(signal.SIGSTOP)  # accepts nothing, answers nothing
+            try:
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable) as info:
+                    await store.get(s.id)
+                assert time.monotonic() - started < 2
+                assert isinstance(info.value.__cause__, TimeoutError)
+                with pytest.raises(StoreUnavailable):
+                    await store.touch(s.id)
+            finally:
+                server.send_signal(signal.SIGCONT)
+            assert (await store.get(s.id)).data == {"v": 1}
+            await store.touch(s.id)
