@@ -48,6 +48,9 @@ logger = logging.getLogger("asyncsession")
 PURGE_BATCH = 1_000
 """Expired sessions one purge script call removes (each call is atomic and short)."""
 
+SCAN_KEYS = 100
+"""Session keys one admin-scan script call reads (calls of a batch share a round trip)."""
+
 DEFAULT_REDIS_OPTIONS: dict[str, Any] = {
     "socket_timeout": None,
     "socket_connect_timeout": 5.0,
@@ -974,16 +977,18 @@ class RedisStore(Store):
         return raw.decode("utf-8", "surrogatepass")
 
     async def _scan(self, batch: int) -> AsyncIterator[Sequence[ScanEntry]]:
-        """``SCAN`` over the session keys with ``COUNT batch`` (never ``KEYS``), then one
-        short script reads the fields of each batch. ``size`` is the stored record
-        (data plus its metadata header)."""
+        """``SCAN`` over the session keys with ``COUNT batch`` (never ``KEYS``), then short
+        scripts (``SCAN_KEYS`` keys each, one round trip) read the fields of each batch.
+        ``size`` is the stored record (data plus its metadata header)."""
         pattern = _glob_escape(self._sprefix) + b"*"
         skip = len(self._sprefix)
         cursor: int | bytes = 0
         while True:
             cursor, keys = await self._call("SCAN", cursor, "MATCH", pattern, "COUNT", batch)
             if keys:
-                rows = await self._eval(SCAN, keys, ())
+                chunks = [keys[i : i + SCAN_KEYS] for i in range(0, len(keys), SCAN_KEYS)]
+                replies = await asyncio.gather(*(self._eval(SCAN, c, ()) for c in chunks))
+                rows = [row for reply in replies for row in reply]
                 out = []
                 for key, row in zip(keys, rows, strict=True):
                     if not row or not is_valid_session_id(key[skip:].decode()):
