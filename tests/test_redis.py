@@ -482,6 +482,33 @@ async def test_noscript_recovery_after_script_flush(env: Env, clock: FakeClock) 
     assert await env.keys() == []
 
 
+async def test_noscript_recovery_under_repeated_flushes(env: Env) -> None:
+    """Flushes racing the recovery (another client flushing in a loop) never surface."""
+    store = env.controlled(cfg(max_sessions_per_user=0))
+    stop = asyncio.Event()
+
+    async def flusher() -> int:
+        flushes = 0
+        while not stop.is_set():
+            await env.client.script_flush()
+            flushes += 1
+            await asyncio.sleep(0)
+        return flushes
+
+    task = asyncio.ensure_future(flusher())
+    try:
+        for _ in range(10):
+            made = await asyncio.gather(*(store.create(new_session("u")) for _ in range(50)))
+            got = await asyncio.gather(*(store.get(s.id) for s in made))
+            assert [g.id for g in got] == [s.id for s in made]
+            await asyncio.gather(*(store.touch(s.id) for s in made))
+    finally:
+        stop.set()
+        flushes = await task
+    assert flushes >= 10
+    assert len(await store.list_by_user("u")) == 500
+
+
 # ------------------------------------------------------------------------- purging
 
 

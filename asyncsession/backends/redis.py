@@ -682,11 +682,12 @@ class RedisStore(Store):
         wire.extend(args for _, args in requests if args is not None)
         replies = await self._exchange(wire)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:  # server restarted or SCRIPT FLUSH: load what is missing, resend that
-            shas = list(dict.fromkeys(wire[i][1] for i in missing))
-            retry = [("SCRIPT", "LOAD", _SOURCES[sha]) for sha in shas] + [wire[i] for i in missing]
-            again = await self._exchange(retry)
-            for i, reply in zip(missing, again[len(shas) :], strict=True):
+        if missing:
+            # Server restarted or SCRIPT FLUSH: those did not run. Resend them as EVAL
+            # with the source, which runs whatever the cache holds by then (another
+            # flush cannot race it) and caches the script for the next EVALSHA.
+            retry = [("EVAL", _SOURCES[wire[i][1]], *wire[i][2:]) for i in missing]
+            for i, reply in zip(missing, await self._exchange(retry), strict=True):
                 replies[i] = reply
         out: list[Any] = []
         position = 1 if gets else 0
