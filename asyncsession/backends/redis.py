@@ -733,7 +733,7 @@ class RedisStore(Store):
             async with asyncio.timeout(self.timeout):
                 conn = await self._checkout()
                 try:
-                    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                    await conn.send_packed_command(_pack(commands), check_health=False)
                     replies: list[Any] = []
                     for _ in commands:
                         try:
