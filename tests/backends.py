@@ -20,7 +20,7 @@ from asyncsession import Config, Store
 
 from .clock import FakeClock
 
-NAMES = ("memory", "sqlite_file", "sqlite_memory", "redis")
+NAMES = ("memory", "sqlite_file", "sqlite_memory", "redis", "redis_cluster")
 
 
 @dataclass

@@ -1,28 +1,512 @@
-"""RedisStore on a real 3-primary Redis Cluster started by the tests (tests/redis_servers.py)."""
+"""RedisStore on a real 3-primary Redis Cluster started by the tests (tests/redis_servers.py).
+
+The conformance suite also runs on this cluster (backend ``redis_cluster``). Here: the
+hash-tag key layout, atomic per-user limits under 500 concurrent creates, 10,000
+sessions spread over every primary and purged from every primary, per-node batching,
+and what the store does while the cluster changes shape: ``MOVED`` after a resharding
+(followed), ``ASK`` / ``TRYAGAIN`` while a slot migrates (reads follow, scripts wait,
+nothing is answered wrongly or written twice), and a node that hangs or dies
+(``StoreUnavailable`` naming the cluster, then recovery).
+"""
 
 from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
 
 import pytest
 
 redis = pytest.importorskip("redis")
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster  # noqa: E402
+from redis.asyncio.connection import Connection  # noqa: E402
+from redis.crc import key_slot  # noqa: E402
 
+from asyncsession import (  # noqa: E402
+    Config,
+    ControlledStore,
+    InvalidSession,
+    Session,
+    SessionLimitExceeded,
+    SessionNotFound,
+    StoreUnavailable,
+    generate_session_id,
+    new_session,
+    open_store,
+    with_controls,
+)
+from asyncsession.backends import _redis_cluster  # noqa: E402
+from asyncsession.backends.redis import RedisStore  # noqa: E402
+from asyncsession.session import SESSION_ID_RE, user_tag  # noqa: E402
+
+from . import backend_redis  # noqa: E402
+from .clock import FakeClock  # noqa: E402
 from .redis_servers import Cluster  # noqa: E402
 
 
-async def test_cluster_fixture_has_three_primaries_covering_every_slot(
-    redis_cluster: Cluster,
-) -> None:
-    client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in redis_cluster.startup_nodes])
+def cfg(**changes: Any) -> Config:
+    base: dict[str, Any] = {"site_id": "site-a", "max_sessions_per_user": 5, "cleanup_interval": 0}
+    base.update(changes)
+    return Config(**base)
+
+
+def client_for(cluster: Cluster) -> RedisCluster:
+    return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes])
+
+
+class Env:
+    """Stores on one test's own key prefix over the shared cluster; cleans up after."""
+
+    def __init__(self, cluster: Cluster, clock: FakeClock) -> None:
+        self.cluster = cluster
+        self.clock = clock
+        self.prefix = f"test:{uuid.uuid4().hex[:12]}:"
+        self.client = client_for(cluster)
+        self.stores: list[Any] = []
+
+    def raw(self, config: Config | None = None, **options: Any) -> RedisStore:
+        config = replace(config or cfg(), key_prefix=self.prefix)
+        store = RedisStore.from_url(self.cluster.url, config, clock=self.clock, **options)
+        self.stores.append(store)
+        return store
+
+    def controlled(self, config: Config | None = None, **options: Any) -> ControlledStore:
+        config = replace(config or cfg(), key_prefix=self.prefix)
+        store = with_controls(self.raw(config, **options), config)
+        self.stores.append(store)
+        return store
+
+    async def keys(self) -> list[bytes]:
+        pattern = self.prefix.replace("*", "\\*") + "*"
+        return sorted([k async for k in self.client.scan_iter(match=pattern, count=1000)])
+
+    async def close(self) -> None:
+        for store in reversed(self.stores):
+            await store.close()
+        await backend_redis.delete_prefix(self.client, self.prefix)
+        await self.client.aclose()
+
+
+@pytest.fixture
+async def env(redis_cluster: Cluster, clock: FakeClock) -> AsyncIterator[Env]:
+    e = Env(redis_cluster, clock)
     try:
-        await client.initialize()
-        primaries = client.get_primaries()
-        assert sorted(n.port for n in primaries) == sorted(redis_cluster.ports)
-        slots = {}
-        for server in redis_cluster.servers:
-            for start, port in Cluster.slot_map(server).items():
-                slots.setdefault(start, set()).add(port)
-        assert len(slots) == 3 and all(len(owners) == 1 for owners in slots.values())
+        yield e
+    finally:
+        await e.close()
+
+
+def test_cluster_fixture_has_three_primaries_covering_every_slot(redis_cluster: Cluster) -> None:
+    owners: dict[int, set[int]] = {}
+    for server in redis_cluster.servers:
+        for start, port in Cluster.slot_map(server).items():
+            owners.setdefault(start, set()).add(port)
+    assert len(owners) == 3 and all(len(ports) == 1 for ports in owners.values())
+    assert {p for ports in owners.values() for p in ports} == set(redis_cluster.ports)
+
+
+# ------------------------------------------------------------------------ ids, layout
+
+
+def test_user_session_ids_carry_the_user_tag() -> None:
+    s = new_session("alice")
+    assert s.id.startswith(user_tag("alice")) and len(s.id) == 47
+    assert SESSION_ID_RE.fullmatch(s.id)
+    assert len(new_session(None).id) == 43  # anonymous: 43 random characters
+    assert user_tag("alice") == user_tag("alice") != user_tag("bob")
+    # the 43 characters after the tag are fresh randomness every time
+    assert len({new_session("alice").id[4:] for _ in range(100)}) == 100
+    # tags spread users over the slots
+    slots = {_redis_cluster.id_slot(user_tag(f"user-{n}")) for n in range(2000)}
+    assert len(slots) > 1800
+
+
+def test_slot_tags_land_in_their_slot() -> None:
+    for slot in (0, 1, 5460, 5461, 10922, 10923, 16383):
+        tag = _redis_cluster.slot_tag(slot)
+        assert key_slot(b"p:x:{" + tag + b"}") == slot
+    assert len({_redis_cluster.slot_tag(s) for s in range(16384)}) == 16384
+
+
+async def test_key_layout_puts_a_session_its_index_and_expiry_set_in_one_slot(
+    env: Env, clock: FakeClock
+) -> None:
+    store = env.controlled()
+    s = await store.create(new_session("alice", timedelta(hours=1), now=clock()))
+    anon = await store.create(new_session(None, timedelta(hours=1), now=clock()))
+    tag = user_tag("alice")
+    skey = f"{env.prefix}s:{{{tag}}}{s.id[4:]}".encode()
+    ikey = f"{env.prefix}u:{{{tag}}}:6:site-a:alice".encode()
+    slot = key_slot(skey)
+    xkey = f"{env.prefix}x:{{".encode() + _redis_cluster.slot_tag(slot) + b"}"
+    akey = f"{env.prefix}s:{{{anon.id[:4]}}}{anon.id[4:]}".encode()
+    axkey = f"{env.prefix}x:{{".encode() + _redis_cluster.slot_tag(key_slot(akey)) + b"}"
+    assert await env.keys() == sorted({skey, ikey, xkey, akey, axkey})
+    assert key_slot(ikey) == key_slot(xkey) == slot
+    fields = await env.client.hgetall(skey)
+    assert fields[b"i"] == ikey and fields[b"s"] == b"site-a"
+    assert await env.client.zrange(ikey, 0, -1) == [s.id.encode()]
+    assert await env.client.zscore(xkey, s.id) is not None
+    assert await env.client.zscore(axkey, anon.id) is not None
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    assert raw.session_key(s.id) == skey and raw.index_key("site-a", "alice") == ikey
+
+
+async def test_rotate_keeps_the_slot_and_mints_fresh_randomness(env: Env) -> None:
+    store = env.controlled()
+    for user in ("alice", None):
+        s = await store.create(new_session(user, data={"k": 1}))
+        new_id = await store.rotate(s.id)
+        assert new_id[:4] == s.id[:4] and new_id[4:] != s.id[4:] and len(new_id) == 47
+        assert SESSION_ID_RE.fullmatch(new_id)
+        assert (await store.get(new_id)).data == {"k": 1}
+        with pytest.raises(SessionNotFound):
+            await store.get(s.id)
+    assert [x.id[:4] for x in await store.list_by_user("alice")] == [user_tag("alice")]
+
+
+async def test_user_session_with_an_id_not_minted_for_the_user_is_invalid(env: Env) -> None:
+    store = env.controlled()
+    s = new_session("alice")
+    s.id = generate_session_id()  # no user tag: would land away from alice's index
+    with pytest.raises(InvalidSession, match="user"):
+        await store.create(s)
+    bob = new_session("bob")
+    bob.user_id = "alice"
+    with pytest.raises(InvalidSession):
+        await store.create(bob)
+    assert await env.keys() == []
+    anon = new_session(None)
+    anon.id = new_session("alice").id  # an anonymous session may use any id
+    await store.create(anon)
+
+
+def test_key_prefix_with_braces_is_refused_in_cluster_mode(redis_cluster: Cluster) -> None:
+    with pytest.raises(ValueError, match="brace"):
+        RedisStore.from_url(redis_cluster.url, Config(key_prefix="{app}:"))
+
+
+# ------------------------------------------------------------------------ atomicity
+
+
+@pytest.mark.parametrize("eviction", ["oldest", "reject"])
+async def test_500_concurrent_creates_for_one_user_leave_exactly_the_limit(
+    env: Env, eviction: str
+) -> None:
+    store = env.controlled(cfg(max_sessions_per_user=5, eviction=eviction))
+
+    async def one() -> str:
+        try:
+            await store.create(new_session("alice"))
+        except SessionLimitExceeded:
+            return "rejected"
+        return "created"
+
+    results = await asyncio.gather(*(one() for _ in range(500)))
+    ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    assert await env.client.zcard(ikey) == 5
+    assert len(await store.list_by_user("alice")) == 5
+    session_keys = [k for k in await env.keys() if k.startswith(f"{env.prefix}s:".encode())]
+    assert len(session_keys) == 5
+    assert results.count("created") == (5 if eviction == "reject" else 500)
+
+
+async def test_concurrent_stale_updates_one_winner_per_version(env: Env) -> None:
+    store = env.controlled()
+    s = await store.create(new_session("alice", data={"writer": None}))
+    copies = [await store.get(s.id) for _ in range(100)]
+
+    async def write(n: int, copy: Session) -> int | None:
+        copy.data["writer"] = n
+        try:
+            await store.update(copy)
+        except Exception:
+            return None
+        return n
+
+    results = await asyncio.gather(*(write(n, c) for n, c in enumerate(copies)))
+    winners = [w for w in results if w is not None]
+    assert len(winners) == 1
+    got = await store.get(s.id)
+    assert got.version == s.version + 1 and got.data["writer"] == winners[0]
+
+
+async def test_10000_sessions_spread_over_every_primary_and_purge_walks_them_all(
+    env: Env, clock: FakeClock
+) -> None:
+    store = env.controlled(cfg(max_sessions_per_user=0))
+    before = env.cluster.dbsizes()
+    made: list[Session] = []
+    for start in range(0, 10_000, 1_000):
+        made += await asyncio.gather(
+            *(
+                store.create(
+                    new_session(None if n % 2 else f"user-{n}", timedelta(minutes=5), now=clock())
+                )
+                for n in range(start, start + 1_000)
+            )
+        )
+    after = env.cluster.dbsizes()
+    grown = {port: after[port] - before[port] for port in after}
+    assert sum(grown.values()) >= 10_000 + 5_000  # sessions + user indexes (+ expiry sets)
+    for port, count in grown.items():  # each primary holds about a third
+        assert sum(grown.values()) * 0.25 < count < sum(grown.values()) * 0.42, (port, grown)
+    assert (await store.get(made[1234].id)).id == made[1234].id
+    clock.advance(timedelta(minutes=6))
+    assert await store.purge_expired() == 10_000
+    assert await env.keys() == []
+    assert env.cluster.dbsizes() == before
+
+
+# ------------------------------------------------------------------------- batching
+
+
+async def test_concurrent_gets_are_sent_as_one_pipeline_per_primary(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = env.controlled(cfg(max_sessions_per_user=0))
+    sessions = [await store.create(new_session(None, data={"i": i})) for i in range(120)]
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    slots = {key_slot(raw.session_key(s.id)) for s in sessions}
+    assert {env.cluster.server_for_slot(slot).port for slot in slots} == set(env.cluster.ports)
+    counts: dict[int, int] = {}
+
+    original = Connection.send_packed_command
+
+    async def counting(self: Connection, command: Any, check_health: bool = True) -> None:
+        counts[int(self.port)] = counts.get(int(self.port), 0) + 1
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counting)
+    got = await asyncio.gather(*(store.get(s.id) for s in sessions))
+    assert [g.data["i"] for g in got] == list(range(120))
+    assert counts == {port: 1 for port in env.cluster.ports}
+
+
+# --------------------------------------------------------------- resharding, faults
+
+
+async def test_moved_after_a_resharding_is_followed(env: Env) -> None:
+    store = env.controlled()
+    s = await store.create(new_session("alice", data={"v": 1}))
+    other = await store.create(new_session("alice", data={"v": 2}))
+    slot = key_slot(store.store.session_key(s.id))  # type: ignore[attr-defined]
+    source = env.cluster.server_for_slot(slot)
+    target = next(x for x in env.cluster.servers if x is not source)
+    await asyncio.to_thread(env.cluster.move_slot, slot, target)  # the store's map is stale
+    try:
+        got = await store.get(s.id)
+        assert got.data == {"v": 1}
+        got.data["v"] = 10
+        await store.update(got)
+        assert (await store.get(s.id)).data == {"v": 10}
+        assert sorted(x.id for x in await store.list_by_user("alice")) == sorted([s.id, other.id])
+        third = await store.create(new_session("alice"))
+        assert len(await store.list_by_user("alice")) == 3
+        await store.delete(third.id)
+        assert int(target.call("CLUSTER", "COUNTKEYSINSLOT", slot)) >= 3
+    finally:
+        await asyncio.to_thread(env.cluster.move_slot, slot, source)  # put it back
+    assert (await store.get(s.id)).data == {"v": 10}
+
+
+async def test_ask_during_a_migration_reads_follow_and_scripts_never_answer_wrongly(
+    env: Env,
+) -> None:
+    store = env.controlled()
+    s = await store.create(new_session("alice", data={"v": 1}))
+    other = await store.create(new_session("alice", data={"v": 2}))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    slot = key_slot(raw.session_key(s.id))
+    source = env.cluster.server_for_slot(slot)
+    target = next(x for x in env.cluster.servers if x is not source)
+    # half-way through a migration: s has moved, its index and other have not
+    await asyncio.to_thread(
+        env.cluster.move_slot, slot, target, keys=[raw.session_key(s.id)], finish=False
+    )
+    try:
+        assert (await store.get(s.id)).data == {"v": 1}  # ASK, followed
+        assert (await store.get(other.id)).data == {"v": 2}  # still on the source
+        raw._router.retry_for = 0.3  # type: ignore[union-attr]
+        with pytest.raises(StoreUnavailable, match="slot"):
+            await store.list_by_user("alice")  # a script over keys on both sides: waits
+        with pytest.raises(StoreUnavailable):
+            await store.delete_by_user("alice")
+        # nothing was dropped by a script that saw half a slot
+        ikey = raw.index_key("site-a", "alice")
+        members = source.call("ZRANGE", ikey, 0, -1)
+        assert sorted(members) == sorted([s.id.encode(), other.id.encode()])
+        # a call that waits is answered once the migration completes
+        raw._router.retry_for = 10  # type: ignore[union-attr]
+        listing = asyncio.ensure_future(store.list_by_user("alice"))
+        await asyncio.sleep(0.2)
+        assert not listing.done()
+        await asyncio.to_thread(env.cluster.finish_slot, slot, target)
+        assert sorted(x.id for x in await listing) == sorted([s.id, other.id])
+    finally:
+        if env.cluster.server_for_slot(slot) is not target:
+            await asyncio.to_thread(env.cluster.finish_slot, slot, target)
+        await asyncio.to_thread(env.cluster.move_slot, slot, source)
+    assert len(await store.list_by_user("alice")) == 2
+
+
+async def test_writes_during_a_migration_are_applied_once(env: Env) -> None:
+    """Creates, updates and deletes racing a slot migration: each either happens once
+    (and is visible after) or fails with StoreUnavailable; none is doubled or lost."""
+    store = env.controlled(cfg(max_sessions_per_user=0))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    s = await store.create(new_session("alice", data={"n": 0}))
+    slot = key_slot(raw.session_key(s.id))
+    source = env.cluster.server_for_slot(slot)
+    target = next(x for x in env.cluster.servers if x is not source)
+    stop = asyncio.Event()
+    created: list[str] = []
+    acked = {"n": 0}
+
+    async def writer() -> None:
+        while not stop.is_set():
+            try:
+                created.append((await store.create(new_session("alice"))).id)
+                got = await store.get(s.id)
+                got.data["n"] += 1
+                await store.update(got)
+                acked["n"] = got.data["n"]
+            except StoreUnavailable:
+                pass
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(writer())
+    try:
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(env.cluster.move_slot, slot, target)
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(env.cluster.move_slot, slot, source)
+        await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await task
+    got = await store.get(s.id)
+    assert got.data["n"] == got.version and acked["n"] <= got.data["n"] <= acked["n"] + 1
+    listed = {x.id for x in await store.list_by_user("alice")}
+    assert set(created) <= listed
+    assert len(listed) <= len(created) + 2  # at most the one in flight at the end, plus s
+
+
+async def test_a_hung_node_is_store_unavailable_for_its_slots_only(env: Env) -> None:
+    store = env.controlled(cfg(max_sessions_per_user=0), socket_timeout=0.5)
+    sessions = [await store.create(new_session(None, data={"i": i})) for i in range(60)]
+    victim = env.cluster.servers[1]
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    on_victim = [
+        s
+        for s in sessions
+        if env.cluster.server_for_slot(key_slot(raw.session_key(s.id))) is victim
+    ]
+    elsewhere = [s for s in sessions if s not in on_victim]
+    assert on_victim and elsewhere
+    victim.pause()
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            await store.get(on_victim[0].id)
+        assert "redis+cluster://" in str(info.value)
+        assert (await store.get(elsewhere[0].id)).id == elsewhere[0].id
+    finally:
+        victim.resume()
+    got = await asyncio.gather(*(store.get(s.id) for s in sessions))
+    assert [g.data["i"] for g in got] == list(range(60))
+
+
+async def test_a_dead_node_is_store_unavailable_then_the_store_recovers(
+    private_cluster: Cluster, clock: FakeClock
+) -> None:
+    config = cfg(max_sessions_per_user=0, key_prefix="dead:")
+    store = with_controls(
+        RedisStore.from_url(
+            private_cluster.url,
+            config,
+            clock=clock,
+            socket_timeout=1,
+            socket_connect_timeout=1,
+        ),
+        config,
+    )
+    async with store:
+        sessions = [await store.create(new_session(f"u{i}")) for i in range(30)]
+        victim = private_cluster.servers[2]
+        victim.kill()
+        outcomes = await asyncio.gather(
+            *(store.get(s.id) for s in sessions), return_exceptions=True
+        )
+        down = [o for o in outcomes if isinstance(o, StoreUnavailable)]
+        assert down and len(down) < len(sessions)
+        assert all(isinstance(o, Session | StoreUnavailable) for o in outcomes)
+        assert "unavailable" in str(down[0])
+        victim.start()  # back on its port with its nodes.conf: rejoins, empty
+        await asyncio.to_thread(private_cluster.wait_ok)
+        for s, outcome in zip(sessions, outcomes, strict=True):
+            if isinstance(outcome, Session):
+                assert (await store.get(s.id)).id == s.id
+            else:
+                with pytest.raises(SessionNotFound):  # lost with the node (no persistence)
+                    await store.get(s.id)
+        fresh = await store.create(new_session("after"))
+        assert (await store.get(fresh.id)).id == fresh.id
+
+
+# ------------------------------------------------------------------------------ URLs
+
+
+async def test_open_store_routes_cluster_urls(redis_cluster: Cluster, clock: FakeClock) -> None:
+    prefix = f"test:{uuid.uuid4().hex[:12]}:"
+    store = open_store(redis_cluster.url, cfg(key_prefix=prefix), clock=clock)
+    async with store:
+        assert isinstance(store.store, RedisStore)
+        s = await store.create(new_session("alice"))
+        assert (await store.get(s.id)).id == s.id
+        await store.delete(s.id)
+        assert await store.list_by_user("alice") == []
+    client = client_for(redis_cluster)
+    try:
+        await backend_redis.delete_prefix(client, prefix)
     finally:
         await client.aclose()
+
+
+def test_cluster_url_forms() -> None:
+    nodes, options = _redis_cluster.parse_cluster_url(
+        "redis+cluster://u:p%40ss@a:7000,b:7001,[::1]:7002?socket_timeout=2&ssl=true"
+    )
+    assert nodes == [("a", 7000), ("b", 7001), ("::1", 7002)]
+    assert options == {"username": "u", "password": "p@ss", "socket_timeout": 2.0, "ssl": True}
+    assert _redis_cluster.parse_cluster_url("redis+cluster://h")[0] == [("h", 6379)]
+    with pytest.raises(ValueError, match="database"):
+        _redis_cluster.parse_cluster_url("redis+cluster://h:1/2")
+    with pytest.raises(ValueError, match="option"):
+        _redis_cluster.parse_cluster_url("redis+cluster://h:1?bogus=1")
+
+
+async def test_unreachable_cluster_is_store_unavailable_without_password(
+    clock: FakeClock,
+) -> None:
+    from .redis_servers import free_ports
+
+    (port,) = free_ports(1)
+    store = RedisStore.from_url(
+        f"redis+cluster://:s3cret@127.0.0.1:{port}", cfg(), clock=clock, socket_connect_timeout=0.5
+    )
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            await store.get(new_session(None).id)
+        assert "s3cret" not in str(info.value) and re.search(r"127\.0\.0\.1:\d+", str(info.value))
+    finally:
+        await store.close()

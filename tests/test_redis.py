@@ -750,8 +750,11 @@ async def test_owned_client_closed_passed_client_not(clock: FakeClock) -> None:
 
 
 def test_unsupported_schemes() -> None:
-    with pytest.raises(ValueError, match="cluster"):
-        RedisStore.from_url("redis+cluster://:pw@h:1")
+    with pytest.raises(ValueError, match="redis\\+foo") as info:
+        RedisStore.from_url("redis+foo://:pw@h:1")
+    assert ":pw@" not in str(info.value)
+    with pytest.raises(ValueError, match="cluster"):  # Redis Cluster has no /db
+        RedisStore.from_url("redis+cluster://:pw@h:1/3")
     with pytest.raises(TypeError):
         RedisStore("redis://localhost")  # type: ignore[arg-type]
 

@@ -1,13 +1,52 @@
 """RedisStore behind Redis Sentinel (one primary, one replica, one sentinel), started by
-the tests themselves (tests/redis_servers.py)."""
+the tests themselves (tests/redis_servers.py): ``from_sentinel`` and the
+``redis+sentinel://`` URL, a sentinel that names no primary, and a forced failover
+(``SENTINEL FAILOVER``) in the middle of a load of reads and writes, after which the
+store works on the new primary and no session created before the failover is lost.
+
+The failover test runs last in this module: the sentinel takes some 20 s after a
+failover to see the old primary as a good replica again.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 redis = pytest.importorskip("redis")
 
-from .redis_servers import Sentinel  # noqa: E402
+from asyncsession import (  # noqa: E402
+    Config,
+    Session,
+    SessionConflict,
+    SessionNotFound,
+    StoreUnavailable,
+    new_session,
+    open_store,
+    with_controls,
+)
+from asyncsession.backends import _redis_cluster  # noqa: E402
+from asyncsession.backends.redis import RedisStore  # noqa: E402
+
+from .clock import FakeClock  # noqa: E402
+from .redis_servers import SERVICE, Sentinel, free_ports  # noqa: E402
+
+
+def cfg(**changes: Any) -> Config:
+    base: dict[str, Any] = {
+        "site_id": "site-a",
+        "max_sessions_per_user": 0,
+        "cleanup_interval": 0,
+        "key_prefix": f"test:{uuid.uuid4().hex[:12]}:",
+    }
+    base.update(changes)
+    return Config(**base)
 
 
 def test_sentinel_fixture_names_a_primary_with_a_synced_replica(redis_sentinel: Sentinel) -> None:
@@ -15,3 +54,143 @@ def test_sentinel_fixture_names_a_primary_with_a_synced_replica(redis_sentinel: 
     primary, replica = redis_sentinel.current()
     assert primary.info("replication")["role"] == "master"
     assert replica.info("replication")["master_port"] == primary.port
+
+
+def test_sentinel_url_forms() -> None:
+    sentinels, service, options = _redis_cluster.parse_sentinel_url(
+        "redis+sentinel://:pw@s1:26379,s2/mymaster/2?socket_timeout=1.5"
+    )
+    assert sentinels == [("s1", 26379), ("s2", 26379)] and service == "mymaster"
+    assert options == {"password": "pw", "db": 2, "socket_timeout": 1.5}
+    with pytest.raises(ValueError, match="service"):
+        _redis_cluster.parse_sentinel_url("redis+sentinel://s1:26379")
+    with pytest.raises(ValueError, match="service"):
+        RedisStore.from_url("redis+sentinel://:secret@s1:26379/")
+
+
+async def test_store_through_from_sentinel_and_the_url(
+    redis_sentinel: Sentinel, clock: FakeClock
+) -> None:
+    config = cfg(max_sessions_per_user=2)
+    primary, _ = redis_sentinel.current()
+    via_url = open_store(redis_sentinel.url, config, clock=clock)
+    direct = with_controls(
+        RedisStore.from_sentinel(redis_sentinel.sentinels, SERVICE, config, clock=clock), config
+    )
+    async with via_url, direct:
+        assert isinstance(via_url.store, RedisStore)
+        s = await via_url.create(new_session("alice", data={"k": 1}))
+        got = await direct.get(s.id)  # the same primary: read-your-writes
+        got.data["k"] = 2
+        await direct.update(got)
+        assert (await via_url.get(s.id)).data == {"k": 2}
+        assert primary.call("EXISTS", via_url.store.session_key(s.id)) == 1  # type: ignore[attr-defined]
+        await via_url.create(new_session("alice"))
+        await direct.create(new_session("alice"))
+        assert len(await via_url.list_by_user("alice")) == 2  # the limit, atomically
+        assert await direct.delete_by_user("alice") == 2
+
+
+async def test_a_sentinel_that_names_no_primary_is_store_unavailable(
+    redis_sentinel: Sentinel, clock: FakeClock
+) -> None:
+    sentinels = redis_sentinel.sentinels
+    store = RedisStore.from_sentinel(sentinels, "no-such-service", cfg(), clock=clock)
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            await store.get(new_session(None).id)
+        text = str(info.value)
+        assert "no-such-service" in text and "redis+sentinel://" in text
+    finally:
+        await store.close()
+    (port,) = free_ports(1)  # no sentinel at all
+    store = RedisStore.from_url(
+        f"redis+sentinel://:secret@127.0.0.1:{port}/{SERVICE}",
+        cfg(),
+        clock=clock,
+        socket_connect_timeout=0.5,
+    )
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            await store.create(new_session("alice"))
+        assert "secret" not in str(info.value)
+    finally:
+        await store.close()
+
+
+async def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_forced_failover_under_load_loses_no_session_created_before(
+    redis_sentinel: Sentinel, clock: FakeClock
+) -> None:
+    redis_sentinel.wait_synced()
+    config = cfg()
+    store = with_controls(
+        RedisStore.from_sentinel(
+            redis_sentinel.sentinels, SERVICE, config, clock=clock, timeout=2.0
+        ),
+        config,
+    )
+    async with store:
+        before = [
+            await store.create(new_session(f"user-{i % 10}", data={"i": i, "n": 0}))
+            for i in range(300)
+        ]
+        old_primary, old_replica = redis_sentinel.current()
+        assert int(old_primary.call("WAIT", 1, 5000)) == 1  # the replica has them all
+
+        counts = {"ok": 0, "unavailable": 0, "conflict": 0}
+        stop = asyncio.Event()
+        rng = random.Random(7)
+
+        async def worker(n: int) -> None:
+            mine: Session | None = None
+            while not stop.is_set():
+                try:
+                    s = before[rng.randrange(len(before))]
+                    got = await store.get(s.id)
+                    assert got.data["i"] == s.data["i"]  # never another session's data
+                    if n % 2:
+                        got.data["n"] += 1
+                        await store.update(got)
+                    elif mine is None:
+                        mine = await store.create(new_session(f"w{n}", data={"i": -1}))
+                    else:
+                        assert (await store.get(mine.id)).user_id == f"w{n}"
+                    counts["ok"] += 1
+                except StoreUnavailable:
+                    counts["unavailable"] += 1
+                    await asyncio.sleep(0.01)
+                except SessionConflict:
+                    counts["conflict"] += 1
+                except SessionNotFound:
+                    mine = None  # written to the old primary after the switch: gone
+                await asyncio.sleep(0)
+
+        workers = [asyncio.ensure_future(worker(n)) for n in range(16)]
+        try:
+            await wait_for(lambda: counts["ok"] >= 300, 20, "load before the failover")
+            new_primary, _ = await asyncio.to_thread(redis_sentinel.failover)
+            assert new_primary is old_replica
+            ok_at_switch = counts["ok"]
+            await wait_for(lambda: counts["ok"] >= ok_at_switch + 300, 30, "load after it")
+        finally:
+            stop.set()
+            results = await asyncio.gather(*workers, return_exceptions=True)
+        assert [r for r in results if r is not None] == []  # no assertion failed inside
+
+        # the store follows the new primary: what it writes now lands there
+        after = await store.create(new_session("after", data={"i": -2}))
+        assert new_primary.call("EXISTS", store.store.session_key(after.id)) == 1  # type: ignore[attr-defined]
+        assert new_primary.info("replication")["role"] == "master"
+        # no session created before the failover is lost, none is changed into another
+        for s in before:
+            got = await store.get(s.id)
+            assert got.data["i"] == s.data["i"] and got.user_id == s.user_id
+        assert len(await store.list_by_user("user-3")) == 30

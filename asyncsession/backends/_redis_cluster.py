@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
 from redis.exceptions import (
@@ -260,6 +261,13 @@ class ClusterRouter:
             position += 1
         return out
 
+    async def call(self, node: ClusterNode, command: tuple[Any, ...]) -> Any:
+        """One command on ``node`` (``NOSCRIPT`` recovered); its reply or error reply."""
+        answer = await self._send(node, [command], [0], {})
+        if isinstance(answer, StoreUnavailable):
+            raise answer
+        return answer[0]
+
     async def on_node(self, node: ClusterNode, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Write ``commands`` to ``node`` at once and read every reply (error replies in
         place); a transport failure is ``StoreUnavailable``."""
@@ -301,9 +309,11 @@ async def follow_sentinels(
 
 
 async def _follow(client: Redis, service: str, switched: Callable[[], Awaitable[None]]) -> None:
-    kwargs = dict(client.connection_pool.connection_kwargs)
-    kwargs["socket_timeout"] = None  # a quiet channel is not a failure
-    listener = Redis(**kwargs)
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "socket_timeout": None}  # a quiet channel is fine
+    listener = Redis(
+        connection_pool=ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    )
     name = service.encode()
     missed = False
     try:

@@ -23,16 +23,18 @@ from datetime import datetime
 from typing import Any, ClassVar, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection as Connection
 from redis.asyncio.connection import ConnectionPool
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import NoScriptError, RedisError, ResponseError, TryAgainError
 
 from .. import codec
 from ..config import Config
 from ..controls import ControlledStore, with_controls
 from ..errors import InvalidSession, SessionLimitExceeded, StoreUnavailable, short_hash
 from ..factory import redact
-from ..session import Clock, Session, is_valid_session_id
+from ..session import Clock, Session, generate_session_id, is_valid_session_id, user_tag
 from ..store import (
     NO_EVICTIONS,
     InsertResult,
@@ -41,6 +43,15 @@ from ..store import (
     ScanEntry,
     Store,
     absolute_deadline,
+)
+from ._redis_cluster import (
+    TAG_LENGTH,
+    ClusterRouter,
+    follow_sentinels,
+    id_slot,
+    parse_cluster_url,
+    parse_sentinel_url,
+    slot_tag,
 )
 
 logger = logging.getLogger("asyncsession")
@@ -73,10 +84,30 @@ gives up with ``StoreUnavailable``."""
 # a double up to 2**53 us, year 2255); values Lua writes back are the same strings.
 
 _PRELUDE = """
+-- Redis Cluster: while a slot migrates, a key of it that this node no longer holds
+-- fails the command. A script reads every key it writes before its first write and
+-- stops there with TRYAGAIN: nothing was written, and the client sends it again.
+local function settle(err)
+  if not string.find(err, 'WRONGTYPE', 1, true) then error({err = 'TRYAGAIN ' .. err}) end
+end
 local function fields(key, ...)
   local f = redis.pcall('HMGET', key, ...)
-  if f.err then return nil end
+  if f.err then settle(f.err) return nil end
   return f
+end
+-- a key the script will write without having read it: make sure it is here; its
+-- PEXPIRETIME (-2: no such key, -1: no expiry)
+local function here(key)
+  local t = redis.pcall('PEXPIRETIME', key)
+  if type(t) == 'table' then settle(t.err) end
+  return t
+end
+-- the key of a session id: prefix..'s:'..id, or in a cluster prefix..'s:{'..tag..'}'..rest
+local function key_of(sprefix, id)
+  if string.byte(sprefix, -1) == 123 then
+    return sprefix .. string.sub(id, 1, 4) .. '}' .. string.sub(id, 5)
+  end
+  return sprefix .. id
 end
 local function live(e, now)
   return e == '' or now < tonumber(e)
@@ -117,41 +148,47 @@ local site, e, px, now = ARGV[2], ARGV[6], ARGV[8], tonumber(ARGV[9])
 local limit, eviction, sprefix, id = tonumber(ARGV[10]), ARGV[11], ARGV[12], ARGV[13]
 if redis.call('EXISTS', skey) == 1 then return {'exists'} end
 local evicted = {'ok'}
+local stale, victims = {}, {}
 if ikey and limit > 0 and redis.call('ZCARD', ikey) >= limit then
   local m = redis.call('ZRANGE', ikey, 0, -1, 'WITHSCORES')
   local alive = {}
   for j = 1, #m, 2 do
-    local f = fields(sprefix .. m[j], 'c', 'a', 'e', 'i')
+    local f = fields(key_of(sprefix, m[j]), 'c', 'a', 'e', 'i')
     if not f or not f[3] or f[4] ~= ikey then
-      redis.call('ZREM', ikey, m[j])
+      stale[#stale + 1] = m[j]
     elseif live(f[3], now) then
       alive[#alive + 1] = {m[j], tonumber(f[1]), tonumber(f[2]), tonumber(m[j + 1])}
     end
   end
   local excess = #alive - limit + 1
   if excess > 0 then
-    if eviction == 'reject' then return {'limit', #alive} end
+    if eviction == 'reject' then
+      for _, gone in ipairs(stale) do redis.call('ZREM', ikey, gone) end
+      return {'limit', #alive}
+    end
     local k = 2
     if eviction == 'lru' then k = 3 end
     table.sort(alive, function(p, q)
       if p[k] ~= q[k] then return p[k] < q[k] end
       return p[4] < q[4]
     end)
-    for j = 1, excess do
-      local victim = alive[j][1]
-      redis.call('DEL', sprefix .. victim)
-      redis.call('ZREM', ikey, victim)
-      redis.call('ZREM', xkey, victim)
-      evicted[#evicted + 1] = victim
-    end
+    for j = 1, excess do victims[j] = alive[j][1] end
   end
 elseif ikey then
   -- amortized pruning: drop up to two stale members from the old end
   local m = redis.call('ZRANGE', ikey, 0, 1)
   for j = 1, #m do
-    local f = fields(sprefix .. m[j], 'i')
-    if not f or f[1] ~= ikey then redis.call('ZREM', ikey, m[j]) end
+    local f = fields(key_of(sprefix, m[j]), 'i')
+    if not f or f[1] ~= ikey then stale[#stale + 1] = m[j] end
   end
+end
+-- every key read: the writes begin
+for _, gone in ipairs(stale) do redis.call('ZREM', ikey, gone) end
+for _, victim in ipairs(victims) do
+  redis.call('DEL', key_of(sprefix, victim))
+  redis.call('ZREM', ikey, victim)
+  redis.call('ZREM', xkey, victim)
+  evicted[#evicted + 1] = victim
 end
 if ikey then
   redis.call('HSET', skey, 'r', ARGV[1], 's', site, 'n', ARGV[3], 'c', ARGV[4], 'a', ARGV[5],
@@ -180,11 +217,13 @@ if f[1] ~= ARGV[2] then return 'other_site' end
 if not live(f[4], tonumber(ARGV[11])) then return 'expired' end
 if (f[2] or '') ~= ARGV[3] then return 'user_changed' end
 if f[3] ~= ARGV[4] then return 'conflict' end
+local t
+if f[2] then t = here(f[2]) end
 redis.call('HSET', skey, 'r', ARGV[1], 'n', ARGV[5], 'c', ARGV[6], 'a', ARGV[7], 'e', e,
   'x', ARGV[9])
 expire(skey, px)
 schedule(xkey, e, ARGV[12], px)
-if f[2] then outlive(f[2], px, redis.call('PEXPIRETIME', f[2])) end
+if f[2] then outlive(f[2], px, t) end
 return 'ok'
 """
 
@@ -203,11 +242,13 @@ if sliding == '' then
 end
 local e = sliding
 if f[4] and f[4] ~= '' and tonumber(f[4]) < tonumber(sliding) then e = f[4] end
+local t
+if f[2] then t = here(f[2]) end
 redis.call('HSET', skey, 'a', now, 'e', e)
 local px = string.format('%d', math.floor((tonumber(e) + 999) / 1000) + tonumber(ARGV[4]))
 redis.call('PEXPIREAT', skey, px)
 schedule(xkey, e, ARGV[5], px)
-if f[2] then outlive(f[2], px, redis.call('PEXPIRETIME', f[2])) end
+if f[2] then outlive(f[2], px, t) end
 return 'ok'
 """
 
@@ -221,6 +262,7 @@ if not f or not f[1] or not f[3] then return 'missing' end
 if f[1] ~= ARGV[1] then return 'other_site' end
 if not live(f[3], tonumber(ARGV[2])) then return 'expired' end
 if redis.call('EXISTS', nkey) == 1 then return 'conflict' end
+if f[2] then here(f[2]) end
 redis.call('RENAME', skey, nkey)
 redis.call('ZREM', xkey, id)
 if f[3] ~= '' then redis.call('ZADD', xkey, f[3], new) end
@@ -242,6 +284,7 @@ if not f or not f[1] then
   return 'missing'
 end
 if f[1] ~= ARGV[1] then return 'other_site' end
+if f[2] then here(f[2]) end
 redis.call('DEL', skey)
 redis.call('ZREM', xkey, ARGV[2])
 if f[2] then redis.call('ZREM', f[2], ARGV[2]) end
@@ -253,13 +296,17 @@ return 'ok'
 _DELETE_BY_USER = """
 local ikey, xkey = KEYS[1], KEYS[2]
 local keep, now, sprefix, site = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local ids = redis.call('ZRANGE', ikey, 0, -1)
+local found = {}
+for j, id in ipairs(ids) do
+  if id ~= keep then found[j] = fields(key_of(sprefix, id), 's', 'e', 'i') or false end
+end
 local deleted = {}
-for _, id in ipairs(redis.call('ZRANGE', ikey, 0, -1)) do
+for j, id in ipairs(ids) do
   if id ~= keep then
-    local skey = sprefix .. id
-    local f = fields(skey, 's', 'e', 'i')
+    local f = found[j]
     if f and f[1] == site and f[3] == ikey then
-      redis.call('DEL', skey)
+      redis.call('DEL', key_of(sprefix, id))
       redis.call('ZREM', xkey, id)
       if f[2] and live(f[2], now) then deleted[#deleted + 1] = id end
     end
@@ -274,11 +321,11 @@ return deleted
 # Returns id, record, accessed, expires for each indexed session, in index order.
 _LIST = """
 local ikey, sprefix = KEYS[1], ARGV[1]
-local out = {}
+local out, stale = {}, {}
 for _, id in ipairs(redis.call('ZRANGE', ikey, 0, -1)) do
-  local f = fields(sprefix .. id, 'r', 'a', 'e', 'i')
+  local f = fields(key_of(sprefix, id), 'r', 'a', 'e', 'i')
   if not f or not f[1] or f[4] ~= ikey then
-    redis.call('ZREM', ikey, id)
+    stale[#stale + 1] = id
   else
     out[#out + 1] = id
     out[#out + 1] = f[1]
@@ -286,39 +333,103 @@ for _, id in ipairs(redis.call('ZRANGE', ikey, 0, -1)) do
     out[#out + 1] = f[3] or ''
   end
 end
+for _, id in ipairs(stale) do redis.call('ZREM', ikey, id) end
 return out
+"""
+
+# Purge one expiry set: up to `limit` due entries (reads first, then writes). Returns
+# sessions removed and entries examined; with `report`, appends the id, site and index
+# key ('' anonymous) of each removed session to `rows`.
+_PURGE_FN = """
+local function purge(xkey, now, limit, sprefix, report, rows)
+  local ids = redis.call('ZRANGEBYSCORE', xkey, '-inf', now, 'LIMIT', 0, limit)
+  local found = {}
+  for j, id in ipairs(ids) do
+    local f = fields(key_of(sprefix, id), 'e', 'i', 's')
+    if f and f[2] then here(f[2]) end
+    found[j] = f or false
+  end
+  local removed = 0
+  for j, id in ipairs(ids) do
+    local f = found[j]
+    if f and f[1] and f[1] ~= '' and not live(f[1], tonumber(now)) then
+      redis.call('DEL', key_of(sprefix, id))
+      if f[2] then redis.call('ZREM', f[2], id) end
+      redis.call('ZREM', xkey, id)
+      removed = removed + 1
+      if report then
+        rows[#rows + 1] = id
+        rows[#rows + 1] = f[3] or ''
+        rows[#rows + 1] = f[2] or ''
+      end
+    elseif f and f[1] and f[1] ~= '' then
+      redis.call('ZADD', xkey, f[1], id)
+    else
+      redis.call('ZREM', xkey, id)
+    end
+  end
+  return removed, #ids
+end
 """
 
 # KEYS: expiry set
 # ARGV: now, batch size, session key prefix, [report: '1']
 # Returns {sessions removed, expiry entries examined}, then with report the id,
 # site and index key ('' anonymous) of each removed session.
-_PURGE = """
-local xkey, now, sprefix = KEYS[1], ARGV[1], ARGV[3]
-local ids = redis.call('ZRANGEBYSCORE', xkey, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-local removed = 0
-local out = {0, #ids}
-for _, id in ipairs(ids) do
-  local skey = sprefix .. id
-  local f = fields(skey, 'e', 'i', 's')
-  if f and f[1] and f[1] ~= '' and not live(f[1], tonumber(now)) then
-    redis.call('DEL', skey)
-    if f[2] then redis.call('ZREM', f[2], id) end
-    redis.call('ZREM', xkey, id)
-    removed = removed + 1
-    if ARGV[4] == '1' then
-      out[#out + 1] = id
-      out[#out + 1] = f[3] or ''
-      out[#out + 1] = f[2] or ''
-    end
-  elseif f and f[1] and f[1] ~= '' then
-    redis.call('ZADD', xkey, f[1], id)
+_PURGE = (
+    _PURGE_FN
+    + """
+local rows = {}
+local removed, seen = purge(KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4] == '1', rows)
+local out = {removed, seen}
+for _, r in ipairs(rows) do out[#out + 1] = r end
+return out
+"""
+)
+
+# Redis Cluster, no KEYS: the expiry sets of many slots of the node it is sent to, in
+# one call (keys of several slots, all local: allowed to scripts without flags).
+# ARGV: now, budget (entries examined), session key prefix, report ('1' or ''),
+#       expiry key prefix, slot tags...
+# Each slot is purged as by PURGE; a slot the node does not hold, or holds half of (a
+# migration), fails inside pcall before any write of it and is skipped. Returns
+# {removed, resume (position of the slot tag to start again from, 0 = done),
+# skipped count, skipped positions..., then with report id, site, index key...}.
+_PURGE_SLOTS = (
+    _PURGE_FN
+    + """
+local now, budget, sprefix, xprefix = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[5]
+local report = ARGV[4] == '1'
+local removed, resume, skipped, rows = 0, 0, {}, {}
+for i = 6, #ARGV do
+  local ok, n, seen = pcall(purge, xprefix .. ARGV[i] .. '}', now, budget, sprefix, report, rows)
+  if not ok then
+    skipped[#skipped + 1] = i - 5
   else
-    redis.call('ZREM', xkey, id)
+    removed = removed + n
+    if seen >= budget then
+      resume = i - 5
+      break
+    end
+    budget = budget - seen
   end
 end
-out[1] = removed
+local out = {removed, resume, #skipped}
+for _, position in ipairs(skipped) do out[#out + 1] = position end
+for _, r in ipairs(rows) do out[#out + 1] = r end
 return out
+"""
+)
+
+# Redis Cluster, no KEYS: sessions scheduled in the expiry sets of the given slots of
+# this node (those it does not hold count 0). ARGV: expiry key prefix, slot tags...
+_COUNT_SLOTS = """
+local n = 0
+for i = 2, #ARGV do
+  local c = redis.pcall('ZCARD', ARGV[1] .. ARGV[i] .. '}')
+  if type(c) == 'number' then n = n + c end
+end
+return n
 """
 
 # KEYS: session keys (one SCAN batch)
@@ -368,9 +479,24 @@ DELETE = _Script(_DELETE)
 DELETE_BY_USER = _Script(_DELETE_BY_USER)
 LIST = _Script(_LIST)
 PURGE = _Script(_PURGE)
+PURGE_SLOTS = _Script(_PURGE_SLOTS)
+COUNT_SLOTS = _Script(_COUNT_SLOTS, prelude=False)
 MULTI_GET = _Script(_MULTI_GET, prelude=False)
 SCAN = _Script(_SCAN, prelude=False)
-SCRIPTS = (INSERT, REPLACE, TOUCH, ROTATE, DELETE, DELETE_BY_USER, LIST, PURGE, MULTI_GET, SCAN)
+SCRIPTS = (
+    INSERT,
+    REPLACE,
+    TOUCH,
+    ROTATE,
+    DELETE,
+    DELETE_BY_USER,
+    LIST,
+    PURGE,
+    PURGE_SLOTS,
+    COUNT_SLOTS,
+    MULTI_GET,
+    SCAN,
+)
 
 _OUTCOMES = {
     b"ok": Outcome.OK,
@@ -388,6 +514,7 @@ _Request = tuple[bytes | None, tuple[Any, ...] | None]
 """``(session key, None)`` reads a session; ``(None, args)`` is one command."""
 _Entry = tuple[_Request, "asyncio.Future[Any] | None"]
 _WRONGTYPE: _Raw = (b"WRONGTYPE", None, None)
+_PURGED = PurgedSession("", None, "")  # counted, not reported
 
 MAX_BATCH = 512
 """Requests one pipeline carries at most; more in the same turn start another."""
@@ -463,6 +590,8 @@ def _glob_escape(raw: bytes) -> bytes:
 
 def _describe(pool: ConnectionPool) -> str:
     """Where a client connects, for error messages (never with its password)."""
+    if isinstance(pool, SentinelConnectionPool):
+        return f"redis+sentinel://.../{pool.service_name}"
     kw = pool.connection_kwargs
     if "path" in kw:
         return f"unix://{kw['path']}?db={kw.get('db', 0)}"
@@ -470,7 +599,12 @@ def _describe(pool: ConnectionPool) -> str:
 
 
 class RedisStore(Store):
-    """Redis backend (the seed's production backend). Needs Redis >= 7.0."""
+    """Redis backend (the seed's production backend). Needs Redis >= 7.0.
+
+    One server (``redis.asyncio.Redis``, also behind Sentinel: ``from_sentinel``) or a
+    Redis Cluster (``redis.asyncio.cluster.RedisCluster``, ``redis+cluster://`` URLs),
+    with the same atomicity: on a cluster every script's keys share one hash slot.
+    """
 
     backend_name = "redis"
 
@@ -484,7 +618,7 @@ class RedisStore(Store):
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         config: Config | None = None,
         *,
         clock: Clock | None = None,
@@ -492,19 +626,36 @@ class RedisStore(Store):
     ) -> None:
         super().__init__(config, clock=clock)
         self.timeout = timeout
-        if not isinstance(client, Redis):
-            raise TypeError(f"RedisStore needs a redis.asyncio.Redis, not {type(client).__name__}")
         self.client = client
-        self._pool: ConnectionPool = client.connection_pool
         self._owns_client = False
-        self._where = _describe(self._pool)
-        self._password: str | None = self._pool.connection_kwargs.get("password")
+        self._sentinel: Sentinel | None = None
+        self._service = ""
         prefix = self.config.key_prefix.encode()
-        self._sprefix = prefix + b"s:"
-        self._iprefix = prefix + b"u:"
-        self._xkey = prefix + b"expiry"
+        self._router: ClusterRouter | None = None
+        if isinstance(client, RedisCluster):  # (Config refuses braces in key_prefix)
+            self._router = ClusterRouter(client, _SOURCES, self._unavailable, timeout=timeout)
+            nodes = client.nodes_manager
+            self._where = "redis+cluster://" + ",".join(nodes.startup_nodes)
+            self._password: str | None = nodes.connection_kwargs.get("password")
+            # {prefix}s:{tag}rest, {prefix}u:{tag}:..., {prefix}x:{slot tag}
+            self._sprefix = prefix + b"s:{"
+            self._iprefix = prefix + b"u:{"
+            self._xprefix = prefix + b"x:{"
+            self._max_in_flight = max(1, self.max_in_flight)
+        elif isinstance(client, Redis):
+            self._pool: ConnectionPool = client.connection_pool
+            self._where = _describe(self._pool)
+            self._password = self._pool.connection_kwargs.get("password")
+            self._sprefix = prefix + b"s:"
+            self._iprefix = prefix + b"u:"
+            self._xkey = prefix + b"expiry"
+            self._max_in_flight = max(1, min(self.max_in_flight, self._pool.max_connections))
+        else:
+            raise TypeError(
+                "RedisStore needs a redis.asyncio.Redis or redis.asyncio.cluster.RedisCluster, "
+                f"not {type(client).__name__}"
+            )
         self._batch: list[_Entry] | None = None
-        self._max_in_flight = max(1, min(self.max_in_flight, self._pool.max_connections))
         self._in_flight = 0
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -523,15 +674,43 @@ class RedisStore(Store):
         """A store on its own connection pool (closed by ``close()``).
 
         ``redis://``, ``rediss://`` and ``unix://`` URLs as redis-py reads them; extra
-        keyword arguments go to ``redis.asyncio.Redis.from_url``. ``timeout`` bounds each
-        round trip (``None``: no bound).
+        keyword arguments go to ``redis.asyncio.Redis.from_url``.
+        ``redis+cluster://[[user]:password@]host:port[,host:port...]`` opens a Redis
+        Cluster client on those startup nodes;
+        ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]`` asks
+        those sentinels for the primary of ``service`` (see ``from_sentinel``). Both
+        accept ``?socket_timeout=``, ``socket_connect_timeout=``, ``max_connections=``,
+        ``ssl=true``. ``timeout`` bounds each round trip (``None``: no bound).
         """
         scheme = url.split(":", 1)[0].lower()
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(
-                f"RedisStore does not support {scheme}:// yet (got {redact(url)!r}); "
-                "use redis://, rediss:// or unix://"
+        if scheme == "redis+sentinel":
+            try:
+                sentinels, service, parsed = parse_sentinel_url(url)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (got {redact(url)!r})") from None
+            store = cls.from_sentinel(
+                sentinels, service, config, clock=clock, timeout=timeout, **parsed, **redis_options
             )
+            store._where = redact(url)
+            return store
+        if scheme not in ("redis", "rediss", "unix", "redis+cluster"):
+            raise ValueError(
+                f"RedisStore does not support {scheme}:// (got {redact(url)!r}); use redis://, "
+                "rediss://, unix://, redis+cluster:// or redis+sentinel://"
+            )
+        if scheme == "redis+cluster":
+            try:
+                nodes, parsed = parse_cluster_url(url)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (got {redact(url)!r})") from None
+            options = {**DEFAULT_REDIS_OPTIONS, **parsed, **redis_options}
+            startup = [ClusterNode(host, port) for host, port in nodes]
+            cluster = cls(
+                RedisCluster(startup_nodes=startup, **options), config, clock=clock, timeout=timeout
+            )
+            cluster._owns_client = True
+            cluster._where = redact(url)
+            return cluster
         options = {**DEFAULT_REDIS_OPTIONS, **redis_options}
         client = Redis.from_url(url, **options)
         store = cls(client, config, clock=clock, timeout=timeout)
@@ -540,9 +719,47 @@ class RedisStore(Store):
         return store
 
     @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int]],
+        service_name: str,
+        config: Config | None = None,
+        *,
+        clock: Clock | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        sentinel_kwargs: dict[str, Any] | None = None,
+        **redis_options: Any,
+    ) -> RedisStore:
+        """A store on the primary that ``sentinels`` name for ``service_name``.
+
+        Every connection asks the sentinels for the current primary, and once the store
+        is open (``async with``) it listens for the sentinels' ``+switch-master`` and drops
+        its connections to a demoted primary at once, so after a failover it follows the
+        new primary. Reads go to the primary too (sessions need read-your-writes).
+        ``redis_options`` configure the connections to the primary (``password``,
+        ``db``...); ``sentinel_kwargs`` those to the sentinels (default: the ``socket_*``
+        options of ``redis_options``).
+        """
+        if not sentinels:
+            raise ValueError("from_sentinel needs at least one (host, port) sentinel")
+        options = {**DEFAULT_REDIS_OPTIONS, **redis_options}
+        if sentinel_kwargs is None:
+            sentinel_kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(sentinels), sentinel_kwargs=sentinel_kwargs, **options
+        )
+        store = cls(sentinel.master_for(service_name), config, clock=clock, timeout=timeout)
+        store._owns_client = True
+        store._sentinel = sentinel
+        store._service = service_name
+        hosts = ",".join(f"{host}:{port}" for host, port in sentinels)
+        store._where = f"redis+sentinel://{hosts}/{service_name}"
+        return store
+
+    @classmethod
     def with_controls(
         cls,
-        client: Redis,
+        client: Redis | RedisCluster,
         config: Config | None = None,
         *,
         clock: Clock | None = None,
@@ -554,18 +771,59 @@ class RedisStore(Store):
     # ------------------------------------------------------------------ keys
 
     def session_key(self, session_id: str) -> bytes:
-        """``{prefix}s:{session_id}`` (ids are validated: [A-Za-z0-9_-] only)."""
-        return self._sprefix + session_id.encode()
+        """``{prefix}s:{session_id}`` (ids are validated: [A-Za-z0-9_-] only); on a
+        cluster ``{prefix}s:{{tag}}{rest}``, the id's first 4 characters as hash tag."""
+        if self._router is None:
+            return self._sprefix + session_id.encode()
+        raw = session_id.encode()
+        return self._sprefix + raw[:TAG_LENGTH] + b"}" + raw[TAG_LENGTH:]
 
     def index_key(self, site_id: str, user_id: str) -> bytes:
-        """``{prefix}u:{len(site)}:{site}:{user}``: injective in (site, user)."""
+        """``{prefix}u:{len(site)}:{site}:{user}``: injective in (site, user). On a
+        cluster ``{prefix}u:{{user_tag}}:{len(site)}:{site}:{user}``: the slot of the
+        user's sessions."""
         site = site_id.encode()
-        return b"%s%d:%s:%s" % (self._iprefix, len(site), site, _escape_user(user_id))
+        if self._router is None:
+            return b"%s%d:%s:%s" % (self._iprefix, len(site), site, _escape_user(user_id))
+        return b"%s%s}:%d:%s:%s" % (
+            self._iprefix,
+            user_tag(user_id).encode(),
+            len(site),
+            site,
+            _escape_user(user_id),
+        )
 
     @property
     def expiry_key(self) -> bytes:
-        """``{prefix}expiry``: sorted set of session ids by deadline (us), for purging."""
+        """``{prefix}expiry``: sorted set of session ids by deadline (us), for purging.
+        A cluster has one per hash slot: ``expiry_key_for``."""
+        if self._router is not None:
+            raise AttributeError("on Redis Cluster the expiry set is per slot: expiry_key_for(id)")
         return self._xkey
+
+    def expiry_key_for(self, session_id: str) -> bytes:
+        """The expiry set ``session_id`` is scheduled in: ``expiry_key`` on one server,
+        ``{prefix}x:{{slot tag}}`` (the session's hash slot) on a cluster."""
+        if self._router is None:
+            return self._xkey
+        return self._xprefix + slot_tag(id_slot(session_id)) + b"}"
+
+    def _id_of(self, session_key: bytes) -> str | None:
+        """The session id a key under the session prefix names (None: not an id)."""
+        rest = session_key[len(self._sprefix) :].decode("utf-8", "replace")
+        if self._router is not None:
+            tag, brace, tail = rest.partition("}")
+            if not brace or len(tag) != TAG_LENGTH:
+                return None
+            rest = tag + tail
+        return rest if is_valid_session_id(rest) else None
+
+    def _rotated_id(self, session_id: str) -> str:
+        """On a cluster the new id keeps the hash tag (the slot of the session and of
+        its user's index) and gets 43 fresh random characters."""
+        if self._router is None:
+            return super()._rotated_id(session_id)
+        return session_id[:TAG_LENGTH] + generate_session_id()
 
     # ------------------------------------------------------------ transport
     #
@@ -673,6 +931,8 @@ class RedisStore(Store):
 
     async def _roundtrip(self, requests: list[_Request]) -> list[Any]:
         """One write, one read of all replies; a reply is a value or a ``StoreUnavailable``."""
+        if self._router is not None:
+            return await self._cluster_roundtrip(requests)
         gets = [key for key, args in requests if args is None]
         wire: list[tuple[Any, ...]] = []
         if len(gets) == 1:
@@ -702,6 +962,22 @@ class RedisStore(Store):
             else:
                 out.append(self._multi_reply(read, nth_get))
                 nth_get += 1
+        return out
+
+    async def _cluster_roundtrip(self, requests: list[_Request]) -> list[Any]:
+        """One pipeline per primary (all at once); reads are ``HMGET`` each, as a
+        multi-key script cannot span slots."""
+        assert self._router is not None
+        wire = [("HMGET", key, "r", "a", "e") if args is None else args for key, args in requests]
+        replies = await self._router.exchange(wire)
+        out: list[Any] = []
+        for (_, args), reply in zip(requests, replies, strict=True):
+            if isinstance(reply, StoreUnavailable):
+                out.append(reply)
+            elif args is None:
+                out.append(self._read_reply(reply))
+            else:
+                out.append(self._reply(reply))
         return out
 
     def _reply(self, reply: Any) -> Any:
@@ -775,10 +1051,35 @@ class RedisStore(Store):
         return await self._request((None, ("EVALSHA", script.sha, len(keys), *keys, *args)))
 
     async def _open(self) -> None:
-        """Load the scripts in one round trip, so first calls need no ``NOSCRIPT`` retry."""
-        await asyncio.gather(*(self._call("SCRIPT", "LOAD", s.source) for s in SCRIPTS))
+        """Load the scripts in one round trip (on a cluster: the slot map, then the
+        scripts on every primary), so first calls need no ``NOSCRIPT`` retry. Behind
+        Sentinel, start following ``+switch-master``."""
+        if self._router is None:
+            await asyncio.gather(*(self._call("SCRIPT", "LOAD", s.source) for s in SCRIPTS))
+        else:
+            router = self._router
+            await router.initialize()
+            load = [("SCRIPT", "LOAD", s.source) for s in SCRIPTS]
+            await asyncio.gather(*(router.on_node(node, load) for node in router.primaries()))
+        if self._sentinel is not None and not any(
+            t.get_name() == "asyncsession-sentinel" for t in self._tasks
+        ):
+            follow = asyncio.ensure_future(
+                follow_sentinels(self._sentinel, self._service, self._switched)
+            )
+            follow.set_name("asyncsession-sentinel")
+            self._tasks.add(follow)
+            follow.add_done_callback(self._tasks.discard)
+
+    async def _switched(self) -> None:
+        """A sentinel promoted a new primary: drop every connection (in use or not) to
+        the old one; the next request connects to the new primary."""
+        await self._pool.disconnect(inuse_connections=True)
 
     async def _close(self) -> None:
+        for task in self._tasks:
+            if task.get_name() == "asyncsession-sentinel":
+                task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         idle, self._idle = self._idle, []
@@ -786,6 +1087,9 @@ class RedisStore(Store):
             await self._pool.release(conn)
         if self._owns_client:
             await self.client.aclose()
+        if self._sentinel is not None and self._owns_client:
+            for client in self._sentinel.sentinels:
+                await client.aclose()
 
     # ------------------------------------------------------------ reads
 
@@ -843,9 +1147,21 @@ class RedisStore(Store):
     async def _insert(
         self, session: Session, record: bytes, scope: Config, now: datetime
     ) -> InsertResult:
-        keys = [self.session_key(session.id), self._xkey]
-        if session.user_id is not None:
-            keys.append(self.index_key(scope.site_id, session.user_id))
+        user = session.user_id
+        if (
+            self._router is not None
+            and user is not None
+            and session.id[:TAG_LENGTH] != user_tag(user)
+        ):
+            raise InvalidSession(
+                "on Redis Cluster a user session's id must start with its user's tag (the "
+                "hash slot of the user's index): mint it with new_session(user_id, ...) or "
+                "generate_session_id(user_id)",
+                details={"user_tag": user_tag(user)},
+            )
+        keys = [self.session_key(session.id), self.expiry_key_for(session.id)]
+        if user is not None:
+            keys.append(self.index_key(scope.site_id, user))
         reply = await self._eval(
             INSERT,
             keys,
@@ -884,7 +1200,7 @@ class RedisStore(Store):
         user = session.user_id
         reply = await self._eval(
             REPLACE,
-            (self.session_key(session.id), self._xkey),
+            (self.session_key(session.id), self.expiry_key_for(session.id)),
             (
                 record,
                 scope.site_id,
@@ -906,7 +1222,7 @@ class RedisStore(Store):
         idle = scope.idle_timeout
         reply = await self._eval(
             TOUCH,
-            (self.session_key(session_id), self._xkey),
+            (self.session_key(session_id), self.expiry_key_for(session_id)),
             (
                 scope.site_id,
                 codec.to_us(now),
@@ -920,14 +1236,20 @@ class RedisStore(Store):
     async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
         reply = await self._eval(
             ROTATE,
-            (self.session_key(session_id), self.session_key(new_id), self._xkey),
+            (
+                self.session_key(session_id),
+                self.session_key(new_id),
+                self.expiry_key_for(session_id),
+            ),
             (scope.site_id, codec.to_us(now), session_id, new_id),
         )
         return _OUTCOMES[reply]
 
     async def _delete(self, session_id: str, scope: Config) -> Outcome:
         reply = await self._eval(
-            DELETE, (self.session_key(session_id), self._xkey), (scope.site_id, session_id)
+            DELETE,
+            (self.session_key(session_id), self.expiry_key_for(session_id)),
+            (scope.site_id, session_id),
         )
         return _OUTCOMES[reply]
 
@@ -936,25 +1258,33 @@ class RedisStore(Store):
     ) -> list[str]:
         reply = await self._eval(
             DELETE_BY_USER,
-            (self.index_key(scope.site_id, user_id), self._xkey),
+            (
+                self.index_key(scope.site_id, user_id),
+                self._xkey if self._router is None else self.expiry_key_for(user_tag(user_id)),
+            ),
             (keep or b"", codec.to_us(now), self._sprefix, scope.site_id),
         )
         return [session_id.decode() for session_id in reply]
 
     async def _purge(self, now: datetime) -> int:
-        """Remove expired sessions ``PURGE_BATCH`` at a time (each batch one script call)."""
-        removed = 0
-        cutoff = codec.to_us(now)
-        while True:
-            count, seen = await self._eval(
-                PURGE, (self._xkey,), (cutoff, PURGE_BATCH, self._sprefix)
-            )
-            removed += int(count)
-            if int(seen) < PURGE_BATCH:
-                return removed
+        """Remove expired sessions ``PURGE_BATCH`` at a time (each batch one script call).
+        On a cluster every slot's expiry set, on every primary, batched per node."""
+        if self._router is None:
+            removed = 0
+            cutoff = codec.to_us(now)
+            while True:
+                count, seen = await self._eval(
+                    PURGE, (self._xkey,), (cutoff, PURGE_BATCH, self._sprefix)
+                )
+                removed += int(count)
+                if int(seen) < PURGE_BATCH:
+                    return removed
+        return len(await self._purge_slots(now, report=False))
 
     async def _purge_report(self, now: datetime) -> list[PurgedSession]:
         """``_purge`` that also returns what it removed (for ``expired`` events)."""
+        if self._router is not None:
+            return await self._purge_slots(now, report=True)
         removed: list[PurgedSession] = []
         cutoff = codec.to_us(now)
         while True:
@@ -967,11 +1297,80 @@ class RedisStore(Store):
             if int(reply[1]) < PURGE_BATCH:
                 return removed
 
+    async def _purge_slots(self, now: datetime, *, report: bool) -> list[PurgedSession]:
+        """Purge every slot's expiry set: one script call per primary covers all of its
+        slots (``PURGE_BATCH`` entries per call), the primaries at once. Slots skipped
+        (moved, or migrating) are retried on their owners after a slot map refresh."""
+        assert self._router is not None
+        router = self._router
+        head = (
+            codec.to_us(now),
+            PURGE_BATCH,
+            self._sprefix,
+            b"1" if report else b"",
+            self._xprefix,
+        )
+        removed: list[PurgedSession] = []
+        pending = router.slots_by_primary()
+        for attempt in range(6):
+            results = await asyncio.gather(
+                *(self._purge_node(node, slots, head, removed) for node, slots in pending.items()),
+                return_exceptions=True,
+            )
+            skipped: list[int] = []
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+                skipped += result
+            if not skipped:
+                return removed
+            await asyncio.sleep(0.05 * attempt)
+            await router.initialize()
+            pending = {}
+            for slot in skipped:
+                pending.setdefault(router.nodes.get_node_from_slot(slot), []).append(slot)
+        raise self._unavailable(
+            TryAgainError(f"{len(skipped)} slots could not be purged (resharding in progress)")
+        )
+
+    async def _purge_node(
+        self,
+        node: ClusterNode,
+        slots: list[int],
+        head: tuple[Any, ...],
+        removed: list[PurgedSession],
+    ) -> list[int]:
+        """``PURGE_SLOTS`` over ``slots`` on ``node`` until done; the slots it skipped."""
+        assert self._router is not None
+        tags = [slot_tag(slot) for slot in slots]
+        skipped: list[int] = []
+        start = 0
+        while start < len(tags):
+            reply = await self._router.call(
+                node, ("EVALSHA", PURGE_SLOTS.sha, 0, *head, *tags[start:])
+            )
+            if isinstance(reply, ResponseError):
+                raise self._unavailable(reply)
+            count, resume, n = int(reply[0]), int(reply[1]), int(reply[2])
+            skipped += [slots[start + int(position) - 1] for position in reply[3 : 3 + n]]
+            rows = reply[3 + n :]
+            if head[3]:
+                for j in range(0, len(rows), 3):
+                    site, ikey = rows[j + 1].decode(), rows[j + 2]
+                    removed.append(PurgedSession(site, self._user_of(ikey), rows[j].decode()))
+            else:
+                removed.extend([_PURGED] * count)
+            if not resume:
+                break
+            start += resume - 1
+        return skipped
+
     def _user_of(self, index_key: bytes) -> str | None:
         """The user id an ``index_key`` was made from (None for '' = anonymous)."""
         if not index_key.startswith(self._iprefix):
             return None
-        length, _, rest = index_key[len(self._iprefix) :].partition(b":")
+        start = len(self._iprefix) + (0 if self._router is None else TAG_LENGTH + 2)  # "tag}:"
+        length, _, rest = index_key[start:].partition(b":")
         raw = rest[int(length) + 1 :]
         if b"%" in raw:
             raw = raw.replace(b"%7B", b"{").replace(b"%7D", b"}").replace(b"%25", b"%")
@@ -980,7 +1379,12 @@ class RedisStore(Store):
     async def _scan(self, batch: int) -> AsyncIterator[Sequence[ScanEntry]]:
         """``SCAN`` over the session keys with ``COUNT batch`` (never ``KEYS``), then short
         scripts (``SCAN_KEYS`` keys each, one round trip) read the fields of each batch.
-        ``size`` is the stored record (data plus its metadata header)."""
+        ``size`` is the stored record (data plus its metadata header). On a cluster:
+        each primary in turn, the fields read per key."""
+        if self._router is not None:
+            async for chunk in self._cluster_scan(batch):
+                yield chunk
+            return
         pattern = _glob_escape(self._sprefix) + b"*"
         skip = len(self._sprefix)
         cursor: int | bytes = 0
@@ -1008,7 +1412,64 @@ class RedisStore(Store):
             if int(cursor) == 0:
                 return
 
+    async def _cluster_scan(self, batch: int) -> AsyncIterator[Sequence[ScanEntry]]:
+        """``SCAN`` each primary in turn; the fields of each batch in one pipeline."""
+        assert self._router is not None
+        router = self._router
+        pattern = _glob_escape(self._sprefix) + b"*"
+        for node in router.primaries():
+            cursor: int | bytes = 0
+            while True:
+                (reply,) = await router.on_node(
+                    node, [("SCAN", cursor, "MATCH", pattern, "COUNT", batch)]
+                )
+                if isinstance(reply, ResponseError):
+                    raise self._unavailable(reply)
+                cursor, keys = reply
+                pairs = [(key, sid) for key in keys if (sid := self._id_of(key)) is not None]
+                wire: list[tuple[Any, ...]] = []
+                for key, _ in pairs:
+                    wire += [("HMGET", key, "s", "i", "e"), ("HSTRLEN", key, "r")]
+                replies = await router.exchange(wire) if wire else []
+                out = []
+                for n, (_, session_id) in enumerate(pairs):
+                    row, size = replies[2 * n], replies[2 * n + 1]
+                    for part in (row, size):
+                        if isinstance(part, StoreUnavailable):
+                            raise part
+                    if isinstance(row, ResponseError) or not row[0]:
+                        continue  # gone, or not a session hash
+                    site, ikey, expires = row
+                    out.append(
+                        ScanEntry(
+                            site.decode(),
+                            self._user_of(ikey) if ikey else None,
+                            session_id,
+                            int(size),
+                            codec.from_us(int(expires)) if expires else None,
+                        )
+                    )
+                if out:
+                    yield out
+                if int(cursor) == 0:
+                    break
+
     async def _scan_estimate(self) -> int | None:
         """Sessions with a deadline (the expiry set); sessions that never expire are not
-        counted, so this can be low."""
-        return int(await self._call("ZCARD", self._xkey))
+        counted, so this can be low. On a cluster: the sum over every slot's set."""
+        if self._router is None:
+            return int(await self._call("ZCARD", self._xkey))
+        router = self._router
+        counts = await asyncio.gather(
+            *(
+                router.call(
+                    node,
+                    ("EVALSHA", COUNT_SLOTS.sha, 0, self._xprefix, *map(slot_tag, slots)),
+                )
+                for node, slots in router.slots_by_primary().items()
+            )
+        )
+        for count in counts:
+            if isinstance(count, ResponseError):
+                raise self._unavailable(count)
+        return sum(int(c) for c in counts)
