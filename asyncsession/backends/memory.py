@@ -29,13 +29,14 @@ PURGE_BATCH = 2_000
 """Sessions removed between two yields to the event loop during a purge."""
 
 
-class _Entry:
-    __slots__ = ("bucket", "data", "meta")
+class _Entry(Session):
+    """A stored session: its metadata (``data`` stays empty) plus ``blob``, the encoded
+    data, and ``bucket``, the expiry bucket it is filed under. One object per session,
+    so an operation follows one pointer from the id to everything it needs."""
 
-    def __init__(self, meta: Session, data: bytes, bucket: int) -> None:
-        self.meta = meta  # a private Session whose ``data`` stays empty
-        self.data = data
-        self.bucket = bucket
+    __slots__ = ("blob", "bucket")
+    blob: bytes
+    bucket: int
 
 
 def _bucket_of(expires_at: datetime | None) -> int:
@@ -46,8 +47,8 @@ def _bucket_of(expires_at: datetime | None) -> int:
 _EMPTY: dict[str, Any] = {}
 
 
-def _meta(session: Session) -> Session:
-    return Session(
+def _entry(session: Session, blob: bytes) -> _Entry:
+    entry = _Entry(
         id=session.id,
         user_id=session.user_id,
         site_id=session.site_id,
@@ -62,6 +63,17 @@ def _meta(session: Session) -> Session:
         user_agent=session.user_agent,
         version=session.version,
     )
+    entry.blob = blob
+    entry.bucket = _bucket_of(session.expires_at)
+    return entry
+
+
+def _created_at(entry: _Entry) -> datetime:
+    return entry.created_at
+
+
+def _last_accessed_at(entry: _Entry) -> datetime:
+    return entry.last_accessed_at
 
 
 class MemoryStore(Store):
@@ -94,17 +106,17 @@ class MemoryStore(Store):
 
     # ------------------------------------------------------------ bookkeeping
 
-    def _add(self, meta: Session, data: bytes) -> None:
-        bucket = _bucket_of(meta.expires_at)
-        self._entries[meta.id] = _Entry(meta, data, bucket)
-        self._bucket_add(meta.id, bucket)
-        if meta.user_id is not None:
-            key = (meta.site_id, meta.user_id)
+    def _add(self, entry: _Entry) -> None:
+        session_id = entry.id
+        self._entries[session_id] = entry
+        self._bucket_add(session_id, entry.bucket)
+        if entry.user_id is not None:
+            key = (entry.site_id, entry.user_id)
             index = self._users.get(key)
             if index is None:
-                self._users[key] = {meta.id: None}
+                self._users[key] = {session_id: None}
             else:
-                index[meta.id] = None
+                index[session_id] = None
 
     def _remove(self, session_id: str) -> _Entry | None:
         entry = self._entries.pop(session_id, None)
@@ -113,9 +125,8 @@ class MemoryStore(Store):
         bucket = self._buckets.get(entry.bucket)
         if bucket is not None:
             bucket.pop(session_id, None)
-        meta = entry.meta
-        if meta.user_id is not None:
-            key = (meta.site_id, meta.user_id)
+        if entry.user_id is not None:
+            key = (entry.site_id, entry.user_id)
             index = self._users.get(key)
             if index is not None:
                 index.pop(session_id, None)
@@ -132,23 +143,25 @@ class MemoryStore(Store):
             ids[session_id] = None
 
     def _set_expiry(self, entry: _Entry, expires_at: datetime | None) -> None:
-        entry.meta.expires_at = expires_at
-        bucket = _bucket_of(expires_at)
-        if bucket != entry.bucket:
-            old = self._buckets.get(entry.bucket)
+        entry.expires_at = expires_at
+        self._rebucket(entry, entry.bucket, _bucket_of(expires_at))
+
+    def _rebucket(self, entry: _Entry, old_bucket: int, bucket: int) -> None:
+        entry.bucket = bucket
+        if bucket != old_bucket:
+            old = self._buckets.get(old_bucket)
             if old is not None:
-                old.pop(entry.meta.id, None)
-            entry.bucket = bucket
-            self._bucket_add(entry.meta.id, bucket)
+                old.pop(entry.id, None)
+            self._bucket_add(entry.id, bucket)
 
     def _live(self, session_id: str, scope: Config, now: datetime) -> _Entry | Outcome:
         entry = self._entries.get(session_id)
         if entry is None:
             return Outcome.MISSING
-        meta = entry.meta
-        if meta.site_id != scope.site_id:
+        if entry.site_id != scope.site_id:
             return Outcome.OTHER_SITE
-        if meta.expires_at is not None and now >= meta.expires_at:
+        expires_at = entry.expires_at
+        if expires_at is not None and now >= expires_at:
             return Outcome.EXPIRED
         return entry
 
@@ -165,9 +178,9 @@ class MemoryStore(Store):
             index = self._users.get((scope.site_id, session.user_id))
             if index is not None and len(index) >= limit:
                 live = [
-                    e.meta
+                    e
                     for e in map(self._entries.__getitem__, index)
-                    if e.meta.expires_at is None or now < e.meta.expires_at
+                    if e.expires_at is None or now < e.expires_at
                 ]
                 excess = len(live) - limit + 1
                 if excess > 0:
@@ -176,36 +189,32 @@ class MemoryStore(Store):
                             f"user already has {len(live)} sessions (limit {limit})",
                             details={"limit": limit, "count": len(live)},
                         )
-                    if scope.eviction == "lru":
-                        live.sort(key=lambda m: m.last_accessed_at)
-                    else:
-                        live.sort(key=lambda m: m.created_at)
-                    evicted = [m.id for m in live[:excess]]
+                    live.sort(key=_last_accessed_at if scope.eviction == "lru" else _created_at)
+                    evicted = [e.id for e in live[:excess]]
                     for session_id in evicted:
                         self._remove(session_id)
                     result = InsertResult(evicted)
-        self._add(_meta(session), split_data(record))
+        self._add(_entry(session, split_data(record)))
         return result
 
     async def _load(self, session_id: str) -> Session | None:
-        entry = self._entries.get(session_id)
-        if entry is None:
+        e = self._entries.get(session_id)
+        if e is None:
             return None
-        m = entry.meta
         return Session(
-            id=m.id,
-            user_id=m.user_id,
-            site_id=m.site_id,
-            organization_id=m.organization_id,
-            data=orjson.loads(entry.data),
-            created_at=m.created_at,
-            updated_at=m.updated_at,
-            last_accessed_at=m.last_accessed_at,
-            expires_at=m.expires_at,
-            absolute_expires_at=m.absolute_expires_at,
-            ip_address=m.ip_address,
-            user_agent=m.user_agent,
-            version=m.version,
+            id=e.id,
+            user_id=e.user_id,
+            site_id=e.site_id,
+            organization_id=e.organization_id,
+            data=orjson.loads(e.blob),
+            created_at=e.created_at,
+            updated_at=e.updated_at,
+            last_accessed_at=e.last_accessed_at,
+            expires_at=e.expires_at,
+            absolute_expires_at=e.absolute_expires_at,
+            ip_address=e.ip_address,
+            user_agent=e.user_agent,
+            version=e.version,
         )
 
     async def _replace(
@@ -214,23 +223,23 @@ class MemoryStore(Store):
         found = self._live(session.id, scope, now)
         if isinstance(found, Outcome):
             return found
-        if found.meta.user_id != session.user_id:
+        if found.user_id != session.user_id:
             return Outcome.USER_CHANGED
-        if found.meta.version != session.version - 1:
+        if found.version != session.version - 1:
             return Outcome.CONFLICT
-        found.data = split_data(record)
-        found.meta = _meta(session)
-        self._set_expiry(found, session.expires_at)
+        # same id, user and site, so the user index is unchanged; only the bucket may move
+        entry = _entry(session, split_data(record))
+        self._entries[session.id] = entry
+        self._rebucket(entry, found.bucket, entry.bucket)
         return Outcome.OK
 
     async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:
         found = self._live(session_id, scope, now)
         if isinstance(found, Outcome):
             return found
-        meta = found.meta
-        meta.last_accessed_at = now
+        found.last_accessed_at = now
         if scope.idle_timeout is not None:
-            absolute = meta.absolute_expires_at or meta.expires_at
+            absolute = found.absolute_expires_at or found.expires_at
             sliding = now + scope.idle_timeout
             self._set_expiry(found, sliding if absolute is None or sliding < absolute else absolute)
         return Outcome.OK
@@ -242,15 +251,15 @@ class MemoryStore(Store):
         if new_id in self._entries:  # 256-bit ids: never in practice, but never overwrite
             return Outcome.CONFLICT
         self._remove(session_id)
-        found.meta.id = new_id
-        self._add(found.meta, found.data)
+        found.id = new_id
+        self._add(found)
         return Outcome.OK
 
     async def _delete(self, session_id: str, scope: Config) -> Outcome:
         entry = self._entries.get(session_id)
         if entry is None:
             return Outcome.MISSING
-        if entry.meta.site_id != scope.site_id:
+        if entry.site_id != scope.site_id:
             return Outcome.OTHER_SITE
         self._remove(session_id)
         return Outcome.OK
@@ -266,7 +275,7 @@ class MemoryStore(Store):
             if session_id == keep:
                 continue
             entry = self._remove(session_id)
-            if entry is not None and (entry.meta.expires_at is None or now < entry.meta.expires_at):
+            if entry is not None and (entry.expires_at is None or now < entry.expires_at):
                 deleted.append(session_id)
         return deleted
 
@@ -276,13 +285,13 @@ class MemoryStore(Store):
             return []
         live = []
         for session_id in index:
-            meta = self._entries[session_id].meta
-            if meta.expires_at is None or now < meta.expires_at:
-                live.append(meta)
-        live.sort(key=lambda m: m.created_at)
+            entry = self._entries[session_id]
+            if entry.expires_at is None or now < entry.expires_at:
+                live.append(entry)
+        live.sort(key=_created_at)
         sessions = []
-        for meta in live:
-            session = await self._load(meta.id)
+        for entry in live:
+            session = await self._load(entry.id)
             if session is not None:
                 sessions.append(session)
         return sessions
@@ -310,22 +319,18 @@ class MemoryStore(Store):
                     session_id, _ = ids.popitem()
                     entry = self._remove(session_id)
                     if report is not None and entry is not None:
-                        report.append(
-                            PurgedSession(entry.meta.site_id, entry.meta.user_id, session_id)
-                        )
+                        report.append(PurgedSession(entry.site_id, entry.user_id, session_id))
                     removed += 1
                     budget -= 1
             elif ids:
                 for session_id in [
                     sid
                     for sid in ids
-                    if (exp := self._entries[sid].meta.expires_at) is not None and now >= exp
+                    if (exp := self._entries[sid].expires_at) is not None and now >= exp
                 ]:
                     entry = self._remove(session_id)
                     if report is not None and entry is not None:
-                        report.append(
-                            PurgedSession(entry.meta.site_id, entry.meta.user_id, session_id)
-                        )
+                        report.append(PurgedSession(entry.site_id, entry.user_id, session_id))
                     removed += 1
                     budget -= 1
                 break  # the rest of this bucket is still live; later buckets too
@@ -345,8 +350,15 @@ class MemoryStore(Store):
             for session_id in ids[start : start + batch]:
                 entry = self._entries.get(session_id)
                 if entry is not None:
-                    m = entry.meta
-                    out.append(ScanEntry(m.site_id, m.user_id, m.id, len(entry.data), m.expires_at))
+                    out.append(
+                        ScanEntry(
+                            entry.site_id,
+                            entry.user_id,
+                            entry.id,
+                            len(entry.blob),
+                            entry.expires_at,
+                        )
+                    )
             yield out
             await asyncio.sleep(0)
 
