@@ -140,6 +140,19 @@ def encode(session: Session, data: bytes | None = None) -> bytes:
     """The full record; ``data`` is ``encode_data(session.data)`` when already computed."""
     if data is None:
         data = encode_data(session.data)
+    # The timestamps are usually a few shared objects (new sessions: created = updated
+    # = last access, expiry = absolute deadline; updates: updated = last access = now):
+    # convert each distinct object once.
+    created = session.created_at
+    c = to_us(created)
+    updated = session.updated_at
+    m = c if updated is created else to_us(updated)
+    accessed = session.last_accessed_at
+    a = c if accessed is created else m if accessed is updated else to_us(accessed)
+    expires = session.expires_at
+    e = None if expires is None else to_us(expires)
+    absolute = session.absolute_expires_at
+    x = e if absolute is expires else _opt_us(absolute)
     header = orjson.dumps(
         {
             "f": RECORD_FORMAT,
@@ -147,11 +160,11 @@ def encode(session: Session, data: bytes | None = None) -> bytes:
             "u": session.user_id,
             "s": session.site_id,
             "o": session.organization_id,
-            "c": to_us(session.created_at),
-            "m": to_us(session.updated_at),
-            "a": to_us(session.last_accessed_at),
-            "e": _opt_us(session.expires_at),
-            "x": _opt_us(session.absolute_expires_at),
+            "c": c,
+            "m": m,
+            "a": a,
+            "e": e,
+            "x": x,
             "ip": session.ip_address,
             "ua": session.user_agent,
             "n": session.version,
