@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -211,51 +211,57 @@ class ControlledStore(Store):
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
-    # Storage: forwarded to the backend with this store's config as the scope.
+    # Storage: forwarded to the backend with this store's config as the scope. Each
+    # hook hands back the backend's coroutine rather than awaiting it in one of its
+    # own, so a controlled operation costs no extra coroutine frame.
 
-    async def _insert(
+    def _insert(
         self, session: Session, record: bytes, scope: Config, now: datetime
-    ) -> InsertResult:
-        return await self.store._insert(session, record, scope, now)
+    ) -> Coroutine[Any, Any, InsertResult]:
+        return self.store._insert(session, record, scope, now)
 
-    async def _load(self, session_id: str) -> Session | None:
-        return await self.store._load(session_id)
+    def _load(self, session_id: str) -> Coroutine[Any, Any, Session | None]:
+        return self.store._load(session_id)
 
-    async def _replace(
+    def _replace(
         self, session: Session, record: bytes, scope: Config, now: datetime
-    ) -> Outcome:
-        return await self.store._replace(session, record, scope, now)
+    ) -> Coroutine[Any, Any, Outcome]:
+        return self.store._replace(session, record, scope, now)
 
-    async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:
-        return await self.store._touch(session_id, scope, now)
+    def _touch(self, session_id: str, scope: Config, now: datetime) -> Coroutine[Any, Any, Outcome]:
+        return self.store._touch(session_id, scope, now)
 
     def _rotated_id(self, session_id: str) -> str:
         return self.store._rotated_id(session_id)
 
-    async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
-        return await self.store._rotate(session_id, new_id, scope, now)
+    def _rotate(
+        self, session_id: str, new_id: str, scope: Config, now: datetime
+    ) -> Coroutine[Any, Any, Outcome]:
+        return self.store._rotate(session_id, new_id, scope, now)
 
-    async def _delete(self, session_id: str, scope: Config) -> Outcome:
-        return await self.store._delete(session_id, scope)
+    def _delete(self, session_id: str, scope: Config) -> Coroutine[Any, Any, Outcome]:
+        return self.store._delete(session_id, scope)
 
-    async def _delete_by_user(
+    def _delete_by_user(
         self, user_id: str, keep: str | None, scope: Config, now: datetime
-    ) -> list[str]:
-        return await self.store._delete_by_user(user_id, keep, scope, now)
+    ) -> Coroutine[Any, Any, list[str]]:
+        return self.store._delete_by_user(user_id, keep, scope, now)
 
-    async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:
-        return await self.store._list_by_user(user_id, scope, now)
+    def _list_by_user(
+        self, user_id: str, scope: Config, now: datetime
+    ) -> Coroutine[Any, Any, list[Session]]:
+        return self.store._list_by_user(user_id, scope, now)
 
     async def purge_expired(self) -> int:
         """Purge through the backend, which tells every controlled store sharing it."""
         self._check_open()
         return await self.store.purge_expired()
 
-    async def _purge(self, now: datetime) -> int:
-        return await self.store._purge(now)
+    def _purge(self, now: datetime) -> Coroutine[Any, Any, int]:
+        return self.store._purge(now)
 
-    async def _purge_report(self, now: datetime) -> list[PurgedSession]:
-        return await self.store._purge_report(now)
+    def _purge_report(self, now: datetime) -> Coroutine[Any, Any, list[PurgedSession]]:
+        return self.store._purge_report(now)
 
     def _scan(self, batch: int) -> AsyncIterator[Sequence[ScanEntry]]:
         return self.store._scan(batch)
