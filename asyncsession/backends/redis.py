@@ -149,8 +149,14 @@ local limit, eviction, sprefix, id = tonumber(ARGV[10]), ARGV[11], ARGV[12], ARG
 if redis.call('EXISTS', skey) == 1 then return {'exists'} end
 local evicted = {'ok'}
 local stale, victims = {}, {}
-if ikey and limit > 0 and redis.call('ZCARD', ikey) >= limit then
-  local m = redis.call('ZRANGE', ikey, 0, -1, 'WITHSCORES')
+-- with a limit the index stays small: read it whole once (count, members, last seq)
+local members, seq = nil, 1
+if ikey and limit > 0 then
+  members = redis.call('ZRANGE', ikey, 0, -1, 'WITHSCORES')
+  if #members > 0 then seq = tonumber(members[#members]) + 1 end
+end
+if members and #members / 2 >= limit then
+  local m = members
   local alive = {}
   for j = 1, #m, 2 do
     local f = fields(key_of(sprefix, m[j]), 'c', 'a', 'e', 'i')
@@ -176,7 +182,8 @@ if ikey and limit > 0 and redis.call('ZCARD', ikey) >= limit then
   end
 elseif ikey then
   -- amortized pruning: drop up to two stale members from the old end
-  local m = redis.call('ZRANGE', ikey, 0, 1)
+  local m
+  if members then m = {members[1], members[3]} else m = redis.call('ZRANGE', ikey, 0, 1) end
   for j = 1, #m do
     local f = fields(key_of(sprefix, m[j]), 'i')
     if not f or f[1] ~= ikey then stale[#stale + 1] = m[j] end
@@ -194,7 +201,11 @@ if ikey then
   redis.call('HSET', skey, 'r', ARGV[1], 's', site, 'n', ARGV[3], 'c', ARGV[4], 'a', ARGV[5],
     'e', e, 'x', ARGV[7], 'i', ikey)
   local t = redis.call('PEXPIRETIME', ikey)
-  index_add(ikey, id)
+  if members then
+    redis.call('ZADD', ikey, string.format('%d', seq), id)
+  else
+    index_add(ikey, id)
+  end
   outlive(ikey, px, t)
 else
   redis.call('HSET', skey, 'r', ARGV[1], 's', site, 'n', ARGV[3], 'c', ARGV[4], 'a', ARGV[5],
