@@ -271,15 +271,35 @@ class Store(ABC):
         scope = self.scope
         now = self.clock()
         absolute = absolute_deadline(session)
-        new = replace(
-            session,
-            site_id=scope.site_id,  # as in create: a caller cannot move a session to another site
-            version=session.version + 1,
-            updated_at=now,
-            last_accessed_at=now,
-            expires_at=idle_deadline(absolute, now, scope.idle_timeout),
-            absolute_expires_at=absolute,
-        )
+        expires_at = idle_deadline(absolute, now, scope.idle_timeout)
+        # site_id as in create: a caller cannot move a session to another site
+        if type(session) is Session:
+            # dataclasses.replace, spelled out: several times faster on this hot path
+            new = Session(
+                id=session.id,
+                user_id=session.user_id,
+                site_id=scope.site_id,
+                organization_id=session.organization_id,
+                data=session.data,
+                created_at=session.created_at,
+                updated_at=now,
+                last_accessed_at=now,
+                expires_at=expires_at,
+                absolute_expires_at=absolute,
+                ip_address=session.ip_address,
+                user_agent=session.user_agent,
+                version=session.version + 1,
+            )
+        else:  # a subclass may carry more fields
+            new = replace(
+                session,
+                site_id=scope.site_id,
+                version=session.version + 1,
+                updated_at=now,
+                last_accessed_at=now,
+                expires_at=expires_at,
+                absolute_expires_at=absolute,
+            )
         record = self.encode(new)
         outcome = await self._replace(new, record, scope, now)
         if outcome is not Outcome.OK:
