@@ -12,26 +12,19 @@ Rows (all through the same ``abench`` harness, all storing ``PAYLOAD``):
 
 Every row runs at each ``--bench-sizes`` number of stored sessions. Stored sessions
 belong to users with 2 sessions each (typical), plus 1,000 users at the limit of 5.
-Then the background cleanup of the largest size of expired sessions, with a probe
-measuring the event loop's longest stall, and the memory each stored session costs.
+The background cleanup and the memory footprint are in ``bench_memory_cleanup.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import gc
-import os
 import random
-import time
-import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import orjson
 import pytest
-from conftest import PAYLOAD, PAYLOAD_JSON, AsyncBench, ManualClock, Runner
+from conftest import PAYLOAD, PAYLOAD_JSON, AsyncBench, Runner
 from starsessions.serializers import JsonSerializer
 from starsessions.stores.memory import InMemoryStore
 
@@ -40,7 +33,6 @@ from asyncsession import (
     ControlledStore,
     MemoryStore,
     Session,
-    codec,
     generate_session_id,
     new_session,
     with_controls,
@@ -376,161 +368,3 @@ def test_delete_by_user(
     )
     abench(op, setup=lambda start, n: runner.run(make(start, n)), ops=ops)
     assert len(ours.raw) == stored
-
-
-# ------------------------------------------------------------------ cleanup
-
-
-class PassRecordingStore(MemoryStore):
-    """A MemoryStore that records each purge pass: (removed, left, seconds)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.passes: list[tuple[int, int, float]] = []
-        self.passed = asyncio.Event()
-
-    async def purge_expired(self) -> int:
-        started = time.perf_counter()
-        removed = await super().purge_expired()
-        self.passes.append((removed, len(self), time.perf_counter() - started))
-        self.passed.set()
-        return removed
-
-
-async def _fill_expiring(store: MemoryStore, clock: ManualClock, count: int) -> None:
-    """``count`` sessions (users with 2 sessions each), one-hour TTL, created over the 59
-    minutes before ``clock.now``: expiries spread over the hour after it (~3,500 buckets)."""
-    step = timedelta(minutes=59) / max(count, 1)
-    start = clock.now
-    clock.now = start - timedelta(minutes=59)
-    for n in range(count):
-        await store.create(new_session(f"user-{n // 2}", ttl=3600, data=PAYLOAD, now=clock.now))
-        clock.now += step
-    clock.now = start
-
-
-async def _probe(stop: asyncio.Event, stalls: list[float]) -> None:
-    """Yield to the loop over and over; the longest gap between two turns is the
-    longest time anything else held the event loop. Measured twice: wall-clock, and
-    this thread's CPU time (which leaves out time the OS gave to other processes: on
-    a busy 2-core machine the wall gap also counts being preempted)."""
-    wall, cpu = time.perf_counter, time.thread_time
-    last_wall, last_cpu = wall(), cpu()
-    worst_wall = worst_cpu = 0.0
-    while not stop.is_set():
-        await asyncio.sleep(0)
-        now_wall, now_cpu = wall(), cpu()
-        worst_wall = max(worst_wall, now_wall - last_wall)
-        worst_cpu = max(worst_cpu, now_cpu - last_cpu)
-        last_wall, last_cpu = now_wall, now_cpu
-    stalls.extend((worst_wall, worst_cpu))
-
-
-def test_cleanup(benchmark: Any, runner: Runner, largest_size: int) -> None:
-    """``largest_size`` expired sessions removed by the background cleanup task in one
-    pass while a probe measures the event loop's longest stall (target < 20 ms)."""
-    clock = ManualClock()
-    store = PassRecordingStore(Config(cleanup_interval=0.01), clock=clock)
-    live = 1_000  # sessions that must survive the purge
-    runner.run(_fill_expiring(store, clock, largest_size))
-
-    async def fill_live() -> None:
-        for n in range(live):
-            await store.create(new_session(f"live-{n}", ttl=timedelta(days=2), data=PAYLOAD))
-
-    runner.run(fill_live())
-    gc.collect()
-    stalls: list[float] = []
-
-    async def one_pass() -> None:
-        stop = asyncio.Event()
-        probe = asyncio.ensure_future(_probe(stop, stalls))
-        await asyncio.sleep(0.02)  # the probe is running before anything expires
-        store.passes.clear()
-        store.passed.clear()
-        clock.advance(timedelta(hours=2))  # every non-live session is now expired
-        await store.passed.wait()
-        stop.set()
-        await probe
-
-    benchmark.pedantic(lambda: runner.run(one_pass()), rounds=1, iterations=1)
-    removed, left, seconds = store.passes[0]
-    runner.run(store.close())
-    benchmark.group = f"memory cleanup @ {largest_size:,} expired"
-    benchmark.extra_info.update(
-        suite=SUITE,
-        role="ours",
-        op="cleanup",
-        label="background cleanup pass",
-        expired=largest_size,
-        removed=removed,
-        left=left,
-        pass_seconds=seconds,
-        max_stall_ms=stalls[1] * 1000,
-        max_stall_wall_ms=stalls[0] * 1000,
-        targets={"max_stall_ms": 20.0},
-    )
-    assert removed == largest_size, "all expired sessions are gone after one pass"
-    assert left == live
-
-
-# ------------------------------------------------------------------- memory
-
-
-def _rss() -> int:
-    """Resident set size in bytes (Linux /proc; psutil elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # pragma: no cover - not Linux
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-
-
-def test_memory_per_session(benchmark: Any, runner: Runner, largest_size: int) -> None:
-    """Bytes each stored session costs beyond its encoded record (target <= 1 KB), at
-    ``largest_size`` sessions in a controlled store (limit 5; users with 2 sessions)."""
-    count = largest_size
-    raw = MemoryStore(Config(cleanup_interval=0))
-    store = with_controls(raw, Config(max_sessions_per_user=LIMIT, cleanup_interval=0))
-    sample = [new_session(f"user-{n}", data=PAYLOAD) for n in range(1000)]
-    for s in sample:
-        s.expires_at = s.absolute_expires_at = s.created_at + timedelta(days=1)
-    record_size = sum(len(codec.encode(s)) for s in sample) / len(sample)
-    data_size = len(PAYLOAD_JSON)
-    del sample
-
-    async def fill() -> None:
-        for n in range(count):
-            await store.create(new_session(f"user-{n // 2}", data=PAYLOAD))
-
-    gc.collect()
-    rss_before = _rss()
-    tracemalloc.start()
-    traced_before = tracemalloc.get_traced_memory()[0]
-    benchmark.pedantic(lambda: runner.run(fill()), rounds=1, iterations=1)
-    gc.collect()
-    traced = tracemalloc.get_traced_memory()[0] - traced_before
-    rss = _rss() - rss_before - tracemalloc.get_tracemalloc_memory()
-    tracemalloc.stop()
-    assert len(raw) == count
-    runner.run(store.close())
-
-    per_traced = traced / count
-    per_rss = rss / count
-    benchmark.group = f"memory footprint @ {count:,} sessions"
-    benchmark.extra_info.update(
-        suite=SUITE,
-        role="ours",
-        op="memory",
-        label="fill (tracemalloc on)",
-        sessions=count,
-        record_bytes=record_size,
-        data_bytes=data_size,
-        tracemalloc_bytes_per_session=per_traced,
-        rss_bytes_per_session=per_rss,
-        overhead_tracemalloc=per_traced - record_size,
-        overhead_rss=per_rss - record_size,
-        targets={"overhead_tracemalloc": 1024.0, "overhead_rss": 1024.0},
-    )
