@@ -100,6 +100,14 @@ def _not_serializable(data: dict[str, Any]) -> NotSerializable:
     )
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def find_non_json(data: Any) -> tuple[str, str, str]:
     """Path, reason and type name of the first value that is not JSON-native.
 
@@ -109,7 +117,11 @@ def find_non_json(data: Any) -> tuple[str, str, str]:
     while stack:
         path, value, depth = stack.pop()
         kind = type(value)
-        if value is None or kind is bool or kind is str:
+        if value is None or kind is bool:
+            continue
+        if kind is str:
+            if not _utf8(value):
+                return path, "string is not valid UTF-8 (lone surrogate)", "str"
             continue
         if kind is int:
             if not _INT_MIN <= value <= _INT_MAX:
@@ -126,6 +138,8 @@ def find_non_json(data: Any) -> tuple[str, str, str]:
             for key, item in reversed(items):
                 if type(key) is not str:
                     return f"{path}[{key!r}]", "keys must be str", type(key).__name__
+                if not _utf8(key):
+                    return f"{path}[{key!r}]", "key is not valid UTF-8 (lone surrogate)", "str"
                 stack.append((f"{path}[{orjson.dumps(key).decode()}]", item, depth + 1))
             continue
         if kind is list:

@@ -12,7 +12,7 @@ EVICTION_POLICIES: tuple[str, ...] = get_args(Eviction)
 
 MiB = 1024 * 1024
 
-_SITE_RE = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+_SITE_RE = re.compile(r"[A-Za-z0-9._-]{0,64}")  # fullmatch: "$" would accept a final "\n"
 
 
 def _duration(name: str, value: timedelta | float | int | None) -> timedelta | None:
@@ -46,7 +46,7 @@ class Config:
     key_prefix: str = "session:"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.site_id, str) or not _SITE_RE.match(self.site_id):
+        if not isinstance(self.site_id, str) or not _SITE_RE.fullmatch(self.site_id):
             raise ValueError(
                 "Config.site_id must be at most 64 characters of letters, digits, '.', '_' or '-'"
                 f", got {self.site_id!r}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import math
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
@@ -18,12 +19,14 @@ from typing import Any
 
 import orjson
 
-from ..codec import split_data
+from ..codec import CorruptRecord, split_data
 from ..config import Config
 from ..controls import ControlledStore, with_controls
-from ..errors import InvalidSession, SessionLimitExceeded
+from ..errors import InvalidSession, SessionLimitExceeded, short_hash
 from ..session import Clock, Session
 from ..store import NO_EVICTIONS, InsertResult, Outcome, PurgedSession, ScanEntry, Store
+
+logger = logging.getLogger("asyncsession")
 
 PURGE_BATCH = 2_000
 """Sessions removed between two yields to the event loop during a purge."""
@@ -201,12 +204,20 @@ class MemoryStore(Store):
         e = self._entries.get(session_id)
         if e is None:
             return None
+        # Only this class writes ``blob``; the checks guard against anything that
+        # rewrites the store's internals (no cost unless they fail).
+        try:
+            data = orjson.loads(e.blob)
+        except orjson.JSONDecodeError as exc:
+            raise CorruptRecord("stored data is not JSON") from exc
+        if type(data) is not dict:
+            raise CorruptRecord("stored data is not a JSON object")
         return Session(
             id=e.id,
             user_id=e.user_id,
             site_id=e.site_id,
             organization_id=e.organization_id,
-            data=orjson.loads(e.blob),
+            data=data,
             created_at=e.created_at,
             updated_at=e.updated_at,
             last_accessed_at=e.last_accessed_at,
@@ -291,7 +302,13 @@ class MemoryStore(Store):
         live.sort(key=_created_at)
         sessions = []
         for entry in live:
-            session = await self._load(entry.id)
+            try:
+                session = await self._load(entry.id)
+            except CorruptRecord as exc:  # as in the other backends: skip, say so
+                logger.warning(
+                    "asyncsession: skipping undecodable session %s: %s", short_hash(entry.id), exc
+                )
+                continue
             if session is not None:
                 sessions.append(session)
         return sessions
