@@ -110,7 +110,9 @@ local function key_of(sprefix, id)
   return sprefix .. id
 end
 local function live(e, now)
-  return e == '' or now < tonumber(e)
+  if e == '' then return true end
+  local t = tonumber(e)
+  return t ~= nil and now < t  -- a damaged deadline is past, never a script error
 end
 local function expire(key, px)
   if px == '' then redis.call('PERSIST', key) else redis.call('PEXPIREAT', key, px) end
@@ -163,7 +165,8 @@ if members and #members / 2 >= limit then
     if not f or not f[3] or f[4] ~= ikey then
       stale[#stale + 1] = m[j]
     elseif live(f[3], now) then
-      alive[#alive + 1] = {m[j], tonumber(f[1]), tonumber(f[2]), tonumber(m[j + 1])}
+      -- damaged timestamps sort first (evicted first) rather than fail the sort
+      alive[#alive + 1] = {m[j], tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(m[j + 1])}
     end
   end
   local excess = #alive - limit + 1
@@ -252,7 +255,11 @@ if sliding == '' then
   return 'ok'
 end
 local e = sliding
-if f[4] and f[4] ~= '' and tonumber(f[4]) < tonumber(sliding) then e = f[4] end
+if f[4] and f[4] ~= '' then
+  local x = tonumber(f[4])
+  if not x then return 'missing' end  -- a damaged absolute deadline is never extended
+  if x < tonumber(sliding) then e = f[4] end
+end
 local t
 if f[2] then t = here(f[2]) end
 redis.call('HSET', skey, 'a', now, 'e', e)
