@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from asyncsession import Config, new_session, open_store, short_hash
 from asyncsession.__main__ import main
 
-from . import backend_redis
+from . import backend_redis, redis_servers
 
 
 @dataclass
@@ -91,7 +92,30 @@ def redis_store() -> Iterator[Filled]:
     asyncio.run(clean())
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture
+def redis_cluster_store() -> Iterator[Filled]:
+    reason = redis_servers.skip_reason()
+    if reason is not None:
+        if redis_servers.REQUIRE:
+            raise AssertionError(f"ASYNCSESSION_REQUIRE_SERVERS=1 but {reason}")
+        pytest.skip(reason)
+    url = redis_servers.shared_cluster().url
+    prefix = f"test:cli-{uuid.uuid4().hex[:12]}:"
+    filled = asyncio.run(fill(url, prefix))
+    yield filled
+
+    async def clean() -> None:
+        async with open_store(url, Config(key_prefix=prefix, cleanup_interval=0)) as store:
+            backend: Any = store.store
+            async for batch in backend._scan(1000):
+                for entry in batch:
+                    await backend._delete(entry.session_id, Config(site_id=entry.site_id))
+            await backend._purge(datetime.now(UTC) + timedelta(days=365))
+
+    asyncio.run(clean())
+
+
+@pytest.fixture(params=["sqlite", "redis", "redis_cluster"])
 def store(request: pytest.FixtureRequest) -> Filled:
     filled: Filled = request.getfixturevalue(f"{request.param}_store")
     return filled
