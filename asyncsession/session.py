@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 import secrets
@@ -30,6 +31,7 @@ TAG_LENGTH = 4
 """Characters of the user tag that starts a user session's id (see ``user_tag``)."""
 
 
+@functools.lru_cache(maxsize=8192)
 def user_tag(user_id: str) -> str:
     """Four base64url characters derived from the user id (24 bits of its SHA-256).
 

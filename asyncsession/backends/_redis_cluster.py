@@ -96,9 +96,11 @@ class ClusterRouter:
         unavailable: Callable[[BaseException], StoreUnavailable],
         *,
         timeout: float | None,
+        pack: Callable[[list[tuple[Any, ...]]], bytes] | None = None,
     ) -> None:
         self.client = client
         self.timeout = timeout
+        self._pack = pack
         self._scripts = scripts
         self._unavailable = unavailable
         self._ready = False
@@ -268,7 +270,7 @@ class ClusterRouter:
             raise answer
         return answer[0]
 
-    async def on_node(self, node: ClusterNode, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    async def on_node(self, node: ClusterNode, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Write ``commands`` to ``node`` at once and read every reply (error replies in
         place); a transport failure is ``StoreUnavailable``."""
         try:
@@ -277,7 +279,8 @@ class ClusterRouter:
             raise self._unavailable(exc) from exc
         try:
             async with asyncio.timeout(self.timeout):
-                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                wire = conn.pack_commands(commands) if self._pack is None else self._pack(commands)
+                await conn.send_packed_command(wire, check_health=False)
                 replies: list[Any] = []
                 for _ in commands:
                     try:

@@ -651,7 +651,9 @@ class RedisStore(Store):
         prefix = self.config.key_prefix.encode()
         self._router: ClusterRouter | None = None
         if isinstance(client, RedisCluster):  # (Config refuses braces in key_prefix)
-            self._router = ClusterRouter(client, _SOURCES, self._unavailable, timeout=timeout)
+            self._router = ClusterRouter(
+                client, _SOURCES, self._unavailable, timeout=timeout, pack=_pack
+            )
             nodes = client.nodes_manager
             self._where = "redis+cluster://" + ",".join(nodes.startup_nodes)
             self._password: str | None = nodes.connection_kwargs.get("password")
