@@ -128,13 +128,6 @@ def world(runner: Runner) -> Iterator[World]:
             )
         return ids
 
-    ids = runner.run(fill())
-    rng = random.Random(1)
-    rng.shuffle(ids)
-    rng.shuffle(raw_keys)
-    rng.shuffle(peer_ids)
-    yield World(prefix, store, ctl, ids, limit_users, raw, raw_keys, peer_client, peer, peer_ids)
-
     async def clean() -> None:
         keys = [k async for k in raw.scan_iter(match=f"{prefix}*", count=1000)]
         for start in range(0, len(keys), 1000):
@@ -143,7 +136,18 @@ def world(runner: Runner) -> Iterator[World]:
         await raw.aclose()
         await peer_client.aclose()
 
-    runner.run(clean())
+    try:  # the keys go even when filling fails
+        ids = runner.run(fill())
+        rng = random.Random(1)
+        rng.shuffle(ids)
+        rng.shuffle(raw_keys)
+        rng.shuffle(peer_ids)
+        world = World(
+            prefix, store, ctl, ids, limit_users, raw, raw_keys, peer_client, peer, peer_ids
+        )
+        yield world
+    finally:
+        runner.run(clean())
 
 
 def concurrently(op: Callable[[int], Awaitable[Any]]) -> Callable[[int], Awaitable[None]]:
