@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from .errors import NotSerializable
+from .errors import InvalidSession, NotSerializable
 from .session import Session
 
 RECORD_FORMAT = 1
@@ -167,24 +167,47 @@ def encode(session: Session, data: bytes | None = None) -> bytes:
     e = None if expires is None else to_us(expires)
     absolute = session.absolute_expires_at
     x = e if absolute is expires else _opt_us(absolute)
-    header = orjson.dumps(
-        {
-            "f": RECORD_FORMAT,
-            "id": session.id,
-            "u": session.user_id,
-            "s": session.site_id,
-            "o": session.organization_id,
-            "c": c,
-            "m": m,
-            "a": a,
-            "e": e,
-            "x": x,
-            "ip": session.ip_address,
-            "ua": session.user_agent,
-            "n": session.version,
-        }
-    )
+    org, ip, ua = session.organization_id, session.ip_address, session.user_agent
+    if (
+        (org is not None and type(org) is not str)
+        or (ip is not None and type(ip) is not str)
+        or (ua is not None and type(ua) is not str)
+    ):
+        raise _bad_metadata(session)
+    try:
+        header = orjson.dumps(
+            {
+                "f": RECORD_FORMAT,
+                "id": session.id,
+                "u": session.user_id,
+                "s": session.site_id,
+                "o": org,
+                "c": c,
+                "m": m,
+                "a": a,
+                "e": e,
+                "x": x,
+                "ip": ip,
+                "ua": ua,
+                "n": session.version,
+            }
+        )
+    except orjson.JSONEncodeError as exc:  # a lone surrogate in user id, agent, ...
+        raise InvalidSession(
+            "session metadata must be valid UTF-8 text", details={"reason": str(exc)}
+        ) from exc
     return b"".join((header[:-1], b',"d":', data, b"}"))
+
+
+def _bad_metadata(session: Session) -> InvalidSession:
+    for name in ("organization_id", "ip_address", "user_agent"):
+        value = getattr(session, name)
+        if value is not None and type(value) is not str:
+            return InvalidSession(
+                f"session.{name} must be a str or None, not {type(value).__name__}",
+                details={"field": name, "type": type(value).__name__},
+            )
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def split_data(record: bytes) -> bytes:

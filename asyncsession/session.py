@@ -93,6 +93,10 @@ def normalize_user_id(user_id: object) -> str | None:
             )
         if "\x00" in user_id:
             raise InvalidSession("user id must not contain NUL")
+        try:
+            user_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidSession("user id must be valid UTF-8 text (no lone surrogates)") from None
         return user_id
     raise InvalidSession(
         f"user id must be str, int or UUID, not {type(user_id).__name__}",

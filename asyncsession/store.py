@@ -27,6 +27,7 @@ from . import codec
 from .config import Config
 from .errors import (
     InvalidSession,
+    NotSerializable,
     SessionConflict,
     SessionError,
     SessionExpired,
@@ -190,8 +191,11 @@ class Store(ABC):
         """Encode a record for a write. ``ControlledStore`` adds the size limit here."""
         try:
             return codec.encode(session)
-        except SessionError as exc:
+        except NotSerializable as exc:
             self._violation("not_serializable", exc, session)
+            raise
+        except SessionError as exc:
+            self._violation("invalid_session", exc, session)
             raise
 
     async def create(self, session: Session) -> Session:

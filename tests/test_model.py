@@ -326,3 +326,21 @@ def test_import_without_extras_runs_memory() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "u"
+
+
+@pytest.mark.parametrize("field", ["user_agent", "ip_address", "organization_id"])
+async def test_bad_metadata_is_invalid_session_not_a_crash(field: str) -> None:
+    from asyncsession import MemoryStore
+
+    async with MemoryStore.with_controls(Config(cleanup_interval=0)) as store:
+        for bad in ("\ud800", 123):
+            s = new_session("u")
+            setattr(s, field, bad)
+            with pytest.raises(InvalidSession):
+                await store.create(s)
+        assert await store.list_by_user("u") == []
+
+
+def test_lone_surrogate_user_id_rejected() -> None:
+    with pytest.raises(InvalidSession):
+        new_session("\ud800")
