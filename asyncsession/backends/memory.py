@@ -50,25 +50,32 @@ def _bucket_of(expires_at: datetime | None) -> int:
 _EMPTY: dict[str, Any] = {}
 
 
+# Entries and the sessions ``get`` returns are built by setting their slots, which is
+# all the dataclass ``__init__`` does: calling ``Session(...)`` goes through
+# ``type.__call__``, which in CPython 3.11 packs the keyword arguments into a dict for
+# ``__init__`` and costs several times more, on every create, update and get.
+_new_entry = _Entry.__new__
+_new_session = Session.__new__
+
+
 def _entry(session: Session, blob: bytes) -> _Entry:
-    entry = _Entry(
-        id=session.id,
-        user_id=session.user_id,
-        site_id=session.site_id,
-        organization_id=session.organization_id,
-        data=_EMPTY,
-        created_at=session.created_at,
-        updated_at=session.updated_at,
-        last_accessed_at=session.last_accessed_at,
-        expires_at=session.expires_at,
-        absolute_expires_at=session.absolute_expires_at,
-        ip_address=session.ip_address,
-        user_agent=session.user_agent,
-        version=session.version,
-    )
-    entry.blob = blob
-    entry.bucket = _bucket_of(session.expires_at)
-    return entry
+    e = _new_entry(_Entry)
+    e.id = session.id
+    e.user_id = session.user_id
+    e.site_id = session.site_id
+    e.organization_id = session.organization_id
+    e.data = _EMPTY
+    e.created_at = session.created_at
+    e.updated_at = session.updated_at
+    e.last_accessed_at = session.last_accessed_at
+    e.expires_at = expires_at = session.expires_at
+    e.absolute_expires_at = session.absolute_expires_at
+    e.ip_address = session.ip_address
+    e.user_agent = session.user_agent
+    e.version = session.version
+    e.blob = blob
+    e.bucket = _bucket_of(expires_at)
+    return e
 
 
 def _created_at(entry: _Entry) -> datetime:
@@ -212,21 +219,21 @@ class MemoryStore(Store):
             raise CorruptRecord("stored data is not JSON") from exc
         if type(data) is not dict:
             raise CorruptRecord("stored data is not a JSON object")
-        return Session(
-            id=e.id,
-            user_id=e.user_id,
-            site_id=e.site_id,
-            organization_id=e.organization_id,
-            data=data,
-            created_at=e.created_at,
-            updated_at=e.updated_at,
-            last_accessed_at=e.last_accessed_at,
-            expires_at=e.expires_at,
-            absolute_expires_at=e.absolute_expires_at,
-            ip_address=e.ip_address,
-            user_agent=e.user_agent,
-            version=e.version,
-        )
+        s = _new_session(Session)
+        s.id = e.id
+        s.user_id = e.user_id
+        s.site_id = e.site_id
+        s.organization_id = e.organization_id
+        s.data = data
+        s.created_at = e.created_at
+        s.updated_at = e.updated_at
+        s.last_accessed_at = e.last_accessed_at
+        s.expires_at = e.expires_at
+        s.absolute_expires_at = e.absolute_expires_at
+        s.ip_address = e.ip_address
+        s.user_agent = e.user_agent
+        s.version = e.version
+        return s
 
     async def _replace(
         self, session: Session, record: bytes, scope: Config, now: datetime
