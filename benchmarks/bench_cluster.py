@@ -15,7 +15,9 @@ operations back to back; times are per operation):
 
 ``test_cluster_interleaved`` is the row to read the targets from on a busy machine: it
 runs every variant one batch at a time, round after round, and compares the best
-batch of each (its ratios are our time / raw's time).
+batch of each (its ratios are our time / raw's time). It also records the CPU each
+operation costs, client process plus the primaries (``INFO cpu``), which other load
+on the machine does not change much.
 
 The cluster is ``ASYNCSESSION_CLUSTER_URL`` (``redis+cluster://host:port,...``) when
 set; otherwise the suite starts a throwaway 3-primary cluster on free loopback ports
@@ -305,15 +307,26 @@ def test_cluster_interleaved(benchmark: Any, runner: Runner, world: World) -> No
         await asyncio.gather(*(worker(w) for w in range(WORKERS)))
         return (time.perf_counter() - start) / n
 
+    async def server_cpu() -> float:
+        """CPU seconds the primaries have used (``INFO cpu``), untimed."""
+        infos = await raw.info("cpu", target_nodes=raw.PRIMARIES)
+        return sum(float(i["used_cpu_user"]) + float(i["used_cpu_sys"]) for i in infos.values())
+
     variants = [(f, k) for f in ("read", "write") for k in ("ours", "baseline")]
     samples: dict[str, list[float]] = {f"{f}@64 {k}": [] for f, k in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in samples}
 
     def measure() -> None:
         offset = random.Random(3)
         for _ in range(INTERLEAVED_ROUNDS):
             for family, kind in variants:
                 op = op_for(family, kind, offset.randrange(10**6))
-                samples[f"{family}@64 {kind}"].append(runner.run(timed(op)))
+                name = f"{family}@64 {kind}"
+                before = runner.run(server_cpu())
+                start = time.process_time()
+                samples[name].append(runner.run(timed(op)))
+                client = time.process_time() - start
+                cpu[name].append((client + runner.run(server_cpu()) - before) / n)
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     best = {name: min(values) for name, values in samples.items()}
@@ -324,8 +337,13 @@ def test_cluster_interleaved(benchmark: Any, runner: Runner, world: World) -> No
         key = name.replace(" ", "_")
         info[f"{key}_best_us"] = best[name] * 1e6
         info[f"{key}_median_us"] = median[name] * 1e6
+    for name in samples:  # client + server CPU per operation: robust to other load
+        info[f"{name.replace(' ', '_')}_cpu_us"] = statistics.median(cpu[name]) * 1e6
     for family in ("read", "write"):
         ours, ref = f"{family}@64 ours", f"{family}@64 baseline"
+        info[f"{family}@64_vs_baseline_cpu_ratio"] = statistics.median(
+            cpu[ours]
+        ) / statistics.median(cpu[ref])
         info[f"{family}@64_vs_baseline_time_ratio"] = best[ours] / best[ref]
         info[f"{family}@64_vs_baseline_median_time_ratio"] = median[ours] / median[ref]
     info["targets"] = {f"{name}_time_ratio": v for name, v in INTERLEAVED_TARGETS.items()}

@@ -168,9 +168,13 @@ class ClusterRouter:
                         replies[i] = self._unavailable(exc)
                         continue
                 groups.setdefault(node, []).append(i)
-            sent = await asyncio.gather(
-                *(self._send(node, commands, group, asking) for node, group in groups.items())
-            )
+            if len(groups) == 1:
+                ((node, group),) = groups.items()
+                sent = [await self._send(node, commands, group, asking)]
+            else:
+                sent = await asyncio.gather(
+                    *(self._send(node, commands, group, asking) for node, group in groups.items())
+                )
             retry: list[int] = []
             wait = False
             asking = {}

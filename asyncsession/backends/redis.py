@@ -27,6 +27,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection as Connection
 from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError, TryAgainError
 
 from .. import codec
@@ -47,6 +48,7 @@ from ..store import (
 from ._redis_cluster import (
     TAG_LENGTH,
     ClusterRouter,
+    command_slot,
     follow_sentinels,
     id_slot,
     parse_cluster_url,
@@ -936,7 +938,10 @@ class RedisStore(Store):
             if not holding:
                 await self._acquire()
             try:
-                replies = await self._roundtrip(requests)
+                if self._router is None:
+                    replies = await self._roundtrip(requests)
+                else:
+                    replies = await self._cluster_run(batch)
             finally:
                 self._release()
         except StoreUnavailable as exc:
@@ -983,6 +988,37 @@ class RedisStore(Store):
                 out.append(self._multi_reply(read, nth_get))
                 nth_get += 1
         return out
+
+    async def _cluster_run(self, batch: list[_Entry]) -> list[Any]:
+        """A batch split by primary: each part goes on its own, and its callers get their
+        replies as soon as that primary answers, not when the slowest one does."""
+        assert self._router is not None
+        nodes = self._router.nodes
+        parts: dict[Any, list[int]] = {}
+        for i, ((key, args), _) in enumerate(batch):
+            try:
+                slot = command_slot(args) if args is not None else key_slot(key or b"")
+                node = nodes.get_node_from_slot(slot)
+            except Exception:
+                node = None  # no slot map yet: the router learns it
+            parts.setdefault(node, []).append(i)
+        if len(parts) == 1:
+            return await self._cluster_roundtrip([request for request, _ in batch])
+        replies: list[Any] = [None] * len(batch)
+
+        async def part(indexes: list[int]) -> None:
+            got = await self._cluster_roundtrip([batch[i][0] for i in indexes])
+            for i, reply in zip(indexes, got, strict=True):
+                replies[i] = reply
+                waiter = batch[i][1]
+                if waiter is not None and not waiter.done():
+                    if isinstance(reply, BaseException):
+                        waiter.set_exception(reply)
+                    else:
+                        waiter.set_result(reply)
+
+        await asyncio.gather(*(part(indexes) for indexes in parts.values()))
+        return replies
 
     async def _cluster_roundtrip(self, requests: list[_Request]) -> list[Any]:
         """One pipeline per primary (all at once); reads are ``HMGET`` each, as a
