@@ -328,6 +328,7 @@ class Results:
     failed_during_faults: int = 0
     failed_outside_faults: int = 0  # 503s of a slow store (timeouts), not a failure
     max_latency_during_faults: float = 0.0
+    ok_after_faults: int = 0  # 200s of requests started after the last fault ended
     non_503_failures: int = 0
     max_failure_latency: float = 0.0
     failure_latency_bound: float = 0.0
@@ -382,6 +383,8 @@ class Soak:
         self.r.by_status[status] = self.r.by_status.get(status, 0) + 1
         during = self.in_fault(start, end)
         self.r.requests_during_faults += during
+        if response.status_code == 200 and self.faults and self.faults[-1].end:
+            self.r.ok_after_faults += start > self.faults[-1].end
         if during:
             self.r.max_latency_during_faults = max(self.r.max_latency_during_faults, end - start)
         if response.status_code >= 500 or response.status_code == 409:
@@ -696,6 +699,8 @@ def check(r: Results, args: argparse.Namespace) -> None:
         )
     if args.chaos and not r.failed_during_faults:
         r.problems.append("the faults caused no failed request: were they injected?")
+    if args.chaos and not r.ok_after_faults:
+        r.problems.append("no request succeeded after the last fault: no recovery")
     if args.rss_check and r.rss_growth >= 0.10:
         r.problems.append(f"RSS grew {r.rss_growth:.1%} after warm-up")
     if r.acked_writes == 0:

@@ -71,6 +71,7 @@ def check_chaos(r: dict[str, Any]) -> None:
     assert r["failed_during_faults"] > 0  # the faults were felt ...
     assert r["max_failure_latency"] <= r["failure_latency_bound"]  # ... as fast 503s
     assert r["by_status"].get("503", 0) == r["failed_during_faults"] + r["failed_outside_faults"]
+    assert r["ok_after_faults"] > 0  # the store recovered by itself
 
 
 def test_soak_memory(tmp_path: Path) -> None:
