@@ -31,6 +31,12 @@ What a new suite (Redis, SQLite, ASGI) reuses from here:
 ``runner`` fixture (a ``Runner``)
     The event loop itself, for untimed async setup: ``runner.run(store.create(...))``.
 
+``interleave(runner, variants, ops=, rounds=)`` and ``paired(times, ours, ref)``
+    For targets on a busy machine: every variant runs one short batch in turn, round
+    after round (CPU clock by default), and ``paired`` gives the median of the
+    per-round speed ratios. pytest-benchmark's rows run one after another, so load
+    from other processes lands on some rows and not others; use these for verdicts.
+
 ``stored`` argument
     A test that takes ``stored`` runs once per size in ``--bench-sizes`` (env
     ``ASYNCSESSION_BENCH_SIZES``, default ``10000,1000000``): how many sessions sit in
@@ -51,7 +57,9 @@ import asyncio
 import itertools
 import os
 import random
+import statistics
 import string
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -260,6 +268,55 @@ def abench(benchmark: Any, runner: Runner, pytestconfig: pytest.Config) -> Async
         ops=int(pytestconfig.getoption("--bench-ops")),
         rounds=int(pytestconfig.getoption("--bench-rounds")),
     )
+
+
+# ------------------------------------------------------------------ interleaved
+
+
+Variant = tuple[Op, Callable[[int, int], Any] | None]
+"""``(op, setup)`` for ``interleave``: ``setup(start, ops)`` runs untimed before each batch."""
+
+
+def interleave(
+    runner: Runner,
+    variants: dict[str, Variant],
+    *,
+    ops: int,
+    rounds: int,
+    clock: Callable[[], float] = time.thread_time,
+) -> dict[str, list[float]]:
+    """Per-operation seconds of each variant, one batch each per round, round after round.
+
+    pytest-benchmark runs rows one after another, so on a busy machine the neighbours'
+    load lands on some rows and not others. Alternating short batches puts every
+    variant under the same conditions, and ``paired`` compares batches of one round.
+    The default clock is the thread's CPU time (blind to time the OS gives other
+    processes): right for in-process work, wrong for anything that waits on a server.
+    """
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    starts = dict.fromkeys(variants, 0)
+
+    async def batch(op: Op, start: int) -> float:
+        began = clock()
+        for i in range(start, start + ops):
+            await op(i)
+        return clock() - began
+
+    for _ in range(rounds):
+        for name, (op, setup) in variants.items():
+            start = starts[name]
+            starts[name] += ops
+            if setup is not None:
+                setup(start, ops)
+            times[name].append(runner.run(batch(op, start)) / ops)
+    return times
+
+
+def paired(times: dict[str, list[float]], ours: str, reference: str) -> tuple[float, float]:
+    """Speed ratio of ``ours`` against ``reference`` (reference time / our time) as the
+    median over rounds of the per-round ratio, and as the ratio of the best batches."""
+    per_round = sorted(r / o for o, r in zip(times[ours], times[reference], strict=True))
+    return statistics.median(per_round), min(times[reference]) / min(times[ours])
 
 
 # ------------------------------------------------------------------------ clock

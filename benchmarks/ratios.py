@@ -11,7 +11,8 @@ size. A ratio is a speed ratio, baseline time / our time (= our ops/s / baseline
 0.5x means half the baseline's throughput, 2x means twice the peer's.
 
 ``targets`` on a row: ``baseline`` / ``peer`` are minimum speed ratios; any other key
-names an ``extra_info`` number that must not exceed it (``max_stall_ms``...).
+names an ``extra_info`` number that must not exceed it (``max_stall_ms``...), or, given
+as ``{"min": x}``, must reach it (``get_vs_peer``...).
 Exit status is 1 when a target is missed, so the script can gate a CI job.
 """
 
@@ -37,7 +38,7 @@ class Row:
         self.label: str = info.get("label", bench["name"])
         self.compare: str | None = info.get("compare")
         self.stored: int | None = info.get("stored")
-        self.targets: dict[str, float] = info.get("targets", {})
+        self.targets: dict[str, Any] = info.get("targets", {})
         ops = info.get("ops_per_round", 1)
         stats = bench["stats"]
         self.median_us = stats["median"] / ops * 1e6
@@ -138,7 +139,9 @@ def report(rows: list[Row], stat: str) -> tuple[list[str], int]:
                     out.append(f"  {row.suite} {row.label}: {key} not reported")
                     missed += 1
                     continue
-                verdict = _verdict(float(value), target, at_least=False)
+                at_least = isinstance(target, dict)
+                limit = float(target["min"]) if isinstance(target, dict) else float(target)
+                verdict = _verdict(float(value), limit, at_least=at_least)
                 missed += "MISSED" in verdict
                 out.append(f"  {row.suite} {row.label}: {key} = {float(value):,.2f}{verdict}")
     for row in rows:
