@@ -292,6 +292,19 @@ async def test_concurrent_gets_are_sent_as_one_pipeline_per_primary(
     assert counts == {port: 1 for port in env.cluster.ports}
 
 
+async def test_script_flush_on_every_primary_is_transparent(env: Env) -> None:
+    store = env.controlled()
+    s = await store.create(new_session("alice", data={"v": 1}))
+    for server in env.cluster.servers:
+        server.call("SCRIPT", "FLUSH")
+    got = await store.get(s.id)
+    got.data["v"] = 2
+    await store.update(got)  # NOSCRIPT: resent as EVAL on that primary
+    made = await asyncio.gather(*(store.create(new_session(f"u{i}")) for i in range(30)))
+    assert (await store.get(s.id)).data == {"v": 2}
+    assert len(made) == 30 and await store.purge_expired() == 0
+
+
 # --------------------------------------------------------------- resharding, faults
 
 

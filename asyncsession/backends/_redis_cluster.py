@@ -7,8 +7,8 @@ command twice: ``MOVED`` (the slot has a new owner: update the slot map, resend)
 ``ASK`` (a key being migrated: a plain read follows it with ``ASKING``; a script,
 which may touch other keys of the slot, waits like ``TRYAGAIN``), ``TRYAGAIN`` (the
 keys of a slot are split by a migration: wait and resend, within ``retry_for``
-seconds), ``NOSCRIPT`` (load the script on that node, resend). Each of those replies
-means the command did not run. A connection failure or ``CLUSTERDOWN`` is
+seconds), ``NOSCRIPT`` (resend to that node as ``EVAL`` with the source). Each of
+those replies means the command did not run. A connection failure or ``CLUSTERDOWN`` is
 ``StoreUnavailable`` (a write that may have run is never resent) and the slot map is
 refreshed before the next batch.
 
@@ -238,7 +238,7 @@ class ClusterRouter:
         group: list[int],
         asking: Mapping[int, ClusterNode],
     ) -> list[Any] | StoreUnavailable:
-        """One pipeline to ``node``; ``NOSCRIPT`` replies are loaded and resent there."""
+        """One pipeline to ``node``; ``NOSCRIPT`` replies are resent there as ``EVAL``."""
         wire: list[tuple[Any, ...]] = []
         for i in group:
             if i in asking:
@@ -247,14 +247,11 @@ class ClusterRouter:
         try:
             raw = await self.on_node(node, wire)
             missing = [j for j, reply in enumerate(raw) if isinstance(reply, NoScriptError)]
-            if missing:
-                shas = list(dict.fromkeys(wire[j][1] for j in missing))
+            if missing:  # did not run: resend as EVAL with the source (caches it again)
                 again = await self.on_node(
-                    node,
-                    [("SCRIPT", "LOAD", self._scripts[sha]) for sha in shas]
-                    + [wire[j] for j in missing],
+                    node, [("EVAL", self._scripts[wire[j][1]], *wire[j][2:]) for j in missing]
                 )
-                for j, reply in zip(missing, again[len(shas) :], strict=True):
+                for j, reply in zip(missing, again, strict=True):
                     raw[j] = reply
         except StoreUnavailable as exc:
             return exc
