@@ -141,7 +141,7 @@ def ours(runner: Runner, stored: int, workdir: str) -> Iterator[Ours]:
         count = stored - len(limit_users) * LIMIT
         owners = [users[n // 2] for n in range(count)]
         ids = await raw._run(_bulk_insert, _rows(owners, 1, clock, ttl))
-        await raw._run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        await raw._run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
         return ids
 
     ids = runner.run(fill())
@@ -428,7 +428,7 @@ def test_purge(
         await store._run(_bulk_insert, _rows(expired, 1, clock, timedelta(minutes=30)))
         clock.now += timedelta(hours=1)
         ids = await store._run(_bulk_insert, _rows(live_users, 1, clock, timedelta(days=2)))
-        await store._run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        await store._run(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
         await prober.__aenter__()
         return ids
 
@@ -457,10 +457,14 @@ def test_purge(
         stop.set()
         await task
 
-    benchmark.pedantic(lambda: runner.run(one_purge()), rounds=1, iterations=1)
-    left = runner.run(store._run(lambda c: c.execute("SELECT count(*) FROM sessions").fetchone()))
-    runner.run(prober.close())
-    runner.run(store.close())
+    try:
+        benchmark.pedantic(lambda: runner.run(one_purge()), rounds=1, iterations=1)
+        left = runner.run(
+            store._run(lambda c: c.execute("SELECT count(*) FROM sessions").fetchone())
+        )
+    finally:  # aiosqlite's threads would keep the process alive
+        runner.run(prober.close())
+        runner.run(store.close())
     benchmark.group = f"sqlite purge @ {largest_size:,} expired"
     benchmark.extra_info.update(
         suite=SUITE,
@@ -480,3 +484,97 @@ def test_purge(
     )
     assert result["removed"] == largest_size
     assert left[0] == len(live)
+
+
+# -------------------------------------------------------------- interleaved
+
+INTERLEAVED_BATCH = 100
+INTERLEAVED_ROUNDS = 60
+
+
+def test_interleaved(benchmark: Any, runner: Runner, ours: Ours, raw: Raw, stored: int) -> None:
+    """The targets, measured robustly on a busy machine: the four rows (our get and
+    create, the baseline's read and write) run one ``INTERLEAVED_BATCH``-op batch at
+    a time, round after round, so load from neighbours lands on all of them alike.
+    Reported per row: the best batch and the median batch (us/op, wall clock), and
+    our time / the baseline's time (the targets: get <= 1.25, i.e. >= 0.8x the
+    baseline's speed; create <= 2.0, i.e. >= 0.5x)."""
+    n = INTERLEAVED_BATCH
+    db, keys, ids = raw.db, raw.keys, ours.ids
+    get, create = ours.ctl.get, ours.ctl.create
+    loads, dumps = orjson.loads, orjson.dumps
+    select = "SELECT data FROM raw WHERE id = ?"
+    insert = "INSERT OR REPLACE INTO raw VALUES (?, ?)"
+    sessions: list[Session] = []
+    new_keys: list[str] = []
+    made: list[str] = []
+    cursor = {"get": 0}
+
+    async def our_get() -> None:
+        start = cursor["get"]
+        for i in range(start, start + n):
+            await get(ids[i % len(ids)])
+
+    async def base_get() -> None:
+        start = cursor["get"]
+        for i in range(start, start + n):
+            rows = await db.execute_fetchall(select, (keys[i % len(keys)],))
+            loads(rows[0][0])
+
+    async def our_create() -> None:
+        for s in sessions:
+            await create(s)
+
+    async def base_create() -> None:
+        for key in new_keys:
+            await db.execute(insert, (key, dumps(PAYLOAD)))
+            await db.commit()
+
+    async def undo() -> None:  # untimed: keep both stores at their size
+        if made:
+            await ours.raw._run(_delete_ids, list(made))
+            made.clear()
+        if new_keys:
+            await db.executemany("DELETE FROM raw WHERE id = ?", [(k,) for k in new_keys])
+            await db.commit()
+
+    def prepare(round_no: int) -> None:
+        runner.run(undo())
+        owners = ours.users
+        sessions[:] = [
+            new_session(owners[(round_no * n + k) % len(owners)], data=PAYLOAD) for k in range(n)
+        ]
+        made.extend(s.id for s in sessions)
+        new_keys[:] = [generate_session_id() for _ in range(n)]
+        cursor["get"] = round_no * n
+
+    rows = {"get": our_get, "read": base_get, "create": our_create, "write": base_create}
+    times: dict[str, list[float]] = {name: [] for name in rows}
+
+    def run_all() -> None:
+        order = list(rows)
+        for round_no in range(INTERLEAVED_ROUNDS):
+            prepare(round_no)
+            for name in order[round_no % 4 :] + order[: round_no % 4]:
+                started = time.perf_counter()
+                runner.run(rows[name]())
+                times[name].append((time.perf_counter() - started) / n * 1e6)
+        runner.run(undo())
+
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
+    best = {name: min(t) for name, t in times.items()}
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    benchmark.group = f"sqlite interleaved @ {stored:,} stored"
+    benchmark.extra_info.update(
+        suite=SUITE,
+        role="ours",
+        op="interleaved",
+        label=f"interleaved @ {stored:,} stored (us/op; ratio = our time / baseline time)",
+        **{f"best_us_{k}": v for k, v in best.items()},
+        **{f"median_us_{k}": v for k, v in median.items()},
+        get_time_ratio=best["get"] / best["read"],
+        create_time_ratio=best["create"] / best["write"],
+        get_time_ratio_median=median["get"] / median["read"],
+        create_time_ratio_median=median["create"] / median["write"],
+        targets={"get_time_ratio": 1.25, "create_time_ratio": 2.0},
+    )

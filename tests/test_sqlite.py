@@ -491,6 +491,7 @@ async def test_read_only_file(
 async def test_deleted_file(db: str, stores: list[SQLiteStore]) -> None:
     store = SQLiteStore.with_controls(db, cfg())
     stores.append(store.store)  # type: ignore[arg-type]
+    store.store.file_check_interval = 0  # type: ignore[attr-defined]  # check every call
     s = await store.create(new_session("alice"))
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(db + suffix):
@@ -503,9 +504,24 @@ async def test_deleted_file(db: str, stores: list[SQLiteStore]) -> None:
     await store.close()
 
 
+async def test_deleted_file_noticed_within_the_check_interval(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    raw = sqlite_store(stores, db)
+    assert raw.file_check_interval <= 0.1
+    s = await raw.create(new_session("alice"))
+    os.remove(db)
+    await asyncio.sleep(raw.file_check_interval * 1.5)  # real time: not session expiry
+    with pytest.raises(StoreUnavailable) as info:
+        await raw.get(s.id)
+    assert_unavailable(info.value, db, "deleted")
+    await raw.close()
+
+
 async def test_replaced_file(db: str, tmp_path: Path, stores: list[SQLiteStore]) -> None:
     store = SQLiteStore.with_controls(db, cfg())
     stores.append(store.store)  # type: ignore[arg-type]
+    store.store.file_check_interval = 0  # type: ignore[attr-defined]
     s = await store.create(new_session("alice"))
     other = str(tmp_path / "other.db")
     await _make_db(other)
