@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import PAYLOAD, PAYLOAD_JSON, AsyncBench, Runner, interleave, paired
+from conftest import PAYLOAD, AsyncBench, Runner, interleave, paired
 from starsessions.serializers import JsonSerializer
 from starsessions.stores.memory import InMemoryStore
 
@@ -106,8 +106,9 @@ def dicts(stored: int) -> Iterator[Dicts]:
     # write buffer (4-8 KiB resident each here), which would make the fill 8 GB at 1M.
     base = {key: bytes(memoryview(orjson.dumps(PAYLOAD))) for key in keys}
     peer = InMemoryStore()
-    # the same JSON text json.dumps gives, made faster (the fill is not timed)
-    peer.data = {key: bytes(memoryview(PAYLOAD_JSON)) for key in keys}
+    # what its serializer writes (json.dumps, with spaces), serialized once for speed
+    written = JsonSerializer().serialize(PAYLOAD)
+    peer.data = {key: bytes(memoryview(written)) for key in keys}
     random.Random(1).shuffle(keys)
     yield Dicts(keys, base, peer)
     base.clear()
