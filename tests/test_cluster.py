@@ -266,6 +266,17 @@ async def test_10000_sessions_spread_over_every_primary_and_purge_walks_them_all
     assert env.cluster.dbsizes() == before
 
 
+async def test_purge_and_scan_by_a_store_that_was_never_opened(env: Env, clock: FakeClock) -> None:
+    store = env.controlled(cfg(max_sessions_per_user=0))
+    made = [await store.create(new_session(None, 60, now=clock())) for _ in range(20)]
+    fresh = env.raw(cfg())  # no `async with`, no request yet: no slot map loaded
+    assert len([e async for chunk in fresh._scan(100) for e in chunk]) == 20
+    clock.advance(61)
+    other = env.raw(cfg())
+    assert await other.purge_expired() == len(made)
+    assert await env.keys() == []
+
+
 # ------------------------------------------------------------------------- batching
 
 
@@ -303,6 +314,19 @@ async def test_script_flush_on_every_primary_is_transparent(env: Env) -> None:
     made = await asyncio.gather(*(store.create(new_session(f"u{i}")) for i in range(30)))
     assert (await store.get(s.id)).data == {"v": 2}
     assert len(made) == 30 and await store.purge_expired() == 0
+
+
+@pytest.mark.parametrize("turns", [1, 3])  # cancelled before the batch is sent / after
+async def test_batch_survives_a_cancelled_leader(env: Env, turns: int) -> None:
+    store = env.controlled(cfg(max_sessions_per_user=0))
+    sessions = [await store.create(new_session(None, data={"i": i})) for i in range(12)]
+    tasks = [asyncio.ensure_future(store.get(s.id)) for s in sessions]
+    for _ in range(turns):  # all twelve are in one batch; the first leads it
+        await asyncio.sleep(0)
+    tasks[0].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert [r.data["i"] for r in results[1:]] == list(range(1, 12))  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------- resharding, faults

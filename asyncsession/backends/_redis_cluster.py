@@ -10,7 +10,7 @@ keys of a slot are split by a migration: wait and resend, within ``retry_for``
 seconds), ``NOSCRIPT`` (resend to that node as ``EVAL`` with the source). Each of
 those replies means the command did not run. A connection failure or ``CLUSTERDOWN`` is
 ``StoreUnavailable`` (a write that may have run is never resent) and the slot map is
-refreshed before the next batch.
+reloaded in the background.
 
 ``slot_tag`` gives, for each of the 16384 slots, a short hash tag that lands in it:
 the per-slot expiry sets are named with it. Sentinel and cluster URL parsing live
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -104,11 +105,40 @@ class ClusterRouter:
         self._scripts = scripts
         self._unavailable = unavailable
         self._ready = False
-        self._stale = False
+        self._refresh: asyncio.Task[None] | None = None
 
     @property
     def nodes(self) -> Any:
         return self.client.nodes_manager
+
+    async def ready(self) -> None:
+        """Load the slot map if it was never loaded."""
+        if not self._ready:
+            await self.initialize()
+
+    def _refresh_soon(self) -> None:
+        """Reload the slot map in the background (one reload at a time) after a node
+        failed: requests meanwhile use the map they have (a ``MOVED`` corrects any slot
+        it got wrong), so a hung node never holds up the healthy ones."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(self._background_refresh())
+
+    async def _background_refresh(self) -> None:
+        for attempt in range(3):  # each attempt asks the startup nodes in a new order
+            try:
+                await self.initialize()
+                return
+            except StoreUnavailable as exc:
+                logger.debug("asyncsession: cluster slot map reload failed: %s", exc)
+                await asyncio.sleep(0.1 * (attempt + 1))
+
+    async def aclose(self) -> None:
+        """Stop a background reload (the store closes the client)."""
+        task, self._refresh = self._refresh, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def initialize(self) -> None:
         """Learn the slot map (``CLUSTER SLOTS``); ``StoreUnavailable`` if no node answers."""
@@ -121,7 +151,6 @@ class ClusterRouter:
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             raise self._unavailable(exc) from exc
         self._ready = True
-        self._stale = False
 
     def primaries(self) -> list[ClusterNode]:
         """The primaries, each once, as the slot map names them."""
@@ -150,8 +179,10 @@ class ClusterRouter:
         asking: dict[int, ClusterNode] = {}
         deadline = time.monotonic() + self.retry_for
         delay = 0.005
+        rounds = 0
         while pending:
-            if self._stale or not self._ready:
+            rounds += 1
+            if not self._ready:
                 try:
                     await self.initialize()
                 except StoreUnavailable as exc:
@@ -180,7 +211,7 @@ class ClusterRouter:
             asking = {}
             for group, answer in zip(groups.values(), sent, strict=True):
                 if isinstance(answer, StoreUnavailable):
-                    self._stale = True
+                    self._refresh_soon()
                     for i in group:
                         replies[i] = answer
                     continue
@@ -192,15 +223,13 @@ class ClusterRouter:
                         if commands[i][0] == "EVALSHA":
                             wait = True  # a script may read keys still on the source
                         else:
-                            target = await self._node(reply.host, reply.port)
-                            if target is not None:
-                                asking[i] = target
+                            asking[i] = await self._node(reply.host, reply.port)
                         retry.append(i)
                     elif isinstance(reply, TryAgainError):
                         wait = True
                         retry.append(i)
                     elif isinstance(reply, ClusterDownError):
-                        self._stale = True
+                        self._refresh_soon()
                         replies[i] = self._unavailable(reply)
                     else:
                         replies[i] = reply
@@ -213,7 +242,7 @@ class ClusterRouter:
                         )
                     )
                 return replies
-            if wait:
+            if wait or rounds > 2:  # never a tight loop of redirects
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.2)
             pending = retry
@@ -223,13 +252,15 @@ class ClusterRouter:
         try:
             await self.nodes.move_slot(error)
         except Exception:  # an odd address: let a full refresh sort it out
-            self._stale = True
+            self._refresh_soon()
 
-    async def _node(self, host: str, port: int) -> ClusterNode | None:
-        node = self.nodes.get_node(host=host, port=port)
+    async def _node(self, host: str, port: int) -> ClusterNode:
+        """The node an ``ASK`` names (one the slot map does not list yet is added)."""
+        node: ClusterNode | None = self.nodes.get_node(host=host, port=port)
         if node is None:
-            self._stale = True
-        return node  # type: ignore[no-any-return]
+            node = ClusterNode(host, port, "primary", **self.nodes.connection_kwargs)
+            self.nodes.set_nodes(self.nodes.nodes_cache, {node.name: node})
+        return node
 
     async def _send(
         self,
@@ -291,7 +322,7 @@ class ClusterRouter:
                 return replies
         except (RedisError, OSError, TimeoutError) as exc:
             await conn.disconnect()  # replies may be pending: never reuse it
-            self._stale = True
+            self._refresh_soon()
             raise self._unavailable(exc) from exc
         except BaseException:
             await conn.disconnect()

@@ -902,6 +902,15 @@ class RedisStore(Store):
                 return _unwrap((await self._roundtrip([request]))[0])
             finally:
                 self._release()
+        if self._router is not None:
+            # A cluster answers each primary's part of the batch as soon as that primary
+            # replies; the leader waits for its own part only, like the others.
+            leader: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            batch[0] = (request, leader)
+            task = asyncio.ensure_future(self._run(batch, holding=True))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return _unwrap(await leader)
         # The replies of the others must arrive even if this caller is cancelled.
         task = asyncio.ensure_future(self._run(batch, holding=True))
         return _unwrap((await asyncio.shield(task))[0])
@@ -1141,6 +1150,8 @@ class RedisStore(Store):
         idle, self._idle = self._idle, []
         for conn in idle:
             await self._pool.release(conn)
+        if self._router is not None:
+            await self._router.aclose()
         if self._owns_client:
             await self.client.aclose()
         if self._sentinel is not None and self._owns_client:
@@ -1367,6 +1378,7 @@ class RedisStore(Store):
             self._xprefix,
         )
         removed: list[PurgedSession] = []
+        await router.ready()
         pending = router.slots_by_primary()
         for attempt in range(6):
             results = await asyncio.gather(
@@ -1473,6 +1485,7 @@ class RedisStore(Store):
         assert self._router is not None
         router = self._router
         pattern = _glob_escape(self._sprefix) + b"*"
+        await router.ready()
         for node in router.primaries():
             cursor: int | bytes = 0
             while True:
@@ -1516,6 +1529,7 @@ class RedisStore(Store):
         if self._router is None:
             return int(await self._call("ZCARD", self._xkey))
         router = self._router
+        await router.ready()
         counts = await asyncio.gather(
             *(
                 router.call(
