@@ -660,7 +660,7 @@ async def drive(
     warm = max(2.0, args.seconds * 0.25)
     rss: list[tuple[float, int]] = []
     try:
-        while soak.now() < args.seconds:
+        while soak.now() < args.seconds or not recovered(soak, chaos_task):
             await asyncio.sleep(0.25)
             rss.append((soak.now(), process.memory_info().rss))
         soak.stopping = True
@@ -699,6 +699,18 @@ async def drive(
     r.max_latency_during_faults = round(r.max_latency_during_faults, 3)
     check(r, args)
     return r
+
+
+def recovered(soak: Soak, chaos_task: asyncio.Task[None] | None) -> bool:
+    """Whether the soak may stop: no fault pending, and 1 s of load after the last one
+    (however late a busy machine ran it), so recovery is always exercised."""
+    if chaos_task is None:
+        return True
+    if not chaos_task.done():
+        return False
+    if chaos_task.exception() is not None:
+        return True  # stop: the error is raised by the wait below
+    return not soak.faults or soak.now() >= soak.faults[-1].end + 1.0
 
 
 def check(r: Results, args: argparse.Namespace) -> None:
