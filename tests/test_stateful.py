@@ -350,9 +350,17 @@ class StoreMachine(RuleBasedStateMachine):
             )
 
     def teardown(self) -> None:
-        """Delete what this example stored (the shared backend outlives it)."""
-        for session_id, rec in list(self.model.records.items()):
-            self.run(self.stores[rec.site_id].delete(session_id))
+        """Delete what this example stored (the shared backend outlives it): every id
+        it ever saw, on both its sites, so that even after a failure (when backend and
+        model disagree) the next example starts from an empty store."""
+
+        async def clean() -> None:
+            for session_id in self.ids:
+                for store in self.stores.values():
+                    await store.delete(session_id)
+
+        if self.stores:
+            self.run(clean())
 
     # ------------------------------------------------------------------- rules
 
@@ -377,13 +385,25 @@ class StoreMachine(RuleBasedStateMachine):
         count=st.integers(2, 5),
         tick=st.sampled_from([0, 0, 1e-6, 1]),
         ttl=ttls,
+        use_first=st.booleans(),
     )
-    def create_burst(self, site: str, user: str, count: int, tick: float, ttl: int | None) -> None:
+    def create_burst(
+        self, site: str, user: str, count: int, tick: float, ttl: int | None, use_first: bool
+    ) -> None:
         """Several logins of one user, often at the same instant: limits, eviction
-        order and ties."""
-        for _ in range(count):
-            self.create_one(self.site(site), user, ttl, ("ok", {}), NO_METADATA)
+        order and ties. With ``use_first`` the first of them is used (touched) between
+        the later logins, so ``lru`` and ``oldest`` must evict different sessions."""
+        site = self.site(site)
+        first = None
+        for n in range(count):
+            before = len(self.ids)
+            self.create_one(site, user, ttl, ("ok", {}), NO_METADATA)
             self.clock.advance(tick)
+            if n == 0:
+                first = self.ids[before]
+            elif use_first and first is not None:
+                self.touch_one(site, first)
+                self.clock.advance(tick)
 
     def create_one(
         self,
@@ -595,8 +615,9 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(site=sites, i=picks)
     def touch(self, site: str, i: int) -> None:
-        site = self.site(site)
-        session_id = self.pick(i)
+        self.touch_one(self.site(site), self.pick(i))
+
+    def touch_one(self, site: str, session_id: str) -> None:
         now = self.now
         state = self.model.state(session_id, site, now)
         out = self.attempt(lambda: self.stores[site].touch(session_id))
