@@ -728,12 +728,19 @@ async def _bad(request: Request) -> PlainTextResponse:
     return PlainTextResponse("never sent")
 
 
+async def _huge(request: Request) -> PlainTextResponse:
+    kind = request.query_params["kind"]
+    request.session["huge"] = _deep_list(10_000) if kind == "deep" else "x" * 50_000_000
+    return PlainTextResponse("never sent")
+
+
 def _app(store: Store) -> Starlette:
     app = Starlette(
         routes=[
             Route("/read", _read),
             Route("/write", _write, methods=["POST"]),
             Route("/bad", _bad, methods=["POST"]),
+            Route("/huge", _huge, methods=["POST"]),
         ]
     )
     app.add_middleware(SessionMiddleware, store=store)
@@ -742,7 +749,7 @@ def _app(store: Store) -> Starlette:
 
 
 async def _request(
-    app: Any, headers: list[tuple[bytes, bytes]], path: str = "/read"
+    app: Any, headers: list[tuple[bytes, bytes]], path: str = "/read", query: bytes = b""
 ) -> tuple[int, list[bytes], bytes]:
     """Call the app with exactly these headers; (status, set-cookie values, body)."""
     messages: list[dict[str, Any]] = []
@@ -762,7 +769,7 @@ async def _request(
         "path": path,
         "raw_path": path.encode(),
         "root_path": "",
-        "query_string": b"",
+        "query_string": query,
         "headers": [(b"host", b"testserver"), *headers],
         "client": ("127.0.0.1", 1),
         "server": ("testserver", 443),
@@ -923,5 +930,25 @@ async def test_non_json_session_data_is_a_500_and_changes_nothing(
         status, _, _ = await _request(app, [(b"cookie", b"session=" + sid.encode())], "/bad")
     assert status == 500
     assert "SESSION_NOT_SERIALIZABLE" in caplog.text
+    assert await population.a.get(sid) == before
+    await population.unchanged()
+
+
+@pytest.mark.parametrize(("kind", "code"), [("deep", "NOT_SERIALIZABLE"), ("big", "SIZE_EXCEEDED")])
+async def test_huge_session_data_is_a_500_and_changes_nothing(
+    site: tuple[Population, Any], caplog: pytest.LogCaptureFixture, kind: str, code: str
+) -> None:
+    """A handler that puts 10,000-deep nesting or 50 MB into the session: a bounded,
+    logged 500; the stored session (and every other) is left as it was."""
+    population, app = site
+    sid = population.ids[3]
+    before = await population.a.get(sid)
+    TRIED["huge handler data"] += 1
+    with caplog.at_level(logging.ERROR, "asyncsession"):
+        status, _, _ = await _request(
+            app, [(b"cookie", b"session=" + sid.encode())], "/huge", b"kind=" + kind.encode()
+        )
+    assert status == 500
+    assert f"SESSION_{code}" in caplog.text
     assert await population.a.get(sid) == before
     await population.unchanged()
