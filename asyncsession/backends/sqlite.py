@@ -720,19 +720,15 @@ def _list_by_user(c: sqlite3.Connection, site_id: str, user_id: str, now_us: int
 
 
 def _held(c: sqlite3.Connection, fn: Callable[[], T]) -> tuple[T, float]:
-    """Run ``fn`` in a write transaction; its result and how long the write lock was
-    held. The WAL checkpoint SQLite would run inside the commit (and time) runs after
-    it instead: a checkpoint does not hold the write lock, other writers go on."""
+    """Run ``fn``, one write statement in autocommit (begin, write and commit all
+    inside SQLite, which releases the GIL meanwhile, so other Python threads cannot
+    stretch the hold); its result and its duration, an upper bound of the write-lock
+    hold. The WAL checkpoint SQLite would run inside the commit runs after it
+    instead: a checkpoint does not hold the write lock, other writers go on."""
     c.execute("PRAGMA wal_autocheckpoint = 0").fetchall()
     try:
-        c.execute("BEGIN IMMEDIATE")
-        started = time.perf_counter()  # the lock is ours from here (not while waiting)
-        try:
-            result = fn()
-            c.execute("COMMIT")
-        except BaseException:
-            _rollback(c)
-            raise
+        started = time.perf_counter()
+        result = fn()
         held = time.perf_counter() - started
     finally:
         c.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}").fetchall()
