@@ -47,7 +47,7 @@ PURGE_BATCH = 1_000
 PURGE_FIRST_BATCH = 250
 """Rows in the first purge statement, before its timing sizes the next ones."""
 PURGE_MIN_BATCH = 10
-PURGE_HOLD = 0.02
+PURGE_HOLD = 0.01
 """Seconds of write-lock hold each purge batch aims at (the issue allows 50 ms)."""
 WAL_AUTOCHECKPOINT = 1000  # SQLite's default, restored after each purge batch
 
