@@ -474,16 +474,7 @@ class SQLiteStore(Store):
         # The row's site never changes: it is matched against the scope, not taken
         # from the caller's (possibly edited) copy.
         params = (
-            session.organization_id,
-            to_us(session.created_at),
-            to_us(session.updated_at),
-            to_us(session.last_accessed_at),
-            _us(session.expires_at),
-            _us(session.absolute_expires_at),
-            session.ip_address,
-            session.user_agent,
-            session.version,
-            split_data(record),
+            *_row_params(session, split_data(record))[2:],  # org_id .. data: not site, user
             session.id,
             scope.site_id,
             session.user_id,
