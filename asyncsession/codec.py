@@ -9,6 +9,7 @@ so what you store is exactly what you read back from any backend.
 
 from __future__ import annotations
 
+import gc
 import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,12 +69,44 @@ def encode_data(data: Any) -> bytes:
         raise _not_serializable(data) from exc
     # ... but encodes tuples, UUIDs, enums and NaN/Infinity without complaint, changing
     # them. One exact-type pass catches those; orjson already bounded the depth.
-    if not _json_native(data.values()):
+    if not _json_native(data):
         raise _not_serializable(data)
     return raw
 
 
-def _json_native(values: Any) -> bool:
+_NATIVE = frozenset({str, int, bool, float, type(None), dict, list})
+_NATIVE_NOT_FLOAT = _NATIVE - {float}
+_referents = gc.get_referents
+
+
+def _json_native_by_level(data: dict[str, Any]) -> bool:
+    """True if every value under ``data`` has an exact JSON type and no float is NaN or
+    infinite. Walks the tree a level at a time with ``gc.get_referents``, which hands
+    back every value of every dict and list of a level in one C call (and nothing for
+    str, int, float, bool or None), so the per-value work is one ``type`` lookup in C.
+    Dict keys only come back for dicts with a non-str key, which orjson has already
+    refused. Only called after orjson accepted ``data``, which bounds the depth."""
+    refs = _referents(data)
+    while refs:
+        if not _NATIVE_NOT_FLOAT.issuperset(map(type, refs)):
+            for x in refs:  # a float (must be finite) or a type that is not JSON
+                t = type(x)
+                if t is float:
+                    if x - x != 0.0:  # NaN and +-Infinity
+                        return False
+                elif t not in _NATIVE:
+                    return False
+        refs = _referents(*refs)
+    return True
+
+
+def _json_native_by_value(data: dict[str, Any]) -> bool:
+    """The same check, one value at a time in Python: used if ``gc.get_referents``
+    does not behave as ``_json_native_by_level`` needs on this interpreter."""
+    return _native_values(data.values())
+
+
+def _native_values(values: Any) -> bool:
     for x in values:
         t = type(x)
         if t is str or t is int or t is bool or x is None:
@@ -82,14 +115,36 @@ def _json_native(values: Any) -> bool:
             if x - x != 0.0:  # NaN and +-Infinity
                 return False
         elif t is dict:
-            if not _json_native(x.values()):
+            if not _native_values(x.values()):
                 return False
         elif t is list:
-            if not _json_native(x):
+            if not _native_values(x):
                 return False
         else:
             return False
     return True
+
+
+def _referents_work() -> bool:
+    """Whether ``gc.get_referents`` returns exactly the values of dicts and lists here
+    (CPython does; another interpreter may not), checked once at import."""
+    probe: dict[str, Any] = {"a": None, "b": [1.5, (), "s"], "c": {"d": True}}
+    try:
+        level1 = _referents(probe)
+        level2 = _referents(*level1)
+    except Exception:  # pragma: no cover - not CPython
+        return False
+    return (
+        sorted(map(repr, level1)) == sorted(map(repr, probe.values()))
+        and sorted(map(repr, level2)) == sorted(map(repr, [1.5, (), "s", True]))
+        and not _referents(1, "s", 1.5, None, True)
+        and _json_native_by_level(probe) is False  # the tuple
+        and _json_native_by_level({"a": [{"b": 1.5}]}) is True
+        and _json_native_by_level({"a": [{"b": math.nan}]}) is False
+    )
+
+
+_json_native = _json_native_by_level if _referents_work() else _json_native_by_value
 
 
 def _not_serializable(data: dict[str, Any]) -> NotSerializable:
@@ -150,6 +205,48 @@ def find_non_json(data: Any) -> tuple[str, str, str]:
     return "data", "value does not round-trip through JSON", type(data).__name__
 
 
+def check_metadata(session: Session) -> None:
+    """What ``encode`` checks of the metadata, for backends that keep the metadata in
+    their own fields and store only ``encode_data`` (memory, SQLite): the optional
+    text fields are ``str`` or ``None`` and every text field is valid UTF-8."""
+    org, ip, ua = session.organization_id, session.ip_address, session.user_agent
+    if (
+        (org is not None and (type(org) is not str or not (org.isascii() or _utf8(org))))
+        or (ip is not None and (type(ip) is not str or not (ip.isascii() or _utf8(ip))))
+        or (ua is not None and (type(ua) is not str or not (ua.isascii() or _utf8(ua))))
+    ):
+        raise _bad_metadata(session)
+    user = session.user_id
+    if user is not None and not (user.isascii() or _utf8(user)):
+        raise InvalidSession(
+            "session metadata must be valid UTF-8 text", details={"field": "user_id"}
+        )
+
+
+HEADER_FIXED = 256
+"""Bytes of a record header besides its text fields: keys, punctuation, six integers
+of at most 20 characters each (measured: about 190)."""
+
+
+def header_bound(session: Session) -> int:
+    """An upper bound on the bytes ``encode`` adds around the data: ``HEADER_FIXED``
+    plus 6 bytes per character of text (the longest JSON escape, ``\\u001f``)."""
+    n = (
+        len(session.id)
+        + len(session.site_id)
+        + len(session.user_id or "")
+        + len(session.organization_id or "")
+        + len(session.ip_address or "")
+        + len(session.user_agent or "")
+    )
+    return HEADER_FIXED + 6 * n
+
+
+def record_size(session: Session, data: bytes) -> int:
+    """The exact size of the record ``encode(session, data)`` would write."""
+    return len(encode(session, data))
+
+
 def encode(session: Session, data: bytes | None = None) -> bytes:
     """The full record; ``data`` is ``encode_data(session.data)`` when already computed."""
     if data is None:
@@ -206,6 +303,10 @@ def _bad_metadata(session: Session) -> InvalidSession:
             return InvalidSession(
                 f"session.{name} must be a str or None, not {type(value).__name__}",
                 details={"field": name, "type": type(value).__name__},
+            )
+        if value is not None and not _utf8(value):
+            return InvalidSession(
+                f"session.{name} must be valid UTF-8 text", details={"field": name}
             )
     raise AssertionError("unreachable")  # pragma: no cover
 

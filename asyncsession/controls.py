@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
+from . import codec
 from .config import Config
 from .errors import ErrorCode, SessionError, SessionTooLarge, StoreClosed, short_hash
 from .session import Session
@@ -88,6 +89,7 @@ class ControlledStore(Store):
         super().__init__(config if config is not None else store.config, clock=store.clock)
         self.store: Store = store
         self.backend_name = store.backend_name
+        self.stores_header = store.stores_header
         self.logger = logger or globals()["logger"]
         self.on_violation = on_violation
         self.on_event = on_event
@@ -126,10 +128,17 @@ class ControlledStore(Store):
     def encode(self, session: Session) -> bytes:
         record = super().encode(session)
         limit = self.config.max_session_size
-        if limit and len(record) > limit:
+        if not limit:
+            return record
+        size = len(record)
+        if not self.stores_header:  # ``record`` is the data: count the header too
+            if size + codec.header_bound(session) <= limit:
+                return record
+            size = codec.record_size(session, record)
+        if size > limit:
             exc = SessionTooLarge(
-                f"session is {len(record)} bytes encoded, over the limit of {limit}",
-                details={"size": len(record), "limit": limit, "session": short_hash(session.id)},
+                f"session is {size} bytes encoded, over the limit of {limit}",
+                details={"size": size, "limit": limit, "session": short_hash(session.id)},
             )
             self._violation("size_exceeded", exc, session)
             raise exc

@@ -37,6 +37,8 @@ from .errors import (
     short_hash,
 )
 from .session import (
+    MAX_USER_ID_LENGTH,
+    SESSION_ID_RE,
     Clock,
     Session,
     check_session_id,
@@ -88,6 +90,7 @@ class ScanEntry(NamedTuple):
 
 
 _new_session = Session.__new__
+_id_match = SESSION_ID_RE.fullmatch
 
 
 def absolute_deadline(session: Session) -> datetime | None:
@@ -108,6 +111,9 @@ class Store(ABC):
     """Async session store. Use as ``async with store:`` or call ``close()``."""
 
     backend_name: str = "store"
+    stores_header: bool = True
+    """Whether the write hooks get the whole record (metadata header and data) or only
+    the encoded data; the size limit applies to the whole record either way."""
 
     def __init__(self, config: Config | None = None, *, clock: Clock | None = None) -> None:
         self.config = config if config is not None else Config()
@@ -191,9 +197,15 @@ class Store(ABC):
         return self.config
 
     def encode(self, session: Session) -> bytes:
-        """Encode a record for a write. ``ControlledStore`` adds the size limit here."""
+        """Encode what a write stores: the whole record (``codec.encode``), or for a
+        backend that keeps the metadata in fields of its own (``stores_header`` false)
+        just the data (``codec.encode_data``) after the same metadata checks.
+        ``ControlledStore`` adds the size limit here."""
         try:
-            return codec.encode(session)
+            if self.stores_header:
+                return codec.encode(session)
+            codec.check_metadata(session)
+            return codec.encode_data(session.data)
         except NotSerializable as exc:
             self._violation("not_serializable", exc, session)
             raise
@@ -211,19 +223,36 @@ class Store(ABC):
         self._check_open()
         if not isinstance(session, Session):
             raise self._invalid("create() needs a Session", None, type=type(session).__name__)
-        try:
-            check_session_id(session.id)
-            user_id = normalize_user_id(session.user_id)
-        except InvalidSession as exc:
-            self._violation("invalid_session", exc, None)
-            raise
-        scope = self.scope
+        user_id = session.user_id
+        # The common case (a well-formed id, an ASCII user id) checked inline; anything
+        # else goes through the full checks, which raise with the details.
+        if not (
+            type(session.id) is str
+            and _id_match(session.id) is not None
+            and (
+                user_id is None
+                or (
+                    type(user_id) is str
+                    and user_id.isascii()  # so valid UTF-8
+                    and 0 < len(user_id) <= MAX_USER_ID_LENGTH
+                    and "\x00" not in user_id
+                )
+            )
+        ):
+            try:
+                check_session_id(session.id)
+                user_id = normalize_user_id(user_id)
+            except InvalidSession as exc:
+                self._violation("invalid_session", exc, None)
+                raise
+            session.user_id = user_id
+        scope = self.config
         now = self.clock()
-        session.user_id = user_id
         session.site_id = scope.site_id
-        absolute = absolute_deadline(session) or now + scope.default_ttl
+        absolute = session.absolute_expires_at or session.expires_at or now + scope.default_ttl
         session.absolute_expires_at = absolute
-        session.expires_at = idle_deadline(absolute, now, scope.idle_timeout)
+        idle = scope.idle_timeout
+        session.expires_at = absolute if idle is None else idle_deadline(absolute, now, idle)
         record = self.encode(session)
         try:
             result = await self._insert(session, record, scope, now)
@@ -241,12 +270,20 @@ class Store(ABC):
     async def get(self, session_id: str) -> Session:
         """A fresh copy of the session. ``SessionNotFound`` / ``SessionExpired``."""
         self._check_open()
-        self._check_id(session_id)
+        if type(session_id) is not str or _id_match(session_id) is None:
+            self._check_id(session_id)
         try:
             session = await self._load(session_id)
         except codec.CorruptRecord as exc:
             raise self._corrupt(session_id, exc) from exc
-        return self._visible(session, session_id, self.scope.site_id, self.clock())
+        now = self.clock()
+        if (
+            session is not None
+            and session.site_id == self.config.site_id
+            and (session.expires_at is None or now < session.expires_at)
+        ):
+            return session
+        return self._visible(session, session_id, self.config.site_id, now)
 
     def _visible(
         self, session: Session | None, session_id: str, site_id: str, now: datetime
@@ -491,7 +528,9 @@ class Store(ABC):
     ) -> InsertResult:
         """Atomically: refuse an existing id (``InvalidSession``); for a user, drop the
         user's expired index entries, then enforce ``scope.max_sessions_per_user`` with
-        ``scope.eviction`` (``SessionLimitExceeded`` for reject); insert; index."""
+        ``scope.eviction`` (``SessionLimitExceeded`` for reject); insert; index.
+        ``record`` is what ``encode`` made: the whole record, or just the encoded data
+        for a backend whose ``stores_header`` is false."""
 
     @abstractmethod
     async def _load(self, session_id: str) -> Session | None:

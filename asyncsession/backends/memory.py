@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from ..codec import CorruptRecord, split_data
+from ..codec import CorruptRecord
 from ..config import Config
 from ..controls import ControlledStore, with_controls
 from ..errors import InvalidSession, SessionLimitExceeded, short_hash
@@ -90,6 +90,7 @@ class MemoryStore(Store):
     """In-process store (the seed's ``backend/memory``)."""
 
     backend_name = "memory"
+    stores_header = False  # metadata lives in the entry; ``record`` is the data
 
     def __init__(self, config: Config | None = None, *, clock: Clock | None = None) -> None:
         super().__init__(config, clock=clock)
@@ -180,32 +181,57 @@ class MemoryStore(Store):
     async def _insert(
         self, session: Session, record: bytes, scope: Config, now: datetime
     ) -> InsertResult:
-        if session.id in self._entries:
+        session_id = session.id
+        entries = self._entries
+        if session_id in entries:
             raise InvalidSession("a session with this id already exists")
         result = NO_EVICTIONS
-        limit = scope.max_sessions_per_user
-        if limit and session.user_id is not None:
-            index = self._users.get((scope.site_id, session.user_id))
-            if index is not None and len(index) >= limit:
-                live = [
-                    e
-                    for e in map(self._entries.__getitem__, index)
-                    if e.expires_at is None or now < e.expires_at
-                ]
-                excess = len(live) - limit + 1
-                if excess > 0:
-                    if scope.eviction == "reject":
-                        raise SessionLimitExceeded(
-                            f"user already has {len(live)} sessions (limit {limit})",
-                            details={"limit": limit, "count": len(live)},
-                        )
-                    live.sort(key=_last_accessed_at if scope.eviction == "lru" else _created_at)
-                    evicted = [e.id for e in live[:excess]]
-                    for session_id in evicted:
-                        self._remove(session_id)
-                    result = InsertResult(evicted)
-        self._add(_entry(session, split_data(record)))
+        entry = _entry(session, record)
+        user_id = entry.user_id
+        if user_id is not None:
+            key = (scope.site_id, user_id)
+            index = self._users.get(key)
+            if index is None:
+                self._users[key] = {session_id: None}
+            else:
+                limit = scope.max_sessions_per_user
+                if limit and len(index) >= limit:
+                    result = self._make_room(index, limit, scope, now)
+                    index = self._users.setdefault(key, {})  # eviction may have emptied it
+                index[session_id] = None
+        # _add, spelled out: this is the hot path of every create
+        entries[session_id] = entry
+        ids = self._buckets.get(entry.bucket)
+        if ids is None:
+            self._buckets[entry.bucket] = {session_id: None}
+            heapq.heappush(self._bucket_keys, entry.bucket)
+        else:
+            ids[session_id] = None
         return result
+
+    def _make_room(
+        self, index: dict[str, None], limit: int, scope: Config, now: datetime
+    ) -> InsertResult:
+        """Evict what the policy says so that one more session fits under ``limit``
+        (``SessionLimitExceeded`` for reject); expired sessions do not count."""
+        live = [
+            e
+            for e in map(self._entries.__getitem__, index)
+            if e.expires_at is None or now < e.expires_at
+        ]
+        excess = len(live) - limit + 1
+        if excess <= 0:
+            return NO_EVICTIONS
+        if scope.eviction == "reject":
+            raise SessionLimitExceeded(
+                f"user already has {len(live)} sessions (limit {limit})",
+                details={"limit": limit, "count": len(live)},
+            )
+        live.sort(key=_last_accessed_at if scope.eviction == "lru" else _created_at)
+        evicted = [e.id for e in live[:excess]]
+        for session_id in evicted:
+            self._remove(session_id)
+        return InsertResult(evicted)
 
     async def _load(self, session_id: str) -> Session | None:
         e = self._entries.get(session_id)
@@ -246,7 +272,7 @@ class MemoryStore(Store):
         if found.version != session.version - 1:
             return Outcome.CONFLICT
         # same id, user and site, so the user index is unchanged; only the bucket may move
-        entry = _entry(session, split_data(record))
+        entry = _entry(session, record)
         self._entries[session.id] = entry
         self._rebucket(entry, found.bucket, entry.bucket)
         return Outcome.OK

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import aiosqlite
 import orjson
 
-from ..codec import EPOCH, CorruptRecord, split_data, to_us
+from ..codec import EPOCH, CorruptRecord, to_us
 from ..config import Config
 from ..controls import ControlledStore, with_controls
 from ..errors import InvalidSession, SessionLimitExceeded, StoreClosed, StoreUnavailable, short_hash
@@ -252,6 +252,7 @@ class SQLiteStore(Store):
     """
 
     backend_name = "sqlite"
+    stores_header = False  # metadata lives in columns; ``record`` is the data
     file_check_interval = 0.1
     """Seconds between checks that the file is still the one opened (one ``stat``)."""
 
@@ -460,7 +461,7 @@ class SQLiteStore(Store):
     async def _insert(
         self, session: Session, record: bytes, scope: Config, now: datetime
     ) -> InsertResult:
-        params = (session.id, *_row_params(session, split_data(record)))
+        params = (session.id, *_row_params(session, record))
         limit = scope.max_sessions_per_user if session.user_id is not None else 0
         evicted = await self._run(_insert, params, scope.site_id, limit, scope.eviction, to_us(now))
         return InsertResult(evicted) if evicted else NO_EVICTIONS
@@ -474,7 +475,7 @@ class SQLiteStore(Store):
         # The row's site never changes: it is matched against the scope, not taken
         # from the caller's (possibly edited) copy.
         params = (
-            *_row_params(session, split_data(record))[2:],  # org_id .. data: not site, user
+            *_row_params(session, record)[2:],  # org_id .. data: not site, user
             session.id,
             scope.site_id,
             session.user_id,
