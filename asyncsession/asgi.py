@@ -68,6 +68,11 @@ _COOKIE_NAME_CHARS = frozenset(
 )
 
 
+_CACHED_COOKIE_HEADER = 4096
+"""Cookie headers up to this many bytes have their parse remembered ..."""
+_COOKIE_CACHE_SIZE = 1024
+"""... this many distinct ones at most (the cache starts over when full)."""
+
 _VARY = [(b"vary", b"Cookie")]
 _ABSENT = b""
 """Snapshot of a key that did not exist (no JSON encoding is empty)."""
@@ -101,7 +106,7 @@ class SessionDict(dict[str, Any]):
     __slots__ = ("_cleared", "_seen")
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
-        super().__init__(data or ())
+        dict.__init__(self, data or ())
         self._seen: dict[str, bytes | None] = {}
         self._cleared = False
 
@@ -257,12 +262,8 @@ class _Connection:
 
     # ------------------------------------------------------------------ load
 
-    async def load(self, session_id: str) -> None:
-        try:
-            session = await self.store.get(session_id)
-        except SessionNotFound:
-            logger.debug("session cookie not adopted: %s", short_hash(session_id))
-            return
+    def loaded(self, session: Session, session_id: str) -> None:
+        """The request's session is ``session``, found under the cookie's ``session_id``."""
         self.session = session
         self.data = SessionDict(session.data)
         self.client_id = session_id
@@ -453,6 +454,7 @@ class SessionMiddleware:
         self._cookie_re = re.compile(
             rb"(?:^|[;\s])" + re.escape(cookie_name.encode()) + rb"=([^;]*)"
         )
+        self._cookie_cache: dict[bytes, tuple[bool, str | None]] = {}
         if isinstance(max_age, timedelta):
             max_age = int(max_age.total_seconds())
         if max_age is not None and max_age <= 0:
@@ -498,14 +500,34 @@ class SessionMiddleware:
         old path), quoting, non-ASCII and oversized values all give no id, so they
         never reach the store.
         """
-        found: bytes | None = None
+        header: bytes | None = None
         for key, value in scope["headers"]:
             if key == b"cookie":
-                for v in self._cookie_re.findall(value):
-                    v = v.strip()
-                    if found is not None and v != found:
-                        return True, None
-                    found = v
+                if header is not None:  # several Cookie headers (HTTP/2 may split them)
+                    return self._parse_cookies([v for k, v in scope["headers"] if k == b"cookie"])
+                header = value
+        if header is None:
+            return False, None
+        # A client sends the same Cookie header on every request: remember what the
+        # last few thousand distinct (short) headers parsed to.
+        cache = self._cookie_cache
+        parsed = cache.get(header)
+        if parsed is None:
+            parsed = self._parse_cookies([header])
+            if len(header) <= _CACHED_COOKIE_HEADER:
+                if len(cache) >= _COOKIE_CACHE_SIZE:
+                    cache.clear()
+                cache[header] = parsed
+        return parsed
+
+    def _parse_cookies(self, headers: list[bytes]) -> tuple[bool, str | None]:
+        found: bytes | None = None
+        for value in headers:
+            for v in self._cookie_re.findall(value):
+                v = v.strip()
+                if found is not None and v != found:
+                    return True, None
+                found = v
         if found is None:
             return False, None
         if len(found) > 130:
@@ -541,7 +563,9 @@ class SessionMiddleware:
         conn.cookie_sent, session_id = self.read_cookie(scope)
         if session_id is not None:
             try:
-                await conn.load(session_id)
+                session = await self.store.get(session_id)  # loaded() below
+            except SessionNotFound:
+                logger.debug("session cookie not adopted: %s", short_hash(session_id))
             except _UNAVAILABLE as exc:
                 if self.on_unavailable == "fail":
                     logger.error("session store unavailable, answering 503: %s", exc)
@@ -550,6 +574,8 @@ class SessionMiddleware:
                 logger.warning("session store unavailable, serving an anonymous session: %s", exc)
                 conn.degraded = True
                 conn.forget()
+            else:
+                conn.loaded(session, session_id)
         if conn.data is _EMPTY_SESSION:
             conn.data = SessionDict()
         scope["session"] = conn.data
@@ -565,7 +591,8 @@ class SessionMiddleware:
                 if not replaced:
                     await send(message)
                 return  # else: we answered with an error instead of the app's response
-            if conn.pending():
+            data = conn.data
+            if data._seen or data._cleared or conn.touch_due:  # conn.pending()
                 status = await _commit_or_status(conn)
                 if status is not None:
                     replaced = True
