@@ -577,6 +577,35 @@ async def test_duplicated_cookie_with_different_values_is_ambiguous(
     assert cstore.calls["get"] == 0
 
 
+async def test_remembered_cookie_parses_give_the_same_answers(cstore: CountingStore) -> None:
+    """The middleware remembers what a Cookie header parsed to: the same app must give
+    the same answers on every repeat, for good, ambiguous and hostile headers."""
+    from asyncsession import asgi
+
+    real = await cstore.create(new_session(None, data={"a": 1}))
+    app = make_app(cstore)
+    good = [(b"cookie", f"session={real.id}".encode())]
+    split = [*good, (b"cookie", f"session={PLANTED}".encode())]
+    for _ in range(3):
+        before = cstore.calls["get"]
+        assert (await _raw_request(app, good))["status"] == 200
+        assert cstore.calls["get"] == before + 1  # the id was read (from the cache too)
+        for _name, headers in [*BAD_COOKIES, ("split duplicate", split)]:
+            before = cstore.calls["get"]
+            start = await _raw_request(app, headers)
+            assert start["status"] == 200
+            assert cstore.calls["get"] == before  # never a lookup for a refused cookie
+    mw = app.middleware_stack
+    while not isinstance(mw, SessionMiddleware):
+        mw = mw.app  # type: ignore[attr-defined]
+    cache = mw._cookie_cache
+    assert all(len(header) <= asgi._CACHED_COOKIE_HEADER for header in cache)
+    for n in range(asgi._COOKIE_CACHE_SIZE + 10):  # many distinct clients: stays bounded
+        mw.read_cookie({"headers": [(b"cookie", f"session={n:043d}".encode())]})
+        assert len(cache) <= asgi._COOKIE_CACHE_SIZE
+    assert mw.read_cookie({"headers": good}) == (True, real.id)
+
+
 async def test_same_cookie_twice_and_quoted_cookie_are_accepted(cstore: CountingStore) -> None:
     real = await cstore.create(new_session(None, data={"a": 1}))
     for header in (

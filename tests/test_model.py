@@ -344,3 +344,81 @@ async def test_bad_metadata_is_invalid_session_not_a_crash(field: str) -> None:
 def test_lone_surrogate_user_id_rejected() -> None:
     with pytest.raises(InvalidSession):
         new_session("\ud800")
+
+
+# ------------------------------------------------- fast paths agree with slow ones
+
+
+def test_level_walk_is_the_check_in_use() -> None:
+    """On CPython the strict check walks a level at a time (gc.get_referents); the
+    tests above exercise that path, and the per-value walk stays as its fallback."""
+    import platform
+
+    if platform.python_implementation() == "CPython":
+        assert codec._json_native is codec._json_native_by_level
+
+
+mixed_values = st.recursive(
+    json_scalars | non_json,
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.text(max_size=10), mixed_values, max_size=8))
+def test_level_walk_agrees_with_value_walk(data: dict[str, Any]) -> None:
+    import orjson
+
+    try:
+        orjson.dumps(data, option=codec._STRICT)
+    except (TypeError, orjson.JSONEncodeError):
+        return  # refused before either walk runs
+    assert codec._json_native_by_level(data) == codec._json_native_by_value(data)
+
+
+metadata_text = st.none() | st.text(max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(min_size=1, max_size=40),
+    metadata_text,
+    metadata_text,
+    metadata_text,
+    st.from_regex(r"[A-Za-z0-9._-]{0,64}", fullmatch=True),
+    st.integers(min_value=0, max_value=2**63 - 1),
+    st.datetimes(timezones=st.just(UTC)),
+)
+def test_header_bound_is_an_upper_bound(
+    user: str,
+    org: str | None,
+    ip: str | None,
+    agent: str | None,
+    site: str,
+    version: int,
+    when: datetime,
+) -> None:
+    """Memory and SQLite store only the data and count the header by this bound, so
+    it must never be below the real header (control characters escape to 6 bytes)."""
+    s = new_session(None, 60, data={"k": 1})
+    s.user_id = user.encode("utf-8", "replace").decode()
+    s.organization_id, s.ip_address, s.user_agent = org, ip, agent
+    s.site_id, s.version = site, version
+    s.created_at = s.updated_at = s.last_accessed_at = when
+    for text in (org, ip, agent):
+        if text is not None and not codec._utf8(text):
+            return  # refused before the size is counted
+    data = codec.encode_data(s.data)
+    exact = codec.record_size(s, data)
+    assert exact <= len(data) + codec.header_bound(s)
+    worst = new_session(None, 60)
+    worst.user_id = "\x01" * 256
+    worst.user_agent = worst.ip_address = worst.organization_id = "\x1f" * 500
+    worst.site_id = "x" * 64
+    worst.version = 2**64 - 1
+    worst.created_at = worst.updated_at = datetime(1, 1, 1, tzinfo=UTC)
+    raw = codec.encode_data({})
+    assert codec.record_size(worst, raw) <= len(raw) + codec.header_bound(worst)
