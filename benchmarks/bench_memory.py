@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import PAYLOAD, AsyncBench, Runner, interleave, paired
+from conftest import PAYLOAD, AsyncBench, Runner, interleave, paired, touch_row, update_row
 from starsessions.serializers import JsonSerializer
 from starsessions.stores.memory import InMemoryStore
 
@@ -296,46 +296,13 @@ def test_create_peer(abench: AsyncBench, runner: Runner, dicts: Dicts, stored: i
 @pytest.mark.parametrize("kind", ["controlled", "raw"])
 def test_update(abench: AsyncBench, runner: Runner, ours: Ours, stored: int, kind: str) -> None:
     store = ours.ctl if kind == "controlled" else ours.raw
-    ids = ours.ids
-    batch: list[Session] = []
-    update = store.update
-
-    async def op(i: int) -> Session:
-        return await update(batch[i % len(batch)])
-
-    async def load(start: int, n: int) -> None:
-        batch[:] = [await store.get(ids[(start + k) % len(ids)]) for k in range(n)]
-
-    abench.describe(
-        suite=SUITE,
-        role="ours",
-        op="update",
-        compare="write",
-        label=f"{kind} update",
-        group="memory write",
-        stored=stored,
-    )
-    abench(op, setup=lambda start, n: runner.run(load(start, n)))
+    update_row(abench, runner, store, ours.ids, suite=SUITE, kind=kind, stored=stored)
 
 
 @pytest.mark.parametrize("kind", ["controlled", "raw"])
 def test_touch(abench: AsyncBench, ours: Ours, stored: int, kind: str) -> None:
     store = ours.ctl if kind == "controlled" else ours.raw
-    ids = ours.ids
-    touch = store.touch
-
-    async def op(i: int) -> None:
-        await touch(ids[i % len(ids)])
-
-    abench.describe(
-        suite=SUITE,
-        role="ours",
-        op="touch",
-        label=f"{kind} touch",
-        group="memory touch",
-        stored=stored,
-    )
-    abench(op)
+    touch_row(abench, store, ours.ids, suite=SUITE, kind=kind, stored=stored)
 
 
 @pytest.mark.parametrize("per_user", [1, 5, 25])

@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import PAYLOAD, PAYLOAD_JSON, AsyncBench, ManualClock, Runner
+from conftest import PAYLOAD, PAYLOAD_JSON, AsyncBench, ManualClock, Runner, touch_row, update_row
 
 from asyncsession import Config, ControlledStore, Session, codec, generate_session_id, new_session
 from asyncsession import with_controls as controls
@@ -344,46 +344,13 @@ def test_create_baseline(abench: AsyncBench, runner: Runner, raw: Raw, stored: i
 @pytest.mark.parametrize("kind", ["controlled", "raw"])
 def test_update(abench: AsyncBench, runner: Runner, ours: Ours, stored: int, kind: str) -> None:
     store = ours.ctl if kind == "controlled" else ours.raw
-    ids = ours.ids
-    batch: list[Session] = []
-    update = store.update
-
-    async def op(i: int) -> Session:
-        return await update(batch[i % len(batch)])
-
-    async def load(start: int, n: int) -> None:
-        batch[:] = [await store.get(ids[(start + k) % len(ids)]) for k in range(n)]
-
-    abench.describe(
-        suite=SUITE,
-        role="ours",
-        op="update",
-        compare="write",
-        label=f"{kind} update",
-        group="sqlite write",
-        stored=stored,
-    )
-    abench(op, setup=lambda start, n: runner.run(load(start, n)))
+    update_row(abench, runner, store, ours.ids, suite=SUITE, kind=kind, stored=stored)
 
 
 @pytest.mark.parametrize("kind", ["controlled", "raw"])
 def test_touch(abench: AsyncBench, ours: Ours, stored: int, kind: str) -> None:
     store = ours.ctl if kind == "controlled" else ours.raw
-    ids = ours.ids
-    touch = store.touch
-
-    async def op(i: int) -> None:
-        await touch(ids[i % len(ids)])
-
-    abench.describe(
-        suite=SUITE,
-        role="ours",
-        op="touch",
-        label=f"{kind} touch",
-        group="sqlite touch",
-        stored=stored,
-    )
-    abench(op)
+    touch_row(abench, store, ours.ids, suite=SUITE, kind=kind, stored=stored)
 
 
 # -------------------------------------------------------------------- purge

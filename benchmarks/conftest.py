@@ -334,3 +334,58 @@ class ManualClock:
     def advance(self, delta: timedelta | float) -> datetime:
         self.now += delta if isinstance(delta, timedelta) else timedelta(seconds=delta)
         return self.now
+
+
+# ---------------------------------------------------- rows every backend suite has
+
+
+def update_row(
+    abench: AsyncBench,
+    runner: Runner,
+    store: Any,
+    ids: list[str],
+    *,
+    suite: str,
+    kind: str,
+    stored: int,
+) -> None:
+    """``update`` of stored sessions (each op updates a fresh copy read in the setup)."""
+    batch: list[Any] = []
+    update = store.update
+
+    async def op(i: int) -> Any:
+        return await update(batch[i % len(batch)])
+
+    async def load(start: int, n: int) -> None:
+        batch[:] = [await store.get(ids[(start + k) % len(ids)]) for k in range(n)]
+
+    abench.describe(
+        suite=suite,
+        role="ours",
+        op="update",
+        compare="write",
+        label=f"{kind} update",
+        group=f"{suite} write",
+        stored=stored,
+    )
+    abench(op, setup=lambda start, n: runner.run(load(start, n)))
+
+
+def touch_row(
+    abench: AsyncBench, store: Any, ids: list[str], *, suite: str, kind: str, stored: int
+) -> None:
+    """``touch`` of stored sessions."""
+    touch = store.touch
+
+    async def op(i: int) -> None:
+        await touch(ids[i % len(ids)])
+
+    abench.describe(
+        suite=suite,
+        role="ours",
+        op="touch",
+        label=f"{kind} touch",
+        group=f"{suite} touch",
+        stored=stored,
+    )
+    abench(op)
