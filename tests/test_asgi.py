@@ -51,6 +51,7 @@ from asyncsession import (
     short_hash,
 )
 
+from .asgi_calls import call_app, http_scope
 from .clock import FakeClock
 
 BASE = "https://testserver"
@@ -518,32 +519,8 @@ BAD_COOKIES: list[tuple[str, list[tuple[bytes, bytes]]]] = [
 
 async def _raw_request(app: Any, headers: list[tuple[bytes, bytes]], path: str = "/read") -> Any:
     """Call the app with exactly these headers (no client normalisation)."""
-    messages: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET" if path == "/read" else "POST",
-        "scheme": "https",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"key=k&value=v" if path == "/set" else b"",
-        "headers": [(b"host", b"testserver"), *headers],
-        "client": ("127.0.0.1", 1),
-        "server": ("testserver", 443),
-    }
-    await app(scope, receive, send)
-    start = messages[0]
-    assert start["type"] == "http.response.start"
-    return start
+    query = b"key=k&value=v" if path == "/set" else b""
+    return (await call_app(app, http_scope(headers, path, query)))[0]
 
 
 @pytest.mark.parametrize(("name", "headers"), BAD_COOKIES, ids=[n for n, _ in BAD_COOKIES])

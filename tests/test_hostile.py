@@ -45,6 +45,7 @@ from asyncsession import (
     with_controls,
 )
 
+from .asgi_calls import call_app, http_scope
 from .clock import FakeClock
 from .conftest import BACKENDS, Harness
 
@@ -752,31 +753,8 @@ async def _request(
     app: Any, headers: list[tuple[bytes, bytes]], path: str = "/read", query: bytes = b""
 ) -> tuple[int, list[bytes], bytes]:
     """Call the app with exactly these headers; (status, set-cookie values, body)."""
-    messages: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET" if path == "/read" else "POST",
-        "scheme": "https",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": query,
-        "headers": [(b"host", b"testserver"), *headers],
-        "client": ("127.0.0.1", 1),
-        "server": ("testserver", 443),
-    }
-    await bounded(app(scope, receive, send))
+    messages = await call_app(app, http_scope(headers, path, query), bounded)
     start = messages[0]
-    assert start["type"] == "http.response.start"
     cookies = [v for k, v in start["headers"] if k == b"set-cookie"]
     body = b"".join(m.get("body", b"") for m in messages[1:])
     return start["status"], cookies, body
