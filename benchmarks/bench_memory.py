@@ -423,3 +423,121 @@ def test_interleaved(benchmark: Any, runner: Runner, ours: Ours, dicts: Dicts, s
         "create_vs_baseline": {"min": WRITE["baseline"]},
         "create_vs_peer": {"min": WRITE["peer"]},
     }
+
+
+def test_floor_interleaved(benchmark: Any, runner: Runner, dicts: Dicts, stored: int) -> None:
+    """How close the targets are to the least any in-process store can do under the
+    contract, in this interpreter: the same interleaved measurement as above, with our
+    store replaced by its floor.
+
+    * floor create: ``orjson.dumps`` with the strict options, the exact-type pass
+      (``codec._json_native``, the check the contract asks for), one clock read, and
+      the record, user index and expiry bucket put in dicts. No ``Session`` copy, no id
+      or user validation, no size limit, no per-user count, no events.
+    * floor get: dict lookup, ``orjson.loads``, a fresh ``Session`` with the metadata
+      the contract returns, one clock read for the expiry check.
+    * ``encode only``: ``orjson.dumps`` + the exact-type pass, nothing stored.
+
+    The ratios are informative (no targets): they show which targets any
+    implementation could meet here. A floor below a target means the target needs
+    less work than the contract asks for."""
+    from asyncsession.codec import _STRICT, _json_native
+    from asyncsession.session import utcnow
+
+    keys, base, peer = dicts.keys, dicts.base, dicts.peer
+    serializer = JsonSerializer()
+    loads, dumps = orjson.loads, orjson.dumps
+    ttl = LIFETIME
+    now0 = utcnow()
+    meta = {k: (base[k], "user", now0, now0.replace(year=now0.year + 1)) for k in keys}
+    records: dict[str, Any] = {}
+    users: dict[str, dict[str, None]] = {}
+    buckets: dict[int, dict[str, None]] = {}
+    batch: list[Session] = []
+    base_new: list[str] = []
+    peer_new: list[str] = []
+    new_session_object = Session.__new__
+
+    def floor_setup(start: int, n: int) -> None:
+        records.clear()
+        users.clear()
+        buckets.clear()
+        batch[:] = [new_session(f"floor-{start + k}", data=PAYLOAD) for k in range(n)]
+
+    async def floor_create(i: int) -> None:
+        s = batch[i % len(batch)]
+        raw = dumps(s.data, option=_STRICT)
+        if not _json_native(s.data):
+            raise AssertionError
+        now = utcnow()
+        records[s.id] = (raw, s.user_id, now)
+        users.setdefault(s.user_id or "", {})[s.id] = None
+        buckets.setdefault(int(now.timestamp()) + ttl, {})[s.id] = None
+
+    async def encode_only(i: int) -> None:
+        s = batch[i % len(batch)]
+        dumps(s.data, option=_STRICT)
+        if not _json_native(s.data):
+            raise AssertionError
+
+    async def floor_get(i: int) -> Session:
+        key = keys[i % len(keys)]
+        raw, user, created, expires = meta[key]
+        s = new_session_object(Session)
+        s.id, s.user_id, s.data = key, user, loads(raw)
+        s.created_at, s.expires_at = created, expires
+        if not utcnow() < expires:
+            raise AssertionError
+        return s
+
+    async def base_get(i: int) -> Any:
+        return loads(base[keys[i % len(keys)]])
+
+    async def peer_get(i: int) -> Any:
+        return serializer.deserialize(await peer.read(keys[i % len(keys)], LIFETIME))
+
+    async def base_set(i: int) -> None:
+        base[base_new[i % len(base_new)]] = dumps(PAYLOAD)
+
+    async def peer_set(i: int) -> None:
+        key = peer_new[i % len(peer_new)]
+        await peer.write(key, serializer.serialize(PAYLOAD), LIFETIME, LIFETIME)
+
+    def fresh_keys(target: dict[str, bytes], made: list[str]) -> Callable[[int, int], None]:
+        def setup(start: int, n: int) -> None:
+            for key in made:
+                del target[key]
+            made[:] = [generate_session_id() for _ in range(n)]
+
+        return setup
+
+    variants = {
+        "floor get": (floor_get, None),
+        "baseline read": (base_get, None),
+        "peer read": (peer_get, None),
+        "floor create": (floor_create, floor_setup),
+        "encode only": (encode_only, floor_setup),
+        "baseline write": (base_set, fresh_keys(base, base_new)),
+        "peer write": (peer_set, fresh_keys(peer.data, peer_new)),
+    }
+    times: dict[str, list[float]] = {}
+    benchmark.pedantic(
+        lambda: times.update(interleave(runner, variants, ops=500, rounds=30)),
+        rounds=1,
+        iterations=1,
+    )
+    fresh_keys(base, base_new)(0, 0)
+    fresh_keys(peer.data, peer_new)(0, 0)
+    info = benchmark.extra_info
+    benchmark.group = f"memory floor @ {stored:,} stored"
+    info.update(suite=SUITE, role="ours", op="floor", label=f"contract floor @ {stored:,}")
+    for name, per_op in times.items():
+        info[f"{name.replace(' ', '_')}_us"] = statistics.median(per_op) * 1e6
+    for ours_name, ref_role, prefix in [
+        ("floor get", "baseline read", "floor_get_vs_baseline"),
+        ("floor get", "peer read", "floor_get_vs_peer"),
+        ("floor create", "baseline write", "floor_create_vs_baseline"),
+        ("floor create", "peer write", "floor_create_vs_peer"),
+        ("encode only", "baseline write", "encode_only_vs_baseline"),
+    ]:
+        info[prefix], info[f"{prefix}_best"] = paired(times, ours_name, ref_role)
