@@ -262,6 +262,114 @@ async def test_eviction_ties_broken_by_insertion_order(env: Env, clock: FakeCloc
     assert made[0].id in ids and made[1].id not in ids and made[2].id in ids
 
 
+async def test_index_scores_are_creation_order(env: Env, clock: FakeClock) -> None:
+    """A member's score is its created_at (us); a session of the same microsecond as the
+    newest gets one more, so ties keep insertion order without reading any session."""
+    store = env.controlled()
+    ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    a = await store.create(new_session("alice", now=clock()))
+    b = await store.create(new_session("alice", now=clock()))
+    clock.advance(1)
+    c = await store.create(new_session("alice", now=clock()))
+    scores = dict(await env.client.zrange(ikey, 0, -1, withscores=True))
+    base = to_us(a.created_at)
+    assert scores == {
+        a.id.encode(): base,
+        b.id.encode(): base + 1,
+        c.id.encode(): to_us(c.created_at),
+    }
+    new_c = await store.rotate(c.id)  # the new id keeps the old one's place
+    assert await env.client.zscore(ikey, new_c) == to_us(c.created_at)
+
+
+async def test_out_of_order_created_at_is_evicted_by_created_at(env: Env, clock: FakeClock) -> None:
+    """A session created with an older created_at than an indexed one (or an update
+    that changes created_at) rescores the index: eviction stays oldest created first."""
+    store = env.controlled(cfg(max_sessions_per_user=3))
+    ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    start = clock()
+    b = await store.create(new_session("alice", now=start + timedelta(seconds=10)))
+    c = await store.create(new_session("alice", now=start + timedelta(seconds=20)))
+    a = await store.create(new_session("alice", now=start))  # older than both
+    assert await env.client.zrange(ikey, 0, -1) == [x.id.encode() for x in (a, b, c)]
+    d = await store.create(new_session("alice", now=start + timedelta(seconds=30)))
+    assert await env.client.zrange(ikey, 0, -1) == [x.id.encode() for x in (b, c, d)]
+    # same microsecond as an older member, created after it: sorted after it
+    b2 = await store.create(new_session("alice", now=start + timedelta(seconds=10)))
+    assert await env.client.zrange(ikey, 0, -1) == [x.id.encode() for x in (b2, c, d)]
+    # an update that moves created_at moves the session in the eviction order
+    got = await store.get(d.id)
+    got.created_at = start - timedelta(seconds=5)
+    await store.update(got)
+    assert await env.client.zrange(ikey, 0, -1) == [x.id.encode() for x in (d, b2, c)]
+    e = await store.create(new_session("alice", now=start + timedelta(seconds=40)))
+    assert await env.client.zrange(ikey, 0, -1) == [x.id.encode() for x in (b2, c, e)]
+    with pytest.raises(SessionNotFound):
+        await store.get(d.id)
+
+
+async def test_oldest_eviction_skips_expired_gone_and_foreign_members(
+    env: Env, clock: FakeClock
+) -> None:
+    """At the limit, liveness comes from the expiry set and existence from one EXISTS:
+    expired members are not counted (and stay indexed until purged), gone ones are
+    dropped, and a victim whose hash names another index is unindexed, not deleted."""
+    evicted: list[str] = []
+    store = env.controlled(
+        cfg(max_sessions_per_user=3),
+        on_event=lambda e: evicted.append(e.session) if e.type == "evicted" else None,
+    )
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    ikey = raw.index_key("site-a", "alice")
+    short = await store.create(new_session("alice", 10, now=clock()))
+    clock.advance(1)
+    gone = await store.create(new_session("alice", now=clock()))
+    clock.advance(1)
+    keep = await store.create(new_session("alice", now=clock()))
+    clock.advance(20)  # short has expired; gone vanishes behind the store's back
+    await env.client.delete(raw.session_key(gone.id))
+    new = await store.create(new_session("alice", now=clock()))
+    assert evicted == []  # one live session of three: nobody goes
+    ids = [short.id, keep.id, new.id]
+    assert await env.client.zrange(ikey, 0, -1) == [i.encode() for i in ids]
+    assert await raw._load(short.id) is not None  # expired, still stored until purge
+    # a foreign victim: its hash now names another index
+    await env.client.hset(raw.session_key(keep.id), "i", b"elsewhere")
+    clock.advance(1)
+    again = await store.create(new_session("alice", now=clock()))
+    clock.advance(1)
+    last = await store.create(new_session("alice", now=clock()))  # keep was the victim
+    assert evicted == []  # ... but is not alice's: unindexed, not deleted, not counted
+    assert await env.client.exists(raw.session_key(keep.id)) == 1
+    ids = [short.id, new.id, again.id, last.id]
+    assert await env.client.zrange(ikey, 0, -1) == [i.encode() for i in ids]
+    clock.advance(1)
+    await store.create(new_session("alice", now=clock()))
+    assert evicted == [short_hash(new.id)]
+
+
+async def test_index_written_by_the_previous_layout_keeps_working(
+    env: Env, clock: FakeClock
+) -> None:
+    """Indexes written by the earlier layout are scored 1, 2, 3... (insertion order):
+    those members sort before every created_at score, so they go first, in that order."""
+    store = env.controlled(cfg(max_sessions_per_user=3))
+    ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    made = []
+    for _ in range(3):
+        made.append(await store.create(new_session("alice", now=clock())))
+        clock.advance(1)
+    await env.client.zadd(ikey, {s.id: n for n, s in enumerate(made, 1)})
+    newer = await store.create(new_session("alice", now=clock()))
+    assert await env.client.zrange(ikey, 0, -1) == [
+        made[1].id.encode(),
+        made[2].id.encode(),
+        newer.id.encode(),
+    ]
+    assert [s.id for s in await store.list_by_user("alice")] == [made[1].id, made[2].id, newer.id]
+
+
 # ------------------------------------------------------------------ concurrency (real)
 
 

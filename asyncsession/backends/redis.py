@@ -84,6 +84,16 @@ gives up with ``StoreUnavailable``."""
 #   x  absolute deadline (us, '' = never) i  user index key (absent: anonymous)
 # Numbers cross into Lua as decimal strings and are only compared there (exact in
 # a double up to 2**53 us, year 2255); values Lua writes back are the same strings.
+#
+# A user index is a sorted set of session ids scored by creation order: a member's
+# score is its created_at (us), or one more than the score before it when a session
+# was created in the same microsecond as the newest one. Scores therefore sort the
+# members by (created_at, insertion), so the oldest session is the first member and
+# a create at the limit finds its victim without reading any session; which members
+# are live it learns from the expiry set (ZMSCORE) and which keys still exist from
+# one EXISTS over all of them. A session created with an older created_at than an
+# indexed one, or an update that changes created_at, rescores the index from the
+# sessions' own 'c' fields (rare; only with a per-user limit, which bounds the index).
 
 _PRELUDE = """
 -- Redis Cluster: while a slot migrates, a key of it that this node no longer holds
@@ -128,12 +138,6 @@ local function outlive(ikey, px, t)
     redis.call('PEXPIREAT', ikey, px)
   end
 end
-local function index_add(ikey, id)
-  local last = redis.call('ZRANGE', ikey, -1, -1, 'WITHSCORES')
-  local seq = 1
-  if last[2] then seq = tonumber(last[2]) + 1 end
-  redis.call('ZADD', ikey, string.format('%d', seq), id)
-end
 -- the expiry set holds every session that can expire; it outlives the last of them
 local function schedule(xkey, e, id, px)
   if e == '' then redis.call('ZREM', xkey, id) return end
@@ -143,103 +147,243 @@ local function schedule(xkey, e, id, px)
 end
 """
 
+# Helpers of the scripts that order a user index (INSERT, REPLACE, ROTATE).
+_INDEX_FNS = """
+-- a command over a list of arguments, in chunks (Lua's unpack has a stack limit)
+local function each(cmd, key, list)
+  for j = 1, #list, 1000 do
+    local k = math.min(j + 999, #list)
+    if key then redis.call(cmd, key, unpack(list, j, k))
+    else redis.call(cmd, unpack(list, j, k)) end
+  end
+end
+-- how many of these keys exist (one EXISTS per chunk); like fields, never half a slot
+local function count(keys)
+  local n = 0
+  for j = 1, #keys, 1000 do
+    local r = redis.pcall('EXISTS', unpack(keys, j, math.min(j + 999, #keys)))
+    if type(r) == 'table' then settle(r.err) return 0 end
+    n = n + r
+  end
+  return n
+end
+local function exists(key)
+  local r = redis.pcall('EXISTS', key)
+  if type(r) == 'table' then settle(r.err) return 0 end
+  return r
+end
+local function score_of(n) return string.format('%d', n) end
+-- ZADD arguments that rescore the index `ids` (in index order, minus `skip`) by
+-- (created_at, index order): each member's created_at read from its session (the
+-- session `id` taken as created at `c`), or one more than the score before it when
+-- that is not greater. Reads only; damaged created_at sorts first.
+local function rescore(sprefix, ids, skip, id, c)
+  local rows = {}
+  for j, mid in ipairs(ids) do
+    if not skip[mid] then
+      local at = c
+      if mid ~= id then
+        local f = fields(key_of(sprefix, mid), 'c')
+        at = tonumber(f and f[1]) or 0
+      end
+      rows[#rows + 1] = {at, j, mid}
+    end
+  end
+  table.sort(rows, function(p, q)
+    if p[1] ~= q[1] then return p[1] < q[1] end
+    return p[2] < q[2]
+  end)
+  local out, prev = {}, nil
+  for _, row in ipairs(rows) do
+    local s = row[1]
+    if prev and s <= prev then s = prev + 1 end
+    out[#out + 1] = score_of(s)
+    out[#out + 1] = row[3]
+    prev = s
+  end
+  return out
+end
+"""
+
 # KEYS: session, expiry set, [user index]
 # ARGV: record, site, version, created, accessed, expires, absolute, px, now, limit,
 #       eviction, session key prefix, id
+# At the limit: the index (ZRANGE), the members' deadlines (ZMSCORE on the expiry
+# set), whether their keys exist (one EXISTS), then each victim's 'i' (is it still
+# this user's session?) before it is deleted; no other session is read ('lru' and
+# 'reject' read each live member's 'a' and 'i': last access, exact count).
 _INSERT = """
 local skey, xkey, ikey = KEYS[1], KEYS[2], KEYS[3]
 local site, e, px, now = ARGV[2], ARGV[6], ARGV[8], tonumber(ARGV[9])
 local limit, eviction, sprefix, id = tonumber(ARGV[10]), ARGV[11], ARGV[12], ARGV[13]
 if redis.call('EXISTS', skey) == 1 then return {'exists'} end
 local evicted = {'ok'}
-local stale, victims = {}, {}
--- with a limit the index stays small: read it whole once (count, members, last seq)
-local members, seq = nil, 1
+local drop, victims, skip = {}, {}, {}  -- index members to remove; sessions to delete
+local zadd, kept, t  -- the new member's ZADD arguments; members the index keeps
 if ikey and limit > 0 then
-  members = redis.call('ZRANGE', ikey, 0, -1, 'WITHSCORES')
-  if #members > 0 then seq = tonumber(members[#members]) + 1 end
-end
-if members and #members / 2 >= limit then
-  local m = members
-  local alive = {}
-  for j = 1, #m, 2 do
-    local f = fields(key_of(sprefix, m[j]), 'c', 'a', 'e', 'i')
-    if not f or not f[3] or f[4] ~= ikey then
-      stale[#stale + 1] = m[j]
-    elseif live(f[3], now) then
-      -- damaged timestamps sort first (evicted first) rather than fail the sort
-      alive[#alive + 1] = {m[j], tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(m[j + 1])}
+  -- with a limit the index stays small: read it whole, in eviction order
+  local m = redis.call('ZRANGE', ikey, 0, -1, 'WITHSCORES')
+  local ids = {}
+  for j = 1, #m, 2 do ids[#ids + 1] = m[j] end
+  if #ids >= limit then
+    local keys = {}
+    for j, mid in ipairs(ids) do keys[j] = key_of(sprefix, mid) end
+    if eviction == 'lru' or eviction == 'reject' then
+      -- each session read: live, still this user's, last access (lru), exact count
+      local alive = {}
+      for j, mid in ipairs(ids) do
+        local f = fields(keys[j], 'e', 'a', 'i')
+        if not f or not f[1] or f[3] ~= ikey then
+          drop[#drop + 1] = mid  -- gone (native expiry, DEL, maxmemory) or not ours
+        elseif live(f[1], now) then
+          alive[#alive + 1] = {mid, tonumber(f[2]) or 0}  -- damaged access: least recent
+        end
+      end
+      local excess = #alive - limit + 1
+      if excess > 0 and eviction == 'reject' then
+        if #drop > 0 then each('ZREM', ikey, drop) end
+        return {'limit', #alive}
+      end
+      -- least recently used first (a selection pass per victim); among equals the
+      -- first in index order
+      for _ = 1, excess do
+        local best
+        for q, cand in ipairs(alive) do
+          if not cand[3] and (not best or cand[2] < alive[best][2]) then best = q end
+        end
+        alive[best][3] = true
+        victims[#victims + 1] = alive[best][1]
+      end
+    else
+      -- oldest first: no session is read but the victims. Live: by the deadline in
+      -- the expiry set (expired ones stay indexed until purged, uncounted); gone
+      -- (native expiry, DEL, maxmemory): one EXISTS over all of them, then per key
+      -- only when one is missing
+      local due = {}
+      for j = 1, #ids, 1000 do
+        local part = redis.call('ZMSCORE', xkey, unpack(ids, j, math.min(j + 999, #ids)))
+        for q = 1, #part do due[j + q - 1] = part[q] end
+      end
+      local gone = count(keys) < #ids
+      local live_at = {}
+      for j, mid in ipairs(ids) do
+        if gone and exists(keys[j]) == 0 then
+          drop[#drop + 1] = mid
+        elseif not due[j] or now < tonumber(due[j]) then
+          live_at[#live_at + 1] = j
+        end
+      end
+      -- the first live members go; one that is no longer this user's session is
+      -- dropped from the index instead, which lowers the count as much
+      for q = 1, #live_at - limit + 1 do
+        local j = live_at[q]
+        local f = fields(keys[j], 'i')
+        if f and f[1] == ikey then victims[#victims + 1] = ids[j] else drop[#drop + 1] = ids[j] end
+      end
     end
   end
-  local excess = #alive - limit + 1
-  if excess > 0 then
-    if eviction == 'reject' then
-      for _, gone in ipairs(stale) do redis.call('ZREM', ikey, gone) end
-      return {'limit', #alive}
+  for _, mid in ipairs(drop) do skip[mid] = true end
+  for _, mid in ipairs(victims) do skip[mid] = true end
+  kept = #ids - #drop - #victims
+  -- the new member's score: its created_at when that sorts it after every member
+  local c, last = tonumber(ARGV[4]), tonumber(m[#m])
+  if not last or c > last then
+    zadd = {score_of(c), id}
+  else
+    local f = fields(key_of(sprefix, ids[#ids]), 'c')
+    local lc = tonumber(f and f[1])
+    if not lc or c >= lc then
+      zadd = {score_of(last + 1), id}  -- created in the newest one's microsecond
+    else
+      ids[#ids + 1] = id  -- created before an indexed session: rescore them all
+      zadd = rescore(sprefix, ids, skip, id, c)
     end
-    local k = 2
-    if eviction == 'lru' then k = 3 end
-    table.sort(alive, function(p, q)
-      if p[k] ~= q[k] then return p[k] < q[k] end
-      return p[4] < q[4]
-    end)
-    for j = 1, excess do victims[j] = alive[j][1] end
   end
 elseif ikey then
-  -- amortized pruning: drop up to two stale members from the old end
-  local m
-  if members then m = {members[1], members[3]} else m = redis.call('ZRANGE', ikey, 0, 1) end
+  -- no limit: the index may be long; drop up to two gone members from the old end
+  local m = redis.call('ZRANGE', ikey, 0, 1)
   for j = 1, #m do
     local f = fields(key_of(sprefix, m[j]), 'i')
-    if not f or f[1] ~= ikey then stale[#stale + 1] = m[j] end
+    if not f or f[1] ~= ikey then drop[#drop + 1] = m[j] end
   end
+  local top = redis.call('ZRANGE', ikey, -1, -1, 'WITHSCORES')
+  local c, last = tonumber(ARGV[4]), tonumber(top[2])
+  if last and c <= last then c = last + 1 end
+  zadd = {score_of(c), id}
 end
 -- every key read: the writes begin
-for _, gone in ipairs(stale) do redis.call('ZREM', ikey, gone) end
-for _, victim in ipairs(victims) do
-  redis.call('DEL', key_of(sprefix, victim))
-  redis.call('ZREM', ikey, victim)
-  redis.call('ZREM', xkey, victim)
-  evicted[#evicted + 1] = victim
+if #drop > 0 then each('ZREM', ikey, drop) end
+if #victims > 0 then
+  local vkeys = {}
+  for j, victim in ipairs(victims) do
+    vkeys[j] = key_of(sprefix, victim)
+    evicted[#evicted + 1] = victim
+  end
+  each('DEL', nil, vkeys)
+  each('ZREM', ikey, victims)
+  each('ZREM', xkey, victims)
 end
 if ikey then
   redis.call('HSET', skey, 'r', ARGV[1], 's', site, 'n', ARGV[3], 'c', ARGV[4], 'a', ARGV[5],
     'e', e, 'x', ARGV[7], 'i', ikey)
-  local t = redis.call('PEXPIRETIME', ikey)
-  if members then
-    redis.call('ZADD', ikey, string.format('%d', seq), id)
+  if not kept then t = redis.call('PEXPIRETIME', ikey) end
+  each('ZADD', ikey, zadd)
+  -- the index outlives its sessions; persistent while it holds one that never expires
+  if not kept then
+    outlive(ikey, px, t)
+  elseif px == '' then
+    redis.call('PERSIST', ikey)
+  elseif kept == 0 then
+    redis.call('PEXPIREAT', ikey, px)
   else
-    index_add(ikey, id)
+    redis.call('PEXPIREAT', ikey, px, 'GT')
   end
-  outlive(ikey, px, t)
 else
   redis.call('HSET', skey, 'r', ARGV[1], 's', site, 'n', ARGV[3], 'c', ARGV[4], 'a', ARGV[5],
     'e', e, 'x', ARGV[7])
 end
-if px ~= '' then redis.call('PEXPIREAT', skey, px) end
-schedule(xkey, e, id, px)
+if e == '' then
+  redis.call('ZREM', xkey, id)
+else
+  redis.call('PEXPIREAT', skey, px)
+  redis.call('ZADD', xkey, e, id)
+  -- the expiry set outlives its sessions (GT leaves a new, persistent set alone)
+  if redis.call('PEXPIREAT', xkey, px, 'GT') == 0 and redis.call('PEXPIRETIME', xkey) == -1 then
+    redis.call('PEXPIREAT', xkey, px)
+  end
+end
 return evicted
 """
 
 # KEYS: session, expiry set
 # ARGV: record, site, index key ('' anonymous), expected version, new version,
-#       created, accessed, expires, absolute, px, now, id
+#       created, accessed, expires, absolute, px, now, id, per-user limit, key prefix
 _REPLACE = """
 local skey, xkey = KEYS[1], KEYS[2]
 local e, px = ARGV[8], ARGV[10]
-local f = fields(skey, 's', 'i', 'n', 'e')
+local f = fields(skey, 's', 'i', 'n', 'e', 'c')
 if not f or not f[1] or not f[3] or not f[4] then return 'missing' end
 if f[1] ~= ARGV[2] then return 'other_site' end
 if not live(f[4], tonumber(ARGV[11])) then return 'expired' end
 if (f[2] or '') ~= ARGV[3] then return 'user_changed' end
 if f[3] ~= ARGV[4] then return 'conflict' end
-local t
-if f[2] then t = here(f[2]) end
+local t, zadd
+if f[2] then
+  t = here(f[2])
+  if f[5] ~= ARGV[6] and tonumber(ARGV[13]) > 0 then
+    -- created_at changed: the index order follows (the limit keeps the index small)
+    local ids = redis.call('ZRANGE', f[2], 0, -1)
+    zadd = rescore(ARGV[14], ids, {}, ARGV[12], tonumber(ARGV[6]) or 0)
+  end
+end
 redis.call('HSET', skey, 'r', ARGV[1], 'n', ARGV[5], 'c', ARGV[6], 'a', ARGV[7], 'e', e,
   'x', ARGV[9])
 expire(skey, px)
 schedule(xkey, e, ARGV[12], px)
-if f[2] then outlive(f[2], px, t) end
+if f[2] then
+  if zadd and #zadd > 0 then each('ZADD', f[2], zadd) end
+  outlive(f[2], px, t)
+end
 return 'ok'
 """
 
@@ -274,21 +418,26 @@ return 'ok'
 
 # KEYS: session, new session, expiry set
 # ARGV: site, now, id, new id
+# The new id takes the old one's place (score) in the user index.
 _ROTATE = """
 local skey, nkey, xkey = KEYS[1], KEYS[2], KEYS[3]
 local id, new = ARGV[3], ARGV[4]
-local f = fields(skey, 's', 'i', 'e')
+local f = fields(skey, 's', 'i', 'e', 'c')
 if not f or not f[1] or not f[3] then return 'missing' end
 if f[1] ~= ARGV[1] then return 'other_site' end
 if not live(f[3], tonumber(ARGV[2])) then return 'expired' end
 if redis.call('EXISTS', nkey) == 1 then return 'conflict' end
-if f[2] then here(f[2]) end
+local score
+if f[2] then
+  here(f[2])
+  score = redis.call('ZSCORE', f[2], id) or tonumber(f[4]) or 0
+end
 redis.call('RENAME', skey, nkey)
 redis.call('ZREM', xkey, id)
 if f[3] ~= '' then redis.call('ZADD', xkey, f[3], new) end
 if f[2] then
   redis.call('ZREM', f[2], id)
-  index_add(f[2], new)
+  redis.call('ZADD', f[2], score, new)
 end
 return 'ok'
 """
@@ -491,8 +640,8 @@ class _Script:
         self.sha = hashlib.sha1(self.source).hexdigest()
 
 
-INSERT = _Script(_INSERT)
-REPLACE = _Script(_REPLACE)
+INSERT = _Script(_INDEX_FNS + _INSERT)
+REPLACE = _Script(_INDEX_FNS + _REPLACE)
 TOUCH = _Script(_TOUCH)
 ROTATE = _Script(_ROTATE)
 DELETE = _Script(_DELETE)
@@ -1281,6 +1430,8 @@ class RedisStore(Store):
                 self._px(session.expires_at),
                 codec.to_us(now),
                 session.id,
+                scope.max_sessions_per_user,
+                self._sprefix,
             ),
         )
         return _OUTCOMES[reply]
