@@ -14,6 +14,10 @@ Each family runs with 1 task and with 64 concurrent tasks. A concurrent round st
 64 in-flight requests on one app server); times are per operation. The server is
 ``REDIS_URL`` (default ``redis://127.0.0.1:6379/15``); every key lives under a
 random prefix that is deleted afterwards. Sessions stored while measuring: ``FILL``.
+
+``test_redis_create_floor`` puts the evicting create at one task beside an anonymous
+create, the create with its insert script swapped for a no-op (the floor of any
+server-side script) and the peer's write, to show where a lone create's time goes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import pytest
 from conftest import PAYLOAD, AsyncBench, Runner
 
 from asyncsession import Config, ControlledStore, Session, generate_session_id, new_session
+from asyncsession.backends import redis as redis_backend
 from asyncsession.backends.redis import RedisStore
 
 redis_asyncio = pytest.importorskip("redis.asyncio")
@@ -411,3 +416,70 @@ def test_redis_interleaved(benchmark: Any, runner: Runner, world: World) -> None
         info[f"{name}_time_ratio"] = best[ours] / best[ref]
         info[f"{name}_median_time_ratio"] = median[ours] / median[ref]
     info["targets"] = {f"{name}_time_ratio": v for name, v in INTERLEAVED_TARGETS.items()}
+
+
+def test_redis_create_floor(benchmark: Any, runner: Runner, world: World) -> None:
+    """Where a lone create's time goes: ours beside the same call with less server work.
+
+    At one task a create's wall time is the app's CPU plus Redis's, one after the
+    other. Interleaved as above (one task, best batch of each): the evicting create,
+    an anonymous create (no index, no eviction: hash, TTL, expiry set), the evicting
+    create with the insert script swapped for ``return {'ok'}`` (the floor of any
+    server-side script: one EVALSHA with the same arguments, nothing done) and
+    starsessions' write. Times only (``*_best_us``; ``*_vs_peer``: the peer's best
+    batch / ours, and the median over rounds of the peer's batch / ours in the same
+    round); no target.
+    """
+    store, ctl, users = world.store, world.ctl, world.limit_users
+    peer, ser = world.peer, world.serializer
+    noop = redis_backend._Script("return {'ok'}", prelude=False)
+    redis_backend._SOURCES[noop.sha] = noop.source  # NOSCRIPT recovery loads it
+    real_eval = store._eval
+
+    async def noop_eval(script: Any, keys: Any, args: Any) -> Any:
+        return await real_eval(noop if script is redis_backend.INSERT else script, keys, args)
+
+    counter = iter(range(10**9))
+
+    def batch(kind: str) -> Callable[[], Awaitable[float]]:
+        if kind == "peer":
+            ids = [generate_session_id() for _ in range(BATCH_1)]
+            ops = [lambda sid=sid: peer.write(sid, ser.serialize(PAYLOAD), TTL, TTL) for sid in ids]
+        else:
+            user = None if kind == "anonymous" else lambda: users[next(counter) % len(users)]
+            made = [new_session(user() if user else None, data=PAYLOAD) for _ in range(BATCH_1)]
+            ops = [lambda s=s: ctl.create(s) for s in made]
+
+        async def run() -> float:
+            if kind == "floor":
+                store._eval = noop_eval  # type: ignore[method-assign]
+            try:
+                start = time.perf_counter()
+                for op in ops:
+                    await op()
+                return (time.perf_counter() - start) / BATCH_1
+            finally:
+                if kind == "floor":
+                    del store._eval
+
+        return run
+
+    kinds = ("create", "anonymous", "floor", "peer")
+    samples: dict[str, list[float]] = {k: [] for k in kinds}
+
+    def measure() -> None:
+        for _ in range(INTERLEAVED_ROUNDS):
+            for kind in kinds:
+                samples[kind].append(runner.run(batch(kind)()))
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    info = benchmark.extra_info
+    info.update(suite="redis-floor", role="ours", op="create-floor", label="create floor")
+    for kind in kinds:
+        info[f"{kind}_best_us"] = min(samples[kind]) * 1e6
+        info[f"{kind}_median_us"] = statistics.median(samples[kind]) * 1e6
+    for kind in kinds[:-1]:
+        info[f"{kind}_vs_peer"] = min(samples["peer"]) / min(samples[kind])
+        # the same, batch by batch within each round (steadier when the load drifts)
+        paired = [p / o for p, o in zip(samples["peer"], samples[kind], strict=True)]
+        info[f"{kind}_vs_peer_paired_median"] = statistics.median(paired)
