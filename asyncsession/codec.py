@@ -326,8 +326,20 @@ _STR_OR_NONE = (str, type(None))
 _INT_OR_NONE = (int, type(None))
 
 
-def decode(raw: bytes | bytearray | memoryview | str) -> Session:
-    """Parse a record; anything that is not one raises ``CorruptRecord``."""
+_new_session = Session.__new__
+
+
+def decode(
+    raw: bytes | bytearray | memoryview | str,
+    accessed: int | None = None,
+    expires: int | bool | None = False,
+) -> Session:
+    """Parse a record; anything that is not one raises ``CorruptRecord``.
+
+    ``accessed`` / ``expires`` (integer microseconds; ``expires`` None for none) replace
+    the record's own, for a backend that keeps them in fields of their own (Redis
+    ``touch`` does not rewrite the record); ``False`` keeps the record's.
+    """
     try:
         r = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -335,27 +347,74 @@ def decode(raw: bytes | bytearray | memoryview | str) -> Session:
     if type(r) is not dict or r.get("f") != RECORD_FORMAT:
         raise CorruptRecord("not a session record")
     try:
-        data = r["d"]
-        if type(data) is not dict:
-            raise CorruptRecord("field 'd' is not an object")
-        return Session(
-            id=_check(r["id"], str, "id"),
-            user_id=_check(r["u"], _STR_OR_NONE, "u"),
-            site_id=_check(r["s"], str, "s"),
-            organization_id=_check(r["o"], _STR_OR_NONE, "o"),
-            data=data,
-            created_at=from_us(_check(r["c"], int, "c")),
-            updated_at=from_us(_check(r["m"], int, "m")),
-            last_accessed_at=from_us(_check(r["a"], int, "a")),
-            expires_at=_opt_dt(_check(r["e"], _INT_OR_NONE, "e")),
-            absolute_expires_at=_opt_dt(_check(r["x"], _INT_OR_NONE, "x")),
-            ip_address=_check(r["ip"], _STR_OR_NONE, "ip"),
-            user_agent=_check(r["ua"], _STR_OR_NONE, "ua"),
-            version=_check(r["n"], int, "n"),
-        )
+        data, sid, user, site, org = r["d"], r["id"], r["u"], r["s"], r["o"]
+        c, m, a, e, x, ip, ua, n = r["c"], r["m"], r["a"], r["e"], r["x"], r["ip"], r["ua"], r["n"]
     except KeyError as exc:
         raise CorruptRecord(f"missing field {exc.args[0]!r}") from exc
-    except (OverflowError, ValueError) as exc:
-        if isinstance(exc, CorruptRecord):
-            raise
+    if accessed is not None:
+        a = accessed
+    if expires is not False:
+        e = expires
+    # orjson gives exact types, so ``type(v) is int`` also refuses booleans
+    if not (
+        type(data) is dict
+        and type(sid) is str
+        and type(site) is str
+        and type(c) is int
+        and type(m) is int
+        and type(a) is int
+        and type(n) is int
+        and (user is None or type(user) is str)
+        and (org is None or type(org) is str)
+        and (e is None or type(e) is int)
+        and (x is None or type(x) is int)
+        and (ip is None or type(ip) is str)
+        and (ua is None or type(ua) is str)
+    ):
+        raise _wrong_type(r)
+    s = _new_session(Session)
+    s.id = sid
+    s.user_id = user
+    s.site_id = site
+    s.organization_id = org
+    s.data = data
+    s.ip_address = ip
+    s.user_agent = ua
+    s.version = n
+    try:
+        # the timestamps are mostly a few equal values: convert each distinct one once
+        created = from_us(c)
+        updated = created if m == c else from_us(m)
+        s.created_at = created
+        s.updated_at = updated
+        s.last_accessed_at = created if a == c else updated if a == m else from_us(a)
+        expires_at = None if e is None else from_us(e)
+        s.expires_at = expires_at
+        s.absolute_expires_at = expires_at if x == e else None if x is None else from_us(x)
+    except OverflowError as exc:
         raise CorruptRecord(f"bad timestamp: {exc}") from exc
+    return s
+
+
+def _wrong_type(r: dict[str, Any]) -> CorruptRecord:
+    if type(r["d"]) is not dict:
+        return CorruptRecord("field 'd' is not an object")
+    for name, types in (
+        ("id", str),
+        ("u", _STR_OR_NONE),
+        ("s", str),
+        ("o", _STR_OR_NONE),
+        ("c", int),
+        ("m", int),
+        ("a", int),
+        ("e", _INT_OR_NONE),
+        ("x", _INT_OR_NONE),
+        ("ip", _STR_OR_NONE),
+        ("ua", _STR_OR_NONE),
+        ("n", int),
+    ):
+        try:
+            _check(r[name], types, name)
+        except CorruptRecord as exc:
+            return exc
+    return CorruptRecord("a field has the wrong type")  # an overriding timestamp field

@@ -43,6 +43,7 @@ from asyncsession import (  # noqa: E402
     with_controls,
 )
 from asyncsession.backends import _redis_cluster  # noqa: E402
+from asyncsession.backends import redis as redis_backend  # noqa: E402
 from asyncsession.backends.redis import RedisStore  # noqa: E402
 from asyncsession.session import SESSION_ID_RE, user_tag  # noqa: E402
 
@@ -297,10 +298,13 @@ async def test_concurrent_gets_are_sent_as_one_pipeline_per_primary(
         counts[int(self.port)] = counts.get(int(self.port), 0) + 1
         await original(self, command, check_health)
 
+    await asyncio.gather(*(store.get(s.id) for s in sessions))  # opens the connections
     monkeypatch.setattr(Connection, "send_packed_command", counting)
     got = await asyncio.gather(*(store.get(s.id) for s in sessions))
     assert [g.data["i"] for g in got] == list(range(120))
-    assert counts == {port: 1 for port in env.cluster.ports}
+    # 120 gets are four batches (MAX_BATCH 32), each one pipeline per primary
+    batches = -(-120 // redis_backend.MAX_BATCH)
+    assert counts == {port: batches for port in env.cluster.ports}
 
 
 async def test_script_flush_on_every_primary_is_transparent(env: Env) -> None:
