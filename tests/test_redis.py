@@ -181,6 +181,39 @@ async def test_native_expiry_follows_deadlines(env: Env, clock: FakeClock) -> No
     assert await env.client.pexpiretime(skey) == px(s.absolute_expires_at)
 
 
+async def test_update_with_the_same_deadline_only_rewrites_the_hash(
+    env: Env, clock: FakeClock
+) -> None:
+    """Without an idle timeout an update keeps the deadline: the script writes the
+    hash and nothing else (TTLs, expiry set and index already right); a changed
+    deadline still moves all of them."""
+    need_real_redis()  # counts commands with INFO commandstats
+    store = env.controlled()
+    s = await store.create(new_session("alice", timedelta(hours=1), data={"n": 0}, now=clock()))
+    skey = store.store.session_key(s.id)  # type: ignore[attr-defined]
+    ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    xkey = store.store.expiry_key  # type: ignore[attr-defined]
+    ttls = [await env.client.pexpiretime(k) for k in (skey, ikey, xkey)]
+    await env.client.config_resetstat()
+    for n in range(1, 4):
+        clock.advance(60)
+        got = await store.get(s.id)
+        got.data["n"] = n
+        await store.update(got)
+    stats = await env.client.info("commandstats")
+    assert "cmdstat_pexpireat" not in stats and "cmdstat_zadd" not in stats
+    assert [await env.client.pexpiretime(k) for k in (skey, ikey, xkey)] == ttls
+    got = await store.get(s.id)
+    assert got.data == {"n": 3} and got.version == 3
+    assert got.updated_at == clock() and got.expires_at == s.expires_at
+    # a new deadline: key, index and expiry set follow
+    got.expires_at = got.absolute_expires_at = clock() + timedelta(hours=5)
+    await store.update(got)
+    px = -(-to_us(got.expires_at) // 1000) + RedisStore.expiry_grace_ms
+    assert [await env.client.pexpiretime(k) for k in (skey, ikey, xkey)] == [px, px, px]
+    assert await env.client.zscore(xkey, s.id) == to_us(got.expires_at)
+
+
 async def test_session_without_expiry_keeps_its_index(env: Env, clock: FakeClock) -> None:
     store = env.controlled()
     s = await store.create(new_session("alice", timedelta(hours=1), now=clock()))

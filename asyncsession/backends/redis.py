@@ -367,6 +367,12 @@ if f[1] ~= ARGV[2] then return 'other_site' end
 if not live(f[4], tonumber(ARGV[11])) then return 'expired' end
 if (f[2] or '') ~= ARGV[3] then return 'user_changed' end
 if f[3] ~= ARGV[4] then return 'conflict' end
+if f[4] == e and f[5] == ARGV[6] then
+  -- same deadline (no idle timeout moved it) and creation time: the key's TTL, the
+  -- expiry set and the index are already right; only the hash changes
+  redis.call('HSET', skey, 'r', ARGV[1], 'n', ARGV[5], 'a', ARGV[7], 'x', ARGV[9])
+  return 'ok'
+end
 local t, zadd
 if f[2] then
   t = here(f[2])
