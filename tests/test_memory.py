@@ -102,3 +102,36 @@ async def test_delete_by_user_touches_only_that_user(
     assert await store.delete_by_user("me") == 3
     assert sorted(removed) == sorted(s.id for s in mine)
     assert len(store) == 2_000
+
+
+async def test_stored_sessions_cost_little_beyond_their_record() -> None:
+    """Memory held per session, beyond its encoded record, stays far under 1 KB. (A
+    bytes object straight from orjson.dumps keeps orjson's ~8 KiB write buffer; the
+    store must keep exact-size copies.)"""
+    import gc
+    import random
+    import string
+    import tracemalloc
+
+    from asyncsession import codec
+
+    rng = random.Random(3)
+    token = "".join(rng.choice(string.ascii_letters) for _ in range(600))
+    data = {"roles": ["member", "editor"], "token": token, "cart": [{"sku": i} for i in range(5)]}
+    async with MemoryStore.with_controls(Config(cleanup_interval=0)) as store:
+        sessions = [new_session(f"user-{n // 2}", 3600, data=data) for n in range(2000)]
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for s in sessions:
+                await store.create(s)
+            for s in sessions[:500]:  # updates replace the stored bytes
+                s.data["n"] = 1
+                await store.update(s)
+            gc.collect()
+            held = (tracemalloc.get_traced_memory()[0] - before) / len(sessions)
+        finally:
+            tracemalloc.stop()
+        record = len(codec.encode(sessions[-1]))
+        assert held - record < 1024, (held, record)
