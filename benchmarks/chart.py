@@ -58,6 +58,9 @@ _TARGET = re.compile(
 )
 
 
+_AT_PAR = re.compile(r"(\u2265|>=)\s*(starsessions|raw)\b", re.IGNORECASE)
+
+
 def from_markdown(text: str) -> list[Bar]:
     """Bars from table rows whose second cell holds a bold ratio (``**2.66x**``); the
     target (``>= 1.5x``, ``at most 2x``, with the Unicode signs too) is read from the
@@ -79,6 +82,8 @@ def from_markdown(text: str) -> list[Bar]:
         if target is not None and target.group(3) != "%":
             bar.target = float(target.group(2))
             bar.at_least = target.group(1).lower() in ("\u2265", ">=", "at least")
+        elif _AT_PAR.search(cells[0]):  # "x >= starsessions write": at least 1x
+            bar.target = 1.0
         bars.append(bar)
     return bars
 
