@@ -342,29 +342,20 @@ def test_delete_by_user(
 # -------------------------------------------------------- interleaved verdicts
 
 
-def test_interleaved(benchmark: Any, runner: Runner, ours: Ours, dicts: Dicts, stored: int) -> None:
-    """The issue's targets, measured so that load from other processes cannot favour
-    one row: controlled get / create, the baseline and the peer take turns, one
-    500-operation batch each per round, timed on the thread's CPU clock; the verdict is
-    the median over 30 rounds of the per-round speed ratio (reference time / ours)."""
-    ctl, ids, keys, base, peer = ours.ctl, ours.ids, dicts.keys, dicts.base, dicts.peer
+def _references(dicts: Dicts) -> tuple[dict[str, Any], Callable[[], None]]:
+    """The baseline and peer variants of the interleaved rows (read: a stored key;
+    write: a fresh key each op), and what undoes their writes."""
+    keys, base, peer = dicts.keys, dicts.base, dicts.peer
     serializer = JsonSerializer()
     loads, dumps = orjson.loads, orjson.dumps
-    batch: list[Session] = []
     base_new: list[str] = []
     peer_new: list[str] = []
-
-    async def our_get(i: int) -> Session:
-        return await ctl.get(ids[i % len(ids)])
 
     async def base_get(i: int) -> Any:
         return loads(base[keys[i % len(keys)]])
 
     async def peer_get(i: int) -> Any:
         return serializer.deserialize(await peer.read(keys[i % len(keys)], LIFETIME))
-
-    async def our_create(i: int) -> Session:
-        return await ctl.create(batch[i % len(batch)])
 
     async def base_set(i: int) -> None:
         base[base_new[i % len(base_new)]] = dumps(PAYLOAD)
@@ -382,12 +373,38 @@ def test_interleaved(benchmark: Any, runner: Runner, ours: Ours, dicts: Dicts, s
         return setup
 
     variants = {
-        "controlled get": (our_get, None),
         "baseline read": (base_get, None),
         "peer read": (peer_get, None),
-        "controlled create": (our_create, _create_setup(ours, runner, ours.users, batch, False)),
         "baseline write": (base_set, fresh_keys(base, base_new)),
         "peer write": (peer_set, fresh_keys(peer.data, peer_new)),
+    }
+
+    def undo() -> None:
+        fresh_keys(base, base_new)(0, 0)
+        fresh_keys(peer.data, peer_new)(0, 0)
+
+    return variants, undo
+
+
+def test_interleaved(benchmark: Any, runner: Runner, ours: Ours, dicts: Dicts, stored: int) -> None:
+    """The issue's targets, measured so that load from other processes cannot favour
+    one row: controlled get / create, the baseline and the peer take turns, one
+    500-operation batch each per round, timed on the thread's CPU clock; the verdict is
+    the median over 30 rounds of the per-round speed ratio (reference time / ours)."""
+    ctl, ids = ours.ctl, ours.ids
+    batch: list[Session] = []
+    references, undo = _references(dicts)
+
+    async def our_get(i: int) -> Session:
+        return await ctl.get(ids[i % len(ids)])
+
+    async def our_create(i: int) -> Session:
+        return await ctl.create(batch[i % len(batch)])
+
+    variants = {
+        "controlled get": (our_get, None),
+        "controlled create": (our_create, _create_setup(ours, runner, ours.users, batch, False)),
+        **references,
     }
     times: dict[str, list[float]] = {}
     benchmark.pedantic(
@@ -397,8 +414,7 @@ def test_interleaved(benchmark: Any, runner: Runner, ours: Ours, dicts: Dicts, s
     )
     runner.run(_delete(ours.raw, ours.created))
     ours.created.clear()
-    fresh_keys(base, base_new)(0, 0)
-    fresh_keys(peer.data, peer_new)(0, 0)
+    undo()
     assert len(ours.raw) == stored
 
     info = benchmark.extra_info
@@ -444,8 +460,7 @@ def test_floor_interleaved(benchmark: Any, runner: Runner, dicts: Dicts, stored:
     from asyncsession.codec import _STRICT, _json_native
     from asyncsession.session import utcnow
 
-    keys, base, peer = dicts.keys, dicts.base, dicts.peer
-    serializer = JsonSerializer()
+    keys, base = dicts.keys, dicts.base
     loads, dumps = orjson.loads, orjson.dumps
     ttl = LIFETIME
     now0 = utcnow()
@@ -454,8 +469,6 @@ def test_floor_interleaved(benchmark: Any, runner: Runner, dicts: Dicts, stored:
     users: dict[str, dict[str, None]] = {}
     buckets: dict[int, dict[str, None]] = {}
     batch: list[Session] = []
-    base_new: list[str] = []
-    peer_new: list[str] = []
     new_session_object = Session.__new__
 
     def floor_setup(start: int, n: int) -> None:
@@ -490,35 +503,12 @@ def test_floor_interleaved(benchmark: Any, runner: Runner, dicts: Dicts, stored:
             raise AssertionError
         return s
 
-    async def base_get(i: int) -> Any:
-        return loads(base[keys[i % len(keys)]])
-
-    async def peer_get(i: int) -> Any:
-        return serializer.deserialize(await peer.read(keys[i % len(keys)], LIFETIME))
-
-    async def base_set(i: int) -> None:
-        base[base_new[i % len(base_new)]] = dumps(PAYLOAD)
-
-    async def peer_set(i: int) -> None:
-        key = peer_new[i % len(peer_new)]
-        await peer.write(key, serializer.serialize(PAYLOAD), LIFETIME, LIFETIME)
-
-    def fresh_keys(target: dict[str, bytes], made: list[str]) -> Callable[[int, int], None]:
-        def setup(start: int, n: int) -> None:
-            for key in made:
-                del target[key]
-            made[:] = [generate_session_id() for _ in range(n)]
-
-        return setup
-
+    references, undo = _references(dicts)
     variants = {
         "floor get": (floor_get, None),
-        "baseline read": (base_get, None),
-        "peer read": (peer_get, None),
         "floor create": (floor_create, floor_setup),
         "encode only": (encode_only, floor_setup),
-        "baseline write": (base_set, fresh_keys(base, base_new)),
-        "peer write": (peer_set, fresh_keys(peer.data, peer_new)),
+        **references,
     }
     times: dict[str, list[float]] = {}
     benchmark.pedantic(
@@ -526,8 +516,7 @@ def test_floor_interleaved(benchmark: Any, runner: Runner, dicts: Dicts, stored:
         rounds=1,
         iterations=1,
     )
-    fresh_keys(base, base_new)(0, 0)
-    fresh_keys(peer.data, peer_new)(0, 0)
+    undo()
     info = benchmark.extra_info
     benchmark.group = f"memory floor @ {stored:,} stored"
     info.update(suite=SUITE, role="ours", op="floor", label=f"contract floor @ {stored:,}")
