@@ -448,8 +448,9 @@ def test_floor_interleaved(benchmark: Any, runner: Runner, dicts: Dicts, stored:
 
     * floor create: ``orjson.dumps`` with the strict options, the exact-type pass
       (``codec._json_native``, the check the contract asks for), one clock read, and
-      the record, user index and expiry bucket put in dicts. No ``Session`` copy, no id
-      or user validation, no size limit, no per-user count, no events.
+      an exact-size copy of the encoded data, a user index and an expiry bucket put in
+      dicts. No ``Session`` copy, no id or user validation, no size limit, no per-user
+      count, no events.
     * floor get: dict lookup, ``orjson.loads``, a fresh ``Session`` with the metadata
       the contract returns, one clock read for the expiry check.
     * ``encode only``: ``orjson.dumps`` + the exact-type pass, nothing stored.
@@ -483,7 +484,7 @@ def test_floor_interleaved(benchmark: Any, runner: Runner, dicts: Dicts, stored:
         if not _json_native(s.data):
             raise AssertionError
         now = utcnow()
-        records[s.id] = (raw, s.user_id, now)
+        records[s.id] = (bytes(memoryview(raw)), s.user_id, now)  # exact size, as stored
         users.setdefault(s.user_id or "", {})[s.id] = None
         buckets.setdefault(int(now.timestamp()) + ttl, {})[s.id] = None
 
