@@ -217,9 +217,9 @@ def check_metadata(session: Session) -> None:
     ):
         raise _bad_metadata(session)
     user = session.user_id
-    if user is not None and not (user.isascii() or _utf8(user)):
+    if user is not None and (type(user) is not str or not (user.isascii() or _utf8(user))):
         raise InvalidSession(
-            "session metadata must be valid UTF-8 text", details={"field": "user_id"}
+            "session.user_id must be valid UTF-8 text or None", details={"field": "user_id"}
         )
 
 

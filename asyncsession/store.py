@@ -312,6 +312,13 @@ class Store(ABC):
         if not isinstance(session, Session):
             raise self._invalid("update() needs a Session", None, type=type(session).__name__)
         self._check_id(session.id)
+        if session.user_id is not None and type(session.user_id) is not str:
+            # (a str user id that is not the stored one is refused by the backend)
+            raise self._invalid(
+                "session.user_id must be a str or None",
+                session,
+                type=type(session.user_id).__name__,
+            )
         scope = self.scope
         now = self.clock()
         absolute = absolute_deadline(session)

@@ -259,6 +259,29 @@ async def test_update_cannot_change_user(store: ControlledStore) -> None:
     assert got.user_id == "alice" and got.version == 0
 
 
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("user_id", 123),
+        ("user_id", "\ud800"),
+        ("user_agent", 123),
+        ("user_agent", "\ud800"),
+        ("ip_address", b"127.0.0.1"),
+        ("organization_id", "org\udfff"),
+    ],
+)
+async def test_update_with_bad_metadata_is_invalid_and_changes_nothing(
+    store: ControlledStore, field: str, bad: Any
+) -> None:
+    s = await store.create(new_session("alice", data={"a": 1}))
+    s.data["a"] = 2
+    setattr(s, field, bad)
+    with pytest.raises(InvalidSession):
+        await store.update(s)
+    got = await store.get(s.id)
+    assert got.data == {"a": 1} and got.version == 0 and got.user_id == "alice"
+
+
 async def test_concurrent_updates_one_winner(store: ControlledStore) -> None:
     s = await store.create(new_session("alice", data={"n": 0}))
     copies = [await store.get(s.id) for _ in range(50)]
