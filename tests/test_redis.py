@@ -1060,9 +1060,17 @@ async def test_hung_server_times_out_then_recovers(clock: FakeClock) -> None:
             server.send_signal(signal.SIGSTOP)  # accepts nothing, answers nothing
             try:
                 started = time.monotonic()
+                # on the open connection (the store's watchdog) and, for the ones that
+                # find no open connection, while connecting (asyncio.timeout)
+                results = await asyncio.gather(
+                    *(store.get(s.id) for _ in range(3)), return_exceptions=True
+                )
+                elapsed = time.monotonic() - started
+                assert 0.3 <= elapsed < 2
+                assert all(isinstance(r, StoreUnavailable) for r in results)
+                assert all(isinstance(r.__cause__, TimeoutError) for r in results)  # type: ignore[union-attr]
                 with pytest.raises(StoreUnavailable) as info:
                     await store.get(s.id)
-                assert time.monotonic() - started < 2
                 assert isinstance(info.value.__cause__, TimeoutError)
                 with pytest.raises(StoreUnavailable):
                     await store.touch(s.id)
@@ -1070,6 +1078,35 @@ async def test_hung_server_times_out_then_recovers(clock: FakeClock) -> None:
                 server.send_signal(signal.SIGCONT)
             assert (await store.get(s.id)).data == {"v": 1}
             await store.touch(s.id)
+
+
+async def test_round_trips_on_open_connections_need_no_timer_each(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round trip on a connection the store keeps open is bounded by the store's
+    watchdog (one timer for all), not by an asyncio.timeout of its own; nothing is
+    left behind."""
+    need_real_redis()
+    store = env.controlled()
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    s = await store.create(new_session("alice", data={"v": 1}))
+    timers: list[float | None] = []
+    real_timeout = asyncio.timeout
+
+    def counting(delay: float | None) -> Any:
+        timers.append(delay)
+        return real_timeout(delay)
+
+    monkeypatch.setattr(redis_backend.asyncio, "timeout", counting)
+    for n in range(50):
+        got = await store.get(s.id)
+        got.data["v"] = n
+        await store.update(got)
+    await asyncio.gather(*(store.get(s.id) for _ in range(100)))
+    assert timers.count(raw.timeout) <= raw.max_in_flight  # only to open connections
+    assert raw._deadlines == {}
+    assert (await store.get(s.id)).data == {"v": 49}
 
 
 @settings(max_examples=300, deadline=None)
