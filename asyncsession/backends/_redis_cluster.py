@@ -312,14 +312,7 @@ class ClusterRouter:
         try:
             async with asyncio.timeout(self.timeout):
                 wire = conn.pack_commands(commands) if self._pack is None else self._pack(commands)
-                await conn.send_packed_command(wire, check_health=False)
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(await conn.read_response(disable_decoding=True))
-                    except ResponseError as exc:
-                        replies.append(exc)
-                return replies
+                return await send_and_read(conn, wire, len(commands))
         except (RedisError, OSError, TimeoutError) as exc:
             await conn.disconnect()  # replies may be pending: never reuse it
             self._refresh_soon()
@@ -329,6 +322,19 @@ class ClusterRouter:
             raise
         finally:
             node.release(conn)
+
+
+async def send_and_read(conn: Any, wire: bytes | list[bytes], count: int) -> list[Any]:
+    """Write ``wire`` (``count`` commands) on ``conn`` at once and read every reply,
+    error replies in place; transport failures raise."""
+    await conn.send_packed_command(wire, check_health=False)
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await conn.read_response(disable_decoding=True))
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 # ----------------------------------------------------------------------- Sentinel

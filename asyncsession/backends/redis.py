@@ -54,6 +54,7 @@ from ._redis_cluster import (
     id_slot,
     parse_cluster_url,
     parse_sentinel_url,
+    send_and_read,
     slot_tag,
 )
 
@@ -1269,13 +1270,7 @@ class RedisStore(Store):
         """Send ``commands`` on ``conn`` and read every reply; ``conn`` goes back to the
         idle list after, or is closed and handed back to the pool on any failure."""
         try:
-            await conn.send_packed_command(_pack(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response(disable_decoding=True))
-                except ResponseError as exc:
-                    replies.append(exc)
+            replies = await send_and_read(conn, _pack(commands), len(commands))
         except BaseException:
             await conn.disconnect()  # replies may be pending: never reuse it
             await self._pool.release(conn)
