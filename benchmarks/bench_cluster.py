@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import pytest
-from conftest import PAYLOAD, AsyncBench, Runner
+from conftest import PAYLOAD, AsyncBench, Runner, measure_concurrent
 
 from asyncsession import Config, ControlledStore, Session, generate_session_id, new_session
 from asyncsession.backends.redis import RedisStore
@@ -153,33 +153,12 @@ def world(runner: Runner, cluster_url: str) -> Iterator[World]:
     runner.run(clean())
 
 
-def concurrently(op: Callable[[int], Awaitable[Any]]) -> Callable[[int], Awaitable[None]]:
-    """One round = WORKERS tasks, each awaiting PER_WORKER operations in a row."""
-
-    async def worker(base: int) -> None:
-        for k in range(PER_WORKER):
-            await op(base + k * WORKERS)
-
-    async def round_(i: int) -> None:
-        start = i * WORKERS * PER_WORKER
-        await asyncio.gather(*(worker(start + w) for w in range(WORKERS)))
-
-    return round_
-
-
 def measure(
     abench: AsyncBench,
     op: Callable[[int], Awaitable[Any]],
     setup: Callable[[int, int], Any] | None = None,
 ) -> None:
-    per_round = WORKERS * PER_WORKER
-    abench(
-        concurrently(op),
-        ops=1,
-        setup=None if setup is None else lambda start, n: setup(start * per_round, per_round),
-    )
-    abench.benchmark.extra_info["ops_per_round"] = per_round  # times per operation
-    abench.benchmark.extra_info["tasks"] = WORKERS
+    measure_concurrent(abench, op, workers=WORKERS, per_worker=PER_WORKER, setup=setup)
 
 
 def describe(abench: AsyncBench, role: str, family: str, label: str, **kw: Any) -> None:

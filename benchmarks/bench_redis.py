@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import PAYLOAD, AsyncBench, Runner
+from conftest import PAYLOAD, AsyncBench, Runner, measure_concurrent
 
 from asyncsession import Config, ControlledStore, Session, generate_session_id, new_session
 from asyncsession.backends import redis as redis_backend
@@ -155,20 +155,6 @@ def world(runner: Runner) -> Iterator[World]:
         runner.run(clean())
 
 
-def concurrently(op: Callable[[int], Awaitable[Any]]) -> Callable[[int], Awaitable[None]]:
-    """One round = WORKERS tasks, each awaiting PER_WORKER operations in a row."""
-
-    async def worker(base: int) -> None:
-        for k in range(PER_WORKER):
-            await op(base + k * WORKERS)
-
-    async def round_(i: int) -> None:
-        start = i * WORKERS * PER_WORKER
-        await asyncio.gather(*(worker(start + w) for w in range(WORKERS)))
-
-    return round_
-
-
 def measure(
     abench: AsyncBench,
     op: Callable[[int], Awaitable[Any]],
@@ -178,14 +164,7 @@ def measure(
     if tasks == 1:
         abench(op, setup=setup)
         return
-    per_round = WORKERS * PER_WORKER
-    abench(
-        concurrently(op),
-        ops=1,
-        setup=None if setup is None else lambda start, n: setup(start * per_round, per_round),
-    )
-    abench.benchmark.extra_info["ops_per_round"] = per_round  # times per operation
-    abench.benchmark.extra_info["tasks"] = tasks
+    measure_concurrent(abench, op, workers=WORKERS, per_worker=PER_WORKER, setup=setup)
 
 
 def describe(abench: AsyncBench, role: str, family: str, tasks: int, label: str, **kw: Any) -> None:

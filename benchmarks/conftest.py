@@ -389,3 +389,37 @@ def touch_row(
         stored=stored,
     )
     abench(op)
+
+
+def concurrently(op: Op, workers: int, per_worker: int) -> Op:
+    """One round = ``workers`` tasks, each awaiting ``per_worker`` operations in a row
+    (``workers`` requests in flight on one app server)."""
+
+    async def worker(base: int) -> None:
+        for k in range(per_worker):
+            await op(base + k * workers)
+
+    async def round_(i: int) -> None:
+        start = i * workers * per_worker
+        await asyncio.gather(*(worker(start + w) for w in range(workers)))
+
+    return round_
+
+
+def measure_concurrent(
+    abench: AsyncBench,
+    op: Op,
+    *,
+    workers: int,
+    per_worker: int,
+    setup: Callable[[int, int], Any] | None = None,
+) -> None:
+    """Time ``op`` as ``concurrently`` runs it; rows report time per operation."""
+    per_round = workers * per_worker
+    abench(
+        concurrently(op, workers, per_worker),
+        ops=1,
+        setup=None if setup is None else lambda start, n: setup(start * per_round, per_round),
+    )
+    abench.benchmark.extra_info["ops_per_round"] = per_round  # times per operation
+    abench.benchmark.extra_info["tasks"] = workers
