@@ -13,6 +13,7 @@ import contextlib
 import functools
 import os
 import socket
+import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -136,3 +137,23 @@ def cleaning_store_class() -> Any:
             await super()._close()
 
     return CleaningRedisStore
+
+
+class PrefixEnv:
+    """Stores a test opens on its own key prefix over a shared client (one server or
+    a cluster); ``close`` closes them and deletes everything under the prefix."""
+
+    def __init__(self, client: Any) -> None:
+        self.prefix = f"test:{uuid.uuid4().hex[:12]}:"
+        self.client = client
+        self.stores: list[Any] = []
+
+    async def keys(self) -> list[bytes]:
+        pattern = self.prefix.replace("*", "\\*") + "*"
+        return sorted([k async for k in self.client.scan_iter(match=pattern, count=1000)])
+
+    async def close(self) -> None:
+        for store in reversed(self.stores):
+            await store.close()
+        await delete_prefix(self.client, self.prefix)
+        await self.client.aclose()

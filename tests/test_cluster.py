@@ -62,15 +62,13 @@ def client_for(cluster: Cluster) -> RedisCluster:
     return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes])
 
 
-class Env:
+class Env(backend_redis.PrefixEnv):
     """Stores on one test's own key prefix over the shared cluster; cleans up after."""
 
     def __init__(self, cluster: Cluster, clock: FakeClock) -> None:
+        super().__init__(client_for(cluster))
         self.cluster = cluster
         self.clock = clock
-        self.prefix = f"test:{uuid.uuid4().hex[:12]}:"
-        self.client = client_for(cluster)
-        self.stores: list[Any] = []
 
     def raw(self, config: Config | None = None, **options: Any) -> RedisStore:
         config = replace(config or cfg(), key_prefix=self.prefix)
@@ -83,16 +81,6 @@ class Env:
         store = with_controls(self.raw(config, **options), config)
         self.stores.append(store)
         return store
-
-    async def keys(self) -> list[bytes]:
-        pattern = self.prefix.replace("*", "\\*") + "*"
-        return sorted([k async for k in self.client.scan_iter(match=pattern, count=1000)])
-
-    async def close(self) -> None:
-        for store in reversed(self.stores):
-            await store.close()
-        await backend_redis.delete_prefix(self.client, self.prefix)
-        await self.client.aclose()
 
 
 @pytest.fixture

@@ -85,15 +85,13 @@ def cfg(**changes: Any) -> Config:
     return Config(**base)
 
 
-class Env:
+class Env(backend_redis.PrefixEnv):
     """Opens RedisStores on one test's own prefix and cleans everything up."""
 
     def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.prefix = f"test:{uuid.uuid4().hex[:12]}:"
         self.real = backend_redis.server_reachable()
-        self.client: Any = Redis.from_url(REDIS_URL) if self.real else backend_redis.fake_client()
-        self.stores: list[Any] = []
+        super().__init__(Redis.from_url(REDIS_URL) if self.real else backend_redis.fake_client())
+        self.clock = clock
 
     def raw(self, config: Config | None = None, **options: Any) -> RedisStore:
         config = replace(config or cfg(), key_prefix=self.prefix)
@@ -109,16 +107,6 @@ class Env:
         store = with_controls(self.raw(config), config, **options)
         self.stores.append(store)
         return store
-
-    async def keys(self) -> list[bytes]:
-        pattern = self.prefix.replace("*", "\\*") + "*"
-        return sorted([k async for k in self.client.scan_iter(match=pattern, count=1000)])
-
-    async def close(self) -> None:
-        for store in reversed(self.stores):
-            await store.close()
-        await backend_redis.delete_prefix(self.client, self.prefix)
-        await self.client.aclose()
 
 
 @pytest.fixture
