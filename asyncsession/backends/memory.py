@@ -207,14 +207,9 @@ class MemoryStore(Store):
                     result = self._make_room(index, limit, scope, now)
                     index = self._users.setdefault(key, {})  # eviction may have emptied it
                 index[session_id] = None
-        # _add, spelled out: this is the hot path of every create
+        # the rest of _add (the user index is done above, with the limit)
         entries[session_id] = entry
-        ids = self._buckets.get(entry.bucket)
-        if ids is None:
-            self._buckets[entry.bucket] = {session_id: None}
-            heapq.heappush(self._bucket_keys, entry.bucket)
-        else:
-            ids[session_id] = None
+        self._bucket_add(session_id, entry.bucket)
         return result
 
     def _make_room(
