@@ -311,11 +311,6 @@ def _bad_metadata(session: Session) -> InvalidSession:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def split_data(record: bytes) -> bytes:
-    """The encoded data of a record made by ``encode`` (header strings cannot hold ``"``)."""
-    return record[record.index(b',"d":') + 5 : -1]
-
-
 def _check(value: Any, types: type | tuple[type, ...], name: str) -> Any:
     if type(value) is bool or not isinstance(value, types):
         raise CorruptRecord(f"field {name!r} has type {type(value).__name__}")
