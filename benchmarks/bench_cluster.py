@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import pytest
-from conftest import PAYLOAD, AsyncBench, Runner, measure_concurrent
+from conftest import PAYLOAD, AsyncBench, Runner, fill_sessions, measure_concurrent
 
 from asyncsession import Config, ControlledStore, Session, generate_session_id, new_session
 from asyncsession.backends.redis import RedisStore
@@ -116,24 +116,7 @@ def world(runner: Runner, cluster_url: str) -> Iterator[World]:
     async def fill() -> list[str]:
         await store.__aenter__()
         await raw.initialize()
-        made: list[Session] = []
-        for start in range(0, LIMIT_USERS * LIMIT, 500):
-            made += await asyncio.gather(
-                *(
-                    ctl.create(new_session(limit_users[n % LIMIT_USERS], data=PAYLOAD))
-                    for n in range(start, start + 500)
-                )
-            )
-        ids: list[str] = []
-        rest = FILL - LIMIT_USERS * LIMIT
-        for start in range(0, rest, 500):
-            batch = await asyncio.gather(
-                *(
-                    ctl.create(new_session(f"user-{n // 2}", data=PAYLOAD))
-                    for n in range(start, min(start + 500, rest))
-                )
-            )
-            ids += [s.id for s in batch]
+        ids = await fill_sessions(ctl, limit_users, LIMIT, FILL)
         await raw.mset_nonatomic({key: orjson.dumps(PAYLOAD) for key in raw_keys})
         return ids
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import PAYLOAD, AsyncBench, Runner, measure_concurrent
+from conftest import PAYLOAD, AsyncBench, Runner, fill_sessions, measure_concurrent
 
 from asyncsession import Config, ControlledStore, Session, generate_session_id, new_session
 from asyncsession.backends import redis as redis_backend
@@ -102,24 +102,7 @@ def world(runner: Runner) -> Iterator[World]:
 
     async def fill() -> list[str]:
         await store.__aenter__()
-        made: list[Session] = []
-        for start in range(0, LIMIT_USERS * LIMIT, 500):
-            made += await asyncio.gather(
-                *(
-                    ctl.create(new_session(limit_users[n % LIMIT_USERS], data=PAYLOAD))
-                    for n in range(start, start + 500)
-                )
-            )
-        ids: list[str] = []
-        rest = FILL - LIMIT_USERS * LIMIT
-        for start in range(0, rest, 500):
-            batch = await asyncio.gather(
-                *(
-                    ctl.create(new_session(f"user-{n // 2}", data=PAYLOAD))
-                    for n in range(start, min(start + 500, rest))
-                )
-            )
-            ids += [s.id for s in batch]
+        ids = await fill_sessions(ctl, limit_users, LIMIT, FILL)
         pipe = raw.pipeline(transaction=False)
         for key in raw_keys:
             pipe.set(key, orjson.dumps(PAYLOAD), ex=TTL)

@@ -68,6 +68,8 @@ from typing import Any
 import orjson
 import pytest
 
+from asyncsession import new_session
+
 # ---------------------------------------------------------------------- payload
 
 
@@ -423,3 +425,27 @@ def measure_concurrent(
     )
     abench.benchmark.extra_info["ops_per_round"] = per_round  # times per operation
     abench.benchmark.extra_info["tasks"] = workers
+
+
+async def fill_sessions(store: Any, limit_users: list[str], limit: int, total: int) -> list[str]:
+    """``total`` sessions storing ``PAYLOAD``, created through ``store`` 500 at a time:
+    ``limit`` for each of ``limit_users`` (users at their limit), the rest for users
+    with 2 sessions each. Returns the ids of the latter (never evicted)."""
+    for start in range(0, len(limit_users) * limit, 500):
+        await asyncio.gather(
+            *(
+                store.create(new_session(limit_users[n % len(limit_users)], data=PAYLOAD))
+                for n in range(start, start + 500)
+            )
+        )
+    ids: list[str] = []
+    rest = total - len(limit_users) * limit
+    for start in range(0, rest, 500):
+        batch = await asyncio.gather(
+            *(
+                store.create(new_session(f"user-{n // 2}", data=PAYLOAD))
+                for n in range(start, min(start + 500, rest))
+            )
+        )
+        ids += [s.id for s in batch]
+    return ids
