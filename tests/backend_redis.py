@@ -17,7 +17,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-from asyncsession import Config, Store
+from asyncsession import Config, SessionLimitExceeded, Store, new_session
 
 from .clock import FakeClock
 
@@ -157,3 +157,24 @@ class PrefixEnv:
             await store.close()
         await delete_prefix(self.client, self.prefix)
         await self.client.aclose()
+
+
+async def check_limit_under_500_creates(env: PrefixEnv, store: Any, eviction: str) -> None:
+    """500 concurrent creates for one user against a limit of 5 (``store``'s config,
+    site ``site-a``): exactly 5 sessions remain, in the index, in the keyspace and
+    listed; with ``reject`` exactly 5 creates succeed, otherwise all 500 (evicting)."""
+
+    async def one() -> str:
+        try:
+            await store.create(new_session("alice"))
+        except SessionLimitExceeded:
+            return "rejected"
+        return "created"
+
+    results = await asyncio.gather(*(one() for _ in range(500)))
+    ikey = store.store.index_key("site-a", "alice")
+    assert await env.client.zcard(ikey) == 5
+    assert len(await store.list_by_user("alice")) == 5
+    session_keys = [k for k in await env.keys() if k.startswith(f"{env.prefix}s:".encode())]
+    assert len(session_keys) == 5
+    assert results.count("created") == (5 if eviction == "reject" else 500)
