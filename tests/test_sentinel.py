@@ -188,15 +188,27 @@ async def test_forced_failover_under_load_loses_no_session_created_before(
         # the store follows the new primary: what it writes lands there. The sentinel's
         # +switch-master reaches the store asynchronously, so on a saturated machine a
         # few more writes may still reach the demoted primary first (the window Sentinel
-        # always has, docs/scaling.md); bound it at 30 s.
+        # always has, docs/scaling.md); bound it at 30 s. A request in flight on the old
+        # primary when the store drops its connections (+switch-master) or when the
+        # sentinel demotes it (REPLICAOF + CLIENT KILL, at its next INFO round, ~10 s
+        # later) fails with StoreUnavailable, never with a raw redis error and never
+        # silently: that is the contract (no client-side retry of a write). Wait for
+        # the demotion too, so the reads below cannot meet it.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
-        while True:
-            after = await store.create(new_session("after", data={"i": -2}))
-            key = store.store.session_key(after.id)  # type: ignore[attr-defined]
-            if new_primary.call("EXISTS", key) == 1:
-                break
-            assert loop.time() < deadline, "the store did not follow the new primary in 30 s"
+        landed = unavailable = 0
+        while not landed or old_primary.info("replication")["role"] != "slave":
+            try:
+                after = await store.create(new_session("after", data={"i": -2}))
+            except StoreUnavailable:
+                unavailable += 1
+            else:
+                key = store.store.session_key(after.id)  # type: ignore[attr-defined]
+                landed += new_primary.call("EXISTS", key)
+            assert loop.time() < deadline, (
+                f"in 30 s: {landed} writes on the new primary, {unavailable} unavailable, "
+                f"old primary {old_primary.info('replication')['role']}"
+            )
             await asyncio.sleep(0.1)
         assert new_primary.info("replication")["role"] == "master"
         # no session created before the failover is lost, none is changed into another
