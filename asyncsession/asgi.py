@@ -232,21 +232,26 @@ class _Connection:
     """Per-connection state: the stored record, the live data and what to tell the client."""
 
     __slots__ = (
+        "client",
         "client_id",
         "cookie_possible",
         "cookie_sent",
         "data",
         "degraded",
+        "headers",
         "mw",
         "refreshed",
-        "scope",
         "session",
         "touch_due",
     )
 
     def __init__(self, mw: SessionMiddleware, scope: Scope) -> None:
         self.mw = mw
-        self.scope = scope
+        # what a new session records of the client; not the scope itself, which holds
+        # this object (scope[SCOPE_KEY]): a cycle would leave every request's session
+        # to the cyclic garbage collector instead of freeing it when the request ends
+        self.client = scope.get("client")
+        self.headers: list[tuple[bytes, bytes]] = scope["headers"]
         self.session: Session | None = None  # the stored record this request holds
         self.data: SessionDict = _EMPTY_SESSION  # replaced in load() or forget()
         self.client_id: str | None = None  # the id in the client's cookie, if it is live
@@ -320,7 +325,8 @@ class _Connection:
         if not self.cookie_possible:
             logger.debug("websocket session written after accept: no cookie can carry it")
             return
-        session = new_session(None, data=dict(self.data), **self.mw.client_fields(self.scope))
+        fields = self.mw.client_fields(self.client, self.headers)
+        session = new_session(None, data=dict(self.data), **fields)
         self.session = await self.store.create(session)
         self.data._saved()
         self.refreshed = True
@@ -540,13 +546,14 @@ class SessionMiddleware:
             return True, None
         return True, session_id if is_valid_session_id(session_id) else None
 
-    def client_fields(self, scope: Scope) -> dict[str, Any]:
+    def client_fields(
+        self, client: tuple[str, int] | None, headers: list[tuple[bytes, bytes]]
+    ) -> dict[str, Any]:
         """``ip_address`` and ``user_agent`` recorded on a new session."""
         if not self.record_client:
             return {}
-        client = scope.get("client")
         agent = None
-        for key, value in scope["headers"]:
+        for key, value in headers:
             if key == b"user-agent":
                 agent = value.decode("latin-1")[:MAX_USER_AGENT]
                 break
@@ -743,7 +750,7 @@ async def login(
     conn = _conn(connection)
     old = conn.session
     fields.setdefault("data", dict(conn.data))
-    for key, value in conn.mw.client_fields(connection.scope).items():
+    for key, value in conn.mw.client_fields(conn.client, conn.headers).items():
         fields.setdefault(key, value)
     session = await conn.store.create(new_session(user_id, ttl, **fields))
     conn.adopt(session)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import subprocess
@@ -539,6 +540,31 @@ async def test_bad_cookies_get_a_fresh_session_without_a_lookup(
     (cookie,) = [v for k, v in start["headers"] if k == b"set-cookie"]
     sid = cookie.split(b";")[0].split(b"=", 1)[1].decode()
     assert (await cstore.get(sid)).data == {"k": "v"}
+
+
+async def test_requests_leave_no_reference_cycles(cstore: CountingStore) -> None:
+    """A request's session state is freed by reference counting when the request ends,
+    not left to the cyclic garbage collector (a scope <-> connection cycle once cost
+    every request a collection's share: ~1 us of a 15 us memory-backed request)."""
+    app = make_app(cstore)
+    start = await _raw_request(app, [], "/set")  # creates a session
+    (cookie,) = [v for k, v in start["headers"] if k == b"set-cookie"]
+    jar = [(b"cookie", cookie.split(b";")[0]), (b"user-agent", b"pytest")]
+    await _raw_request(app, jar, "/read")
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for path in ("/read", "/set", "/incr", "/read"):
+            for _ in range(20):
+                assert (await _raw_request(app, jar, path))["status"] == 200
+        for _ in range(20):
+            assert (await _raw_request(app, [], "/set"))["status"] == 200  # new sessions
+        assert gc.collect() == 0  # nothing the requests left was only reachable in a cycle
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert cstore.calls["update"] >= 20 and cstore.calls["create"] >= 21  # /incr, /set
 
 
 async def test_duplicated_cookie_with_different_values_is_ambiguous(
