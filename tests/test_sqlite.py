@@ -276,6 +276,30 @@ async def test_two_processes_creating_the_schema_at_once(tmp_path: Path) -> None
     assert raw_sql(path, "SELECT count(*) FROM sessions") == [(4,)]
 
 
+def test_a_store_nobody_closed_does_not_keep_the_process_alive(tmp_path: Path) -> None:
+    """aiosqlite 0.22's connection thread is not a daemon: without ``_daemon`` a script
+    that forgets ``close()`` never exits. What it committed is there afterwards."""
+    path = str(tmp_path / "forgotten.db")
+    code = textwrap.dedent(
+        f"""
+        import asyncio
+        from asyncsession import Config, new_session, open_store
+        STORES = []
+        async def main():
+            store = open_store("sqlite:///" + {path!r}, Config())  # cleanup task running
+            STORES.append(store)  # still referenced at exit, as an app's global would be
+            print((await store.create(new_session("alice", data={{"k": 1}}))).id)
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    session_id = done.stdout.strip()
+    assert raw_sql(path, "SELECT id FROM sessions") == [(session_id,)]
+
+
 # ---------------------------------------------------------- several processes
 
 

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
@@ -309,8 +310,8 @@ class SQLiteStore(Store):
                 raise StoreClosed("sqlite store is closed")
             self._check_directory()
             try:
-                conn = await aiosqlite.connect(
-                    self.path, isolation_level=None, timeout=self.busy_timeout
+                conn = await _daemon(
+                    aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
                 )
             except sqlite3.Error as exc:
                 raise self._unavailable(exc) from exc
@@ -557,6 +558,19 @@ class SQLiteStore(Store):
 
 # ----------------------------------------------------- connection-thread functions
 #
+def _daemon(conn: aiosqlite.Connection) -> aiosqlite.Connection:
+    """``conn`` (not yet started) with its worker thread made a daemon.
+
+    aiosqlite 0.22 made that thread non-daemon, so a store nobody closed kept the
+    interpreter from exiting, forever (0.20 and 0.21 ran it as a daemon). Closing the
+    store is still the way to end it cleanly; an exit without it is what a crash is to
+    SQLite: a write in progress is rolled back from the WAL, committed ones stay."""
+    thread = getattr(conn, "_thread", conn)  # 0.22 owns a Thread; before, it was one
+    if isinstance(thread, threading.Thread) and not thread.is_alive():
+        thread.daemon = True
+    return conn
+
+
 # Each runs on aiosqlite's thread with the sqlite3 connection (autocommit mode: a
 # statement outside BEGIN is its own transaction). They never await, so nothing else
 # on this connection runs between their statements.
