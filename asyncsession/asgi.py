@@ -232,26 +232,25 @@ class _Connection:
     """Per-connection state: the stored record, the live data and what to tell the client."""
 
     __slots__ = (
-        "client",
         "client_id",
         "cookie_possible",
         "cookie_sent",
         "data",
         "degraded",
-        "headers",
         "mw",
         "refreshed",
+        "scope",
         "session",
         "touch_due",
     )
 
     def __init__(self, mw: SessionMiddleware, scope: Scope) -> None:
         self.mw = mw
-        # what a new session records of the client; not the scope itself, which holds
-        # this object (scope[SCOPE_KEY]): a cycle would leave every request's session
-        # to the cyclic garbage collector instead of freeing it when the request ends
-        self.client = scope.get("client")
-        self.headers: list[tuple[bytes, bytes]] = scope["headers"]
+        # the request's scope until the request ends (new sessions record its client
+        # and user agent, as an inner middleware such as a proxy-headers one left
+        # them); then dropped, as the scope holds this object (scope[SCOPE_KEY]) and
+        # the cycle would leave every request's session to the cyclic GC
+        self.scope: Scope | None = scope
         self.session: Session | None = None  # the stored record this request holds
         self.data: SessionDict = _EMPTY_SESSION  # replaced in load() or forget()
         self.client_id: str | None = None  # the id in the client's cookie, if it is live
@@ -325,8 +324,8 @@ class _Connection:
         if not self.cookie_possible:
             logger.debug("websocket session written after accept: no cookie can carry it")
             return
-        fields = self.mw.client_fields(self.client, self.headers)
-        session = new_session(None, data=dict(self.data), **fields)
+        client = self.mw.client_fields(self.scope) if self.scope is not None else {}
+        session = new_session(None, data=dict(self.data), **client)
         self.session = await self.store.create(session)
         self.data._saved()
         self.refreshed = True
@@ -546,14 +545,13 @@ class SessionMiddleware:
             return True, None
         return True, session_id if is_valid_session_id(session_id) else None
 
-    def client_fields(
-        self, client: tuple[str, int] | None, headers: list[tuple[bytes, bytes]]
-    ) -> dict[str, Any]:
+    def client_fields(self, scope: Scope) -> dict[str, Any]:
         """``ip_address`` and ``user_agent`` recorded on a new session."""
         if not self.record_client:
             return {}
+        client = scope.get("client")
         agent = None
-        for key, value in headers:
+        for key, value in scope["headers"]:
             if key == b"user-agent":
                 agent = value.decode("latin-1")[:MAX_USER_AGENT]
                 break
@@ -610,7 +608,10 @@ class SessionMiddleware:
                 message = _with_headers(message, extra)
             await send(message)
 
-        await self.app(scope, receive, send_wrapper)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            conn.scope = None
 
     async def _websocket(
         self, conn: _Connection, scope: Scope, receive: Receive, send: Send
@@ -627,9 +628,12 @@ class SessionMiddleware:
                     message = _with_headers(message, extra)
             await send(message)
 
-        await self.app(scope, receive, send_wrapper)
-        # changes made after the handshake: saved when the connection ends
-        await _commit_or_status(conn)
+        try:
+            await self.app(scope, receive, send_wrapper)
+            # changes made after the handshake: saved when the connection ends
+            await _commit_or_status(conn)
+        finally:
+            conn.scope = None
 
 
 def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
@@ -750,7 +754,7 @@ async def login(
     conn = _conn(connection)
     old = conn.session
     fields.setdefault("data", dict(conn.data))
-    for key, value in conn.mw.client_fields(conn.client, conn.headers).items():
+    for key, value in conn.mw.client_fields(connection.scope).items():
         fields.setdefault(key, value)
     session = await conn.store.create(new_session(user_id, ttl, **fields))
     conn.adopt(session)

@@ -542,6 +542,27 @@ async def test_bad_cookies_get_a_fresh_session_without_a_lookup(
     assert (await cstore.get(sid)).data == {"k": "v"}
 
 
+async def test_new_session_records_the_client_an_inner_middleware_resolved(
+    cstore: CountingStore,
+) -> None:
+    """A proxy-headers middleware inside ours rewrites the scope's client: the session
+    records the address it resolved, read when the session is created."""
+
+    def proxied(app: Any) -> Any:
+        async def inner(scope: Any, receive: Any, send: Any) -> None:
+            scope["client"] = ("198.51.100.7", 443)
+            await app(scope, receive, send)
+
+        return inner
+
+    app = Starlette(routes=ROUTES)
+    app.add_middleware(proxied)  # type: ignore[arg-type]
+    app.add_middleware(SessionMiddleware, store=cstore)  # added last: outermost
+    async with client(app) as c:
+        sid = await new_cookie(c)
+    assert (await cstore.get(sid)).ip_address == "198.51.100.7"
+
+
 async def test_requests_leave_no_reference_cycles(cstore: CountingStore) -> None:
     """A request's session state is freed by reference counting when the request ends,
     not left to the cyclic garbage collector (a scope <-> connection cycle once cost
