@@ -349,7 +349,7 @@ class SQLiteStore(Store):
         self._check_version(version)
         if self.path != MEMORY:
             mode = self._switch_to_wal(c)
-            if str(mode).lower() != "wal":
+            if mode.lower() != "wal":
                 logger.warning(
                     "asyncsession: sqlite database %r cannot use WAL (journal_mode=%s); "
                     "writers will block readers",
@@ -576,8 +576,6 @@ class SQLiteStore(Store):
         return await self._run(_count)
 
 
-# ----------------------------------------------------- connection-thread functions
-#
 def _daemon(conn: aiosqlite.Connection) -> aiosqlite.Connection:
     """``conn`` (not yet started) with its worker thread made a daemon.
 
@@ -591,6 +589,8 @@ def _daemon(conn: aiosqlite.Connection) -> aiosqlite.Connection:
     return conn
 
 
+# ----------------------------------------------------- connection-thread functions
+#
 # Each runs on aiosqlite's thread with the sqlite3 connection (autocommit mode: a
 # statement outside BEGIN is its own transaction). They never await, so nothing else
 # on this connection runs between their statements.
