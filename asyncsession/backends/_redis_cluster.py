@@ -374,7 +374,7 @@ async def _follow(client: Redis, service: str, switched: Callable[[], Awaitable[
                 missed = True
                 await asyncio.sleep(0.5)
             finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
     finally:
         await listener.aclose()
 

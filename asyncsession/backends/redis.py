@@ -964,7 +964,7 @@ class RedisStore(Store):
         options = {**DEFAULT_REDIS_OPTIONS, **redis_options}
         if sentinel_kwargs is None:
             sentinel_kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(sentinels), sentinel_kwargs=sentinel_kwargs, **options
         )
         store = cls(sentinel.master_for(service_name), config, clock=clock, timeout=timeout)
