@@ -1,4 +1,4 @@
-"""ControlledStore: the seed's controls wrapped around any backend.
+"""ControlledStore: size limits, violation and lifecycle events around any backend.
 
 The wrapped store does the storage; this layer adds the session size limit,
 violation events (logged on the ``asyncsession`` logger and handed to
