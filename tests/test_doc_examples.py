@@ -158,3 +158,35 @@ def test_contains() -> None:
     assert contains({"a": 1, "b": {"c": [1, 2]}}, {"b": {"c": [1, 2]}})
     assert not contains({"a": 1}, {"a": 2})
     assert not contains([1, 2], [1])
+
+
+SERVED = """\
+<!-- serve
+GET / -> 200 {"n": %s, "scheme": "https"}
+-->
+```python
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+
+async def home(request):
+    return JSONResponse({"n": 1, "scheme": request.url.scheme})
+
+%s
+app = Starlette(routes=[Route("/", home)]%s)
+```
+"""
+
+
+def test_served_app_is_called_over_http(tmp_path: Path) -> None:
+    pytest.importorskip("uvicorn")
+    (good,) = parse(tmp_path / "p.md", SERVED % ("1", "", ""))
+    run(good, backend_redis.REDIS_URL)
+    (wrong,) = parse(tmp_path / "p.md", SERVED % ("2", "", ""))
+    with pytest.raises(AssertionError, match=r"GET / answered 200"):
+        run(wrong, backend_redis.REDIS_URL)
+    broken_lifespan = "def lifespan(app):\n    raise RuntimeError('no')\n"
+    (broken,) = parse(tmp_path / "p.md", SERVED % ("1", broken_lifespan, ", lifespan=lifespan"))
+    with pytest.raises((AssertionError, RuntimeError, SystemExit)):
+        run(broken, backend_redis.REDIS_URL)
