@@ -8,7 +8,10 @@ from datetime import timedelta
 from typing import Literal, get_args
 
 Eviction = Literal["oldest", "lru", "reject"]
+"""What ``create`` does for a user at ``max_sessions_per_user``: evict the oldest
+session, the least recently used one, or refuse (``SessionLimitExceeded``)."""
 EVICTION_POLICIES: tuple[str, ...] = get_args(Eviction)
+"""The values of ``Eviction``."""
 
 MiB = 1024 * 1024
 

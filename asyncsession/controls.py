@@ -35,7 +35,9 @@ VIOLATION_TYPES = (
     "site_mismatch",
     "conflict",
 )
+"""Every ``ViolationEvent.type``."""
 EVENT_TYPES = ("created", "updated", "rotated", "deleted", "evicted", "expired")
+"""Every ``SessionEvent.type``."""
 
 
 @dataclass(frozen=True, slots=True)
