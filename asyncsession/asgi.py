@@ -32,7 +32,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import plain_http
+from . import _plain_http as plain_http
 from .errors import (
     SessionConflict,
     SessionError,

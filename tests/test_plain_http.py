@@ -17,7 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from asyncsession import Config, MemoryStore, SessionMiddleware, plain_http
+from asyncsession import Config, MemoryStore, SessionMiddleware
+from asyncsession import _plain_http as plain_http
 
 
 async def write(request: Request) -> JSONResponse:
