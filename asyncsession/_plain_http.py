@@ -22,6 +22,8 @@ FIX = (
     "reads X-Forwarded-Proto)"
 )
 
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
 warned = False
 """Whether this process has logged the warning (tests reset it)."""
 
@@ -41,7 +43,7 @@ def request(scope: Scope) -> None:
     if warned:
         return
     client = scope.get("client")
-    if not client:
+    if not client or client[0] in _LOOPBACK:  # the common case, without parsing
         return
     try:
         loopback = ipaddress.ip_address(client[0]).is_loopback

@@ -222,7 +222,14 @@ async def serve(app: Any, calls: list[Call], where: str) -> None:
         forwarded_allow_ips="127.0.0.1",
     )
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+
+    async def serving() -> None:
+        try:
+            await server.serve()
+        except SystemExit as exc:  # uvicorn's answer to a failed lifespan startup
+            raise RuntimeError(f"{where}: the app failed to start (exit {exc.code})") from None
+
+    task = asyncio.create_task(serving())
     try:
         async with asyncio.timeout(30):
             while not server.started:  # startup runs the app's lifespan
