@@ -82,7 +82,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(BAD_INPUT)
 
 
-def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
+def build_parser(*, json_errors: bool = False) -> _Parser:
     parser = _Parser(
         prog="asyncsession", description="asyncsession: server-side sessions for ASGI apps"
     )
@@ -99,8 +99,7 @@ def build_parser(*, json_errors: bool = False) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(json_errors="--json" in argv)
-    if isinstance(parser, _Parser):
-        parser.command = next((a for a in argv if a in {c.name for c in COMMANDS}), None)
+    parser.command = next((a for a in argv if a in {c.name for c in COMMANDS}), None)
     args = parser.parse_args(argv)
     status: int = args.run(args)
     return status
