@@ -81,3 +81,16 @@ def test_api_reference_covers_every_public_name() -> None:
             continue
         module, _, attr = documented[name].rpartition(".")
         assert getattr(importlib.import_module(module), attr) is getattr(asyncsession, name), name
+
+
+def test_no_project_internal_vocabulary() -> None:
+    """Words a user cannot know: the Go package the design follows is named once, in
+    docs/index.md, and the docs speak Python after that."""
+    words = re.compile(r"the seed|NewWithControls|NewOmniStorageStore|\(issue \d+\)", re.I)
+    found = [
+        f"{page.relative_to(ROOT)}:{number}: {line.strip()}"
+        for page in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
+        if words.search(line)
+    ]
+    assert not found, "\n".join(found)
