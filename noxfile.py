@@ -1,4 +1,5 @@
-"""nox sessions: tests, lint, typecheck, bench, docs. `pip install nox`, then `nox -s tests`."""
+"""nox sessions: tests, lint, typecheck, bench, docs. `pip install -e ".[dev]"` (or
+`pip install nox`), then `nox` or `nox -s tests`."""
 
 from __future__ import annotations
 

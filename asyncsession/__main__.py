@@ -11,8 +11,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
-from .cli import ADMIN_COMMANDS
+from .cli import ADMIN_COMMANDS, BAD_INPUT, ERROR_CODES, report_error, store_option
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,10 @@ def _port(text: str) -> int:
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    store_option(parser, otherwise="SQLite in ./asyncsession-demo.db")
+    # the old name, kept for a release; not shown in --help
     parser.add_argument(
-        "--backend",
-        default=None,
-        metavar="sqlite:PATH|memory|redis://...",
-        help="session store (default: SQLite in ./asyncsession-demo.db)",
+        "--backend", dest="store", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
@@ -53,7 +53,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        run(args.backend, args.host, args.port)
+        run(args.store, args.host, args.port)
     except ValueError as exc:
         print(f"asyncsession demo: {exc}", file=sys.stderr)
         return 2
@@ -68,20 +68,39 @@ COMMANDS: list[Command] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are a JSON line (status 2) when ``json_errors``."""
+
+    json_errors = False
+    command: str | None = None  # for the top parser: the command named on the line
+
+    def error(self, message: str) -> NoReturn:
+        if not self.json_errors:
+            super().error(message)
+        command = self.command or self.prog.split()[-1]
+        report_error(command, message, ERROR_CODES[BAD_INPUT], BAD_INPUT, as_json=True)
+        sys.exit(BAD_INPUT)
+
+
+def build_parser(*, json_errors: bool = False) -> _Parser:
+    parser = _Parser(
         prog="asyncsession", description="asyncsession: server-side sessions for ASGI apps"
     )
+    parser.json_errors = json_errors
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         child = sub.add_parser(command.name, help=command.help, description=command.help)
+        child.json_errors = json_errors
         command.configure(child)
         child.set_defaults(run=command.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(json_errors="--json" in argv)
+    parser.command = next((a for a in argv if a in {c.name for c in COMMANDS}), None)
+    args = parser.parse_args(argv)
     status: int = args.run(args)
     return status
 

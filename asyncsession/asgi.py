@@ -32,6 +32,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import _plain_http as plain_http
 from .errors import (
     SessionConflict,
     SessionError,
@@ -468,6 +469,7 @@ class SessionMiddleware:
         self.on_unavailable = on_unavailable
         self.max_retries = max_retries
         self.record_client = record_client
+        self.https_only = https_only
 
         idle = store.config.idle_timeout
         if touch_interval is not None:
@@ -564,6 +566,8 @@ class SessionMiddleware:
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
+        if self.https_only and scope.get("scheme") in plain_http.PLAIN_SCHEMES:
+            plain_http.request(scope)
         conn = _Connection(self, scope)
         conn.cookie_sent, session_id = self.read_cookie(scope)
         if session_id is not None:
@@ -606,6 +610,8 @@ class SessionMiddleware:
             extra = conn.cookie_headers()
             if extra:
                 message = _with_headers(message, extra)
+                if self.https_only and scope.get("scheme") == "http" and _sets_cookie(extra):
+                    plain_http.cookie_set()
             await send(message)
 
         try:
@@ -634,6 +640,10 @@ class SessionMiddleware:
             await _commit_or_status(conn)
         finally:
             conn.scope = None
+
+
+def _sets_cookie(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(key == b"set-cookie" for key, _ in headers)
 
 
 def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message:

@@ -2,15 +2,16 @@
 
 Each command opens the store named by ``--store`` (or ``$ASYNCSESSION_STORE``) for one
 site (``--site``), prints a table (or JSON with ``--json``) and exits with a status a
-script can act on. Failures are one line on stderr, never a traceback:
+script can act on. Failures are one line on stderr, never a traceback; with ``--json``
+that line is ``{"error": {"command", "code", "status", "message"}}``:
 
-====  ==================================================================
-0     done
-1     nothing found: no such session, no sessions for that user or site
-2     bad input: a bad URL or scheme, an invalid id or site, a missing extra
-3     the store is unavailable: unreachable, wrong password, not a database
-130   interrupted
-====  ==================================================================
+====  ===================  ==============================================
+0                          done
+1     NOT_FOUND            no such session, no sessions for that user or site
+2     BAD_INPUT            a bad URL, option or argument, an invalid id or site
+3     STORE_UNAVAILABLE    unreachable, wrong password, not a database
+130   INTERRUPTED          Ctrl-C
+====  ===================  ==============================================
 
 Full session ids are never printed except the one the user typed: other sessions
 appear as their short hash (the first 12 hex digits of SHA-256, as in logs), which
@@ -49,6 +50,18 @@ from .factory import open_store, redact, sqlite_path
 from .session import Session
 
 OK, NOT_FOUND, BAD_INPUT, UNAVAILABLE, INTERRUPTED = 0, 1, 2, 3, 130
+ERROR_CODES = {
+    NOT_FOUND: "NOT_FOUND",
+    BAD_INPUT: "BAD_INPUT",
+    UNAVAILABLE: "STORE_UNAVAILABLE",
+    INTERRUPTED: "INTERRUPTED",
+}
+"""The ``code`` of a ``--json`` error, by exit status."""
+STORE_HELP = (
+    "memory://, sqlite:///RELATIVE.db, sqlite:////ABSOLUTE.db, "
+    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://..., unix:///PATH.sock, "
+    "redis+cluster://..., redis+sentinel://... "
+)
 ENV_STORE = "ASYNCSESSION_STORE"
 SHORT_HASH = re.compile(r"[0-9a-f]{12}")
 DEFAULT_PREFIX = Config().key_prefix
@@ -57,25 +70,37 @@ DEFAULT_PREFIX = Config().key_prefix
 class CommandError(Exception):
     """A failure to report as one line, with the exit status to return."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code or ERROR_CODES.get(status, "UNEXPECTED")
 
 
 # ------------------------------------------------------------------ arguments
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def store_option(parser: argparse.ArgumentParser, otherwise: str | None = None) -> None:
+    """``--store URL``, defaulting to ``$ASYNCSESSION_STORE`` (else None, which the
+    command reads as ``otherwise`` says)."""
+    shown = f"${ENV_STORE}, else {otherwise}" if otherwise else f"${ENV_STORE}"
     parser.add_argument(
         "--store",
-        default=os.environ.get(ENV_STORE),
+        default=os.environ.get(ENV_STORE) or None,
         metavar="URL",
-        help="sqlite:PATH, memory://, redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://..., "
-        f"unix://..., redis+cluster://... (default: ${ENV_STORE})",
+        help=f"the session store: {STORE_HELP}(default: {shown})",
     )
-    parser.add_argument(
-        "--site", default="", help="site id the sessions belong to (default: the empty site)"
-    )
+
+
+def _common(parser: argparse.ArgumentParser, *, all_sites: str | None = None) -> None:
+    """The options of every admin command; ``all_sites`` says what a missing ``--site``
+    covers for the commands that default to every site."""
+    store_option(parser)
+    if all_sites is None:
+        parser.add_argument(
+            "--site", default="", help="site id the sessions belong to (default: the empty site)"
+        )
+    else:
+        parser.add_argument("--site", default=None, help=f"only this site (default: {all_sites})")
     parser.add_argument(
         "--prefix",
         default=DEFAULT_PREFIX,
@@ -88,8 +113,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _configure_stats(parser: argparse.ArgumentParser) -> None:
-    _common(parser)
-    parser.set_defaults(site=None)  # all sites unless --site
+    _common(parser, all_sites="every site")
     parser.add_argument(
         "--top", type=int, default=10, metavar="N", help="largest sessions to list (default: 10)"
     )
@@ -136,8 +160,7 @@ def _configure_revoke_user(parser: argparse.ArgumentParser) -> None:
 
 
 def _configure_purge(parser: argparse.ArgumentParser) -> None:
-    _common(parser)
-    parser.set_defaults(site=None)
+    _common(parser, all_sites="every site, in one batched purge")
     parser.add_argument(
         "--batch", type=int, default=1000, metavar="N", help="sessions read per step with --site"
     )
@@ -157,10 +180,10 @@ def _runner(
             try:
                 return asyncio.run(_with_store(command, args, out))
             except CommandError as exc:
-                _fail(str(exc), args)
+                _fail(str(exc), args, exc.code, exc.status)
                 return exc.status
             except KeyboardInterrupt:
-                _fail("interrupted", args)
+                _fail("interrupted", args, ERROR_CODES[INTERRUPTED], INTERRUPTED)
                 return INTERRUPTED
 
     return run
@@ -189,7 +212,7 @@ async def _with_store(
     except OSError as exc:
         raise CommandError(f"{type(exc).__name__}: {exc}", UNAVAILABLE) from exc
     except Exception as exc:  # never a traceback; say what it was
-        raise CommandError(f"unexpected {type(exc).__name__}: {exc}", 1) from exc
+        raise CommandError(f"unexpected {type(exc).__name__}: {exc}", 1, "UNEXPECTED") from exc
 
 
 def _open(args: argparse.Namespace) -> ControlledStore:
@@ -209,14 +232,24 @@ def _open(args: argparse.Namespace) -> ControlledStore:
         raise CommandError(str(exc), BAD_INPUT) from exc
 
 
-def _fail(message: str, args: argparse.Namespace) -> None:
+def _fail(message: str, args: argparse.Namespace, code: str, status: int) -> None:
     url = getattr(args, "store", None) or ""
     if url:  # no password in any message, whatever produced it
         password = _password(url)
         if password:
             message = message.replace(url, redact(url)).replace(password, "***")
     first = message.strip().splitlines()[0] if message.strip() else "failed"
-    print(f"asyncsession {args.command}: error: {first}", file=sys.stderr)
+    report_error(args.command, first, code, status, as_json=getattr(args, "json", False))
+
+
+def report_error(command: str, message: str, code: str, status: int, *, as_json: bool) -> None:
+    """One line on stderr: plain text, or with ``--json`` a JSON object a script can parse."""
+    if as_json:
+        error = {"command": command, "code": code, "status": status, "message": message}
+        line = json.dumps({"error": error}, ensure_ascii=False)
+    else:
+        line = f"asyncsession {command}: error: {message}"
+    print(line, file=sys.stderr)
 
 
 def _password(url: str) -> str | None:
@@ -356,7 +389,7 @@ async def _stats(store: ControlledStore, args: argparse.Namespace, out: TextIO) 
         right={1, 2, 3, 4, 5, 6},
     )
     if top:
-        print(f"\nlargest {len(top)} sessions", file=out)
+        print(f"\nlargest {_count(len(top), 'session')}", file=out)
         table(
             out,
             ["session", "site", "user", "size", "expires"],
@@ -457,7 +490,9 @@ async def _revoke_user(store: ControlledStore, args: argparse.Namespace, out: Te
         _json({"user": args.user, "revoked": count}, out)
     else:
         kept = " (kept the one given with --keep)" if args.keep else ""
-        print(f"revoked {count} session(s) of user {args.user!r}{_on(store)}{kept}", file=out)
+        print(
+            f"revoked {_count(count, 'session')} of user {args.user!r}{_on(store)}{kept}", file=out
+        )
     return OK
 
 
@@ -644,6 +679,11 @@ def _bytes(n: int) -> str:
         if value < 1024:
             return f"{value:.1f} {unit}"
     return f"{value:.1f} TiB"
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 session``, ``2 sessions``, ``1,204 sessions``."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def _clip(text: str, width: int) -> str:

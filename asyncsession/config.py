@@ -8,7 +8,10 @@ from datetime import timedelta
 from typing import Literal, get_args
 
 Eviction = Literal["oldest", "lru", "reject"]
+"""What ``create`` does for a user at ``max_sessions_per_user``: evict the oldest
+session, the least recently used one, or refuse (``SessionLimitExceeded``)."""
 EVICTION_POLICIES: tuple[str, ...] = get_args(Eviction)
+"""The values of ``Eviction``."""
 
 MiB = 1024 * 1024
 
@@ -31,9 +34,9 @@ def _duration(name: str, value: timedelta | float | int | None) -> timedelta | N
 class Config:
     """Settings shared by every backend and the controls layer.
 
-    Defaults are the seed's ``DefaultConfig()``: 1 MiB sessions, 24 h TTL, cleanup
-    every 5 minutes, keys under ``"session:"``. Durations accept ``timedelta`` or
-    seconds and are stored as ``timedelta``.
+    Defaults: 1 MiB sessions, 24 h TTL, cleanup every 5 minutes, keys under
+    ``"session:"``. Durations accept ``timedelta`` or seconds and are stored as
+    ``timedelta``.
     """
 
     site_id: str = ""
@@ -84,5 +87,5 @@ class Config:
 
 
 def default_config() -> Config:
-    """The seed's ``DefaultConfig()``."""
+    """A ``Config`` with every default: 1 MiB sessions, 24 h TTL, cleanup every 5 minutes."""
     return Config()

@@ -1,4 +1,4 @@
-"""ControlledStore: the seed's controls wrapped around any backend.
+"""ControlledStore: size limits, violation and lifecycle events around any backend.
 
 The wrapped store does the storage; this layer adds the session size limit,
 violation events (logged on the ``asyncsession`` logger and handed to
@@ -35,7 +35,9 @@ VIOLATION_TYPES = (
     "site_mismatch",
     "conflict",
 )
+"""Every ``ViolationEvent.type``."""
 EVENT_TYPES = ("created", "updated", "rotated", "deleted", "evicted", "expired")
+"""Every ``SessionEvent.type``."""
 
 
 @dataclass(frozen=True, slots=True)

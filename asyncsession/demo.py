@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import os
 import sys
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -42,14 +41,11 @@ DEMO_CONFIG = Config(max_sessions_per_user=10, default_ttl=timedelta(days=7))
 
 
 def store_url(backend: str | None) -> str:
-    """``--backend`` to an ``open_store`` URL: ``sqlite:PATH``, ``memory``, ``redis://...``."""
+    """``--store`` to an ``open_store`` URL (``memory`` is short for ``memory://``)."""
     if backend is None:
-        return f"sqlite:{os.path.abspath(DEFAULT_DB)}"
+        return f"sqlite:///{DEFAULT_DB}"
     if backend == "memory":
         return "memory://"
-    if backend.startswith("sqlite:") and not backend.startswith("sqlite://"):
-        path = backend.split(":", 1)[1]
-        return "sqlite://:memory:" if path == ":memory:" else f"sqlite:{os.path.abspath(path)}"
     return backend
 
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 
 class ErrorCode(StrEnum):
-    """Stable, machine-readable error codes (the seed's codes plus two of ours)."""
+    """Stable, machine-readable error codes; each value is its name (``"SESSION_NOT_FOUND"``)."""
 
     SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
     SESSION_EXPIRED = "SESSION_EXPIRED"

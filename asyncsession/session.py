@@ -163,7 +163,7 @@ def new_session(
     now: datetime | None = None,
     **fields: Any,
 ) -> Session:
-    """Build a new session with a fresh id (the seed's ``NewSession(userID, ttl)``).
+    """Build a new session with a fresh id .
 
     ``ttl`` (timedelta or seconds) sets ``expires_at``; without it the store applies
     ``Config.default_ttl``. ``fields`` sets ``data``, ``organization_id``,

@@ -291,7 +291,7 @@ def test_revoke_user(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, *store.args("list-user", "alice", "--site", "blog", "--json"))
     assert len(json.loads(out)) == 1  # other sites untouched
     status, out, _ = run(capsys, *store.args("revoke-user", "nobody", "--site", "shop"))
-    assert status == 0 and "revoked 0 session(s)" in out
+    assert status == 0 and "revoked 0 sessions" in out
 
 
 def test_purge(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
@@ -345,6 +345,88 @@ def test_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert not_db.read_text().startswith("this is not a database")
 
 
+COMMAND_ARGS = {
+    "stats": [],
+    "list-user": ["nobody"],
+    "show": ["A" * 43],
+    "revoke": ["A" * 43],
+    "revoke-user": ["nobody"],
+    "purge": [],
+}
+
+
+def assert_json_error(err: str, command: str, code: str, status: int) -> str:
+    """One line on stderr, a JSON object of exactly this shape; returns the message."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    report = json.loads(lines[0])
+    assert list(report) == ["error"]
+    error = report["error"]
+    assert set(error) == {"command", "code", "status", "message"}, error
+    assert (error["command"], error["code"], error["status"]) == (command, code, status), error
+    assert isinstance(error["message"], str) and error["message"], error
+    return str(error["message"])
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_ARGS))
+def test_json_errors_of_every_command(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --json every failure is one JSON line on stderr with a code, and the exit
+    status of the plain-text mode."""
+    pytest.importorskip("aiosqlite")
+    args = [command, *COMMAND_ARGS[command], "--json"]
+    cases = [
+        (["--store", "http://example.com"], "BAD_INPUT", 2, "unknown store URL scheme"),
+        (["--store", "sqlite://sessions.db"], "BAD_INPUT", 2, "sqlite:///sessions.db"),
+        ([], "BAD_INPUT", 2, "no store given"),
+        (["--store", f"sqlite:///{tmp_path / 'missing.db'}"], "STORE_UNAVAILABLE", 3, "no SQLite"),
+        (["--store", "memory://", "--site", "no spaces"], "BAD_INPUT", 2, "site_id"),
+    ]
+    for extra, code, status, message in cases:
+        got, out, err = run(capsys, *args, *extra)
+        assert (got, out) == (status, ""), (extra, err)
+        assert message in assert_json_error(err, command, code, status), (extra, err)
+    # argparse's own usage errors, too
+    for argv in ([*args, "--no-such-option"], [command, "--json", "--top", "x"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        captured = capsys.readouterr()
+        assert (exited.value.code, captured.out) == (2, "")
+        assert_json_error(captured.err, command, "BAD_INPUT", 2)
+
+
+@pytest.mark.parametrize("command", ["stats", "list-user", "show", "revoke"])
+def test_json_not_found_errors(
+    command: str, sqlite_store: Filled, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = ["--site", "nosuch"] if command == "stats" else ["--site", "shop"]
+    argv = sqlite_store.args(command, *COMMAND_ARGS[command], "--json", *extra)
+    status, out, err = run(capsys, *argv)
+    # list-user still prints its (empty) list, so stdout stays valid JSON
+    assert (status, out) == (1, "[]\n" if command == "list-user" else "")
+    assert_json_error(err, command, "NOT_FOUND", 1)
+
+
+def test_plurals(sqlite_store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, *sqlite_store.args("stats", "--top", "1"))
+    assert status == 0 and "largest 1 session\n" in out
+    status, out, _ = run(capsys, *sqlite_store.args("revoke-user", "bob", "--site", "shop"))
+    assert status == 0 and "revoked 1 session of user 'bob'" in out
+
+
+def test_site_help_of_commands_that_default_to_every_site(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for command, default in (("stats", "every site"), ("purge", "every site"), ("show", "empty")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"--site SITE only this site (default: {default}" in out or (
+            command == "show" and "(default: the empty site)" in out
+        ), out
+
+
 def test_wrong_redis_password(capsys: pytest.CaptureFixture[str]) -> None:
     if backend_redis.skip_reason() or backend_redis.using_fakeredis():
         pytest.skip("needs a real Redis server")
@@ -393,3 +475,22 @@ def test_subprocess(sqlite_store: Filled, tmp_path: Path) -> None:
     assert done.returncode == 2 and "Traceback" not in done.stderr
     done = cli("stats")  # argparse itself: usage on stderr, status 2
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_demo_speaks_the_same_vocabulary(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asyncsession.__main__ import build_parser
+    from asyncsession.demo import store_url
+
+    monkeypatch.delenv("ASYNCSESSION_STORE", raising=False)
+    assert build_parser().parse_args(["demo"]).store is None
+    assert store_url(None) == "sqlite:///asyncsession-demo.db"
+    assert build_parser().parse_args(["demo", "--store", "memory://"]).store == "memory://"
+    assert build_parser().parse_args(["demo", "--backend", "memory"]).store == "memory"  # old name
+    monkeypatch.setenv("ASYNCSESSION_STORE", "redis://localhost:6379/1")
+    assert build_parser().parse_args(["demo"]).store == "redis://localhost:6379/1"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--store URL" in help_text and "--backend" not in help_text

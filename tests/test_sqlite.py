@@ -628,7 +628,7 @@ async def test_missing_directory(tmp_path: Path) -> None:
     os.makedirs(os.path.dirname(path))  # and it works once the directory is there
     await store.create(new_session("alice"))
     await store.close()
-    via_url = open_store(f"sqlite://{tmp_path}/missing/x.db", cfg())  # sqlite:///tmp/...
+    via_url = open_store(f"sqlite:///{tmp_path}/missing/x.db", cfg())  # sqlite:////tmp/...
     with pytest.raises(StoreUnavailable):
         await via_url.list_by_user("alice")
     await via_url.close()

@@ -289,7 +289,7 @@ class SQLiteStore(Store):
         busy_timeout: float = 5.0,
         **options: Any,
     ) -> ControlledStore:
-        """A controlled SQLite store: the seed's ``NewWithControls(config)``."""
+        """A controlled SQLite store: ``with_controls(SQLiteStore(path, config, ...), config)``."""
         store = cls(path, config, clock=clock, busy_timeout=busy_timeout)
         return with_controls(store, config, **options)
 
