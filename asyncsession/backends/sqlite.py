@@ -5,12 +5,15 @@ so they round-trip exactly and expiry is plain integer comparison in SQL) and it
 data as the encoded JSON bytes. ``touch`` is then a two-column ``UPDATE`` that never
 rewrites data, and a ``get`` builds the same ``Session`` the memory backend returns.
 
-Every hook is one call on aiosqlite's connection thread: a function that runs its
-statements back to back, so no other coroutine's statement can land inside a
-transaction and a ``get`` costs one thread hop. Writes that read before they write
-(create with a per-user limit, rotate, delete_by_user) run in ``BEGIN IMMEDIATE``,
+Two connections, each on its own aiosqlite thread. Writes go to the writer: every
+write hook is one call there, a function that runs its statements back to back, so no
+other coroutine's statement can land inside a transaction. Writes that read before they
+write (create with a per-user limit, rotate, delete_by_user) run in ``BEGIN IMMEDIATE``,
 which takes the database write lock up front, so they are atomic across processes
-too; ``update`` and ``touch`` are single compare-and-set ``UPDATE`` statements.
+too; ``update`` and ``touch`` are single compare-and-set ``UPDATE`` statements. Reads
+(get, list_by_user, the admin scan and its estimate) are one ``SELECT`` each on the
+reader, a read-only connection: in WAL mode it sees the last commit and never waits
+for a writer, this process's (queued behind a busy write) or another's.
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ _PURGE = (
     "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions WHERE expires <= ? LIMIT ?)"
 )
 _PURGE_REPORT = _PURGE + " RETURNING site_id, user_id, id"
+_COUNT = "SELECT count(*) FROM sessions"
 _SCAN = (
     "SELECT rowid, site_id, user_id, id, length(data), expires FROM sessions "
     "WHERE rowid > ? ORDER BY rowid LIMIT ?"
@@ -203,6 +207,19 @@ def _session(session_id: str, row: Row) -> Session:
         raise CorruptRecord(f"undecodable session row: {type(exc).__name__}") from exc
 
 
+def _listed(rows: list[Row]) -> list[Session]:
+    """The sessions of ``_LIST_USER`` rows; an undecodable row is skipped with a warning."""
+    sessions = []
+    for row in rows:
+        try:
+            sessions.append(_session(row[0], row[1:]))
+        except CorruptRecord as exc:
+            logger.warning(
+                "asyncsession: skipping undecodable sqlite row %s: %s", short_hash(row[0]), exc
+            )
+    return sessions
+
+
 def _live(expires: int | None, now_us: int) -> bool:
     return expires is None or expires > now_us
 
@@ -214,6 +231,16 @@ def _rollback(c: sqlite3.Connection) -> None:
 
 class _Gone(sqlite3.OperationalError):
     """The database file was deleted or replaced while this store had it open."""
+
+
+class _Hidden(tuple[Any, ...]):
+    """Statement parameters whose repr hides them: aiosqlite logs each queued call,
+    with its arguments, at DEBUG, and parameters hold full session ids."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<parameters>"
 
 
 class _Call:
@@ -233,10 +260,7 @@ class _Call:
         if conn is None:  # pragma: no cover - closed between queueing and running
             raise sqlite3.OperationalError("connection is closed")
         if store._identity is not None:
-            tick = time.monotonic()
-            if tick >= store._next_file_check:
-                store._check_file()
-                store._next_file_check = tick + store.file_check_interval
+            store._check_file_due()
         return self.fn(conn, *self.args)
 
     def __repr__(self) -> str:
@@ -247,9 +271,10 @@ class SQLiteStore(Store):
     """SQLite store on aiosqlite (WAL, ``synchronous=NORMAL``, a busy timeout).
 
     ``path`` is a file path (its directory must exist) or ``":memory:"``. The
-    connection opens on first use or ``async with`` and ``close()`` closes it.
-    ``busy_timeout`` is how long (seconds) a write waits for another process's
-    write lock before failing with ``StoreUnavailable``.
+    connections (a writer and a reader; one for ``":memory:"``) open on first use or
+    ``async with`` and ``close()`` closes them. ``busy_timeout`` is how long (seconds)
+    a write waits for another process's write lock before failing with
+    ``StoreUnavailable``; reads never wait for it.
     """
 
     backend_name = "sqlite"
@@ -273,7 +298,8 @@ class SQLiteStore(Store):
             raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout!r}")
         self.path = path if path == MEMORY else os.path.abspath(path)
         self.busy_timeout = float(busy_timeout)
-        self._conn: aiosqlite.Connection | None = None
+        self._conn: aiosqlite.Connection | None = None  # the writer
+        self._reader: aiosqlite.Connection | None = None  # the writer itself for :memory:
         self._sqlite: sqlite3.Connection | None = None  # used on the connection thread only
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._next_file_check = 0.0  # time.monotonic() of the next _check_file
@@ -302,33 +328,44 @@ class SQLiteStore(Store):
         if self._conn is None:
             await self._connect()
 
-    async def _connect(self) -> aiosqlite.Connection:
+    async def _connect(self) -> tuple[aiosqlite.Connection, aiosqlite.Connection]:
+        """Open the writer (pragmas, WAL, schema), then the reader; (writer, reader)."""
         async with self._open_lock:
-            if self._conn is not None:
-                return self._conn
+            if self._conn is not None and self._reader is not None:
+                return self._conn, self._reader
             if self._closed:
                 raise StoreClosed("sqlite store is closed")
             self._check_directory()
+            opened: list[aiosqlite.Connection] = []
             try:
-                conn = await _daemon(
-                    aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
-                )
-            except sqlite3.Error as exc:
-                raise self._unavailable(exc) from exc
-            try:
+                conn = await self._connection()
+                opened.append(conn)
                 await conn._execute(self._setup, conn._conn)  # type: ignore[no-untyped-call]
+                reader = conn  # a private in-memory database exists on one connection only
+                if self.path != MEMORY:
+                    # after the writer's setup: the file is in WAL mode and has its schema
+                    reader = await self._connection()
+                    opened.append(reader)
+                    await reader.execute_fetchall("PRAGMA query_only = 1")
             except BaseException as exc:
                 self._sqlite = None
                 self._identity = None
-                try:
-                    await conn.close()
-                except Exception:  # pragma: no cover - already failing
-                    logger.debug("asyncsession: closing a failed sqlite connection raised")
+                for c in reversed(opened):
+                    try:
+                        await c.close()
+                    except Exception:  # pragma: no cover - already failing
+                        logger.debug("asyncsession: closing a failed sqlite connection raised")
                 if isinstance(exc, sqlite3.Error):
                     raise self._unavailable(exc) from exc
                 raise
-            self._conn = conn
-            return conn
+            self._conn, self._reader = conn, reader
+            return conn, reader
+
+    async def _connection(self) -> aiosqlite.Connection:
+        """A connection in autocommit mode whose busy handler waits ``busy_timeout``."""
+        return await _daemon(
+            aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+        )
 
     def _check_directory(self) -> None:
         """sqlite3 would say only "unable to open database file"; say what is wrong."""
@@ -414,6 +451,13 @@ class SQLiteStore(Store):
                 details={"path": self.path, "schema_version": version},
             )
 
+    def _check_file_due(self) -> None:
+        """``_check_file`` if ``file_check_interval`` has passed since the last one."""
+        tick = time.monotonic()
+        if tick >= self._next_file_check:
+            self._check_file()
+            self._next_file_check = tick + self.file_check_interval
+
     def _check_file(self) -> None:
         """Connection thread: fail if the file was deleted or replaced under us. SQLite
         keeps using the unlinked inode in WAL mode, silently diverging from every
@@ -426,10 +470,10 @@ class SQLiteStore(Store):
             raise _Gone("database file was replaced while open")
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(sqlite3_connection, *args)`` on the connection thread."""
+        """Run ``fn(sqlite3_connection, *args)`` on the writer's thread."""
         conn = self._conn
         if conn is None:
-            conn = await self._connect()
+            conn, _ = await self._connect()
         try:
             # aiosqlite's own queue: one thread hop per hook, whatever the statement count
             result: T = await conn._execute(_Call(self, fn, args))  # type: ignore[no-untyped-call]
@@ -438,13 +482,32 @@ class SQLiteStore(Store):
         except ValueError as exc:  # aiosqlite: "Connection closed"
             if isinstance(exc, CorruptRecord):
                 raise
-            if self._closed:
-                raise StoreClosed("sqlite store is closed") from exc
-            raise StoreUnavailable(
-                f"sqlite database {self.path!r} is unavailable: {exc}",
-                details={"path": self.path},
-            ) from exc
+            raise self._lost(exc) from exc
         return result
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Row]:
+        """Every row of one ``SELECT`` on the reader: one thread hop, one read
+        transaction of its own (a consistent snapshot of the last commit)."""
+        reader = self._reader
+        if reader is None:
+            _, reader = await self._connect()
+        try:
+            if self._identity is not None:
+                self._check_file_due()  # a stat at most every file_check_interval
+            rows = await reader.execute_fetchall(sql, _Hidden(params))
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+        except ValueError as exc:  # aiosqlite: "Connection closed"
+            raise self._lost(exc) from exc
+        return rows  # type: ignore[return-value]  # a list of tuples: no row_factory
+
+    def _lost(self, exc: ValueError) -> StoreClosed | StoreUnavailable:
+        """The error for a call on a connection that was closed meanwhile."""
+        if self._closed:
+            return StoreClosed("sqlite store is closed")
+        return StoreUnavailable(
+            f"sqlite database {self.path!r} is unavailable: {exc}", details={"path": self.path}
+        )
 
     def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailable:
         name = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
@@ -465,17 +528,19 @@ class SQLiteStore(Store):
 
     async def _close(self) -> None:
         async with self._open_lock:
-            conn, self._conn = self._conn, None
-            if conn is None:
-                return
-            try:
-                await conn.close()
-            except Exception as exc:
-                logger.warning(
-                    "asyncsession: closing sqlite database %r failed: %s", self.path, exc
-                )
-            finally:
-                self._sqlite = None
+            conn, reader = self._conn, self._reader
+            self._conn = self._reader = None
+            # the reader first: the writer, closed last, checkpoints the WAL into the file
+            for c in dict.fromkeys((reader, conn)):
+                if c is None:
+                    continue
+                try:
+                    await c.close()
+                except Exception as exc:
+                    logger.warning(
+                        "asyncsession: closing sqlite database %r failed: %s", self.path, exc
+                    )
+            self._sqlite = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -488,7 +553,8 @@ class SQLiteStore(Store):
         return InsertResult(evicted) if evicted else NO_EVICTIONS
 
     async def _load(self, session_id: str) -> Session | None:
-        return await self._run(_load, session_id)
+        rows = await self._read(_SELECT, (session_id,))
+        return _session(session_id, rows[0]) if rows else None
 
     async def _replace(
         self, session: Session, record: bytes, scope: Config, now: datetime
@@ -527,7 +593,7 @@ class SQLiteStore(Store):
         return await self._run(_delete_by_user, scope.site_id, user_id, keep, to_us(now))
 
     async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:
-        return await self._run(_list_by_user, scope.site_id, user_id, to_us(now))
+        return _listed(await self._read(_LIST_USER, (scope.site_id, user_id, to_us(now))))
 
     async def _purge(self, now: datetime) -> int:
         removed = 0
@@ -566,14 +632,15 @@ class SQLiteStore(Store):
         """Every row in rowid order, ``batch`` rows per read (keyset pagination)."""
         after = 0
         while True:
-            rows = await self._run(_scan_batch, after, batch)
+            rows = await self._read(_SCAN, (after, batch))
             if not rows:
                 return
             after = rows[-1][0]
             yield [ScanEntry(r[1], r[2], r[3], r[4], _dt(r[5])) for r in rows]
 
     async def _scan_estimate(self) -> int | None:
-        return await self._run(_count)
+        count: int = (await self._read(_COUNT, ()))[0][0]
+        return count
 
 
 def _daemon(conn: aiosqlite.Connection) -> aiosqlite.Connection:
@@ -594,13 +661,6 @@ def _daemon(conn: aiosqlite.Connection) -> aiosqlite.Connection:
 # Each runs on aiosqlite's thread with the sqlite3 connection (autocommit mode: a
 # statement outside BEGIN is its own transaction). They never await, so nothing else
 # on this connection runs between their statements.
-
-
-def _load(c: sqlite3.Connection, session_id: str) -> Session | None:
-    # Decoded here, not on the event loop: measurably faster per get (the loop thread
-    # picks the result up with less work to do after each hop).
-    row: Row | None = c.execute(_SELECT, (session_id,)).fetchone()
-    return None if row is None else _session(session_id, row)
 
 
 def _insert(
@@ -733,18 +793,6 @@ def _delete_by_user(
     return [r[1] for r in sorted(rows) if _live(r[2], now_us)]
 
 
-def _list_by_user(c: sqlite3.Connection, site_id: str, user_id: str, now_us: int) -> list[Session]:
-    sessions = []
-    for row in c.execute(_LIST_USER, (site_id, user_id, now_us)):
-        try:
-            sessions.append(_session(row[0], row[1:]))
-        except CorruptRecord as exc:
-            logger.warning(
-                "asyncsession: skipping undecodable sqlite row %s: %s", short_hash(row[0]), exc
-            )
-    return sessions
-
-
 def _held(c: sqlite3.Connection, fn: Callable[[], T]) -> tuple[T, float]:
     """Run ``fn``, one write statement in autocommit (begin, write and commit all
     inside SQLite, which releases the GIL meanwhile, so other Python threads cannot
@@ -773,12 +821,3 @@ def _purge_report_batch(
 ) -> tuple[list[Row], int, float]:
     rows, held = _held(c, lambda: c.execute(_PURGE_REPORT, (now_us, batch)).fetchall())
     return rows, len(rows), held
-
-
-def _scan_batch(c: sqlite3.Connection, after: int, batch: int) -> list[Row]:
-    return c.execute(_SCAN, (after, batch)).fetchall()
-
-
-def _count(c: sqlite3.Connection) -> int:
-    count: int = c.execute("SELECT count(*) FROM sessions").fetchone()[0]
-    return count
