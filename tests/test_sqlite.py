@@ -48,6 +48,7 @@ from asyncsession import (
 )
 from asyncsession.backends import sqlite as sqlite_backend
 from asyncsession.backends.sqlite import (
+    BUSY_SLACK_MS,
     PURGE_BATCH,
     PURGE_FIRST_BATCH,
     PURGE_HOLD,
@@ -515,6 +516,34 @@ async def test_lock_held_by_another_process_past_busy_timeout(
     assert len(await store.list_by_user("alice")) == 1  # nothing half-done
     await store.create(new_session("alice"))  # and it recovers once the lock is gone
     assert (await store.update(await store.get(s.id))).version == 1
+    await store.close()
+
+
+async def test_queued_writes_answer_at_their_own_deadline(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    """A write waits for another process's lock at most ``busy_timeout`` after it was
+    made, its time in the writer's queue included: the writes queued behind one that
+    waits out the lock get what is left of their own budget (about nothing) as the busy
+    timeout, rather than a full ``busy_timeout`` each in turn (20 writes: 20 times it).
+    Checked through the busy timeout the writer was left with, not by timing."""
+    store = sqlite_store(stores, db, busy_timeout=1.0)
+    s = await store.create(new_session("alice"))
+    writer = store._conn
+    assert writer is not None
+    with write_lock_held(db):
+        outcomes = await asyncio.gather(
+            *(store.touch(s.id) for _ in range(20)), return_exceptions=True
+        )
+        for outcome in outcomes:
+            assert isinstance(outcome, StoreUnavailable), repr(outcome)
+            assert outcome.details["sqlite_error"].startswith("SQLITE_BUSY")
+        # the last write's budget: called with the first, run after it waited 1 s
+        [(left_ms,)] = await writer.execute_fetchall("PRAGMA busy_timeout")
+        assert left_ms < 500, left_ms  # about 0; a full budget would be 1000
+    await store.touch(s.id)  # a write made now gets the full busy_timeout again
+    [(full_ms,)] = await writer.execute_fetchall("PRAGMA busy_timeout")
+    assert 1000 - BUSY_SLACK_MS <= full_ms <= 1000
     await store.close()
 
 
