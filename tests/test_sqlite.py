@@ -86,7 +86,9 @@ def stores() -> Iterator[list[SQLiteStore]]:
     yield opened
     for store in opened:
         for conn in {store._conn, store._reader} - {None}:
-            conn.stop()  # type: ignore[union-attr]
+            stop = getattr(conn, "stop", None)  # aiosqlite 0.21+; 0.20's thread is a daemon
+            if stop is not None:
+                stop()
 
 
 def sqlite_store(stores: list[SQLiteStore], path: str, **kwargs: Any) -> SQLiteStore:
