@@ -193,7 +193,7 @@ async def test_queries_use_the_indexes(db: str, stores: list[SQLiteStore]) -> No
     assert "sessions_user" in plan(sqlite_backend._LIVE_BY_CREATED)
     assert "sessions_user" in plan(sqlite_backend._DELETE_USER)
     assert "sessions_expires" in plan(sqlite_backend._PURGE)
-    assert "SCAN" not in plan(sqlite_backend._SELECT)
+    assert "SCAN" not in plan(sqlite_backend._GET)
 
 
 async def test_reopen_keeps_every_session_intact(db: str, stores: list[SQLiteStore]) -> None:
@@ -640,6 +640,7 @@ async def test_memory_database_is_one_connection(monkeypatch: pytest.MonkeyPatch
     made = await asyncio.gather(*(store.create(new_session("alice")) for _ in range(20)))
     assert calls == [":memory:"]
     assert raw._reader is raw._conn
+    assert raw._conn is not None and raw._conn.row_factory is None  # the writer's rows: tuples
     assert {(await store.get(s.id)).id for s in made} == {s.id for s in made}
     assert [x.id for x in await store.list_by_user("alice")] == [s.id for s in made]
     assert await raw._scan_estimate() == 20 and await _scanned(raw) == {s.id for s in made}

@@ -90,7 +90,7 @@ _FIELDS = (
 )
 _LIVE = "(expires IS NULL OR expires > ?)"
 
-_SELECT = f"SELECT id, {_FIELDS} FROM sessions WHERE id = ?"
+_GET = f"SELECT id, {_FIELDS} FROM sessions WHERE id = ?"
 _INSERT = f"INSERT INTO sessions (id, {_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _LIVE_OF_USER = (
     f"SELECT id FROM sessions WHERE site_id = ? AND user_id = ? AND id != ? AND {_LIVE} "
@@ -215,14 +215,15 @@ class _Undecodable(NamedTuple):
 
 
 _SESSION_ROW = 1 + len(_FIELDS.split(","))
-"""Columns of a session row (``id``, then ``_FIELDS``: ``_SELECT``, ``_LIST_USER``); no
-other statement on the reader (or on the writer, the reader for ``:memory:``) has as many."""
+"""Columns of a session row (``id``, then ``_FIELDS``: ``_GET``, ``_LIST_USER``); no other
+statement the reader runs has as many."""
 
 
-def _decode(cursor: sqlite3.Cursor, row: Row) -> Any:
+def _decode(cursor: sqlite3.Cursor | None, row: Row) -> Any:
     """The reader's row factory: a session row becomes its ``Session`` (or an
     ``_Undecodable``) on the reader's thread, about 12 us per get cheaper than on the
-    event loop; other rows stay tuples."""
+    event loop; other rows stay tuples. (``:memory:`` shares the writer's connection,
+    whose functions want plain rows: ``_read`` applies it there.)"""
     if len(row) != _SESSION_ROW:
         return row
     try:
@@ -382,7 +383,7 @@ class SQLiteStore(Store):
                     reader = await self._connection()
                     opened.append(reader)
                     await reader.execute_fetchall("PRAGMA query_only = 1")
-                reader.row_factory = _decode  # type: ignore[assignment,unused-ignore]
+                    reader.row_factory = _decode  # type: ignore[assignment,unused-ignore]
             except BaseException as exc:
                 self._sqlite = None
                 self._identity = None
@@ -541,12 +542,14 @@ class SQLiteStore(Store):
         try:
             if self._identity is not None:
                 self._check_file_due()  # a stat at most every file_check_interval
-            rows = await reader.execute_fetchall(sql, _Hidden(params))
+            rows: list[Any] = list(await reader.execute_fetchall(sql, _Hidden(params)))
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from exc
         except ValueError as exc:  # aiosqlite: "Connection closed"
             raise self._lost(exc) from exc
-        return rows  # type: ignore[return-value]  # fetchall(): a list
+        if self.path == MEMORY:  # the writer's connection: its functions want plain rows
+            return [_decode(None, row) for row in rows]
+        return rows
 
     def _lost(self, exc: ValueError) -> StoreClosed | StoreUnavailable:
         """The error for a call on a connection that was closed meanwhile."""
@@ -600,7 +603,7 @@ class SQLiteStore(Store):
         return InsertResult(evicted) if evicted else NO_EVICTIONS
 
     async def _load(self, session_id: str) -> Session | None:
-        rows = await self._read(_SELECT, (session_id,))
+        rows = await self._read(_GET, (session_id,))
         return _loaded(rows[0]) if rows else None
 
     async def _replace(
