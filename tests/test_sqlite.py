@@ -593,6 +593,66 @@ async def _scanned(store: SQLiteStore) -> set[str]:
     return {e.session_id async for batch in store._scan(7) for e in batch}
 
 
+def _reading_worker(path: str, ids: list[str], release: Any, results: Any) -> None:
+    """A worker process while another holds the write lock: its own write waits for
+    the lock; 100 concurrent gets answer meanwhile; the write goes through once the
+    lock is released."""
+
+    async def main() -> None:
+        waiting = threading.Event()
+        real_insert = sqlite_backend._insert
+
+        def insert(c: sqlite3.Connection, *args: Any) -> Any:
+            waiting.set()
+            return real_insert(c, *args)
+
+        sqlite_backend._insert = insert  # type: ignore[assignment]  # this process only
+        store = SQLiteStore.with_controls(path, cfg(max_sessions_per_user=0), busy_timeout=60)
+        async with store:
+            write = asyncio.create_task(store.create(new_session("late")))
+            await asyncio.to_thread(waiting.wait, 60)
+            got = await asyncio.gather(*(store.get(i) for i in ids))
+            results.put((os.getpid(), [g.data["i"] for g in got], write.done()))
+            await asyncio.to_thread(release.wait, 120)
+            results.put((os.getpid(), (await write).user_id))
+
+    asyncio.run(main())
+
+
+async def test_reads_in_several_processes_while_another_holds_the_lock(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    """Three worker processes, as uvicorn workers on one file: while a fourth process
+    holds the write lock, each one's write waits and its 100 gets answer, with
+    committed data; after the release every write goes through."""
+    store = sqlite_store(stores, db, config=cfg(max_sessions_per_user=0))
+    made = [await store.create(new_session("alice", data={"i": i})) for i in range(100)]
+    await store.close()
+    ctx = multiprocessing.get_context("spawn")
+    release, results = ctx.Event(), ctx.Queue()
+    ids = [s.id for s in made]
+    workers = [
+        ctx.Process(target=_reading_worker, args=(db, ids, release, results)) for _ in range(3)
+    ]
+    try:
+        with write_lock_held(db, "DELETE FROM sessions"):
+            for w in workers:
+                w.start()
+            during = [await asyncio.to_thread(results.get, True, 240) for _ in workers]
+        assert [(data, done) for _, data, done in during] == [(list(range(100)), False)] * 3
+        release.set()
+        after = [await asyncio.to_thread(results.get, True, 240) for _ in workers]
+        assert sorted(user for _, user in after) == ["late"] * 3
+    finally:
+        release.set()
+        for w in workers:
+            w.join(timeout=60)
+            if w.is_alive():  # pragma: no cover - only on a hang
+                w.kill()
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert raw_sql(db, "SELECT count(*) FROM sessions WHERE user_id = 'late'") == [(3,)]
+
+
 async def test_reads_see_only_what_the_writer_committed(db: str, stores: list[SQLiteStore]) -> None:
     """This process's own write, halfway through its transaction on the writer's
     thread, is invisible to reads (and does not hold them up); once committed, the
