@@ -9,6 +9,7 @@ be dangerous if they ever reached SQL text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import multiprocessing
@@ -32,11 +33,13 @@ import aiosqlite
 
 from asyncsession import (
     Config,
+    ControlledStore,
     InvalidSession,
     Session,
     SessionConflict,
     SessionLimitExceeded,
     SessionNotFound,
+    StoreClosed,
     StoreUnavailable,
     ViolationEvent,
     new_session,
@@ -45,6 +48,7 @@ from asyncsession import (
 )
 from asyncsession.backends import sqlite as sqlite_backend
 from asyncsession.backends.sqlite import (
+    BUSY_SLACK_MS,
     PURGE_BATCH,
     PURGE_FIRST_BATCH,
     PURGE_HOLD,
@@ -81,8 +85,10 @@ def stores() -> Iterator[list[SQLiteStore]]:
     opened: list[SQLiteStore] = []
     yield opened
     for store in opened:
-        if store._conn is not None:
-            store._conn.stop()
+        for conn in {store._conn, store._reader} - {None}:
+            stop = getattr(conn, "stop", None)  # aiosqlite 0.21+; 0.20's thread is a daemon
+            if stop is not None:
+                stop()
 
 
 def sqlite_store(stores: list[SQLiteStore], path: str, **kwargs: Any) -> SQLiteStore:
@@ -130,10 +136,11 @@ async def test_lazy_open_once_under_concurrent_first_use(
     stores.append(store.store)  # type: ignore[arg-type]
     assert not os.path.exists(db), "constructing a store must not touch the file"
     created = await asyncio.gather(*(store.create(new_session(f"u{i}")) for i in range(20)))
-    assert calls == [os.path.abspath(db)]
+    assert calls == [os.path.abspath(db)] * 2  # the writer and the reader, once
     assert [s.id for s in await store.list_by_user("u3")] == [created[3].id]
     await store.close()
     assert store.store._conn is None  # type: ignore[attr-defined]
+    assert store.store._reader is None  # type: ignore[attr-defined]
 
 
 async def test_async_with_opens_eagerly_and_close_releases(
@@ -141,12 +148,16 @@ async def test_async_with_opens_eagerly_and_close_releases(
 ) -> None:
     store = sqlite_store(stores, db)
     async with store:
-        assert store._conn is not None
+        assert store._conn is not None and store._reader is not None
+        assert store._reader is not store._conn
         assert os.path.exists(db)
-        conn = store._conn
-    assert store._conn is None
-    with pytest.raises(ValueError):  # aiosqlite's own "no active connection"
-        _ = conn._conn
+        conns = (store._conn, store._reader)
+    assert store._conn is None and store._reader is None
+    for conn in conns:  # both closed, their threads ended
+        with pytest.raises(ValueError):  # aiosqlite's own "no active connection"
+            _ = conn._conn
+    with pytest.raises(StoreClosed):
+        await store.get("a" * 43)
 
 
 async def test_schema_pragmas_and_indexes(db: str, stores: list[SQLiteStore]) -> None:
@@ -163,9 +174,11 @@ async def test_schema_pragmas_and_indexes(db: str, stores: list[SQLiteStore]) ->
     }
     assert "(site_id, user_id, created)" in indexes["sessions_user"]
     assert "(expires)" in indexes["sessions_expires"]
-    # per-connection settings, read on the store's own connection
+    # per-connection settings, read on the store's own connections
     assert await store._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 1  # NORMAL
     assert await store._run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()[0]) == 2500
+    assert await store._read("PRAGMA busy_timeout", ()) == [(2500,)]
+    assert await store._read("PRAGMA query_only", ()) == [(1,)]  # the reader never writes
 
 
 async def test_queries_use_the_indexes(db: str, stores: list[SQLiteStore]) -> None:
@@ -180,7 +193,7 @@ async def test_queries_use_the_indexes(db: str, stores: list[SQLiteStore]) -> No
     assert "sessions_user" in plan(sqlite_backend._LIVE_BY_CREATED)
     assert "sessions_user" in plan(sqlite_backend._DELETE_USER)
     assert "sessions_expires" in plan(sqlite_backend._PURGE)
-    assert "SCAN" not in plan(sqlite_backend._SELECT)
+    assert "SCAN" not in plan(sqlite_backend._GET)
 
 
 async def test_reopen_keeps_every_session_intact(db: str, stores: list[SQLiteStore]) -> None:
@@ -278,8 +291,9 @@ async def test_two_processes_creating_the_schema_at_once(tmp_path: Path) -> None
 
 
 def test_a_store_nobody_closed_does_not_keep_the_process_alive(tmp_path: Path) -> None:
-    """aiosqlite 0.22's connection thread is not a daemon: without ``_daemon`` a script
-    that forgets ``close()`` never exits. What it committed is there afterwards."""
+    """aiosqlite 0.22's connection threads are not daemons: without ``_daemon`` a script
+    that forgets ``close()`` never exits (writer and reader both). What it committed is
+    there afterwards."""
     path = str(tmp_path / "forgotten.db")
     code = textwrap.dedent(
         f"""
@@ -289,7 +303,9 @@ def test_a_store_nobody_closed_does_not_keep_the_process_alive(tmp_path: Path) -
         async def main():
             store = open_store("sqlite:///" + {path!r}, Config())  # cleanup task running
             STORES.append(store)  # still referenced at exit, as an app's global would be
-            print((await store.create(new_session("alice", data={{"k": 1}}))).id)
+            s = await store.create(new_session("alice", data={{"k": 1}}))  # the writer
+            assert (await store.get(s.id)).data == {{"k": 1}}  # the reader
+            print(s.id)
         asyncio.run(main())
         """
     )
@@ -448,10 +464,32 @@ _HOLD_LOCK = """
 import sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
 conn.execute("BEGIN IMMEDIATE")
+for statement in sys.argv[2:]:  # written, never committed
+    conn.execute(statement)
 print("locked", flush=True)
 sys.stdin.readline()
 conn.execute("ROLLBACK")
 """
+
+
+@contextlib.contextmanager
+def write_lock_held(path: str, *statements: str) -> Iterator[None]:
+    """Another process holds the write lock on ``path`` (``BEGIN IMMEDIATE``, then
+    ``statements``, uncommitted) for the duration of the block, then rolls back."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, path, *statements],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.close()
+        holder.wait(timeout=30)
 
 
 async def test_lock_held_by_another_process_past_busy_timeout(
@@ -459,36 +497,218 @@ async def test_lock_held_by_another_process_past_busy_timeout(
 ) -> None:
     store = SQLiteStore.with_controls(db, cfg(), busy_timeout=0.2)
     stores.append(store.store)  # type: ignore[arg-type]
-    s = await store.create(new_session("alice"))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_LOCK, db],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    s = await store.create(new_session("alice", data={"k": 1}))
+    with write_lock_held(db):
         for write in (
             store.create(new_session("alice")),
             store.rotate(s.id),
             store.delete_by_user("alice"),
             store.touch(s.id),
+            store.update(s),
         ):
+            # 100 gets in the same window as the waiting write
+            reads = asyncio.gather(*(store.get(s.id) for _ in range(100)))
             with pytest.raises(StoreUnavailable) as info:
                 await write
             assert_unavailable(info.value, db, "locked", "busy timeout")
             assert info.value.details["sqlite_error"].startswith("SQLITE_BUSY")
             assert isinstance(info.value.__cause__, sqlite3.OperationalError)
             assert s.id not in str(info.value) and s.id not in repr(info.value.details)
-        assert (await store.get(s.id)).id == s.id  # WAL: readers never wait for the writer
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.write("\n")
-        holder.stdin.close()
-        holder.wait(timeout=30)
+            assert [(g.id, g.data, g.version) for g in await reads] == [(s.id, {"k": 1}, 0)] * 100
     assert len(await store.list_by_user("alice")) == 1  # nothing half-done
     await store.create(new_session("alice"))  # and it recovers once the lock is gone
+    assert (await store.update(await store.get(s.id))).version == 1
     await store.close()
+
+
+async def test_queued_writes_answer_at_their_own_deadline(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    """A write waits for another process's lock at most ``busy_timeout`` after it was
+    made, its time in the writer's queue included: the writes queued behind one that
+    waits out the lock get what is left of their own budget (about nothing) as the busy
+    timeout, rather than a full ``busy_timeout`` each in turn (20 writes: 20 times it).
+    Checked through the busy timeout the writer was left with, not by timing."""
+    store = sqlite_store(stores, db, busy_timeout=1.0)
+    s = await store.create(new_session("alice"))
+    writer = store._conn
+    assert writer is not None
+    with write_lock_held(db):
+        outcomes = await asyncio.gather(
+            *(store.touch(s.id) for _ in range(20)), return_exceptions=True
+        )
+        for outcome in outcomes:
+            assert isinstance(outcome, StoreUnavailable), repr(outcome)
+            assert outcome.details["sqlite_error"].startswith("SQLITE_BUSY")
+        # the last write's budget: called with the first, run after it waited 1 s
+        [(left_ms,)] = await writer.execute_fetchall("PRAGMA busy_timeout")
+        assert left_ms < 500, left_ms  # about 0; a full budget would be 1000
+    await store.touch(s.id)  # a write made now gets the full busy_timeout again
+    [(full_ms,)] = await writer.execute_fetchall("PRAGMA busy_timeout")
+    assert 1000 - BUSY_SLACK_MS <= full_ms <= 1000
+    await store.close()
+
+
+async def test_reads_never_wait_for_a_write_waiting_on_another_process(
+    db: str, stores: list[SQLiteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12 item 7: while another process holds the write lock, this store's write
+    waits for it on the writer's thread; every read, on the reader, answers meanwhile,
+    with committed data only (the holder's uncommitted change is invisible). Ordering,
+    not timing: the reads finish while the write still waits, before the release."""
+    store = SQLiteStore.with_controls(db, cfg(max_sessions_per_user=0), busy_timeout=30)
+    stores.append(store.store)  # type: ignore[arg-type]
+    raw: SQLiteStore = store.store  # type: ignore[assignment]
+    made = [await store.create(new_session(f"u{i % 10}", data={"i": i})) for i in range(100)]
+    waiting = threading.Event()
+    real_insert = sqlite_backend._insert
+
+    def insert(c: sqlite3.Connection, *args: Any) -> Any:
+        waiting.set()  # on the writer's thread, about to wait for the lock
+        return real_insert(c, *args)
+
+    monkeypatch.setattr(sqlite_backend, "_insert", insert)
+    with write_lock_held(db, "UPDATE sessions SET data = '{\"half\": 1}'", "DELETE FROM sessions"):
+        write = asyncio.create_task(store.create(new_session("u0")))
+        assert await asyncio.to_thread(waiting.wait, 30)
+        reads = asyncio.gather(
+            asyncio.gather(*(store.get(s.id) for s in made)),
+            store.list_by_user("u3"),
+            raw._scan_estimate(),  # the CLI's stats
+            _scanned(raw),  # the admin scan
+        )
+        racing: set[asyncio.Future[Any]] = {write, reads}
+        done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {reads}, "a read waited for the write"
+        got, listed, estimate, scanned = reads.result()
+        assert [(g.id, g.data) for g in got] == [(s.id, {"i": i}) for i, s in enumerate(made)]
+        assert [x.id for x in listed] == [s.id for s in made if s.user_id == "u3"]
+        assert estimate == 100 and scanned == {s.id for s in made}
+        assert not write.done()
+    assert (await write).user_id == "u0"  # the write waited for the lock, then went through
+    assert len(await store.list_by_user("u0")) == 11
+
+
+async def _scanned(store: SQLiteStore) -> set[str]:
+    return {e.session_id async for batch in store._scan(7) for e in batch}
+
+
+def _reading_worker(path: str, ids: list[str], release: Any, results: Any) -> None:
+    """A worker process while another holds the write lock: its own write waits for
+    the lock; 100 concurrent gets answer meanwhile; the write goes through once the
+    lock is released."""
+
+    async def main() -> None:
+        waiting = threading.Event()
+        real_insert = sqlite_backend._insert
+
+        def insert(c: sqlite3.Connection, *args: Any) -> Any:
+            waiting.set()
+            return real_insert(c, *args)
+
+        sqlite_backend._insert = insert  # type: ignore[assignment]  # this process only
+        store = SQLiteStore.with_controls(path, cfg(max_sessions_per_user=0), busy_timeout=60)
+        async with store:
+            write = asyncio.create_task(store.create(new_session("late")))
+            await asyncio.to_thread(waiting.wait, 60)
+            got = await asyncio.gather(*(store.get(i) for i in ids))
+            results.put((os.getpid(), [g.data["i"] for g in got], write.done()))
+            await asyncio.to_thread(release.wait, 120)
+            results.put((os.getpid(), (await write).user_id))
+
+    asyncio.run(main())
+
+
+async def test_reads_in_several_processes_while_another_holds_the_lock(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    """Three worker processes, as uvicorn workers on one file: while a fourth process
+    holds the write lock, each one's write waits and its 100 gets answer, with
+    committed data; after the release every write goes through."""
+    store = sqlite_store(stores, db, config=cfg(max_sessions_per_user=0))
+    made = [await store.create(new_session("alice", data={"i": i})) for i in range(100)]
+    await store.close()
+    ctx = multiprocessing.get_context("spawn")
+    release, results = ctx.Event(), ctx.Queue()
+    ids = [s.id for s in made]
+    workers = [
+        ctx.Process(target=_reading_worker, args=(db, ids, release, results)) for _ in range(3)
+    ]
+    try:
+        with write_lock_held(db, "DELETE FROM sessions"):
+            for w in workers:
+                w.start()
+            during = [await asyncio.to_thread(results.get, True, 240) for _ in workers]
+        assert [(data, done) for _, data, done in during] == [(list(range(100)), False)] * 3
+        release.set()
+        after = [await asyncio.to_thread(results.get, True, 240) for _ in workers]
+        assert sorted(user for _, user in after) == ["late"] * 3
+    finally:
+        release.set()
+        for w in workers:
+            w.join(timeout=60)
+            if w.is_alive():  # pragma: no cover - only on a hang
+                w.kill()
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert raw_sql(db, "SELECT count(*) FROM sessions WHERE user_id = 'late'") == [(3,)]
+
+
+async def test_reads_see_only_what_the_writer_committed(db: str, stores: list[SQLiteStore]) -> None:
+    """This process's own write, halfway through its transaction on the writer's
+    thread, is invisible to reads (and does not hold them up); once committed, the
+    next read sees it."""
+    store = sqlite_store(stores, db)
+    s = await store.create(new_session("alice", data={"v": 1}))
+    other = await store.create(new_session("alice"))
+    inside, finish = threading.Event(), threading.Event()
+
+    def half_written(c: sqlite3.Connection) -> None:
+        c.execute("BEGIN IMMEDIATE")
+        c.execute("UPDATE sessions SET data = '{\"v\": 2}', version = 1 WHERE id = ?", (s.id,))
+        c.execute("DELETE FROM sessions WHERE id = ?", (other.id,))
+        inside.set()
+        assert finish.wait(30)
+        c.execute("COMMIT")
+
+    write = asyncio.create_task(store._run(half_written))
+    assert await asyncio.to_thread(inside.wait, 30)
+    got = await asyncio.gather(*(store.get(s.id) for _ in range(100)))
+    assert {(g.data["v"], g.version) for g in got} == {(1, 0)}
+    assert [x.id for x in await store.list_by_user("alice")] == [s.id, other.id]
+    assert not write.done()
+    finish.set()
+    await write
+    assert ((await store.get(s.id)).data, (await store.get(s.id)).version) == ({"v": 2}, 1)
+    assert [x.id for x in await store.list_by_user("alice")] == [s.id]
+    await store.close()
+
+
+async def test_memory_database_is_one_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A private in-memory database exists on the connection that made it: ``:memory:``
+    keeps reads on the writer's connection, so they see every write."""
+    calls: list[str] = []
+    real_connect = aiosqlite.connect
+
+    def counting_connect(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
+        calls.append(args[0])
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite, "connect", counting_connect)
+    store = open_store("sqlite://:memory:", cfg(max_sessions_per_user=0))
+    assert isinstance(store, ControlledStore) and isinstance(store.store, SQLiteStore)
+    raw = store.store
+    made = await asyncio.gather(*(store.create(new_session("alice")) for _ in range(20)))
+    assert calls == [":memory:"]
+    assert raw._reader is raw._conn
+    assert raw._conn is not None and raw._conn.row_factory is None  # the writer's rows: tuples
+    assert {(await store.get(s.id)).id for s in made} == {s.id for s in made}
+    assert [x.id for x in await store.list_by_user("alice")] == [s.id for s in made]
+    assert await raw._scan_estimate() == 20 and await _scanned(raw) == {s.id for s in made}
+    other = SQLiteStore(":memory:", cfg())  # a database of its own
+    assert await other.list_by_user("alice") == []
+    await other.close()
+    await store.close()
+    assert raw._conn is None and raw._reader is None
 
 
 @pytest.fixture
@@ -676,7 +896,7 @@ async def test_purge_runs_in_batches_and_lets_others_in(
     sizes: list[int] = []
     # what each batch "took": the first one too long, the rest quick
     reported = iter([5 * PURGE_HOLD, *[PURGE_HOLD / 100] * 10])
-    real_batch, real_load = sqlite_backend._purge_batch, sqlite_backend._load
+    real_batch, real_touch = sqlite_backend._purge_batch, sqlite_backend._touch
 
     def batch(c: sqlite3.Connection, now_us: int, size: int) -> tuple[int, int, float]:
         _, count, _ = real_batch(c, now_us, size)
@@ -684,23 +904,22 @@ async def test_purge_runs_in_batches_and_lets_others_in(
         order.append(f"purge:{count}")
         return count, count, next(reported)
 
-    def load(c: sqlite3.Connection, session_id: str) -> Any:
-        order.append("get")
-        return real_load(c, session_id)
+    def touch(c: sqlite3.Connection, *args: Any) -> Any:
+        order.append("touch")
+        return real_touch(c, *args)
 
     monkeypatch.setattr(sqlite_backend, "_purge_batch", batch)
-    monkeypatch.setattr(sqlite_backend, "_load", load)
+    monkeypatch.setattr(sqlite_backend, "_touch", touch)
     purge = asyncio.create_task(store.purge_expired())
     await asyncio.sleep(0)
-    got = await store.get(live.id)
+    await store.touch(live.id)  # a write: it queues on the purge's connection
     assert await purge == expiring
-    assert got.id == live.id
     first = PURGE_FIRST_BATCH
     shrunk = first // 5  # the slow batch shrinks the next one to fit PURGE_HOLD
     assert sizes == [first, shrunk, PURGE_BATCH, PURGE_BATCH, PURGE_BATCH]
     assert order == [
         f"purge:{first}",
-        "get",  # queued while the first batch ran, served before the second
+        "touch",  # queued while the first batch ran, served before the second
         f"purge:{shrunk}",
         f"purge:{PURGE_BATCH}",  # quick batches grow back, never past PURGE_BATCH
         f"purge:{PURGE_BATCH}",
