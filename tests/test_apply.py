@@ -218,13 +218,13 @@ async def test_same_key_with_expectations_one_winner_per_round(store: Controlled
         current = (await store.get(s.id)).data["n"]
         assert current == round_
 
-        async def bump(i: int) -> int:
+        async def bump(current: int) -> int:
             try:
                 await store.apply(s.id, Changes(set={"n": current + 1}, expect={"n": current}))
             except SessionConflict:
                 return 0
             return 1
 
-        results = await asyncio.gather(*(bump(i) for i in range(50)))
+        results = await asyncio.gather(*(bump(current) for _ in range(50)))
         assert sum(results) == 1
     assert (await store.get(s.id)).data == {"n": 5}
