@@ -1111,8 +1111,7 @@ def _diff(d: SessionDict) -> tuple[list[str], list[str], dict[str, Any]] | None:
     if changes is None:
         return None
     expect = {
-        k: None if v is ABSENT else orjson.loads(orjson.dumps(v))
-        for k, v in changes.expect.items()
+        k: None if v is ABSENT else orjson.loads(orjson.dumps(v)) for k, v in changes.expect.items()
     }
     return sorted(changes.set), sorted(changes.delete), expect
 
