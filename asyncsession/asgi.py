@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, cast
 
 import orjson
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
@@ -354,6 +355,7 @@ class _Connection:
 
     __slots__ = (
         "client_id",
+        "conflict",
         "cookie_possible",
         "cookie_sent",
         "data",
@@ -380,6 +382,7 @@ class _Connection:
         self.touch_due = False
         self.refreshed = False  # saved or touched: refresh a Max-Age cookie
         self.cookie_possible = True  # False once a websocket handshake is done
+        self.conflict: SessionConflict | None = None  # why commit answered 409
 
     @property
     def store(self) -> Store:
@@ -708,7 +711,10 @@ class SessionMiddleware:
                 status = await _commit_or_status(conn)
                 if status is not None:
                     replaced = True
-                    await _send_error(send, status)
+                    if conn.conflict is None or not await _app_answers(
+                        conn.conflict, scope, receive, send
+                    ):
+                        await _send_error(send, status)
                     return
             extra = conn.cookie_headers()
             if extra:
@@ -761,7 +767,9 @@ async def _commit_or_status(conn: _Connection) -> int | None:
         logger.error("session not saved, store unavailable: %s", exc)
         return 503
     except SessionConflict as exc:
-        logger.error("session not saved after %d retries: %s", conn.mw.max_retries, exc)
+        # a client can cause this at will (two tabs): not an error of the app
+        logger.info("session not saved, a key it read was changed meanwhile: %s", exc)
+        conn.conflict = exc
         return 409
     except SessionError as exc:
         # NotSerializable, SessionTooLarge...: a bug in the app, not the client's fault
@@ -773,6 +781,29 @@ async def _commit_or_status(conn: _Connection) -> int | None:
         )
         return 500
     return None
+
+
+async def _app_answers(exc: SessionError, scope: Scope, receive: Receive, send: Send) -> bool:
+    """Answer ``exc`` with the app's own exception handler for it (Starlette's
+    ``exception_handlers``, e.g. from ``install_exception_handler``), if it has one:
+    the middleware saves after the app has returned, outside its handlers' reach."""
+    handlers = getattr(scope.get("app"), "exception_handlers", None)
+    if not isinstance(handlers, dict):
+        return False
+    handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers), None)
+    if handler is None:
+        return False
+    try:
+        request = Request(scope, receive)
+        if inspect.iscoroutinefunction(handler):
+            response = await handler(request, exc)
+        else:
+            response = await run_in_threadpool(handler, request, exc)
+    except Exception:
+        logger.exception("the app's handler for %s raised", type(exc).__name__)
+        return False
+    await response(scope, receive, send)
+    return True
 
 
 _ERROR_TEXT = {

@@ -136,8 +136,24 @@ async def test_dependent_write_changed_meanwhile_answers_409_and_saves_nothing(
         GATE["go"].set()
         response = await slow
     assert response.status_code == 409
+    # answered by the app's handler (install_exception_handler), as if raised inside it
+    assert response.json()["error"]["code"] == "SESSION_CONFLICT"
+    assert response.headers["cache-control"] == "no-store"
     sid = headers["cookie"].split("=")[1]
     assert (await store.get(sid)).data == {"n": 100, "color": "early"}
+
+
+async def test_conflict_without_an_app_handler_is_a_plain_409(store: FlakyStore) -> None:
+    headers = await _session(store, n=1)
+    app = Starlette(routes=[Route("/slow-rmw", slow_rmw, methods=["POST"])])
+    app.add_middleware(SessionMiddleware, store=store, cookie_name="sid")
+    store.conflicts = 1
+    GATE["go"] = asyncio.Event()
+    GATE["go"].set()
+    async with client(app) as c:
+        response = await c.post("/slow-rmw", headers=headers)
+    assert response.status_code == 409
+    assert response.text == "Session conflict, please retry"
 
 
 async def test_blind_write_is_last_writer_wins(store: FlakyStore) -> None:
