@@ -10,9 +10,11 @@ opaque, random id in an HttpOnly cookie. ``scope["session"]`` is a ``SessionDict
   unknown, expired, other-site or malformed id is never adopted (fresh session,
   stale cookie cleared);
 * save: just before ``http.response.start`` (so streaming and file responses keep
-  their sessions), only if the data changed, with compare-and-set; on
-  ``SessionConflict`` it re-reads and re-applies only the top-level keys this
-  request changed, so parallel requests that change different keys all persist;
+  their sessions), only the top-level keys that changed, in one atomic
+  ``Store.apply``: keys written without being read are blind writes (last writer
+  wins); keys read and then written must still hold what was read, else nothing is
+  saved and the response is 409. Parallel requests that change different keys all
+  persist; ``update_session`` re-runs a read-modify-write until it applies;
 * anonymous sessions are created in the store on their first write; with an idle
   timeout the session is touched at most once per ``touch_fraction`` of it.
 """
@@ -460,7 +462,7 @@ class _Connection:
         land; a key the request read first must still hold what it read, else
         ``SessionConflict`` (409) and nothing of this request is saved."""
         try:
-            applied = await self.store.apply(session.id, changes)
+            applied = await self.store.apply(session.id, changes, base=session)
         except SessionNotFound:
             self._gone(session)
             return
@@ -520,6 +522,8 @@ class SessionMiddleware:
     ``"anonymous"`` serves an empty, unsaved session instead (logged) and leaves
     the client's cookie alone. ``touch_fraction`` (of ``Config.idle_timeout``) or
     ``touch_interval`` bound how often a read-only request writes ``touch``.
+    ``max_retries`` is ignored (saves are key-level and never retried; see
+    ``update_session``); it is still accepted so existing code runs.
     """
 
     def __init__(
@@ -1025,7 +1029,7 @@ async def update_session(
                 conn.data._reset(dict.copy(view))
                 return result
             try:
-                applied = await conn.store.apply(session.id, changes)
+                applied = await conn.store.apply(session.id, changes, base=fresh)
             except SessionConflict:
                 continue
             except SessionNotFound:

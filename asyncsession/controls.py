@@ -251,8 +251,9 @@ class ControlledStore(Store):
         scope: Config,
         now: datetime,
         limit: int,
+        base: Session | None = None,
     ) -> Coroutine[Any, Any, Applied | Outcome]:
-        return self.store._apply(session_id, changes, scope, now, limit)
+        return self.store._apply(session_id, changes, scope, now, limit, base)
 
     def _rotated_id(self, session_id: str) -> str:
         return self.store._rotated_id(session_id)

@@ -370,7 +370,9 @@ class Store(ABC):
         self._event("updated", session)
         return session
 
-    async def apply(self, session_id: str, changes: Changes) -> Applied:
+    async def apply(
+        self, session_id: str, changes: Changes, *, base: Session | None = None
+    ) -> Applied:
         """Apply key-level ``changes`` to the stored session in one atomic step.
 
         The keys in ``changes.expect`` must hold what the caller read (compared by
@@ -380,6 +382,12 @@ class Store(ABC):
         version then conflicts), ``updated_at`` and last access set, with
         ``idle_timeout`` the expiry slides, the size limit holds on the whole record;
         a missing, expired or other-site session is ``SessionNotFound``.
+
+        ``base``, optional, is the session as this caller got it from ``get`` (its
+        data unchanged but for the keys in ``changes``), with ``expect`` read from it:
+        while the stored version is still ``base.version`` nothing else was written,
+        so a backend that stores whole records (Redis) writes the new one without
+        parsing the old one.
         """
         self._check_open()
         self._check_id(session_id)
@@ -393,7 +401,7 @@ class Store(ABC):
             raise
         limit = self._size_limit()
         try:
-            result = await self._apply(session_id, encoded, self.scope, self.clock(), limit)
+            result = await self._apply(session_id, encoded, self.scope, self.clock(), limit, base)
         except codec.CorruptRecord as exc:
             raise self._corrupt(session_id, exc) from exc
         if isinstance(result, Applied):
@@ -638,6 +646,7 @@ class Store(ABC):
         scope: Config,
         now: datetime,
         limit: int,
+        base: Session | None = None,
     ) -> Applied | Outcome:
         """Atomically: if the session is live on ``scope.site_id`` and every expected
         key holds its expected JSON, set and delete the keys, bump the version, set

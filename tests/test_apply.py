@@ -228,3 +228,25 @@ async def test_same_key_with_expectations_one_winner_per_round(store: Controlled
         results = await asyncio.gather(*(bump(current) for _ in range(50)))
         assert sum(results) == 1
     assert (await store.get(s.id)).data == {"n": 5}
+
+
+async def test_apply_with_base_writes_whole_record_or_merges(
+    store: ControlledStore, clock: Any
+) -> None:
+    s = await store.create(new_session("alice", data=TRICKY, now=clock()))
+    base = await store.get(s.id)
+    clock.advance(2)
+    # nothing written since base: a backend may write the record built from base
+    await store.apply(s.id, Changes(set={"role": "x"}, expect={"role": "admin"}), base=base)
+    got = await store.get(s.id)
+    assert orjson.dumps(got.data) == orjson.dumps({**TRICKY, "role": "x"})
+    assert got.version == 1 and got.updated_at == clock()
+    # base is stale now (version 0): the changes merge with what is stored
+    await store.apply(s.id, Changes(set={"new": [1]}, delete=["cart"]), base=base)
+    expected = {k: v for k, v in TRICKY.items() if k != "cart"}
+    expected.update(role="x", new=[1])
+    got = await store.get(s.id)
+    assert orjson.dumps(got.data) == orjson.dumps(expected) and got.version == 2
+    with pytest.raises(SessionConflict):  # and stale expectations are still checked
+        await store.apply(s.id, Changes(set={"role": "y"}, expect={"role": "admin"}), base=base)
+    assert (await store.get(s.id)).data["role"] == "x"

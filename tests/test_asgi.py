@@ -91,11 +91,13 @@ class CountingStore(ControlledStore):
             raise SessionConflict("always stale (test)")
         return await super().update(session)
 
-    async def apply(self, session_id: str, changes: Changes) -> Applied:
+    async def apply(
+        self, session_id: str, changes: Changes, *, base: Session | None = None
+    ) -> Applied:
         self._count("apply")
         if self.conflicts_forever:
             raise SessionConflict("always stale (test)")
-        return await super().apply(session_id, changes)
+        return await super().apply(session_id, changes, base=base)
 
     async def touch(self, session_id: str) -> None:
         self._count("touch")

@@ -51,27 +51,37 @@ values = st.recursive(
 datas = st.dictionaries(text, values, max_size=6)
 
 
-async def _check(data: dict[str, Any], new: dict[str, Any], drop: list[str], pick: int) -> None:
+async def _check(
+    data: dict[str, Any],
+    new: dict[str, Any],
+    drop: list[str],
+    pick: int,
+    agent: str = '"d":{"x":"}"}',
+    with_base: bool = False,
+) -> None:
     clock = FakeClock()
     config = cfg()
     raw = await backend_redis.open_raw(config, clock, f"apply-{uuid.uuid4().hex}")
     store = with_controls(raw, replace(config, key_prefix=raw.config.key_prefix))
     try:
-        s = await store.create(new_session("alice", data=data, user_agent='"d":{"x":"}"}'))
-        loaded = (await store.get(s.id)).data
+        s = await store.create(new_session("alice", data=data, user_agent=agent))
+        base = await store.get(s.id)
+        loaded = base.data
         keys = list(loaded)
         expect: dict[str, Any] = {k: loaded[k] for k in keys[: pick % (len(keys) + 1)]}
         for k in new:
             expect.setdefault(k, loaded.get(k, ABSENT))
         deletes = [k for k in drop if k not in new]
-        await store.apply(s.id, Changes(set=new, delete=deletes, expect=expect))
+        changes = Changes(set=new, delete=deletes, expect=expect)
+        # with base: the client-built record (fast path); without: the Lua merge
+        await store.apply(s.id, changes, base=base if with_base else None)
         model = dict(data)
         model.update(new)
         for k in deletes:
             model.pop(k, None)
         got = await store.get(s.id)
         assert orjson.dumps(got.data) == orjson.dumps(model)
-        assert got.version == 1 and got.user_agent == '"d":{"x":"}"}'
+        assert got.version == 1 and got.user_agent == agent
         # the record the script wrote is exactly what codec.encode writes
         stored = await raw.client.hget(raw.session_key(s.id), "r")  # type: ignore[attr-defined]
         assert stored == codec.encode(got)
@@ -94,11 +104,18 @@ async def _check(data: dict[str, Any], new: dict[str, Any], drop: list[str], pic
     new=st.dictionaries(text, values, max_size=3),
     drop=st.lists(text, max_size=3),
     pick=st.integers(min_value=0, max_value=10),
+    with_base=st.booleans(),
+    agent=st.one_of(text, st.sampled_from([',"d":{}', 'x,",', ',"n":1,"m":2', "\\", '\\",'])),
 )
 def test_apply_splitter_matches_orjson(
-    data: dict[str, Any], new: dict[str, Any], drop: list[str], pick: int
+    data: dict[str, Any],
+    new: dict[str, Any],
+    drop: list[str],
+    pick: int,
+    agent: str,
+    with_base: bool,
 ) -> None:
-    asyncio.run(_check(data, new, drop, pick))
+    asyncio.run(_check(data, new, drop, pick, agent, with_base))
 
 
 def test_apply_keeps_existing_keys_of_every_shape() -> None:

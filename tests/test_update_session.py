@@ -18,6 +18,7 @@ from asyncsession import (
     Config,
     ControlledStore,
     MemoryStore,
+    Session,
     SessionConflict,
     SessionMiddleware,
     install_exception_handler,
@@ -37,12 +38,14 @@ class FlakyStore(ControlledStore):
         self.conflicts = 0
         self.applies = 0
 
-    async def apply(self, session_id: str, changes: Changes) -> Applied:
+    async def apply(
+        self, session_id: str, changes: Changes, *, base: Session | None = None
+    ) -> Applied:
         self.applies += 1
         if self.conflicts:
             self.conflicts -= 1
             raise SessionConflict("another process won (test)")
-        return await super().apply(session_id, changes)
+        return await super().apply(session_id, changes, base=base)
 
 
 CALLS: list[str] = []

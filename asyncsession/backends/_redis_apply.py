@@ -13,29 +13,39 @@ into ``[]``). One round trip, atomic on the server.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
+
+import orjson
 
 from .. import codec
 from ..changes import Applied, EncodedChanges
 from ..config import Config
-from ..store import Outcome
+from ..errors import SessionError
+from ..session import Session
+from ..store import Outcome, absolute_deadline, idle_deadline
 
 # KEYS: session, expiry set
 # ARGV: site, now (us), sliding deadline ('' = no idle timeout), grace ms, id,
-#       size limit (0 = none), number of expectations, number of sets, then each
-#       expectation (key JSON, value JSON or '' for absent), each set (key JSON, value
-#       JSON), then the key JSON of each key to delete.
+#       size limit (0 = none), number of expectations, number of sets, the version
+#       the caller loaded, the whole new record it built from it and its expiry ('' x3
+#       without), then each expectation (key JSON, value JSON or '' for absent), each
+#       set (key JSON, value JSON), then the key JSON of each key to delete.
 # Uses the shared prelude (fields, here, live, schedule, outlive).
 APPLY_LUA = r"""
 local function str_end(s, p)
-  -- s[p] is a quote: the index after the string's closing quote, nil if unterminated
+  -- s[p] is a quote: the index after the string's closing quote, nil if unterminated.
+  -- A plain search (memchr speed over long strings); a quote preceded by an odd run
+  -- of backslashes is escaped.
   local q = p + 1
   while true do
-    local i = string.find(s, '["\\]', q)
+    local i = string.find(s, '"', q, true)
     if not i then return nil end
-    if string.byte(s, i) == 34 then return i + 1 end
-    q = i + 2
+    local k = i - 1
+    while string.byte(s, k) == 92 do k = k - 1 end
+    if (i - 1 - k) % 2 == 0 then return i + 1 end
+    q = i + 1
   end
 end
 local function value_end(s, p)
@@ -95,18 +105,24 @@ local f = fields(skey, 's', 'i', 'e', 'x', 'n', 'r')
 if not f or not f[1] or not f[3] or not f[5] or not f[6] then return 'missing' end
 if f[1] ~= ARGV[1] then return 'other_site' end
 if not live(f[3], tonumber(now)) then return 'expired' end
-local head, stop = members(f[6], 1)
-if not head or stop ~= #f[6] + 1 then return 'corrupt' end
-local d
-for j, m in ipairs(head) do
-  if m[1] == '"d"' then d = j end
-end
-if not d then return 'corrupt' end
-local data, dstop = members(head[d][2], 1)
-if not data or dstop ~= #head[d][2] + 1 then return 'corrupt' end
+local n, e, record
+if ARGV[9] ~= '' and f[5] == ARGV[9] then
+  -- nothing was written since the caller loaded version ARGV[9]: the whole record it
+  -- built from what it loaded is the new one (its expectations hold by construction)
+  n = string.format('%d', tonumber(f[5]) + 1)
+  record, e = ARGV[10], ARGV[11]
+else
+local r = f[6]
+-- The data is the record's last member. In compact JSON a quote that follows a comma
+-- opens a key (a quote inside a string is escaped), so the first ',"d":' is it, and
+-- the header's numbers are found the same way.
+local i = string.find(r, ',"d":', 1, true)
+if not i then return 'corrupt' end
+local data, dstop = members(r, i + 5)
+if not data or dstop ~= #r or string.byte(r, #r) ~= 125 then return 'corrupt' end
 local pos = {}
 for j, m in ipairs(data) do pos[m[1]] = j end
-local a = 9
+local a = 12
 for _ = 1, tonumber(ARGV[7]) do
   local j, v = pos[ARGV[a]], ARGV[a + 1]
   if v == '' then
@@ -131,8 +147,8 @@ for q = a, #ARGV do
   local j = pos[ARGV[q]]
   if j then data[j] = false end
 end
-local n = string.format('%d', (tonumber(f[5]) or 0) + 1)
-local e = f[3]
+n = string.format('%d', (tonumber(f[5]) or 0) + 1)
+e = f[3]
 if sliding ~= '' then
   e = sliding
   if f[4] and f[4] ~= '' then
@@ -141,15 +157,28 @@ if sliding ~= '' then
     if x < tonumber(sliding) then e = f[4] end
   end
 end
-for _, m in ipairs(head) do
-  local k = m[1]
-  if k == '"m"' or k == '"a"' then m[2] = now
-  elseif k == '"n"' then m[2] = n
-  elseif k == '"e"' then m[2] = (e == '' and 'null' or e)
-  end
+-- the header with updated_at, last access, expiry and version rewritten
+local spans = {}
+for _, kv in ipairs({{',"m":', now}, {',"a":', now}, {',"e":', e == '' and 'null' or e},
+                     {',"n":', n}}) do
+  local k = string.find(r, kv[1], 1, true)
+  if not k or k > i then return 'corrupt' end
+  local v = k + #kv[1]
+  local stop = string.find(r, ',', v, true)
+  spans[#spans + 1] = {v, stop, kv[2]}
 end
-head[d][2] = join(data)
-local record = join(head)
+table.sort(spans, function(p, q) return p[1] < q[1] end)
+local parts, from = {}, 1
+for _, span in ipairs(spans) do
+  parts[#parts + 1] = string.sub(r, from, span[1] - 1)
+  parts[#parts + 1] = span[3]
+  from = span[2]
+end
+parts[#parts + 1] = string.sub(r, from, i + 4)
+parts[#parts + 1] = join(data)
+parts[#parts + 1] = '}'
+record = table.concat(parts)
+end
 local limit = tonumber(ARGV[6])
 if limit > 0 and #record > limit then return {'too_large', #record} end
 local t
@@ -179,9 +208,14 @@ def apply_args(
     now: datetime,
     limit: int,
     grace_ms: int,
+    base: Session | None = None,
 ) -> list[Any]:
-    """The script's ARGV for ``changes``."""
+    """The script's ARGV for ``changes``; with ``base`` (the session as the caller
+    loaded it) also the whole new record, written as is if nothing changed since."""
     idle = scope.idle_timeout
+    whole: tuple[Any, bytes, bytes | int] = (b"", b"", b"")
+    if base is not None:
+        whole = _whole_record(base, changes, scope, now) or whole
     args: list[Any] = [
         scope.site_id,
         codec.to_us(now),
@@ -191,6 +225,7 @@ def apply_args(
         limit,
         len(changes.expect),
         len(changes.set),
+        *whole,
     ]
     for key, value in changes.expect:
         args += (key, b"" if value is None else value)
@@ -198,6 +233,38 @@ def apply_args(
         args += (key, value)
     args += changes.delete
     return args
+
+
+def _whole_record(
+    base: Session, changes: EncodedChanges, scope: Config, now: datetime
+) -> tuple[int, bytes, bytes | int] | None:
+    """(base version, the record after ``changes``, its expiry), or None if the data
+    ``base`` holds does not encode (then the script merges on the server)."""
+    data = dict(base.data)
+    for key, value in changes.set:
+        data[orjson.loads(key)] = orjson.Fragment(value)
+    for key in changes.delete:
+        data.pop(orjson.loads(key), None)
+    try:
+        raw = orjson.dumps(data, option=codec.STRICT)
+    except (orjson.JSONEncodeError, TypeError, RecursionError):
+        return None
+    absolute = absolute_deadline(base)
+    new = replace(
+        base,
+        site_id=scope.site_id,
+        version=base.version + 1,
+        updated_at=now,
+        last_accessed_at=now,
+        expires_at=idle_deadline(absolute, now, scope.idle_timeout),
+        absolute_expires_at=absolute,
+    )
+    try:
+        record = codec.encode(new, raw)
+    except SessionError:
+        return None
+    expires = b"" if new.expires_at is None else codec.to_us(new.expires_at)
+    return base.version, record, expires
 
 
 def parse_reply(reply: Any, now: datetime) -> Applied | Outcome:

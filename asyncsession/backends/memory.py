@@ -298,6 +298,7 @@ class MemoryStore(Store):
         scope: Config,
         now: datetime,
         limit: int,
+        base: Session | None = None,
     ) -> Applied | Outcome:
         found = self._live(session_id, scope, now)
         if isinstance(found, Outcome):

@@ -1558,10 +1558,11 @@ class RedisStore(Store):
         scope: Config,
         now: datetime,
         limit: int,
+        base: Session | None = None,
     ) -> Applied | Outcome:
         """One script edits the record in place (see ``_redis_apply``)."""
         keys = (self.session_key(session_id), self.expiry_key_for(session_id))
-        args = apply_args(session_id, changes, scope, now, limit, self.expiry_grace_ms)
+        args = apply_args(session_id, changes, scope, now, limit, self.expiry_grace_ms, base)
         return parse_reply(await self._eval(APPLY, keys, args), now)
 
     async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:

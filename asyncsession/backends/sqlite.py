@@ -538,6 +538,7 @@ class SQLiteStore(Store):
         scope: Config,
         now: datetime,
         limit: int,
+        base: Session | None = None,
     ) -> Applied | Outcome:
         idle = scope.idle_timeout
         return await self._run(_apply, session_id, changes, scope.site_id, now, idle, limit)
