@@ -156,16 +156,24 @@ class SessionDict(dict[str, Any]):
 
     def __getitem__(self, key: str) -> Any:
         value = dict.get(self, key, ABSENT)
-        if key not in self._base:
-            self._read(key, value)
+        base = self._base
+        if key not in base:
+            if type(value) in _MUTABLE:
+                self._read(key, value)
+            else:  # a scalar is recorded as is: no encoding on the read path
+                base[key] = value
         if value is ABSENT:
             raise KeyError(key)
         return value
 
     def get(self, key: str, default: Any = None) -> Any:
         value = dict.get(self, key, ABSENT)
-        if key not in self._base:
-            self._read(key, value)
+        base = self._base
+        if key not in base:
+            if type(value) in _MUTABLE:
+                self._read(key, value)
+            else:
+                base[key] = value
         return default if value is ABSENT else value
 
     def __contains__(self, key: object) -> bool:
