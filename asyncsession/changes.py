@@ -99,9 +99,7 @@ def encode_changes(changes: Changes) -> EncodedChanges:
     sets: list[tuple[bytes, bytes]] = []
     for key, value in changes.set.items():
         k = _key(key, "set")
-        # '{"key":value}' from the strict encoder: its checks and its error paths
-        member = codec.encode_data({key: value})
-        sets.append((k, member[len(k) + 2 : -1]))
+        sets.append((k, _value(key, k, value)))
     deletes = []
     for key in changes.delete:
         if key in changes.set:
@@ -117,9 +115,20 @@ def encode_changes(changes: Changes) -> EncodedChanges:
         elif type(value) is orjson.Fragment:
             expects.append((k, orjson.dumps(value)))
         else:
-            member = codec.encode_data({key: value})
-            expects.append((k, member[len(k) + 2 : -1]))
+            expects.append((k, _value(key, k, value)))
     return EncodedChanges(expects, sets, deletes)
+
+
+def _value(key: str, k: bytes, value: Any) -> bytes:
+    """The JSON of ``value``, refusing what would not round-trip (with its path)."""
+    t = type(value)
+    if t is str or t is int or t is bool or value is None:
+        try:  # orjson refuses ints past 64 bits and lone surrogates: then the slow path
+            return orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            pass
+    # '{"key":value}' from the strict encoder: its checks and its error paths
+    return codec.encode_data({key: value})[len(k) + 2 : -1]
 
 
 def apply_to_data(blob: bytes, changes: EncodedChanges) -> bytes | None:

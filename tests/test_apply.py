@@ -250,3 +250,31 @@ async def test_apply_with_base_writes_whole_record_or_merges(
     with pytest.raises(SessionConflict):  # and stale expectations are still checked
         await store.apply(s.id, Changes(set={"role": "y"}, expect={"role": "admin"}), base=base)
     assert (await store.get(s.id)).data["role"] == "x"
+
+
+async def test_apply_is_counted_by_instrument(harness: Harness) -> None:
+    from asyncsession.instrument import instrument, metrics
+
+    events: list[SessionEvent] = []
+    store = instrument(
+        await harness.controlled(cfg(max_session_size=400), options={"on_event": events.append}),
+        latency_samples_per_second=None,
+    )
+    s = await store.create(new_session("alice", data={"n": 0}))
+    await store.apply(s.id, Changes(set={"n": 1}, expect={"n": 0}))
+    with pytest.raises(SessionConflict):
+        await store.apply(s.id, Changes(set={"n": 2}, expect={"n": 0}))
+    with pytest.raises(SessionTooLarge):
+        await store.apply(s.id, Changes(set={"blob": "x" * 500}))
+    stats = metrics(store)
+    assert stats is not None
+    apply = stats.operations["apply"]
+    assert apply.calls == 3 and apply.timed == 3
+    assert apply.outcomes() == {
+        "ok": 1,
+        "session_conflict": 1,
+        "session_size_exceeded": 1,
+    }
+    assert stats.violations == {"conflict": 1, "size_exceeded": 1}
+    assert stats.events.get("updated") == 1
+    assert [e.type for e in events] == ["created", "updated"]

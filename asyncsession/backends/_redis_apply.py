@@ -13,7 +13,6 @@ into ``[]``). One round trip, atomic on the server.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -235,6 +234,9 @@ def apply_args(
     return args
 
 
+_new_session = Session.__new__
+
+
 def _whole_record(
     base: Session, changes: EncodedChanges, scope: Config, now: datetime
 ) -> tuple[int, bytes, bytes | int] | None:
@@ -250,15 +252,18 @@ def _whole_record(
     except (orjson.JSONEncodeError, TypeError, RecursionError):
         return None
     absolute = absolute_deadline(base)
-    new = replace(
-        base,
-        site_id=scope.site_id,
-        version=base.version + 1,
-        updated_at=now,
-        last_accessed_at=now,
-        expires_at=idle_deadline(absolute, now, scope.idle_timeout),
-        absolute_expires_at=absolute,
-    )
+    new = _new_session(Session)  # what encode reads, set as update() sets it
+    new.id = base.id
+    new.user_id = base.user_id
+    new.site_id = scope.site_id
+    new.organization_id = base.organization_id
+    new.created_at = base.created_at
+    new.updated_at = new.last_accessed_at = now
+    new.expires_at = idle_deadline(absolute, now, scope.idle_timeout)
+    new.absolute_expires_at = absolute
+    new.ip_address = base.ip_address
+    new.user_agent = base.user_agent
+    new.version = base.version + 1
     try:
         record = codec.encode(new, raw)
     except SessionError:
