@@ -997,10 +997,11 @@ async def update_session(
     only happen between processes. Returns what ``fn`` returned.
 
     ``fn`` may run more than once: keep side effects out of it. It may be a coroutine
-    function. The request's other pending changes are saved first (so ``fn`` sees
-    them); afterwards ``request.session`` shows the session as ``fn`` left it,
-    including keys other requests wrote. Without a stored session, ``fn`` runs on
-    the request's data and a new session is created with the result.
+    function. The request's other pending changes are saved first, so ``fn`` sees
+    them (if they conflict, ``SessionConflict`` is raised before ``fn`` runs).
+    Afterwards ``request.session`` shows the session as ``fn`` left it, including
+    keys other requests wrote. Without a stored session, ``fn`` runs on the
+    request's data and a new session is created with the result.
     """
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
