@@ -25,6 +25,21 @@ from ..errors import SessionError
 from ..session import Session
 from ..store import Outcome, absolute_deadline, idle_deadline
 
+# Run before the shared prelude is even defined: the common write (no idle timeout,
+# nothing written since the caller loaded the session) is one HMGET and one HSET.
+APPLY_FIRST = """
+if ARGV[3] == '' and ARGV[9] ~= '' then
+  local f0 = redis.pcall('HMGET', KEYS[1], 's', 'e', 'n')
+  if f0[1] == ARGV[1] and f0[3] == ARGV[9] and f0[2]
+      and (f0[2] == '' or tonumber(ARGV[2]) < (tonumber(f0[2]) or 0))
+      and (ARGV[6] == '0' or #ARGV[10] <= tonumber(ARGV[6])) then
+    local n0 = string.format('%d', tonumber(f0[3]) + 1)
+    redis.call('HSET', KEYS[1], 'r', ARGV[10], 'n', n0, 'a', ARGV[2])
+    return {'ok', n0, f0[2]}
+  end
+end
+"""
+
 # KEYS: session, expiry set
 # ARGV: site, now (us), sliding deadline ('' = no idle timeout), grace ms, id,
 #       size limit (0 = none), number of expectations, number of sets, the version
@@ -100,8 +115,8 @@ end
 
 local skey, xkey = KEYS[1], KEYS[2]
 local now, sliding = ARGV[2], ARGV[3]
-local f = fields(skey, 's', 'i', 'e', 'x', 'n', 'r')
-if not f or not f[1] or not f[3] or not f[5] or not f[6] then return 'missing' end
+local f = fields(skey, 's', 'i', 'e', 'x', 'n')
+if not f or not f[1] or not f[3] or not f[5] then return 'missing' end
 if f[1] ~= ARGV[1] then return 'other_site' end
 if not live(f[3], tonumber(now)) then return 'expired' end
 local n, e, record
@@ -111,7 +126,8 @@ if ARGV[9] ~= '' and f[5] == ARGV[9] then
   n = string.format('%d', tonumber(f[5]) + 1)
   record, e = ARGV[10], ARGV[11]
 else
-local r = f[6]
+local r = redis.call('HGET', skey, 'r')  -- only the merge reads the record
+if not r then return 'missing' end
 -- The data is the record's last member. In compact JSON a quote that follows a comma
 -- opens a key (a quote inside a string is escaped), so the first ',"d":' is it, and
 -- the header's numbers are found the same way.

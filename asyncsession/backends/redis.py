@@ -47,7 +47,7 @@ from ..store import (
     Store,
     absolute_deadline,
 )
-from ._redis_apply import APPLY_LUA, apply_args, parse_reply
+from ._redis_apply import APPLY_FIRST, APPLY_LUA, apply_args, parse_reply
 from ._redis_cluster import (
     TAG_LENGTH,
     ClusterRouter,
@@ -681,7 +681,7 @@ PURGE_SLOTS = _Script(_PURGE_SLOTS)
 COUNT_SLOTS = _Script(_COUNT_SLOTS, prelude=False)
 MULTI_GET = _Script(_MULTI_GET, prelude=False)
 SCAN = _Script(_SCAN, prelude=False)
-APPLY = _Script(APPLY_LUA)
+APPLY = _Script(APPLY_LUA, first=APPLY_FIRST)
 SCRIPTS = (
     APPLY,
     INSERT,
