@@ -25,7 +25,7 @@ _ONE_US = timedelta(microseconds=1)
 MAX_DEPTH = 250  # orjson refuses deeper than 254; keep a margin for the record itself
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
-STRICT = (
+_STRICT = (
     orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_DATACLASS
     | orjson.OPT_PASSTHROUGH_SUBCLASS
@@ -64,7 +64,7 @@ def encode_data(data: Any) -> bytes:
         # orjson refuses sets, bytes, non-str keys, ints past 64 bits, nesting past 254
         # levels, and (with these options) datetimes, dataclasses and str/int/dict/list
         # subclasses ...
-        raw = orjson.dumps(data, option=STRICT)
+        raw = orjson.dumps(data, option=_STRICT)
     except (orjson.JSONEncodeError, TypeError, RecursionError) as exc:
         raise _not_serializable(data) from exc
     # ... but encodes tuples, UUIDs, enums and NaN/Infinity without complaint, changing

@@ -264,7 +264,7 @@ def _whole_record(
     for key in changes.delete:
         data.pop(orjson.loads(key), None)
     try:
-        raw = orjson.dumps(data, option=codec.STRICT)
+        raw = orjson.dumps(data, option=codec._STRICT)
     except (orjson.JSONEncodeError, TypeError, RecursionError):
         return None
     absolute = absolute_deadline(base)
