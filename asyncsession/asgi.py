@@ -114,6 +114,13 @@ def _same(before: Any, now: Any) -> bool:
     return bool(now == before)
 
 
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    """A plain-dict copy that does not count as reading every key: ``dict(d)`` and
+    ``dict.copy(d)`` go through ``keys()`` and ``[]`` once ``__iter__`` is overridden,
+    iterating the items view does not."""
+    return dict(dict.items(data))
+
+
 class SessionDict(dict[str, Any]):
     """The session data of one request: a real ``dict`` (``request.session``).
 
@@ -237,7 +244,7 @@ class SessionDict(dict[str, Any]):
 
     def copy(self) -> dict[str, Any]:
         self._see_all()
-        return dict.copy(self)
+        return _plain(self)
 
     # -- writes: remember the old value first
 
@@ -431,7 +438,7 @@ class _Connection:
             data._cleared = False
             if self.session is not None:
                 await self.store.delete(self.session.id)
-                kept = dict.copy(data)
+                kept = _plain(data)
                 self.forget()
                 self.data.update(kept)
         if self.session is None:
@@ -460,7 +467,7 @@ class _Connection:
             logger.debug("websocket session written after accept: no cookie can carry it")
             return
         client = self.mw.client_fields(self.scope) if self.scope is not None else {}
-        session = new_session(None, data=dict.copy(self.data), **client)
+        session = new_session(None, data=_plain(self.data), **client)
         self.session = await self.store.create(session)
         self.data._saved()
         self.refreshed = True
@@ -481,7 +488,7 @@ class _Connection:
         session.version = applied.version
         session.updated_at = session.last_accessed_at = applied.updated_at
         session.expires_at = applied.expires_at
-        session.data = dict.copy(self.data)
+        session.data = _plain(self.data)
         self.data._saved()
         self.touch_due = False
         self.refreshed = True
@@ -1035,7 +1042,7 @@ async def update_session(
             changes = view.changes(all_reads=True)
             if changes is None:
                 conn.session = fresh
-                conn.data._reset(dict.copy(view))
+                conn.data._reset(_plain(view))
                 return result
             try:
                 applied = await conn.store.apply(session.id, changes, base=fresh)
@@ -1045,7 +1052,7 @@ async def update_session(
                 conn._gone(session)
                 continue
             conn.session = fresh
-            conn.data._reset(dict.copy(view))
+            conn.data._reset(_plain(view))
             conn._applied(fresh, applied)
             return result
     raise SessionConflict(

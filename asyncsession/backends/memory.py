@@ -313,12 +313,18 @@ class MemoryStore(Store):
         expires_at = idle_deadline(absolute, now, scope.idle_timeout)
         # the entry as it will be, to measure the whole record; nothing changes before
         entry = _new_entry(_Entry)
-        for name in Session.__slots__:
-            setattr(entry, name, getattr(found, name))
-        entry.version = found.version + 1
+        entry.id = found.id
+        entry.user_id = found.user_id
+        entry.site_id = found.site_id
+        entry.organization_id = found.organization_id
+        entry.data = _EMPTY
+        entry.created_at = found.created_at
         entry.updated_at = entry.last_accessed_at = now
         entry.expires_at = expires_at
         entry.absolute_expires_at = absolute
+        entry.ip_address = found.ip_address
+        entry.user_agent = found.user_agent
+        entry.version = found.version + 1
         if limit and (
             len(blob) + codec.header_bound(entry) > limit and codec.record_size(entry, blob) > limit
         ):
