@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .backends.memory import MemoryStore
+from .changes import ABSENT, Applied, Changes
 from .config import EVICTION_POLICIES, Config, Eviction, default_config
 from .controls import (
     EVENT_TYPES,
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
         session_data,
         session_error_handler,
         session_expires_at,
+        update_session,
     )
     from .backends.redis import RedisStore
     from .backends.sqlite import SQLiteStore
@@ -86,6 +88,7 @@ _LAZY = {
     "session_data": ".asgi",
     "session_error_handler": ".asgi",
     "session_expires_at": ".asgi",
+    "update_session": ".asgi",
 }
 
 
@@ -99,9 +102,12 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ABSENT",
     "EVENT_TYPES",
     "EVICTION_POLICIES",
     "VIOLATION_TYPES",
+    "Applied",
+    "Changes",
     "Config",
     "ControlledStore",
     "CurrentSessionDep",
@@ -151,5 +157,6 @@ __all__ = [
     "session_error_handler",
     "session_expires_at",
     "short_hash",
+    "update_session",
     "with_controls",
 ]

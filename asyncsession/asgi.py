@@ -10,9 +10,11 @@ opaque, random id in an HttpOnly cookie. ``scope["session"]`` is a ``SessionDict
   unknown, expired, other-site or malformed id is never adopted (fresh session,
   stale cookie cleared);
 * save: just before ``http.response.start`` (so streaming and file responses keep
-  their sessions), only if the data changed, with compare-and-set; on
-  ``SessionConflict`` it re-reads and re-applies only the top-level keys this
-  request changed, so parallel requests that change different keys all persist;
+  their sessions), only the top-level keys that changed, in one atomic
+  ``Store.apply``: keys written without being read are blind writes (last writer
+  wins); keys read and then written must still hold what was read, else nothing is
+  saved and the response is 409. Parallel requests that change different keys all
+  persist; ``update_session`` re-runs a read-modify-write until it applies;
 * anonymous sessions are created in the store on their first write; with an idle
   timeout the session is touched at most once per ``touch_fraction`` of it.
 """
@@ -20,19 +22,24 @@ opaque, random id in an HttpOnly cookie. ``scope["session"]`` is a ``SessionDict
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import re
+import weakref
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, cast
 
 import orjson
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import _plain_http as plain_http
+from .changes import ABSENT, Applied, Changes
 from .errors import (
     SessionConflict,
     SessionError,
@@ -58,6 +65,8 @@ else:
 
 logger = logging.getLogger("asyncsession.asgi")
 
+T = TypeVar("T")
+
 SCOPE_KEY = "asyncsession"
 """Where the middleware keeps its per-connection state in the ASGI scope."""
 
@@ -75,57 +84,156 @@ _COOKIE_CACHE_SIZE = 1024
 """... this many distinct ones at most (the cache starts over when full)."""
 
 _VARY = [(b"vary", b"Cookie")]
-_ABSENT = b""
-"""Snapshot of a key that did not exist (no JSON encoding is empty)."""
 _MUTABLE = (list, dict)
 
 
-def _snapshot(value: Any) -> bytes | None:
-    """The JSON of ``value`` to compare against later; None if it cannot be encoded
-    (then the key always counts as changed and the store reports the bad value)."""
+class _Snapshot:
+    """The JSON of a list or dict as it was when first read (it may be mutated in
+    place afterwards)."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, json: bytes | None) -> None:
+        self.json = json  # None: not encodable, so always counted as changed
+
+
+def _snapshot(value: Any) -> _Snapshot:
     try:
-        return orjson.dumps(value)
+        return _Snapshot(orjson.dumps(value))
     except (TypeError, RecursionError):
-        return None
+        return _Snapshot(None)
+
+
+def _same(before: Any, now: Any) -> bool:
+    """Whether ``now`` encodes as ``before`` did (``before`` as recorded by _base)."""
+    if type(before) is _Snapshot:
+        return before.json is not None and _snapshot(now).json == before.json
+    if before is ABSENT or type(now) is not type(before):
+        return False
+    if type(before) is float:  # -0.0 == 0.0, yet they are different JSON
+        return bool(orjson.dumps(now) == orjson.dumps(before))
+    return bool(now == before)
+
+
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    """A plain-dict copy that does not count as reading every key: ``dict(d)`` and
+    ``dict.copy(d)`` go through ``keys()`` and ``[]`` once ``__iter__`` is overridden,
+    iterating the items view does not."""
+    return dict(dict.items(data))
 
 
 class SessionDict(dict[str, Any]):
     """The session data of one request: a real ``dict`` (``request.session``).
 
-    It remembers, for every top-level key the request set, deleted, or read a list or
-    dict from, what that key held before; at the end only keys whose JSON differs
-    count as changed. So nested mutations (``session["cart"].append(x)``) are saved,
-    setting a key to the value it already has is not a write, and a read-only request
-    costs no encoding at all. A value reached around the session's own methods
-    (``dict(session)["cart"].append(x)``) is not seen: call ``mark_changed(key)``.
+    It remembers, per top-level key, what the key held when the request first
+    touched it, and whether that first touch was a read (``[]``, ``get``, ``in``,
+    ``setdefault``, ``pop``; iterating, ``len``, ``keys``/``values``/``items``,
+    ``copy`` and ``==`` read every key) or a write. When the response starts only
+    keys whose JSON differs are saved: a key written without being read is a blind
+    write (last writer wins); a key read and then written depends on what was read,
+    and if another request changed it meanwhile nothing of this request is saved and
+    it answers 409. Nested mutations (``session["cart"].append(x)``) are seen (the
+    key was read); setting a key to the value it already has is not a write; a
+    read-only request encodes nothing unless it read a list or dict. A value reached
+    around the session's own methods is not seen: call ``mark_changed(key)``.
 
     ``clear()`` ends the session like ``logout``: the stored record is deleted when
     the response starts, and anything written afterwards goes into a new session
     with a new id.
     """
 
-    __slots__ = ("_cleared", "_seen")
+    __slots__ = ("_base", "_blind", "_cleared", "_dirty", "_forced", "_read_all")
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         dict.__init__(self, data or ())
-        self._seen: dict[str, bytes | None] = {}
+        self._base: dict[str, Any] = {}  # key -> ABSENT, a scalar, or a _Snapshot
+        self._blind: set[str] = set()  # keys written before any read
+        self._forced: set[str] = set()  # mark_changed
+        self._read_all = False  # every key was read (iteration, len, ...)
+        self._dirty = False  # written, or a list/dict handed out: commit must look
         self._cleared = False
 
-    # -- reads that hand out a mutable value: remember it as it was
+    # -- reads
+
+    def _read(self, key: str, value: Any) -> None:
+        if type(value) in _MUTABLE:
+            self._base[key] = _snapshot(value)
+            self._dirty = True
+        else:
+            self._base[key] = value
 
     def __getitem__(self, key: str) -> Any:
-        value = dict.__getitem__(self, key)
-        if type(value) in _MUTABLE and key not in self._seen:
-            self._seen[key] = _snapshot(value)
+        value = dict.get(self, key, ABSENT)
+        base = self._base
+        if key not in base:
+            if type(value) in _MUTABLE:
+                self._read(key, value)
+            else:  # a scalar is recorded as is: no encoding on the read path
+                base[key] = value
+        if value is ABSENT:
+            raise KeyError(key)
         return value
 
     def get(self, key: str, default: Any = None) -> Any:
-        value = dict.get(self, key, _MISSING)
-        if value is _MISSING:
-            return default
-        if type(value) in _MUTABLE and key not in self._seen:
-            self._seen[key] = _snapshot(value)
-        return value
+        value = dict.get(self, key, ABSENT)
+        base = self._base
+        if key not in base:
+            if type(value) in _MUTABLE:
+                self._read(key, value)
+            else:
+                base[key] = value
+        return default if value is ABSENT else value
+
+    def __contains__(self, key: object) -> bool:
+        if key not in self._base and type(key) is str:
+            self._read(key, dict.get(self, key, ABSENT))
+        return dict.__contains__(self, key)
+
+    def _see_all(self) -> None:
+        """Every key counts as read; lists and dicts are snapshotted now (they may be
+        mutated through what is handed out), scalars when first written."""
+        if self._read_all:
+            return
+        self._read_all = True
+        base = self._base
+        for key, value in dict.items(self):
+            if key not in base and type(value) in _MUTABLE:
+                base[key] = _snapshot(value)
+                self._dirty = True
+
+    def __iter__(self) -> Any:
+        self._see_all()
+        return dict.__iter__(self)
+
+    def __reversed__(self) -> Any:
+        self._see_all()
+        return dict.__reversed__(self)
+
+    def __len__(self) -> int:
+        self._see_all()
+        return dict.__len__(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._see_all()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        self._see_all()
+        return dict.__ne__(self, other)
+
+    __hash__ = None
+
+    def __or__(self, other: Any) -> Any:
+        self._see_all()
+        return dict.__or__(self, other)
+
+    def __ror__(self, other: Any) -> Any:
+        self._see_all()
+        return dict.__ror__(self, other)
+
+    def keys(self) -> Any:
+        self._see_all()
+        return dict.keys(self)
 
     def values(self) -> Any:
         self._see_all()
@@ -137,20 +245,17 @@ class SessionDict(dict[str, Any]):
 
     def copy(self) -> dict[str, Any]:
         self._see_all()
-        return dict(self)
-
-    def _see_all(self) -> None:
-        seen = self._seen
-        for key, value in dict.items(self):
-            if type(value) in _MUTABLE and key not in seen:
-                seen[key] = _snapshot(value)
+        return _plain(self)
 
     # -- writes: remember the old value first
 
     def _before(self, key: str) -> None:
-        if key not in self._seen:
-            value = dict.get(self, key, _MISSING)
-            self._seen[key] = _ABSENT if value is _MISSING else _snapshot(value)
+        if key not in self._base:
+            value = dict.get(self, key, ABSENT)
+            self._base[key] = _snapshot(value) if type(value) in _MUTABLE else value
+            if not self._read_all:
+                self._blind.add(key)
+        self._dirty = True
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._before(key)
@@ -161,68 +266,102 @@ class SessionDict(dict[str, Any]):
         dict.__delitem__(self, key)
 
     def pop(self, key: str, *default: Any) -> Any:
-        if key in self:
-            self._before(key)
+        if key not in self._base:
+            self._read(key, dict.get(self, key, ABSENT))
+        self._dirty = True
         return dict.pop(self, key, *default)
 
     def popitem(self) -> tuple[str, Any]:
+        self._see_all()
         key, value = dict.popitem(self)
-        if key not in self._seen:
-            self._seen[key] = _snapshot(value)
+        if key not in self._base:
+            self._read(key, value)
+        self._dirty = True
         return key, value
 
     def setdefault(self, key: str, default: Any = None) -> Any:
-        if key in self:
-            return self[key]
-        self[key] = default
+        value = dict.get(self, key, ABSENT)
+        if key not in self._base:
+            self._read(key, value)
+        if value is not ABSENT:
+            return value
+        self._dirty = True
+        dict.__setitem__(self, key, default)
         return default
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         for key, value in dict(*args, **kwargs).items():
             self[key] = value
 
-    def __ior__(self, other: Any) -> SessionDict:  # type: ignore[override,misc]
+    def __ior__(self, other: Any) -> SessionDict:  # type: ignore[override]
         self.update(other)
         return self
 
     def clear(self) -> None:
         dict.clear(self)
-        self._seen = {}
+        self._forget()
         self._cleared = True
 
     def mark_changed(self, key: str) -> None:
         """Save ``key`` even if no change was seen (e.g. a nested value mutated
-        through a copy)."""
-        self._seen[key] = None
+        through a reference obtained around this dict). Unless the request read
+        ``key`` first, it is a blind write."""
+        if key not in self._base:
+            self._base[key] = _Snapshot(None)
+            self._blind.add(key)
+        self._forced.add(key)
+        self._dirty = True
 
     # -- for the middleware
 
-    def changes(self) -> tuple[list[str], list[str]] | None:
-        """Top-level keys changed and deleted since load (or the last save)."""
-        if not self._seen:
+    def changes(self, *, all_reads: bool = False) -> Changes | None:
+        """What this request changed since load (or the last save), with the values
+        it read of the changed keys it read first (with ``all_reads``: of every key
+        it read) as expectations; None if nothing changed."""
+        if not self._dirty:
             return None
-        changed: list[str] = []
-        deleted: list[str] = []
-        for key, before in self._seen.items():
+        sets: dict[str, Any] = {}
+        deletes: list[str] = []
+        expect: dict[str, Any] = {}
+        blind = self._blind
+        forced = self._forced
+        for key, before in self._base.items():
             if dict.__contains__(self, key):
-                now = _snapshot(dict.__getitem__(self, key))
-                if now is None or now != before:
-                    changed.append(key)
-            elif before is not _ABSENT:
-                deleted.append(key)
-        if not changed and not deleted:
+                now = dict.__getitem__(self, key)
+                if key in forced or not _same(before, now):
+                    sets[key] = now
+                elif not all_reads:
+                    continue
+            elif before is not ABSENT:
+                deletes.append(key)
+            elif not all_reads:
+                continue
+            if key not in blind:
+                if type(before) is _Snapshot:
+                    if before.json is not None:
+                        expect[key] = orjson.Fragment(before.json)
+                else:
+                    expect[key] = before
+        if not sets and not deletes:
             return None
-        return changed, deleted
+        return Changes(sets, deletes, expect)
+
+    def _forget(self) -> None:
+        self._base = {}
+        self._blind = set()
+        self._forced = set()
+        self._read_all = False
+        self._dirty = False
 
     def _reset(self, data: dict[str, Any]) -> None:
         """A new baseline: the stored data as loaded, created or saved."""
         dict.clear(self)
         dict.update(self, data)
-        self._seen = {}
+        self._forget()
         self._cleared = False
 
     def _saved(self) -> None:
-        self._seen = {}
+        self._forget()
 
 
 _MISSING: Any = object()
@@ -234,6 +373,7 @@ class _Connection:
 
     __slots__ = (
         "client_id",
+        "conflict",
         "cookie_possible",
         "cookie_sent",
         "data",
@@ -260,6 +400,7 @@ class _Connection:
         self.touch_due = False
         self.refreshed = False  # saved or touched: refresh a Max-Age cookie
         self.cookie_possible = True  # False once a websocket handshake is done
+        self.conflict: SessionConflict | None = None  # why commit answered 409
 
     @property
     def store(self) -> Store:
@@ -293,20 +434,21 @@ class _Connection:
 
     async def commit(self) -> None:
         """Persist this request's changes (idempotent: a second call saves only new ones)."""
-        if self.data._cleared:
-            self.data._cleared = False
+        data = self.data
+        if data._cleared:
+            data._cleared = False
             if self.session is not None:
                 await self.store.delete(self.session.id)
-                data = dict(self.data)
+                kept = _plain(data)
                 self.forget()
-                self.data.update(data)
+                self.data.update(kept)
         if self.session is None:
-            if self.data:
+            if dict.__len__(self.data):
                 await self._create()
             return
-        diff = self.data.changes()
-        if diff is not None:
-            await self._save(self.session, *diff)
+        changes = self.data.changes()
+        if changes is not None:
+            await self._save(self.session, changes)
         elif self.touch_due:
             self.touch_due = False
             try:
@@ -326,44 +468,29 @@ class _Connection:
             logger.debug("websocket session written after accept: no cookie can carry it")
             return
         client = self.mw.client_fields(self.scope) if self.scope is not None else {}
-        session = new_session(None, data=dict(self.data), **client)
+        session = new_session(None, data=_plain(self.data), **client)
         self.session = await self.store.create(session)
         self.data._saved()
         self.refreshed = True
 
-    async def _save(self, session: Session, changed: list[str], deleted: list[str]) -> None:
-        """Compare-and-set; on conflict re-read and re-apply just our keys (bounded)."""
-        data = self.data
-        session.data = dict(data)
-        attempt = 0
-        while True:
-            try:
-                await self.store.update(session)
-                break
-            except SessionConflict:
-                attempt += 1
-                if attempt > self.mw.max_retries:
-                    raise
-                if attempt > 1:
-                    await asyncio.sleep(random.uniform(0, 0.0005 * 2**attempt))
-            except SessionNotFound:
-                self._gone(session)
-                return
-            try:
-                session = await self.store.get(session.id)
-            except SessionNotFound:
-                self._gone(session)
-                return
-            for key in changed:
-                session.data[key] = data[key]
-            for key in deleted:
-                session.data.pop(key, None)
-        self.session = session
-        if attempt:
-            # keep the other writers' keys visible to the rest of this request
-            data._reset(session.data)
-        else:
-            data._saved()
+    async def _save(self, session: Session, changes: Changes) -> None:
+        """One atomic ``apply`` of this request's key changes: blind writes always
+        land; a key the request read first must still hold what it read, else
+        ``SessionConflict`` (409) and nothing of this request is saved."""
+        try:
+            applied = await self.store.apply(session.id, changes, base=session)
+        except SessionNotFound:
+            self._gone(session)
+            return
+        self._applied(session, applied)
+
+    def _applied(self, session: Session, applied: Applied) -> None:
+        """Record a successful ``apply`` on the request's copy of the session."""
+        session.version = applied.version
+        session.updated_at = session.last_accessed_at = applied.updated_at
+        session.expires_at = applied.expires_at
+        session.data = _plain(self.data)
+        self.data._saved()
         self.touch_due = False
         self.refreshed = True
 
@@ -379,7 +506,7 @@ class _Connection:
     def pending(self) -> bool:
         """Whether ``commit`` has anything to do (cheap: read-only requests skip it)."""
         data = self.data
-        return bool(data._seen) or data._cleared or self.touch_due
+        return data._dirty or data._cleared or self.touch_due
 
     def cookie_headers(self) -> list[tuple[bytes, bytes]]:
         """``Set-Cookie`` (and ``Vary``) headers this response needs."""
@@ -411,6 +538,8 @@ class SessionMiddleware:
     ``"anonymous"`` serves an empty, unsaved session instead (logged) and leaves
     the client's cookie alone. ``touch_fraction`` (of ``Config.idle_timeout``) or
     ``touch_interval`` bound how often a read-only request writes ``touch``.
+    ``max_retries`` is ignored (saves are key-level and never retried; see
+    ``update_session``); it is still accepted so existing code runs.
     """
 
     def __init__(
@@ -601,11 +730,14 @@ class SessionMiddleware:
                     await send(message)
                 return  # else: we answered with an error instead of the app's response
             data = conn.data
-            if data._seen or data._cleared or conn.touch_due:  # conn.pending()
+            if data._dirty or data._cleared or conn.touch_due:  # conn.pending()
                 status = await _commit_or_status(conn)
                 if status is not None:
                     replaced = True
-                    await _send_error(send, status)
+                    if conn.conflict is None or not await _app_answers(
+                        conn.conflict, scope, receive, send
+                    ):
+                        await _send_error(send, status)
                     return
             extra = conn.cookie_headers()
             if extra:
@@ -664,7 +796,9 @@ async def _commit_or_status(conn: _Connection) -> int | None:
         logger.error("session not saved, store unavailable: %s", exc)
         return 503
     except SessionConflict as exc:
-        logger.error("session not saved after %d retries: %s", conn.mw.max_retries, exc)
+        # a client can cause this at will (two tabs): not an error of the app
+        logger.info("session not saved, a key it read was changed meanwhile: %s", exc)
+        conn.conflict = exc
         return 409
     except SessionError as exc:
         # NotSerializable, SessionTooLarge...: a bug in the app, not the client's fault
@@ -676,6 +810,29 @@ async def _commit_or_status(conn: _Connection) -> int | None:
         )
         return 500
     return None
+
+
+async def _app_answers(exc: SessionError, scope: Scope, receive: Receive, send: Send) -> bool:
+    """Answer ``exc`` with the app's own exception handler for it (Starlette's
+    ``exception_handlers``, e.g. from ``install_exception_handler``), if it has one:
+    the middleware saves after the app has returned, outside its handlers' reach."""
+    handlers = getattr(scope.get("app"), "exception_handlers", None)
+    if not isinstance(handlers, dict):
+        return False
+    handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers), None)
+    if handler is None:
+        return False
+    try:
+        request = Request(scope, receive)
+        if inspect.iscoroutinefunction(handler):
+            response = await handler(request, exc)
+        else:
+            response = await run_in_threadpool(handler, request, exc)
+    except Exception:
+        logger.exception("the app's handler for %s raised", type(exc).__name__)
+        return False
+    await response(scope, receive, send)
+    return True
 
 
 _ERROR_TEXT = {
@@ -835,6 +992,92 @@ async def save_session(connection: HTTPConnection) -> None:
     await _conn(connection).commit()
 
 
+UPDATE_ATTEMPTS = 10
+"""How many times ``update_session`` runs its function at most by default."""
+
+_update_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+
+async def update_session(
+    connection: HTTPConnection,
+    fn: Callable[[SessionDict], T | Awaitable[T]],
+    *,
+    attempts: int = UPDATE_ATTEMPTS,
+) -> T:
+    """Read-modify-write that must not fail on a race (counters, carts).
+
+    Runs ``fn(data)`` on the session data freshly loaded from the store, then applies
+    what it changed with the value of every key it read as an expectation, in one
+    atomic step. If another request changed one of those keys meanwhile, it reloads
+    and runs ``fn`` again, up to ``attempts`` times in all, then raises
+    ``SessionConflict``. Calls in one process for one session take turns, so retries
+    only happen between processes. Returns what ``fn`` returned.
+
+    ``fn`` may run more than once: keep side effects out of it. It may be a coroutine
+    function. The request's other pending changes are saved first, so ``fn`` sees
+    them (if they conflict, ``SessionConflict`` is raised before ``fn`` runs).
+    Afterwards ``request.session`` shows the session as ``fn`` left it, including
+    keys other requests wrote. Without a stored session, ``fn`` runs on the
+    request's data and a new session is created with the result.
+    """
+    if attempts < 1:
+        raise ValueError("attempts must be >= 1")
+    conn = _conn(connection)
+    await conn.commit()
+    session = conn.session
+    if session is None:
+        result = await _run(fn, conn.data)
+        await conn.commit()
+        return result
+    lock = _update_locks.get(session.id)
+    if lock is None:
+        lock = asyncio.Lock()
+        _update_locks[session.id] = lock
+    async with lock:
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+            session = conn.session
+            if session is None:  # deleted meanwhile: a new anonymous session
+                result = await _run(fn, conn.data)
+                await conn.commit()
+                return result
+            try:
+                fresh = await conn.store.get(session.id)
+            except SessionNotFound:
+                conn._gone(session)
+                continue
+            view = SessionDict(fresh.data)
+            result = await _run(fn, view)
+            changes = view.changes(all_reads=True)
+            if changes is None:
+                conn.session = fresh
+                conn.data._reset(_plain(view))
+                return result
+            try:
+                applied = await conn.store.apply(session.id, changes, base=fresh)
+            except SessionConflict:
+                continue
+            except SessionNotFound:
+                conn._gone(session)
+                continue
+            conn.session = fresh
+            conn.data._reset(_plain(view))
+            conn._applied(fresh, applied)
+            return result
+    raise SessionConflict(
+        f"session data kept changing underneath; gave up after {attempts} attempts",
+        details={"session": short_hash(session.id), "attempts": attempts},
+    )
+
+
+async def _run(fn: Callable[[SessionDict], T | Awaitable[T]], data: SessionDict) -> T:
+    result = fn(data)
+    if inspect.isawaitable(result):
+        return cast(T, await result)
+    return result
+
+
 def session_expires_at(connection: HTTPConnection) -> datetime | None:
     """When the current stored session expires (None without one)."""
     session = _conn(connection).session
@@ -886,4 +1129,5 @@ __all__ = [
     "session_data",
     "session_error_handler",
     "session_expires_at",
+    "update_session",
 ]

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from . import codec
+from .changes import Applied, EncodedChanges
 from .config import Config
 from .errors import ErrorCode, SessionError, SessionTooLarge, StoreClosed, short_hash
 from .session import Session
@@ -146,6 +147,9 @@ class ControlledStore(Store):
             raise exc
         return record
 
+    def _size_limit(self) -> int:
+        return self.config.max_session_size
+
     def _violation(
         self, kind: str, error: SessionError, session: Session | None, **extra: Any
     ) -> None:
@@ -241,6 +245,17 @@ class ControlledStore(Store):
 
     def _touch(self, session_id: str, scope: Config, now: datetime) -> Coroutine[Any, Any, Outcome]:
         return self.store._touch(session_id, scope, now)
+
+    def _apply(
+        self,
+        session_id: str,
+        changes: EncodedChanges,
+        scope: Config,
+        now: datetime,
+        limit: int,
+        base: Session | None = None,
+    ) -> Coroutine[Any, Any, Applied | Outcome]:
+        return self.store._apply(session_id, changes, scope, now, limit, base)
 
     def _rotated_id(self, session_id: str) -> str:
         return self.store._rotated_id(session_id)

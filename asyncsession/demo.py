@@ -31,6 +31,7 @@ from .asgi import (
     logout,
     logout_everywhere,
     revoke_session,
+    update_session,
 )
 from .config import Config
 from .controls import ControlledStore
@@ -209,9 +210,14 @@ async def do_revoke(request: Request) -> Response:
     return _back()
 
 
+def _bump(data: dict[str, Any]) -> None:
+    counter = data.get("counter", 0)
+    data["counter"] = (counter if isinstance(counter, int) else 0) + 1
+
+
 async def increment(request: Request) -> Response:
-    counter = request.session.get("counter", 0)
-    request.session["counter"] = (counter if isinstance(counter, int) else 0) + 1
+    # update_session: reloads and re-runs _bump if a parallel request got there first
+    await update_session(request, _bump)
     return _back()
 
 

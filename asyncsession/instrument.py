@@ -68,6 +68,7 @@ HOOKS = {
     "create": "_insert",
     "get": "_load",
     "update": "_replace",
+    "apply": "_apply",
     "touch": "_touch",
     "rotate": "_rotate",
     "delete": "_delete",
@@ -109,6 +110,7 @@ _OUTCOMES = {
     Outcome.OTHER_SITE: _NOT_FOUND,  # what the caller sees; also a site_mismatch violation
     Outcome.CONFLICT: ErrorCode.SESSION_CONFLICT.value.lower(),
     Outcome.USER_CHANGED: ErrorCode.SESSION_INVALID.value.lower(),
+    Outcome.TOO_LARGE: ErrorCode.SESSION_SIZE_EXCEEDED.value.lower(),
 }
 
 

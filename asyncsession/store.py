@@ -23,7 +23,10 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
+from orjson import loads as orjson_loads
+
 from . import codec
+from .changes import Applied, Changes, EncodedChanges, apply_to_data, encode_changes
 from .config import Config
 from .errors import (
     InvalidSession,
@@ -33,6 +36,7 @@ from .errors import (
     SessionExpired,
     SessionLimitExceeded,
     SessionNotFound,
+    SessionTooLarge,
     StoreClosed,
     short_hash,
 )
@@ -59,6 +63,7 @@ class Outcome(Enum):
     OTHER_SITE = "other_site"
     CONFLICT = "conflict"
     USER_CHANGED = "user_changed"
+    TOO_LARGE = "too_large"
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,6 +370,56 @@ class Store(ABC):
         self._event("updated", session)
         return session
 
+    async def apply(
+        self, session_id: str, changes: Changes, *, base: Session | None = None
+    ) -> Applied:
+        """Apply key-level ``changes`` to the stored session in one atomic step.
+
+        The keys in ``changes.expect`` must hold what the caller read (compared by
+        their JSON), else nothing is written and ``SessionConflict`` is raised; keys
+        not named are left as they are, so writers of different keys never conflict.
+        Like ``update``: the version is bumped (a concurrent ``update`` at the old
+        version then conflicts), ``updated_at`` and last access set, with
+        ``idle_timeout`` the expiry slides, the size limit holds on the whole record;
+        a missing, expired or other-site session is ``SessionNotFound``.
+
+        ``base``, optional, is the session as this caller got it from ``get`` (its
+        data unchanged but for the keys in ``changes``), with ``expect`` read from it:
+        while the stored version is still ``base.version`` nothing else was written,
+        so a backend that stores whole records (Redis) writes the new one without
+        parsing the old one.
+        """
+        self._check_open()
+        self._check_id(session_id)
+        try:
+            encoded = encode_changes(changes)
+        except NotSerializable as exc:
+            self._violation("not_serializable", exc, None, session_id=session_id)
+            raise
+        except InvalidSession as exc:
+            self._violation("invalid_session", exc, None, session_id=session_id)
+            raise
+        limit = self._size_limit()
+        try:
+            result = await self._apply(session_id, encoded, self.scope, self.clock(), limit, base)
+        except codec.CorruptRecord as exc:
+            raise self._corrupt(session_id, exc) from exc
+        if isinstance(result, Applied):
+            self._event("updated", None, session_id=session_id)
+            return result
+        if result is Outcome.TOO_LARGE:
+            too_large = SessionTooLarge(
+                f"session would be over the limit of {limit} bytes encoded",
+                details={"limit": limit, "session": short_hash(session_id)},
+            )
+            self._violation("size_exceeded", too_large, None, session_id=session_id)
+            raise too_large
+        raise self._write_error(result, session_id, None)
+
+    def _size_limit(self) -> int:
+        """The record size ``apply`` enforces (0: none; ``ControlledStore`` sets it)."""
+        return 0
+
     async def touch(self, session_id: str) -> None:
         """Record an access; with ``idle_timeout`` slide the expiry (never past the
         absolute deadline). Never rewrites data, never bumps the version."""
@@ -489,9 +544,10 @@ class Store(ABC):
     ) -> SessionError:
         details: dict[str, Any] = {"session": short_hash(session_id)}
         if outcome is Outcome.CONFLICT:
+            if session is not None:
+                details["expected_version"] = expected
             exc: SessionError = SessionConflict(
-                "session was changed concurrently; reload and retry",
-                details={**details, "expected_version": expected},
+                "session was changed concurrently; reload and retry", details=details
             )
             self._violation("conflict", exc, session)
             return exc
@@ -580,7 +636,52 @@ class Store(ABC):
         """Remove every session expired at ``now`` (all sites) and stale index entries."""
 
     # Optional hooks: a backend without them still works; what needs them degrades
-    # (no ``expired`` events) or says it is unsupported (admin scans).
+    # (no ``expired`` events, ``apply`` by compare-and-set) or says it is unsupported
+    # (admin scans).
+
+    async def _apply(
+        self,
+        session_id: str,
+        changes: EncodedChanges,
+        scope: Config,
+        now: datetime,
+        limit: int,
+        base: Session | None = None,
+    ) -> Applied | Outcome:
+        """Atomically: if the session is live on ``scope.site_id`` and every expected
+        key holds its expected JSON, set and delete the keys, bump the version, set
+        ``updated_at`` and last access to ``now`` (with ``scope.idle_timeout``, slide
+        the expiry) unless the whole record would exceed ``limit`` bytes (0: no limit,
+        ``Outcome.TOO_LARGE``). Expectation failed: ``Outcome.CONFLICT``.
+
+        This default, for backends without an atomic hook, reads and writes back with
+        the backend's compare-and-set, retrying while other keys change underneath."""
+        for _ in range(64):
+            session = await self._load(session_id)
+            if session is None:
+                return Outcome.MISSING
+            if session.site_id != scope.site_id:
+                return Outcome.OTHER_SITE
+            if session.expires_at is not None and now >= session.expires_at:
+                return Outcome.EXPIRED
+            data = apply_to_data(codec.encode_data(session.data), changes)
+            if data is None:
+                return Outcome.CONFLICT
+            absolute = absolute_deadline(session)
+            session.data = orjson_loads(data)
+            session.version += 1
+            session.updated_at = session.last_accessed_at = now
+            session.absolute_expires_at = absolute
+            session.expires_at = idle_deadline(absolute, now, scope.idle_timeout)
+            if limit and len(codec.encode(session, data)) > limit:
+                return Outcome.TOO_LARGE
+            record = codec.encode(session, data) if self.stores_header else data
+            outcome = await self._replace(session, record, scope, now)
+            if outcome is Outcome.OK:
+                return Applied(session.version, now, session.expires_at)
+            if outcome is not Outcome.CONFLICT:
+                return outcome
+        return Outcome.CONFLICT  # pragma: no cover - 64 writers in a row
 
     async def _purge_report(self, now: datetime) -> list[PurgedSession]:
         """``_purge`` that also says what it removed. Used only when someone listens

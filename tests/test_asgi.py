@@ -16,6 +16,7 @@ from typing import Any
 
 import fastapi
 import httpx
+import orjson
 import pytest
 
 pytest.importorskip("starlette")
@@ -28,6 +29,9 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
 from asyncsession import (
+    ABSENT,
+    Applied,
+    Changes,
     Config,
     ControlledStore,
     CurrentSessionDep,
@@ -87,6 +91,14 @@ class CountingStore(ControlledStore):
             raise SessionConflict("always stale (test)")
         return await super().update(session)
 
+    async def apply(
+        self, session_id: str, changes: Changes, *, base: Session | None = None
+    ) -> Applied:
+        self._count("apply")
+        if self.conflicts_forever:
+            raise SessionConflict("always stale (test)")
+        return await super().apply(session_id, changes, base=base)
+
     async def touch(self, session_id: str) -> None:
         self._count("touch")
         await super().touch(session_id)
@@ -96,7 +108,7 @@ class CountingStore(ControlledStore):
         await super().delete(session_id)
 
     def writes(self) -> int:
-        return sum(self.calls[k] for k in ("create", "update", "touch", "delete"))
+        return sum(self.calls[k] for k in ("create", "update", "apply", "touch", "delete"))
 
 
 # ------------------------------------------------------------------ the test app
@@ -384,7 +396,7 @@ async def test_no_write_on_unmodified_requests(cstore: CountingStore) -> None:
         response = await c.post("/set", params={"key": "a", "value": "1"})
         assert cstore.writes() == 0
         response = await c.post("/set", params={"key": "a", "value": "2"})
-        assert cstore.calls["update"] == 1
+        assert cstore.calls["apply"] == 1
         assert set_cookies(response) == []  # same id, no Max-Age: nothing to re-send
 
 
@@ -393,7 +405,7 @@ async def test_one_round_trip_per_read_and_two_per_write(cstore: CountingStore) 
         await new_cookie(c)
         cstore.calls.clear()
         await c.post("/incr")
-    assert cstore.calls == Counter({"get": 1, "update": 1})
+    assert cstore.calls == Counter({"get": 1, "apply": 1})
 
 
 async def test_touch_at_most_once_per_fraction_of_idle_timeout(clock: FakeClock) -> None:
@@ -585,7 +597,7 @@ async def test_requests_leave_no_reference_cycles(cstore: CountingStore) -> None
     finally:
         if was_enabled:
             gc.enable()
-    assert cstore.calls["update"] >= 20 and cstore.calls["create"] >= 21  # /incr, /set
+    assert cstore.calls["apply"] >= 20 and cstore.calls["create"] >= 21  # /incr, /set
 
 
 async def test_duplicated_cookie_with_different_values_is_ambiguous(
@@ -831,14 +843,16 @@ async def test_parallel_requests_same_key_last_writer_wins(any_store: Controlled
     assert stored.data["base"] == "0"
 
 
-async def test_conflict_retries_are_bounded(cstore: CountingStore) -> None:
-    async with client(make_app(cstore, max_retries=2)) as c:
+async def test_dependent_write_conflict_answers_409_without_retrying(
+    cstore: CountingStore,
+) -> None:
+    async with client(make_app(cstore)) as c:
         sid = await new_cookie(c)
         cstore.conflicts_forever = True
         cstore.calls.clear()
         response = await c.post("/incr")
     assert response.status_code == 409
-    assert cstore.calls["update"] == 3
+    assert cstore.calls["apply"] == 1
     assert (await cstore.get(sid)).data == {"a": "1"}
 
 
@@ -964,7 +978,7 @@ async def test_store_failure_can_degrade_to_anonymous(
 async def test_store_failure_on_save_answers_503(cstore: CountingStore) -> None:
     async with client(make_app(cstore)) as c:
         await new_cookie(c)
-        cstore.fail.add("update")
+        cstore.fail.add("apply")
         response = await c.post("/incr")
     assert response.status_code == 503
     assert response.text == "Session store unavailable"
@@ -1093,25 +1107,38 @@ def test_public_names_are_exported() -> None:
 # ------------------------------------------------------------ SessionDict
 
 
+def _diff(d: SessionDict) -> tuple[list[str], list[str], dict[str, Any]] | None:
+    """``d.changes()`` as (sorted set keys, deleted keys, expectations as JSON)."""
+    changes = d.changes()
+    if changes is None:
+        return None
+    expect = {
+        k: None if v is ABSENT else orjson.loads(orjson.dumps(v)) for k, v in changes.expect.items()
+    }
+    return sorted(changes.set), sorted(changes.delete), expect
+
+
 def test_session_dict_tracks_top_level_changes() -> None:
     d = SessionDict({"a": 1, "cart": ["x"], "prefs": {"theme": "dark"}, "gone": 0})
     assert d.changes() is None
-    assert d["a"] == 1 and d.get("missing") is None  # scalar reads: nothing to remember
+    assert d["a"] == 1 and d.get("missing") is None  # scalar reads: nothing to encode
     assert d.changes() is None
     d["a"] = 1  # the same value
     d.get("prefs")  # a mutable value handed out, not changed
     assert d.changes() is None
-    d["cart"].append("y")
-    d.setdefault("new", []).append(1)
-    d.update({"b": 2}, c=3)
+    d["cart"].append("y")  # read, then changed: depends on what was read
+    d.setdefault("new", []).append(1)  # read (absent), then set
+    d.update({"b": 2}, c=3)  # blind
     d |= {"e": 5}
-    del d["gone"]
+    del d["gone"]  # blind delete
     assert d.pop("nope", None) is None
+    assert _diff(d) == (
+        ["b", "c", "cart", "e", "new"],
+        ["gone"],
+        {"cart": ["x"], "new": None},
+    )
     changes = d.changes()
-    assert changes is not None
-    changed, deleted = changes
-    assert sorted(changed) == ["b", "c", "cart", "e", "new"]
-    assert deleted == ["gone"]
+    assert changes is not None and changes.expect["new"] is ABSENT
 
 
 def test_session_dict_sees_mutations_through_items_and_copies() -> None:
@@ -1122,16 +1149,24 @@ def test_session_dict_sees_mutations_through_items_and_copies() -> None:
     for value in d.values():
         if isinstance(value, dict):
             value["k"] = "v"
-    assert d.changes() == (["cart", "prefs"], [])
+    assert _diff(d) == (["cart", "prefs"], [], {"cart": [], "prefs": {}})
     e = SessionDict({"cart": []})
     dict.__getitem__(e, "cart").append(1)  # around the session's methods: not seen ...
     assert e.changes() is None
-    e.mark_changed("cart")  # ... unless marked
-    assert e.changes() == (["cart"], [])
+    e.mark_changed("cart")  # ... unless marked (a blind write)
+    assert _diff(e) == (["cart"], [], {})
     f = SessionDict({"a": 1})
     assert f.popitem() == ("a", 1)
-    assert f.changes() == ([], ["a"])
+    assert _diff(f) == ([], ["a"], {"a": 1})
     g = SessionDict({"a": {"x": 1}})
     g["a"]["x"] = 2
     g["a"]["x"] = 1  # back to what was loaded
     assert g.changes() is None
+    h = SessionDict({"a": 1, "b": 2})
+    assert len(h) == 2  # every key read, present or not
+    h["a"] = 3
+    h["z"] = 0
+    assert _diff(h) == (["a", "z"], [], {"a": 1, "z": None})
+    k = SessionDict({"f": 0.0})
+    k["f"] = -0.0  # equal in Python, different JSON
+    assert _diff(k) == (["f"], [], {})

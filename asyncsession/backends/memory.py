@@ -19,12 +19,23 @@ from typing import Any
 
 import orjson
 
+from .. import codec
+from ..changes import Applied, EncodedChanges, apply_to_data
 from ..codec import CorruptRecord
 from ..config import Config
 from ..controls import ControlledStore, with_controls
 from ..errors import InvalidSession, SessionLimitExceeded, short_hash
 from ..session import Clock, Session
-from ..store import NO_EVICTIONS, InsertResult, Outcome, PurgedSession, ScanEntry, Store
+from ..store import (
+    NO_EVICTIONS,
+    InsertResult,
+    Outcome,
+    PurgedSession,
+    ScanEntry,
+    Store,
+    absolute_deadline,
+    idle_deadline,
+)
 
 logger = logging.getLogger("asyncsession")
 
@@ -279,6 +290,50 @@ class MemoryStore(Store):
         self._entries[session.id] = entry
         self._rebucket(entry, found.bucket, entry.bucket)
         return Outcome.OK
+
+    async def _apply(
+        self,
+        session_id: str,
+        changes: EncodedChanges,
+        scope: Config,
+        now: datetime,
+        limit: int,
+        base: Session | None = None,
+    ) -> Applied | Outcome:
+        found = self._live(session_id, scope, now)
+        if isinstance(found, Outcome):
+            return found
+        try:
+            blob = apply_to_data(found.blob, changes)
+        except orjson.JSONDecodeError as exc:
+            raise CorruptRecord("stored data is not JSON") from exc
+        if blob is None:
+            return Outcome.CONFLICT
+        absolute = absolute_deadline(found)
+        expires_at = idle_deadline(absolute, now, scope.idle_timeout)
+        # the entry as it will be, to measure the whole record; nothing changes before
+        entry = _new_entry(_Entry)
+        entry.id = found.id
+        entry.user_id = found.user_id
+        entry.site_id = found.site_id
+        entry.organization_id = found.organization_id
+        entry.data = _EMPTY
+        entry.created_at = found.created_at
+        entry.updated_at = entry.last_accessed_at = now
+        entry.expires_at = expires_at
+        entry.absolute_expires_at = absolute
+        entry.ip_address = found.ip_address
+        entry.user_agent = found.user_agent
+        entry.version = found.version + 1
+        if limit and (
+            len(blob) + codec.header_bound(entry) > limit and codec.record_size(entry, blob) > limit
+        ):
+            return Outcome.TOO_LARGE
+        entry.blob = _exact(blob)
+        entry.bucket = _bucket_of(expires_at)
+        self._entries[session_id] = entry
+        self._rebucket(entry, found.bucket, entry.bucket)
+        return Applied(entry.version, now, expires_at)
 
     async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:
         found = self._live(session_id, scope, now)

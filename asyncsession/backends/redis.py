@@ -32,6 +32,7 @@ from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError, TryAgainError
 
 from .. import codec
+from ..changes import Applied, EncodedChanges
 from ..config import Config
 from ..controls import ControlledStore, with_controls
 from ..errors import InvalidSession, SessionLimitExceeded, StoreUnavailable, short_hash
@@ -46,6 +47,7 @@ from ..store import (
     Store,
     absolute_deadline,
 )
+from ._redis_apply import APPLY_FIRST, APPLY_LUA, apply_args, parse_reply
 from ._redis_cluster import (
     TAG_LENGTH,
     ClusterRouter,
@@ -679,7 +681,9 @@ PURGE_SLOTS = _Script(_PURGE_SLOTS)
 COUNT_SLOTS = _Script(_COUNT_SLOTS, prelude=False)
 MULTI_GET = _Script(_MULTI_GET, prelude=False)
 SCAN = _Script(_SCAN, prelude=False)
+APPLY = _Script(APPLY_LUA, first=APPLY_FIRST)
 SCRIPTS = (
+    APPLY,
     INSERT,
     REPLACE,
     TOUCH,
@@ -1546,6 +1550,20 @@ class RedisStore(Store):
             ),
         )
         return _OUTCOMES[reply]
+
+    async def _apply(
+        self,
+        session_id: str,
+        changes: EncodedChanges,
+        scope: Config,
+        now: datetime,
+        limit: int,
+        base: Session | None = None,
+    ) -> Applied | Outcome:
+        """One script edits the record in place (see ``_redis_apply``)."""
+        keys = (self.session_key(session_id), self.expiry_key_for(session_id))
+        args = apply_args(session_id, changes, scope, now, limit, self.expiry_grace_ms, base)
+        return parse_reply(await self._eval(APPLY, keys, args), now)
 
     async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
         reply = await self._eval(

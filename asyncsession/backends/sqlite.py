@@ -8,7 +8,7 @@ rewrites data, and a ``get`` builds the same ``Session`` the memory backend retu
 Two connections, each on its own aiosqlite thread. Writes go to the writer: every
 write hook is one call there, a function that runs its statements back to back, so no
 other coroutine's statement can land inside a transaction. Writes that read before they
-write (create with a per-user limit, rotate, delete_by_user) run in ``BEGIN IMMEDIATE``,
+write (create with a per-user limit, rotate, delete_by_user, apply) run in ``BEGIN IMMEDIATE``,
 which takes the database write lock up front, so they are atomic across processes
 too; ``update`` and ``touch`` are single compare-and-set ``UPDATE`` statements. Reads
 (get, list_by_user, the admin scan and its estimate) are one ``SELECT`` each on the
@@ -31,12 +31,22 @@ from typing import Any, NamedTuple, TypeVar
 import aiosqlite
 import orjson
 
-from ..codec import EPOCH, CorruptRecord, to_us
+from ..changes import Applied, EncodedChanges, apply_to_data
+from ..codec import EPOCH, CorruptRecord, header_bound, record_size, to_us
 from ..config import Config
 from ..controls import ControlledStore, with_controls
 from ..errors import InvalidSession, SessionLimitExceeded, StoreClosed, StoreUnavailable, short_hash
 from ..session import Clock, Session
-from ..store import NO_EVICTIONS, InsertResult, Outcome, PurgedSession, ScanEntry, Store
+from ..store import (
+    NO_EVICTIONS,
+    InsertResult,
+    Outcome,
+    PurgedSession,
+    ScanEntry,
+    Store,
+    absolute_deadline,
+    idle_deadline,
+)
 
 logger = logging.getLogger("asyncsession")
 
@@ -91,6 +101,7 @@ _FIELDS = (
 _LIVE = "(expires IS NULL OR expires > ?)"
 
 _GET = f"SELECT id, {_FIELDS} FROM sessions WHERE id = ?"
+_SELECT = f"SELECT {_FIELDS} FROM sessions WHERE id = ?"  # on the writer, in a transaction
 _INSERT = f"INSERT INTO sessions (id, {_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _LIVE_OF_USER = (
     f"SELECT id FROM sessions WHERE site_id = ? AND user_id = ? AND id != ? AND {_LIVE} "
@@ -103,6 +114,9 @@ _REPLACE = (
     "UPDATE sessions SET org_id = ?, created = ?, updated = ?, accessed = ?, "
     "expires = ?, absolute = ?, ip = ?, ua = ?, version = ?, data = ? "
     f"WHERE id = ? AND site_id = ? AND user_id IS ? AND version = ? AND {_LIVE}"
+)
+_APPLY = (
+    "UPDATE sessions SET updated = ?, accessed = ?, expires = ?, version = ?, data = ? WHERE id = ?"
 )
 _STATE = "SELECT site_id, user_id, version, expires FROM sessions WHERE id = ?"
 _TOUCH = f"UPDATE sessions SET accessed = ? WHERE id = ? AND site_id = ? AND {_LIVE}"
@@ -634,6 +648,18 @@ class SQLiteStore(Store):
     async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
         return await self._run(_rotate, session_id, new_id, scope.site_id, to_us(now))
 
+    async def _apply(
+        self,
+        session_id: str,
+        changes: EncodedChanges,
+        scope: Config,
+        now: datetime,
+        limit: int,
+        base: Session | None = None,
+    ) -> Applied | Outcome:
+        idle = scope.idle_timeout
+        return await self._run(_apply, session_id, changes, scope.site_id, now, idle, limit)
+
     async def _delete(self, session_id: str, scope: Config) -> Outcome:
         return await self._run(_delete, session_id, scope.site_id)
 
@@ -820,6 +846,68 @@ def _rotate(
         _rollback(c)
         raise
     return outcome
+
+
+def _apply(
+    c: sqlite3.Connection,
+    session_id: str,
+    changes: EncodedChanges,
+    site_id: str,
+    now: datetime,
+    idle: timedelta | None,
+    limit: int,
+) -> Applied | Outcome:
+    """Check the expected keys and write the changes in one write transaction."""
+    now_us = to_us(now)
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        row: Row | None = c.execute(_SELECT, (session_id,)).fetchone()
+        if row is None:
+            outcome: Applied | Outcome = Outcome.MISSING
+        elif row[0] != site_id:
+            outcome = Outcome.OTHER_SITE
+        elif not _live(row[6], now_us):
+            outcome = Outcome.EXPIRED
+        else:
+            outcome = _apply_row(c, session_id, row, changes, now, idle, limit)
+        c.execute("COMMIT")
+    except BaseException:
+        _rollback(c)
+        raise
+    return outcome
+
+
+def _apply_row(
+    c: sqlite3.Connection,
+    session_id: str,
+    row: Row,
+    changes: EncodedChanges,
+    now: datetime,
+    idle: timedelta | None,
+    limit: int,
+) -> Applied | Outcome:
+    try:
+        data = apply_to_data(row[11], changes)
+    except (TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        if isinstance(exc, CorruptRecord):
+            raise
+        raise CorruptRecord(f"undecodable session row: {type(exc).__name__}") from exc
+    if data is None:
+        return Outcome.CONFLICT
+    session = _session(session_id, (*row[:11], b"{}"))
+    absolute = absolute_deadline(session)
+    session.version += 1
+    session.updated_at = session.last_accessed_at = now
+    session.expires_at = idle_deadline(absolute, now, idle)
+    session.absolute_expires_at = absolute
+    if limit and (len(data) + header_bound(session) > limit and record_size(session, data) > limit):
+        return Outcome.TOO_LARGE
+    now_us = to_us(now)
+    c.execute(
+        _APPLY,
+        (now_us, now_us, _us(session.expires_at), session.version, data, session_id),
+    )
+    return Applied(session.version, now, session.expires_at)
 
 
 def _delete(c: sqlite3.Connection, session_id: str, site_id: str) -> Outcome:

@@ -1,0 +1,187 @@
+"""No update lost at the HTTP level: real uvicorn workers, concurrent httpx clients.
+
+For each backend (memory with 1 worker, SQLite and Redis with 3 workers sharing one
+store) three loads run against one session:
+
+- the same counter through a plain read-modify-write endpoint: some requests may be
+  told 409, but every one told 200 is counted in the stored value;
+- the same counter through ``update_session``: every request is told 200 and the
+  stored value is the number of requests;
+- 100 clients each changing its own key: all 200, nothing lost.
+
+What clients were told is checked against what was stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from . import backend_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = 100
+PER_CLIENT = 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, base: str, proc: subprocess.Popen[bytes]) -> None:
+        self.base = base
+        self.proc = proc
+
+
+def _start(env: dict[str, str], workers: int) -> Server:
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tests.race_app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"uvicorn exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/read", timeout=1).status_code == 200:
+                time.sleep(0.5 * (workers - 1))  # let the other workers come up too
+                return Server(base, proc)
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("uvicorn did not start")
+
+
+def _stop(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="module", params=["memory", "sqlite", "redis"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    backend = request.param
+    env = {"RACE_BACKEND": backend}
+    workers = 3
+    if backend == "memory":
+        workers = 1  # one process holds the sessions
+    elif backend == "sqlite":
+        env["RACE_TARGET"] = str(tmp_path_factory.mktemp("race") / "sessions.db")
+    else:
+        reason = backend_redis.skip_reason()
+        if not backend_redis.server_reachable():
+            if backend_redis.REQUIRE:
+                pytest.fail(
+                    f"ASYNCSESSION_REQUIRE_REDIS=1 but no Redis at {backend_redis.REDIS_URL}"
+                )
+            pytest.skip(reason or f"needs a real Redis server at {backend_redis.REDIS_URL}")
+        env["RACE_TARGET"] = backend_redis.REDIS_URL
+        env["RACE_PREFIX"] = f"test:race-{uuid.uuid4().hex}:"
+    srv = _start(env, workers)
+    try:
+        yield srv
+    finally:
+        _stop(srv)
+        if backend == "redis":
+            asyncio.run(_clean_redis(env["RACE_PREFIX"]))
+
+
+async def _clean_redis(prefix: str) -> None:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(backend_redis.REDIS_URL)
+    try:
+        await backend_redis.delete_prefix(client, prefix)
+    finally:
+        await client.aclose()
+
+
+async def _session(c: httpx.AsyncClient) -> dict[str, str]:
+    response = await c.post("/start")
+    assert response.status_code == 200
+    return {"cookie": f"sid={response.cookies['sid']}"}
+
+
+async def _load(
+    base: str, path_of: Any
+) -> tuple[Counter[int], list[dict[str, Any]], dict[str, Any]]:
+    """CLIENTS clients, PER_CLIENT sequential POSTs each, on one session: the status
+    codes, the bodies of the 200s, and what is stored at the end."""
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as c:
+        headers = await _session(c)
+        codes: Counter[int] = Counter()
+        bodies: list[dict[str, Any]] = []
+
+        async def client(i: int) -> None:
+            for _ in range(PER_CLIENT):
+                response = await c.post(path_of(i), headers=headers)
+                codes[response.status_code] += 1
+                if response.status_code == 200:
+                    bodies.append(response.json())
+                else:
+                    assert response.status_code == 409, response.text
+
+        await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+        stored = (await c.get("/read", headers=headers)).json()
+    return codes, bodies, stored
+
+
+def test_plain_read_modify_write_never_answers_200_for_a_lost_update(server: Server) -> None:
+    codes, bodies, stored = asyncio.run(_load(server.base, lambda i: "/rmw"))
+    print(f"read-modify-write: {dict(codes)}")
+    assert set(codes) <= {200, 409}
+    told = sorted(b["n"] for b in bodies)
+    # every request told 200 is counted, exactly once
+    assert stored["n"] == codes[200] == len(told)
+    assert told == list(range(1, codes[200] + 1))
+
+
+def test_update_session_counts_every_request(server: Server) -> None:
+    codes, bodies, stored = asyncio.run(_load(server.base, lambda i: "/helper"))
+    total = CLIENTS * PER_CLIENT
+    assert codes == Counter({200: total})
+    assert stored["n"] == total
+    assert sorted(b["n"] for b in bodies) == list(range(1, total + 1))
+
+
+def test_different_keys_never_conflict(server: Server) -> None:
+    codes, bodies, stored = asyncio.run(_load(server.base, lambda i: f"/key/k{i}"))
+    assert codes == Counter({200: CLIENTS * PER_CLIENT})
+    for i in range(CLIENTS):
+        assert stored[f"k{i}"] == PER_CLIENT
+    assert len(bodies) == CLIENTS * PER_CLIENT

@@ -1,0 +1,150 @@
+"""SessionDict's key-level classification (blind or dependent), against a model.
+
+The model is written independently of SessionDict: it replays the same operations
+on a plain dict and records, per key, whether the first thing that touched the key
+was a read or a write (an operation that reads every key counts as a read of all
+keys, present or not, from then on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncsession import ABSENT, SessionDict
+
+KEYS = ["a", "b", "c", "d"]
+scalars = st.one_of(
+    st.none(),
+    st.sampled_from([0, 1, True, False, 1.0, 0.0, -0.0, "", "1", "x"]),
+    st.integers(-3, 3),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["n", "m"]), inner)
+    ),
+    max_leaves=5,
+)
+keys = st.sampled_from(KEYS)
+ops = st.one_of(
+    st.tuples(st.just("getitem"), keys),
+    st.tuples(st.just("get"), keys),
+    st.tuples(st.just("in"), keys),
+    st.tuples(st.just("set"), keys, values),
+    st.tuples(st.just("update"), keys, values),
+    st.tuples(st.just("del"), keys),
+    st.tuples(st.just("pop"), keys),
+    st.tuples(st.just("setdefault"), keys, values),
+    st.tuples(st.just("mutate"), keys, values),
+    st.tuples(st.just("read_all"), st.sampled_from(["len", "iter", "keys", "items", "copy", "eq"])),
+    st.tuples(st.just("popitem")),
+)
+
+
+def _json(value: Any) -> bytes | None:
+    return None if value is ABSENT else orjson.dumps(value)
+
+
+def _run(d: dict[str, Any], op: tuple[Any, ...]) -> None:
+    """One operation on ``d`` (a SessionDict or the model's plain dict)."""
+    kind = op[0]
+    if kind == "getitem":
+        with contextlib.suppress(KeyError):
+            d[op[1]]
+    elif kind == "get":
+        d.get(op[1])
+    elif kind == "in":
+        _ = op[1] in d
+    elif kind == "set":
+        d[op[1]] = copy.deepcopy(op[2])
+    elif kind == "update":
+        d.update({op[1]: copy.deepcopy(op[2])})
+    elif kind == "del":
+        with contextlib.suppress(KeyError):
+            del d[op[1]]
+    elif kind == "pop":
+        d.pop(op[1], None)
+    elif kind == "setdefault":
+        d.setdefault(op[1], copy.deepcopy(op[2]))
+    elif kind == "mutate":
+        value = d.get(op[1])
+        if type(value) is list:
+            value.append(copy.deepcopy(op[2]))
+        elif type(value) is dict:
+            value["n"] = copy.deepcopy(op[2])
+    elif kind == "read_all":
+        how = op[1]
+        if how == "len":
+            len(d)
+        elif how == "iter":
+            list(iter(d))
+        elif how == "keys":
+            list(d.keys())
+        elif how == "items":
+            list(d.items())
+        elif how == "copy":
+            d.copy()
+        else:
+            _ = d == {}
+    elif kind == "popitem" and d:
+        d.popitem()
+
+
+# what each operation is, for the model: reads first, then writes
+_READS = {"getitem", "get", "in", "pop", "setdefault", "mutate"}
+_WRITES = {"set", "update", "del", "pop", "setdefault", "mutate"}
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    initial=st.dictionaries(keys, values, max_size=4),
+    operations=st.lists(ops, max_size=12),
+)
+def test_every_change_is_classified_blind_or_dependent(
+    initial: dict[str, Any], operations: list[tuple[Any, ...]]
+) -> None:
+    loaded = copy.deepcopy(initial)
+    session = SessionDict(copy.deepcopy(initial))
+    model: dict[str, Any] = copy.deepcopy(initial)
+    first: dict[str, str] = {}  # key -> "read" | "write"
+    read_all = False
+    for op in operations:
+        kind = op[0]
+        if kind == "read_all" or kind == "popitem":  # (popitem asks len() first)
+            read_all = True
+        if kind == "popitem" and model:
+            popped = next(reversed(model))
+            first.setdefault(popped, "read")
+        elif kind in _READS:
+            first.setdefault(op[1], "read")
+        elif kind in _WRITES:
+            first.setdefault(op[1], "read" if read_all else "write")
+        _run(session, op)
+        _run(model, op)
+
+    assert dict(dict.items(session)) == model  # SessionDict behaves as a dict
+    changed = {k for k in KEYS if _json(model.get(k, ABSENT)) != _json(loaded.get(k, ABSENT))}
+    changes = session.changes()
+    if not changed:
+        assert changes is None
+        return
+    assert changes is not None
+    assert set(changes.set) == {k for k in changed if k in model}
+    assert set(changes.delete) == {k for k in changed if k not in model}
+    for k, v in changes.set.items():
+        assert orjson.dumps(v) == orjson.dumps(model[k])
+    dependent = {k for k in changed if first.get(k) == "read"}
+    assert set(changes.expect) == dependent
+    for k in dependent:
+        expected = changes.expect[k]
+        if k in loaded:
+            assert expected is not ABSENT
+            assert orjson.dumps(expected) == orjson.dumps(loaded[k])
+        else:
+            assert expected is ABSENT

@@ -1,0 +1,247 @@
+"""Key-level concurrency in the middleware, and ``update_session`` (in process)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from asyncsession import (
+    Applied,
+    Changes,
+    Config,
+    ControlledStore,
+    MemoryStore,
+    Session,
+    SessionConflict,
+    SessionMiddleware,
+    install_exception_handler,
+    new_session,
+    update_session,
+)
+from asyncsession.demo import create_app
+
+BASE = "https://testserver"
+
+
+class FlakyStore(ControlledStore):
+    """A memory store whose next ``conflicts`` applies fail as if another process won."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryStore(Config(cleanup_interval=0)))
+        self.conflicts = 0
+        self.applies = 0
+
+    async def apply(
+        self, session_id: str, changes: Changes, *, base: Session | None = None
+    ) -> Applied:
+        self.applies += 1
+        if self.conflicts:
+            self.conflicts -= 1
+            raise SessionConflict("another process won (test)")
+        return await super().apply(session_id, changes, base=base)
+
+
+CALLS: list[str] = []
+GATE: dict[str, asyncio.Event] = {}
+
+
+def bump(data: dict[str, Any]) -> int:
+    CALLS.append("bump")
+    data["n"] = data.get("n", 0) + 1
+    return int(data["n"])
+
+
+async def helper(request: Request) -> JSONResponse:
+    if "pending" in request.query_params:
+        request.session["pending"] = request.query_params["pending"]
+    n = await update_session(request, bump)
+    return JSONResponse({"n": n, "session": dict(request.session)})
+
+
+async def helper_async(request: Request) -> JSONResponse:
+    async def fn(data: dict[str, Any]) -> str:
+        await asyncio.sleep(0)
+        data.setdefault("cart", []).append("sku")
+        return "added"
+
+    return JSONResponse({"result": await update_session(request, fn)})
+
+
+async def slow_rmw(request: Request) -> JSONResponse:
+    """Reads n, waits for the test, writes n + 1 (dependent)."""
+    n = request.session.get("n", 0)
+    await GATE["go"].wait()
+    request.session["n"] = n + 1
+    return JSONResponse({"n": n + 1})
+
+
+async def slow_blind(request: Request) -> JSONResponse:
+    """Waits for the test, then writes color without reading it (blind)."""
+    await GATE["go"].wait()
+    request.session["color"] = "late"
+    return JSONResponse({})
+
+
+async def set_n(request: Request) -> JSONResponse:
+    request.session["n"] = int(request.query_params["n"])
+    request.session["color"] = "early"
+    return JSONResponse({})
+
+
+def make_app(store: ControlledStore) -> Starlette:
+    app = Starlette(
+        routes=[
+            Route("/helper", helper, methods=["POST"]),
+            Route("/helper-async", helper_async, methods=["POST"]),
+            Route("/slow-rmw", slow_rmw, methods=["POST"]),
+            Route("/slow-blind", slow_blind, methods=["POST"]),
+            Route("/set-n", set_n, methods=["POST"]),
+        ]
+    )
+    app.add_middleware(SessionMiddleware, store=store, cookie_name="sid")
+    install_exception_handler(app)
+    return app
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE)
+
+
+@pytest.fixture
+async def store() -> Any:
+    s = FlakyStore()
+    async with s:
+        yield s
+    CALLS.clear()
+
+
+async def _session(store: ControlledStore, **data: Any) -> dict[str, str]:
+    session = await store.create(new_session(None, data=data))
+    return {"cookie": f"sid={session.id}"}
+
+
+async def test_dependent_write_changed_meanwhile_answers_409_and_saves_nothing(
+    store: FlakyStore,
+) -> None:
+    headers = await _session(store, n=1)
+    GATE["go"] = asyncio.Event()
+    async with client(make_app(store)) as c:
+        slow = asyncio.create_task(c.post("/slow-rmw", headers=headers))
+        await asyncio.sleep(0.05)
+        assert (await c.post("/set-n", params={"n": 100}, headers=headers)).status_code == 200
+        GATE["go"].set()
+        response = await slow
+    assert response.status_code == 409
+    # answered by the app's handler (install_exception_handler), as if raised inside it
+    assert response.json()["error"]["code"] == "SESSION_CONFLICT"
+    assert response.headers["cache-control"] == "no-store"
+    sid = headers["cookie"].split("=")[1]
+    assert (await store.get(sid)).data == {"n": 100, "color": "early"}
+
+
+async def test_conflict_without_an_app_handler_is_a_plain_409(store: FlakyStore) -> None:
+    headers = await _session(store, n=1)
+    app = Starlette(routes=[Route("/slow-rmw", slow_rmw, methods=["POST"])])
+    app.add_middleware(SessionMiddleware, store=store, cookie_name="sid")
+    store.conflicts = 1
+    GATE["go"] = asyncio.Event()
+    GATE["go"].set()
+    async with client(app) as c:
+        response = await c.post("/slow-rmw", headers=headers)
+    assert response.status_code == 409
+    assert response.text == "Session conflict, please retry"
+
+
+async def test_blind_write_is_last_writer_wins(store: FlakyStore) -> None:
+    headers = await _session(store, n=1)
+    GATE["go"] = asyncio.Event()
+    async with client(make_app(store)) as c:
+        slow = asyncio.create_task(c.post("/slow-blind", headers=headers))
+        await asyncio.sleep(0.05)
+        assert (await c.post("/set-n", params={"n": 7}, headers=headers)).status_code == 200
+        GATE["go"].set()
+        response = await slow
+    assert response.status_code == 200
+    sid = headers["cookie"].split("=")[1]
+    assert (await store.get(sid)).data == {"n": 7, "color": "late"}
+
+
+async def test_update_session_counts_300_concurrent_requests(store: FlakyStore) -> None:
+    headers = await _session(store)
+    async with client(make_app(store)) as c:
+        responses = await asyncio.gather(*(c.post("/helper", headers=headers) for _ in range(300)))
+    assert {r.status_code for r in responses} == {200}
+    assert sorted(r.json()["n"] for r in responses) == list(range(1, 301))
+    sid = headers["cookie"].split("=")[1]
+    assert (await store.get(sid)).data == {"n": 300}
+
+
+async def test_update_session_reruns_after_a_conflict(store: FlakyStore) -> None:
+    headers = await _session(store, n=5)
+    store.conflicts = 3
+    async with client(make_app(store)) as c:
+        response = await c.post("/helper", headers=headers)
+    assert response.status_code == 200 and response.json()["n"] == 6
+    assert CALLS == ["bump"] * 4 and store.applies == 4
+    sid = headers["cookie"].split("=")[1]
+    assert (await store.get(sid)).data == {"n": 6}
+
+
+async def test_update_session_gives_up_after_its_attempts(store: FlakyStore) -> None:
+    headers = await _session(store, n=5)
+    store.conflicts = 1000
+    async with client(make_app(store)) as c:
+        response = await c.post("/helper", headers=headers)
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "SESSION_CONFLICT"
+    assert len(CALLS) == 10
+    sid = headers["cookie"].split("=")[1]
+    assert (await store.get(sid)).data == {"n": 5}
+
+
+async def test_update_session_saves_pending_changes_first(store: FlakyStore) -> None:
+    headers = await _session(store, n=1, other="x")
+    async with client(make_app(store)) as c:
+        response = await c.post("/helper", params={"pending": "yes"}, headers=headers)
+    assert response.status_code == 200
+    assert response.json() == {"n": 2, "session": {"n": 2, "other": "x", "pending": "yes"}}
+    sid = headers["cookie"].split("=")[1]
+    assert (await store.get(sid)).data == {"n": 2, "other": "x", "pending": "yes"}
+
+
+async def test_update_session_without_a_session_creates_one(store: FlakyStore) -> None:
+    async with client(make_app(store)) as c:
+        response = await c.post("/helper")
+        assert response.status_code == 200 and response.json()["n"] == 1
+        sid = c.cookies["sid"]
+        response = await c.post("/helper-async")
+        assert response.json() == {"result": "added"}
+    assert (await store.get(sid)).data == {"n": 1, "cart": ["sku"]}
+
+
+async def test_update_session_rejects_zero_attempts(store: FlakyStore) -> None:
+    with pytest.raises(ValueError):
+        await update_session(None, bump, attempts=0)  # type: ignore[arg-type]
+
+
+async def test_demo_counter_counts_every_concurrent_click() -> None:
+    demo_store = MemoryStore.with_controls(Config(cleanup_interval=0))
+    app = create_app(demo_store)
+    async with demo_store:
+        headers = await _session(demo_store)
+        headers["cookie"] = headers["cookie"].replace("sid=", "asyncsession_demo=")
+        headers["origin"] = BASE
+        async with client(app) as c:
+            responses = await asyncio.gather(
+                *(c.post("/increment", headers=headers) for _ in range(100))
+            )
+        assert {r.status_code for r in responses} == {303}
+        sid = headers["cookie"].split("=")[1]
+        assert (await demo_store.get(sid)).data == {"counter": 100}
