@@ -1,0 +1,360 @@
+"""Login safety at the HTTP level (issue 13 items 4, 5, 7, 8), on every backend.
+
+A request that still carries a pre-login cookie gets no access to the new session,
+never clears the newer cookie and answers 409 for a write; login drops another
+user's data; tossed and malformed cookies change nothing; client-triggerable events
+do not flood the logs; new sessions take their times from the store's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from asyncsession import (
+    Config,
+    ControlledStore,
+    SessionMiddleware,
+    SessionNotFound,
+    SessionRotated,
+    ViolationEvent,
+    current_session,
+    current_user_id,
+    install_exception_handler,
+    login,
+    logout,
+    new_session,
+    with_controls,
+)
+
+from .clock import FakeClock
+from .conftest import Harness
+
+BASE = "https://testserver"
+JUNK = "J" * 43  # well formed, never issued
+
+
+def make_app(
+    store: Any, gate: tuple[asyncio.Event, asyncio.Event] | None = None, **options: Any
+) -> Starlette:
+    """The test app; with ``gate`` = (entered, go), ``/write?wait=1`` sets ``entered``
+    once its session is loaded and waits for ``go`` before it writes."""
+
+    async def read(request: Request) -> JSONResponse:
+        return JSONResponse({"data": dict(request.session), "user": current_user_id(request)})
+
+    async def write(request: Request) -> JSONResponse:
+        params = request.query_params
+        if "wait" in params and gate is not None:
+            gate[0].set()
+            await gate[1].wait()
+        request.session[params["key"]] = params["value"]
+        return JSONResponse(dict(request.session))
+
+    async def do_login(request: Request) -> JSONResponse:
+        params = request.query_params
+        keep = {"1": True, "0": False}.get(params.get("keep", ""))
+        ttl = float(params["ttl"]) if "ttl" in params else None
+        session = await login(request, params["user"], keep_data=keep, ttl=ttl)
+        return JSONResponse({"user": session.user_id})
+
+    async def do_logout(request: Request) -> PlainTextResponse:
+        await logout(request)
+        return PlainTextResponse("ok")
+
+    async def record(request: Request) -> JSONResponse:
+        session = current_session(request)
+        assert session is not None
+        return JSONResponse(
+            {
+                "created": session.created_at.isoformat(),
+                "expires": session.expires_at.isoformat() if session.expires_at else None,
+            }
+        )
+
+    app = Starlette(
+        routes=[
+            Route("/read", read),
+            Route("/write", write, methods=["POST"]),
+            Route("/login", do_login, methods=["POST"]),
+            Route("/logout", do_logout, methods=["POST"]),
+            Route("/record", record),
+        ]
+    )
+    app.add_middleware(SessionMiddleware, store=store, **options)
+    install_exception_handler(app)
+    return app
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 1234))
+    return httpx.AsyncClient(transport=transport, base_url=BASE)
+
+
+def set_cookies(response: httpx.Response) -> list[str]:
+    return response.headers.get_list("set-cookie")
+
+
+def issued(response: httpx.Response, name: str = "__Host-session") -> str:
+    (header,) = [h for h in set_cookies(response) if h.startswith(name + "=")]
+    value = header.split(";")[0].split("=", 1)[1]
+    assert value, f"cookie cleared: {header}"
+    return value
+
+
+def jar(session_id: str, name: str = "__Host-session") -> dict[str, str]:
+    return {"cookie": f"{name}={session_id}"}
+
+
+@pytest.fixture
+async def store(harness: Harness) -> ControlledStore:
+    return await harness.controlled(
+        Config(site_id="site-a", max_sessions_per_user=5, cleanup_interval=0)
+    )
+
+
+# ---------------------------------------------------------------- rotation rules
+
+
+async def test_a_request_with_the_pre_login_cookie_never_undoes_the_login(
+    store: ControlledStore,
+) -> None:
+    entered, go = asyncio.Event(), asyncio.Event()
+    app = make_app(store, (entered, go))
+    async with client(app) as c:
+        old = issued(await c.post("/write", params={"key": "a", "value": "1"}))
+        # A: loaded with the old cookie, writes after the login
+        late = asyncio.create_task(
+            c.post("/write", params={"key": "b", "value": "2", "wait": "1"}, headers=jar(old))
+        )
+        await entered.wait()  # A has loaded the session
+        response = await c.post("/login", params={"user": "alice"}, headers=jar(old))
+        assert response.status_code == 200
+        new = issued(response)
+        go.set()
+        a = await late
+        assert a.status_code == 409, a.text  # its write was not applied: said so
+        assert set_cookies(a) == []  # and the newer cookie is left alone
+        # later requests with the old id: no access, no clearing, writes refused
+        r = await c.get("/read", headers=jar(old))
+        assert r.json() == {"data": {}, "user": None} and set_cookies(r) == []
+        w = await c.post("/write", params={"key": "c", "value": "3"}, headers=jar(old))
+        assert w.status_code == 409 and set_cookies(w) == []
+        # the login stands, with the data of before and nothing of the refused writes
+        r = await c.get("/read", headers=jar(new))
+        assert r.json() == {"data": {"a": "1"}, "user": "alice"}
+    with pytest.raises(SessionRotated):
+        await store.get(old)
+
+
+async def test_logout_kills_the_id_at_once(store: ControlledStore) -> None:
+    async with client(make_app(store)) as c:
+        sid = issued(await c.post("/login", params={"user": "alice"}))
+        out = await c.post("/logout", headers=jar(sid))
+        assert any(h.startswith("__Host-session=;") for h in set_cookies(out))
+        with pytest.raises(SessionNotFound) as info:
+            await store.get(sid)
+        assert not isinstance(info.value, SessionRotated)
+        # a stale cookie of a logged-out session is cleared, not treated as rotated
+        r = await c.get("/read", headers=jar(sid))
+        assert any(h.startswith("__Host-session=;") for h in set_cookies(r))
+
+
+async def test_alice_then_bob_on_one_browser(store: ControlledStore) -> None:
+    async with client(make_app(store)) as c:
+        sid = issued(await c.post("/login", params={"user": "alice"}))
+        await c.post("/write", params={"key": "token", "value": "alice-secret"}, headers=jar(sid))
+        response = await c.post("/login", params={"user": "bob"}, headers=jar(sid))
+        bob = issued(response)
+        r = await c.get("/read", headers=jar(bob))
+        assert r.json() == {"data": {}, "user": "bob"}  # nothing of Alice's
+        assert "alice-secret" not in str(await store.list_by_user("bob"))
+        assert await store.list_by_user("alice") == []  # her session ended with the login
+        # the same user logging in again keeps the data; keep_data forces either way
+        await c.post("/write", params={"key": "cart", "value": "3"}, headers=jar(bob))
+        again = issued(await c.post("/login", params={"user": "bob"}, headers=jar(bob)))
+        assert (await c.get("/read", headers=jar(again))).json()["data"] == {"cart": "3"}
+        kept = issued(
+            await c.post("/login", params={"user": "carol", "keep": "1"}, headers=jar(again))
+        )
+        assert (await c.get("/read", headers=jar(kept))).json()["data"] == {"cart": "3"}
+        empty = issued(
+            await c.post("/login", params={"user": "carol", "keep": "0"}, headers=jar(kept))
+        )
+        assert (await c.get("/read", headers=jar(empty))).json()["data"] == {}
+    assert [s.id for s in await store.list_by_user("carol")] == [empty]
+
+
+async def test_login_keeps_the_anonymous_data_in_one_step(store: ControlledStore) -> None:
+    async with client(make_app(store)) as c:
+        anon = issued(await c.post("/write", params={"key": "cart", "value": "2"}))
+        sid = issued(await c.post("/login", params={"user": "dave"}, headers=jar(anon)))
+    stored = await store.get(sid)
+    assert stored.user_id == "dave" and stored.data == {"cart": "2"}
+    assert [s.id for s in await store.list_by_user("dave")] == [sid]
+    with pytest.raises(SessionRotated):
+        await store.get(anon)
+
+
+# --------------------------------------------------------------------- cookies
+
+
+async def test_default_cookie_name_is_host_prefixed(store: ControlledStore) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({}, "__Host-session"),
+        ({"https_only": False}, "session"),
+        ({"domain": "example.com"}, "session"),
+        ({"path": "/app"}, "session"),
+        ({"cookie_name": "sid"}, "sid"),
+    ]
+    for options, name in cases:
+        async with client(make_app(store, **options)) as c:
+            response = await c.post("/write", params={"key": "a", "value": "1"})
+            (header,) = set_cookies(response)
+            assert header.startswith(name + "="), (options, header)
+            if name == "__Host-session":
+                assert "; Secure" in header and "; Path=/" in header and "Domain" not in header
+
+
+async def test_cookie_header_is_parsed_as_rfc_6265(store: ControlledStore) -> None:
+    live = await store.create(new_session(None, data={"k": "v"}))
+    async with client(make_app(store, cookie_name="session")) as c:
+        # one cookie "foo" whose value contains a space: no session cookie at all
+        r = await c.get("/read", headers={"cookie": f"foo=x session={live.id}"})
+        assert r.json()["data"] == {} and set_cookies(r) == []
+        for header in (f"foo=x; session={live.id}", f"foo=x;session={live.id}; bar=1"):
+            r = await c.get("/read", headers={"cookie": header})
+            assert r.json()["data"] == {"k": "v"}, header
+
+
+async def test_tossed_parent_domain_cookie_has_no_effect(store: ControlledStore) -> None:
+    """With the ``session`` name a sibling subdomain can add a cookie of that name for
+    the parent domain; the browser then sends both. Junk is skipped (never a logout),
+    a live attacker id is never adopted in place of the victim's."""
+    app = make_app(store, cookie_name="session")
+    attacker = await store.create(new_session("mallory", data={"role": "attacker"}))
+    async with client(app) as c:
+        victim = issued(await c.post("/login", params={"user": "vic"}), "session")
+        for header in (f"session={victim}; session={JUNK}", f"session={JUNK}; session={victim}"):
+            r = await c.get("/read", headers={"cookie": header})
+            assert r.json()["user"] == "vic", header
+            assert set_cookies(r) == []
+            w = await c.post(
+                "/write", params={"key": "n", "value": "1"}, headers={"cookie": header}
+            )
+            assert w.status_code == 200 and set_cookies(w) == []
+        for header in (
+            f"session={attacker.id}; session={victim}",
+            f"session={victim}; session={attacker.id}",
+        ):
+            r = await c.get("/read", headers={"cookie": header})
+            assert r.json() == {"data": {}, "user": None}, header  # neither is adopted
+            assert set_cookies(r) == []  # nobody is logged out
+            w = await c.post(
+                "/write", params={"key": "x", "value": "1"}, headers={"cookie": header}
+            )
+            assert w.status_code == 409 and set_cookies(w) == []
+        r = await c.get("/read", headers={"cookie": f"session={victim}"})
+        assert r.json() == {"data": {"n": "1"}, "user": "vic"}
+    assert (await store.get(attacker.id)).data == {"role": "attacker"}
+    # with the default __Host- name the tossed cookie is not even ours
+    async with client(make_app(store)) as c:
+        header = f"session={attacker.id}; __Host-session={victim}"
+        r = await c.get("/read", headers={"cookie": header})
+        assert r.json()["user"] == "vic"
+
+
+async def test_legacy_cookie_name_is_migrated(store: ControlledStore) -> None:
+    live = await store.create(new_session("erin", data={"k": 1}))
+    app = make_app(store, legacy_cookie_name="session")
+    async with client(app) as c:
+        r = await c.get("/read", headers={"cookie": f"session={live.id}"})
+        assert r.json() == {"data": {"k": 1}, "user": "erin"}
+        headers = set_cookies(r)
+        assert any(h.startswith(f"__Host-session={live.id};") for h in headers)
+        assert any(h.startswith("session=;") and "Max-Age=0" in h for h in headers)
+        both = f"session={JUNK}; __Host-session={live.id}"
+        r = await c.get("/read", headers={"cookie": both})  # ours wins; nothing to migrate
+        assert r.json()["user"] == "erin" and set_cookies(r) == []
+    with pytest.raises(ValueError):
+        SessionMiddleware(Starlette(), store, legacy_cookie_name="__Host-session")
+
+
+# ------------------------------------------------------------------------ clock
+
+
+async def test_new_sessions_take_the_store_clock(harness: Harness, clock: FakeClock) -> None:
+    clock.advance(timedelta(days=30))  # far from the wall clock (ahead: Redis TTLs stay sane)
+    store = await harness.controlled(Config(cleanup_interval=0))
+    async with client(make_app(store)) as c:
+        anon = issued(await c.post("/write", params={"key": "a", "value": "1"}))
+        r = await c.get("/record", headers=jar(anon))
+        assert r.json()["created"] == clock().isoformat()
+        sid = issued(await c.post("/login", params={"user": "fay", "ttl": "60"}, headers=jar(anon)))
+        r = await c.get("/record", headers=jar(sid))
+        assert r.json() == {
+            "created": clock().isoformat(),
+            "expires": (clock() + timedelta(seconds=60)).isoformat(),
+        }
+        clock.advance(59)
+        assert (await c.get("/read", headers=jar(sid))).json()["user"] == "fay"
+        clock.advance(1)
+        assert (await c.get("/read", headers=jar(sid))).json()["user"] is None
+
+
+# ------------------------------------------------------------------------- logs
+
+
+async def test_hostile_requests_do_not_flood_the_logs(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """200 requests a client can send at will (another site's ids, rotated ids, tossed
+    live cookies, writes with a rotated id): a handful of WARNING records at most,
+    while every violation is still reported as an event."""
+    seen: list[ViolationEvent] = []
+    raw = await harness.raw(Config(cleanup_interval=0))
+    store = with_controls(
+        raw, Config(site_id="site-a", cleanup_interval=0), on_violation=seen.append
+    )
+    other = with_controls(raw, Config(site_id="site-b", cleanup_interval=0))
+    foreign = [(await other.create(new_session(None))).id for _ in range(5)]
+    rotated = []
+    for _ in range(5):
+        s = await store.create(new_session(None))
+        await store.rotate(s.id)
+        rotated.append(s.id)
+    a = (await store.create(new_session("u1"))).id
+    b = (await store.create(new_session("u2"))).id
+    app = make_app(store, cookie_name="session")
+    caplog.set_level(logging.DEBUG)
+    statuses: dict[int, int] = {}
+    async with client(app) as c:
+        for i in range(200):
+            kind = i % 4
+            if kind == 0:
+                headers = {"cookie": f"session={foreign[i % 5]}"}
+            elif kind == 1:
+                headers = {"cookie": f"session={rotated[i % 5]}"}
+            elif kind == 2:
+                headers = {"cookie": f"session={a}; session={b}"}
+            else:
+                headers = {"cookie": f"session={rotated[i % 5]}"}
+            if kind < 2:
+                r = await c.get("/read", headers=headers)
+            else:
+                r = await c.post("/write", params={"key": "k", "value": "v"}, headers=headers)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+    assert statuses == {200: 100, 409: 100}
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) <= 5, [r.getMessage() for r in warnings]
+    kinds = [e.type for e in seen]
+    assert kinds.count("site_mismatch") >= 50 and kinds.count("rotated") >= 100
