@@ -9,8 +9,12 @@ do not flood the logs; new sessions take their times from the store's clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,6 +42,7 @@ from asyncsession import (
 
 from .clock import FakeClock
 from .conftest import Harness
+from .redis_servers import Server, _base_args, free_ports, require_servers
 
 BASE = "https://testserver"
 JUNK = "J" * 43  # well formed, never issued
@@ -358,3 +363,62 @@ async def test_hostile_requests_do_not_flood_the_logs(
     assert len(warnings) <= 5, [r.getMessage() for r in warnings]
     kinds = [e.type for e in seen]
     assert kinds.count("site_mismatch") >= 50 and kinds.count("rotated") >= 100
+
+
+# ----------------------------------------------------------- one deadline per request
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Server]:
+    """A throwaway redis-server on a free port (the test SIGSTOPs it)."""
+    require_servers()
+    port = free_ports(1)[0]
+    server = Server("hung", port, tmp_path, _base_args(port))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+TIMEOUT = 1.0
+MARGIN = 0.75
+
+
+async def test_a_hung_store_answers_503_within_one_request_deadline(redis_server: Server) -> None:
+    """``timeout`` bounds the whole request's session work, not each round trip: a
+    request that meets a hung Redis twice (an explicit save, then the final save)
+    still answers 503 within ``timeout`` plus a small margin."""
+    from asyncsession import RedisStore, StoreUnavailable, save_session
+
+    host, port = redis_server.address
+    store = RedisStore.from_url(
+        f"redis://{host}:{port}/0", Config(cleanup_interval=0), timeout=TIMEOUT
+    )
+
+    async def twice(request: Request) -> PlainTextResponse:
+        redis_server.pause()  # hung from here on
+        request.session["a"] = 1
+        with contextlib.suppress(StoreUnavailable):
+            await save_session(request)  # meets the hung store once ...
+        request.session["b"] = 2  # ... and the middleware's save a second time
+        return PlainTextResponse("ok")
+
+    app = make_app(store)
+    app.router.routes.append(Route("/twice", twice, methods=["POST"]))
+    try:
+        async with store, client(app) as c:
+            sid = issued(await c.post("/write", params={"key": "k", "value": "v"}))
+            redis_server.pause()
+            started = time.monotonic()
+            r = await c.get("/read", headers=jar(sid))
+            elapsed = time.monotonic() - started
+            assert r.status_code == 503 and elapsed < TIMEOUT + MARGIN, elapsed
+            redis_server.resume()
+            assert (await c.get("/read", headers=jar(sid))).json()["data"] == {"k": "v"}
+            started = time.monotonic()
+            r = await c.post("/twice", headers=jar(sid))
+            elapsed = time.monotonic() - started
+            assert r.status_code == 503 and elapsed < TIMEOUT + MARGIN, elapsed
+    finally:
+        redis_server.resume()
