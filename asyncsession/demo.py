@@ -245,8 +245,9 @@ async def set_key(request: Request) -> Response:
 
 class SameOriginPosts:
     """Refuse form posts that do not prove they come from this site (belt and braces on
-    top of SameSite=Lax): ``Sec-Fetch-Site`` must be ``same-origin`` when the browser
-    sends it; otherwise ``Origin`` must be present, not ``null``, and this host."""
+    top of SameSite=Lax), with 403 and the reason: ``Sec-Fetch-Site`` must be
+    ``same-origin`` when the browser sends it; otherwise ``Origin`` must be present,
+    not ``null``, and this host."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -264,7 +265,9 @@ class SameOriginPosts:
     def refusal(headers: dict[bytes, bytes]) -> str | None:
         """Why a POST with these headers is refused (None: it is not)."""
         fetch_site = headers.get(b"sec-fetch-site")
-        if fetch_site is not None and fetch_site != b"same-origin":
+        if fetch_site is not None:  # set by the browser itself: a page cannot forge it
+            if fetch_site == b"same-origin":
+                return None
             return f"cross-site post refused (Sec-Fetch-Site: {fetch_site.decode('latin-1')})"
         origin = headers.get(b"origin")
         if origin is None or origin == b"null":
