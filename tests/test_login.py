@@ -422,3 +422,17 @@ async def test_a_hung_store_answers_503_within_one_request_deadline(redis_server
             assert r.status_code == 503 and elapsed < TIMEOUT + MARGIN, elapsed
     finally:
         redis_server.resume()
+
+
+async def test_login_is_counted_as_one_rotate_into(clock: FakeClock) -> None:
+    from asyncsession import MemoryStore
+    from asyncsession.instrument import instrument, metrics
+
+    store = instrument(MemoryStore.with_controls(Config(cleanup_interval=0), clock=clock))
+    async with client(make_app(store)) as c:
+        anon = issued(await c.post("/write", params={"key": "a", "value": "1"}))
+        issued(await c.post("/login", params={"user": "gus"}, headers=jar(anon)))
+        await c.get("/read", headers=jar(anon))  # rotated: one more violation
+    stats = metrics(store)
+    assert stats is not None
+    assert stats.operations["rotate_into"].outcomes() == {"ok": 1}
