@@ -686,10 +686,21 @@ class SessionMiddleware:
             conn.tossed = sent > 1
         if ids:
             try:
-                if len(ids) == 1:
-                    await self._load(conn, ids[0])
-                else:
+                if len(ids) > 1:
                     await self._load_tossed(conn, ids)
+                else:  # the common case, inline (no extra coroutine per request)
+                    session_id = ids[0]
+                    try:
+                        if conn.budget is None:
+                            session = await self.store.get(session_id)
+                        else:
+                            session = await conn.within(self.store.get(session_id))
+                    except SessionNotFound as exc:
+                        if isinstance(exc, SessionRotated):
+                            conn.stale = True  # a newer cookie exists: leave it alone
+                        logger.debug("session cookie not adopted: %s", short_hash(session_id))
+                    else:
+                        conn.loaded(session, session_id)
             except _UNAVAILABLE as exc:
                 if self.on_unavailable == "fail":
                     logger.error("session store unavailable, answering 503: %s", exc)
@@ -729,20 +740,6 @@ class SessionMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             conn.scope = None
-
-    async def _load(self, conn: _Connection, session_id: str) -> None:
-        """Adopt the session of the cookie's id, if it is live on this site."""
-        try:
-            if conn.budget is None:
-                session = await self.store.get(session_id)
-            else:
-                session = await conn.within(self.store.get(session_id))
-        except SessionNotFound as exc:
-            if isinstance(exc, SessionRotated):
-                conn.stale = True  # a newer cookie exists: leave it alone
-            logger.debug("session cookie not adopted: %s", short_hash(session_id))
-        else:
-            conn.loaded(session, session_id)
 
     async def _load_tossed(self, conn: _Connection, ids: tuple[str, ...]) -> None:
         """Several session cookies of our name (cookie tossing from a sibling domain,
@@ -784,6 +781,7 @@ class SessionMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
             # changes made after the handshake: saved when the connection ends
+            conn.budget = self.timeout
             await _commit_or_status(conn)
         finally:
             conn.scope = None
@@ -1022,6 +1020,8 @@ async def save_session(connection: HTTPConnection) -> None:
     """Persist changes now (the middleware otherwise saves when the response starts,
     or for websockets when the connection ends); useful in long-lived websockets."""
     conn = _conn(connection)
+    if connection.scope["type"] == "websocket":
+        conn.budget = conn.mw.timeout  # a long-lived socket: each save gets the full deadline
     await conn.within(conn.commit())
 
 

@@ -849,5 +849,7 @@ async def test_errors_are_session_errors_with_codes() -> None:
         ErrorCode.STORE_CLOSED: 503,
         ErrorCode.SESSION_CONFLICT: 409,
         ErrorCode.STORE_UNAVAILABLE: 503,
+        ErrorCode.SESSION_ROTATED: 409,
     }
+    assert issubclass(SessionRotated, SessionNotFound)
     assert issubclass(SessionExpired, SessionError)

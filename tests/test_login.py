@@ -436,3 +436,37 @@ async def test_login_is_counted_as_one_rotate_into(clock: FakeClock) -> None:
     stats = metrics(store)
     assert stats is not None
     assert stats.operations["rotate_into"].outcomes() == {"ok": 1}
+
+
+async def test_sqlite_files_of_schema_1_get_the_rotations_table(tmp_path: Path) -> None:
+    """A database written by the previous release (schema 1, no rotations table) opens,
+    keeps its sessions, and records rotations from then on."""
+    import sqlite3
+
+    pytest.importorskip("aiosqlite")
+    from asyncsession import SQLiteStore
+    from asyncsession.backends.sqlite import MIGRATIONS
+
+    path = str(tmp_path / "old.db")
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for statement in MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+        db.commit()
+    config = Config(cleanup_interval=0)
+    async with SQLiteStore(path, config) as store:
+        s = await store.create(new_session("ann", data={"k": 1}))
+    with contextlib.closing(sqlite3.connect(path)) as db:  # as the old release left it
+        db.execute("DROP TABLE rotations")
+        db.execute("PRAGMA user_version = 1")
+        db.commit()
+    async with SQLiteStore(path, config) as store:
+        assert (await store.get(s.id)).data == {"k": 1}
+        new_id = await store.rotate(s.id)
+        with pytest.raises(SessionRotated):
+            await store.get(s.id)
+        assert (await store.get(new_id)).user_id == "ann"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        (stored,) = db.execute("SELECT hash FROM rotations").fetchone()
+        assert s.id.encode() not in stored and new_id.encode() not in stored
