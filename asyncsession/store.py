@@ -289,7 +289,8 @@ class Store(ABC):
             and (session.expires_at is None or now < session.expires_at)
         ):
             return session
-        if session is None and await self._rotated(session_id, self.config, now):
+        scope = self.config
+        if session is None and scope.rotation_grace and await self._rotated(session_id, scope, now):
             raise self._rotated_error(session_id)
         return self._visible(session, session_id, self.config.site_id, now)
 
@@ -371,7 +372,7 @@ class Store(ABC):
         record = self.encode(new)
         outcome = await self._replace(new, record, scope, now)
         if outcome is not Outcome.OK:
-            if outcome is Outcome.MISSING and await self._rotated(session.id, scope, now):
+            if outcome is Outcome.MISSING and await self._was_rotated(session.id, scope, now):
                 raise self._rotated_error(session.id)
             raise self._write_error(outcome, session.id, session, expected=session.version)
         session.site_id = new.site_id
@@ -392,7 +393,7 @@ class Store(ABC):
         now = self.clock()
         outcome = await self._touch(session_id, scope, now)
         if outcome is not Outcome.OK:
-            if outcome is Outcome.MISSING and await self._rotated(session_id, scope, now):
+            if outcome is Outcome.MISSING and await self._was_rotated(session_id, scope, now):
                 raise self._rotated_error(session_id)
             raise self._write_error(outcome, session_id, None)
 
@@ -461,7 +462,7 @@ class Store(ABC):
             self._violation("invalid_session", exc, session)
             raise
         if isinstance(result, Outcome):
-            if result is Outcome.MISSING and await self._rotated(session_id, scope, now):
+            if result is Outcome.MISSING and await self._was_rotated(session_id, scope, now):
                 raise self._rotated_error(session_id)
             raise self._write_error(result, session_id, None, expected=version or 0)
         self._event("rotated", session, previous=short_hash(session_id))
@@ -665,6 +666,9 @@ class Store(ABC):
 
     # Optional hooks: a backend without them still works; what needs them degrades
     # (no ``expired`` events) or says it is unsupported (admin scans).
+
+    async def _was_rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
+        return bool(scope.rotation_grace) and await self._rotated(session_id, scope, now)
 
     async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
         """Whether ``session_id`` of ``scope.site_id`` was rotated less than

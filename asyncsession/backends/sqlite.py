@@ -584,18 +584,18 @@ class SQLiteStore(Store):
         return await self._run(_list_by_user, scope.site_id, user_id, to_us(now))
 
     async def _purge(self, now: datetime) -> int:
-        await self._run(_execute, _PURGE_ROTATIONS, (to_us(now),))
         removed = 0
         async for count in self._purge_batches(_purge_batch, to_us(now)):
             removed += count
+        await self._run(_execute, _PURGE_ROTATIONS, (to_us(now),))
         return removed
 
     async def _purge_report(self, now: datetime) -> list[PurgedSession]:
         """``_purge`` returning what it removed (only used when expired events are wanted)."""
-        await self._run(_execute, _PURGE_ROTATIONS, (to_us(now),))
         removed: list[PurgedSession] = []
         async for rows in self._purge_batches(_purge_report_batch, to_us(now)):
             removed.extend(PurgedSession(*row) for row in rows)
+        await self._run(_execute, _PURGE_ROTATIONS, (to_us(now),))
         return removed
 
     async def _purge_batches(
