@@ -79,6 +79,8 @@ _COOKIE_CACHE_SIZE = 1024
 
 MAX_CANDIDATES = 4
 """Session cookies of our name one request may carry that are looked up (tossing)."""
+MAX_VALUES = 64
+"""Distinct values of our cookie one request's headers are read for (bounded work)."""
 
 _log_limit = LogLimiter()
 """Client-triggerable middleware records (conflicts, stale or tossed cookies)."""
@@ -461,6 +463,8 @@ class _Connection:
         if self.cookie_sent and not (self.degraded or self.stale or self.tossed):
             self.cookie_sent = False
             self.client_id = None
+            if self.legacy and mw.legacy_expire_value is not None:
+                return [(b"vary", b"Cookie"), (b"set-cookie", mw.legacy_expire_value)]
             return [(b"vary", b"Cookie"), (b"set-cookie", mw.expire_cookie_value)]
         return []
 
@@ -635,12 +639,12 @@ class SessionMiddleware:
     def _parse_cookies(
         headers: list[bytes], pattern: re.Pattern[bytes]
     ) -> tuple[int, tuple[str, ...]]:
-        values: list[bytes] = []
+        values: dict[bytes, None] = {}  # distinct, in header order, at most MAX_VALUES
         for value in headers:
             for v in pattern.findall(value):
-                v = v.strip(b" \t")
-                if v not in values:
-                    values.append(v)
+                values[v.strip(b" \t")] = None
+                if len(values) >= MAX_VALUES:
+                    break
         ids: list[str] = []
         for found in values:
             if len(found) > 130:
@@ -680,7 +684,7 @@ class SessionMiddleware:
         sent, ids = self.read_cookie(scope)
         if not sent and self._legacy_re is not None:
             sent, ids = self.read_legacy_cookie(scope)
-            conn.legacy = bool(ids)
+            conn.legacy = sent > 0
         if sent:
             conn.cookie_sent = True
             conn.tossed = sent > 1

@@ -290,6 +290,9 @@ async def test_legacy_cookie_name_is_migrated(store: ControlledStore) -> None:
         both = f"session={JUNK}; __Host-session={live.id}"
         r = await c.get("/read", headers={"cookie": both})  # ours wins; nothing to migrate
         assert r.json()["user"] == "erin" and set_cookies(r) == []
+        # a legacy cookie naming no live session: the legacy cookie is expired
+        r = await c.get("/read", headers={"cookie": f"session={JUNK}"})
+        assert [h.split(";")[0] for h in set_cookies(r)] == ["session="]
     with pytest.raises(ValueError):
         SessionMiddleware(Starlette(), store, legacy_cookie_name="__Host-session")
 
