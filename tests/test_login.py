@@ -473,3 +473,21 @@ async def test_sqlite_files_of_schema_1_get_the_rotations_table(tmp_path: Path) 
         assert db.execute("PRAGMA user_version").fetchone()[0] == 2
         (stored,) = db.execute("SELECT hash FROM rotations").fetchone()
         assert s.id.encode() not in stored and new_id.encode() not in stored
+
+
+async def test_revocations_kill_ids_at_once(store: ControlledStore) -> None:
+    """logout_everywhere and revoke_session leave no rotation record: the ids are
+    unknown at once (and their cookies are expired, not left alone)."""
+    phone = await store.create(new_session("hal", data={"d": "phone"}))
+    tablet = await store.create(new_session("hal", data={"d": "tablet"}))
+    laptop = await store.create(new_session("hal", data={"d": "laptop"}))
+    assert await store.delete_by_user("hal", keep=laptop.id) == 2
+    for gone in (phone, tablet):
+        with pytest.raises(SessionNotFound) as info:
+            await store.get(gone.id)
+        assert not isinstance(info.value, SessionRotated)
+    async with client(make_app(store)) as c:
+        r = await c.get("/read", headers=jar(phone.id))
+        assert any(h.startswith("__Host-session=;") for h in set_cookies(r))
+        r = await c.get("/read", headers=jar(laptop.id))
+        assert r.json() == {"data": {"d": "laptop"}, "user": "hal"}
