@@ -40,15 +40,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import _plain_http as plain_http
 from .changes import ABSENT, Applied, Changes
+from .controls import LogLimiter
 from .errors import (
     SessionConflict,
     SessionError,
     SessionNotFound,
+    SessionRotated,
     StoreClosed,
     StoreUnavailable,
     short_hash,
 )
-from .session import Session, is_valid_session_id, new_session
+from .session import Session, is_valid_session_id, new_session, normalize_user_id
 from .store import Store
 
 if TYPE_CHECKING:
@@ -64,8 +66,8 @@ else:
 
 
 logger = logging.getLogger("asyncsession.asgi")
-
 T = TypeVar("T")
+
 
 SCOPE_KEY = "asyncsession"
 """Where the middleware keeps its per-connection state in the ASGI scope."""
@@ -83,8 +85,22 @@ _CACHED_COOKIE_HEADER = 4096
 _COOKIE_CACHE_SIZE = 1024
 """... this many distinct ones at most (the cache starts over when full)."""
 
+MAX_CANDIDATES = 4
+"""Session cookies of our name one request may carry that are looked up (tossing)."""
+MAX_VALUES = 64
+"""Distinct values of our cookie one request's headers are read for (bounded work)."""
+
+_log_limit = LogLimiter()
+"""Client-triggerable middleware records (conflicts, stale or tossed cookies)."""
+
 _VARY = [(b"vary", b"Cookie")]
 _MUTABLE = (list, dict)
+
+
+def _cookie_pattern(name: str) -> re.Pattern[bytes]:
+    """The value of every ``name=value`` pair of a Cookie header with exactly this name
+    (pairs split on ``;`` as in RFC 6265 and Starlette: never the tail of a value)."""
+    return re.compile(rb"(?:^|;)[ \t]*" + re.escape(name.encode()) + rb"[ \t]*=([^;]*)")
 
 
 class _Snapshot:
@@ -372,16 +388,20 @@ class _Connection:
     """Per-connection state: the stored record, the live data and what to tell the client."""
 
     __slots__ = (
+        "budget",
         "client_id",
         "conflict",
         "cookie_possible",
         "cookie_sent",
         "data",
         "degraded",
+        "legacy",
         "mw",
         "refreshed",
         "scope",
         "session",
+        "stale",
+        "tossed",
         "touch_due",
     )
 
@@ -401,6 +421,35 @@ class _Connection:
         self.refreshed = False  # saved or touched: refresh a Max-Age cookie
         self.cookie_possible = True  # False once a websocket handshake is done
         self.conflict: SessionConflict | None = None  # why commit answered 409
+        # the cookie names a rotated id, or several live ones (tossing): leave the
+        # client's cookies alone and refuse writes (409) rather than start a session
+        self.stale = False
+        self.tossed = False  # several values of our cookie: clearing ours would not help
+        self.legacy = False  # the session came in the legacy cookie: move it to ours
+        self.budget: float | None = mw.timeout  # seconds of store work left (None: no bound)
+
+    async def within(self, work: Awaitable[T]) -> T:
+        """Await store ``work`` within what is left of this request's deadline (one
+        budget for load, touch, save and login together); past it, ``StoreUnavailable``."""
+        budget = self.budget
+        if budget is None:
+            return await work
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            if budget <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(budget):
+                return await work
+        except TimeoutError as exc:
+            if asyncio.iscoroutine(work):
+                work.close()  # never started (budget spent): no "never awaited" warning
+            raise StoreUnavailable(
+                f"session store did not answer within the request's {self.mw.timeout} s",
+                details={"timeout": self.mw.timeout},
+            ) from exc
+        finally:
+            self.budget = budget - (loop.time() - started)
 
     @property
     def store(self) -> Store:
@@ -412,7 +461,7 @@ class _Connection:
         """The request's session is ``session``, found under the cookie's ``session_id``."""
         self.session = session
         self.data = SessionDict(session.data)
-        self.client_id = session_id
+        self.client_id = None if self.legacy else session_id
         every = self.mw.touch_every
         if every is not None:
             self.touch_due = self.store.clock() - session.last_accessed_at >= every
@@ -453,7 +502,8 @@ class _Connection:
             self.touch_due = False
             try:
                 await self.store.touch(self.session.id)
-            except SessionNotFound:
+            except SessionNotFound as exc:
+                self.stale = isinstance(exc, SessionRotated)
                 self.forget()
             except _UNAVAILABLE as exc:
                 logger.warning("session touch skipped: %s", exc)
@@ -461,6 +511,11 @@ class _Connection:
                 self.refreshed = True
 
     async def _create(self) -> None:
+        if self.stale:
+            raise SessionConflict(
+                "the session cookie is stale (rotated) or ambiguous; reload and retry",
+                details={"reason": "stale_cookie"},
+            )
         if self.degraded:
             logger.warning("session store unavailable: dropping a new anonymous session")
             return
@@ -468,7 +523,7 @@ class _Connection:
             logger.debug("websocket session written after accept: no cookie can carry it")
             return
         client = self.mw.client_fields(self.scope) if self.scope is not None else {}
-        session = new_session(None, data=_plain(self.data), **client)
+        session = new_session(None, data=_plain(self.data), now=self.store.clock(), **client)
         self.session = await self.store.create(session)
         self.data._saved()
         self.refreshed = True
@@ -479,8 +534,8 @@ class _Connection:
         ``SessionConflict`` (409) and nothing of this request is saved."""
         try:
             applied = await self.store.apply(session.id, changes, base=session)
-        except SessionNotFound:
-            self._gone(session)
+        except SessionNotFound as exc:
+            self._gone(session, exc)
             return
         self._applied(session, applied)
 
@@ -494,8 +549,17 @@ class _Connection:
         self.touch_due = False
         self.refreshed = True
 
-    def _gone(self, session: Session) -> None:
-        logger.info(
+    def _gone(self, session: Session, exc: SessionNotFound) -> None:
+        """The stored session vanished under this request. Rotated (a login moved it):
+        the changes are refused with 409 and the newer cookie is left alone."""
+        if isinstance(exc, SessionRotated):
+            self.stale = True
+            self.forget()
+            raise SessionConflict(
+                "the session was rotated (login) during the request; its changes were not applied",
+                details={"session": short_hash(session.id), "reason": "rotated"},
+            ) from exc
+        logger.debug(
             "session %s was deleted during the request; its changes are dropped",
             short_hash(session.id),
         )
@@ -517,10 +581,16 @@ class _Connection:
                 return _VARY
             self.client_id = session.id
             self.refreshed = False
-            return [_VARY[0], (b"set-cookie", mw.set_cookie_value(session.id))]
-        if self.cookie_sent and not self.degraded:
+            headers = [_VARY[0], (b"set-cookie", mw.set_cookie_value(session.id))]
+            if self.legacy and mw.legacy_expire_value is not None:
+                self.legacy = False
+                headers.append((b"set-cookie", mw.legacy_expire_value))
+            return headers
+        if self.cookie_sent and not (self.degraded or self.stale or self.tossed):
             self.cookie_sent = False
             self.client_id = None
+            if self.legacy and mw.legacy_expire_value is not None:
+                return [(b"vary", b"Cookie"), (b"set-cookie", mw.legacy_expire_value)]
             return [(b"vary", b"Cookie"), (b"set-cookie", mw.expire_cookie_value)]
         return []
 
@@ -540,6 +610,14 @@ class SessionMiddleware:
     ``touch_interval`` bound how often a read-only request writes ``touch``.
     ``max_retries`` is ignored (saves are key-level and never retried; see
     ``update_session``); it is still accepted so existing code runs.
+
+    The cookie is named ``__Host-session`` by default when ``https_only``, no
+    ``domain`` and path ``/`` (browsers refuse such a cookie from a sibling or parent
+    domain: no cookie tossing), ``session`` otherwise; ``cookie_name`` overrides it.
+    ``legacy_cookie_name`` reads a session from an older cookie name when the client
+    has none under ours, and moves it (set ours, expire the old one). ``timeout``
+    (default: the store's ``timeout``) bounds all of one request's session work:
+    past it the request answers 503.
     """
 
     def __init__(
@@ -547,7 +625,7 @@ class SessionMiddleware:
         app: ASGIApp,
         store: Store,
         *,
-        cookie_name: str = "session",
+        cookie_name: str | None = None,
         path: str = "/",
         domain: str | None = None,
         same_site: Literal["lax", "strict", "none"] = "lax",
@@ -559,9 +637,24 @@ class SessionMiddleware:
         on_unavailable: Literal["fail", "anonymous"] = "fail",
         max_retries: int = 5,
         record_client: bool = True,
+        legacy_cookie_name: str | None = None,
+        timeout: float | None = None,
     ) -> None:
         if not isinstance(store, Store):
             raise TypeError(f"store must be an asyncsession Store, not {type(store).__name__}")
+        if cookie_name is None:
+            host_only = https_only and not domain and path == "/"
+            cookie_name = "__Host-session" if host_only else "session"
+        if legacy_cookie_name is not None and (
+            not legacy_cookie_name
+            or not set(legacy_cookie_name) <= _COOKIE_NAME_CHARS
+            or legacy_cookie_name == cookie_name
+        ):
+            raise ValueError(f"invalid legacy cookie name {legacy_cookie_name!r}")
+        if timeout is None:
+            timeout = store.timeout
+        if timeout is not None and not timeout > 0:
+            raise ValueError("timeout must be positive (None: the store's timeout)")
         if not cookie_name or not set(cookie_name) <= _COOKIE_NAME_CHARS:
             raise ValueError(f"invalid cookie name {cookie_name!r}")
         same_site = same_site.lower()  # type: ignore[assignment]
@@ -585,11 +678,11 @@ class SessionMiddleware:
         self.app = app
         self.store = store
         self.cookie_name = cookie_name
-        # the value of every ``name=value`` pair with our name (not the tail of another)
-        self._cookie_re = re.compile(
-            rb"(?:^|[;\s])" + re.escape(cookie_name.encode()) + rb"=([^;]*)"
-        )
-        self._cookie_cache: dict[bytes, tuple[bool, str | None]] = {}
+        self.timeout = timeout
+        self._cookie_re = _cookie_pattern(cookie_name)
+        self.legacy_cookie_name = legacy_cookie_name
+        self._legacy_re = _cookie_pattern(legacy_cookie_name) if legacy_cookie_name else None
+        self._cookie_cache: dict[bytes, tuple[int, tuple[str, ...]]] = {}
         if isinstance(max_age, timedelta):
             max_age = int(max_age.total_seconds())
         if max_age is not None and max_age <= 0:
@@ -623,58 +716,79 @@ class SessionMiddleware:
         self._attrs = attrs
         self._max_age_attr = f"; Max-Age={max_age}" if max_age is not None else ""
         self.expire_cookie_value = f"{cookie_name}=; {_EXPIRED}{attrs}".encode("latin-1")
+        self.legacy_expire_value = (
+            f"{legacy_cookie_name}=; {_EXPIRED}{attrs}".encode("latin-1")
+            if legacy_cookie_name
+            else None
+        )
 
     # ---------------------------------------------------------------- cookies
 
     def set_cookie_value(self, session_id: str) -> bytes:
         return f"{self.cookie_name}={session_id}{self._max_age_attr}{self._attrs}".encode("ascii")
 
-    def read_cookie(self, scope: Scope) -> tuple[bool, str | None]:
-        """(a cookie with our name was sent, its id if well formed and unambiguous).
+    def read_cookie(self, scope: Scope) -> tuple[int, tuple[str, ...]]:
+        """(how many distinct values our cookie had, the well-formed ids among them).
 
-        Duplicates with different values (cookie tossing from a sibling domain or an
-        old path), quoting, non-ASCII and oversized values all give no id, so they
-        never reach the store.
+        Parsed as RFC 6265 and Starlette do: pairs split on ``;``, so ``foo=x session=y``
+        is the cookie ``foo``. Several values (cookie tossing from a sibling domain, an
+        old path) give up to ``MAX_CANDIDATES`` ids in header order; quoting, non-ASCII
+        and oversized values give no id, so they never reach the store.
         """
         header: bytes | None = None
         for key, value in scope["headers"]:
             if key == b"cookie":
                 if header is not None:  # several Cookie headers (HTTP/2 may split them)
-                    return self._parse_cookies([v for k, v in scope["headers"] if k == b"cookie"])
+                    return self._parse_cookies(
+                        [v for k, v in scope["headers"] if k == b"cookie"], self._cookie_re
+                    )
                 header = value
         if header is None:
-            return False, None
+            return 0, ()
         # A client sends the same Cookie header on every request: remember what the
         # last few thousand distinct (short) headers parsed to.
         cache = self._cookie_cache
         parsed = cache.get(header)
         if parsed is None:
-            parsed = self._parse_cookies([header])
+            parsed = self._parse_cookies([header], self._cookie_re)
             if len(header) <= _CACHED_COOKIE_HEADER:
                 if len(cache) >= _COOKIE_CACHE_SIZE:
                     cache.clear()
                 cache[header] = parsed
         return parsed
 
-    def _parse_cookies(self, headers: list[bytes]) -> tuple[bool, str | None]:
-        found: bytes | None = None
+    def read_legacy_cookie(self, scope: Scope) -> tuple[int, tuple[str, ...]]:
+        """``read_cookie`` for ``legacy_cookie_name``."""
+        if self._legacy_re is None:
+            return 0, ()
+        headers = [v for k, v in scope["headers"] if k == b"cookie"]
+        return self._parse_cookies(headers, self._legacy_re)
+
+    @staticmethod
+    def _parse_cookies(
+        headers: list[bytes], pattern: re.Pattern[bytes]
+    ) -> tuple[int, tuple[str, ...]]:
+        values: dict[bytes, None] = {}  # distinct, in header order, at most MAX_VALUES
         for value in headers:
-            for v in self._cookie_re.findall(value):
-                v = v.strip()
-                if found is not None and v != found:
-                    return True, None
-                found = v
-        if found is None:
-            return False, None
-        if len(found) > 130:
-            return True, None
-        if len(found) >= 2 and found[:1] == b'"' and found[-1:] == b'"':
-            found = found[1:-1]
-        try:
-            session_id = found.decode("ascii")
-        except UnicodeDecodeError:
-            return True, None
-        return True, session_id if is_valid_session_id(session_id) else None
+            for v in pattern.findall(value):
+                values[v.strip(b" \t")] = None
+                if len(values) >= MAX_VALUES:
+                    break
+        ids: list[str] = []
+        for found in values:
+            if len(found) > 130:
+                continue
+            if len(found) >= 2 and found[:1] == b'"' and found[-1:] == b'"':
+                found = found[1:-1]
+            try:
+                session_id = found.decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            if is_valid_session_id(session_id) and session_id not in ids:
+                ids.append(session_id)
+                if len(ids) == MAX_CANDIDATES:
+                    break
+        return len(values), tuple(ids)
 
     def client_fields(self, scope: Scope) -> dict[str, Any]:
         """``ip_address`` and ``user_agent`` recorded on a new session."""
@@ -698,12 +812,30 @@ class SessionMiddleware:
         if self.https_only and scope.get("scheme") in plain_http.PLAIN_SCHEMES:
             plain_http.request(scope)
         conn = _Connection(self, scope)
-        conn.cookie_sent, session_id = self.read_cookie(scope)
-        if session_id is not None:
+        sent, ids = self.read_cookie(scope)
+        if not sent and self._legacy_re is not None:
+            sent, ids = self.read_legacy_cookie(scope)
+            conn.legacy = sent > 0
+        if sent:
+            conn.cookie_sent = True
+            conn.tossed = sent > 1
+        if ids:
             try:
-                session = await self.store.get(session_id)  # loaded() below
-            except SessionNotFound:
-                logger.debug("session cookie not adopted: %s", short_hash(session_id))
+                if len(ids) > 1:
+                    await self._load_tossed(conn, ids)
+                else:  # the common case, inline (no extra coroutine per request)
+                    session_id = ids[0]
+                    try:
+                        if conn.budget is None:
+                            session = await self.store.get(session_id)
+                        else:
+                            session = await conn.within(self.store.get(session_id))
+                    except SessionNotFound as exc:
+                        if isinstance(exc, SessionRotated):
+                            conn.stale = True  # a newer cookie exists: leave it alone
+                        logger.debug("session cookie not adopted: %s", short_hash(session_id))
+                    else:
+                        conn.loaded(session, session_id)
             except _UNAVAILABLE as exc:
                 if self.on_unavailable == "fail":
                     logger.error("session store unavailable, answering 503: %s", exc)
@@ -712,8 +844,6 @@ class SessionMiddleware:
                 logger.warning("session store unavailable, serving an anonymous session: %s", exc)
                 conn.degraded = True
                 conn.forget()
-            else:
-                conn.loaded(session, session_id)
         if conn.data is _EMPTY_SESSION:
             conn.data = SessionDict()
         scope["session"] = conn.data
@@ -751,6 +881,28 @@ class SessionMiddleware:
         finally:
             conn.scope = None
 
+    async def _load_tossed(self, conn: _Connection, ids: tuple[str, ...]) -> None:
+        """Several session cookies of our name (cookie tossing from a sibling domain,
+        or an old path): unknown ids are skipped; exactly one live session is adopted;
+        several live ones are ambiguous: an anonymous session that cannot be saved
+        (409 on write), and the client's cookies are left alone."""
+        live: list[tuple[Session, str]] = []
+        for session_id in ids:
+            try:
+                live.append((await conn.within(self.store.get(session_id)), session_id))
+            except SessionNotFound:
+                continue
+        if len(live) == 1:
+            conn.loaded(*live[0])
+        elif live:
+            conn.stale = True
+            level, suppressed = _log_limit.level("ambiguous_cookie")
+            logger.log(
+                level,
+                "several live session cookies in one request (cookie tossing?): none adopted%s",
+                f" ({suppressed} more since)" if suppressed else "",
+            )
+
     async def _websocket(
         self, conn: _Connection, scope: Scope, receive: Receive, send: Send
     ) -> None:
@@ -769,6 +921,7 @@ class SessionMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
             # changes made after the handshake: saved when the connection ends
+            conn.budget = self.timeout
             await _commit_or_status(conn)
         finally:
             conn.scope = None
@@ -791,13 +944,22 @@ def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message
 async def _commit_or_status(conn: _Connection) -> int | None:
     """Commit; on failure log and return the status to answer instead."""
     try:
-        await conn.commit()
+        if conn.budget is None:
+            await conn.commit()
+        else:
+            await conn.within(conn.commit())
     except _UNAVAILABLE as exc:
         logger.error("session not saved, store unavailable: %s", exc)
         return 503
     except SessionConflict as exc:
-        # a client can cause this at will (two tabs): not an error of the app
-        logger.info("session not saved, a key it read was changed meanwhile: %s", exc)
+        # any client can cause these at will (parallel requests, two tabs, an old cookie)
+        level, suppressed = _log_limit.level("conflict")
+        logger.log(
+            level,
+            "session not saved, a key it read was changed meanwhile: %s%s",
+            exc,
+            f" ({suppressed} more since)" if suppressed else "",
+        )
         conn.conflict = exc
         return 409
     except SessionError as exc:
@@ -908,27 +1070,63 @@ async def login(
     user_id: str | int | Any,
     *,
     ttl: timedelta | float | None = None,
+    keep_data: bool | None = None,
     **fields: Any,
 ) -> Session:
-    """Bind ``user_id`` to this client under a brand-new session id, keeping the data.
+    """Bind ``user_id`` to this client under a brand-new session id.
 
-    A new session is created (the store enforces the per-user limit atomically) and
-    the previous one is deleted: the id an attacker may have planted before login is
-    worthless afterwards (session fixation). ``fields`` go to ``new_session``
+    The previous session is replaced in one atomic step (``Store.rotate_into``): the
+    id an attacker may have planted before login is worthless afterwards (session
+    fixation), there is never a moment with two live sessions or none, and a request
+    still carrying the old id gets no access to the new session (it answers 409 if
+    it writes, and never clears the new cookie). The per-user limit applies as in
+    ``create``. The data is kept when the previous session was anonymous or already
+    this user's, and dropped when it belonged to someone else (as Django's
+    ``login()`` does); ``keep_data`` forces either. ``fields`` go to ``new_session``
     (``organization_id``, ``data``, ``ip_address``, ``user_agent``); the client's
-    address and user agent are recorded by default.
+    address and user agent are recorded by default; times come from the store's clock.
     """
     conn = _conn(connection)
+    store = conn.store
+    user = normalize_user_id(user_id)
     old = conn.session
-    fields.setdefault("data", dict(conn.data))
+    if keep_data is None:
+        keep_data = old is None or old.user_id is None or old.user_id == user
+    if old is not None and keep_data and conn.pending():
+        await conn.within(conn.commit())  # this request's own changes first, as usual
+        old = conn.session
+    explicit = "data" in fields
+    if not explicit:
+        fields["data"] = dict(conn.data) if keep_data else {}
     for key, value in conn.mw.client_fields(connection.scope).items():
         fields.setdefault(key, value)
-    session = await conn.store.create(new_session(user_id, ttl, **fields))
+    attempts = 0
+    while True:
+        session = new_session(user, ttl, now=store.clock(), **fields)
+        if old is None:
+            session = await conn.within(store.create(session))
+            break
+        try:
+            session = await conn.within(store.rotate_into(old.id, session, version=old.version))
+            break
+        except SessionConflict:
+            attempts += 1
+            if attempts > conn.mw.max_retries:
+                raise
+        except SessionNotFound:  # gone meanwhile (deleted, expired, another login)
+            old = None
+            continue
+        try:  # changed by a parallel request: take its data and try again
+            old = await conn.within(store.get(old.id))
+        except SessionNotFound:
+            old = None
+        else:
+            if keep_data and not explicit:
+                fields["data"] = old.data
     conn.adopt(session)
     conn.touch_due = False
     conn.refreshed = True
-    if old is not None:
-        await conn.store.delete(old.id)
+    conn.stale = False
     logger.info("login: session %s for user %r", short_hash(session.id), session.user_id)
     return session
 
@@ -989,7 +1187,10 @@ async def revoke_session(connection: HTTPConnection, short_id: str) -> bool:
 async def save_session(connection: HTTPConnection) -> None:
     """Persist changes now (the middleware otherwise saves when the response starts,
     or for websockets when the connection ends); useful in long-lived websockets."""
-    await _conn(connection).commit()
+    conn = _conn(connection)
+    if connection.scope["type"] == "websocket":
+        conn.budget = conn.mw.timeout  # a long-lived socket: each save gets the full deadline
+    await conn.within(conn.commit())
 
 
 UPDATE_ATTEMPTS = 10
@@ -1023,11 +1224,11 @@ async def update_session(
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
     conn = _conn(connection)
-    await conn.commit()
+    await conn.within(conn.commit())
     session = conn.session
     if session is None:
         result = await _run(fn, conn.data)
-        await conn.commit()
+        await conn.within(conn.commit())
         return result
     lock = _update_locks.get(session.id)
     if lock is None:
@@ -1040,12 +1241,12 @@ async def update_session(
             session = conn.session
             if session is None:  # deleted meanwhile: a new anonymous session
                 result = await _run(fn, conn.data)
-                await conn.commit()
+                await conn.within(conn.commit())
                 return result
             try:
-                fresh = await conn.store.get(session.id)
-            except SessionNotFound:
-                conn._gone(session)
+                fresh = await conn.within(conn.store.get(session.id))
+            except SessionNotFound as exc:
+                conn._gone(session, exc)
                 continue
             view = SessionDict(fresh.data)
             result = await _run(fn, view)
@@ -1055,11 +1256,11 @@ async def update_session(
                 conn.data._reset(_plain(view))
                 return result
             try:
-                applied = await conn.store.apply(session.id, changes, base=fresh)
+                applied = await conn.within(conn.store.apply(session.id, changes, base=fresh))
             except SessionConflict:
                 continue
-            except SessionNotFound:
-                conn._gone(session)
+            except SessionNotFound as exc:
+                conn._gone(session, exc)
                 continue
             conn.session = fresh
             conn.data._reset(_plain(view))

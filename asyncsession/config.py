@@ -47,6 +47,10 @@ class Config:
     idle_timeout: timedelta | None = None
     cleanup_interval: timedelta = field(default=timedelta(minutes=5))
     key_prefix: str = "session:"
+    rotation_grace: timedelta = field(default=timedelta(seconds=60))
+    """How long a rotated id (``rotate``, ``login``) is remembered as rotated rather
+    than unknown, so a request still carrying it answers 409 instead of logging the
+    client out; 0 turns the records off."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.site_id, str) or not _SITE_RE.fullmatch(self.site_id):
@@ -79,6 +83,10 @@ class Config:
                 f"Config.cleanup_interval must be >= 0 (0 turns cleanup off), got {interval!r}"
             )
         object.__setattr__(self, "cleanup_interval", interval)
+        grace = _duration("rotation_grace", self.rotation_grace)
+        if grace is None or grace < timedelta(0):
+            raise ValueError(f"Config.rotation_grace must be >= 0, got {self.rotation_grace!r}")
+        object.__setattr__(self, "rotation_grace", grace)
         if not isinstance(self.key_prefix, str) or any(c in self.key_prefix for c in "{}\r\n"):
             raise ValueError(
                 "Config.key_prefix must be a string without braces or newlines"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -72,6 +73,33 @@ class SessionEvent:
 
 
 E = TypeVar("E", ViolationEvent, SessionEvent)
+
+CLIENT_TRIGGERED = frozenset({"site_mismatch", "conflict", "rotated"})
+"""Violations any client can cause at will (another site's id, a stale cookie, parallel
+writes): logged at WARNING at most once per ``LogLimiter.interval`` per kind, at DEBUG
+otherwise. Events and metrics still count every one."""
+
+
+class LogLimiter:
+    """Rate limit for client-triggerable log records: one WARNING per kind per
+    ``interval`` seconds carrying the count suppressed since, DEBUG for the rest."""
+
+    interval: float = 60.0
+
+    def __init__(self) -> None:
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def level(self, kind: str) -> tuple[int, int]:
+        """(level to log this one at, records suppressed since the last WARNING)."""
+        now = time.monotonic()
+        if now >= self._next.get(kind, 0.0):
+            self._next[kind] = now + self.interval
+            return logging.WARNING, self._suppressed.pop(kind, 0)
+        self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+        return logging.DEBUG, 0
+
+
 Handler = Callable[[E], Awaitable[None] | None]
 
 
@@ -97,6 +125,8 @@ class ControlledStore(Store):
         self.on_violation = on_violation
         self.on_event = on_event
         self._pending: set[asyncio.Task[Any]] = set()
+        self.timeout = store.timeout
+        self._log_limit = LogLimiter()
         store._purge_watchers.add(self)  # weak: for ``expired`` events from any purge
 
     # Lifecycle: the backend owns connections and the cleanup task.
@@ -164,10 +194,15 @@ class ControlledStore(Store):
             details={**error.details, **extra},
             at=self.clock(),
         )
-        self.logger.warning(
-            "asyncsession violation %s: %s",
+        level, suppressed = logging.WARNING, 0
+        if kind in CLIENT_TRIGGERED:
+            level, suppressed = self._log_limit.level(kind)
+        self.logger.log(
+            level,
+            "asyncsession violation %s: %s%s",
             kind,
             error.message,
+            f" ({suppressed} more since the last one logged at WARNING)" if suppressed else "",
             extra={
                 "violation": kind,
                 "code": str(error.code),
@@ -175,6 +210,7 @@ class ControlledStore(Store):
                 "user_id": event.user_id,
                 "session": event.session,
                 "details": event.details,
+                "suppressed": suppressed,
             },
         )
         if self.on_violation is not None:
@@ -264,6 +300,20 @@ class ControlledStore(Store):
         self, session_id: str, new_id: str, scope: Config, now: datetime
     ) -> Coroutine[Any, Any, Outcome]:
         return self.store._rotate(session_id, new_id, scope, now)
+
+    def _rotate_into(
+        self,
+        session_id: str,
+        version: int | None,
+        session: Session,
+        record: bytes,
+        scope: Config,
+        now: datetime,
+    ) -> Coroutine[Any, Any, InsertResult | Outcome]:
+        return self.store._rotate_into(session_id, version, session, record, scope, now)
+
+    def _rotated(self, session_id: str, scope: Config, now: datetime) -> Coroutine[Any, Any, bool]:
+        return self.store._rotated(session_id, scope, now)
 
     def _delete(self, session_id: str, scope: Config) -> Coroutine[Any, Any, Outcome]:
         return self.store._delete(session_id, scope)

@@ -121,7 +121,7 @@ async def home(request: Request) -> HTMLResponse:
             + "</p>"
         )
     parts.append(
-        f"<h2>Session data</h2><p>Counter: <b id=counter>{int(data.get('counter', 0))}</b> "
+        f"<h2>Session data</h2><p>Counter: <b id=counter>{e(str(data.get('counter', 0)))}</b> "
         + _post("/increment", "Increment", button_id="increment")
         + "</p><form id=set-form method=post action='/set'>"
         "<input name=key placeholder=key required maxlength=64> "
@@ -172,15 +172,29 @@ async def home(request: Request) -> HTMLResponse:
     return _page("asyncsession demo", "".join(parts))
 
 
+MAX_FORM_FIELDS = 10
+
+
+class BadForm(Exception):
+    """A form the demo refuses with 400 and this message."""
+
+
 async def _form(request: Request) -> dict[str, str]:
-    """A urlencoded form body (no python-multipart needed), bounded in size."""
+    """A urlencoded form body (no python-multipart needed), bounded in size and fields."""
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > 16_384:
             break
-    parsed = parse_qs(body[:16_384].decode("utf-8", "replace"), max_num_fields=10)
+    try:
+        parsed = parse_qs(body[:16_384].decode("utf-8", "replace"), max_num_fields=MAX_FORM_FIELDS)
+    except ValueError:
+        raise BadForm(f"too many form fields (at most {MAX_FORM_FIELDS})") from None
     return {k: v[0] for k, v in parsed.items()}
+
+
+async def bad_form(request: Request, exc: Exception) -> Response:
+    return PlainTextResponse(str(exc), status_code=400)
 
 
 def _back() -> RedirectResponse:
@@ -212,7 +226,9 @@ async def do_revoke(request: Request) -> Response:
 
 def _bump(data: dict[str, Any]) -> None:
     counter = data.get("counter", 0)
-    data["counter"] = (counter if isinstance(counter, int) else 0) + 1
+    if type(counter) is not int:
+        raise BadForm("the counter is not a number (it was set with 'Set key'); set it to 0")
+    data["counter"] = counter + 1
 
 
 async def increment(request: Request) -> Response:
@@ -230,25 +246,38 @@ async def set_key(request: Request) -> Response:
 
 
 class SameOriginPosts:
-    """Refuse cross-origin form posts (belt and braces on top of SameSite=Lax)."""
+    """Refuse form posts that do not prove they come from this site (belt and braces on
+    top of SameSite=Lax), with 403 and the reason: ``Sec-Fetch-Site`` must be
+    ``same-origin`` when the browser sends it; otherwise ``Origin`` must be present,
+    not ``null``, and this host."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            headers = dict(scope["headers"])
-            origin = headers.get(b"origin")
-            host = headers.get(b"host", b"")
-            if (
-                origin is not None
-                and origin != b"null"
-                and urlsplit(origin.decode("latin-1")).netloc.encode("latin-1") != host
-            ):
-                response = PlainTextResponse("cross-origin post refused", status_code=403)
+            refused = self.refusal(dict(scope["headers"]))
+            if refused is not None:
+                response = PlainTextResponse(refused, status_code=403)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def refusal(headers: dict[bytes, bytes]) -> str | None:
+        """Why a POST with these headers is refused (None: it is not)."""
+        fetch_site = headers.get(b"sec-fetch-site")
+        if fetch_site is not None:  # set by the browser itself: a page cannot forge it
+            if fetch_site == b"same-origin":
+                return None
+            return f"cross-site post refused (Sec-Fetch-Site: {fetch_site.decode('latin-1')})"
+        origin = headers.get(b"origin")
+        if origin is None or origin == b"null":
+            return "post refused: the browser sent no usable Origin header (missing or null)"
+        host = headers.get(b"host", b"")
+        if urlsplit(origin.decode("latin-1")).netloc.encode("latin-1") != host:
+            return "cross-origin post refused"
+        return None
 
 
 def create_app(store: ControlledStore, *, https_only: bool = False) -> Starlette:
@@ -270,6 +299,7 @@ def create_app(store: ControlledStore, *, https_only: bool = False) -> Starlette
             Route("/set", set_key, methods=["POST"]),
         ],
         lifespan=lifespan,
+        exception_handlers={BadForm: bad_form},
     )
     install_exception_handler(app)
     app.add_middleware(

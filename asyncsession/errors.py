@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     STORE_CLOSED = "STORE_CLOSED"
     SESSION_CONFLICT = "SESSION_CONFLICT"
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+    SESSION_ROTATED = "SESSION_ROTATED"
 
 
 http_status: dict[ErrorCode, int] = {
@@ -33,6 +34,7 @@ http_status: dict[ErrorCode, int] = {
     ErrorCode.STORE_CLOSED: 503,
     ErrorCode.SESSION_CONFLICT: 409,
     ErrorCode.STORE_UNAVAILABLE: 503,
+    ErrorCode.SESSION_ROTATED: 409,
 }
 """HTTP status an ASGI handler should answer for each code."""
 
@@ -80,6 +82,15 @@ class SessionExpired(SessionNotFound):
     """Expired but not yet purged. A ``SessionNotFound``, so one ``except`` handles both."""
 
     default_code = ErrorCode.SESSION_EXPIRED
+
+
+class SessionRotated(SessionNotFound):
+    """The id was moved to a new one moments ago (``rotate``, ``login``): a request that
+    still carries it gets no access to the new session. A ``SessionNotFound``, so
+    existing handlers keep working; the record of the rotation lasts
+    ``Config.rotation_grace`` and never names the new id."""
+
+    default_code = ErrorCode.SESSION_ROTATED
 
 
 class InvalidSession(SessionError):

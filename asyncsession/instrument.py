@@ -71,6 +71,7 @@ HOOKS = {
     "apply": "_apply",
     "touch": "_touch",
     "rotate": "_rotate",
+    "rotate_into": "_rotate_into",
     "delete": "_delete",
     "delete_by_user": "_delete_by_user",
     "list_by_user": "_list_by_user",

@@ -36,6 +36,7 @@ from .errors import (
     SessionExpired,
     SessionLimitExceeded,
     SessionNotFound,
+    SessionRotated,
     SessionTooLarge,
     StoreClosed,
     short_hash,
@@ -95,6 +96,7 @@ class ScanEntry(NamedTuple):
 
 
 _new_session = Session.__new__
+_KEEP: Any = object()
 _id_match = SESSION_ID_RE.fullmatch
 
 
@@ -116,6 +118,10 @@ class Store(ABC):
     """Async session store. Use as ``async with store:`` or call ``close()``."""
 
     backend_name: str = "store"
+    timeout: float | None = None
+    """Seconds a request's whole session work (load, touch, save) may take in the
+    middleware before it answers 503; None: unbounded. ``RedisStore`` sets it from its
+    ``timeout`` (which also bounds each round trip)."""
     stores_header: bool = True
     """Whether the write hooks get the whole record (metadata header and data) or only
     the encoded data; the size limit applies to the whole record either way."""
@@ -288,7 +294,18 @@ class Store(ABC):
             and (session.expires_at is None or now < session.expires_at)
         ):
             return session
+        scope = self.config
+        if session is None and scope.rotation_grace and await self._rotated(session_id, scope, now):
+            raise self._rotated_error(session_id)
         return self._visible(session, session_id, self.config.site_id, now)
+
+    def _rotated_error(self, session_id: str) -> SessionRotated:
+        exc = SessionRotated(
+            "session id was rotated; the client holds an older cookie",
+            details={"session": short_hash(session_id)},
+        )
+        self._violation("rotated", exc, None, session_id=session_id)
+        return exc
 
     def _visible(
         self, session: Session | None, session_id: str, site_id: str, now: datetime
@@ -360,6 +377,8 @@ class Store(ABC):
         record = self.encode(new)
         outcome = await self._replace(new, record, scope, now)
         if outcome is not Outcome.OK:
+            if outcome is Outcome.MISSING and await self._was_rotated(session.id, scope, now):
+                raise self._rotated_error(session.id)
             raise self._write_error(outcome, session.id, session, expected=session.version)
         session.site_id = new.site_id
         session.version = new.version
@@ -425,20 +444,86 @@ class Store(ABC):
         absolute deadline). Never rewrites data, never bumps the version."""
         self._check_open()
         self._check_id(session_id)
-        outcome = await self._touch(session_id, self.scope, self.clock())
+        scope = self.scope
+        now = self.clock()
+        outcome = await self._touch(session_id, scope, now)
         if outcome is not Outcome.OK:
+            if outcome is Outcome.MISSING and await self._was_rotated(session_id, scope, now):
+                raise self._rotated_error(session_id)
             raise self._write_error(outcome, session_id, None)
 
-    async def rotate(self, session_id: str) -> str:
-        """Move the session to a new id atomically (session-fixation defence)."""
+    async def rotate(self, session_id: str, *, user_id: str | int | Any = _KEEP) -> str:
+        """Move the session to a new id atomically (session-fixation defence).
+
+        The old id is remembered as rotated for ``Config.rotation_grace``: ``get``,
+        ``update`` and ``touch`` of it raise ``SessionRotated`` (a ``SessionNotFound``)
+        and the record never names the new id. With ``user_id`` the session is bound to
+        that user in the same atomic step (data and deadlines kept; the per-user limit
+        and index as in ``create``); a concurrent update makes it retry.
+        """
         self._check_open()
         self._check_id(session_id)
+        if user_id is not _KEEP:
+            for _ in range(8):
+                old = await self.get(session_id)
+                new = replace(old, user_id=normalize_user_id(user_id), version=0)
+                new.id = generate_session_id(new.user_id)
+                new.absolute_expires_at = absolute_deadline(old)
+                try:
+                    moved = await self.rotate_into(session_id, new, version=old.version)
+                except SessionConflict:
+                    continue
+                return moved.id
+            raise SessionConflict(
+                "session kept changing during rotate; retry",
+                details={"session": short_hash(session_id)},
+            )
         new_id = self._rotated_id(session_id)
         outcome = await self._rotate(session_id, new_id, self.scope, self.clock())
         if outcome is not Outcome.OK:
             raise self._write_error(outcome, session_id, None)
         self._event("rotated", None, session_id=new_id, previous=short_hash(session_id))
         return new_id
+
+    async def rotate_into(
+        self, session_id: str, session: Session, *, version: int | None = None
+    ) -> Session:
+        """Atomically replace the live session ``session_id`` by the new ``session``
+        (``create``'s checks, defaults and per-user limit; its own id, user and data),
+        leaving a rotation record for the old id as ``rotate`` does. With ``version``
+        the old session must still be at that version (else ``SessionConflict``).
+        This is ``login``: one step, never two live sessions or none. (On Redis
+        Cluster, when the old and new ids live in different hash slots, the new session
+        is created first and the old one retired right after.)"""
+        self._check_open()
+        self._check_id(session_id)
+        if not isinstance(session, Session):
+            raise self._invalid("rotate_into() needs a Session", None, type=type(session).__name__)
+        check_session_id(session.id)
+        session.user_id = normalize_user_id(session.user_id)
+        scope = self.config
+        now = self.clock()
+        session.site_id = scope.site_id
+        absolute = session.absolute_expires_at or session.expires_at or now + scope.default_ttl
+        session.absolute_expires_at = absolute
+        session.expires_at = idle_deadline(absolute, now, scope.idle_timeout)
+        record = self.encode(session)
+        try:
+            result = await self._rotate_into(session_id, version, session, record, scope, now)
+        except SessionLimitExceeded as exc:
+            self._violation("session_limit_exceeded", exc, session)
+            raise
+        except InvalidSession as exc:
+            self._violation("invalid_session", exc, session)
+            raise
+        if isinstance(result, Outcome):
+            if result is Outcome.MISSING and await self._was_rotated(session_id, scope, now):
+                raise self._rotated_error(session_id)
+            raise self._write_error(result, session_id, None, expected=version or 0)
+        self._event("rotated", session, previous=short_hash(session_id))
+        for evicted in result.evicted:
+            self._event("evicted", None, session_id=evicted, user_id=session.user_id)
+        return session
 
     async def delete(self, session_id: str) -> None:
         """Delete a session; deleting a missing one is not an error."""
@@ -682,6 +767,28 @@ class Store(ABC):
             if outcome is not Outcome.CONFLICT:
                 return outcome
         return Outcome.CONFLICT  # pragma: no cover - 64 writers in a row
+
+    async def _was_rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
+        return bool(scope.rotation_grace) and await self._rotated(session_id, scope, now)
+
+    async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
+        """Whether ``session_id`` of ``scope.site_id`` was rotated less than
+        ``scope.rotation_grace`` before ``now`` (asked only when the id is not found)."""
+        return False
+
+    async def _rotate_into(
+        self,
+        session_id: str,
+        version: int | None,
+        session: Session,
+        record: bytes,
+        scope: Config,
+        now: datetime,
+    ) -> InsertResult | Outcome:
+        """Atomically: the old session must be live on the site (and at ``version``),
+        else its ``Outcome``; insert ``session`` as ``_insert`` does (the old one not
+        counted for the limit); delete the old one; record the rotation."""
+        raise NotImplementedError(f"the {self.backend_name} backend cannot rotate_into")
 
     async def _purge_report(self, now: datetime) -> list[PurgedSession]:
         """``_purge`` that also says what it removed. Used only when someone listens

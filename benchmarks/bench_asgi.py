@@ -89,7 +89,9 @@ def plain_app() -> Starlette:
 
 
 def our_app(store: ControlledStore) -> Starlette:
-    return Starlette(routes=ROUTES, middleware=[Middleware(SessionMiddleware, store=store)])
+    return Starlette(
+        routes=ROUTES, middleware=[Middleware(SessionMiddleware, store=store, cookie_name=COOKIE)]
+    )
 
 
 def their_app(store: SessionStore) -> Starlette:

@@ -25,6 +25,7 @@ from asyncsession import (
     SessionExpired,
     SessionLimitExceeded,
     SessionNotFound,
+    SessionRotated,
     SessionTooLarge,
     StoreClosed,
     ViolationEvent,
@@ -353,6 +354,113 @@ async def test_rotate_anonymous(store: ControlledStore) -> None:
     s = await store.create(new_session(None, data={"x": 1}))
     new_id = await store.rotate(s.id)
     assert (await store.get(new_id)).data == {"x": 1}
+
+
+# ---------------------------------------------------------------- rotation records
+
+
+async def test_rotated_id_is_recognised_then_forgotten(
+    store: ControlledStore, harness: Harness, clock: Any
+) -> None:
+    """For ``rotation_grace`` (60 s by default, on the store's clock) the old id is
+    rotated, not unknown: get/update/touch raise SessionRotated (a SessionNotFound),
+    with no access to the new session; then it is plain unknown, and purge drops it."""
+    s = await store.create(new_session("alice", data={"k": 1}, now=clock()))
+    stale = await store.get(s.id)
+    new_id = await store.rotate(s.id)
+    for call in (store.get, store.touch):
+        with pytest.raises(SessionRotated) as info:
+            await call(s.id)
+        assert info.value.code is ErrorCode.SESSION_ROTATED
+        assert isinstance(info.value, SessionNotFound)
+        assert new_id not in repr(info.value.details) and s.id not in str(info.value)
+    stale.data["k"] = 2
+    with pytest.raises(SessionRotated):
+        await store.update(stale)
+    assert (await store.get(new_id)).data == {"k": 1}
+    # another site never sees this site's record
+    other = await harness.controlled(store.config, site_id="site-b")
+    with pytest.raises(SessionNotFound) as info:
+        await other.get(s.id)
+    assert not isinstance(info.value, SessionRotated)
+    clock.advance(59)
+    with pytest.raises(SessionRotated):
+        await store.get(s.id)
+    clock.advance(1)
+    await store.purge_expired()
+    with pytest.raises(SessionNotFound) as info:
+        await store.get(s.id)
+    assert not isinstance(info.value, SessionRotated)
+    assert (await store.get(new_id)).data == {"k": 1}
+
+
+async def test_rotation_record_off_and_no_record_for_delete(harness: Harness) -> None:
+    store = await harness.controlled(Config(cleanup_interval=0, rotation_grace=0))
+    s = await store.create(new_session(None, data={"x": 1}))
+    await store.rotate(s.id)
+    with pytest.raises(SessionNotFound) as info:
+        await store.get(s.id)
+    assert not isinstance(info.value, SessionRotated)
+    on = await harness.controlled(Config(cleanup_interval=0))
+    d = await on.create(new_session("bob"))
+    await on.delete(d.id)  # logout: killed at once, never "rotated"
+    with pytest.raises(SessionNotFound) as info:
+        await on.get(d.id)
+    assert not isinstance(info.value, SessionRotated)
+
+
+async def test_rotate_binds_a_user_atomically(store: ControlledStore, clock: Any) -> None:
+    anon = await store.create(new_session(None, data={"cart": [1]}, now=clock()))
+    new_id = await store.rotate(anon.id, user_id="alice")
+    got = await store.get(new_id)
+    assert got.user_id == "alice" and got.data == {"cart": [1]}
+    assert [x.id for x in await store.list_by_user("alice")] == [new_id]
+    with pytest.raises(SessionRotated):
+        await store.get(anon.id)
+
+
+async def test_rotate_into_keeps_the_limit_and_index(harness: Harness, clock: Any) -> None:
+    store = await harness.controlled(
+        Config(site_id="site-a", max_sessions_per_user=2, cleanup_interval=0)
+    )
+    first = await store.create(new_session("alice", now=clock()))
+    clock.advance(1)
+    current = await store.create(new_session("alice", data={"n": 1}, now=clock()))
+    clock.advance(1)
+    # re-login of the same user on `current`: it does not count, nothing is evicted
+    fresh = new_session("alice", data={"n": 1}, now=clock())
+    await store.rotate_into(current.id, fresh, version=current.version)
+    assert sorted(x.id for x in await store.list_by_user("alice")) == sorted([first.id, fresh.id])
+    # an anonymous session logging in as alice: the oldest of hers makes room
+    clock.advance(1)
+    anon = await store.create(new_session(None, data={"a": 1}, now=clock()))
+    third = new_session("alice", data={"a": 1}, now=clock())
+    await store.rotate_into(anon.id, third)
+    assert sorted(x.id for x in await store.list_by_user("alice")) == sorted([fresh.id, third.id])
+    with pytest.raises(SessionNotFound):
+        await store.get(first.id)
+    with pytest.raises(SessionRotated):
+        await store.get(anon.id)
+
+
+async def test_rotate_into_refused_leaves_the_old_session(harness: Harness, clock: Any) -> None:
+    store = await harness.controlled(
+        Config(max_sessions_per_user=1, eviction="reject", cleanup_interval=0)
+    )
+    await store.create(new_session("bob", now=clock()))
+    anon = await store.create(new_session(None, data={"a": 1}, now=clock()))
+    with pytest.raises(SessionLimitExceeded):
+        await store.rotate_into(anon.id, new_session("bob", now=clock()))
+    assert (await store.get(anon.id)).data == {"a": 1}
+    # a stale version: conflict, nothing moved
+    with pytest.raises(SessionConflict):
+        await store.rotate_into(anon.id, new_session("carol", now=clock()), version=7)
+    assert (await store.get(anon.id)).data == {"a": 1}
+    assert await store.list_by_user("carol") == []
+    # the same user re-logging in at the limit: the old one makes room for itself
+    bob = (await store.list_by_user("bob"))[0]
+    moved = await store.rotate_into(bob.id, new_session("bob", now=clock()), version=bob.version)
+    assert [x.id for x in await store.list_by_user("bob")] == [moved.id]
 
 
 # ---------------------------------------------------------------------------- delete
@@ -741,5 +849,7 @@ async def test_errors_are_session_errors_with_codes() -> None:
         ErrorCode.STORE_CLOSED: 503,
         ErrorCode.SESSION_CONFLICT: 409,
         ErrorCode.STORE_UNAVAILABLE: 503,
+        ErrorCode.SESSION_ROTATED: 409,
     }
+    assert issubclass(SessionRotated, SessionNotFound)
     assert issubclass(SessionExpired, SessionError)

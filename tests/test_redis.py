@@ -50,6 +50,7 @@ from asyncsession import (  # noqa: E402
     with_controls,
 )
 from asyncsession.backends import redis as redis_backend  # noqa: E402
+from asyncsession.backends._redis_rotation import rotation_key  # noqa: E402
 from asyncsession.backends.redis import RedisStore  # noqa: E402
 from asyncsession.codec import to_us  # noqa: E402
 
@@ -248,7 +249,10 @@ async def test_user_index_follows_every_write(env: Env, clock: FakeClock) -> Non
     assert await env.client.zrange(ikey, 0, -1) == [new_b.encode()]
     await store.delete(new_b)
     assert await env.client.exists(ikey) == 0
-    assert await env.keys() == []
+    # left: only b's rotation record, which Redis drops by itself (PXAT)
+    record = rotation_key(store.store, b.id)  # type: ignore[arg-type]
+    assert await env.keys() == [record]
+    assert await env.client.pexpiretime(record) > 0
 
 
 async def test_stale_index_members_are_dropped(env: Env, clock: FakeClock) -> None:
@@ -526,7 +530,8 @@ async def test_concurrent_gets_share_one_round_trip(env: Env, clock: FakeClock) 
         store.get(sessions[1].id),
         return_exceptions=True,
     )
-    assert CountingConnection.writes == 1
+    # the reads share one round trip; the miss then asks for a rotation record
+    assert CountingConnection.writes == 2
     assert isinstance(results[1], SessionNotFound)
     assert results[0].id == sessions[0].id and results[2].id == sessions[1].id  # type: ignore[union-attr]
 
@@ -594,7 +599,8 @@ async def test_noscript_recovery_after_script_flush(env: Env, clock: FakeClock) 
     await flush()
     clock.advance(timedelta(hours=25))
     assert await store.purge_expired() == 1
-    assert await env.keys() == []
+    record = rotation_key(store.store, s.id)  # type: ignore[arg-type]
+    assert await env.keys() == [record]  # dropped by Redis itself (PXAT)
 
 
 async def test_noscript_recovery_under_repeated_flushes(env: Env) -> None:

@@ -61,6 +61,7 @@ from asyncsession import (
     SessionExpired,
     SessionLimitExceeded,
     SessionNotFound,
+    SessionRotated,
     SessionTooLarge,
     Store,
     ViolationEvent,
@@ -170,6 +171,12 @@ class Model:
 
     sites: dict[str, SiteModel]
     records: dict[str, Session] = field(default_factory=dict)
+    # rotated id -> (site, until): the rotation records (Config.rotation_grace, 60 s)
+    rotated: dict[str, tuple[str, datetime]] = field(default_factory=dict)
+
+    def was_rotated(self, session_id: str, site: str, now: datetime) -> bool:
+        record = self.rotated.get(session_id)
+        return record is not None and record[0] == site and now < record[1]
 
     @staticmethod
     def live(rec: Session, now: datetime) -> bool:
@@ -517,9 +524,7 @@ class StoreMachine(RuleBasedStateMachine):
         state = self.model.state(session_id, site, self.now)
         out = self.attempt(lambda: self.stores[site].get(session_id))
         if state == "missing":
-            self.expect_error(out, SessionNotFound)
-            self.expect_violations(site)
-            self.recheck.add(session_id)
+            self.expect_missing(out, site, session_id)
         elif state == "other_site":
             self.expect_error(out, SessionNotFound)
             self.expect_violations(site, "site_mismatch")
@@ -578,9 +583,7 @@ class StoreMachine(RuleBasedStateMachine):
             self.expect_error(out, SessionTooLarge)
             self.expect_violations(site, "size_exceeded")
         elif state == "missing":
-            self.expect_error(out, SessionNotFound)
-            self.expect_violations(site)
-            self.recheck.add(session_id)
+            self.expect_missing(out, site, session_id)
         elif state == "other_site":
             self.expect_error(out, SessionNotFound)
             self.expect_violations(site, "site_mismatch")
@@ -631,12 +634,25 @@ class StoreMachine(RuleBasedStateMachine):
         if idle is not None:
             rec.expires_at = _expiry(rec.absolute_expires_at or rec.expires_at, now, idle)
 
-    def expect_write_error(self, out: Outcome, state: str, site: str, session_id: str) -> bool:
-        """Touch and rotate: the errors for anything but a live session of this site."""
-        if state == "missing":
+    def expect_missing(
+        self, out: Outcome, site: str, session_id: str, *, records: bool = True
+    ) -> None:
+        """No such session: ``SessionRotated`` while a rotation record of this site is
+        fresh (get, update, touch), ``SessionNotFound`` otherwise."""
+        if records and self.model.was_rotated(session_id, site, self.now):
+            self.expect_error(out, SessionRotated)
+            self.expect_violations(site, "rotated")
+        else:
             self.expect_error(out, SessionNotFound)
             self.expect_violations(site)
-            self.recheck.add(session_id)
+        self.recheck.add(session_id)
+
+    def expect_write_error(
+        self, out: Outcome, state: str, site: str, session_id: str, *, records: bool = True
+    ) -> bool:
+        """Touch and rotate: the errors for anything but a live session of this site."""
+        if state == "missing":
+            self.expect_missing(out, site, session_id, records=records)
         elif state == "other_site":
             self.expect_error(out, SessionNotFound)
             self.expect_violations(site, "site_mismatch")
@@ -653,7 +669,7 @@ class StoreMachine(RuleBasedStateMachine):
         session_id = self.pick(i)
         state = self.model.state(session_id, site, self.now)
         out = self.attempt(lambda: self.stores[site].rotate(session_id))
-        if self.expect_write_error(out, state, site, session_id):
+        if self.expect_write_error(out, state, site, session_id, records=False):
             return
         new_id = self.expect_ok(out)
         assert isinstance(new_id, str) and new_id != session_id and new_id not in self.ids
@@ -661,6 +677,7 @@ class StoreMachine(RuleBasedStateMachine):
         rec = self.model.records.pop(session_id)
         rec.id = new_id
         self.model.records[new_id] = rec
+        self.model.rotated[session_id] = (site, self.now + timedelta(seconds=60))
         self.ids.append(new_id)
         self.recheck.add(session_id)
 

@@ -117,6 +117,8 @@ class MemoryStore(Store):
         self._users: dict[tuple[str, str], dict[str, None]] = {}
         self._buckets: dict[int, dict[str, None]] = {}
         self._bucket_keys: list[int] = []
+        # rotated id -> (site, until): the short-lived records of rotations
+        self._rotations: dict[str, tuple[str, datetime]] = {}
 
     @classmethod
     def with_controls(
@@ -133,6 +135,7 @@ class MemoryStore(Store):
         self._users.clear()
         self._buckets.clear()
         self._bucket_keys.clear()
+        self._rotations.clear()
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -355,7 +358,42 @@ class MemoryStore(Store):
         self._remove(session_id)
         found.id = new_id
         self._add(found)
+        self._record_rotation(session_id, scope, now)
         return Outcome.OK
+
+    def _record_rotation(self, session_id: str, scope: Config, now: datetime) -> None:
+        if scope.rotation_grace:
+            self._rotations[session_id] = (scope.site_id, now + scope.rotation_grace)
+
+    async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
+        record = self._rotations.get(session_id)
+        return record is not None and record[0] == scope.site_id and now < record[1]
+
+    async def _rotate_into(
+        self,
+        session_id: str,
+        version: int | None,
+        session: Session,
+        record: bytes,
+        scope: Config,
+        now: datetime,
+    ) -> InsertResult | Outcome:
+        found = self._live(session_id, scope, now)
+        if isinstance(found, Outcome):
+            return found
+        if version is not None and found.version != version:
+            return Outcome.CONFLICT
+        if session.id in self._entries:
+            raise InvalidSession("a session with this id already exists")
+        # out first, so it does not count for the limit; back in if the insert fails
+        self._remove(session_id)
+        try:
+            result = await self._insert(session, record, scope, now)  # no await inside
+        except BaseException:
+            self._add(found)
+            raise
+        self._record_rotation(session_id, scope, now)
+        return result
 
     async def _delete(self, session_id: str, scope: Config) -> Outcome:
         entry = self._entries.get(session_id)
@@ -414,7 +452,10 @@ class MemoryStore(Store):
 
     async def _purge_into(self, now: datetime, report: list[PurgedSession] | None) -> int:
         """Empty every expired bucket, ``PURGE_BATCH`` sessions between event-loop yields;
-        with ``report``, append what was removed to it."""
+        with ``report``, append what was removed to it. Stale rotation records go too."""
+        if self._rotations:
+            for stale in [k for k, (_, until) in self._rotations.items() if now >= until]:
+                del self._rotations[stale]
         cutoff = math.ceil(now.timestamp())
         removed = 0
         budget = PURGE_BATCH

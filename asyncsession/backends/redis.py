@@ -47,6 +47,7 @@ from ..store import (
     Store,
     absolute_deadline,
 )
+from . import _redis_rotation as _rotation
 from ._redis_apply import APPLY_FIRST, APPLY_LUA, apply_args, parse_reply
 from ._redis_cluster import (
     TAG_LENGTH,
@@ -445,32 +446,6 @@ if f[2] then outlive(f[2], px, t) end
 return 'ok'
 """
 
-# KEYS: session, new session, expiry set
-# ARGV: site, now, id, new id
-# The new id takes the old one's place (score) in the user index.
-_ROTATE = """
-local skey, nkey, xkey = KEYS[1], KEYS[2], KEYS[3]
-local id, new = ARGV[3], ARGV[4]
-local f = fields(skey, 's', 'i', 'e', 'c')
-if not f or not f[1] or not f[3] then return 'missing' end
-if f[1] ~= ARGV[1] then return 'other_site' end
-if not live(f[3], tonumber(ARGV[2])) then return 'expired' end
-if redis.call('EXISTS', nkey) == 1 then return 'conflict' end
-local score
-if f[2] then
-  here(f[2])
-  score = redis.call('ZSCORE', f[2], id) or tonumber(f[4]) or 0
-end
-redis.call('RENAME', skey, nkey)
-redis.call('ZREM', xkey, id)
-if f[3] ~= '' then redis.call('ZADD', xkey, f[3], new) end
-if f[2] then
-  redis.call('ZREM', f[2], id)
-  redis.call('ZADD', f[2], score, new)
-end
-return 'ok'
-"""
-
 # KEYS: session, expiry set
 # ARGV: site, id
 _DELETE = """
@@ -672,7 +647,15 @@ class _Script:
 INSERT = _Script(_INDEX_FNS + _INSERT)
 REPLACE = _Script(_INDEX_FNS + _REPLACE, first=_REPLACE_FIRST)
 TOUCH = _Script(_TOUCH)
-ROTATE = _Script(_ROTATE)
+ROTATE = _Script(_rotation.ROTATE_LUA)  # _ROTATE plus the rotation record
+ROTATE_INTO = _Script(
+    _INDEX_FNS
+    + "local function insert(KEYS, ARGV)\n"
+    + _INSERT
+    + "\nend\n"
+    + _rotation.ROTATE_INTO_LUA
+)
+RETIRE = _Script(_rotation.RETIRE_LUA)
 DELETE = _Script(_DELETE)
 DELETE_BY_USER = _Script(_DELETE_BY_USER)
 LIST = _Script(_LIST)
@@ -696,6 +679,8 @@ SCRIPTS = (
     COUNT_SLOTS,
     MULTI_GET,
     SCAN,
+    ROTATE_INTO,
+    RETIRE,
 )
 
 _OUTCOMES = {
@@ -1566,16 +1551,21 @@ class RedisStore(Store):
         return parse_reply(await self._eval(APPLY, keys, args), now)
 
     async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
-        reply = await self._eval(
-            ROTATE,
-            (
-                self.session_key(session_id),
-                self.session_key(new_id),
-                self.expiry_key_for(session_id),
-            ),
-            (scope.site_id, codec.to_us(now), session_id, new_id),
-        )
-        return _OUTCOMES[reply]
+        return await _rotation.rotate(self, session_id, new_id, scope, now)
+
+    async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
+        return await _rotation.rotated(self, session_id, scope, now)
+
+    async def _rotate_into(
+        self,
+        session_id: str,
+        version: int | None,
+        session: Session,
+        record: bytes,
+        scope: Config,
+        now: datetime,
+    ) -> InsertResult | Outcome:
+        return await _rotation.rotate_into(self, session_id, version, session, record, scope, now)
 
     async def _delete(self, session_id: str, scope: Config) -> Outcome:
         reply = await self._eval(

@@ -19,6 +19,7 @@ for a writer, this process's (queued behind a busy write) or another's.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import sqlite3
@@ -53,7 +54,7 @@ logger = logging.getLogger("asyncsession")
 T = TypeVar("T")
 _B = TypeVar("_B")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version``; a database with a higher one is refused."""
 
 PURGE_BATCH = 1_000
@@ -91,6 +92,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX sessions_user ON sessions (site_id, user_id, created) "
         "WHERE user_id IS NOT NULL",
         "CREATE INDEX sessions_expires ON sessions (expires)",
+    ),
+    # 2: records of rotated ids (by SHA-256, never the new id), kept for a short while
+    (
+        """CREATE TABLE rotations (
+            hash    BLOB PRIMARY KEY NOT NULL,
+            site_id TEXT NOT NULL,
+            until   INTEGER NOT NULL
+        ) WITHOUT ROWID""",
     ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -133,6 +142,9 @@ _ROTATE = (
     f"WHERE id = ? AND site_id = ? AND {_LIVE}"
 )
 _DELETE = "DELETE FROM sessions WHERE id = ? AND site_id = ?"
+_RECORD_ROTATION = "INSERT OR REPLACE INTO rotations (hash, site_id, until) VALUES (?, ?, ?)"
+_ROTATED = "SELECT 1 FROM rotations WHERE hash = ? AND site_id = ? AND until > ?"
+_PURGE_ROTATIONS = "DELETE FROM rotations WHERE until <= ?"
 _EXISTS = "SELECT 1 FROM sessions WHERE id = ?"
 _DELETE_USER = (
     "DELETE FROM sessions WHERE site_id = ? AND user_id = ? AND id IS NOT ? "
@@ -153,6 +165,16 @@ _SCAN = (
 )
 
 Row = tuple[Any, ...]
+
+
+def _hash(session_id: str) -> bytes:
+    """How a rotated id is kept: its SHA-256 (the id itself is never stored there)."""
+    return hashlib.sha256(session_id.encode()).digest()
+
+
+def _until(scope: Config, now: datetime) -> int | None:
+    """When the rotation record of a rotation at ``now`` lapses (None: no record)."""
+    return to_us(now + scope.rotation_grace) if scope.rotation_grace else None
 
 
 def _us(when: datetime | None) -> int | None:
@@ -646,7 +668,39 @@ class SQLiteStore(Store):
         return await self._run(_touch, sql, params, session_id, scope.site_id, now_us)
 
     async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
-        return await self._run(_rotate, session_id, new_id, scope.site_id, to_us(now))
+        return await self._run(
+            _rotate, session_id, new_id, scope.site_id, to_us(now), _until(scope, now)
+        )
+
+    async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
+        row = await self._run(_fetch_one, _ROTATED, (_hash(session_id), scope.site_id, to_us(now)))
+        return row is not None
+
+    async def _rotate_into(
+        self,
+        session_id: str,
+        version: int | None,
+        session: Session,
+        record: bytes,
+        scope: Config,
+        now: datetime,
+    ) -> InsertResult | Outcome:
+        params = (session.id, *_row_params(session, record))
+        limit = scope.max_sessions_per_user if session.user_id is not None else 0
+        result = await self._run(
+            _rotate_into,
+            session_id,
+            version,
+            params,
+            scope.site_id,
+            limit,
+            scope.eviction,
+            to_us(now),
+            _until(scope, now),
+        )
+        if isinstance(result, Outcome):
+            return result
+        return InsertResult(result) if result else NO_EVICTIONS
 
     async def _apply(
         self,
@@ -675,6 +729,7 @@ class SQLiteStore(Store):
         removed = 0
         async for count in self._purge_batches(_purge_batch, to_us(now)):
             removed += count
+        await self._run(_execute, _PURGE_ROTATIONS, (to_us(now),))
         return removed
 
     async def _purge_report(self, now: datetime) -> list[PurgedSession]:
@@ -682,6 +737,7 @@ class SQLiteStore(Store):
         removed: list[PurgedSession] = []
         async for rows in self._purge_batches(_purge_report_batch, to_us(now)):
             removed.extend(PurgedSession(*row) for row in rows)
+        await self._run(_execute, _PURGE_ROTATIONS, (to_us(now),))
         return removed
 
     async def _purge_batches(
@@ -747,35 +803,48 @@ def _insert(
     eviction: str,
     now_us: int,
 ) -> list[str]:
-    session_id, user_id = params[0], params[2]
     c.execute("BEGIN IMMEDIATE")
     try:
-        try:
-            c.execute(_INSERT, params)
-        except sqlite3.IntegrityError as exc:
-            if "UNIQUE" not in str(exc):
-                raise
-            raise InvalidSession(
-                "a session with this id already exists",
-                details={"session": short_hash(session_id)},
-            ) from None
-        evicted: list[str] = []
-        if limit:
-            sql = _LIVE_BY_ACCESS if eviction == "lru" else _LIVE_BY_CREATED
-            live = [r[0] for r in c.execute(sql, (site_id, user_id, session_id, now_us))]
-            excess = len(live) - limit + 1
-            if excess > 0:
-                if eviction == "reject":
-                    raise SessionLimitExceeded(
-                        f"user already has {len(live)} sessions (limit {limit})",
-                        details={"limit": limit, "count": len(live)},
-                    )
-                evicted = live[:excess]
-                c.executemany(_EVICT, [(i,) for i in evicted])
+        evicted = _insert_rows(c, params, site_id, limit, eviction, now_us)
         c.execute("COMMIT")
     except BaseException:
         _rollback(c)
         raise
+    return evicted
+
+
+def _insert_rows(
+    c: sqlite3.Connection,
+    params: tuple[Any, ...],
+    site_id: str,
+    limit: int,
+    eviction: str,
+    now_us: int,
+) -> list[str]:
+    """``_insert`` inside the caller's transaction."""
+    session_id, user_id = params[0], params[2]
+    try:
+        c.execute(_INSERT, params)
+    except sqlite3.IntegrityError as exc:
+        if "UNIQUE" not in str(exc):
+            raise
+        raise InvalidSession(
+            "a session with this id already exists",
+            details={"session": short_hash(session_id)},
+        ) from None
+    evicted: list[str] = []
+    if limit:
+        sql = _LIVE_BY_ACCESS if eviction == "lru" else _LIVE_BY_CREATED
+        live = [r[0] for r in c.execute(sql, (site_id, user_id, session_id, now_us))]
+        excess = len(live) - limit + 1
+        if excess > 0:
+            if eviction == "reject":
+                raise SessionLimitExceeded(
+                    f"user already has {len(live)} sessions (limit {limit})",
+                    details={"limit": limit, "count": len(live)},
+                )
+            evicted = live[:excess]
+            c.executemany(_EVICT, [(i,) for i in evicted])
     return evicted
 
 
@@ -825,7 +894,12 @@ def _touch(
 
 
 def _rotate(
-    c: sqlite3.Connection, session_id: str, new_id: str, site_id: str, now_us: int
+    c: sqlite3.Connection,
+    session_id: str,
+    new_id: str,
+    site_id: str,
+    now_us: int,
+    until: int | None,
 ) -> Outcome:
     # INSERT a copy then DELETE (not UPDATE id): the copy gets a new rowid, so like the
     # memory backend the rotated session sorts after its peers of equal created_at.
@@ -838,6 +912,8 @@ def _rotate(
         else:
             if moved == 1:
                 c.execute(_EVICT, (session_id,))
+                if until is not None:
+                    c.execute(_RECORD_ROTATION, (_hash(session_id), site_id, until))
                 outcome = Outcome.OK
             else:
                 outcome = _classify(c, session_id, site_id, now_us)
@@ -877,6 +953,40 @@ def _apply(
     return outcome
 
 
+def _rotate_into(
+    c: sqlite3.Connection,
+    session_id: str,
+    version: int | None,
+    params: tuple[Any, ...],
+    site_id: str,
+    limit: int,
+    eviction: str,
+    now_us: int,
+    until: int | None,
+) -> list[str] | Outcome:
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        row = c.execute(_STATE, (session_id,)).fetchone()
+        if row is None:
+            outcome: list[str] | Outcome = Outcome.MISSING
+        elif row[0] != site_id:
+            outcome = Outcome.OTHER_SITE
+        elif not _live(row[3], now_us):
+            outcome = Outcome.EXPIRED
+        elif version is not None and row[2] != version:
+            outcome = Outcome.CONFLICT
+        else:
+            c.execute(_EVICT, (session_id,))  # first: it does not count for the limit
+            outcome = _insert_rows(c, params, site_id, limit, eviction, now_us)
+            if until is not None:
+                c.execute(_RECORD_ROTATION, (_hash(session_id), site_id, until))
+        c.execute("COMMIT")
+    except BaseException:
+        _rollback(c)
+        raise
+    return outcome
+
+
 def _apply_row(
     c: sqlite3.Connection,
     session_id: str,
@@ -908,6 +1018,15 @@ def _apply_row(
         (now_us, now_us, _us(session.expires_at), session.version, data, session_id),
     )
     return Applied(session.version, now, session.expires_at)
+
+
+def _fetch_one(c: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> Row | None:
+    row: Row | None = c.execute(sql, params).fetchone()
+    return row
+
+
+def _execute(c: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:
+    c.execute(sql, params)
 
 
 def _delete(c: sqlite3.Connection, session_id: str, site_id: str) -> Outcome:

@@ -1,0 +1,493 @@
+"""Login safety at the HTTP level (issue 13 items 4, 5, 7, 8), on every backend.
+
+A request that still carries a pre-login cookie gets no access to the new session,
+never clears the newer cookie and answers 409 for a write; login drops another
+user's data; tossed and malformed cookies change nothing; client-triggerable events
+do not flood the logs; new sessions take their times from the store's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from asyncsession import (
+    Config,
+    ControlledStore,
+    SessionMiddleware,
+    SessionNotFound,
+    SessionRotated,
+    ViolationEvent,
+    current_session,
+    current_user_id,
+    install_exception_handler,
+    login,
+    logout,
+    new_session,
+    with_controls,
+)
+
+from .clock import FakeClock
+from .conftest import Harness
+from .redis_servers import Server, _base_args, free_ports, require_servers
+
+BASE = "https://testserver"
+JUNK = "J" * 43  # well formed, never issued
+
+
+def make_app(
+    store: Any, gate: tuple[asyncio.Event, asyncio.Event] | None = None, **options: Any
+) -> Starlette:
+    """The test app; with ``gate`` = (entered, go), ``/write?wait=1`` sets ``entered``
+    once its session is loaded and waits for ``go`` before it writes."""
+
+    async def read(request: Request) -> JSONResponse:
+        return JSONResponse({"data": dict(request.session), "user": current_user_id(request)})
+
+    async def write(request: Request) -> JSONResponse:
+        params = request.query_params
+        if "wait" in params and gate is not None:
+            gate[0].set()
+            await gate[1].wait()
+        request.session[params["key"]] = params["value"]
+        return JSONResponse(dict(request.session))
+
+    async def do_login(request: Request) -> JSONResponse:
+        params = request.query_params
+        keep = {"1": True, "0": False}.get(params.get("keep", ""))
+        ttl = float(params["ttl"]) if "ttl" in params else None
+        session = await login(request, params["user"], keep_data=keep, ttl=ttl)
+        return JSONResponse({"user": session.user_id})
+
+    async def do_logout(request: Request) -> PlainTextResponse:
+        await logout(request)
+        return PlainTextResponse("ok")
+
+    async def record(request: Request) -> JSONResponse:
+        session = current_session(request)
+        assert session is not None
+        return JSONResponse(
+            {
+                "created": session.created_at.isoformat(),
+                "expires": session.expires_at.isoformat() if session.expires_at else None,
+            }
+        )
+
+    app = Starlette(
+        routes=[
+            Route("/read", read),
+            Route("/write", write, methods=["POST"]),
+            Route("/login", do_login, methods=["POST"]),
+            Route("/logout", do_logout, methods=["POST"]),
+            Route("/record", record),
+        ]
+    )
+    app.add_middleware(SessionMiddleware, store=store, **options)
+    install_exception_handler(app)
+    return app
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 1234))
+    return httpx.AsyncClient(transport=transport, base_url=BASE)
+
+
+def set_cookies(response: httpx.Response) -> list[str]:
+    return response.headers.get_list("set-cookie")
+
+
+def issued(response: httpx.Response, name: str = "__Host-session") -> str:
+    (header,) = [h for h in set_cookies(response) if h.startswith(name + "=")]
+    value = header.split(";")[0].split("=", 1)[1]
+    assert value, f"cookie cleared: {header}"
+    return value
+
+
+def jar(session_id: str, name: str = "__Host-session") -> dict[str, str]:
+    return {"cookie": f"{name}={session_id}"}
+
+
+@pytest.fixture
+async def store(harness: Harness) -> ControlledStore:
+    return await harness.controlled(
+        Config(site_id="site-a", max_sessions_per_user=5, cleanup_interval=0)
+    )
+
+
+# ---------------------------------------------------------------- rotation rules
+
+
+async def test_a_request_with_the_pre_login_cookie_never_undoes_the_login(
+    store: ControlledStore,
+) -> None:
+    entered, go = asyncio.Event(), asyncio.Event()
+    app = make_app(store, (entered, go))
+    async with client(app) as c:
+        old = issued(await c.post("/write", params={"key": "a", "value": "1"}))
+        # A: loaded with the old cookie, writes after the login
+        late = asyncio.create_task(
+            c.post("/write", params={"key": "b", "value": "2", "wait": "1"}, headers=jar(old))
+        )
+        await entered.wait()  # A has loaded the session
+        response = await c.post("/login", params={"user": "alice"}, headers=jar(old))
+        assert response.status_code == 200
+        new = issued(response)
+        go.set()
+        a = await late
+        assert a.status_code == 409, a.text  # its write was not applied: said so
+        assert set_cookies(a) == []  # and the newer cookie is left alone
+        # later requests with the old id: no access, no clearing, writes refused
+        r = await c.get("/read", headers=jar(old))
+        assert r.json() == {"data": {}, "user": None} and set_cookies(r) == []
+        w = await c.post("/write", params={"key": "c", "value": "3"}, headers=jar(old))
+        assert w.status_code == 409 and set_cookies(w) == []
+        # the login stands, with the data of before and nothing of the refused writes
+        r = await c.get("/read", headers=jar(new))
+        assert r.json() == {"data": {"a": "1"}, "user": "alice"}
+    with pytest.raises(SessionRotated):
+        await store.get(old)
+
+
+async def test_logout_kills_the_id_at_once(store: ControlledStore) -> None:
+    async with client(make_app(store)) as c:
+        sid = issued(await c.post("/login", params={"user": "alice"}))
+        out = await c.post("/logout", headers=jar(sid))
+        assert any(h.startswith("__Host-session=;") for h in set_cookies(out))
+        with pytest.raises(SessionNotFound) as info:
+            await store.get(sid)
+        assert not isinstance(info.value, SessionRotated)
+        # a stale cookie of a logged-out session is cleared, not treated as rotated
+        r = await c.get("/read", headers=jar(sid))
+        assert any(h.startswith("__Host-session=;") for h in set_cookies(r))
+
+
+async def test_alice_then_bob_on_one_browser(store: ControlledStore) -> None:
+    async with client(make_app(store)) as c:
+        sid = issued(await c.post("/login", params={"user": "alice"}))
+        await c.post("/write", params={"key": "token", "value": "alice-secret"}, headers=jar(sid))
+        response = await c.post("/login", params={"user": "bob"}, headers=jar(sid))
+        bob = issued(response)
+        r = await c.get("/read", headers=jar(bob))
+        assert r.json() == {"data": {}, "user": "bob"}  # nothing of Alice's
+        assert "alice-secret" not in str(await store.list_by_user("bob"))
+        assert await store.list_by_user("alice") == []  # her session ended with the login
+        # the same user logging in again keeps the data; keep_data forces either way
+        await c.post("/write", params={"key": "cart", "value": "3"}, headers=jar(bob))
+        again = issued(await c.post("/login", params={"user": "bob"}, headers=jar(bob)))
+        assert (await c.get("/read", headers=jar(again))).json()["data"] == {"cart": "3"}
+        kept = issued(
+            await c.post("/login", params={"user": "carol", "keep": "1"}, headers=jar(again))
+        )
+        assert (await c.get("/read", headers=jar(kept))).json()["data"] == {"cart": "3"}
+        empty = issued(
+            await c.post("/login", params={"user": "carol", "keep": "0"}, headers=jar(kept))
+        )
+        assert (await c.get("/read", headers=jar(empty))).json()["data"] == {}
+    assert [s.id for s in await store.list_by_user("carol")] == [empty]
+
+
+async def test_login_keeps_the_anonymous_data_in_one_step(store: ControlledStore) -> None:
+    async with client(make_app(store)) as c:
+        anon = issued(await c.post("/write", params={"key": "cart", "value": "2"}))
+        sid = issued(await c.post("/login", params={"user": "dave"}, headers=jar(anon)))
+    stored = await store.get(sid)
+    assert stored.user_id == "dave" and stored.data == {"cart": "2"}
+    assert [s.id for s in await store.list_by_user("dave")] == [sid]
+    with pytest.raises(SessionRotated):
+        await store.get(anon)
+
+
+# --------------------------------------------------------------------- cookies
+
+
+async def test_default_cookie_name_is_host_prefixed(store: ControlledStore) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({}, "__Host-session"),
+        ({"https_only": False}, "session"),
+        ({"domain": "example.com"}, "session"),
+        ({"path": "/app"}, "session"),
+        ({"cookie_name": "sid"}, "sid"),
+    ]
+    for options, name in cases:
+        async with client(make_app(store, **options)) as c:
+            response = await c.post("/write", params={"key": "a", "value": "1"})
+            (header,) = set_cookies(response)
+            assert header.startswith(name + "="), (options, header)
+            if name == "__Host-session":
+                assert "; Secure" in header and "; Path=/" in header and "Domain" not in header
+
+
+async def test_cookie_header_is_parsed_as_rfc_6265(store: ControlledStore) -> None:
+    live = await store.create(new_session(None, data={"k": "v"}))
+    async with client(make_app(store, cookie_name="session")) as c:
+        # one cookie "foo" whose value contains a space: no session cookie at all
+        r = await c.get("/read", headers={"cookie": f"foo=x session={live.id}"})
+        assert r.json()["data"] == {} and set_cookies(r) == []
+        for header in (f"foo=x; session={live.id}", f"foo=x;session={live.id}; bar=1"):
+            r = await c.get("/read", headers={"cookie": header})
+            assert r.json()["data"] == {"k": "v"}, header
+
+
+async def test_tossed_parent_domain_cookie_has_no_effect(store: ControlledStore) -> None:
+    """With the ``session`` name a sibling subdomain can add a cookie of that name for
+    the parent domain; the browser then sends both. Junk is skipped (never a logout),
+    a live attacker id is never adopted in place of the victim's."""
+    app = make_app(store, cookie_name="session")
+    attacker = await store.create(new_session("mallory", data={"role": "attacker"}))
+    async with client(app) as c:
+        victim = issued(await c.post("/login", params={"user": "vic"}), "session")
+        for header in (f"session={victim}; session={JUNK}", f"session={JUNK}; session={victim}"):
+            r = await c.get("/read", headers={"cookie": header})
+            assert r.json()["user"] == "vic", header
+            assert set_cookies(r) == []
+            w = await c.post(
+                "/write", params={"key": "n", "value": "1"}, headers={"cookie": header}
+            )
+            assert w.status_code == 200 and set_cookies(w) == []
+        for header in (
+            f"session={attacker.id}; session={victim}",
+            f"session={victim}; session={attacker.id}",
+        ):
+            r = await c.get("/read", headers={"cookie": header})
+            assert r.json() == {"data": {}, "user": None}, header  # neither is adopted
+            assert set_cookies(r) == []  # nobody is logged out
+            w = await c.post(
+                "/write", params={"key": "x", "value": "1"}, headers={"cookie": header}
+            )
+            assert w.status_code == 409 and set_cookies(w) == []
+        r = await c.get("/read", headers={"cookie": f"session={victim}"})
+        assert r.json() == {"data": {"n": "1"}, "user": "vic"}
+    assert (await store.get(attacker.id)).data == {"role": "attacker"}
+    # with the default __Host- name the tossed cookie is not even ours
+    async with client(make_app(store)) as c:
+        header = f"session={attacker.id}; __Host-session={victim}"
+        r = await c.get("/read", headers={"cookie": header})
+        assert r.json()["user"] == "vic"
+
+
+async def test_legacy_cookie_name_is_migrated(store: ControlledStore) -> None:
+    live = await store.create(new_session("erin", data={"k": 1}))
+    app = make_app(store, legacy_cookie_name="session")
+    async with client(app) as c:
+        r = await c.get("/read", headers={"cookie": f"session={live.id}"})
+        assert r.json() == {"data": {"k": 1}, "user": "erin"}
+        headers = set_cookies(r)
+        assert any(h.startswith(f"__Host-session={live.id};") for h in headers)
+        assert any(h.startswith("session=;") and "Max-Age=0" in h for h in headers)
+        both = f"session={JUNK}; __Host-session={live.id}"
+        r = await c.get("/read", headers={"cookie": both})  # ours wins; nothing to migrate
+        assert r.json()["user"] == "erin" and set_cookies(r) == []
+        # a legacy cookie naming no live session: the legacy cookie is expired
+        r = await c.get("/read", headers={"cookie": f"session={JUNK}"})
+        assert [h.split(";")[0] for h in set_cookies(r)] == ["session="]
+    with pytest.raises(ValueError):
+        SessionMiddleware(Starlette(), store, legacy_cookie_name="__Host-session")
+
+
+# ------------------------------------------------------------------------ clock
+
+
+async def test_new_sessions_take_the_store_clock(harness: Harness, clock: FakeClock) -> None:
+    clock.advance(timedelta(days=30))  # far from the wall clock (ahead: Redis TTLs stay sane)
+    store = await harness.controlled(Config(cleanup_interval=0))
+    async with client(make_app(store)) as c:
+        anon = issued(await c.post("/write", params={"key": "a", "value": "1"}))
+        r = await c.get("/record", headers=jar(anon))
+        assert r.json()["created"] == clock().isoformat()
+        sid = issued(await c.post("/login", params={"user": "fay", "ttl": "60"}, headers=jar(anon)))
+        r = await c.get("/record", headers=jar(sid))
+        assert r.json() == {
+            "created": clock().isoformat(),
+            "expires": (clock() + timedelta(seconds=60)).isoformat(),
+        }
+        clock.advance(59)
+        assert (await c.get("/read", headers=jar(sid))).json()["user"] == "fay"
+        clock.advance(1)
+        assert (await c.get("/read", headers=jar(sid))).json()["user"] is None
+
+
+# ------------------------------------------------------------------------- logs
+
+
+async def test_hostile_requests_do_not_flood_the_logs(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """200 requests a client can send at will (another site's ids, rotated ids, tossed
+    live cookies, writes with a rotated id): a handful of WARNING records at most,
+    while every violation is still reported as an event."""
+    seen: list[ViolationEvent] = []
+    raw = await harness.raw(Config(cleanup_interval=0))
+    store = with_controls(
+        raw, Config(site_id="site-a", cleanup_interval=0), on_violation=seen.append
+    )
+    other = with_controls(raw, Config(site_id="site-b", cleanup_interval=0))
+    foreign = [(await other.create(new_session(None))).id for _ in range(5)]
+    rotated = []
+    for _ in range(5):
+        s = await store.create(new_session(None))
+        await store.rotate(s.id)
+        rotated.append(s.id)
+    a = (await store.create(new_session("u1"))).id
+    b = (await store.create(new_session("u2"))).id
+    app = make_app(store, cookie_name="session")
+    caplog.set_level(logging.DEBUG)
+    statuses: dict[int, int] = {}
+    async with client(app) as c:
+        for i in range(200):
+            kind = i % 4
+            if kind == 0:
+                headers = {"cookie": f"session={foreign[i % 5]}"}
+            elif kind == 1:
+                headers = {"cookie": f"session={rotated[i % 5]}"}
+            elif kind == 2:
+                headers = {"cookie": f"session={a}; session={b}"}
+            else:
+                headers = {"cookie": f"session={rotated[i % 5]}"}
+            if kind < 2:
+                r = await c.get("/read", headers=headers)
+            else:
+                r = await c.post("/write", params={"key": "k", "value": "v"}, headers=headers)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+    assert statuses == {200: 100, 409: 100}
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) <= 5, [r.getMessage() for r in warnings]
+    kinds = [e.type for e in seen]
+    assert kinds.count("site_mismatch") >= 50 and kinds.count("rotated") >= 100
+
+
+# ----------------------------------------------------------- one deadline per request
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Server]:
+    """A throwaway redis-server on a free port (the test SIGSTOPs it)."""
+    require_servers()
+    port = free_ports(1)[0]
+    server = Server("hung", port, tmp_path, _base_args(port))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+TIMEOUT = 1.0
+MARGIN = 0.75
+
+
+async def test_a_hung_store_answers_503_within_one_request_deadline(redis_server: Server) -> None:
+    """``timeout`` bounds the whole request's session work, not each round trip: a
+    request that meets a hung Redis twice (an explicit save, then the final save)
+    still answers 503 within ``timeout`` plus a small margin."""
+    from asyncsession import RedisStore, StoreUnavailable, save_session
+
+    host, port = redis_server.address
+    store = RedisStore.from_url(
+        f"redis://{host}:{port}/0", Config(cleanup_interval=0), timeout=TIMEOUT
+    )
+
+    async def twice(request: Request) -> PlainTextResponse:
+        redis_server.pause()  # hung from here on
+        request.session["a"] = 1
+        with contextlib.suppress(StoreUnavailable):
+            await save_session(request)  # meets the hung store once ...
+        request.session["b"] = 2  # ... and the middleware's save a second time
+        return PlainTextResponse("ok")
+
+    app = make_app(store)
+    app.router.routes.append(Route("/twice", twice, methods=["POST"]))
+    try:
+        async with store, client(app) as c:
+            sid = issued(await c.post("/write", params={"key": "k", "value": "v"}))
+            redis_server.pause()
+            started = time.monotonic()
+            r = await c.get("/read", headers=jar(sid))
+            elapsed = time.monotonic() - started
+            assert r.status_code == 503 and elapsed < TIMEOUT + MARGIN, elapsed
+            redis_server.resume()
+            assert (await c.get("/read", headers=jar(sid))).json()["data"] == {"k": "v"}
+            started = time.monotonic()
+            r = await c.post("/twice", headers=jar(sid))
+            elapsed = time.monotonic() - started
+            assert r.status_code == 503 and elapsed < TIMEOUT + MARGIN, elapsed
+    finally:
+        redis_server.resume()
+
+
+async def test_login_is_counted_as_one_rotate_into(clock: FakeClock) -> None:
+    from asyncsession import MemoryStore
+    from asyncsession.instrument import instrument, metrics
+
+    store = instrument(MemoryStore.with_controls(Config(cleanup_interval=0), clock=clock))
+    async with client(make_app(store)) as c:
+        anon = issued(await c.post("/write", params={"key": "a", "value": "1"}))
+        issued(await c.post("/login", params={"user": "gus"}, headers=jar(anon)))
+        await c.get("/read", headers=jar(anon))  # rotated: one more violation
+    stats = metrics(store)
+    assert stats is not None
+    assert stats.operations["rotate_into"].outcomes() == {"ok": 1}
+
+
+async def test_sqlite_files_of_schema_1_get_the_rotations_table(tmp_path: Path) -> None:
+    """A database written by the previous release (schema 1, no rotations table) opens,
+    keeps its sessions, and records rotations from then on."""
+    import sqlite3
+
+    pytest.importorskip("aiosqlite")
+    from asyncsession import SQLiteStore
+    from asyncsession.backends.sqlite import MIGRATIONS
+
+    path = str(tmp_path / "old.db")
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for statement in MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+        db.commit()
+    config = Config(cleanup_interval=0)
+    async with SQLiteStore(path, config) as store:
+        s = await store.create(new_session("ann", data={"k": 1}))
+    with contextlib.closing(sqlite3.connect(path)) as db:  # as the old release left it
+        db.execute("DROP TABLE rotations")
+        db.execute("PRAGMA user_version = 1")
+        db.commit()
+    async with SQLiteStore(path, config) as store:
+        assert (await store.get(s.id)).data == {"k": 1}
+        new_id = await store.rotate(s.id)
+        with pytest.raises(SessionRotated):
+            await store.get(s.id)
+        assert (await store.get(new_id)).user_id == "ann"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        (stored,) = db.execute("SELECT hash FROM rotations").fetchone()
+        assert s.id.encode() not in stored and new_id.encode() not in stored
+
+
+async def test_revocations_kill_ids_at_once(store: ControlledStore) -> None:
+    """logout_everywhere and revoke_session leave no rotation record: the ids are
+    unknown at once (and their cookies are expired, not left alone)."""
+    phone = await store.create(new_session("hal", data={"d": "phone"}))
+    tablet = await store.create(new_session("hal", data={"d": "tablet"}))
+    laptop = await store.create(new_session("hal", data={"d": "laptop"}))
+    assert await store.delete_by_user("hal", keep=laptop.id) == 2
+    for gone in (phone, tablet):
+        with pytest.raises(SessionNotFound) as info:
+            await store.get(gone.id)
+        assert not isinstance(info.value, SessionRotated)
+    async with client(make_app(store)) as c:
+        r = await c.get("/read", headers=jar(phone.id))
+        assert any(h.startswith("__Host-session=;") for h in set_cookies(r))
+        r = await c.get("/read", headers=jar(laptop.id))
+        assert r.json() == {"data": {"d": "laptop"}, "user": "hal"}

@@ -1,0 +1,170 @@
+"""Login races over real uvicorn workers: memory (1 worker), SQLite (3 workers sharing
+a file) and Redis (3 workers), with httpx clients and real concurrency.
+
+In 20 trials a request carrying the pre-login cookie finishes after the login: the
+user is never logged out (no clearing Set-Cookie) and that request's write is never
+dropped silently (409, or 200 only if it is in the session). Alice then Bob on one
+cookie jar: Bob sees nothing of Alice's. A tossed cookie of our name: no effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.cookiejar
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .backend_redis import REDIS_URL, server_reachable
+
+ROOT = Path(__file__).resolve().parent.parent
+TRIALS = 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A uvicorn serving tests/login_app.py on the backend; yields its base URL."""
+    workers = 1 if request.param == "memory" else 3
+    if request.param == "memory":
+        url = "memory://"
+    elif request.param == "sqlite":
+        pytest.importorskip("aiosqlite")
+        url = f"sqlite:///{tmp_path / 'login.db'}"
+    else:
+        if not server_reachable():
+            pytest.skip(f"no Redis at {REDIS_URL}")
+        url = REDIS_URL
+    port = _free_port()
+    env = {
+        **os.environ,
+        "ASYNCSESSION_LOGIN_STORE": url,
+        "ASYNCSESSION_LOGIN_PREFIX": f"login-{uuid.uuid4().hex[:8]}:",
+    }
+    log = open(tmp_path / "uvicorn.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "tests.login_app:create",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/read", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((tmp_path / "uvicorn.log").read_text(errors="replace"))
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def client(base: str) -> httpx.AsyncClient:
+    """A client that keeps no cookies: each request carries exactly the ones given."""
+    refuse = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
+    return httpx.AsyncClient(
+        base_url=base, timeout=30, cookies=http.cookiejar.CookieJar(policy=refuse)
+    )
+
+
+def issued(response: httpx.Response) -> str:
+    (header,) = [h for h in response.headers.get_list("set-cookie") if h.startswith("session=")]
+    value = header.split(";")[0].split("=", 1)[1]
+    assert value, f"cookie cleared: {header}"
+    return value
+
+
+def jar(session_id: str) -> dict[str, str]:
+    return {"cookie": f"session={session_id}"}
+
+
+async def test_login_race_never_logs_out_and_never_drops_a_write(server: str) -> None:
+    refused = 0
+    async with client(server) as c:
+        for trial in range(TRIALS):
+            old = issued(await c.post("/write", params={"key": "a", "value": "1"}))
+            late = asyncio.create_task(
+                c.post(
+                    "/write", params={"key": "b", "value": "2", "delay": "0.3"}, headers=jar(old)
+                )
+            )
+            await asyncio.sleep(0.05)  # shapes the race: the late request loads first
+            response = await c.post("/login", params={"user": f"u{trial}"}, headers=jar(old))
+            assert response.status_code == 200, response.text
+            new = issued(response)
+            a = await late
+            assert not any(h.startswith("session=;") for h in a.headers.get_list("set-cookie")), (
+                "the late request cleared the new cookie: logged out"
+            )
+            after = (await c.get("/read", headers=jar(new))).json()
+            assert after["user"] == f"u{trial}"  # still logged in
+            assert after["data"]["a"] == "1"  # the anonymous data came along
+            if a.status_code == 200:
+                assert after["data"].get("b") == "2", "a write answered 200 but was lost"
+            else:
+                assert a.status_code == 409, a.text
+                assert "b" not in after["data"]
+                assert a.headers.get_list("set-cookie") == []
+                refused += 1
+    assert refused > 0  # the race really happened
+
+
+async def test_alice_then_bob_and_a_tossed_cookie(server: str) -> None:
+    async with client(server) as c:
+        alice = issued(await c.post("/login", params={"user": "alice"}))
+        await c.post("/write", params={"key": "token", "value": "secret"}, headers=jar(alice))
+        bob = issued(await c.post("/login", params={"user": "bob"}, headers=jar(alice)))
+        assert (await c.get("/read", headers=jar(bob))).json() == {"data": {}, "user": "bob"}
+        # a sibling subdomain's parent-domain cookie of the same name comes along
+        junk = "J" * 43
+        for header in (f"session={bob}; session={junk}", f"session={junk}; session={bob}"):
+            r = await c.get("/read", headers={"cookie": header})
+            assert r.json()["user"] == "bob"
+            assert r.headers.get_list("set-cookie") == []
+        tossed = issued(await c.post("/login", params={"user": "mallory"}))
+        for header in (f"session={bob}; session={tossed}", f"session={tossed}; session={bob}"):
+            r = await c.get("/read", headers={"cookie": header})
+            assert r.json()["user"] != "mallory"
+            assert r.headers.get_list("set-cookie") == []
+        assert (await c.get("/read", headers=jar(bob))).json()["user"] == "bob"
