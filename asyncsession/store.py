@@ -419,13 +419,17 @@ class Store(ABC):
             self._violation("invalid_session", exc, None, session_id=session_id)
             raise
         limit = self._size_limit()
+        scope = self.scope
+        now = self.clock()
         try:
-            result = await self._apply(session_id, encoded, self.scope, self.clock(), limit, base)
+            result = await self._apply(session_id, encoded, scope, now, limit, base)
         except codec.CorruptRecord as exc:
             raise self._corrupt(session_id, exc) from exc
         if isinstance(result, Applied):
             self._event("updated", None, session_id=session_id)
             return result
+        if result is Outcome.MISSING and await self._was_rotated(session_id, scope, now):
+            raise self._rotated_error(session_id)
         if result is Outcome.TOO_LARGE:
             too_large = SessionTooLarge(
                 f"session would be over the limit of {limit} bytes encoded",

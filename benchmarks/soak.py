@@ -400,7 +400,7 @@ class Soak:
         return response
 
     def session_id(self, client: httpx.AsyncClient) -> str | None:
-        return client.cookies.get("session")
+        return client.cookies.get("__Host-session")
 
     async def device(self, user: str, index: int) -> None:
         async with httpx.AsyncClient(
