@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 redis = pytest.importorskip("redis")
 
@@ -1048,53 +1046,3 @@ async def test_hung_server_times_out_then_recovers(clock: FakeClock) -> None:
                 server.send_signal(signal.SIGCONT)
             assert (await store.get(s.id)).data == {"v": 1}
             await store.touch(s.id)
-
-
-async def test_round_trips_on_open_connections_need_no_timer_each(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A round trip on a connection the store keeps open is bounded by the store's
-    watchdog (one timer for all), not by an asyncio.timeout of its own; nothing is
-    left behind."""
-    need_real_redis()
-    store = env.controlled()
-    raw = store.store
-    assert isinstance(raw, RedisStore)
-    s = await store.create(new_session("alice", data={"v": 1}))
-    timers: list[float | None] = []
-    real_timeout = asyncio.timeout
-
-    def counting(delay: float | None) -> Any:
-        timers.append(delay)
-        return real_timeout(delay)
-
-    monkeypatch.setattr(redis_backend.asyncio, "timeout", counting)
-    for n in range(50):
-        got = await store.get(s.id)
-        got.data["v"] = n
-        await store.update(got)
-    await asyncio.gather(*(store.get(s.id) for _ in range(100)))
-    assert timers.count(raw.timeout) <= raw.max_in_flight  # only to open connections
-    assert raw._deadlines == {}
-    assert (await store.get(s.id)).data == {"v": 49}
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    st.lists(
-        st.lists(
-            st.binary(max_size=40)
-            | st.text(max_size=20)
-            | st.integers(min_value=-(2**63), max_value=2**64),
-            min_size=1,
-            max_size=8,
-        ).map(tuple),
-        min_size=1,
-        max_size=4,
-    )
-)
-def test_pack_matches_the_pure_python_encoder(commands: list[tuple[Any, ...]]) -> None:
-    """Commands go out through hiredis's pack_command when it is installed (it is,
-    with redis[hiredis]): byte for byte what the store's own RESP encoder writes."""
-    assert redis_backend._pack_command is not None
-    assert redis_backend._pack(commands) == redis_backend._pack_python(commands)

@@ -1,0 +1,63 @@
+"""Redis backend: ``RedisStore`` on one server, behind Sentinel, or on a Redis Cluster.
+
+The package, one job per module: ``store`` (the ``Store`` hooks), ``layout`` (key
+names: one server or a cluster), ``transport`` (batching on redis-py's public API),
+``cluster`` (whole-cluster purge, count and scan), ``sentinel`` (following
+failovers), ``server`` (the version check at open), ``urls`` (URL parsing) and
+``scripts`` (the Lua scripts, shipped as ``scripts/*.lua``).
+"""
+
+from __future__ import annotations
+
+from . import transport
+from .scripts import (
+    COUNT_SLOTS,
+    DELETE,
+    DELETE_BY_USER,
+    INSERT,
+    LIST,
+    MULTI_GET,
+    PURGE,
+    PURGE_SLOTS,
+    REPLACE,
+    ROTATE,
+    SCAN,
+    SCRIPTS,
+    TOUCH,
+    _Script,
+)
+from .store import (
+    DEFAULT_REDIS_OPTIONS,
+    DEFAULT_TIMEOUT,
+    PURGE_BATCH,
+    SCAN_KEYS,
+    USER_BATCH,
+    RedisStore,
+)
+from .transport import MAX_BATCH, send_batch
+
+__all__ = [
+    "COUNT_SLOTS",
+    "DEFAULT_REDIS_OPTIONS",
+    "DEFAULT_TIMEOUT",
+    "DELETE",
+    "DELETE_BY_USER",
+    "INSERT",
+    "LIST",
+    "MAX_BATCH",
+    "MULTI_GET",
+    "PURGE",
+    "PURGE_BATCH",
+    "PURGE_SLOTS",
+    "REPLACE",
+    "ROTATE",
+    "SCAN",
+    "SCAN_KEYS",
+    "SCRIPTS",
+    "TOUCH",
+    "USER_BATCH",
+    "RedisStore",
+    "_Script",
+    "send_batch",
+    "transport",
+]
