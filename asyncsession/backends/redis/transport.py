@@ -1,8 +1,9 @@
 """Batching on redis-py's public API: concurrent calls of one event-loop turn share a
 round trip, and every caller gets its reply or a ``StoreUnavailable``, whatever fails.
 
-The first request of a turn leads a batch: it yields once (and waits for one of
-``max_in_flight`` slots) while the requests of the same turn join, then the batch
+A request that finds nothing on the wire goes at once. Otherwise the first request
+of a turn leads a batch: it yields once (and waits for one of ``max_in_flight``
+slots) while the requests of the same turn join, then the batch
 goes out as one ``pipeline(transaction=False)`` (a lone request as one
 ``execute_command``) on a connection the client's pool lends for that exchange
 only, with the client's own timeouts, health checks, retry, TLS and credentials.
@@ -109,6 +110,7 @@ class Transport:
         self._by_node = isinstance(client, RedisCluster)
         self._open: list[_Entry] | None = None
         self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._busy = 0  # batches holding a slot
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def request(self, request: Request) -> Any:
@@ -120,10 +122,18 @@ class Transport:
             if len(batch) >= MAX_BATCH:
                 self._open = None
             return _unwrap(await waiter)
+        if self._busy == 0:
+            # Nothing on the wire: no one to batch with that is worth a loop turn. Go
+            # now; requests arriving meanwhile batch up behind this one.
+            await self._acquire()
+            try:
+                return _unwrap((await self.roundtrip([request]))[0])
+            finally:
+                self._release()
         batch = self._open = [(request, None)]
         try:
             await asyncio.sleep(0)  # the requests of this turn join
-            await self._slots.acquire()
+            await self._acquire()
         except BaseException:
             if self._open is batch:
                 self._open = None
@@ -136,13 +146,21 @@ class Transport:
             try:
                 return _unwrap((await self.roundtrip([request]))[0])
             finally:
-                self._slots.release()
+                self._release()
         # The others' replies must arrive even if this caller is cancelled: the batch
         # runs in a task of its own, and the leader waits for its reply like the others.
         leader: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         batch[0] = (request, leader)
         self._spawn(self._run(batch, holding=True))
         return _unwrap(await leader)
+
+    async def _acquire(self) -> None:
+        await self._slots.acquire()
+        self._busy += 1
+
+    def _release(self) -> None:
+        self._busy -= 1
+        self._slots.release()
 
     async def command(self, *args: Any) -> Any:
         """One command through the batch; its reply (an error reply raised as
@@ -161,7 +179,7 @@ class Transport:
         replies as soon as that primary answers, not when the slowest one does."""
         try:
             if not holding:
-                await self._slots.acquire()
+                await self._acquire()
             try:
                 parts = self._parts(batch)
                 if len(parts) == 1:
@@ -169,7 +187,7 @@ class Transport:
                 else:
                     await asyncio.gather(*(self._send_part(batch, part) for part in parts))
             finally:
-                self._slots.release()
+                self._release()
         finally:
             for _, waiter in batch:
                 if waiter is not None and not waiter.done():
