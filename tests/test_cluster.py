@@ -276,9 +276,11 @@ async def test_concurrent_gets_are_sent_as_one_pipeline_per_primary(
     monkeypatch.setattr(Connection, "send_packed_command", counting)
     got = await asyncio.gather(*(store.get(s.id) for s in sessions))
     assert [g.data["i"] for g in got] == list(range(120))
-    # 120 gets are four batches (MAX_BATCH 32), each one pipeline per primary
-    batches = -(-120 // redis_backend.MAX_BATCH)
-    assert counts == {port: batches for port in env.cluster.ports}
+    # the first get goes at once (nothing on the wire); the 119 queued behind it are
+    # four batches (MAX_BATCH 32), each one pipeline per primary
+    batches = -(-119 // redis_backend.MAX_BATCH)
+    first = env.cluster.server_for_slot(key_slot(raw.session_key(sessions[0].id))).port
+    assert counts == {port: batches + (port == first) for port in env.cluster.ports}
 
 
 async def test_script_flush_on_every_primary_is_transparent(env: Env) -> None:
@@ -467,6 +469,13 @@ async def test_a_dead_node_is_store_unavailable_then_the_store_recovers(
     async with store:
         sessions = [await store.create(new_session(f"u{i}")) for i in range(30)]
         victim = private_cluster.servers[2]
+        raw = store.store
+        assert isinstance(raw, RedisStore)
+
+        def on_victim(s: Session) -> bool:
+            return private_cluster.server_for_slot(key_slot(raw.session_key(s.id))) is victim
+
+        assert any(on_victim(s) for s in sessions)
         victim.kill()
         outcomes = await asyncio.gather(
             *(store.get(s.id) for s in sessions), return_exceptions=True
@@ -480,9 +489,11 @@ async def test_a_dead_node_is_store_unavailable_then_the_store_recovers(
         for s, outcome in zip(sessions, outcomes, strict=True):
             if isinstance(outcome, Session):
                 assert (await store.get(s.id)).id == s.id
-            else:
+            elif on_victim(s):
                 with pytest.raises(SessionNotFound):  # lost with the node (no persistence)
                     await store.get(s.id)
+            else:  # (redis-py 5.0 can fail a healthy node's part while it reloads the map)
+                assert (await store.get(s.id)).id == s.id
         fresh = await store.create(new_session("after"))
         assert (await store.get(fresh.id)).id == fresh.id
 

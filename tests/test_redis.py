@@ -1047,3 +1047,129 @@ async def test_hung_server_times_out_then_recovers(clock: FakeClock) -> None:
                 server.send_signal(signal.SIGCONT)
             assert (await store.get(s.id)).data == {"v": 1}
             await store.touch(s.id)
+
+
+# -------------------------------------------------------------------- bounded work
+
+
+async def test_lru_eviction_picks_the_least_recently_used(env: Env, clock: FakeClock) -> None:
+    """Lowering the limit to 2 for a user with 300 sessions: one create evicts all but
+    the most recently used one (one sort in the script, not a pass per victim)."""
+    store = env.controlled(cfg(max_sessions_per_user=0))
+    made = []
+    for _ in range(300):
+        made.append(await store.create(new_session("alice", now=clock())))
+        clock.advance(1)
+    recent = made[17]
+    await store.touch(recent.id)  # the most recently used, though one of the oldest
+    low = env.controlled(cfg(max_sessions_per_user=2, eviction="lru"))
+    new = await low.create(new_session("alice", now=clock()))
+    assert sorted(s.id for s in await low.list_by_user("alice")) == sorted([recent.id, new.id])
+
+
+async def test_list_and_delete_by_user_work_in_bounded_batches(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncsession.backends.redis import store as store_module
+
+    monkeypatch.setattr(store_module, "USER_BATCH", 7)
+    store = env.controlled(cfg(max_sessions_per_user=0))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    made = []
+    for _ in range(50):
+        made.append(await store.create(new_session("alice", now=clock())))
+        clock.advance(1)
+    for gone in made[10:13]:  # deleted behind the store's back: dropped from the index
+        await env.client.delete(raw.session_key(gone.id))
+    calls: list[tuple[str, Any]] = []
+    real_eval = raw._eval
+
+    async def counting(script: Any, keys: Any, args: Any) -> Any:
+        calls.append((script.sha, args))
+        return await real_eval(script, keys, args)
+
+    monkeypatch.setattr(raw, "_eval", counting)
+    live = made[:10] + made[13:]
+    assert [s.id for s in await store.list_by_user("alice")] == [s.id for s in live]
+    lists = [args for sha, args in calls if sha == redis_backend.LIST.sha]
+    assert len(lists) == -(-50 // 7) and all(args[2] == 7 for args in lists)
+    assert await env.client.zcard(raw.index_key("site-a", "alice")) == 47
+    calls.clear()
+    keep = live[20].id
+    assert await store.delete_by_user("alice", keep=keep) == 46
+    deletes = [args for sha, args in calls if sha == redis_backend.DELETE_BY_USER.sha]
+    assert len(deletes) == -(-46 // 7) + (46 % 7 == 0)
+    assert [s.id for s in await store.list_by_user("alice")] == [keep]
+
+
+async def test_expiry_set_and_index_stay_bounded_without_cleanup(
+    env: Env, clock: FakeClock
+) -> None:
+    """Background cleanup off, sessions of one user expiring round after round: each
+    write purges a couple of entries due past the native-expiry grace, so the expiry
+    set and the user's index stay within 2x the live sessions plus a constant."""
+    store = env.controlled(cfg(max_sessions_per_user=0, cleanup_interval=0))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    ikey = raw.index_key("site-a", "alice")
+    live = 100
+    for _ in range(8):
+        for _ in range(live):
+            await store.create(new_session("alice", 30, now=clock()))
+            await store.create(new_session(None, 30, now=clock()))
+        assert await env.client.zcard(raw.expiry_key) <= 2 * (2 * live) + 10
+        assert await env.client.zcard(ikey) <= 2 * live + 10
+        clock.advance(30 + raw.expiry_grace_ms / 1000 + 1)  # all expired, past the grace
+    assert len(await store.list_by_user("alice")) == 0
+
+
+# ---------------------------------------------------------------------------- URLs
+
+
+def test_a_bad_db_path_is_a_clear_error() -> None:
+    for url in ("redis://localhost/abc", "rediss://:pw@localhost:6380/1x", "redis://h/-1"):
+        with pytest.raises(ValueError, match="database") as info:
+            RedisStore.from_url(url)
+        assert ":pw@" not in str(info.value)
+        with pytest.raises(ValueError, match="database"):
+            open_store(url)
+    with pytest.raises(ValueError, match="database"):
+        RedisStore.from_url("redis+sentinel://s1:26379/mymaster/abc")
+    for url in ("redis://localhost", "redis://localhost/", "redis://localhost/3"):
+        assert isinstance(RedisStore.from_url(url), RedisStore)
+
+
+def test_tls_options_reach_sentinels_and_the_primary() -> None:
+    from redis.asyncio.connection import SSLConnection
+    from redis.asyncio.sentinel import SentinelManagedSSLConnection
+
+    store = RedisStore.from_url(
+        "redis+sentinel://s1:26379,s2:26380/mymaster/2?ssl=true&ssl_ca_certs=/etc/ca.pem"
+        "&ssl_certfile=/etc/c.pem&ssl_keyfile=/etc/k.pem&ssl_cert_reqs=required"
+    )
+    assert store._sentinel is not None
+    for sentinel in store._sentinel.sentinels:
+        pool = sentinel.connection_pool
+        assert issubclass(pool.connection_class, SSLConnection)
+        assert pool.connection_kwargs["ssl_ca_certs"] == "/etc/ca.pem"
+        assert pool.connection_kwargs["ssl_certfile"] == "/etc/c.pem"
+        assert pool.connection_kwargs["ssl_keyfile"] == "/etc/k.pem"
+    primary = store.client.connection_pool
+    assert issubclass(primary.connection_class, SentinelManagedSSLConnection)
+    assert primary.connection_kwargs["ssl_ca_certs"] == "/etc/ca.pem"
+    assert primary.connection_kwargs["db"] == 2
+    with pytest.raises(ValueError, match="ssl_cert_reqs"):
+        RedisStore.from_url("redis+sentinel://s1/m?ssl_cert_reqs=sometimes")
+
+
+def test_tls_options_reach_cluster_nodes() -> None:
+    from redis.asyncio.connection import SSLConnection
+
+    store = RedisStore.from_url(
+        "redis+cluster://n1:7000,n2:7001?ssl=true&ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=none"
+    )
+    kwargs = store.client.get_connection_kwargs()
+    assert issubclass(kwargs["connection_class"], SSLConnection)
+    assert kwargs["ssl_ca_certs"] == "/etc/ca.pem"
+    assert kwargs["ssl_cert_reqs"] == "none"

@@ -50,16 +50,18 @@ class ClusterOps:
     def primaries(self) -> list[ClusterNode]:
         return list(self.client.get_primaries())
 
-    def slots_by_primary(self, slots: list[int] | None = None) -> dict[ClusterNode, list[int]]:
+    def slots_by_primary(
+        self, slots: list[int] | None = None
+    ) -> list[tuple[ClusterNode, list[int]]]:
         """The primary that serves each slot (every slot by default), as redis-py's
         slot map says: the node of each slot's expiry-set hash tag."""
-        out: dict[ClusterNode, list[int]] = {}
+        out: dict[str, tuple[ClusterNode, list[int]]] = {}  # by name: 5.0's nodes hash not
         for slot in range(SLOTS) if slots is None else slots:
             node = self.client.get_node_from_key(slot_tag(slot).decode())
             if node is None:
                 raise self._unavailable(RuntimeError(f"no primary serves slot {slot}"))
-            out.setdefault(node, []).append(slot)
-        return out
+            out.setdefault(node.name, (node, []))[1].append(slot)
+        return list(out.values())
 
     async def call(self, node: ClusterNode, *command: Any) -> Any:
         """One command on ``node`` (``NOSCRIPT`` recovered), its reply as bytes (but
@@ -91,7 +93,7 @@ class ClusterOps:
         pending = self.slots_by_primary()
         for attempt in range(RESHARD_ATTEMPTS):
             parts = await asyncio.gather(
-                *(self._purge_node(node, slots, head, on_rows) for node, slots in pending.items())
+                *(self._purge_node(node, slots, head, on_rows) for node, slots in pending)
             )
             skipped = [slot for part in parts for slot in part]
             if not skipped:
@@ -135,7 +137,7 @@ class ClusterOps:
         counts = await asyncio.gather(
             *(
                 self.call(node, "EVALSHA", COUNT_SLOTS.sha, 0, self.xprefix, *map(slot_tag, slots))
-                for node, slots in self.slots_by_primary().items()
+                for node, slots in self.slots_by_primary()
             )
         )
         return sum(int(c) for c in counts)

@@ -177,6 +177,7 @@ class Transport:
         whatever happens (an unexpected error or a cancellation included). On a
         cluster each primary's part goes on its own and its callers get their
         replies as soon as that primary answers, not when the slowest one does."""
+        failure: BaseException = RuntimeError("the batch was cancelled")
         try:
             if not holding:
                 await self._acquire()
@@ -188,10 +189,11 @@ class Transport:
                     await asyncio.gather(*(self._send_part(batch, part) for part in parts))
             finally:
                 self._release()
+        except Exception as exc:  # a bug of ours or a dependency's: its callers hear of it
+            failure = exc
         finally:
             for _, waiter in batch:
                 if waiter is not None and not waiter.done():
-                    failure = RuntimeError("the batch was cancelled or failed")
                     waiter.set_exception(self._unavailable(failure))
 
     def _parts(self, batch: list[_Entry]) -> list[list[int]]:
@@ -205,10 +207,10 @@ class Transport:
             try:
                 if args is not None:
                     key = args[3] if args[0] == "EVALSHA" else args[1]
-                node = client.get_node_from_key(key)
+                node = client.get_node_from_key(key).name
             except Exception:  # no slot map yet (the pipeline loads it) or no key
                 node = None
-            parts.setdefault(node, []).append(i)
+            parts.setdefault(node, []).append(i)  # (by name: redis-py 5.0's nodes hash not)
         return list(parts.values())
 
     async def _send_part(self, batch: list[_Entry], part: list[int]) -> None:
