@@ -13,11 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import NoScriptError, TryAgainError
+from redis.exceptions import ResponseError, TryAgainError
 
 from ...errors import StoreUnavailable
 from .layout import SLOTS, slot_tag
-from .scripts import COUNT_SLOTS, PURGE_SLOTS, source_of
+from .scripts import COUNT_SLOTS, PURGE_SLOTS
+from .transport import NEVER_DECODE, send_recovering
 
 RESHARD_ATTEMPTS = 6
 """Rounds a purge retries slots that moved while it ran before giving up."""
@@ -67,21 +68,17 @@ class ClusterOps:
         """One command on ``node`` (``NOSCRIPT`` recovered), its reply as bytes (but
         the replies redis-py's cluster client merges: ``SCRIPT``, ``INFO``); errors
         raise as ``StoreUnavailable``."""
-        options = {} if command[0] in ("SCRIPT", "INFO") else {"NEVER_DECODE": True}
+        options: dict[str, Any] = {"target_nodes": node}
+        if command[0] not in ("SCRIPT", "INFO"):  # (replies redis-py merges by node)
+            options[NEVER_DECODE] = True
         try:
             async with asyncio.timeout(self.timeout):
-                try:
-                    return await self.client.execute_command(*command, target_nodes=node, **options)
-                except NoScriptError:
-                    return await self.client.execute_command(
-                        "EVAL",
-                        source_of(command[1]),
-                        *command[2:],
-                        target_nodes=node,
-                        NEVER_DECODE=True,
-                    )
+                (reply,) = await send_recovering(self.client, [command], **options)
         except Exception as exc:
             raise self._unavailable(exc) from exc
+        if isinstance(reply, ResponseError):
+            raise self._unavailable(reply)
+        return reply
 
     async def purge(self, head: tuple[Any, ...], on_rows: Callable[[list[Any], int], None]) -> None:
         """``PURGE_SLOTS`` (``head``: now, budget, session prefix, report) over every

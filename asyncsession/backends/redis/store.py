@@ -475,6 +475,18 @@ class RedisStore(Store):
             return b""
         return -(-codec.to_us(expires_at) // 1000) + self.expiry_grace_ms
 
+    def _times(self, session: Session, now: datetime) -> tuple[int | bytes, ...]:
+        """The scripts' time arguments of a write: created, accessed, expires,
+        absolute deadline, native expiry (ms), now (us; b'' = never)."""
+        return (
+            codec.to_us(session.created_at),
+            codec.to_us(session.last_accessed_at),
+            _us(session.expires_at),
+            _us(absolute_deadline(session)),
+            self._px(session.expires_at),
+            codec.to_us(now),
+        )
+
     def _trim_cutoff(self, now: datetime) -> int:
         """Writes purge a few sessions expired before this (us): ones whose native
         expiry (the grace after the deadline) has passed, gone or not."""
@@ -502,12 +514,7 @@ class RedisStore(Store):
                 record,
                 scope.site_id,
                 session.version,
-                codec.to_us(session.created_at),
-                codec.to_us(session.last_accessed_at),
-                _us(session.expires_at),
-                _us(absolute_deadline(session)),
-                self._px(session.expires_at),
-                codec.to_us(now),
+                *self._times(session, now),
                 scope.max_sessions_per_user,
                 scope.eviction,
                 self._sprefix,
@@ -550,12 +557,7 @@ class RedisStore(Store):
                 ikey,
                 session.version - 1,
                 session.version,
-                codec.to_us(session.created_at),
-                codec.to_us(session.last_accessed_at),
-                _us(session.expires_at),
-                _us(absolute_deadline(session)),
-                self._px(session.expires_at),
-                codec.to_us(now),
+                *self._times(session, now),
                 session.id,
                 scope.max_sessions_per_user,
                 self._sprefix,

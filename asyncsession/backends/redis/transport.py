@@ -44,36 +44,51 @@ enough that under load several batches are in flight and the client builds and
 parses one while Redis runs another."""
 
 
-async def send_batch(client: Redis | RedisCluster, commands: Sequence[Command]) -> list[Any]:
+async def send_batch(
+    client: Redis | RedisCluster, commands: Sequence[Command], **options: Any
+) -> list[Any]:
     """``commands`` in one round trip (a cluster: one per primary); replies in order.
 
     Each reply is the command's value or its error reply (a ``ResponseError``); a
     connection failure raises. Only public redis-py calls: ``execute_command`` and
-    ``pipeline(transaction=False)``, whose connection goes back to the pool after."""
+    ``pipeline(transaction=False)``, whose connection goes back to the pool after.
+    ``options`` go to ``execute_command`` (default: raw bytes replies)."""
+    options = options or {NEVER_DECODE: True}
     if len(commands) == 1:
         try:
-            return [await client.execute_command(*commands[0], NEVER_DECODE=True)]
+            return [await client.execute_command(*commands[0], **options)]
         except ResponseError as exc:
             return [exc]
     pipe = client.pipeline(transaction=False)
     for command in commands:
-        pipe.execute_command(*command, NEVER_DECODE=True)
+        pipe.execute_command(*command, **options)
     return list(await pipe.execute(raise_on_error=False))
 
 
-async def send_recovering(client: Redis | RedisCluster, commands: Sequence[Command]) -> list[Any]:
+async def send_recovering(
+    client: Redis | RedisCluster, commands: Sequence[Command], **options: Any
+) -> list[Any]:
     """``send_batch``, with ``NOSCRIPT`` replies (server restarted, ``SCRIPT FLUSH``)
     sent again as ``EVAL`` with the source: it runs whatever the script cache holds
     by then (another flush cannot race it) and caches the script again."""
-    replies = await send_batch(client, commands)
+    replies = await send_batch(client, commands, **options)
     if len(replies) != len(commands):
         raise ResponseError(f"{len(replies)} replies to {len(commands)} commands")
     missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
     if missing:
         again = [("EVAL", source_of(commands[i][1]), *commands[i][2:]) for i in missing]
-        for i, reply in zip(missing, await send_batch(client, again), strict=True):
+        for i, reply in zip(missing, await send_batch(client, again, **options), strict=True):
             replies[i] = reply
     return replies
+
+
+def _resolve(waiter: asyncio.Future[Any] | None, reply: Any) -> None:
+    """Hand ``waiter`` its reply (an exception is raised to it), unless it is gone."""
+    if waiter is not None and not waiter.done():
+        if isinstance(reply, BaseException):
+            waiter.set_exception(reply)
+        else:
+            waiter.set_result(reply)
 
 
 def _unwrap(reply: Any) -> Any:
@@ -194,7 +209,7 @@ class Transport:
         finally:
             for _, waiter in batch:
                 if waiter is not None and not waiter.done():
-                    waiter.set_exception(self._unavailable(failure))
+                    _resolve(waiter, self._unavailable(failure))
 
     def _parts(self, batch: list[_Entry]) -> list[list[int]]:
         """The batch's positions grouped by the cluster node their key maps to (as the
@@ -216,12 +231,7 @@ class Transport:
     async def _send_part(self, batch: list[_Entry], part: list[int]) -> None:
         replies = await self.roundtrip([batch[i][0] for i in part])
         for i, reply in zip(part, replies, strict=True):
-            waiter = batch[i][1]
-            if waiter is not None and not waiter.done():
-                if isinstance(reply, BaseException):
-                    waiter.set_exception(reply)
-                else:
-                    waiter.set_result(reply)
+            _resolve(batch[i][1], reply)
 
     async def roundtrip(self, requests: list[Request]) -> list[Any]:
         """One round trip for ``requests``: per request its reply or a
