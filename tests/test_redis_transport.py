@@ -216,3 +216,14 @@ async def test_open_refuses_a_server_the_scripts_cannot_run_on(
                 pass
         assert "7.0" in str(info.value)
         await store.close()
+
+
+def test_server_version_reads_every_form_of_info() -> None:
+    from asyncsession.backends.redis.server import server_version
+
+    raw = b"# Server\r\nredis_version:7.2.4\r\nvalkey_version:8.0.1\r\n"
+    assert server_version(raw) == ("Valkey", "8.0.1")
+    assert server_version({"redis_version": "7.0.15"}) == ("Redis", "7.0.15")
+    assert server_version({"n1:7000": {"redis_version": "6.2.1"}}) == ("Redis", "6.2.1")
+    with pytest.raises(ValueError):
+        server_version(42)

@@ -25,6 +25,8 @@ def server_version(info: Any) -> tuple[str, str]:
             line.split(":", 1) for line in info.decode(errors="replace").splitlines() if ":" in line
         )
     elif isinstance(info, dict):
+        if len(info) == 1 and isinstance(next(iter(info.values())), dict):
+            (info,) = info.values()  # a cluster client's reply, keyed by node
         fields = {str(k): str(v) for k, v in info.items()}
     else:
         raise ValueError(f"unexpected INFO reply: {info!r:.60}")
@@ -49,7 +51,11 @@ async def check_server(
 ) -> None:
     """``StoreUnavailable`` naming the version if the server behind ``call`` reports a
     Redis older than 7.0 or refuses a command the scripts need."""
-    product, version = server_version(await call("INFO", "server"))
+    info = await call("INFO", "server")
+    try:
+        product, version = server_version(info)
+    except ValueError as exc:
+        raise unavailable(exc) from exc
     if product == "Redis" and _numbers(version) < MIN_VERSION:
         raise unavailable(
             RuntimeError(
