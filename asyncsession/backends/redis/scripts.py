@@ -35,6 +35,7 @@ def source_of(sha: str | bytes) -> bytes:
 
 
 PRELUDE = lua("prelude")
+_PRELUDE = PRELUDE  # the name the single-module backend used
 _PURGE_FN = lua("purge_fn")
 _INDEX_FNS = lua("index")
 
