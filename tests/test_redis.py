@@ -1106,22 +1106,36 @@ async def test_list_and_delete_by_user_work_in_bounded_batches(
 async def test_expiry_set_and_index_stay_bounded_without_cleanup(
     env: Env, clock: FakeClock
 ) -> None:
-    """Background cleanup off, sessions of one user expiring round after round: each
-    write purges a couple of entries due past the native-expiry grace, so the expiry
-    set and the user's index stay within 2x the live sessions plus a constant."""
+    """Background cleanup off, sessions of one user expiring round after round and
+    Redis's own expiry dropping their keys (done here by hand: the store's clock is
+    fake): each write drops a couple of expiry entries and index members whose key
+    is gone, so the expiry set and the user's index stay within 2x the live sessions
+    plus a constant. A session still stored keeps its entries (and its id)."""
     store = env.controlled(cfg(max_sessions_per_user=0, cleanup_interval=0))
     raw = store.store
     assert isinstance(raw, RedisStore)
     ikey = raw.index_key("site-a", "alice")
     live = 100
+    before: list[str] = []
     for _ in range(8):
+        made = []
         for _ in range(live):
-            await store.create(new_session("alice", 30, now=clock()))
-            await store.create(new_session(None, 30, now=clock()))
+            made.append(await store.create(new_session("alice", 30, now=clock())))
+            made.append(await store.create(new_session(None, 30, now=clock())))
         assert await env.client.zcard(raw.expiry_key) <= 2 * (2 * live) + 10
         assert await env.client.zcard(ikey) <= 2 * live + 10
         clock.advance(30 + raw.expiry_grace_ms / 1000 + 1)  # all expired, past the grace
+        before = [s.id for s in made]
+        await env.client.delete(*[raw.session_key(i) for i in before])  # native expiry
     assert len(await store.list_by_user("alice")) == 0
+    # without native expiry nothing is dropped: an expired session keeps its id
+    kept = await store.create(new_session(None, 30, now=clock()))
+    clock.advance(30 + raw.expiry_grace_ms / 1000 + 1)
+    for _ in range(5):
+        await store.create(new_session(None, 30, now=clock()))
+    assert await env.client.zscore(raw.expiry_key, kept.id) is not None
+    assert await store.purge_expired() >= 1
+    assert await env.client.zscore(raw.expiry_key, kept.id) is None
 
 
 # ---------------------------------------------------------------------------- URLs

@@ -488,8 +488,8 @@ class RedisStore(Store):
         )
 
     def _trim_cutoff(self, now: datetime) -> int:
-        """Writes purge a few sessions expired before this (us): ones whose native
-        expiry (the grace after the deadline) has passed, gone or not."""
+        """Writes drop a few expiry entries due before this (us) whose session key is
+        gone: past the deadline plus the grace, Redis's own expiry has dropped it."""
         return codec.to_us(now) - self.expiry_grace_ms * 1000
 
     @_guarded

@@ -89,11 +89,17 @@ if ikey and limit > 0 then
     end
   end
 elseif ikey then
-  -- no limit: the index may be long; drop up to two gone members from the old end
+  -- no limit: the index may be long; drop gone members among the two at the old
+  -- end and two at random (so it stays within about twice its live sessions)
   local m = redis.call('ZRANGE', ikey, 0, 1)
+  for _, mid in ipairs(redis.call('ZRANDMEMBER', ikey, 2)) do m[#m + 1] = mid end
+  local seen = {}
   for j = 1, #m do
-    local f = fields(key_of(sprefix, m[j]), 'i')
-    if not f or f[1] ~= ikey then drop[#drop + 1] = m[j] end
+    if not seen[m[j]] then
+      seen[m[j]] = true
+      local f = fields(key_of(sprefix, m[j]), 'i')
+      if not f or f[1] ~= ikey then drop[#drop + 1] = m[j] end
+    end
   end
   local top = redis.call('ZRANGE', ikey, -1, -1, 'WITHSCORES')
   local c, last = tonumber(ARGV[4]), tonumber(top[2])

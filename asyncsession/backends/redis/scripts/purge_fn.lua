@@ -30,11 +30,15 @@ local function purge(xkey, now, limit, sprefix, report, rows)
   end
   return removed, #ids
 end
--- a write's share of the cleanup: purge up to 2 entries of the expiry set due before
--- `cutoff` (now minus the native-expiry grace: sessions Redis itself would have
--- dropped by now), so with background cleanup off the set and the user indexes stay
--- within the live sessions plus a constant. Never fails the write (a slot
--- half-migrated on a cluster: skipped this time).
+-- a write's share of the cleanup: up to 2 entries of the expiry set due before
+-- `cutoff` (now minus the native-expiry grace) whose session key is gone (Redis's own
+-- expiry dropped it, or a DEL) leave the set, so with background cleanup off it
+-- stays within the live sessions plus a constant. Sessions still stored are left to
+-- purge_expired (they keep their id until then). Never fails the write.
 local function trim(xkey, cutoff, sprefix)
-  pcall(purge, xkey, cutoff, 2, sprefix, false, {})
+  pcall(function()
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', xkey, '-inf', cutoff, 'LIMIT', 0, 2)) do
+      if redis.call('EXISTS', key_of(sprefix, id)) == 0 then redis.call('ZREM', xkey, id) end
+    end
+  end)
 end
