@@ -32,8 +32,11 @@ from .clock import FakeClock  # noqa: E402
 from .fake_redis_server import serve  # noqa: E402
 
 TIMEOUT = 1.0
-MARGIN = 1.5
-"""Every call returns or raises within the store's timeout plus this."""
+MARGIN = 3.0
+"""Every call returns or raises within the store's timeout plus this (a batch may
+first wait for a slot held by another, itself bounded by the timeout; the rest is
+room for a machine shared with other test runs: once, under load average ~6, a
+batch of 32 took more than 1.5 s beyond the timeout)."""
 
 MODES = ["garbage", "wrong_types", "error_mid_batch", "close_mid_reply", "silent"]
 
