@@ -14,6 +14,34 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", *session.posargs)
 
 
+REDIS_OLDEST = "5.0.2"
+"""The lowest redis-py pyproject.toml declares: the oldest that passes the Redis suite
+(5.0.0 has no ``aclose``; 5.0.1's hiredis parser ignores ``disable_decoding``)."""
+
+REDIS_SUITE = [
+    "tests/test_redis.py",
+    "tests/test_redis_transport.py",
+    "tests/test_cluster.py",
+    "tests/test_sentinel.py",
+]
+
+
+@nox.session
+def redis_oldest(session: nox.Session) -> None:
+    """The Redis suite with the oldest redis-py pyproject.toml declares."""
+    session.install("-e", ".[all,test]", f"redis[hiredis]=={REDIS_OLDEST}")
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *REDIS_SUITE, *session.posargs)
+
+
+@nox.session
+def redis_newest(session: nox.Session) -> None:
+    """The Redis suite and mypy with the newest redis-py."""
+    session.install("-e", ".[all,test]")
+    session.install("--upgrade", "redis[hiredis]")
+    session.run("mypy", "--strict", "asyncsession")
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *REDIS_SUITE, *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")

@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 redis = pytest.importorskip("redis")
 
@@ -50,7 +48,7 @@ from asyncsession import (  # noqa: E402
     with_controls,
 )
 from asyncsession.backends import redis as redis_backend  # noqa: E402
-from asyncsession.backends._redis_rotation import rotation_key  # noqa: E402
+from asyncsession.backends.redis.rotation import rotation_key  # noqa: E402
 from asyncsession.backends.redis import RedisStore  # noqa: E402
 from asyncsession.codec import to_us  # noqa: E402
 
@@ -518,8 +516,9 @@ async def test_concurrent_gets_share_one_round_trip(env: Env, clock: FakeClock) 
     await asyncio.gather(*(store.get(s.id) for s in sessions))  # opens the connections
     CountingConnection.writes = 0
     got = await asyncio.gather(*(store.get(s.id) for s in sessions))
-    # one pipeline per MAX_BATCH (32) gets, both in flight at once
-    assert CountingConnection.writes == -(-64 // redis_backend.MAX_BATCH) == 2
+    # the first goes at once (nothing was on the wire), the 63 that queued behind it
+    # in one pipeline per MAX_BATCH (32), all in flight at once
+    assert CountingConnection.writes == 1 + -(-63 // redis_backend.MAX_BATCH) == 3
     assert [g.data["i"] for g in got] == list(range(64))
     assert [g.id for g in got] == [s.id for s in sessions]
 
@@ -530,8 +529,8 @@ async def test_concurrent_gets_share_one_round_trip(env: Env, clock: FakeClock) 
         store.get(sessions[1].id),
         return_exceptions=True,
     )
-    # the reads share one round trip; the miss then asks for a rotation record
-    assert CountingConnection.writes == 2
+    # the first at once, two in one pipeline; the miss then asks for a rotation record
+    assert CountingConnection.writes == 3
     assert isinstance(results[1], SessionNotFound)
     assert results[0].id == sessions[0].id and results[2].id == sessions[1].id  # type: ignore[union-attr]
 
@@ -548,7 +547,7 @@ async def test_concurrent_gets_share_one_round_trip(env: Env, clock: FakeClock) 
     for s in sessions:
         s.data["touched"] = True
     await asyncio.gather(*(store.update(s) for s in sessions))
-    assert CountingConnection.writes == 2  # 64 updates: two pipelines of MAX_BATCH
+    assert CountingConnection.writes == 3  # 64 updates: one, then two pipelines
     for s in sessions[:3]:
         assert (await store.get(s.id)).data["touched"] is True
 
@@ -557,11 +556,11 @@ async def test_batch_survives_a_cancelled_leader(env: Env) -> None:
     store = env.controlled()
     sessions = [await store.create(new_session(f"u{i}", data={"i": i})) for i in range(10)]
     tasks = [asyncio.ensure_future(store.get(s.id)) for s in sessions]
-    await asyncio.sleep(0)  # all ten are in one batch; the first leads it
-    tasks[0].cancel()
+    await asyncio.sleep(0)  # the first went at once; the nine others are one batch,
+    tasks[1].cancel()  # led by the second
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    assert isinstance(results[0], asyncio.CancelledError)
-    assert [r.data["i"] for r in results[1:]] == list(range(1, 10))  # type: ignore[union-attr]
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert [r.data["i"] for r in results[:1] + results[2:]] == [0, *range(2, 10)]  # type: ignore[union-attr]
 
 
 # ----------------------------------------------------------------------- NOSCRIPT
@@ -1056,51 +1055,141 @@ async def test_hung_server_times_out_then_recovers(clock: FakeClock) -> None:
             await store.touch(s.id)
 
 
-async def test_round_trips_on_open_connections_need_no_timer_each(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+# -------------------------------------------------------------------- bounded work
+
+
+async def test_lru_eviction_picks_the_least_recently_used(env: Env, clock: FakeClock) -> None:
+    """Lowering the limit to 2 for a user with 300 sessions: one create evicts all but
+    the most recently used one (one sort in the script, not a pass per victim)."""
+    store = env.controlled(cfg(max_sessions_per_user=0))
+    made = []
+    for _ in range(300):
+        made.append(await store.create(new_session("alice", now=clock())))
+        clock.advance(1)
+    recent = made[17]
+    await store.touch(recent.id)  # the most recently used, though one of the oldest
+    low = env.controlled(cfg(max_sessions_per_user=2, eviction="lru"))
+    new = await low.create(new_session("alice", now=clock()))
+    assert sorted(s.id for s in await low.list_by_user("alice")) == sorted([recent.id, new.id])
+
+
+async def test_list_and_delete_by_user_work_in_bounded_batches(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A round trip on a connection the store keeps open is bounded by the store's
-    watchdog (one timer for all), not by an asyncio.timeout of its own; nothing is
-    left behind."""
-    need_real_redis()
-    store = env.controlled()
+    from asyncsession.backends.redis import store as store_module
+
+    monkeypatch.setattr(store_module, "USER_BATCH", 7)
+    store = env.controlled(cfg(max_sessions_per_user=0))
     raw = store.store
     assert isinstance(raw, RedisStore)
-    s = await store.create(new_session("alice", data={"v": 1}))
-    timers: list[float | None] = []
-    real_timeout = asyncio.timeout
+    made = []
+    for _ in range(50):
+        made.append(await store.create(new_session("alice", now=clock())))
+        clock.advance(1)
+    for gone in made[10:13]:  # deleted behind the store's back: dropped from the index
+        await env.client.delete(raw.session_key(gone.id))
+    calls: list[tuple[str, Any]] = []
+    real_eval = raw._eval
 
-    def counting(delay: float | None) -> Any:
-        timers.append(delay)
-        return real_timeout(delay)
+    async def counting(script: Any, keys: Any, args: Any) -> Any:
+        calls.append((script.sha, args))
+        return await real_eval(script, keys, args)
 
-    monkeypatch.setattr(redis_backend.asyncio, "timeout", counting)
-    for n in range(50):
-        got = await store.get(s.id)
-        got.data["v"] = n
-        await store.update(got)
-    await asyncio.gather(*(store.get(s.id) for _ in range(100)))
-    assert timers.count(raw.timeout) <= raw.max_in_flight  # only to open connections
-    assert raw._deadlines == {}
-    assert (await store.get(s.id)).data == {"v": 49}
+    monkeypatch.setattr(raw, "_eval", counting)
+    live = made[:10] + made[13:]
+    assert [s.id for s in await store.list_by_user("alice")] == [s.id for s in live]
+    lists = [args for sha, args in calls if sha == redis_backend.LIST.sha]
+    assert len(lists) == -(-50 // 7) and all(args[2] == 7 for args in lists)
+    assert await env.client.zcard(raw.index_key("site-a", "alice")) == 47
+    calls.clear()
+    keep = live[20].id
+    assert await store.delete_by_user("alice", keep=keep) == 46
+    deletes = [args for sha, args in calls if sha == redis_backend.DELETE_BY_USER.sha]
+    assert len(deletes) == -(-46 // 7) + (46 % 7 == 0)
+    assert [s.id for s in await store.list_by_user("alice")] == [keep]
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    st.lists(
-        st.lists(
-            st.binary(max_size=40)
-            | st.text(max_size=20)
-            | st.integers(min_value=-(2**63), max_value=2**64),
-            min_size=1,
-            max_size=8,
-        ).map(tuple),
-        min_size=1,
-        max_size=4,
+async def test_expiry_set_and_index_stay_bounded_without_cleanup(
+    env: Env, clock: FakeClock
+) -> None:
+    """Background cleanup off, sessions of one user expiring round after round and
+    Redis's own expiry dropping their keys (done here by hand: the store's clock is
+    fake): each write drops a couple of expiry entries and index members whose key
+    is gone, so the expiry set and the user's index stay within 2x the live sessions
+    plus a constant. A session still stored keeps its entries (and its id)."""
+    store = env.controlled(cfg(max_sessions_per_user=0, cleanup_interval=0))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    ikey = raw.index_key("site-a", "alice")
+    live = 100
+    before: list[str] = []
+    for _ in range(8):
+        made = []
+        for _ in range(live):
+            made.append(await store.create(new_session("alice", 30, now=clock())))
+            made.append(await store.create(new_session(None, 30, now=clock())))
+        assert await env.client.zcard(raw.expiry_key) <= 2 * (2 * live) + 10
+        assert await env.client.zcard(ikey) <= 2 * live + 10
+        clock.advance(30 + raw.expiry_grace_ms / 1000 + 1)  # all expired, past the grace
+        before = [s.id for s in made]
+        await env.client.delete(*[raw.session_key(i) for i in before])  # native expiry
+    assert len(await store.list_by_user("alice")) == 0
+    # without native expiry nothing is dropped: an expired session keeps its id
+    kept = await store.create(new_session(None, 30, now=clock()))
+    clock.advance(30 + raw.expiry_grace_ms / 1000 + 1)
+    for _ in range(5):
+        await store.create(new_session(None, 30, now=clock()))
+    assert await env.client.zscore(raw.expiry_key, kept.id) is not None
+    assert await store.purge_expired() >= 1
+    assert await env.client.zscore(raw.expiry_key, kept.id) is None
+
+
+# ---------------------------------------------------------------------------- URLs
+
+
+def test_a_bad_db_path_is_a_clear_error() -> None:
+    for url in ("redis://localhost/abc", "rediss://:pw@localhost:6380/1x", "redis://h/-1"):
+        with pytest.raises(ValueError, match="database") as info:
+            RedisStore.from_url(url)
+        assert ":pw@" not in str(info.value)
+        with pytest.raises(ValueError, match="database"):
+            open_store(url)
+    with pytest.raises(ValueError, match="database"):
+        RedisStore.from_url("redis+sentinel://s1:26379/mymaster/abc")
+    for url in ("redis://localhost", "redis://localhost/", "redis://localhost/3"):
+        assert isinstance(RedisStore.from_url(url), RedisStore)
+
+
+def test_tls_options_reach_sentinels_and_the_primary() -> None:
+    from redis.asyncio.connection import SSLConnection
+    from redis.asyncio.sentinel import SentinelManagedSSLConnection
+
+    store = RedisStore.from_url(
+        "redis+sentinel://s1:26379,s2:26380/mymaster/2?ssl=true&ssl_ca_certs=/etc/ca.pem"
+        "&ssl_certfile=/etc/c.pem&ssl_keyfile=/etc/k.pem&ssl_cert_reqs=required"
     )
-)
-def test_pack_matches_the_pure_python_encoder(commands: list[tuple[Any, ...]]) -> None:
-    """Commands go out through hiredis's pack_command when it is installed (it is,
-    with redis[hiredis]): byte for byte what the store's own RESP encoder writes."""
-    assert redis_backend._pack_command is not None
-    assert redis_backend._pack(commands) == redis_backend._pack_python(commands)
+    assert store._sentinel is not None
+    for sentinel in store._sentinel.sentinels:
+        pool = sentinel.connection_pool
+        assert issubclass(pool.connection_class, SSLConnection)
+        assert pool.connection_kwargs["ssl_ca_certs"] == "/etc/ca.pem"
+        assert pool.connection_kwargs["ssl_certfile"] == "/etc/c.pem"
+        assert pool.connection_kwargs["ssl_keyfile"] == "/etc/k.pem"
+    primary = store.client.connection_pool
+    assert issubclass(primary.connection_class, SentinelManagedSSLConnection)
+    assert primary.connection_kwargs["ssl_ca_certs"] == "/etc/ca.pem"
+    assert primary.connection_kwargs["db"] == 2
+    with pytest.raises(ValueError, match="ssl_cert_reqs"):
+        RedisStore.from_url("redis+sentinel://s1/m?ssl_cert_reqs=sometimes")
+
+
+def test_tls_options_reach_cluster_nodes() -> None:
+    from redis.asyncio.connection import SSLConnection
+
+    store = RedisStore.from_url(
+        "redis+cluster://n1:7000,n2:7001?ssl=true&ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=none"
+    )
+    kwargs = store.client.get_connection_kwargs()
+    assert issubclass(kwargs["connection_class"], SSLConnection)
+    assert kwargs["ssl_ca_certs"] == "/etc/ca.pem"
+    assert kwargs["ssl_cert_reqs"] == "none"

@@ -31,8 +31,8 @@ from asyncsession import (  # noqa: E402
     open_store,
     with_controls,
 )
-from asyncsession.backends import _redis_cluster  # noqa: E402
 from asyncsession.backends.redis import RedisStore  # noqa: E402
+from asyncsession.backends.redis import urls as _urls  # noqa: E402
 
 from .clock import FakeClock  # noqa: E402
 from .redis_servers import SERVICE, Sentinel, free_ports  # noqa: E402
@@ -57,13 +57,13 @@ def test_sentinel_fixture_names_a_primary_with_a_synced_replica(redis_sentinel: 
 
 
 def test_sentinel_url_forms() -> None:
-    sentinels, service, options = _redis_cluster.parse_sentinel_url(
+    sentinels, service, options = _urls.parse_sentinel_url(
         "redis+sentinel://:pw@s1:26379,s2/mymaster/2?socket_timeout=1.5"
     )
     assert sentinels == [("s1", 26379), ("s2", 26379)] and service == "mymaster"
     assert options == {"password": "pw", "db": 2, "socket_timeout": 1.5}
     with pytest.raises(ValueError, match="service"):
-        _redis_cluster.parse_sentinel_url("redis+sentinel://s1:26379")
+        _urls.parse_sentinel_url("redis+sentinel://s1:26379")
     with pytest.raises(ValueError, match="service"):
         RedisStore.from_url("redis+sentinel://:secret@s1:26379/")
 

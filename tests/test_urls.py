@@ -111,11 +111,7 @@ REFUSED = [
     ("", "not a store URL"),
     ("redis+cluster://10.0.0.1:7000/1", "one database"),
     ("redis+sentinel://10.0.0.5:26379", "service name"),
-    pytest.param(
-        "redis://localhost:6379/abc",
-        "abc",
-        marks=pytest.mark.xfail(strict=False, reason="redis branch: bad db paths are errors"),
-    ),
+    ("redis://localhost:6379/abc", "abc"),
 ]
 
 
@@ -174,6 +170,4 @@ def test_every_documented_refusal_is_refused(url: str) -> None:
         open_backend(url)
     except ValueError:
         return
-    if url == "redis://localhost:6379/abc":
-        pytest.xfail("redis branch: bad db paths are errors")
     raise AssertionError(f"{url} was accepted")

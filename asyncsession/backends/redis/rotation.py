@@ -13,100 +13,18 @@ index helpers and ``_INSERT`` as a function) prepended in ``redis.py``.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .. import codec
-from ..config import Config
-from ..errors import InvalidSession, SessionLimitExceeded
-from ..session import Session, user_tag
-from ..store import NO_EVICTIONS, InsertResult, Outcome, absolute_deadline
-from ._redis_cluster import TAG_LENGTH, id_slot
+from ... import codec
+from ...config import Config
+from ...errors import InvalidSession, SessionLimitExceeded
+from ...session import Session, user_tag
+from ...store import NO_EVICTIONS, InsertResult, Outcome
+from .layout import TAG_LENGTH, id_slot
+from .scripts import RETIRE, ROTATE, ROTATE_INTO
 
 if TYPE_CHECKING:
-    from .redis import RedisStore
-
-# KEYS: session, new session, expiry set, rotation record
-# ARGV: site, now, id, new id, record value ('' = none), record PXAT
-# The new id takes the old one's place (score) in the user index.
-ROTATE_LUA = """
-local skey, nkey, xkey, rkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local id, new = ARGV[3], ARGV[4]
-local f = fields(skey, 's', 'i', 'e', 'c')
-if not f or not f[1] or not f[3] then return 'missing' end
-if f[1] ~= ARGV[1] then return 'other_site' end
-if not live(f[3], tonumber(ARGV[2])) then return 'expired' end
-if redis.call('EXISTS', nkey) == 1 then return 'conflict' end
-if ARGV[5] ~= '' then here(rkey) end
-local score
-if f[2] then
-  here(f[2])
-  score = redis.call('ZSCORE', f[2], id) or tonumber(f[4]) or 0
-end
-redis.call('RENAME', skey, nkey)
-redis.call('ZREM', xkey, id)
-if f[3] ~= '' then redis.call('ZADD', xkey, f[3], new) end
-if f[2] then
-  redis.call('ZREM', f[2], id)
-  redis.call('ZADD', f[2], score, new)
-end
-if ARGV[5] ~= '' then redis.call('SET', rkey, ARGV[5], 'PXAT', ARGV[6]) end
-return 'ok'
-"""
-
-# KEYS: old session, old expiry set, rotation record, new session, new expiry set,
-#       [new user index]
-# ARGV: site, now, old id, expected version ('' = any), record value ('' = none),
-#       record PXAT, then INSERT's ARGV (record .. id)
-# The old session leaves the new user's index before the insert (so it is not
-# counted for the limit) and comes back if the insert refuses; then it is deleted.
-ROTATE_INTO_LUA = """
-local okey, oxkey, rkey = KEYS[1], KEYS[2], KEYS[3]
-local site, oid = ARGV[1], ARGV[3]
-local f = fields(okey, 's', 'i', 'e', 'n')
-if not f or not f[1] or not f[3] then return {'missing'} end
-if f[1] ~= site then return {'other_site'} end
-if not live(f[3], tonumber(ARGV[2])) then return {'expired'} end
-if ARGV[4] ~= '' and f[4] ~= ARGV[4] then return {'conflict'} end
-if redis.call('EXISTS', KEYS[4]) == 1 then return {'exists'} end
-if ARGV[5] ~= '' then here(rkey) end
-if f[2] then here(f[2]) end
-local ikey = KEYS[6]
-local score
-if f[2] and f[2] == ikey then
-  score = redis.call('ZSCORE', ikey, oid)
-  if score then redis.call('ZREM', ikey, oid) end
-end
-local iargv = {}
-for j = 7, #ARGV do iargv[#iargv + 1] = ARGV[j] end
-local reply = insert({KEYS[4], KEYS[5], KEYS[6]}, iargv)
-if reply[1] ~= 'ok' then
-  if score then redis.call('ZADD', ikey, score, oid) end
-  return reply
-end
-redis.call('DEL', okey)
-redis.call('ZREM', oxkey, oid)
-if f[2] then redis.call('ZREM', f[2], oid) end
-if ARGV[5] ~= '' then redis.call('SET', rkey, ARGV[5], 'PXAT', ARGV[6]) end
-return reply
-"""
-
-# Redis Cluster, old and new ids in different slots: after the new session was
-# created, retire the old one (delete, record the rotation) in its own slot.
-# KEYS: old session, old expiry set, rotation record
-# ARGV: site, id, record value ('' = none), record PXAT
-RETIRE_LUA = """
-local okey, oxkey, rkey = KEYS[1], KEYS[2], KEYS[3]
-local f = fields(okey, 's', 'i')
-if not f or not f[1] then return 'missing' end
-if f[1] ~= ARGV[1] then return 'other_site' end
-if ARGV[3] ~= '' then here(rkey) end
-if f[2] then here(f[2]) end
-redis.call('DEL', okey)
-redis.call('ZREM', oxkey, ARGV[2])
-if f[2] then redis.call('ZREM', f[2], ARGV[2]) end
-if ARGV[3] ~= '' then redis.call('SET', rkey, ARGV[3], 'PXAT', ARGV[4]) end
-return 'ok'
-"""
+    from .store import RedisStore
 
 _OUTCOMES = {
     b"ok": Outcome.OK,
@@ -119,11 +37,7 @@ _OUTCOMES = {
 
 def rotation_key(store: RedisStore, session_id: str) -> bytes:
     """``{prefix}r:{id}``; on a cluster ``{prefix}r:{{tag}}{rest}`` (the id's slot)."""
-    prefix = store.config.key_prefix.encode() + b"r:"
-    raw = session_id.encode()
-    if store._router is None:
-        return prefix + raw
-    return prefix + b"{" + raw[:TAG_LENGTH] + b"}" + raw[TAG_LENGTH:]
+    return store._layout.rotation_key(session_id)
 
 
 def _record(store: RedisStore, scope: Config, now: datetime) -> tuple[bytes, int | bytes]:
@@ -138,8 +52,6 @@ def _record(store: RedisStore, scope: Config, now: datetime) -> tuple[bytes, int
 async def rotate(
     store: RedisStore, session_id: str, new_id: str, scope: Config, now: datetime
 ) -> Outcome:
-    from .redis import ROTATE
-
     value, pxat = _record(store, scope, now)
     reply = await store._eval(
         ROTATE,
@@ -165,24 +77,6 @@ async def rotated(store: RedisStore, session_id: str, scope: Config, now: dateti
         return False
 
 
-def _insert_args(session: Session, record: bytes, scope: Config, now: datetime) -> list[Any]:
-    return [
-        record,
-        scope.site_id,
-        session.version,
-        codec.to_us(session.created_at),
-        codec.to_us(session.last_accessed_at),
-        b"" if session.expires_at is None else codec.to_us(session.expires_at),
-        b"" if (a := absolute_deadline(session)) is None else codec.to_us(a),
-        b"",  # px: filled in by the caller
-        codec.to_us(now),
-        scope.max_sessions_per_user,
-        scope.eviction,
-        b"",  # session key prefix: filled in by the caller
-        session.id,
-    ]
-
-
 async def rotate_into(
     store: RedisStore,
     session_id: str,
@@ -192,9 +86,7 @@ async def rotate_into(
     scope: Config,
     now: datetime,
 ) -> InsertResult | Outcome:
-    from .redis import RETIRE, ROTATE_INTO
-
-    cluster = store._router is not None
+    cluster = store._layout.cluster
     user = session.user_id
     if cluster and user is not None and session.id[:TAG_LENGTH] != user_tag(user):
         raise InvalidSession(
@@ -227,9 +119,7 @@ async def rotate_into(
     keys = [*old_keys, store.session_key(session.id), store.expiry_key_for(session.id)]
     if user is not None:
         keys.append(store.index_key(scope.site_id, user))
-    args = _insert_args(session, record, scope, now)
-    args[7] = store._px(session.expires_at)
-    args[11] = store._sprefix
+    args = store._insert_args(session, record, scope, now)
     reply = await store._eval(
         ROTATE_INTO,
         keys,

@@ -1,0 +1,120 @@
+"""``Store.apply`` on Redis: one Lua script that edits the stored record in place.
+
+The record (hash field ``r``) is compact orjson JSON whose last member is the data,
+``"d":{...}``. The script splits the record and the data object into their top-level
+members without decoding any value (it jumps between quotes, backslashes and
+brackets with ``string.find``), compares each expected member's raw JSON with what
+the client sent (``orjson.dumps`` of the value as read gives the same bytes), then
+splices the set and deleted members and rewrites the header numbers (version,
+update and access times, expiry). Values are never decoded in Lua, so they
+round-trip exactly (Redis' cjson would lose integers above 2**53 and turn ``{}``
+into ``[]``). One round trip, atomic on the server. The script is
+``scripts/apply.lua`` (``apply_first.lua`` runs first: the common write).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+
+from ... import codec
+from ...changes import Applied, EncodedChanges
+from ...config import Config
+from ...errors import SessionError
+from ...session import Session
+from ...store import Outcome, absolute_deadline, idle_deadline
+
+_FAILED = {
+    b"missing": Outcome.MISSING,
+    b"expired": Outcome.EXPIRED,
+    b"other_site": Outcome.OTHER_SITE,
+    b"conflict": Outcome.CONFLICT,
+}
+
+
+def apply_args(
+    session_id: str,
+    changes: EncodedChanges,
+    scope: Config,
+    now: datetime,
+    limit: int,
+    grace_ms: int,
+    base: Session | None = None,
+) -> list[Any]:
+    """The script's ARGV for ``changes``; with ``base`` (the session as the caller
+    loaded it) also the whole new record, written as is if nothing changed since."""
+    idle = scope.idle_timeout
+    whole: tuple[Any, bytes, bytes | int] = (b"", b"", b"")
+    if base is not None:
+        whole = _whole_record(base, changes, scope, now) or whole
+    args: list[Any] = [
+        scope.site_id,
+        codec.to_us(now),
+        b"" if idle is None else codec.to_us(now + idle),
+        grace_ms,
+        session_id,
+        limit,
+        len(changes.expect),
+        len(changes.set),
+        *whole,
+    ]
+    for key, value in changes.expect:
+        args += (key, b"" if value is None else value)
+    for key, value in changes.set:
+        args += (key, value)
+    args += changes.delete
+    return args
+
+
+_new_session = Session.__new__
+
+
+def _whole_record(
+    base: Session, changes: EncodedChanges, scope: Config, now: datetime
+) -> tuple[int, bytes, bytes | int] | None:
+    """(base version, the record after ``changes``, its expiry), or None if the data
+    ``base`` holds does not encode (then the script merges on the server)."""
+    data = dict(base.data)
+    for key, value in changes.set:
+        data[orjson.loads(key)] = orjson.Fragment(value)
+    for key in changes.delete:
+        data.pop(orjson.loads(key), None)
+    try:
+        raw = orjson.dumps(data, option=codec._STRICT)
+    except (orjson.JSONEncodeError, TypeError, RecursionError):
+        return None
+    absolute = absolute_deadline(base)
+    new = _new_session(Session)  # what encode reads, set as update() sets it
+    new.id = base.id
+    new.user_id = base.user_id
+    new.site_id = scope.site_id
+    new.organization_id = base.organization_id
+    new.created_at = base.created_at
+    new.updated_at = new.last_accessed_at = now
+    new.expires_at = idle_deadline(absolute, now, scope.idle_timeout)
+    new.absolute_expires_at = absolute
+    new.ip_address = base.ip_address
+    new.user_agent = base.user_agent
+    new.version = base.version + 1
+    try:
+        record = codec.encode(new, raw)
+    except SessionError:
+        return None
+    expires = b"" if new.expires_at is None else codec.to_us(new.expires_at)
+    return base.version, record, expires
+
+
+def parse_reply(reply: Any, now: datetime) -> Applied | Outcome:
+    """``Applied`` or the failed ``Outcome``; ``CorruptRecord`` for a damaged record."""
+    if isinstance(reply, list):
+        if reply[0] == b"too_large":
+            return Outcome.TOO_LARGE
+        version, expires = int(reply[1]), reply[2]
+        expires_at = codec.EPOCH + timedelta(microseconds=int(expires)) if expires else None
+        return Applied(version, now, expires_at)
+    outcome = _FAILED.get(reply)
+    if outcome is None:
+        raise codec.CorruptRecord("stored record is not a compact JSON session record")
+    return outcome

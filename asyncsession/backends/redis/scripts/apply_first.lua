@@ -1,0 +1,12 @@
+-- Run before the shared prelude is even defined: the common write (no idle timeout,
+-- nothing written since the caller loaded the session) is one HMGET and one HSET.
+if ARGV[3] == '' and ARGV[9] ~= '' then
+  local f0 = redis.pcall('HMGET', KEYS[1], 's', 'e', 'n')
+  if f0[1] == ARGV[1] and f0[3] == ARGV[9] and f0[2]
+      and (f0[2] == '' or tonumber(ARGV[2]) < (tonumber(f0[2]) or 0))
+      and (ARGV[6] == '0' or #ARGV[10] <= tonumber(ARGV[6])) then
+    local n0 = string.format('%d', tonumber(f0[3]) + 1)
+    redis.call('HSET', KEYS[1], 'r', ARGV[10], 'n', n0, 'a', ARGV[2])
+    return {'ok', n0, f0[2]}
+  end
+end

@@ -1,0 +1,9 @@
+-- KEYS: session keys. Returns record, accessed, expires per key ('WRONGTYPE' as the
+-- record for a key that is not a hash).
+local out = {}
+for i, key in ipairs(KEYS) do
+  local f = redis.pcall('HMGET', key, 'r', 'a', 'e')
+  if f.err then f = {'WRONGTYPE', false, false} end
+  out[i] = f
+end
+return out

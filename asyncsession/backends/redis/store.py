@@ -1,0 +1,759 @@
+"""RedisStore: sessions shared by many app servers, on ``redis.asyncio``.
+
+Each session is one hash: the record exactly as ``codec.encode`` wrote it (field
+``r``) plus the few fields the Lua scripts need (site, version, timestamps as
+integer microseconds, the user index key), so ``touch`` updates two small fields
+and never rewrites the data. Every hook is one Lua script (or one ``HMGET``), sent
+by SHA through the batching transport (``transport.py``): one round trip, atomic on
+the server. Expiry decisions use the ``now`` passed in from the store's clock;
+native ``PEXPIREAT`` TTLs (a grace period after the deadline) only garbage-collect
+what purging did not reach. See ``docs/backends.md`` for the key layout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from datetime import datetime
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import ConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+from ... import codec
+from ...changes import Applied, EncodedChanges
+from ...config import Config
+from ...controls import ControlledStore, with_controls
+from ...errors import (
+    InvalidSession,
+    SessionError,
+    SessionLimitExceeded,
+    StoreUnavailable,
+    short_hash,
+)
+from ...factory import redact
+from ...session import Clock, Session, user_tag
+from ...store import (
+    NO_EVICTIONS,
+    InsertResult,
+    Outcome,
+    PurgedSession,
+    ScanEntry,
+    Store,
+    absolute_deadline,
+)
+from . import rotation
+from .apply import apply_args, parse_reply
+from .cluster import ClusterOps
+from .layout import TAG_LENGTH, ClusterLayout, SingleLayout
+from .scripts import (
+    APPLY,
+    DELETE,
+    DELETE_BY_USER,
+    INSERT,
+    LIST,
+    PURGE,
+    REPLACE,
+    SCAN,
+    SCRIPTS,
+    TOUCH,
+    _Script,
+)
+from .sentinel import follow_sentinels
+from .server import check_server
+from .transport import Raw, Transport
+from .urls import TLS_OPTIONS, check_db_path, parse_cluster_url, parse_sentinel_url
+
+logger = logging.getLogger("asyncsession")
+
+PURGE_BATCH = 1_000
+"""Expired sessions one purge script call removes (each call is atomic and short)."""
+
+USER_BATCH = 500
+"""Sessions one ``list_by_user``/``delete_by_user`` script call handles: a user with a
+huge index is served in several short calls, never one long one."""
+
+SCAN_KEYS = 100
+"""Session keys one admin-scan script call reads (calls of a batch share a round trip)."""
+
+DEFAULT_REDIS_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 5.0}
+"""Options ``from_url`` passes to redis-py unless the URL or the caller sets them."""
+
+DEFAULT_TIMEOUT = 5.0
+"""Seconds one round trip (connect, write, all replies) may take before the store
+gives up with ``StoreUnavailable``."""
+
+_OUTCOMES = {
+    b"ok": Outcome.OK,
+    b"missing": Outcome.MISSING,
+    b"expired": Outcome.EXPIRED,
+    b"other_site": Outcome.OTHER_SITE,
+    b"conflict": Outcome.CONFLICT,
+    b"user_changed": Outcome.USER_CHANGED,
+}
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _guarded(
+    hook: Callable[Concatenate[RedisStore, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[RedisStore, _P], Coroutine[Any, Any, _T]]:
+    """A hook whose reply handling may meet garbage (a reply of the wrong type from a
+    broken server or proxy): anything but a ``SessionError`` or a corrupt record is
+    ``StoreUnavailable``, never a raw ``TypeError``/``KeyError``."""
+
+    async def run(self: RedisStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await hook(self, *args, **kwargs)
+        except (SessionError, codec.CorruptRecord):
+            raise
+        except Exception as exc:
+            raise self._unavailable(exc) from exc
+
+    functools.update_wrapper(run, hook)
+    return run
+
+
+def _us(when: datetime | None) -> int | bytes:
+    return b"" if when is None else codec.to_us(when)
+
+
+def _glob_escape(raw: bytes) -> bytes:
+    """``raw`` as a literal ``SCAN MATCH`` pattern."""
+    for special in (b"\\", b"*", b"?", b"[", b"]"):
+        raw = raw.replace(special, b"\\" + special)
+    return raw
+
+
+def _describe(pool: ConnectionPool) -> str:
+    """Where a client connects, for error messages (never with its password)."""
+    if isinstance(pool, SentinelConnectionPool):
+        return f"redis+sentinel://.../{pool.service_name}"
+    kw = pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
+    return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+class RedisStore(Store):
+    """Redis backend (the seed's production backend). Needs Redis >= 7.0.
+
+    One server (``redis.asyncio.Redis``, also behind Sentinel: ``from_sentinel``) or a
+    Redis Cluster (``redis.asyncio.cluster.RedisCluster``, ``redis+cluster://`` URLs),
+    with the same atomicity: on a cluster every script's keys share one hash slot.
+    """
+
+    backend_name = "redis"
+
+    expiry_grace_ms: ClassVar[int] = 60_000
+    """How long after its logical deadline Redis itself drops a session key: a
+    backstop for when ``purge_expired`` does not run, with room for clock skew
+    between app servers and Redis."""
+
+    max_in_flight: ClassVar[int] = 8
+    """Batches on the wire at once (each holds one pooled connection for its round
+    trip); on one server at most half the pool's ``max_connections``, so the app's
+    own commands on the same client always find a connection."""
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        config: Config | None = None,
+        *,
+        clock: Clock | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__(config, clock=clock)
+        self.timeout = timeout
+        self.client = client
+        self._owns_client = False
+        self._sentinel: Sentinel | None = None
+        self._service = ""
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._cluster: ClusterOps | None = None
+        self._layout: SingleLayout
+        if isinstance(client, RedisCluster):
+            layout = ClusterLayout(self.config.key_prefix)
+            self._layout = layout
+            self._where = "redis+cluster://" + ",".join(node.name for node in client.get_nodes())
+            self._password: str | None = client.get_connection_kwargs().get("password")
+            in_flight = self.max_in_flight
+            self._cluster = ClusterOps(
+                client,
+                layout.xprefix,
+                timeout=timeout,
+                unavailable=self._unavailable,
+            )
+        elif isinstance(client, Redis):
+            pool = client.connection_pool
+            self._layout = SingleLayout(self.config.key_prefix)
+            self._where = _describe(pool)
+            self._password = pool.connection_kwargs.get("password")
+            in_flight = min(self.max_in_flight, pool.max_connections // 2)
+        else:
+            raise TypeError(
+                "RedisStore needs a redis.asyncio.Redis or redis.asyncio.cluster.RedisCluster, "
+                f"not {type(client).__name__}"
+            )
+        self._sprefix = self._layout.sprefix
+        self._transport = Transport(
+            client,
+            timeout=timeout,
+            max_in_flight=in_flight,
+            unavailable=self._unavailable,
+            merge_reads=not self._layout.cluster,
+        )
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        config: Config | None = None,
+        *,
+        clock: Clock | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        **redis_options: Any,
+    ) -> RedisStore:
+        """A store on its own connection pool (closed by ``close()``).
+
+        ``redis://``, ``rediss://`` and ``unix://`` URLs as redis-py reads them (a
+        ``/db`` path that is not a number is a ``ValueError``); extra keyword
+        arguments go to ``redis.asyncio.Redis.from_url``.
+        ``redis+cluster://[[user]:password@]host:port[,host:port...]`` opens a Redis
+        Cluster client on those startup nodes;
+        ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]`` asks
+        those sentinels for the primary of ``service`` (see ``from_sentinel``). Both
+        accept ``?socket_timeout=``, ``socket_connect_timeout=``, ``max_connections=``,
+        ``health_check_interval=``, ``ssl=true`` and the TLS options ``ssl_ca_certs=``,
+        ``ssl_certfile=``, ``ssl_keyfile=``, ``ssl_cert_reqs=``, ``ssl_check_hostname=``,
+        ``ssl_ciphers=`` (for Sentinel they apply to the sentinels too).
+        ``timeout`` bounds each round trip (``None``: no bound).
+        """
+        scheme = url.split(":", 1)[0].lower()
+        if scheme not in ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel"):
+            raise ValueError(
+                f"RedisStore does not support {scheme}:// (got {redact(url)!r}); use redis://, "
+                "rediss://, unix://, redis+cluster:// or redis+sentinel://"
+            )
+        try:
+            if scheme == "redis+sentinel":
+                sentinels, service, parsed = parse_sentinel_url(url)
+            elif scheme == "redis+cluster":
+                nodes, parsed = parse_cluster_url(url)
+            elif scheme != "unix":
+                check_db_path(url)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (got {redact(url)!r})") from None
+        store: RedisStore
+        if scheme == "redis+sentinel":
+            store = cls.from_sentinel(
+                sentinels, service, config, clock=clock, timeout=timeout, **parsed, **redis_options
+            )
+        elif scheme == "redis+cluster":
+            options = {**DEFAULT_REDIS_OPTIONS, **parsed, **redis_options}
+            startup = [ClusterNode(host, port) for host, port in nodes]
+            cluster = RedisCluster(startup_nodes=startup, **options)
+            store = cls(cluster, config, clock=clock, timeout=timeout)
+        else:
+            options = {**DEFAULT_REDIS_OPTIONS, **redis_options}
+            store = cls(Redis.from_url(url, **options), config, clock=clock, timeout=timeout)
+        store._owns_client = True
+        store._where = redact(url)
+        return store
+
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int]],
+        service_name: str,
+        config: Config | None = None,
+        *,
+        clock: Clock | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        sentinel_kwargs: dict[str, Any] | None = None,
+        **redis_options: Any,
+    ) -> RedisStore:
+        """A store on the primary that ``sentinels`` name for ``service_name``.
+
+        Every connection asks the sentinels for the current primary, and once the store
+        is open (``async with``) it listens for the sentinels' ``+switch-master`` and drops
+        its connections to a demoted primary at once, so after a failover it follows the
+        new primary. Reads go to the primary too (sessions need read-your-writes).
+        ``redis_options`` configure the connections to the primary (``password``,
+        ``db``...); ``sentinel_kwargs`` those to the sentinels (default: the ``socket_*``
+        and TLS (``ssl``, ``ssl_*``) options of ``redis_options``).
+        """
+        if not sentinels:
+            raise ValueError("from_sentinel needs at least one (host, port) sentinel")
+        options = {**DEFAULT_REDIS_OPTIONS, **redis_options}
+        if sentinel_kwargs is None:
+            sentinel_kwargs = {
+                k: v for k, v in options.items() if k.startswith("socket_") or k in TLS_OPTIONS
+            }
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
+            list(sentinels), sentinel_kwargs=sentinel_kwargs, **options
+        )
+        store = cls(sentinel.master_for(service_name), config, clock=clock, timeout=timeout)
+        store._owns_client = True
+        store._sentinel = sentinel
+        store._service = service_name
+        hosts = ",".join(f"{host}:{port}" for host, port in sentinels)
+        store._where = f"redis+sentinel://{hosts}/{service_name}"
+        return store
+
+    @classmethod
+    def with_controls(
+        cls,
+        client: Redis | RedisCluster,
+        config: Config | None = None,
+        *,
+        clock: Clock | None = None,
+        **options: Any,
+    ) -> ControlledStore:
+        """A controlled store over ``client``: the seed's ``NewWithControls``."""
+        return with_controls(cls(client, config, clock=clock), config, **options)
+
+    # ------------------------------------------------------------------ keys
+
+    def session_key(self, session_id: str) -> bytes:
+        """``{prefix}s:{session_id}`` (ids are validated: [A-Za-z0-9_-] only); on a
+        cluster ``{prefix}s:{{tag}}{rest}``, the id's first 4 characters as hash tag."""
+        return self._layout.session_key(session_id)
+
+    def index_key(self, site_id: str, user_id: str) -> bytes:
+        """``{prefix}u:{len(site)}:{site}:{user}``: injective in (site, user). On a
+        cluster ``{prefix}u:{{user_tag}}:{len(site)}:{site}:{user}``: the slot of the
+        user's sessions."""
+        return self._layout.index_key(site_id, user_id)
+
+    @property
+    def expiry_key(self) -> bytes:
+        """``{prefix}expiry``: sorted set of session ids by deadline (us), for purging.
+        A cluster has one per hash slot: ``expiry_key_for``."""
+        if self._layout.cluster:
+            raise AttributeError("on Redis Cluster the expiry set is per slot: expiry_key_for(id)")
+        return self._layout.expiry_key_for("")
+
+    def expiry_key_for(self, session_id: str) -> bytes:
+        """The expiry set ``session_id`` is scheduled in: ``expiry_key`` on one server,
+        ``{prefix}x:{{slot tag}}`` (the session's hash slot) on a cluster."""
+        return self._layout.expiry_key_for(session_id)
+
+    def _rotated_id(self, session_id: str) -> str:
+        return self._layout.rotated_id(session_id)
+
+    # ------------------------------------------------------------ transport
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        text = f"{type(exc).__name__}: {exc}"
+        if self._password:
+            text = text.replace(self._password, "***")
+        if len(text) > 300:
+            text = text[:300] + "..."
+        error = StoreUnavailable(
+            f"Redis at {self._where} is unavailable ({text})",
+            details={"backend": "redis", "url": self._where, "error": type(exc).__name__},
+        )
+        error.__cause__ = exc
+        return error
+
+    async def _call(self, *args: Any) -> Any:
+        return await self._transport.command(*args)
+
+    async def _eval(self, script: _Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        """One script call through the batching transport: ``EVALSHA`` by the script's
+        SHA (``NOSCRIPT`` recovered), routed by its first key on a cluster; an error
+        reply or a failure is ``StoreUnavailable``."""
+        return await self._transport.command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def _open(self) -> None:
+        """Check the server(s) (Redis >= 7.0 with the commands the scripts use), load
+        the scripts (every primary of a cluster), so first calls need no ``NOSCRIPT``
+        recovery. Behind Sentinel, start following ``+switch-master``."""
+        if self._cluster is None:
+            await check_server(self._call, self._where, self._unavailable)
+            for script in SCRIPTS:
+                await self._call("SCRIPT", "LOAD", script.source)
+        else:
+            cluster = self._cluster
+            await cluster.ready()
+            for node in cluster.primaries():
+
+                async def on_node(*command: Any, node: ClusterNode = node) -> Any:
+                    return await cluster.call(node, *command)
+
+                await check_server(on_node, f"{self._where} ({node.name})", self._unavailable)
+                for script in SCRIPTS:
+                    await cluster.call(node, "SCRIPT", "LOAD", script.source)
+        if self._sentinel is not None and not any(
+            t.get_name() == "asyncsession-sentinel" for t in self._tasks
+        ):
+            follow = asyncio.ensure_future(
+                follow_sentinels(self._sentinel, self._service, self._switched)
+            )
+            follow.set_name("asyncsession-sentinel")
+            self._tasks.add(follow)
+            follow.add_done_callback(self._tasks.discard)
+
+    async def _switched(self) -> None:
+        """A sentinel promoted a new primary: drop every connection (in use or not) to
+        the old one; the next request connects to the new primary."""
+        assert isinstance(self.client, Redis)
+        await self.client.connection_pool.disconnect(inuse_connections=True)
+
+    async def _close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._transport.aclose()
+        if self._owns_client:
+            await self.client.aclose()
+        if self._sentinel is not None and self._owns_client:
+            for client in self._sentinel.sentinels:
+                await client.aclose()
+
+    # ------------------------------------------------------------ reads
+
+    @_guarded
+    async def _load(self, session_id: str) -> Session | None:
+        raw = await self._transport.request((self.session_key(session_id), None))
+        return self._decode(session_id, raw)
+
+    def _decode(self, session_id: str, raw: Raw) -> Session | None:
+        record, accessed, expires = raw
+        if record is None:
+            if accessed is None and expires is None:
+                return None
+            raise codec.CorruptRecord("session hash has no record")
+        if record == b"WRONGTYPE":
+            raise codec.CorruptRecord("session key is not a hash")
+        try:
+            a = int(accessed)  # type: ignore[arg-type]
+            e = int(expires) if expires else None
+        except (TypeError, ValueError) as exc:
+            raise codec.CorruptRecord(f"bad timestamp field: {exc}") from exc
+        session = codec.decode(record, a, e)
+        session.id = session_id
+        return session
+
+    @_guarded
+    async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:
+        """The user's index ``USER_BATCH`` members per script call (stale members
+        leave the index as they are met)."""
+        ikey = self.index_key(scope.site_id, user_id)
+        sessions = []
+        start = 0
+        while start >= 0:
+            flat = await self._eval(LIST, (ikey,), (self._sprefix, start, USER_BATCH))
+            start = int(flat[0])
+            for j in range(1, len(flat), 4):
+                session_id = flat[j].decode()
+                try:
+                    session = self._decode(session_id, (flat[j + 1], flat[j + 2], flat[j + 3]))
+                except codec.CorruptRecord as exc:  # invisible, as to get()
+                    logger.warning(
+                        "asyncsession: skipped a stored record that is not a valid session: %s",
+                        exc,
+                        extra={"backend": "redis", "session": short_hash(session_id)},
+                    )
+                    continue
+                if session is None or session.site_id != scope.site_id:
+                    continue
+                if session.expires_at is None or now < session.expires_at:
+                    sessions.append(session)
+        sessions.sort(key=lambda s: s.created_at)
+        return sessions
+
+    # ------------------------------------------------------------ writes
+
+    def _px(self, expires_at: datetime | None) -> int | bytes:
+        """Native expiry (ms since the epoch) for a deadline: rounded up, plus the grace."""
+        if expires_at is None:
+            return b""
+        return -(-codec.to_us(expires_at) // 1000) + self.expiry_grace_ms
+
+    def _times(self, session: Session, now: datetime) -> tuple[int | bytes, ...]:
+        """The scripts' time arguments of a write: created, accessed, expires,
+        absolute deadline, native expiry (ms), now (us; b'' = never)."""
+        return (
+            codec.to_us(session.created_at),
+            codec.to_us(session.last_accessed_at),
+            _us(session.expires_at),
+            _us(absolute_deadline(session)),
+            self._px(session.expires_at),
+            codec.to_us(now),
+        )
+
+    def _trim_cutoff(self, now: datetime) -> int:
+        """Writes drop a few expiry entries due before this (us) whose session key is
+        gone: past the deadline plus the grace, Redis's own expiry has dropped it."""
+        return codec.to_us(now) - self.expiry_grace_ms * 1000
+
+    def _insert_args(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> tuple[Any, ...]:
+        """The insert script's ARGV (also the tail of ``rotate_into``'s)."""
+        return (
+            record,
+            scope.site_id,
+            session.version,
+            *self._times(session, now),
+            scope.max_sessions_per_user,
+            scope.eviction,
+            self._sprefix,
+            session.id,
+            self._trim_cutoff(now),
+        )
+
+    @_guarded
+    async def _insert(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> InsertResult:
+        user = session.user_id
+        if self._layout.cluster and user is not None and session.id[:TAG_LENGTH] != user_tag(user):
+            raise InvalidSession(
+                "on Redis Cluster a user session's id must start with its user's tag (the "
+                "hash slot of the user's index): mint it with new_session(user_id, ...) or "
+                "generate_session_id(user_id)",
+                details={"user_tag": user_tag(user)},
+            )
+        keys = [self.session_key(session.id), self.expiry_key_for(session.id)]
+        if user is not None:
+            keys.append(self.index_key(scope.site_id, user))
+        reply = await self._eval(INSERT, keys, self._insert_args(session, record, scope, now))
+        tag = reply[0]
+        if tag == b"exists":
+            raise InvalidSession("a session with this id already exists")
+        if tag == b"limit":
+            limit = scope.max_sessions_per_user
+            raise SessionLimitExceeded(
+                f"user already has {reply[1]} sessions (limit {limit})",
+                details={"limit": limit, "count": int(reply[1])},
+            )
+        if tag != b"ok":
+            raise ValueError(f"unexpected reply to insert: {tag!r:.40}")
+        if len(reply) == 1:
+            return NO_EVICTIONS
+        return InsertResult([victim.decode() for victim in reply[1:]])
+
+    @_guarded
+    async def _replace(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> Outcome:
+        user = session.user_id
+        ikey = b"" if user is None else self.index_key(scope.site_id, user)
+        keys = [self.session_key(session.id), self.expiry_key_for(session.id)]
+        if ikey and (not self._layout.cluster or session.id[:TAG_LENGTH] == user_tag(user)):
+            # declared (the script compares it with the hash's own 'i' first); a user
+            # changed on a cluster is in another slot, refused before it is touched
+            keys.append(ikey)
+        reply = await self._eval(
+            REPLACE,
+            keys,
+            (
+                record,
+                scope.site_id,
+                ikey,
+                session.version - 1,
+                session.version,
+                *self._times(session, now),
+                session.id,
+                scope.max_sessions_per_user,
+                self._sprefix,
+                self._trim_cutoff(now),
+            ),
+        )
+        return _OUTCOMES[reply]
+
+    @_guarded
+    async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:
+        idle = scope.idle_timeout
+        reply = await self._eval(
+            TOUCH,
+            (self.session_key(session_id), self.expiry_key_for(session_id)),
+            (
+                scope.site_id,
+                codec.to_us(now),
+                b"" if idle is None else codec.to_us(now + idle),
+                self.expiry_grace_ms,
+                session_id,
+                self._sprefix,
+            ),
+        )
+        return _OUTCOMES[reply]
+
+    @_guarded
+    async def _apply(
+        self,
+        session_id: str,
+        changes: EncodedChanges,
+        scope: Config,
+        now: datetime,
+        limit: int,
+        base: Session | None = None,
+    ) -> Applied | Outcome:
+        """One script edits the record in place (see ``apply.py``)."""
+        keys = (self.session_key(session_id), self.expiry_key_for(session_id))
+        args = apply_args(session_id, changes, scope, now, limit, self.expiry_grace_ms, base)
+        return parse_reply(await self._eval(APPLY, keys, args), now)
+
+    @_guarded
+    async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
+        return await rotation.rotate(self, session_id, new_id, scope, now)
+
+    @_guarded
+    async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
+        return await rotation.rotated(self, session_id, scope, now)
+
+    @_guarded
+    async def _rotate_into(
+        self,
+        session_id: str,
+        version: int | None,
+        session: Session,
+        record: bytes,
+        scope: Config,
+        now: datetime,
+    ) -> InsertResult | Outcome:
+        return await rotation.rotate_into(self, session_id, version, session, record, scope, now)
+
+    @_guarded
+    async def _delete(self, session_id: str, scope: Config) -> Outcome:
+        reply = await self._eval(
+            DELETE,
+            (self.session_key(session_id), self.expiry_key_for(session_id)),
+            (scope.site_id, session_id),
+        )
+        return _OUTCOMES[reply]
+
+    @_guarded
+    async def _delete_by_user(
+        self, user_id: str, keep: str | None, scope: Config, now: datetime
+    ) -> list[str]:
+        """``USER_BATCH`` sessions per script call, from the front of the index, until
+        the index holds nothing but ``keep``."""
+        keys = (self.index_key(scope.site_id, user_id), self._layout.user_expiry_key(user_id))
+        args = (keep or b"", codec.to_us(now), self._sprefix, scope.site_id, USER_BATCH)
+        deleted: list[str] = []
+        while True:
+            reply = await self._eval(DELETE_BY_USER, keys, args)
+            deleted += [session_id.decode() for session_id in reply[1:]]
+            if not int(reply[0]):
+                return deleted
+
+    async def _purge(self, now: datetime) -> int:
+        """Remove expired sessions ``PURGE_BATCH`` at a time (each batch one script call).
+        On a cluster every slot's expiry set, on every primary, batched per node."""
+        return len(await self._purge_sessions(now, report=False))
+
+    async def _purge_report(self, now: datetime) -> list[PurgedSession]:
+        """``_purge`` that also returns what it removed (for ``expired`` events)."""
+        return await self._purge_sessions(now, report=True)
+
+    @_guarded
+    async def _purge_sessions(self, now: datetime, *, report: bool) -> list[PurgedSession]:
+        removed: list[PurgedSession] = []
+        unnamed = PurgedSession("", None, "")  # counted, not reported
+
+        def collect(rows: list[Any], count: int) -> None:
+            if not report:
+                removed.extend([unnamed] * count)
+                return
+            for j in range(0, len(rows), 3):
+                session_id, site, ikey = rows[j].decode(), rows[j + 1].decode(), rows[j + 2]
+                user = self._layout.user_of(ikey) if ikey else None
+                removed.append(PurgedSession(site, user, session_id))
+
+        flag = b"1" if report else b""
+        cutoff = codec.to_us(now)
+        if self._cluster is not None:
+            await self._cluster.purge((cutoff, PURGE_BATCH, self._sprefix, flag), collect)
+            return removed
+        while True:
+            reply = await self._eval(
+                PURGE, (self.expiry_key,), (cutoff, PURGE_BATCH, self._sprefix, flag)
+            )
+            collect(list(reply[2:]), int(reply[0]))
+            if int(reply[1]) < PURGE_BATCH:
+                return removed
+
+    def _entry(self, session_id: str, site: bytes, ikey: bytes, expires: bytes, size: Any) -> Any:
+        """A ``ScanEntry`` from a session's stored fields."""
+        return ScanEntry(
+            site.decode(),
+            self._layout.user_of(ikey) if ikey else None,
+            session_id,
+            int(size),
+            codec.from_us(int(expires)) if expires else None,
+        )
+
+    async def _scan(self, batch: int) -> AsyncIterator[Sequence[ScanEntry]]:
+        """``SCAN`` over the session keys with ``COUNT batch`` (never ``KEYS``), then
+        the fields of each batch (one server: short scripts of ``SCAN_KEYS`` keys
+        each; a cluster: per key), sharing a round trip. ``size`` is the stored
+        record (data plus its metadata header). On a cluster: each primary in turn."""
+        pattern = _glob_escape(self._sprefix) + b"*"
+        try:
+            if self._cluster is None:
+                cursor = 0
+                while True:
+                    cursor, keys = await self._call(
+                        "SCAN", cursor, "MATCH", pattern, "COUNT", batch
+                    )
+                    yield await self._scan_rows(keys)
+                    if int(cursor) == 0:
+                        return
+            cluster = self._cluster
+            await cluster.ready()
+            for node in cluster.primaries():
+                cursor = 0
+                while True:
+                    cursor, keys = await cluster.scan(node, cursor, pattern, batch)
+                    yield await self._scan_rows(keys)
+                    if cursor == 0:
+                        break
+        except (SessionError, codec.CorruptRecord):
+            raise
+        except Exception as exc:
+            raise self._unavailable(exc) from exc
+
+    async def _scan_rows(self, keys: list[bytes]) -> list[ScanEntry]:
+        """The entries of one ``SCAN`` batch (keys that are not sessions skipped)."""
+        pairs = [(key, sid) for key in keys if (sid := self._layout.id_of(key)) is not None]
+        if not pairs:
+            return []
+        if self._cluster is None:
+            chunks = [pairs[i : i + SCAN_KEYS] for i in range(0, len(pairs), SCAN_KEYS)]
+            replies = await asyncio.gather(
+                *(self._eval(SCAN, [key for key, _ in chunk], ()) for chunk in chunks)
+            )
+            rows = [row for reply in replies for row in reply]
+        else:
+            got = await asyncio.gather(
+                *(
+                    asyncio.gather(
+                        self._call("HMGET", key, "s", "i", "e"), self._call("HSTRLEN", key, "r")
+                    )
+                    for key, _ in pairs
+                )
+            )
+            rows = [[*fields, size] if fields[0] else None for fields, size in got]
+        return [
+            self._entry(sid, row[0], row[1] or b"", row[2] or b"", row[3])
+            for (_, sid), row in zip(pairs, rows, strict=True)
+            if row
+        ]
+
+    @_guarded
+    async def _scan_estimate(self) -> int | None:
+        """Sessions with a deadline (the expiry set); sessions that never expire are not
+        counted, so this can be low. On a cluster: the sum over every slot's set."""
+        if self._cluster is None:
+            return int(await self._call("ZCARD", self.expiry_key))
+        return await self._cluster.count()

@@ -1,0 +1,232 @@
+"""The Redis transport: no caller ever hangs, whatever a server (or a bug) does; the
+user's pool is respected; the server check at open.
+
+The hostile servers are ``tests/fake_redis_server.py`` on a local port: garbage,
+replies of the wrong type, errors mid-batch, a connection closed mid-reply, silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+redis = pytest.importorskip("redis")
+
+from redis.asyncio import Redis  # noqa: E402
+from redis.asyncio.cluster import ClusterNode, RedisCluster  # noqa: E402
+
+from asyncsession import (  # noqa: E402
+    Config,
+    SessionError,
+    StoreUnavailable,
+    new_session,
+    with_controls,
+)
+from asyncsession.backends.redis import RedisStore, transport  # noqa: E402
+
+from . import backend_redis  # noqa: E402
+from .clock import FakeClock  # noqa: E402
+from .fake_redis_server import serve  # noqa: E402
+
+TIMEOUT = 1.0
+MARGIN = 3.0
+"""Every call returns or raises within the store's timeout plus this (a batch may
+first wait for a slot held by another, itself bounded by the timeout; the rest is
+room for a machine shared with other test runs: once, under load average ~6, a
+batch of 32 took more than 1.5 s beyond the timeout)."""
+
+MODES = ["garbage", "wrong_types", "error_mid_batch", "close_mid_reply", "silent"]
+
+
+def cfg(**changes: Any) -> Config:
+    base: dict[str, Any] = {"site_id": "site-a", "max_sessions_per_user": 3, "cleanup_interval": 0}
+    base.update(changes)
+    return Config(**base)
+
+
+def client_for(kind: str, port: int) -> Redis | RedisCluster:
+    options: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 2}
+    if kind == "cluster":
+        return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", port)], **options)
+    return Redis(host="127.0.0.1", port=port, **options)
+
+
+async def all_settle(calls: list[Any]) -> list[Any]:
+    """Run the calls at once; every one must finish within TIMEOUT + MARGIN."""
+    started = time.monotonic()
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    _, pending = await asyncio.wait(tasks, timeout=TIMEOUT + MARGIN)
+    for task in pending:
+        task.cancel()
+    assert not pending, f"{len(pending)} of {len(tasks)} callers still waiting"
+    assert time.monotonic() - started < TIMEOUT + MARGIN
+    return [task.exception() or task.result() for task in tasks]
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+@pytest.mark.parametrize("mode", MODES)
+async def test_64_gets_and_creates_settle_against_a_hostile_server(
+    kind: str, mode: str, clock: FakeClock
+) -> None:
+    async with serve(mode) as fake:
+        client = client_for(kind, fake.port)
+        store = RedisStore(client, cfg(), clock=clock, timeout=TIMEOUT)
+        controlled = with_controls(store, cfg())
+        try:
+            ids = [new_session(f"u{i % 5}").id for i in range(64)]
+            results = await all_settle(
+                [controlled.get(i) for i in ids]
+                + [controlled.create(new_session(f"u{i % 5}")) for i in range(64)]
+            )
+        finally:
+            await asyncio.wait_for(client.aclose(), 5)
+    # a reply or a library error; never a raw TypeError, KeyError, redis error...
+    for result in results:
+        if isinstance(result, BaseException):
+            assert isinstance(result, SessionError), repr(result)
+    if mode != "error_mid_batch":  # (there some odd replies are errors, some numbers)
+        assert all(isinstance(r, StoreUnavailable) for r in results), results[:3]
+    assert fake.commands  # the batches did reach the server
+
+
+class Boom(KeyError):
+    """Not a RedisError, not an OSError: what a bug in a dependency could raise."""
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+async def test_any_exception_in_a_batch_resolves_every_waiter(
+    kind: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception of any type inside a batch (here a KeyError from the send) reaches
+    every caller of the batch as StoreUnavailable, the leader's included."""
+    async with serve("wrong_types") as fake:
+        client = client_for(kind, fake.port)
+        store = RedisStore(client, cfg(), clock=clock, timeout=TIMEOUT)
+        controlled = with_controls(store, cfg())
+
+        async def broken(client: Any, commands: Any) -> list[Any]:
+            await asyncio.sleep(0)
+            raise Boom("injected")
+
+        monkeypatch.setattr(transport, "send_batch", broken)
+        try:
+            ids = [new_session(None).id for _ in range(64)]
+            results = await all_settle(
+                [controlled.get(i) for i in ids]
+                + [controlled.create(new_session("alice")) for _ in range(64)]
+            )
+        finally:
+            await asyncio.wait_for(client.aclose(), 5)
+    assert all(isinstance(r, StoreUnavailable) for r in results)
+    assert all(isinstance(r.__cause__, Boom) for r in results)
+
+
+async def test_a_cancelled_batch_task_still_resolves_its_waiters(clock: FakeClock) -> None:
+    """Closing the loop's tasks mid-batch (the batch task cancelled) fails its
+    callers with StoreUnavailable instead of leaving them waiting."""
+    async with serve("silent") as fake:
+        client = client_for("single", fake.port)
+        store = RedisStore(client, cfg(), clock=clock, timeout=30)
+        calls = [asyncio.ensure_future(store.get(new_session(None).id)) for _ in range(10)]
+        await asyncio.sleep(0.2)  # the batch is on the wire, the server silent
+        assert store._transport._tasks  # calls[0] went alone; the nine others batched
+        for task in list(store._transport._tasks):
+            task.cancel()
+        _, pending = await asyncio.wait(calls[1:], timeout=2)
+        assert not pending
+        assert all(isinstance(t.exception(), StoreUnavailable) for t in calls[1:])
+        calls[0].cancel()
+        await client.aclose()
+
+
+# ------------------------------------------------------------------ the user's pool
+
+
+async def test_the_users_pool_is_respected(clock: FakeClock) -> None:
+    """With the app's client on a pool of 4 connections, the store uses at most half
+    and returns them after each exchange: the app's own commands keep working while
+    hundreds of store calls are in flight."""
+    if not backend_redis.server_reachable():
+        pytest.skip("needs a real Redis server")
+    client = Redis.from_url(backend_redis.REDIS_URL, max_connections=4)
+    config = cfg(key_prefix="test:pool:", max_sessions_per_user=0)
+    store = with_controls(RedisStore(client, config, clock=clock), config)
+    try:
+        made = await asyncio.gather(*(store.create(new_session("u")) for _ in range(100)))
+        stop = asyncio.Event()
+
+        async def load() -> int:
+            n = 0
+            while not stop.is_set():
+                await asyncio.gather(*(store.get(s.id) for s in made))
+                await asyncio.gather(*(store.touch(s.id) for s in made[:50]))
+                n += 1
+            return n
+
+        loads = [asyncio.ensure_future(load()) for _ in range(4)]
+        try:
+            for i in range(50):  # the app's own commands, while the store is busy
+                assert await client.set("test:pool:app", i)
+                await asyncio.sleep(0)
+        finally:
+            stop.set()
+            rounds = await asyncio.gather(*loads)
+        assert min(rounds) >= 1
+        assert await client.get("test:pool:app") == b"49"
+    finally:
+        await backend_redis.delete_prefix(client, "test:pool:")
+        await client.aclose()
+
+
+def test_in_flight_is_at_most_half_the_pool() -> None:
+    assert RedisStore(Redis(max_connections=4))._transport.max_in_flight == 2
+    assert RedisStore(Redis(max_connections=1))._transport.max_in_flight == 1
+    assert RedisStore(Redis())._transport.max_in_flight == RedisStore.max_in_flight
+
+
+async def test_replies_are_bytes_even_from_a_decoding_client(clock: FakeClock) -> None:
+    if not backend_redis.server_reachable():
+        pytest.skip("needs a real Redis server")
+    client = Redis.from_url(backend_redis.REDIS_URL, decode_responses=True)
+    config = cfg(key_prefix="test:decode:")
+    store = with_controls(RedisStore(client, config, clock=clock), config)
+    try:
+        async with store:
+            s = await store.create(new_session("alice", data={"v": 1}))
+            assert (await store.get(s.id)).data == {"v": 1}
+            assert [x.id for x in await store.list_by_user("alice")] == [s.id]
+    finally:
+        await backend_redis.delete_prefix(client, "test:decode:")
+        await client.aclose()
+
+
+# ------------------------------------------------------------------ server check
+
+
+@pytest.mark.parametrize(
+    ("mode", "says"), [("old", "Redis 6.2.14"), ("no_commands", "PEXPIRETIME")]
+)
+async def test_open_refuses_a_server_the_scripts_cannot_run_on(
+    mode: str, says: str, clock: FakeClock
+) -> None:
+    async with serve(mode) as fake:
+        store = RedisStore.from_url(f"redis://127.0.0.1:{fake.port}/0", cfg(), clock=clock)
+        with pytest.raises(StoreUnavailable, match=says.replace(".", r"\.")) as info:
+            async with store:
+                pass
+        assert "7.0" in str(info.value)
+        await store.close()
+
+
+def test_server_version_reads_every_form_of_info() -> None:
+    from asyncsession.backends.redis.server import server_version
+
+    raw = b"# Server\r\nredis_version:7.2.4\r\nvalkey_version:8.0.1\r\n"
+    assert server_version(raw) == ("Valkey", "8.0.1")
+    assert server_version({"redis_version": "7.0.15"}) == ("Redis", "7.0.15")
+    assert server_version({"n1:7000": {"redis_version": "6.2.1"}}) == ("Redis", "6.2.1")
+    with pytest.raises(ValueError):
+        server_version(42)
