@@ -48,8 +48,8 @@ from asyncsession import (  # noqa: E402
     with_controls,
 )
 from asyncsession.backends import redis as redis_backend  # noqa: E402
-from asyncsession.backends.redis.rotation import rotation_key  # noqa: E402
 from asyncsession.backends.redis import RedisStore  # noqa: E402
+from asyncsession.backends.redis.rotation import rotation_key  # noqa: E402
 from asyncsession.codec import to_us  # noqa: E402
 
 from . import backend_redis  # noqa: E402
