@@ -492,8 +492,13 @@ class _Connection:
         data = self.data
         if data._cleared:
             data._cleared = False
-            if self.session is not None:
-                await self.store.delete(self.session.id)
+            session = self.session
+            if session is not None:
+                store = self.store
+                if not await store.delete(session.id) and await store._was_rotated(
+                    session.id, store.scope, store.clock()
+                ):  # a parallel login moved it: the newer cookie stays, nothing is saved
+                    self._gone(session, store._rotated_error(session.id))
                 kept = _plain(data)
                 self.forget()
                 self.data.update(kept)

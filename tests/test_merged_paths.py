@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -50,9 +51,9 @@ class HangingStore(ControlledStore):
         await self._wait()
         return await super().apply(session_id, changes, **kw)
 
-    async def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str) -> bool:
         await self._wait()
-        await super().delete(session_id)
+        return await super().delete(session_id)
 
 
 def bump(data: dict[str, Any]) -> None:
@@ -201,3 +202,30 @@ async def test_a_second_save_never_passes_a_base_it_did_not_see() -> None:
         assert r.status_code == 200
         assert (await store.get(old.id)).data == {"k": 0, "other": 1, "a": 1, "b": 2}
     assert all(seen), seen
+
+
+@pytest.mark.parametrize("then_write", [False, True])
+async def test_clear_on_a_session_rotated_meanwhile_answers_409_and_keeps_the_new_cookie(
+    then_write: bool,
+) -> None:
+    """A parallel login rotated the session while this request ran; its ``clear()`` (and
+    a write after it) must neither expire the newer cookie nor replace it with a new
+    anonymous session: 409, no Set-Cookie, as for any write with a rotated id."""
+    store = MemoryStore.with_controls(Config(cleanup_interval=0))
+
+    async def clear(request: Request) -> PlainTextResponse:
+        session_id = request.scope[SCOPE_KEY].session.id
+        await store.rotate_into(session_id, new_session("ann"))  # the parallel login
+        request.session.clear()
+        if then_write:
+            request.session["x"] = 1
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/clear", clear, methods=["POST"])])
+    app.add_middleware(SessionMiddleware, store=store, cookie_name="sid")
+    async with store:
+        old = await store.create(new_session(None, data={"a": 1}))
+        async with client(app) as c:
+            response = await c.post("/clear", headers={"cookie": f"sid={old.id}"})
+    assert response.status_code == 409
+    assert response.headers.get_list("set-cookie") == []
