@@ -380,7 +380,6 @@ class SessionDict(dict[str, Any]):
         self._forget()
 
 
-_MISSING: Any = object()
 _EMPTY_SESSION = SessionDict()  # a placeholder, never handed to an app
 
 
@@ -1092,6 +1091,10 @@ def require_user(connection: HTTPConnection) -> str:
     return user_id
 
 
+LOGIN_ATTEMPTS = 8
+"""How many times ``login`` tries its rotation while parallel requests keep writing."""
+
+
 async def login(
     connection: HTTPConnection,
     user_id: str | int | Any,
@@ -1147,7 +1150,7 @@ async def login(
             break
         except SessionConflict:
             attempts += 1
-            if attempts > conn.mw.max_retries:
+            if attempts >= LOGIN_ATTEMPTS:
                 raise
         except SessionNotFound:  # gone meanwhile (deleted, expired, another login)
             old = None

@@ -5,6 +5,7 @@ request's deadline, and a save or login never drops a parallel request's write."
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -229,3 +230,77 @@ async def test_clear_on_a_session_rotated_meanwhile_answers_409_and_keeps_the_ne
             response = await c.post("/clear", headers={"cookie": f"sid={old.id}"})
     assert response.status_code == 409
     assert response.headers.get_list("set-cookie") == []
+
+
+async def test_dependent_write_conflicts_do_not_flood_the_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """200 dependent writes that lose to a parallel write (409 each): a handful of
+    WARNING records at most (middleware and store both rate-limit them), every one
+    still reported as a violation."""
+    seen: list[Any] = []
+    store = MemoryStore.with_controls(Config(cleanup_interval=0), on_violation=seen.append)
+
+    async def rmw(request: Request) -> PlainTextResponse:
+        n = request.session["n"]
+        await store.apply(request.scope[SCOPE_KEY].session.id, Changes(set={"n": n - 1}))
+        request.session["n"] = n + 1
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/rmw", rmw, methods=["POST"])])
+    app.add_middleware(SessionMiddleware, store=store, cookie_name="sid")
+    caplog.set_level(logging.DEBUG)
+    async with store:
+        session = await store.create(new_session(None, data={"n": 0}))
+        async with client(app) as c:
+            statuses = [
+                (await c.post("/rmw", headers={"cookie": f"sid={session.id}"})).status_code
+                for _ in range(200)
+            ]
+    assert statuses == [409] * 200
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) <= 5, [r.getMessage() for r in warnings]
+    assert [e.type for e in seen].count("conflict") == 200
+
+
+async def test_update_session_with_a_rotated_cookie_answers_409_and_creates_nothing() -> None:
+    store = MemoryStore.with_controls(Config(cleanup_interval=0))
+    async with store:
+        old = await store.create(new_session(None, data={"n": 1}))
+        await store.rotate_into(old.id, new_session("ann", data={"n": 1}))
+        async with client(make_app(store)) as c:
+            response = await c.post("/bump", headers={"cookie": f"sid={old.id}"})
+        assert response.status_code == 409
+        assert response.headers.get_list("set-cookie") == []
+        assert len(store.store) == 1  # type: ignore[arg-type]
+
+
+async def test_max_retries_is_ignored_by_login_as_documented() -> None:
+    """``max_retries`` is documented as ignored; login's retry on a parallel write must
+    not depend on it (``max_retries=0`` made one parallel write fail the login)."""
+
+    class Once(ControlledStore):
+        conflicts = 1
+
+        async def rotate_into(self, session_id: str, session: Any, **kw: Any) -> Any:
+            if self.conflicts:
+                self.conflicts -= 1
+                await self.apply(session_id, Changes(set={"late": 1}))  # a parallel write
+                kw["version"] = -1
+            return await super().rotate_into(session_id, session, **kw)
+
+    store = Once(MemoryStore(Config(cleanup_interval=0)))
+
+    async def do_login(request: Request) -> PlainTextResponse:
+        await login(request, "ann")
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/login", do_login, methods=["POST"])])
+    app.add_middleware(SessionMiddleware, store=store, cookie_name="sid", max_retries=0)
+    install_exception_handler(app)
+    async with store:
+        old = await store.create(new_session(None, data={"a": 1}))
+        async with client(app) as c:
+            response = await c.post("/login", headers={"cookie": f"sid={old.id}"})
+        assert response.status_code == 200
+        assert (await store.get(response.cookies["sid"])).data == {"a": 1, "late": 1}
