@@ -487,15 +487,17 @@ class _Connection:
     # ------------------------------------------------------------------ save
 
     async def commit(self) -> None:
-        """Persist this request's changes (idempotent: a second call saves only new ones)."""
+        """Persist this request's changes (idempotent: a second call saves only new ones).
+        Each store call runs ``within`` the request's deadline; a touch that fails or
+        runs out of it is skipped, as it is only a refresh."""
         data = self.data
         if data._cleared:
             data._cleared = False
             session = self.session
             if session is not None:
                 store = self.store
-                if not await store.delete(session.id) and await store._was_rotated(
-                    session.id, store.scope, store.clock()
+                if not await self.within(store.delete(session.id)) and await self.within(
+                    store._was_rotated(session.id, store.scope, store.clock())
                 ):  # a parallel login moved it: the newer cookie stays, nothing is saved
                     self._gone(session, store._rotated_error(session.id))
                 kept = _plain(data)
@@ -511,7 +513,7 @@ class _Connection:
         elif self.touch_due:
             self.touch_due = False
             try:
-                await self.store.touch(self.session.id)
+                await self.within(self.store.touch(self.session.id))
             except SessionNotFound as exc:
                 self.stale = isinstance(exc, SessionRotated)
                 self.forget()
@@ -534,7 +536,7 @@ class _Connection:
             return
         client = self.mw.client_fields(self.scope) if self.scope is not None else {}
         session = new_session(None, data=_plain(self.data), now=self.store.clock(), **client)
-        self.session = await self.store.create(session)
+        self.session = await self.within(self.store.create(session))
         self.exact = True
         self.data._saved()
         self.refreshed = True
@@ -547,7 +549,8 @@ class _Connection:
             # base: only while session.data is what is stored at its version (a backend
             # may then write base.data plus the changes without reading the record)
             base = session if self.exact else None
-            applied = await self.store.apply(session.id, changes, base=base)
+            work = self.store.apply(session.id, changes, base=base)
+            applied = await (work if self.budget is None else self.within(work))
         except SessionNotFound as exc:
             self._gone(session, exc)
             return
@@ -961,10 +964,7 @@ def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message
 async def _commit_or_status(conn: _Connection) -> int | None:
     """Commit; on failure log and return the status to answer instead."""
     try:
-        if conn.budget is None:
-            await conn.commit()
-        else:
-            await conn.within(conn.commit())
+        await conn.commit()
     except _UNAVAILABLE as exc:
         logger.error("session not saved, store unavailable: %s", exc)
         return 503
@@ -1124,7 +1124,7 @@ async def login(
         keep_data = old is None or old.user_id is None or old.user_id == user
     if old is not None and keep_data:
         if conn.pending():
-            await conn.within(conn.commit())  # this request's own changes first, as usual
+            await conn.commit()  # this request's own changes first, as usual
         old = conn.session
         if old is not None and not conn.exact:
             # a save merged with other requests' writes: their keys move too, and the
@@ -1228,7 +1228,7 @@ async def save_session(connection: HTTPConnection) -> None:
     """Persist changes now (the middleware otherwise saves when the response starts,
     or for websockets when the connection ends); useful in long-lived websockets."""
     conn = _work(connection)
-    await conn.within(conn.commit())
+    await conn.commit()
 
 
 UPDATE_ATTEMPTS = 10
@@ -1262,11 +1262,11 @@ async def update_session(
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
     conn = _work(connection)
-    await conn.within(conn.commit())
+    await conn.commit()
     session = conn.session
     if session is None:
         result = await _run(fn, conn.data)
-        await conn.within(conn.commit())
+        await conn.commit()
         return result
     lock = _update_locks.get(session.id)
     if lock is None:
@@ -1281,7 +1281,7 @@ async def update_session(
             session = conn.session
             if session is None:  # deleted meanwhile: a new anonymous session
                 result = await _run(fn, conn.data)
-                await conn.within(conn.commit())
+                await conn.commit()
                 return result
             try:
                 fresh = await conn.within(conn.store.get(session.id))

@@ -33,6 +33,8 @@ from asyncsession import (
 )
 from asyncsession.asgi import SCOPE_KEY
 
+from .clock import FakeClock
+
 BASE = "https://testserver"
 TIMEOUT = 0.2
 
@@ -304,3 +306,31 @@ async def test_max_retries_is_ignored_by_login_as_documented() -> None:
             response = await c.post("/login", headers={"cookie": f"sid={old.id}"})
         assert response.status_code == 200
         assert (await store.get(response.cookies["sid"])).data == {"a": 1, "late": 1}
+
+
+async def test_a_hung_touch_is_skipped_like_a_failed_one() -> None:
+    """A read-only request whose touch is due: a store that refuses the touch at once
+    gets it skipped (200, logged); one that hangs on it must not turn the request into
+    a 503 either, once the touch's share of the deadline runs out."""
+
+    class HungTouch(ControlledStore):
+        async def touch(self, session_id: str) -> None:
+            await asyncio.Event().wait()
+
+    clock = FakeClock()
+    store = HungTouch(MemoryStore(Config(cleanup_interval=0), clock=clock))
+
+    async def read(request: Request) -> JSONResponse:
+        return JSONResponse(dict(request.session))
+
+    app = Starlette(routes=[Route("/read", read)])
+    app.add_middleware(
+        SessionMiddleware, store=store, cookie_name="sid", timeout=TIMEOUT, touch_interval=1
+    )
+    async with store:
+        session = await store.create(new_session(None, data={"a": 1}))
+        clock.advance(2)  # a touch is due
+        async with client(app) as c:
+            response = await c.get("/read", headers={"cookie": f"sid={session.id}"})
+    assert response.status_code == 200
+    assert response.json() == {"a": 1}
