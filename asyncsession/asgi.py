@@ -492,9 +492,9 @@ class _Connection:
         runs out of it is skipped, as it is only a refresh."""
         data = self.data
         if data._cleared:
-            data._cleared = False
             session = self.session
             if session is not None:
+                # cleared stays set until the delete is done: a failed save retries it
                 store = self.store
                 if not await self.within(store.delete(session.id)) and await self.within(
                     store._was_rotated(session.id, store.scope, store.clock())
@@ -503,6 +503,7 @@ class _Connection:
                 kept = _plain(data)
                 self.forget()
                 self.data.update(kept)
+            data._cleared = False
         if self.session is None:
             if dict.__len__(self.data):
                 await self._create()
@@ -1131,8 +1132,8 @@ async def login(
             # rotation is checked against the version that holds them
             try:
                 conn.adopt(await conn.within(store.get(old.id)))
-            except SessionNotFound as exc:
-                conn._gone(old, exc)
+            except SessionNotFound:  # gone meanwhile: as in the loop below, a new session
+                conn.session = None
             old = conn.session
     explicit = "data" in fields
     if not explicit:
@@ -1272,9 +1273,10 @@ async def update_session(
     if lock is None:
         lock = asyncio.Lock()
         _update_locks[session.id] = lock
-    # waiting for the turn is part of this request's session work: within its deadline
-    await conn.within(lock.acquire())
+    acquired = False
     try:
+        # waiting for the turn is part of this request's session work: within its deadline
+        acquired = await conn.within(lock.acquire())
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
@@ -1307,7 +1309,8 @@ async def update_session(
             conn._applied(fresh, applied)
             return result
     finally:
-        lock.release()
+        if acquired:
+            lock.release()
     raise SessionConflict(
         f"session data kept changing underneath; gave up after {attempts} attempts",
         details={"session": short_hash(session.id), "attempts": attempts},

@@ -5,6 +5,7 @@ request's deadline, and a save or login never drops a parallel request's write."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -24,6 +25,8 @@ from asyncsession import (
     ControlledStore,
     MemoryStore,
     SessionMiddleware,
+    SessionNotFound,
+    StoreUnavailable,
     install_exception_handler,
     login,
     logout,
@@ -334,3 +337,35 @@ async def test_a_hung_touch_is_skipped_like_a_failed_one() -> None:
             response = await c.get("/read", headers={"cookie": f"sid={session.id}"})
     assert response.status_code == 200
     assert response.json() == {"a": 1}
+
+
+async def test_clear_survives_a_failed_explicit_save() -> None:
+    """``clear()``, then ``save_session`` meets an unavailable store (the app carries
+    on): the final save must still delete the session, not forget that it was cleared."""
+
+    class DeleteFailsOnce(ControlledStore):
+        fails = 1
+
+        async def delete(self, session_id: str) -> bool:
+            if self.fails:
+                self.fails -= 1
+                raise StoreUnavailable("down for a moment (test)")
+            return await super().delete(session_id)
+
+    store = DeleteFailsOnce(MemoryStore(Config(cleanup_interval=0)))
+
+    async def log_out(request: Request) -> PlainTextResponse:
+        request.session.clear()
+        with contextlib.suppress(StoreUnavailable):
+            await save_session(request)
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/out", log_out, methods=["POST"])])
+    app.add_middleware(SessionMiddleware, store=store, cookie_name="sid")
+    async with store:
+        old = await store.create(new_session("ann", data={"a": 1}))
+        async with client(app) as c:
+            response = await c.post("/out", headers={"cookie": f"sid={old.id}"})
+        assert response.status_code == 200
+        with pytest.raises(SessionNotFound):
+            await store.get(old.id)
