@@ -905,17 +905,22 @@ class SessionMiddleware:
     async def _load_tossed(self, conn: _Connection, ids: tuple[str, ...]) -> None:
         """Several session cookies of our name (cookie tossing from a sibling domain,
         or an old path): unknown ids are skipped; exactly one live session is adopted;
+        no live one but a rotated id among them is a stale cookie (409 on write);
         several live ones are ambiguous: an anonymous session that cannot be saved
         (409 on write), and the client's cookies are left alone."""
         live: list[tuple[Session, str]] = []
+        rotated = False
         for session_id in ids:
             try:
                 live.append((await conn.within(self.store.get(session_id)), session_id))
-            except SessionNotFound:
+            except SessionNotFound as exc:
+                rotated = rotated or isinstance(exc, SessionRotated)
                 continue
         if len(live) == 1:
             conn.loaded(*live[0])
-        elif live:
+        elif not live:
+            conn.stale = rotated  # a newer cookie exists, as for a single rotated id
+        else:
             conn.stale = True
             level, suppressed = _log_limit.level("ambiguous_cookie")
             logger.log(

@@ -369,3 +369,26 @@ async def test_clear_survives_a_failed_explicit_save() -> None:
         assert response.status_code == 200
         with pytest.raises(SessionNotFound):
             await store.get(old.id)
+
+
+async def test_a_rotated_id_among_tossed_cookies_still_answers_409() -> None:
+    """A pre-login request that also carries a tossed junk cookie of our name: its
+    write must answer 409 and leave the newer cookie alone, as with the rotated id
+    alone (it created a new anonymous session over the login)."""
+    store = MemoryStore.with_controls(Config(cleanup_interval=0))
+
+    async def write(request: Request) -> PlainTextResponse:
+        request.session["k"] = "v"
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/write", write, methods=["POST"])])
+    app.add_middleware(SessionMiddleware, store=store, cookie_name="sid")
+    async with store:
+        old = await store.create(new_session(None, data={"a": 1}))
+        await store.rotate_into(old.id, new_session("ann", data={"a": 1}))
+        junk = "J" * 43
+        async with client(app) as c:
+            response = await c.post("/write", headers={"cookie": f"sid={junk}; sid={old.id}"})
+        assert response.status_code == 409
+        assert response.headers.get_list("set-cookie") == []
+        assert len(store.store) == 1  # type: ignore[arg-type]
