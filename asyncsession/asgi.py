@@ -1256,7 +1256,8 @@ async def update_session(
     atomic step. If another request changed one of those keys meanwhile, it reloads
     and runs ``fn`` again, up to ``attempts`` times in all, then raises
     ``SessionConflict``. Calls in one process for one session take turns, so retries
-    only happen between processes. Returns what ``fn`` returned.
+    only happen between processes; waiting for the turn counts against the request's
+    deadline like any session work. Returns what ``fn`` returned.
 
     ``fn`` may run more than once: keep side effects out of it. It may be a coroutine
     function. The request's other pending changes are saved first, so ``fn`` sees
