@@ -380,7 +380,6 @@ class SessionDict(dict[str, Any]):
         self._forget()
 
 
-_MISSING: Any = object()
 _EMPTY_SESSION = SessionDict()  # a placeholder, never handed to an app
 
 
@@ -395,6 +394,7 @@ class _Connection:
         "cookie_sent",
         "data",
         "degraded",
+        "exact",
         "legacy",
         "mw",
         "refreshed",
@@ -413,6 +413,9 @@ class _Connection:
         # the cycle would leave every request's session to the cyclic GC
         self.scope: Scope | None = scope
         self.session: Session | None = None  # the stored record this request holds
+        # session.data is what is stored at session.version (false once a save merged
+        # with writes of other requests: this request never saw their keys)
+        self.exact = True
         self.data: SessionDict = _EMPTY_SESSION  # replaced in load() or forget()
         self.client_id: str | None = None  # the id in the client's cookie, if it is live
         self.cookie_sent = False  # the request carried a cookie with our name
@@ -460,6 +463,7 @@ class _Connection:
     def loaded(self, session: Session, session_id: str) -> None:
         """The request's session is ``session``, found under the cookie's ``session_id``."""
         self.session = session
+        self.exact = True
         self.data = SessionDict(session.data)
         self.client_id = None if self.legacy else session_id
         every = self.mw.touch_every
@@ -468,6 +472,7 @@ class _Connection:
 
     def adopt(self, session: Session) -> None:
         self.session = session
+        self.exact = True
         self.data._reset(session.data)
 
     def forget(self) -> None:
@@ -482,15 +487,23 @@ class _Connection:
     # ------------------------------------------------------------------ save
 
     async def commit(self) -> None:
-        """Persist this request's changes (idempotent: a second call saves only new ones)."""
+        """Persist this request's changes (idempotent: a second call saves only new ones).
+        Each store call runs ``within`` the request's deadline; a touch that fails or
+        runs out of it is skipped, as it is only a refresh."""
         data = self.data
         if data._cleared:
-            data._cleared = False
-            if self.session is not None:
-                await self.store.delete(self.session.id)
+            session = self.session
+            if session is not None:
+                # cleared stays set until the delete is done: a failed save retries it
+                store = self.store
+                if not await self.within(store.delete(session.id)) and await self.within(
+                    store._was_rotated(session.id, store.scope, store.clock())
+                ):  # a parallel login moved it: the newer cookie stays, nothing is saved
+                    self._gone(session, store._rotated_error(session.id))
                 kept = _plain(data)
                 self.forget()
                 self.data.update(kept)
+            data._cleared = False
         if self.session is None:
             if dict.__len__(self.data):
                 await self._create()
@@ -501,7 +514,7 @@ class _Connection:
         elif self.touch_due:
             self.touch_due = False
             try:
-                await self.store.touch(self.session.id)
+                await self.within(self.store.touch(self.session.id))
             except SessionNotFound as exc:
                 self.stale = isinstance(exc, SessionRotated)
                 self.forget()
@@ -524,7 +537,8 @@ class _Connection:
             return
         client = self.mw.client_fields(self.scope) if self.scope is not None else {}
         session = new_session(None, data=_plain(self.data), now=self.store.clock(), **client)
-        self.session = await self.store.create(session)
+        self.session = await self.within(self.store.create(session))
+        self.exact = True
         self.data._saved()
         self.refreshed = True
 
@@ -533,14 +547,21 @@ class _Connection:
         land; a key the request read first must still hold what it read, else
         ``SessionConflict`` (409) and nothing of this request is saved."""
         try:
-            applied = await self.store.apply(session.id, changes, base=session)
+            # base: only while session.data is what is stored at its version (a backend
+            # may then write base.data plus the changes without reading the record)
+            base = session if self.exact else None
+            work = self.store.apply(session.id, changes, base=base)
+            applied = await (work if self.budget is None else self.within(work))
         except SessionNotFound as exc:
             self._gone(session, exc)
             return
         self._applied(session, applied)
 
     def _applied(self, session: Session, applied: Applied) -> None:
-        """Record a successful ``apply`` on the request's copy of the session."""
+        """Record a successful ``apply`` on the request's copy of the session. If other
+        requests wrote in between (the version moved by more than this apply), the copy's
+        data lacks their keys: it no longer is the stored data at its version."""
+        self.exact = self.exact and applied.version == session.version + 1
         session.version = applied.version
         session.updated_at = session.last_accessed_at = applied.updated_at
         session.expires_at = applied.expires_at
@@ -884,17 +905,22 @@ class SessionMiddleware:
     async def _load_tossed(self, conn: _Connection, ids: tuple[str, ...]) -> None:
         """Several session cookies of our name (cookie tossing from a sibling domain,
         or an old path): unknown ids are skipped; exactly one live session is adopted;
+        no live one but a rotated id among them is a stale cookie (409 on write);
         several live ones are ambiguous: an anonymous session that cannot be saved
         (409 on write), and the client's cookies are left alone."""
         live: list[tuple[Session, str]] = []
+        rotated = False
         for session_id in ids:
             try:
                 live.append((await conn.within(self.store.get(session_id)), session_id))
-            except SessionNotFound:
+            except SessionNotFound as exc:
+                rotated = rotated or isinstance(exc, SessionRotated)
                 continue
         if len(live) == 1:
             conn.loaded(*live[0])
-        elif live:
+        elif not live:
+            conn.stale = rotated  # a newer cookie exists, as for a single rotated id
+        else:
             conn.stale = True
             level, suppressed = _log_limit.level("ambiguous_cookie")
             logger.log(
@@ -944,10 +970,7 @@ def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message
 async def _commit_or_status(conn: _Connection) -> int | None:
     """Commit; on failure log and return the status to answer instead."""
     try:
-        if conn.budget is None:
-            await conn.commit()
-        else:
-            await conn.within(conn.commit())
+        await conn.commit()
     except _UNAVAILABLE as exc:
         logger.error("session not saved, store unavailable: %s", exc)
         return 503
@@ -1039,6 +1062,15 @@ def _conn(connection: HTTPConnection) -> _Connection:
     return state
 
 
+def _work(connection: HTTPConnection) -> _Connection:
+    """``_conn`` for a helper about to do store work: on a websocket (long-lived, not
+    one request) each such call gets the whole deadline, as ``save_session`` does."""
+    conn = _conn(connection)
+    if connection.scope["type"] == "websocket":
+        conn.budget = conn.mw.timeout
+    return conn
+
+
 def session_data(connection: HTTPConnection) -> SessionDict:
     """The live session data (the same object as ``request.session``)."""
     return _conn(connection).data
@@ -1065,6 +1097,10 @@ def require_user(connection: HTTPConnection) -> str:
     return user_id
 
 
+LOGIN_ATTEMPTS = 8
+"""How many times ``login`` tries its rotation while parallel requests keep writing."""
+
+
 async def login(
     connection: HTTPConnection,
     user_id: str | int | Any,
@@ -1086,15 +1122,24 @@ async def login(
     (``organization_id``, ``data``, ``ip_address``, ``user_agent``); the client's
     address and user agent are recorded by default; times come from the store's clock.
     """
-    conn = _conn(connection)
+    conn = _work(connection)
     store = conn.store
     user = normalize_user_id(user_id)
     old = conn.session
     if keep_data is None:
         keep_data = old is None or old.user_id is None or old.user_id == user
-    if old is not None and keep_data and conn.pending():
-        await conn.within(conn.commit())  # this request's own changes first, as usual
+    if old is not None and keep_data:
+        if conn.pending():
+            await conn.commit()  # this request's own changes first, as usual
         old = conn.session
+        if old is not None and not conn.exact:
+            # a save merged with other requests' writes: their keys move too, and the
+            # rotation is checked against the version that holds them
+            try:
+                conn.adopt(await conn.within(store.get(old.id)))
+            except SessionNotFound:  # gone meanwhile: as in the loop below, a new session
+                conn.session = None
+            old = conn.session
     explicit = "data" in fields
     if not explicit:
         fields["data"] = dict(conn.data) if keep_data else {}
@@ -1111,7 +1156,7 @@ async def login(
             break
         except SessionConflict:
             attempts += 1
-            if attempts > conn.mw.max_retries:
+            if attempts >= LOGIN_ATTEMPTS:
                 raise
         except SessionNotFound:  # gone meanwhile (deleted, expired, another login)
             old = None
@@ -1134,21 +1179,21 @@ async def login(
 async def logout(connection: HTTPConnection) -> None:
     """Delete the server-side session and expire the cookie. Data written afterwards
     in the same request starts a new anonymous session."""
-    conn = _conn(connection)
+    conn = _work(connection)
     if conn.session is not None:
-        await conn.store.delete(conn.session.id)
+        await conn.within(conn.store.delete(conn.session.id))
     conn.forget()
 
 
 async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = True) -> int:
     """Revoke the current user's other sessions (all of them with
     ``keep_current=False``); returns how many were deleted."""
-    conn = _conn(connection)
+    conn = _work(connection)
     session = conn.session
     if session is None or session.user_id is None:
         return 0
-    count = await conn.store.delete_by_user(
-        session.user_id, keep=session.id if keep_current else None
+    count = await conn.within(
+        conn.store.delete_by_user(session.user_id, keep=session.id if keep_current else None)
     )
     if not keep_current:
         conn.forget()
@@ -1164,22 +1209,23 @@ async def list_user_sessions(connection: HTTPConnection) -> list[Session]:
     user_id = current_user_id(connection)
     if user_id is None:
         return []
-    return await _conn(connection).store.list_by_user(user_id)
+    conn = _work(connection)
+    return await conn.within(conn.store.list_by_user(user_id))
 
 
 async def revoke_session(connection: HTTPConnection, short_id: str) -> bool:
     """Delete one of the current user's sessions by its ``short_id``; True if found.
     Revoking the current session is ``logout``."""
-    conn = _conn(connection)
+    conn = _work(connection)
     current = conn.session
     if current is None or current.user_id is None:
         return False
     if current.short_id == short_id:
         await logout(connection)
         return True
-    for session in await conn.store.list_by_user(current.user_id):
+    for session in await conn.within(conn.store.list_by_user(current.user_id)):
         if session.short_id == short_id:
-            await conn.store.delete(session.id)
+            await conn.within(conn.store.delete(session.id))
             return True
     return False
 
@@ -1187,10 +1233,8 @@ async def revoke_session(connection: HTTPConnection, short_id: str) -> bool:
 async def save_session(connection: HTTPConnection) -> None:
     """Persist changes now (the middleware otherwise saves when the response starts,
     or for websockets when the connection ends); useful in long-lived websockets."""
-    conn = _conn(connection)
-    if connection.scope["type"] == "websocket":
-        conn.budget = conn.mw.timeout  # a long-lived socket: each save gets the full deadline
-    await conn.within(conn.commit())
+    conn = _work(connection)
+    await conn.commit()
 
 
 UPDATE_ATTEMPTS = 10
@@ -1212,7 +1256,8 @@ async def update_session(
     atomic step. If another request changed one of those keys meanwhile, it reloads
     and runs ``fn`` again, up to ``attempts`` times in all, then raises
     ``SessionConflict``. Calls in one process for one session take turns, so retries
-    only happen between processes. Returns what ``fn`` returned.
+    only happen between processes; waiting for the turn counts against the request's
+    deadline like any session work. Returns what ``fn`` returned.
 
     ``fn`` may run more than once: keep side effects out of it. It may be a coroutine
     function. The request's other pending changes are saved first, so ``fn`` sees
@@ -1223,25 +1268,28 @@ async def update_session(
     """
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
-    conn = _conn(connection)
-    await conn.within(conn.commit())
+    conn = _work(connection)
+    await conn.commit()
     session = conn.session
     if session is None:
         result = await _run(fn, conn.data)
-        await conn.within(conn.commit())
+        await conn.commit()
         return result
     lock = _update_locks.get(session.id)
     if lock is None:
         lock = asyncio.Lock()
         _update_locks[session.id] = lock
-    async with lock:
+    acquired = False
+    try:
+        # waiting for the turn is part of this request's session work: within its deadline
+        acquired = await conn.within(lock.acquire())
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
             session = conn.session
             if session is None:  # deleted meanwhile: a new anonymous session
                 result = await _run(fn, conn.data)
-                await conn.within(conn.commit())
+                await conn.commit()
                 return result
             try:
                 fresh = await conn.within(conn.store.get(session.id))
@@ -1252,7 +1300,7 @@ async def update_session(
             result = await _run(fn, view)
             changes = view.changes(all_reads=True)
             if changes is None:
-                conn.session = fresh
+                conn.adopt(fresh)
                 conn.data._reset(_plain(view))
                 return result
             try:
@@ -1262,10 +1310,13 @@ async def update_session(
             except SessionNotFound as exc:
                 conn._gone(session, exc)
                 continue
-            conn.session = fresh
+            conn.adopt(fresh)
             conn.data._reset(_plain(view))
             conn._applied(fresh, applied)
             return result
+    finally:
+        if acquired:
+            lock.release()
     raise SessionConflict(
         f"session data kept changing underneath; gave up after {attempts} attempts",
         details={"session": short_hash(session.id), "attempts": attempts},

@@ -529,8 +529,9 @@ class Store(ABC):
             self._event("evicted", None, session_id=evicted, user_id=session.user_id)
         return session
 
-    async def delete(self, session_id: str) -> None:
-        """Delete a session; deleting a missing one is not an error."""
+    async def delete(self, session_id: str) -> bool:
+        """Delete a session; deleting a missing one is not an error. True if this call
+        deleted it."""
         self._check_open()
         self._check_id(session_id)
         outcome = await self._delete(session_id, self.scope)
@@ -543,6 +544,7 @@ class Store(ABC):
             )
         elif outcome is Outcome.OK:
             self._event("deleted", None, session_id=session_id)
+        return outcome is Outcome.OK
 
     async def delete_by_user(self, user_id: str | Any, *, keep: str | None = None) -> int:
         """Delete the user's sessions on this site, except ``keep``; returns how many."""

@@ -103,9 +103,9 @@ class CountingStore(ControlledStore):
         self._count("touch")
         await super().touch(session_id)
 
-    async def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str) -> bool:
         self._count("delete")
-        await super().delete(session_id)
+        return await super().delete(session_id)
 
     def writes(self) -> int:
         return sum(self.calls[k] for k in ("create", "update", "apply", "touch", "delete"))
