@@ -18,6 +18,7 @@ reply, all count, and the deadline holds even if redis-py ignores a cancellation
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeAlias, TypeVar
 
@@ -183,23 +184,26 @@ class Transport:
         # has a slot: the requests of this turn, and of the turns it waits, join.
         batch = self._open = [(request, waiter)]
         task = self._spawn(self._run(batch, deadline))
-        task.add_done_callback(lambda _: self._never_ran(batch))
+        task.add_done_callback(functools.partial(self._never_ran, batch))
         return _unwrap(await waiter)
 
     async def _send_alone(
         self, request: Request, waiter: asyncio.Future[Any], deadline: float | None
     ) -> Any:
+        work = self._send([(request, waiter)], deadline)
         try:
-            await self._send([(request, waiter)], deadline)
-        finally:
-            if waiter.done() and not waiter.cancelled():
-                waiter.exception()  # (read below, or not at all if this caller is cancelled)
-        return _unwrap(waiter.result())
+            return _unwrap(await waiter)
+        except asyncio.CancelledError:  # this caller gave up: its work is of no use
+            work.cancel()
+            raise
 
     async def _acquire(self, deadline: float | None) -> None:
         """A slot, waited for until ``deadline`` at most (``TimeoutError``)."""
-        async with asyncio.timeout_at(deadline):
-            await self._slots.acquire()
+        if self._slots.locked():
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        else:
+            await self._slots.acquire()  # (a free one: taken at once)
         self._busy += 1
 
     def _release(self) -> None:
@@ -228,14 +232,20 @@ class Transport:
             finally:
                 if self._open is batch:
                     self._open = None
-            await self._send(batch, deadline)
-        except TimeoutError as exc:  # (from _acquire: _send raises none)
+        except TimeoutError as exc:
             failure = exc
-        finally:
+        except BaseException:
             self._fail(batch, failure)
+            raise
+        else:
+            self._send(batch, deadline)
+            return
+        self._fail(batch, failure)
 
-    def _never_ran(self, batch: list[_Entry]) -> None:
+    def _never_ran(self, batch: list[_Entry], task: asyncio.Task[None]) -> None:
         """A batch task cancelled before its first step runs none of its code."""
+        if not task.cancelled():
+            return
         if self._open is batch:
             self._open = None
         self._fail(batch, RuntimeError("the batch was cancelled"))
@@ -246,46 +256,62 @@ class Transport:
             if waiter is not None and not waiter.done():
                 waiter.set_exception(self._unavailable(failure))
 
-    async def _send(self, batch: list[_Entry], deadline: float | None) -> None:
-        """Send ``batch`` on the slot its caller holds, and resolve every waiter by
-        ``deadline``, whatever happens.
+    def _send(self, batch: list[_Entry], deadline: float | None) -> asyncio.Task[None]:
+        """Start sending ``batch`` on the slot its caller holds; every waiter is
+        resolved by ``deadline``, whatever happens.
 
-        The work runs in a task that is waited for, not awaited: at the deadline its
-        waiters get a ``TimeoutError`` even if the work ignores its cancellation
-        (redis-py can: on Python 3.11 ``asyncio.wait_for``, which it uses to write,
-        loses a cancellation that lands as the write completes, and its retries then
-        read on until ``socket_timeout``). The cancelled work ends on its own and only
-        then gives its slot (and so its pooled connection) back."""
-        work = self._spawn(self._deliver(batch))
-        work.add_done_callback(self._finished)
+        The work runs in a task of its own and a timer answers its waiters at the
+        deadline, even if the work ignores its cancellation (redis-py can: on Python
+        3.11 ``asyncio.wait_for``, which it uses to write, loses a cancellation that
+        lands as the write completes, and its retries then read on until
+        ``socket_timeout``). The cancelled work ends on its own and only then gives
+        its slot (and so its pooled connection) back."""
+        slot = [True]  # held until the work ends (or, never started, is done)
+        work = self._spawn(self._deliver(batch, slot))
+        timer = None
+        if deadline is not None:
+            timer = asyncio.get_running_loop().call_at(deadline, self._expire, batch, work)
+        work.add_done_callback(functools.partial(self._finished, batch, timer, slot))
+        return work
+
+    def _expire(self, batch: list[_Entry], work: asyncio.Task[None]) -> None:
+        self._fail(batch, TimeoutError(f"no reply within {self.timeout} s"))
+        work.cancel()  # it may end when it can
+
+    def _finished(
+        self,
+        batch: list[_Entry],
+        timer: asyncio.TimerHandle | None,
+        slot: list[bool],
+        work: asyncio.Task[None],
+    ) -> None:
+        """A batch's work is done (maybe long after its deadline)."""
+        if timer is not None:
+            timer.cancel()
         failure: BaseException = RuntimeError("the batch was cancelled")
-        try:
-            timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
-            await asyncio.wait((work,), timeout=timeout)
-            if not work.done():
-                failure = TimeoutError(f"no reply within {self.timeout} s")
-            elif not work.cancelled():
-                failure = work.exception() or RuntimeError("a request was left unanswered")
-        finally:
-            if not work.done():
-                work.cancel()  # its waiters are answered below: it may end when it can
-            self._fail(batch, failure)
-
-    def _finished(self, work: asyncio.Task[None]) -> None:
-        """A batch's work ended (maybe long after its deadline): its slot is free."""
         if not work.cancelled():
-            work.exception()  # (a late one has no one to tell: its waiters were answered)
-        self._release()
+            failure = work.exception() or RuntimeError("a request was left unanswered")
+        self._fail(batch, failure)
+        self._free(slot)
 
-    async def _deliver(self, batch: list[_Entry]) -> None:
-        """Send a batch and hand each waiter its reply. On a cluster each primary's
-        part goes on its own and its callers get their replies as soon as that
-        primary answers, not when the slowest one does."""
-        parts = self._parts(batch)
-        if len(parts) == 1:
-            await self._send_part(batch, parts[0])
-        else:
-            await asyncio.gather(*(self._send_part(batch, part) for part in parts))
+    def _free(self, slot: list[bool]) -> None:
+        if slot:
+            slot.clear()
+            self._release()
+
+    async def _deliver(self, batch: list[_Entry], slot: list[bool]) -> None:
+        """Send a batch and hand each waiter its reply, then free the slot (before
+        the callers run again: one that calls at once finds it free). On a cluster
+        each primary's part goes on its own and its callers get their replies as
+        soon as that primary answers, not when the slowest one does."""
+        try:
+            parts = self._parts(batch)
+            if len(parts) == 1:
+                await self._send_part(batch, parts[0])
+            else:
+                await asyncio.gather(*(self._send_part(batch, part) for part in parts))
+        finally:
+            self._free(slot)
 
     def _parts(self, batch: list[_Entry]) -> list[list[int]]:
         """The batch's positions grouped by the cluster node their key maps to (as the
