@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError, TryAgainError
 from ...errors import StoreUnavailable
 from .layout import SLOTS, slot_tag
 from .scripts import COUNT_SLOTS, PURGE_SLOTS
-from .transport import NEVER_DECODE, send_recovering
+from .transport import NEVER_DECODE, send_recovering, within
 
 RESHARD_ATTEMPTS = 6
 """Rounds a purge retries slots that moved while it ran before giving up."""
@@ -43,8 +43,7 @@ class ClusterOps:
     async def ready(self) -> None:
         """Load the slot map (once; redis-py keeps it current from ``MOVED`` replies)."""
         try:
-            async with asyncio.timeout(self.timeout):
-                await self.client.initialize()
+            await within(self.timeout, self.client.initialize())
         except Exception as exc:
             raise self._unavailable(exc) from exc
 
@@ -72,8 +71,9 @@ class ClusterOps:
         if command[0] not in ("SCRIPT", "INFO"):  # (replies redis-py merges by node)
             options[NEVER_DECODE] = True
         try:
-            async with asyncio.timeout(self.timeout):
-                (reply,) = await send_recovering(self.client, [command], **options)
+            (reply,) = await within(
+                self.timeout, send_recovering(self.client, [command], **options)
+            )
         except Exception as exc:
             raise self._unavailable(exc) from exc
         if isinstance(reply, ResponseError):
@@ -99,7 +99,7 @@ class ClusterOps:
             for slot in skipped:  # a keyed command: redis-py follows MOVED, updates its map
                 key = self.xprefix + slot_tag(slot) + b"}"
                 try:
-                    await self.client.execute_command("EXISTS", key)
+                    await within(self.timeout, self.client.execute_command("EXISTS", key))
                 except Exception as exc:
                     raise self._unavailable(exc) from exc
             pending = self.slots_by_primary(skipped)

@@ -232,7 +232,8 @@ class RedisStore(Store):
         ``health_check_interval=``, ``ssl=true`` and the TLS options ``ssl_ca_certs=``,
         ``ssl_certfile=``, ``ssl_keyfile=``, ``ssl_cert_reqs=``, ``ssl_check_hostname=``,
         ``ssl_ciphers=`` (for Sentinel they apply to the sentinels too).
-        ``timeout`` bounds each round trip (``None``: no bound).
+        ``timeout`` bounds each call's wait for Redis: a free slot, the slot map,
+        redis-py's retries and redirections, the reply (``None``: no bound).
         """
         scheme = url.split(":", 1)[0].lower()
         if scheme not in ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel"):

@@ -2,21 +2,25 @@
 round trip, and every caller gets its reply or a ``StoreUnavailable``, whatever fails.
 
 A request that finds nothing on the wire goes at once. Otherwise the first request
-of a turn leads a batch: it yields once (and waits for one of ``max_in_flight``
-slots) while the requests of the same turn join, then the batch
+of a turn leads a batch: its task waits for one of ``max_in_flight`` slots while the
+requests of this turn (and of the turns it waits) join, then the batch
 goes out as one ``pipeline(transaction=False)`` (a lone request as one
 ``execute_command``) on a connection the client's pool lends for that exchange
 only, with the client's own timeouts, health checks, retry, TLS and credentials.
 On one server the session reads of a batch merge into one ``HMGET`` or one
 multi-key script call. Whatever happens in a batch, of any exception type, every
-waiter is resolved (``_run``'s ``finally``).
+waiter is resolved, and by the deadline set when its batch began (``timeout``
+after): waiting for a slot, redis-py's slot map, retries and redirections, the
+reply, all count, and the deadline holds even if redis-py ignores a cancellation
+(``_send``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -29,6 +33,7 @@ NEVER_DECODE = "NEVER_DECODE"
 """redis-py's option (``redis.client.NEVER_DECODE``) for raw bytes replies, so the
 store reads bytes even from a client made with ``decode_responses=True``."""
 
+_T = TypeVar("_T")
 Command: TypeAlias = tuple[Any, ...]
 Request: TypeAlias = tuple[bytes | None, Command | None]
 """``(session key, None)`` reads a session; ``(None, args)`` is one command."""
@@ -82,6 +87,34 @@ async def send_recovering(
     return replies
 
 
+async def within(seconds: float | None, work: Coroutine[Any, Any, _T]) -> _T:
+    """``work``'s result, or ``TimeoutError`` after ``seconds`` even if the work
+    ignores its cancellation (see ``Transport._send``): it runs in a task, cancelled
+    then and left to end on its own."""
+    task = asyncio.ensure_future(work)
+    _LEFT.add(task)
+    task.add_done_callback(_forget)
+    try:
+        await asyncio.wait((task,), timeout=seconds)
+    finally:
+        if not task.done():
+            task.cancel()
+    if not task.done():
+        raise TimeoutError(f"no reply within {seconds} s")
+    return task.result()
+
+
+_LEFT: set[asyncio.Task[Any]] = set()
+"""Tasks ``within`` started and may have left running (the loop keeps only weak
+references to tasks)."""
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _LEFT.discard(task)
+    if not task.cancelled():
+        task.exception()  # (a late error has no one to tell: its caller timed out)
+
+
 def _resolve(waiter: asyncio.Future[Any] | None, reply: Any) -> None:
     """Hand ``waiter`` its reply (an exception is raised to it), unless it is gone."""
     if waiter is not None and not waiter.done():
@@ -128,49 +161,49 @@ class Transport:
         self._busy = 0  # batches holding a slot
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    def _deadline(self) -> float | None:
+        return None if self.timeout is None else asyncio.get_running_loop().time() + self.timeout
+
     async def request(self, request: Request) -> Any:
         """Send ``request`` in this turn's batch; its reply (or its error, raised)."""
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         batch = self._open
         if batch is not None:
-            waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             batch.append((request, waiter))
             if len(batch) >= MAX_BATCH:
                 self._open = None
             return _unwrap(await waiter)
+        deadline = self._deadline()
         if self._busy == 0:
             # Nothing on the wire: no one to batch with that is worth a loop turn. Go
             # now; requests arriving meanwhile batch up behind this one.
-            await self._acquire()
-            try:
-                return _unwrap((await self.roundtrip([request]))[0])
-            finally:
-                self._release()
-        batch = self._open = [(request, None)]
-        try:
-            await asyncio.sleep(0)  # the requests of this turn join
-            await self._acquire()
-        except BaseException:
-            if self._open is batch:
-                self._open = None
-            if len(batch) > 1:  # serve the requests that joined from a task of their own
-                self._spawn(self._run(batch[1:], holding=False))
-            raise
-        if self._open is batch:
-            self._open = None
-        if len(batch) == 1:
-            try:
-                return _unwrap((await self.roundtrip([request]))[0])
-            finally:
-                self._release()
-        # The others' replies must arrive even if this caller is cancelled: the batch
-        # runs in a task of its own, and the leader waits for its reply like the others.
-        leader: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        batch[0] = (request, leader)
-        self._spawn(self._run(batch, holding=True))
-        return _unwrap(await leader)
+            await self._acquire(deadline)  # (a free slot: taken at once)
+            return await self._send_alone(request, waiter, deadline)
+        # The first request of a turn leads a batch, sent from a task of its own (its
+        # callers' replies must arrive even if the leader is cancelled) once that task
+        # has a slot: the requests of this turn, and of the turns it waits, join.
+        batch = self._open = [(request, waiter)]
+        task = self._spawn(self._run(batch, deadline))
+        task.add_done_callback(functools.partial(self._never_ran, batch))
+        return _unwrap(await waiter)
 
-    async def _acquire(self) -> None:
-        await self._slots.acquire()
+    async def _send_alone(
+        self, request: Request, waiter: asyncio.Future[Any], deadline: float | None
+    ) -> Any:
+        work = self._send([(request, waiter)], deadline)
+        try:
+            return _unwrap(await waiter)
+        except asyncio.CancelledError:  # this caller gave up: its work is of no use
+            work.cancel()
+            raise
+
+    async def _acquire(self, deadline: float | None) -> None:
+        """A slot, waited for until ``deadline`` at most (``TimeoutError``)."""
+        if self._slots.locked():
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        else:
+            await self._slots.acquire()  # (a free one: taken at once)
         self._busy += 1
 
     def _release(self) -> None:
@@ -182,34 +215,103 @@ class Transport:
         ``StoreUnavailable``)."""
         return await self.request((None, args))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _run(self, batch: list[_Entry], *, holding: bool) -> None:
-        """Send a batch and hand each waiter its reply; every waiter is resolved
-        whatever happens (an unexpected error or a cancellation included). On a
-        cluster each primary's part goes on its own and its callers get their
-        replies as soon as that primary answers, not when the slowest one does."""
+    async def _run(self, batch: list[_Entry], deadline: float | None) -> None:
+        """Send a batch once it has a slot; a batch that gets none by ``deadline``
+        fails. Every waiter is resolved whatever happens (an unexpected error or a
+        cancellation included)."""
         failure: BaseException = RuntimeError("the batch was cancelled")
         try:
-            if not holding:
-                await self._acquire()
             try:
-                parts = self._parts(batch)
-                if len(parts) == 1:
-                    await self._send_part(batch, parts[0])
-                else:
-                    await asyncio.gather(*(self._send_part(batch, part) for part in parts))
+                await self._acquire(deadline)
             finally:
-                self._release()
-        except Exception as exc:  # a bug of ours or a dependency's: its callers hear of it
+                if self._open is batch:
+                    self._open = None
+        except TimeoutError as exc:
             failure = exc
+        except BaseException:
+            self._fail(batch, failure)
+            raise
+        else:
+            self._send(batch, deadline)
+            return
+        self._fail(batch, failure)
+
+    def _never_ran(self, batch: list[_Entry], task: asyncio.Task[None]) -> None:
+        """A batch task cancelled before its first step runs none of its code."""
+        if not task.cancelled():
+            return
+        if self._open is batch:
+            self._open = None
+        self._fail(batch, RuntimeError("the batch was cancelled"))
+
+    def _fail(self, batch: list[_Entry], failure: BaseException) -> None:
+        """Every waiter of ``batch`` still waiting gets ``failure`` (as ``StoreUnavailable``)."""
+        for _, waiter in batch:
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(self._unavailable(failure))
+
+    def _send(self, batch: list[_Entry], deadline: float | None) -> asyncio.Task[None]:
+        """Start sending ``batch`` on the slot its caller holds; every waiter is
+        resolved by ``deadline``, whatever happens.
+
+        The work runs in a task of its own and a timer answers its waiters at the
+        deadline, even if the work ignores its cancellation (redis-py can: on Python
+        3.11 ``asyncio.wait_for``, which it uses to write, loses a cancellation that
+        lands as the write completes, and its retries then read on until
+        ``socket_timeout``). The cancelled work ends on its own and only then gives
+        its slot (and so its pooled connection) back."""
+        slot = [True]  # held until the work ends (or, never started, is done)
+        work = self._spawn(self._deliver(batch, slot))
+        timer = None
+        if deadline is not None:
+            timer = asyncio.get_running_loop().call_at(deadline, self._expire, batch, work)
+        work.add_done_callback(functools.partial(self._finished, batch, timer, slot))
+        return work
+
+    def _expire(self, batch: list[_Entry], work: asyncio.Task[None]) -> None:
+        self._fail(batch, TimeoutError(f"no reply within {self.timeout} s"))
+        work.cancel()  # it may end when it can
+
+    def _finished(
+        self,
+        batch: list[_Entry],
+        timer: asyncio.TimerHandle | None,
+        slot: list[bool],
+        work: asyncio.Task[None],
+    ) -> None:
+        """A batch's work is done (maybe long after its deadline)."""
+        if timer is not None:
+            timer.cancel()
+        failure: BaseException = RuntimeError("the batch was cancelled")
+        if not work.cancelled():
+            failure = work.exception() or RuntimeError("a request was left unanswered")
+        self._fail(batch, failure)
+        self._free(slot)
+
+    def _free(self, slot: list[bool]) -> None:
+        if slot:
+            slot.clear()
+            self._release()
+
+    async def _deliver(self, batch: list[_Entry], slot: list[bool]) -> None:
+        """Send a batch and hand each waiter its reply, then free the slot (before
+        the callers run again: one that calls at once finds it free). On a cluster
+        each primary's part goes on its own and its callers get their replies as
+        soon as that primary answers, not when the slowest one does."""
+        try:
+            parts = self._parts(batch)
+            if len(parts) == 1:
+                await self._send_part(batch, parts[0])
+            else:
+                await asyncio.gather(*(self._send_part(batch, part) for part in parts))
         finally:
-            for _, waiter in batch:
-                if waiter is not None and not waiter.done():
-                    _resolve(waiter, self._unavailable(failure))
+            self._free(slot)
 
     def _parts(self, batch: list[_Entry]) -> list[list[int]]:
         """The batch's positions grouped by the cluster node their key maps to (as the
@@ -235,11 +337,10 @@ class Transport:
 
     async def roundtrip(self, requests: list[Request]) -> list[Any]:
         """One round trip for ``requests``: per request its reply or a
-        ``StoreUnavailable`` (never raises but ``CancelledError``). Bounded by
-        ``timeout`` as a whole: connect, write, every reply."""
+        ``StoreUnavailable`` (never raises but ``CancelledError``). Its time bound
+        is the caller's (``_send``): connect, slot map, retries, every reply."""
         try:
-            async with asyncio.timeout(self.timeout):
-                return await self._exchange(requests)
+            return await self._exchange(requests)
         except Exception as exc:  # any type: a bug or a garbled reply must not hang anyone
             out = []
             for _ in requests:
@@ -291,6 +392,10 @@ class Transport:
         return tuple(reply)
 
     async def aclose(self) -> None:
-        """Wait for batches still on the wire (their callers get their replies)."""
+        """Wait for batches still on the wire (their callers get their replies), for
+        ``timeout`` at most: work that ignored its cancellation is cancelled again and
+        left to end when the client closes."""
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            _, late = await asyncio.wait(set(self._tasks), timeout=self.timeout)
+            for task in late:
+                task.cancel()
