@@ -687,7 +687,15 @@ class StoreMachine(RuleBasedStateMachine):
         session_id = self.pick(i)
         state = self.model.state(session_id, site, self.now)
         out = self.attempt(lambda: self.stores[site].delete(session_id))
-        assert self.expect_ok(out) is None
+        deleted = self.expect_ok(out)
+        # True when this call deleted a record: always for a live one, never for a
+        # missing or other-site one; an expired record may already be gone (lazily)
+        if state == "live":
+            assert deleted is True
+        elif state in ("missing", "other_site"):
+            assert deleted is False
+        else:
+            assert type(deleted) is bool
         if state == "other_site":  # a silent no-op, reported
             self.expect_violations(site, "site_mismatch")
             return
