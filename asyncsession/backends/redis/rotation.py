@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING
 
 from ... import codec
 from ...config import Config
-from ...errors import InvalidSession, SessionLimitExceeded
-from ...session import Session, user_tag
-from ...store import NO_EVICTIONS, InsertResult, Outcome
-from .layout import TAG_LENGTH, id_slot
+from ...session import Session
+from ...store import InsertResult, Outcome
+from .layout import id_slot
 from .scripts import RETIRE, ROTATE, ROTATE_INTO
 
 if TYPE_CHECKING:
@@ -86,13 +85,9 @@ async def rotate_into(
     scope: Config,
     now: datetime,
 ) -> InsertResult | Outcome:
+    store._check_user_tag(session)
     cluster = store._layout.cluster
     user = session.user_id
-    if cluster and user is not None and session.id[:TAG_LENGTH] != user_tag(user):
-        raise InvalidSession(
-            "on Redis Cluster a user session's id must start with its user's tag",
-            details={"user_tag": user_tag(user)},
-        )
     value, pxat = _record(store, scope, now)
     old_keys = [
         store.session_key(session_id),
@@ -133,17 +128,5 @@ async def rotate_into(
             *args,
         ),
     )
-    tag = reply[0]
-    if tag == b"exists":
-        raise InvalidSession("a session with this id already exists")
-    if tag == b"limit":
-        limit = scope.max_sessions_per_user
-        raise SessionLimitExceeded(
-            f"user already has {reply[1]} sessions (limit {limit})",
-            details={"limit": limit, "count": int(reply[1])},
-        )
-    if tag != b"ok":
-        return _OUTCOMES[tag]
-    if len(reply) == 1:
-        return NO_EVICTIONS
-    return InsertResult([victim.decode() for victim in reply[1:]])
+    inserted = store._inserted(reply, scope)
+    return _OUTCOMES[reply[0]] if inserted is None else inserted

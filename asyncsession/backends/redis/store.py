@@ -516,18 +516,21 @@ class RedisStore(Store):
     async def _insert(
         self, session: Session, record: bytes, scope: Config, now: datetime
     ) -> InsertResult:
+        self._check_user_tag(session)
         user = session.user_id
-        if self._layout.cluster and user is not None and session.id[:TAG_LENGTH] != user_tag(user):
-            raise InvalidSession(
-                "on Redis Cluster a user session's id must start with its user's tag (the "
-                "hash slot of the user's index): mint it with new_session(user_id, ...) or "
-                "generate_session_id(user_id)",
-                details={"user_tag": user_tag(user)},
-            )
         keys = [self.session_key(session.id), self.expiry_key_for(session.id)]
         if user is not None:
             keys.append(self.index_key(scope.site_id, user))
         reply = await self._eval(INSERT, keys, self._insert_args(session, record, scope, now))
+        result = self._inserted(reply, scope)
+        if result is None:
+            raise ValueError(f"unexpected reply to insert: {reply[0]!r:.40}")
+        return result
+
+    @staticmethod
+    def _inserted(reply: Any, scope: Config) -> InsertResult | None:
+        """The result of an insert script's reply (also the tail of ``rotate_into``'s):
+        ``exists`` and ``limit`` raised, ``ok`` with its evicted ids; None for any other tag."""
         tag = reply[0]
         if tag == b"exists":
             raise InvalidSession("a session with this id already exists")
@@ -538,10 +541,21 @@ class RedisStore(Store):
                 details={"limit": limit, "count": int(reply[1])},
             )
         if tag != b"ok":
-            raise ValueError(f"unexpected reply to insert: {tag!r:.40}")
+            return None
         if len(reply) == 1:
             return NO_EVICTIONS
         return InsertResult([victim.decode() for victim in reply[1:]])
+
+    def _check_user_tag(self, session: Session) -> None:
+        """On a cluster a user session's id must carry its user's tag (its slot)."""
+        user = session.user_id
+        if self._layout.cluster and user is not None and session.id[:TAG_LENGTH] != user_tag(user):
+            raise InvalidSession(
+                "on Redis Cluster a user session's id must start with its user's tag (the "
+                "hash slot of the user's index): mint it with new_session(user_id, ...) or "
+                "generate_session_id(user_id)",
+                details={"user_tag": user_tag(user)},
+            )
 
     @_guarded
     async def _replace(
