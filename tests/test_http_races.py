@@ -15,85 +15,25 @@ What clients were told is checked against what was stored.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from . import backend_redis
+from .uvicorn_server import serve
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = 100
 PER_CLIENT = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    def __init__(self, base: str, proc: subprocess.Popen[bytes]) -> None:
-        self.base = base
-        self.proc = proc
-
-
-def _start(env: dict[str, str], workers: int) -> Server:
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "tests.race_app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"uvicorn exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/read", timeout=1).status_code == 200:
-                time.sleep(0.5 * (workers - 1))  # let the other workers come up too
-                return Server(base, proc)
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("uvicorn did not start")
-
-
-def _stop(server: Server) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(10)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
 
 
 @pytest.fixture(scope="module", params=["memory", "sqlite", "redis"])
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+) -> Iterator[str]:
     backend = request.param
     env = {"RACE_BACKEND": backend}
     workers = 3
@@ -111,11 +51,11 @@ def server(
             pytest.skip(reason or f"needs a real Redis server at {backend_redis.REDIS_URL}")
         env["RACE_TARGET"] = backend_redis.REDIS_URL
         env["RACE_PREFIX"] = f"test:race-{uuid.uuid4().hex}:"
-    srv = _start(env, workers)
+    log = tmp_path_factory.mktemp("uvicorn") / "uvicorn.log"
     try:
-        yield srv
+        with serve("tests.race_app:app", workers=workers, env=env, ready="/read", log=log) as base:
+            yield base
     finally:
-        _stop(srv)
         if backend == "redis":
             asyncio.run(_clean_redis(env["RACE_PREFIX"]))
 
@@ -161,8 +101,8 @@ async def _load(
     return codes, bodies, stored
 
 
-def test_plain_read_modify_write_never_answers_200_for_a_lost_update(server: Server) -> None:
-    codes, bodies, stored = asyncio.run(_load(server.base, lambda i: "/rmw"))
+def test_plain_read_modify_write_never_answers_200_for_a_lost_update(server: str) -> None:
+    codes, bodies, stored = asyncio.run(_load(server, lambda i: "/rmw"))
     print(f"read-modify-write: {dict(codes)}")
     assert set(codes) <= {200, 409}
     told = sorted(b["n"] for b in bodies)
@@ -171,16 +111,16 @@ def test_plain_read_modify_write_never_answers_200_for_a_lost_update(server: Ser
     assert told == list(range(1, codes[200] + 1))
 
 
-def test_update_session_counts_every_request(server: Server) -> None:
-    codes, bodies, stored = asyncio.run(_load(server.base, lambda i: "/helper"))
+def test_update_session_counts_every_request(server: str) -> None:
+    codes, bodies, stored = asyncio.run(_load(server, lambda i: "/helper"))
     total = CLIENTS * PER_CLIENT
     assert codes == Counter({200: total})
     assert stored["n"] == total
     assert sorted(b["n"] for b in bodies) == list(range(1, total + 1))
 
 
-def test_different_keys_never_conflict(server: Server) -> None:
-    codes, bodies, stored = asyncio.run(_load(server.base, lambda i: f"/key/k{i}"))
+def test_different_keys_never_conflict(server: str) -> None:
+    codes, bodies, stored = asyncio.run(_load(server, lambda i: f"/key/k{i}"))
     assert codes == Counter({200: CLIENTS * PER_CLIENT})
     for i in range(CLIENTS):
         assert stored[f"k{i}"] == PER_CLIENT

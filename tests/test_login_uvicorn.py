@@ -11,11 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import http.cookiejar
-import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,16 +19,9 @@ import httpx
 import pytest
 
 from .backend_redis import REDIS_URL, server_reachable
+from .uvicorn_server import serve
 
-ROOT = Path(__file__).resolve().parent.parent
 TRIALS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -49,55 +37,15 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         if not server_reachable():
             pytest.skip(f"no Redis at {REDIS_URL}")
         url = REDIS_URL
-    port = _free_port()
     env = {
-        **os.environ,
         "ASYNCSESSION_LOGIN_STORE": url,
         "ASYNCSESSION_LOGIN_PREFIX": f"login-{uuid.uuid4().hex[:8]}:",
     }
-    log = open(tmp_path / "uvicorn.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "tests.login_app:create",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/read", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp_path / "uvicorn.log").read_text(errors="replace"))
-            time.sleep(0.1)
+    log = tmp_path / "uvicorn.log"
+    with serve(
+        "tests.login_app:create", workers=workers, env=env, ready="/read", log=log, factory=True
+    ) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def client(base: str) -> httpx.AsyncClient:
