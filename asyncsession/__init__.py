@@ -38,7 +38,14 @@ from .errors import (
     short_hash,
 )
 from .factory import open_backend, open_store
-from .session import Session, generate_session_id, is_valid_session_id, new_session
+from .session import (
+    Session,
+    generate_session_id,
+    is_handle,
+    is_valid_session_id,
+    new_session,
+    session_handle,
+)
 from .store import Store
 
 if TYPE_CHECKING:
@@ -144,6 +151,7 @@ __all__ = [
     "generate_session_id",
     "http_status",
     "install_exception_handler",
+    "is_handle",
     "is_valid_session_id",
     "list_user_sessions",
     "login",
@@ -158,6 +166,7 @@ __all__ = [
     "session_data",
     "session_error_handler",
     "session_expires_at",
+    "session_handle",
     "short_hash",
     "update_session",
     "with_controls",

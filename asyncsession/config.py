@@ -51,6 +51,12 @@ class Config:
     """How long a rotated id (``rotate``, ``login``) is remembered as rotated rather
     than unknown, so a request still carrying it answers 409 instead of logging the
     client out; 0 turns the records off."""
+    hash_ids: bool = True
+    """Keep each session under ``session_handle(id)`` (a SHA-256 of the id) instead of
+    the id, so a copy of the storage (a dump, backup or replica) holds no id a client
+    could present. Records written before (under the plain id) are still read and moved
+    on first touch or by ``asyncsession migrate``. False keeps ids in the clear (and
+    does not read hashed records)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.site_id, str) or not _SITE_RE.fullmatch(self.site_id):
@@ -87,6 +93,8 @@ class Config:
         if grace is None or grace < timedelta(0):
             raise ValueError(f"Config.rotation_grace must be >= 0, got {self.rotation_grace!r}")
         object.__setattr__(self, "rotation_grace", grace)
+        if not isinstance(self.hash_ids, bool):
+            raise ValueError(f"Config.hash_ids must be a bool, got {self.hash_ids!r}")
         if not isinstance(self.key_prefix, str) or any(c in self.key_prefix for c in "{}\r\n"):
             raise ValueError(
                 "Config.key_prefix must be a string without braces or newlines"

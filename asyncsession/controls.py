@@ -315,6 +315,9 @@ class ControlledStore(Store):
     def _rotated(self, session_id: str, scope: Config, now: datetime) -> Coroutine[Any, Any, bool]:
         return self.store._rotated(session_id, scope, now)
 
+    def _adopt(self, session_id: str, handle: str) -> Coroutine[Any, Any, bool]:
+        return self.store._adopt(session_id, handle)
+
     def _delete(self, session_id: str, scope: Config) -> Coroutine[Any, Any, Outcome]:
         return self.store._delete(session_id, scope)
 

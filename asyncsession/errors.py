@@ -40,7 +40,12 @@ http_status: dict[ErrorCode, int] = {
 
 
 def short_hash(session_id: str) -> str:
-    """First 12 hex chars of SHA-256: how a session id appears in logs, events and errors."""
+    """First 12 hex chars of SHA-256: how a session id appears in logs, events and errors.
+
+    Of a handle (``session_handle``, the form an id is stored in) the same 12 characters
+    as of its id, read off the handle."""
+    if len(session_id) == 69 and session_id[4] == ".":  # a handle: tag "." sha256 hex
+        return session_id[5:17]
     return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 

@@ -53,6 +53,29 @@ def generate_session_id(user_id: str | None = None) -> str:
     return token if user_id is None else user_tag(user_id) + token
 
 
+HANDLE_RE = re.compile(r"[A-Za-z0-9_-]{4}\.[0-9a-f]{64}")
+"""What ``session_handle`` makes: never a valid session id (``.`` is not in the id
+alphabet), so a handle read from a dump of the storage cannot be used as a cookie."""
+
+
+def session_handle(session_id: str) -> str:
+    """The form a store keeps a session id in at rest (``Config.hash_ids``): the id's
+    first 4 characters (the hash tag that places it on Redis Cluster: for a user
+    session the user tag, not a secret), ``.``, and the SHA-256 of the whole id in hex.
+
+    Unkeyed SHA-256 is enough: the ids this library makes carry 256 random bits, so a
+    digest cannot be reversed by guessing, and no key exists whose loss would log every
+    user out. ``short_hash`` of a handle is ``short_hash`` of its id.
+    """
+    digest = hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return session_id[:4] + "." + digest
+
+
+def is_handle(value: object) -> bool:
+    """True for what ``session_handle`` returns (as ``list_by_user`` shows ids)."""
+    return isinstance(value, str) and HANDLE_RE.fullmatch(value) is not None
+
+
 def is_valid_session_id(session_id: object) -> bool:
     return isinstance(session_id, str) and SESSION_ID_RE.fullmatch(session_id) is not None
 

@@ -48,7 +48,9 @@ from .session import (
     Session,
     check_session_id,
     generate_session_id,
+    is_handle,
     normalize_user_id,
+    session_handle,
     utcnow,
 )
 
@@ -100,6 +102,28 @@ _KEEP: Any = object()
 _id_match = SESSION_ID_RE.fullmatch
 
 
+def _with_id(session: Session, session_id: str) -> Session:
+    """A shallow copy of ``session`` under another id (fields set directly: cheaper
+    than ``dataclasses.replace`` on the hot path)."""
+    if type(session) is not Session:  # a subclass may carry more fields
+        return replace(session, id=session_id)
+    copy = _new_session(Session)
+    copy.id = session_id
+    copy.user_id = session.user_id
+    copy.site_id = session.site_id
+    copy.organization_id = session.organization_id
+    copy.data = session.data
+    copy.created_at = session.created_at
+    copy.updated_at = session.updated_at
+    copy.last_accessed_at = session.last_accessed_at
+    copy.expires_at = session.expires_at
+    copy.absolute_expires_at = session.absolute_expires_at
+    copy.ip_address = session.ip_address
+    copy.user_agent = session.user_agent
+    copy.version = session.version
+    return copy
+
+
 def absolute_deadline(session: Session) -> datetime | None:
     return session.absolute_expires_at or session.expires_at
 
@@ -129,6 +153,7 @@ class Store(ABC):
     def __init__(self, config: Config | None = None, *, clock: Clock | None = None) -> None:
         self.config = config if config is not None else Config()
         self.clock: Clock = clock or utcnow
+        self._hash_ids = self.config.hash_ids
         self._closed = False
         self._cleanup_task: asyncio.Task[None] | None = None
         # Stores (ControlledStores) told what purge removed, when they ask for it.
@@ -264,9 +289,10 @@ class Store(ABC):
         session.absolute_expires_at = absolute
         idle = scope.idle_timeout
         session.expires_at = absolute if idle is None else idle_deadline(absolute, now, idle)
-        record = self.encode(session)
+        stored = self._at_rest(session)
+        record = self.encode(stored)
         try:
-            result = await self._insert(session, record, scope, now)
+            result = await self._insert(stored, record, scope, now)
         except SessionLimitExceeded as exc:
             self._violation("session_limit_exceeded", exc, session)
             raise
@@ -283,19 +309,22 @@ class Store(ABC):
         self._check_open()
         if type(session_id) is not str or _id_match(session_id) is None:
             self._check_id(session_id)
+        key = session_handle(session_id) if self._hash_ids else session_id
         try:
-            session = await self._load(session_id)
+            session = await self._load(key)
+            if session is None and self._hash_ids and await self._adopt(session_id, key):
+                session = await self._load(key)
         except codec.CorruptRecord as exc:
             raise self._corrupt(session_id, exc) from exc
         now = self.clock()
-        if (
-            session is not None
-            and session.site_id == self.config.site_id
-            and (session.expires_at is None or now < session.expires_at)
-        ):
-            return session
+        if session is not None:
+            session.id = session_id
+            if session.site_id == self.config.site_id and (
+                session.expires_at is None or now < session.expires_at
+            ):
+                return session
         scope = self.config
-        if session is None and scope.rotation_grace and await self._rotated(session_id, scope, now):
+        if session is None and scope.rotation_grace and await self._rotated(key, scope, now):
             raise self._rotated_error(session_id)
         return self._visible(session, session_id, self.config.site_id, now)
 
@@ -351,7 +380,7 @@ class Store(ABC):
             # goes through type.__call__, which in CPython 3.11 packs the keyword
             # arguments into a dict for __init__ (all that __init__ does is set them)
             new = _new_session(Session)
-            new.id = session.id
+            new.id = self._key(session.id)
             new.user_id = session.user_id
             new.site_id = scope.site_id
             new.organization_id = session.organization_id
@@ -367,6 +396,7 @@ class Store(ABC):
         else:  # a subclass may carry more fields
             new = replace(
                 session,
+                id=self._key(session.id),
                 site_id=scope.site_id,
                 version=session.version + 1,
                 updated_at=now,
@@ -376,6 +406,8 @@ class Store(ABC):
             )
         record = self.encode(new)
         outcome = await self._replace(new, record, scope, now)
+        if outcome is Outcome.MISSING and await self._adopted(session.id):
+            outcome = await self._replace(new, record, scope, now)
         if outcome is not Outcome.OK:
             if outcome is Outcome.MISSING and await self._was_rotated(session.id, scope, now):
                 raise self._rotated_error(session.id)
@@ -421,8 +453,13 @@ class Store(ABC):
         limit = self._size_limit()
         scope = self.scope
         now = self.clock()
+        key = self._key(session_id)
+        if base is not None and base.id != key:
+            base = _with_id(base, key)
         try:
-            result = await self._apply(session_id, encoded, scope, now, limit, base)
+            result = await self._apply(key, encoded, scope, now, limit, base)
+            if result is Outcome.MISSING and await self._adopted(session_id):
+                result = await self._apply(key, encoded, scope, now, limit, None)
         except codec.CorruptRecord as exc:
             raise self._corrupt(session_id, exc) from exc
         if isinstance(result, Applied):
@@ -450,7 +487,10 @@ class Store(ABC):
         self._check_id(session_id)
         scope = self.scope
         now = self.clock()
-        outcome = await self._touch(session_id, scope, now)
+        key = self._key(session_id)
+        outcome = await self._touch(key, scope, now)
+        if outcome is Outcome.MISSING and await self._adopted(session_id):
+            outcome = await self._touch(key, scope, now)
         if outcome is not Outcome.OK:
             if outcome is Outcome.MISSING and await self._was_rotated(session_id, scope, now):
                 raise self._rotated_error(session_id)
@@ -483,7 +523,10 @@ class Store(ABC):
                 details={"session": short_hash(session_id)},
             )
         new_id = self._rotated_id(session_id)
-        outcome = await self._rotate(session_id, new_id, self.scope, self.clock())
+        key, new_key = self._key(session_id), self._key(new_id)
+        outcome = await self._rotate(key, new_key, self.scope, self.clock())
+        if outcome is Outcome.MISSING and await self._adopted(session_id):
+            outcome = await self._rotate(key, new_key, self.scope, self.clock())
         if outcome is not Outcome.OK:
             raise self._write_error(outcome, session_id, None)
         self._event("rotated", None, session_id=new_id, previous=short_hash(session_id))
@@ -511,9 +554,13 @@ class Store(ABC):
         absolute = session.absolute_expires_at or session.expires_at or now + scope.default_ttl
         session.absolute_expires_at = absolute
         session.expires_at = idle_deadline(absolute, now, scope.idle_timeout)
-        record = self.encode(session)
+        stored = self._at_rest(session)
+        record = self.encode(stored)
+        key = self._key(session_id)
         try:
-            result = await self._rotate_into(session_id, version, session, record, scope, now)
+            result = await self._rotate_into(key, version, stored, record, scope, now)
+            if result is Outcome.MISSING and await self._adopted(session_id):
+                result = await self._rotate_into(key, version, stored, record, scope, now)
         except SessionLimitExceeded as exc:
             self._violation("session_limit_exceeded", exc, session)
             raise
@@ -531,10 +578,12 @@ class Store(ABC):
 
     async def delete(self, session_id: str) -> bool:
         """Delete a session; deleting a missing one is not an error. True if this call
-        deleted it."""
+        deleted it. Takes an id, or the handle ``list_by_user`` shows for one."""
         self._check_open()
-        self._check_id(session_id)
-        outcome = await self._delete(session_id, self.scope)
+        key = self._key_or_handle(session_id)
+        outcome = await self._delete(key, self.scope)
+        if outcome is Outcome.MISSING and key is not session_id:  # stored before hashing
+            outcome = await self._delete(session_id, self.scope)
         if outcome is Outcome.OTHER_SITE:
             self._violation(
                 "site_mismatch",
@@ -551,17 +600,29 @@ class Store(ABC):
         self._check_open()
         user = self._check_user(user_id)
         if keep is not None:
-            self._check_id(keep)
+            kept = self._key_or_handle(keep)
+            if kept is not keep:  # an id: a record of it stored before hashing moves first
+                await self._adopted(keep)
+            keep = kept
         deleted = await self._delete_by_user(user, keep, self.scope, self.clock())
         for session_id in deleted:
             self._event("deleted", None, session_id=session_id, user_id=user)
         return len(deleted)
 
     async def list_by_user(self, user_id: str | Any) -> list[Session]:
-        """The user's live sessions on this site, oldest first."""
+        """The user's live sessions on this site, oldest first.
+
+        With ``Config.hash_ids`` (the default) a listed session's ``id`` is its handle
+        (``session_handle``): the store holds no id to give back. ``short_id`` is the
+        same as for the id, and ``delete`` and ``delete_by_user(keep=...)`` take it."""
         self._check_open()
         user = self._check_user(user_id)
-        return await self._list_by_user(user, self.scope, self.clock())
+        sessions = await self._list_by_user(user, self.scope, self.clock())
+        if self._hash_ids:
+            for session in sessions:
+                if not is_handle(session.id):  # stored before hashing
+                    session.id = session_handle(session.id)
+        return sessions
 
     async def purge_expired(self) -> int:
         """Remove expired sessions and stale index entries now; returns how many sessions.
@@ -586,7 +647,49 @@ class Store(ABC):
                 logger.exception("asyncsession: reporting expired sessions failed")
         return len(removed)
 
+    def handle(self, session_id: str) -> str:
+        """The form this store keeps ``session_id`` in: ``session_handle(session_id)``
+        with ``Config.hash_ids`` (the default), else the id itself."""
+        check_session_id(session_id)
+        return self._key(session_id)
+
+    async def migrate_ids(self, batch: int = 500) -> int:
+        """Move every record stored under a plain id (before ``Config.hash_ids``) to
+        its handle, as a first touch would; returns how many moved. Each move is
+        atomic, and a session in use keeps working throughout. (``asyncsession
+        migrate``.)"""
+        self._check_open()
+        if not self._hash_ids:
+            return 0
+        moved = 0
+        async for entries in self._scan(batch):
+            for entry in entries:
+                if not is_handle(entry.session_id) and _id_match(entry.session_id):
+                    moved += await self._adopt(entry.session_id, session_handle(entry.session_id))
+        return moved
+
     # ------------------------------------------------------------------ helpers
+
+    def _key(self, session_id: str) -> str:
+        """The storage id hooks get for ``session_id``: its handle or the id."""
+        return session_handle(session_id) if self._hash_ids else session_id
+
+    def _key_or_handle(self, value: object) -> str:
+        """``_key`` of an id; a handle (as ``list_by_user`` shows) as it is."""
+        if self._hash_ids and is_handle(value):
+            return value  # type: ignore[return-value]
+        self._check_id(value)
+        return self._key(value)  # type: ignore[arg-type]
+
+    def _at_rest(self, session: Session) -> Session:
+        """``session`` as the hooks store it: under its storage id (a copy, so the
+        caller's object keeps the id its cookie carries)."""
+        return _with_id(session, session_handle(session.id)) if self._hash_ids else session
+
+    async def _adopted(self, session_id: str) -> bool:
+        """After a write found nothing under the handle: whether a record stored under
+        the plain id (before hashing) was there and has now moved to the handle."""
+        return self._hash_ids and await self._adopt(session_id, session_handle(session_id))
 
     def _rotated_id(self, session_id: str) -> str:
         """The fresh id ``rotate`` moves ``session_id`` to. A backend that places
@@ -775,7 +878,16 @@ class Store(ABC):
         return Outcome.CONFLICT  # pragma: no cover - 64 writers in a row
 
     async def _was_rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
-        return bool(scope.rotation_grace) and await self._rotated(session_id, scope, now)
+        """Whether the id ``session_id`` (not a storage id) was rotated recently."""
+        return bool(scope.rotation_grace) and await self._rotated(self._key(session_id), scope, now)
+
+    async def _adopt(self, session_id: str, handle: str) -> bool:
+        """If a record is stored under the plain ``session_id`` (written before
+        ``Config.hash_ids``), move it atomically to ``handle``: the record, its own id
+        field, its user-index and expiry entries. True if one moved. Called when a
+        lookup by handle finds nothing, so it must be cheap when there is none (a read,
+        no write). Default: nothing to adopt."""
+        return False
 
     async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
         """Whether ``session_id`` of ``scope.site_id`` was rotated less than
