@@ -1,4 +1,5 @@
-"""Admin commands: ``asyncsession stats | list-user | show | revoke | revoke-user | purge``.
+"""Admin commands: ``asyncsession stats | list-user | show | revoke | revoke-user | purge |
+migrate``.
 
 Each command opens the store named by ``--store`` (or ``$ASYNCSESSION_STORE``) for one
 site (``--site``), prints a table (or JSON with ``--json``) and exits with a status a
@@ -106,6 +107,11 @@ def _common(parser: argparse.ArgumentParser, *, all_sites: str | None = None) ->
         default=DEFAULT_PREFIX,
         help="key prefix of the store (Redis; default: %(default)r)",
     )
+    parser.add_argument(
+        "--plain-ids",
+        action="store_true",
+        help="the store keeps ids in the clear (an app with Config(hash_ids=False))",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="also show the library's log messages"
@@ -166,6 +172,13 @@ def _configure_purge(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _configure_migrate(parser: argparse.ArgumentParser) -> None:
+    _common(parser, all_sites="every site")
+    parser.add_argument(
+        "--batch", type=int, default=1000, metavar="N", help="sessions read per step"
+    )
+
+
 # -------------------------------------------------------------------- running
 
 
@@ -221,7 +234,10 @@ def _open(args: argparse.Namespace) -> ControlledStore:
         raise CommandError(f"no store given: use --store URL or set ${ENV_STORE}", BAD_INPUT)
     try:
         config = Config(
-            site_id=args.site or "", key_prefix=args.prefix, cleanup_interval=timedelta(0)
+            site_id=args.site or "",
+            key_prefix=args.prefix,
+            cleanup_interval=timedelta(0),
+            hash_ids=not getattr(args, "plain_ids", False),
         )
         if url.split(":", 1)[0].lower() == "sqlite":
             path = sqlite_path(url)
@@ -496,6 +512,22 @@ async def _revoke_user(store: ControlledStore, args: argparse.Namespace, out: Te
     return OK
 
 
+async def _migrate(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:
+    if args.batch < 1:
+        raise CommandError("--batch must be >= 1", BAD_INPUT)
+    if not store.config.hash_ids:
+        raise CommandError("migrate moves sessions to hashed ids: drop --plain-ids", BAD_INPUT)
+    try:
+        moved = await store.migrate_ids(args.batch)
+    except NotImplementedError as exc:
+        raise CommandError(str(exc), BAD_INPUT) from exc
+    if args.json:
+        _json({"moved": moved}, out)
+    else:
+        print(f"moved {_count(moved, 'session')} to hashed ids", file=out)
+    return OK
+
+
 async def _purge(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:
     if args.site is not None:
         removed = {args.site: await _purge_site(store, args.batch)}
@@ -557,7 +589,7 @@ async def _find(store: ControlledStore, session_id: str) -> Session:
         raise CommandError(f"session {short_hash(session_id)} has expired", NOT_FOUND) from exc
     except SessionNotFound as exc:
         try:
-            other = await store.store._load(session_id)
+            other = await store.store._load(store.handle(session_id))
         except Exception:  # an undecodable record: nothing to point to
             other = None
         if other is not None and other.site_id != store.config.site_id:
@@ -721,6 +753,12 @@ ADMIN_COMMANDS: list[CommandSpec] = [
         "remove expired sessions now (every site, or only --site)",
         _configure_purge,
         _runner(_purge),
+    ),
+    (
+        "migrate",
+        "move sessions stored under plain ids (before hashed ids) to their hashes",
+        _configure_migrate,
+        _runner(_migrate),
     ),
 ]
 """``(name, help, configure, run)`` of each admin command, for ``__main__``."""

@@ -582,8 +582,8 @@ class Store(ABC):
         self._check_open()
         key = self._key_or_handle(session_id)
         outcome = await self._delete(key, self.scope)
-        if outcome is Outcome.MISSING and key is not session_id:  # stored before hashing
-            outcome = await self._delete(session_id, self.scope)
+        if outcome is Outcome.MISSING and key is not session_id and await self._adopted(session_id):
+            outcome = await self._delete(key, self.scope)  # it was stored before hashing
         if outcome is Outcome.OTHER_SITE:
             self._violation(
                 "site_mismatch",

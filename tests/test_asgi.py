@@ -168,7 +168,7 @@ async def devices(request: Request) -> JSONResponse:
     current = current_session(request)
     return JSONResponse(
         [
-            {"short": s.short_id, "current": current is not None and s.id == current.id}
+            {"short": s.short_id, "current": current is not None and s.short_id == current.short_id}
             for s in sessions
         ]
     )
@@ -684,7 +684,7 @@ async def test_login_rotates_the_id_and_keeps_the_data(cstore: CountingStore) ->
         assert stored.data == {"cart": "3 items"}
         assert stored.ip_address == "203.0.113.9"
         assert stored.user_agent == "pytest-agent/1.0"
-        assert [s.id for s in await cstore.list_by_user("alice")] == [sid]
+        assert [s.id for s in await cstore.list_by_user("alice")] == [cstore.handle(sid)]
         # the planted pre-login id is worthless afterwards
         response = await c.get("/read", headers={"cookie": f"session={anon}"})
         assert response.json() == {}
@@ -702,18 +702,20 @@ async def test_login_without_a_previous_session(cstore: CountingStore) -> None:
 
 async def test_logout_removes_the_server_side_record(cstore: CountingStore) -> None:
     async with client(make_app(cstore)) as c:
-        await c.post("/login", params={"user": "alice"})
+        sid = cookie_id(await c.post("/login", params={"user": "alice"}))
         (session,) = await cstore.list_by_user("alice")
+        assert session.id == cstore.handle(sid)  # listed by handle: the store holds no id
         response = await c.post("/logout")
         (header,) = set_cookies(response)
         assert header.startswith("session=;") and attrs(header)["max-age"] == "0"
         assert "httponly" in attrs(header) and "secure" in attrs(header)
         assert await cstore.list_by_user("alice") == []
         with pytest.raises(Exception, match="not found"):
-            await cstore.get(session.id)
-        # a replayed cookie after logout is not adopted
-        response = await c.get("/read", headers={"cookie": f"session={session.id}"})
-        assert response.json() == {}
+            await cstore.get(sid)
+        # a replayed cookie after logout is not adopted, nor is a handle as a cookie
+        for replay in (sid, session.id):
+            response = await c.get("/read", headers={"cookie": f"session={replay}"})
+            assert response.json() == {}
 
 
 async def test_clear_ends_the_session(cstore: CountingStore) -> None:
@@ -866,8 +868,7 @@ async def test_session_deleted_during_request_is_not_resurrected(
 ) -> None:
     app = make_app(cstore)
     async with client(app) as c:
-        await c.post("/login", params={"user": "dave"})
-        (session,) = await cstore.list_by_user("dave")
+        sid = cookie_id(await c.post("/login", params={"user": "dave"}))
         task = asyncio.create_task(
             c.post("/set", params={"key": "late", "value": "1", "delay": "0.05"})
         )
@@ -877,7 +878,7 @@ async def test_session_deleted_during_request_is_not_resurrected(
     assert response.status_code == 200
     assert attrs(set_cookies(response)[0])["max-age"] == "0"
     with pytest.raises(Exception, match="not found"):
-        await cstore.get(session.id)
+        await cstore.get(sid)
 
 
 # ---------------------------------------------------- streaming, files, websockets
@@ -909,7 +910,7 @@ def test_websocket_reads_and_writes_the_session(cstore: CountingStore) -> None:
             websocket.send_text("hello")
         assert tc.get("/read").json() == {"a": "1", "ws": "hello"}
     assert cstore.calls["create"] == 1
-    assert cstore.store._entries[sid]  # type: ignore[attr-defined]
+    assert cstore.store._entries[cstore.handle(sid)]  # type: ignore[attr-defined]
 
 
 def test_websocket_new_session_cookie_in_the_handshake(cstore: CountingStore) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -128,7 +129,7 @@ async def test_user_ids_int_and_uuid_stored_as_str(store: ControlledStore) -> No
     b = await store.create(new_session(u))
     assert (await store.get(a.id)).user_id == "42"
     assert (await store.get(b.id)).user_id == str(u)
-    assert [s.id for s in await store.list_by_user(42)] == [a.id]
+    assert [s.id for s in await store.list_by_user(42)] == [store.handle(a.id)]
 
 
 async def test_get_missing(store: ControlledStore) -> None:
@@ -169,7 +170,7 @@ async def test_purge_removes_only_expired(store: ControlledStore, clock: Any) ->
             await store.get(s.id)
     for s in long:
         assert (await store.get(s.id)).id == s.id
-    assert [x.id for x in await store.list_by_user("u0")] == [long[0].id]
+    assert [x.id for x in await store.list_by_user("u0")] == [store.handle(long[0].id)]
 
 
 async def test_idle_timeout_slides_but_not_past_absolute(harness: Harness, clock: Any) -> None:
@@ -337,7 +338,9 @@ async def test_rotate_moves_everything(store: ControlledStore) -> None:
     got = await store.get(new_id)
     assert got.data == {"a": [1, 2]} and got.user_agent == "UA" and got.user_id == "alice"
     assert got.created_at == s.created_at and got.version == s.version
-    assert sorted(x.id for x in await store.list_by_user("alice")) == sorted([new_id, other.id])
+    assert sorted(x.id for x in await store.list_by_user("alice")) == sorted(
+        [store.handle(new_id), store.handle(other.id)]
+    )
     assert await store.delete_by_user("alice") == 2
 
 
@@ -414,7 +417,7 @@ async def test_rotate_binds_a_user_atomically(store: ControlledStore, clock: Any
     new_id = await store.rotate(anon.id, user_id="alice")
     got = await store.get(new_id)
     assert got.user_id == "alice" and got.data == {"cart": [1]}
-    assert [x.id for x in await store.list_by_user("alice")] == [new_id]
+    assert [x.id for x in await store.list_by_user("alice")] == [store.handle(new_id)]
     with pytest.raises(SessionRotated):
         await store.get(anon.id)
 
@@ -430,13 +433,17 @@ async def test_rotate_into_keeps_the_limit_and_index(harness: Harness, clock: An
     # re-login of the same user on `current`: it does not count, nothing is evicted
     fresh = new_session("alice", data={"n": 1}, now=clock())
     await store.rotate_into(current.id, fresh, version=current.version)
-    assert sorted(x.id for x in await store.list_by_user("alice")) == sorted([first.id, fresh.id])
+    assert sorted(x.id for x in await store.list_by_user("alice")) == sorted(
+        map(store.handle, [first.id, fresh.id])
+    )
     # an anonymous session logging in as alice: the oldest of hers makes room
     clock.advance(1)
     anon = await store.create(new_session(None, data={"a": 1}, now=clock()))
     third = new_session("alice", data={"a": 1}, now=clock())
     await store.rotate_into(anon.id, third)
-    assert sorted(x.id for x in await store.list_by_user("alice")) == sorted([fresh.id, third.id])
+    assert sorted(x.id for x in await store.list_by_user("alice")) == sorted(
+        map(store.handle, [fresh.id, third.id])
+    )
     with pytest.raises(SessionNotFound):
         await store.get(first.id)
     with pytest.raises(SessionRotated):
@@ -447,7 +454,7 @@ async def test_rotate_into_refused_leaves_the_old_session(harness: Harness, cloc
     store = await harness.controlled(
         Config(max_sessions_per_user=1, eviction="reject", cleanup_interval=0)
     )
-    await store.create(new_session("bob", now=clock()))
+    bob = await store.create(new_session("bob", now=clock()))
     anon = await store.create(new_session(None, data={"a": 1}, now=clock()))
     with pytest.raises(SessionLimitExceeded):
         await store.rotate_into(anon.id, new_session("bob", now=clock()))
@@ -458,9 +465,8 @@ async def test_rotate_into_refused_leaves_the_old_session(harness: Harness, cloc
     assert (await store.get(anon.id)).data == {"a": 1}
     assert await store.list_by_user("carol") == []
     # the same user re-logging in at the limit: the old one makes room for itself
-    bob = (await store.list_by_user("bob"))[0]
     moved = await store.rotate_into(bob.id, new_session("bob", now=clock()), version=bob.version)
-    assert [x.id for x in await store.list_by_user("bob")] == [moved.id]
+    assert [x.id for x in await store.list_by_user("bob")] == [store.handle(moved.id)]
 
 
 # ---------------------------------------------------------------------------- delete
@@ -480,7 +486,7 @@ async def test_delete_by_user_and_keep(store: ControlledStore, clock: Any) -> No
     mine = [await store.create(new_session("alice", now=clock())) for _ in range(4)]
     theirs = await store.create(new_session("bob"))
     assert await store.delete_by_user("alice", keep=mine[2].id) == 3
-    assert [s.id for s in await store.list_by_user("alice")] == [mine[2].id]
+    assert [s.id for s in await store.list_by_user("alice")] == [store.handle(mine[2].id)]
     assert (await store.get(theirs.id)).user_id == "bob"
     assert await store.delete_by_user("alice") == 1
     assert await store.delete_by_user("alice") == 0
@@ -502,7 +508,7 @@ async def test_list_by_user_oldest_first(store: ControlledStore, clock: Any) -> 
         ids.append((await store.create(new_session("alice", now=clock()))).id)
         clock.advance(1)
     listed = await store.list_by_user("alice")
-    assert [s.id for s in listed] == ids
+    assert [s.id for s in listed] == [store.handle(i) for i in ids]
     assert all(isinstance(s, Session) and s.user_id == "alice" for s in listed)
 
 
@@ -520,9 +526,9 @@ async def test_limit_evicts(harness: Harness, clock: Any, eviction: str) -> None
     clock.advance(1)
     newest = await store.create(new_session("alice", now=clock()))
     remaining = [s.id for s in await store.list_by_user("alice")]
-    assert len(remaining) == 3 and newest.id in remaining
+    assert len(remaining) == 3 and store.handle(newest.id) in remaining
     evicted = ids[0] if eviction == "oldest" else ids[1]
-    assert evicted not in remaining
+    assert store.handle(evicted) not in remaining
     with pytest.raises(SessionNotFound):
         await store.get(evicted)
 
@@ -540,7 +546,10 @@ async def test_limit_reject(harness: Harness, clock: Any) -> None:
     assert info.value.code is ErrorCode.SESSION_LIMIT_EXCEEDED and info.value.http_status == 429
     assert info.value.details["limit"] == 2
     assert [e.type for e in events] == ["session_limit_exceeded"]
-    assert [s.id for s in await store.list_by_user("alice")] == [a.id, b.id]
+    assert [s.id for s in await store.list_by_user("alice")] == [
+        store.handle(a.id),
+        store.handle(b.id),
+    ]
     with pytest.raises(SessionNotFound):
         await store.get(extra.id)
     assert (await store.create(new_session("bob"))).user_id == "bob"  # per user
@@ -602,9 +611,9 @@ async def test_site_isolation_on_every_operation(harness: Harness, clock: Any) -
         await b.rotate(sa.id)
     await b.delete(sa.id)  # not this site's: nothing happens
     assert (await a.get(sa.id)).data == {"site": "a"}
-    assert [s.id for s in await b.list_by_user("alice")] == [sb.id]
+    assert [s.id for s in await b.list_by_user("alice")] == [b.handle(sb.id)]
     assert await b.delete_by_user("alice") == 1
-    assert [s.id for s in await a.list_by_user("alice")] == [sa.id]
+    assert [s.id for s in await a.list_by_user("alice")] == [a.handle(sa.id)]
     assert {e.type for e in b_events} == {"site_mismatch"}
     assert len(b_events) == 5
     assert all(e.session and len(e.session) == 12 for e in b_events)
@@ -683,7 +692,10 @@ async def test_size_limit_one_byte_over(harness: Harness, clock: Any) -> None:
 
     probe = await harness.controlled(cfg(max_session_size=0))
     s = await probe.create(new_session("bob", data={"blob": "x" * 100}, now=clock()))
-    limit = len(codec.encode(await probe.get(s.id)))  # exactly the size of a 100-char blob
+    got = await probe.get(s.id)
+    limit = len(
+        codec.encode(replace(got, id=probe.handle(got.id)))
+    )  # the record as stored  # exactly the size of a 100-char blob
     events: list[ViolationEvent] = []
     store = await harness.controlled(
         cfg(max_session_size=limit), options={"on_violation": events.append}
@@ -732,7 +744,7 @@ async def test_bad_sessions_rejected(store: ControlledStore) -> None:
         await store.list_by_user("")
     with pytest.raises(InvalidSession):
         await store.delete_by_user(None)
-    assert [s.id for s in await store.list_by_user("alice")] == [before.id]
+    assert [s.id for s in await store.list_by_user("alice")] == [store.handle(before.id)]
     assert (await store.get(before.id)).data == {"k": 1}
 
 

@@ -100,7 +100,7 @@ async def test_delete_by_user_touches_only_that_user(
 
     monkeypatch.setattr(MemoryStore, "_remove", counting)
     assert await store.delete_by_user("me") == 3
-    assert sorted(removed) == sorted(s.id for s in mine)
+    assert sorted(removed) == sorted(store.handle(s.id) for s in mine)
     assert len(store) == 2_000
 
 

@@ -34,11 +34,11 @@ async def test_scan_sees_every_site_user_and_expired(harness: Harness) -> None:
     for i in range(10):
         s = new_session(f"user{{%}}{i % 3}", 60, now=now)  # braces and % survive Redis keys
         s.data["blob"] = "x" * (i * 10)
-        made[(await a.create(s)).id] = s
+        made[a.handle((await a.create(s)).id)] = s
     anon = await b.create(new_session(None, 5, now=now))
-    made[anon.id] = anon
+    made[b.handle(anon.id)] = anon
     forever = new_session("eve", now=now)
-    made[(await b.create(forever)).id] = forever
+    made[b.handle((await b.create(forever)).id)] = forever
     harness.clock.advance(10)  # anon has expired but is not purged
     entries = await scan_all(a)  # through the controls: all sites, not only a's
     assert sorted(e.session_id for e in entries) == sorted(made)
@@ -51,7 +51,7 @@ async def test_scan_sees_every_site_user_and_expired(harness: Harness) -> None:
             assert data < e.size < data + 400
         else:
             assert e.size == data
-    expired = next(e for e in entries if e.session_id == anon.id).expires_at
+    expired = next(e for e in entries if e.session_id == b.handle(anon.id)).expires_at
     assert expired is not None and expired < harness.clock()
     estimate = await a._scan_estimate()
     assert estimate is not None and 10 <= estimate <= 12

@@ -325,7 +325,12 @@ class StoreMachine(RuleBasedStateMachine):
 
     def load(self, session_id: str) -> Session | None:
         assert self.raw is not None
-        return self.run(self.raw._load(session_id))
+        return self.stored(self.run(self.raw._load(self.raw.handle(session_id))), session_id)
+
+    @staticmethod
+    def stored(got: Session | None, session_id: str) -> Session | None:
+        """A record read from storage (under its handle), under the model's id."""
+        return None if got is None else replace(got, id=session_id)
 
     # ------------------------------------------------------------------ set-up
 
@@ -743,12 +748,15 @@ class StoreMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ checks
 
     def compare_listing(self, got: list[Session], site: str, user: str) -> None:
-        expected = {r.id: r for r in self.model.live_of_user(site, user, self.now)}
+        # listed by handle (the store keeps no id): compare under the model's ids
+        handle = self.stores[site].handle
+        expected = {handle(r.id): r for r in self.model.live_of_user(site, user, self.now)}
         assert sorted(s.id for s in got) == sorted(expected), (
             f"list_by_user({site}, {user}) ids differ"
         )
         for s in got:
-            assert s == expected[s.id]
+            model = expected[s.id]
+            assert replace(s, id=model.id) == model
         created = [s.created_at for s in got]
         assert created == sorted(created), "list_by_user is not oldest first"
 
@@ -766,8 +774,8 @@ class StoreMachine(RuleBasedStateMachine):
 
         async def read() -> tuple[list[Session | None], list[Session | None], list[Any]]:
             # concurrently: the Redis backend batches reads of one event-loop turn
-            stored = await asyncio.gather(*(raw._load(i) for i in present))
-            gone = await asyncio.gather(*(raw._load(i) for i in removed))
+            stored = await asyncio.gather(*(raw._load(raw.handle(i)) for i in present))
+            gone = await asyncio.gather(*(raw._load(raw.handle(i)) for i in removed))
             listed = await asyncio.gather(
                 *(self.stores[site].list_by_user(user) for site, user in pairs)
             )
@@ -776,6 +784,7 @@ class StoreMachine(RuleBasedStateMachine):
         stored, gone, listed = self.run(read())
         for session_id, got in zip(present, stored, strict=True):
             rec = self.model.records[session_id]
+            got = self.stored(got, session_id)
             assert got == rec, f"stored record differs: {got!r}, model {rec!r}"
         assert gone == [None] * len(removed), "a removed session is still stored"
         for (site, user), sessions in zip(pairs, listed, strict=True):
