@@ -42,6 +42,18 @@ def redis_newest(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *REDIS_SUITE, *session.posargs)
 
 
+CRYPTO_OLDEST = "2.2"
+"""The lowest cryptography pyproject.toml declares: the oldest with a wheel for this
+Python that passes the encryption tests (AESGCM has been in it since 2.0)."""
+
+
+@nox.session
+def crypto_oldest(session: nox.Session) -> None:
+    """The encryption tests with the oldest cryptography pyproject.toml declares."""
+    session.install("-e", ".[all,test]", f"cryptography=={CRYPTO_OLDEST}")
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "tests/test_crypto.py")
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
