@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from .codec import CorruptRecord
+
 __all__ = [
     "KEY_SIZE",
     "SEALED_KEY",
@@ -51,9 +53,10 @@ _b64encode = base64.urlsafe_b64encode
 _urandom = os.urandom
 
 
-class SealBroken(ValueError):
+class SealBroken(CorruptRecord):
     """Sealed data that does not open: tampered, truncated, or under a key not in the
-    ring. The message says which, never what the data or the key is."""
+    ring. The message says which, never what the data or the key is. A
+    ``codec.CorruptRecord``, so whatever skips undecodable records skips these too."""
 
 
 def generate_key() -> str:
