@@ -238,9 +238,9 @@ async def _tamper(backend: Backend, flip: int = 20) -> None:
     for storage_id in await backend.stored():
         session = await backend.raw._load(storage_id)
         assert session is not None and is_sealed(session.data)
-        raw = bytearray(base64.urlsafe_b64decode(session.data[SEALED_KEY]))
+        raw = bytearray(bytes.fromhex(session.data[SEALED_KEY]))
         raw[flip] ^= 0x04
-        data = orjson.dumps({SEALED_KEY: base64.urlsafe_b64encode(bytes(raw)).decode()})
+        data = orjson.dumps({SEALED_KEY: bytes(raw).hex()})
         session.version += 1
         record = codec.encode(session, data) if backend.raw.stores_header else data
         assert await backend.raw._replace(session, record, backend.raw.config, backend.clock())
