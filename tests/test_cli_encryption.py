@@ -16,6 +16,7 @@ from asyncsession.__main__ import main
 from asyncsession.crypto import KeyRing, key_id
 
 from . import backend_redis
+from .test_encryption import scan_sees_handles
 
 KEY_A = generate_key()
 KEY_B = generate_key()
@@ -106,6 +107,11 @@ def test_reencrypt_redis(
     if reason or backend_redis.using_fakeredis():
         pytest.skip(reason or "the CLI needs a real Redis server (REDIS_URL)")
     prefix = f"test:cli-enc-{uuid.uuid4().hex[:12]}:"
+    probe = open_store(backend_redis.REDIS_URL, Config(key_prefix=prefix, cleanup_interval=0))
+    sees_handles = scan_sees_handles(probe.store)
+    asyncio.run(probe.close())
+    if not sees_handles:
+        pytest.xfail("this Redis backend's _scan does not list records under handles yet")
     try:
         _rotate(backend_redis.REDIS_URL, prefix, capsys, monkeypatch)
     finally:
