@@ -417,3 +417,36 @@ def test_idle_timeout_slides_with_encryption() -> None:
         await store.close()
 
     asyncio.run(check())
+
+
+# ------------------------------------------------------------------- middleware
+
+
+async def test_middleware_writes_sealed_and_treats_a_tampered_session_as_unknown(
+    backend: Backend,
+) -> None:
+    """Through ``SessionMiddleware``: a session's changes are saved sealed (``apply``),
+    read back, and once its record is altered the cookie is an unknown one: a fresh,
+    empty session, never the stored data, and a ``decryption_failed`` violation."""
+    from .test_asgi import client, cookie_id, make_app
+
+    store = backend.controlled(KEY_A)
+    app = make_app(store)
+    marker = f"secret-{secrets.token_hex(8)}"
+    async with client(app) as http:
+        first = await http.post("/set", params={"key": "card", "value": marker})
+        assert first.status_code == 200
+        session_id = cookie_id(first)
+        second = await http.post("/set", params={"key": "n", "value": "2"})  # an apply
+        assert second.json() == {"card": marker, "n": "2"}
+        assert (await http.get("/read")).json() == {"card": marker, "n": "2"}
+        (data,) = (await backend.stored(session_id)).values()
+        assert is_sealed(data)
+        await _tamper(backend, session_id)
+        after = await http.get("/read")
+        assert after.status_code == 200 and after.json() == {}
+        assert marker not in after.text
+        fresh = await http.post("/set", params={"key": "k", "value": "v"})
+        assert fresh.json() == {"k": "v"}
+        assert cookie_id(fresh) != session_id
+    assert "decryption_failed" in [v.type for v in backend.violations]
