@@ -20,11 +20,13 @@ from .controls import (
     ViolationEvent,
     with_controls,
 )
+from .crypto import generate_key
 from .errors import (
     ErrorCode,
     InvalidSession,
     NotSerializable,
     SessionConflict,
+    SessionCorrupt,
     SessionError,
     SessionExpired,
     SessionLimitExceeded,
@@ -129,6 +131,7 @@ __all__ = [
     "SQLiteStore",
     "Session",
     "SessionConflict",
+    "SessionCorrupt",
     "SessionDep",
     "SessionDict",
     "SessionError",
@@ -148,6 +151,7 @@ __all__ = [
     "current_session",
     "current_user_id",
     "default_config",
+    "generate_key",
     "generate_session_id",
     "http_status",
     "install_exception_handler",

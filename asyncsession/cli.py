@@ -1,10 +1,12 @@
 """Admin commands: ``asyncsession stats | list-user | show | revoke | revoke-user | purge |
-migrate``.
+migrate``, and for encryption at rest ``keygen | reencrypt``.
 
 Each command opens the store named by ``--store`` (or ``$ASYNCSESSION_STORE``) for one
 site (``--site``), prints a table (or JSON with ``--json``) and exits with a status a
-script can act on. Failures are one line on stderr, never a traceback; with ``--json``
-that line is ``{"error": {"command", "code", "status", "message"}}``:
+script can act on. Encryption keys come from ``$ASYNCSESSION_ENCRYPTION_KEYS``
+(comma separated, the first one encrypts) and are never printed.
+Failures are one line on stderr, never a traceback; with ``--json`` that line is
+``{"error": {"command", "code", "status", "message"}}``:
 
 ====  ===================  ==============================================
 0                          done
@@ -38,8 +40,10 @@ from typing import Any, TextIO
 
 from .config import Config
 from .controls import ControlledStore
+from .crypto import generate_key
 from .errors import (
     InvalidSession,
+    SessionCorrupt,
     SessionError,
     SessionExpired,
     SessionNotFound,
@@ -64,6 +68,7 @@ STORE_HELP = (
     "redis+cluster://..., redis+sentinel://... "
 )
 ENV_STORE = "ASYNCSESSION_STORE"
+ENV_KEYS = "ASYNCSESSION_ENCRYPTION_KEYS"
 SHORT_HASH = re.compile(r"[0-9a-f]{12}")
 DEFAULT_PREFIX = Config().key_prefix
 
@@ -165,6 +170,28 @@ def _configure_revoke_user(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", metavar="ID", help="session id to keep (e.g. the current one)")
 
 
+def _configure_keygen(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-n", type=int, default=1, metavar="N", help="how many keys to print (default: 1)"
+    )
+
+
+def _configure_reencrypt(parser: argparse.ArgumentParser) -> None:
+    store_option(parser)
+    parser.add_argument(
+        "--prefix",
+        default=DEFAULT_PREFIX,
+        help="key prefix of the store (Redis; default: %(default)r)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=500, metavar="N", help="sessions read per step (default: 500)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also show the library's log messages"
+    )
+
+
 def _configure_purge(parser: argparse.ArgumentParser) -> None:
     _common(parser, all_sites="every site, in one batched purge")
     parser.add_argument(
@@ -234,10 +261,11 @@ def _open(args: argparse.Namespace) -> ControlledStore:
         raise CommandError(f"no store given: use --store URL or set ${ENV_STORE}", BAD_INPUT)
     try:
         config = Config(
-            site_id=args.site or "",
+            site_id=getattr(args, "site", None) or "",
             key_prefix=args.prefix,
             cleanup_interval=timedelta(0),
             hash_ids=not getattr(args, "plain_ids", False),
+            encryption_keys=_env_keys(),
         )
         if url.split(":", 1)[0].lower() == "sqlite":
             path = sqlite_path(url)
@@ -246,6 +274,19 @@ def _open(args: argparse.Namespace) -> ControlledStore:
         return open_store(url, config)
     except ValueError as exc:
         raise CommandError(str(exc), BAD_INPUT) from exc
+
+
+def _env_keys() -> tuple[str, ...]:
+    """The keys in ``$ASYNCSESSION_ENCRYPTION_KEYS`` (comma separated; blanks ignored).
+    A bad one is a ``CommandError`` naming its position, never its value."""
+    text = os.environ.get(ENV_KEYS, "")
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    try:
+        Config(encryption_keys=keys)
+    except ValueError as exc:
+        message = str(exc).replace("Config.encryption_keys", f"${ENV_KEYS}")
+        raise CommandError(message, BAD_INPUT) from None
+    return keys
 
 
 def _fail(message: str, args: argparse.Namespace, code: str, status: int) -> None:
@@ -557,6 +598,37 @@ async def _purge(store: ControlledStore, args: argparse.Namespace, out: TextIO) 
     return OK
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        report_error(
+            "keygen", "-n must be at least 1", ERROR_CODES[BAD_INPUT], BAD_INPUT, as_json=False
+        )
+        return BAD_INPUT
+    for _ in range(args.n):
+        print(generate_key())
+    return OK
+
+
+async def _reencrypt(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:
+    ring = store.config.keyring
+    if ring is None:
+        raise CommandError(
+            f"no encryption keys: set ${ENV_KEYS} (comma separated, the new key first)",
+            BAD_INPUT,
+        )
+    if args.batch < 1:
+        raise CommandError("--batch must be at least 1", BAD_INPUT)
+    count = await store.reencrypt(batch=args.batch)
+    if args.json:
+        _json({"reencrypted": count, "key_id": ring.sealing_key_id.hex()}, out)
+    else:
+        print(
+            f"reencrypted {_count(count, 'session')} under key id {ring.sealing_key_id.hex()}",
+            file=out,
+        )
+    return OK
+
+
 async def _purge_site(store: ControlledStore, batch: int) -> int:
     """Delete this site's expired sessions (a purge is otherwise global): a scan, then
     deletes scoped to the site."""
@@ -587,6 +659,12 @@ async def _find(store: ControlledStore, session_id: str) -> Session:
         return await store.get(session_id)
     except SessionExpired as exc:
         raise CommandError(f"session {short_hash(session_id)} has expired", NOT_FOUND) from exc
+    except SessionCorrupt as exc:  # encryption at rest: say why, never the data
+        raise CommandError(
+            f"session {short_hash(session_id)} does not decrypt: {exc.details.get('reason')}"
+            f" (check ${ENV_KEYS})",
+            NOT_FOUND,
+        ) from exc
     except SessionNotFound as exc:
         try:
             other = await store.store._load(store.handle(session_id))
@@ -759,6 +837,18 @@ ADMIN_COMMANDS: list[CommandSpec] = [
         "move sessions stored under plain ids (before hashed ids) to their hashes",
         _configure_migrate,
         _runner(_migrate),
+    ),
+    (
+        "keygen",
+        "print a new encryption key for $ASYNCSESSION_ENCRYPTION_KEYS",
+        _configure_keygen,
+        _keygen,
+    ),
+    (
+        "reencrypt",
+        "rewrite every session not under the first key of $ASYNCSESSION_ENCRYPTION_KEYS",
+        _configure_reencrypt,
+        _runner(_reencrypt),
     ),
 ]
 """``(name, help, configure, run)`` of each admin command, for ``__main__``."""

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal, get_args
+
+from .crypto import KeyRing, parse_keys
 
 Eviction = Literal["oldest", "lru", "reject"]
 """What ``create`` does for a user at ``max_sessions_per_user``: evict the oldest
@@ -57,6 +60,12 @@ class Config:
     could present. Records written before (under the plain id) are still read and moved
     on first touch or by ``asyncsession migrate``. False keeps ids in the clear (and
     does not read hashed records)."""
+    encryption_keys: Sequence[bytes | str] = field(default=(), repr=False)
+    """Keys that encrypt session data at rest (AES-256-GCM; extra ``crypto``): each 32
+    random bytes, or their urlsafe base64 text as ``asyncsession keygen`` prints. The
+    first key encrypts, every key decrypts; empty (the default): data is stored in the
+    clear. Stored as a tuple of raw keys; never shown in ``repr``."""
+    _keyring: KeyRing | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.site_id, str) or not _SITE_RE.fullmatch(self.site_id):
@@ -100,6 +109,15 @@ class Config:
                 "Config.key_prefix must be a string without braces or newlines"
                 f", got {self.key_prefix!r}"
             )
+        # encryption: validated and the ciphers built once, here
+        keys = parse_keys(self.encryption_keys)
+        object.__setattr__(self, "encryption_keys", keys)
+        object.__setattr__(self, "_keyring", KeyRing(keys) if keys else None)
+
+    @property
+    def keyring(self) -> KeyRing | None:
+        """The ``KeyRing`` built from ``encryption_keys``; None when they are empty."""
+        return self._keyring
 
 
 def default_config() -> Config:

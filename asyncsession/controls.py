@@ -36,6 +36,7 @@ VIOLATION_TYPES = (
     "session_limit_exceeded",
     "site_mismatch",
     "conflict",
+    "decryption_failed",
 )
 """Every ``ViolationEvent.type``."""
 EVENT_TYPES = ("created", "updated", "rotated", "deleted", "evicted", "expired")
@@ -161,7 +162,7 @@ class ControlledStore(Store):
     def encode(self, session: Session) -> bytes:
         record = super().encode(session)
         limit = self.config.max_session_size
-        if not limit:
+        if not limit or self.config.keyring is not None:  # [encryption] measured before sealing
             return record
         size = len(record)
         if not self.stores_header:  # ``record`` is the data: count the header too
@@ -176,6 +177,20 @@ class ControlledStore(Store):
             self._violation("size_exceeded", exc, session)
             raise exc
         return record
+
+    def _check_plain_size(self, session: Session, data: bytes) -> None:
+        """[encryption] The size limit on the plaintext record (``data`` unsealed)."""
+        limit = self.config.max_session_size
+        if not limit or len(data) + codec.header_bound(session) <= limit:
+            return
+        size = codec.record_size(session, data)
+        if size > limit:
+            exc = SessionTooLarge(
+                f"session is {size} bytes encoded, over the limit of {limit}",
+                details={"size": size, "limit": limit, "session": short_hash(session.id)},
+            )
+            self._violation("size_exceeded", exc, session)
+            raise exc
 
     def _size_limit(self) -> int:
         return self.config.max_session_size

@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     SESSION_CONFLICT = "SESSION_CONFLICT"
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
     SESSION_ROTATED = "SESSION_ROTATED"
+    SESSION_CORRUPT = "SESSION_CORRUPT"
 
 
 http_status: dict[ErrorCode, int] = {
@@ -35,6 +36,7 @@ http_status: dict[ErrorCode, int] = {
     ErrorCode.SESSION_CONFLICT: 409,
     ErrorCode.STORE_UNAVAILABLE: 503,
     ErrorCode.SESSION_ROTATED: 409,
+    ErrorCode.SESSION_CORRUPT: 404,
 }
 """HTTP status an ASGI handler should answer for each code."""
 
@@ -96,6 +98,14 @@ class SessionRotated(SessionNotFound):
     ``Config.rotation_grace`` and never names the new id."""
 
     default_code = ErrorCode.SESSION_ROTATED
+
+
+class SessionCorrupt(SessionNotFound):
+    """The stored record's encrypted data does not open (``Config.encryption_keys``):
+    altered, truncated, or under a key that is not configured. Never returned as
+    data; a ``SessionNotFound``, so the middleware treats the cookie as unknown."""
+
+    default_code = ErrorCode.SESSION_CORRUPT
 
 
 class InvalidSession(SessionError):

@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import Enum
+from functools import partial
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
@@ -28,10 +30,12 @@ from orjson import loads as orjson_loads
 from . import codec
 from .changes import Applied, Changes, EncodedChanges, apply_to_data, encode_changes
 from .config import Config
+from .crypto import KeyRing, SealBroken, is_sealed
 from .errors import (
     InvalidSession,
     NotSerializable,
     SessionConflict,
+    SessionCorrupt,
     SessionError,
     SessionExpired,
     SessionLimitExceeded,
@@ -122,6 +126,19 @@ def _with_id(session: Session, session_id: str) -> Session:
     copy.user_agent = session.user_agent
     copy.version = session.version
     return copy
+
+
+CAS_ATTEMPTS = 256
+"""How often a compare-and-set loop (``Store._apply``'s default, ``reencrypt``) reads
+and writes again after losing to another writer before it reports a conflict."""
+
+
+async def cas_backoff(attempt: int) -> None:
+    """Wait before compare-and-set attempt ``attempt`` (0-based): not at all for the
+    first two, then a random share of 0.5 ms doubling up to 20 ms, so many writers
+    of one session take turns instead of all reading and colliding again."""
+    if attempt >= 2:
+        await asyncio.sleep(random.random() * min(0.0005 * 2 ** (attempt - 2), 0.02))
 
 
 def absolute_deadline(session: Session) -> datetime | None:
@@ -236,7 +253,11 @@ class Store(ABC):
         """Encode what a write stores: the whole record (``codec.encode``), or for a
         backend that keeps the metadata in fields of its own (``stores_header`` false)
         just the data (``codec.encode_data``) after the same metadata checks.
-        ``ControlledStore`` adds the size limit here."""
+        ``ControlledStore`` adds the size limit here. With ``Config.encryption_keys``
+        the data is sealed (``_encode_sealed``)."""
+        ring = self.config.keyring
+        if ring is not None:  # [encryption]
+            return self._encode_sealed(session, ring)
         try:
             if self.stores_header:
                 return codec.encode(session)
@@ -248,6 +269,114 @@ class Store(ABC):
         except SessionError as exc:
             self._violation("invalid_session", exc, session)
             raise
+
+    # [encryption] sealing and opening the data; see docs/security.md
+    def _encode_sealed(self, session: Session, ring: KeyRing) -> bytes:
+        """``encode`` with the data sealed: the size limit (``_check_plain_size``)
+        measures the plaintext record, the backend gets the sealed one."""
+        try:
+            data = codec.encode_data(session.data)
+            codec.check_metadata(session)
+        except NotSerializable as exc:
+            self._violation("not_serializable", exc, session)
+            raise
+        except SessionError as exc:
+            self._violation("invalid_session", exc, session)
+            raise
+        self._check_plain_size(session, data)
+        sealed = ring.seal(data)
+        if not self.stores_header:
+            return sealed
+        try:
+            return codec.encode(session, sealed)
+        except SessionError as exc:  # pragma: no cover - check_metadata refused it first
+            self._violation("invalid_session", exc, session)
+            raise
+
+    def _check_plain_size(self, session: Session, data: bytes) -> None:  # noqa: B027
+        """Refuse a record whose plaintext (``data`` encoded, plus the header) is over the
+        size limit; ``ControlledStore`` does, the raw store has no limit."""
+
+    def _open_data(self, session: Session, session_id: str) -> Session:
+        """``session`` with its data opened (encryption on) or checked not to be sealed
+        (off); ``SessionCorrupt`` for sealed data that does not open."""
+        ring = self.config.keyring
+        data = session.data
+        try:
+            if ring is not None:
+                session.data = ring.open(data)
+            elif is_sealed(data):
+                raise SealBroken("the data is encrypted and Config.encryption_keys is empty")
+        except SealBroken as exc:
+            raise self._sealed_error(session_id, exc, session) from None
+        return session
+
+    def _sealed_error(
+        self, session_id: str, cause: SealBroken, session: Session | None
+    ) -> SessionCorrupt:
+        exc = SessionCorrupt(
+            "session not found",
+            details={"session": short_hash(session_id), "corrupt": True, "reason": str(cause)},
+        )
+        self._violation("decryption_failed", exc, session, session_id=session_id)
+        return exc
+
+    async def reencrypt(self, *, batch: int = 500) -> int:
+        """Reseal every live stored session (of every site) whose data is not under the
+        first of ``Config.encryption_keys``: under an older key, or plaintext written
+        before encryption was on. Returns how many were rewritten.
+
+        Each record is rewritten with the backend's compare-and-set (its version
+        bumped; data, deadlines and access times unchanged), so a concurrent write is
+        never lost: the one that loses sees a conflict and retries. Expired records
+        are left for the purge; records that do not open are reported
+        (``decryption_failed``) and left as they are."""
+        self._check_open()
+        ring = self.config.keyring
+        if ring is None:
+            raise ValueError("reencrypt() needs Config.encryption_keys")
+        scopes: dict[str, Config] = {}
+        count = 0
+        async for entries in self._scan(batch):
+            for entry in entries:
+                scope = scopes.get(entry.site_id)
+                if scope is None:
+                    scope = scopes[entry.site_id] = replace(self.config, site_id=entry.site_id)
+                if await self._reseal(entry.session_id, scope, ring):
+                    count += 1
+        return count
+
+    async def _reseal(self, storage_id: str, scope: Config, ring: KeyRing) -> bool:
+        """Rewrite one record under the sealing key if it is not under it; True if done."""
+        for attempt in range(CAS_ATTEMPTS):
+            await cas_backoff(attempt)
+            now = self.clock()
+            try:
+                session = await self._load(storage_id)
+            except codec.CorruptRecord:
+                return False  # not a record this library can read; stats/show report it
+            if session is None or (session.expires_at is not None and now >= session.expires_at):
+                return False
+            if ring.token_key_id(session.data) == ring.sealing_key_id:
+                return False
+            try:
+                data = (
+                    ring.open_bytes(session.data)
+                    if is_sealed(session.data)
+                    else codec.encode_data(session.data)
+                )
+            except SealBroken as exc:
+                self._sealed_error(storage_id, exc, None)
+                return False
+            sealed = ring.seal(data)
+            session.version += 1
+            record = codec.encode(session, sealed) if self.stores_header else sealed
+            outcome = await self._replace(session, record, scope, now)
+            if outcome is Outcome.OK:
+                return True
+            if outcome is not Outcome.CONFLICT:
+                return False  # gone meanwhile
+        return False  # pragma: no cover - CAS_ATTEMPTS writers in a row
 
     async def create(self, session: Session) -> Session:
         """Insert a new session (insert-if-absent); returns it with defaults filled in.
@@ -322,11 +451,13 @@ class Store(ABC):
             if session.site_id == self.config.site_id and (
                 session.expires_at is None or now < session.expires_at
             ):
-                return session
+                return self._open_data(session, session_id)  # [encryption]
         scope = self.config
         if session is None and scope.rotation_grace and await self._rotated(key, scope, now):
             raise self._rotated_error(session_id)
-        return self._visible(session, session_id, self.config.site_id, now)
+        return self._open_data(
+            self._visible(session, session_id, self.config.site_id, now), session_id
+        )
 
     def _rotated_error(self, session_id: str) -> SessionRotated:
         exc = SessionRotated(
@@ -457,9 +588,14 @@ class Store(ABC):
         if base is not None and base.id != key:
             base = _with_id(base, key)
         try:
-            result = await self._apply(key, encoded, scope, now, limit, base)
+            # [encryption] no backend can merge into sealed data: the default
+            # compare-and-set hook, which opens and reseals
+            hook = self._apply if scope.keyring is None else partial(Store._apply, self)
+            result = await hook(key, encoded, scope, now, limit, base)
             if result is Outcome.MISSING and await self._adopted(session_id):
-                result = await self._apply(key, encoded, scope, now, limit, None)
+                result = await hook(key, encoded, scope, now, limit, None)
+        except SealBroken as exc:
+            raise self._sealed_error(session_id, exc, None) from None
         except codec.CorruptRecord as exc:
             raise self._corrupt(session_id, exc) from exc
         if isinstance(result, Applied):
@@ -618,11 +754,15 @@ class Store(ABC):
         self._check_open()
         user = self._check_user(user_id)
         sessions = await self._list_by_user(user, self.scope, self.clock())
-        if self._hash_ids:
-            for session in sessions:
-                if not is_handle(session.id):  # stored before hashing
-                    session.id = session_handle(session.id)
-        return sessions
+        opened = []
+        for session in sessions:
+            if self._hash_ids and not is_handle(session.id):  # stored before hashing
+                session.id = session_handle(session.id)
+            try:  # [encryption] open; one that does not is left out
+                opened.append(self._open_data(session, session.id))
+            except SessionCorrupt:
+                continue
+        return opened
 
     async def purge_expired(self) -> int:
         """Remove expired sessions and stale index entries now; returns how many sessions.
@@ -849,8 +989,12 @@ class Store(ABC):
         ``Outcome.TOO_LARGE``). Expectation failed: ``Outcome.CONFLICT``.
 
         This default, for backends without an atomic hook, reads and writes back with
-        the backend's compare-and-set, retrying while other keys change underneath."""
-        for _ in range(64):
+        the backend's compare-and-set, retrying while other keys change underneath.
+        ``apply`` uses it with encryption on, for every backend: it opens the data,
+        applies the changes to the plaintext, measures it and seals it again."""
+        ring = scope.keyring
+        for attempt in range(CAS_ATTEMPTS):
+            await cas_backoff(attempt)
             session = await self._load(session_id)
             if session is None:
                 return Outcome.MISSING
@@ -858,7 +1002,11 @@ class Store(ABC):
                 return Outcome.OTHER_SITE
             if session.expires_at is not None and now >= session.expires_at:
                 return Outcome.EXPIRED
-            data = apply_to_data(codec.encode_data(session.data), changes)
+            if ring is not None and is_sealed(session.data):  # [encryption]
+                plain = ring.open_bytes(session.data)
+            else:
+                plain = codec.encode_data(session.data)
+            data = apply_to_data(plain, changes)
             if data is None:
                 return Outcome.CONFLICT
             absolute = absolute_deadline(session)
@@ -869,13 +1017,15 @@ class Store(ABC):
             session.expires_at = idle_deadline(absolute, now, scope.idle_timeout)
             if limit and len(codec.encode(session, data)) > limit:
                 return Outcome.TOO_LARGE
+            if ring is not None:  # [encryption]
+                data = ring.seal(data)
             record = codec.encode(session, data) if self.stores_header else data
             outcome = await self._replace(session, record, scope, now)
             if outcome is Outcome.OK:
                 return Applied(session.version, now, session.expires_at)
             if outcome is not Outcome.CONFLICT:
                 return outcome
-        return Outcome.CONFLICT  # pragma: no cover - 64 writers in a row
+        return Outcome.CONFLICT  # pragma: no cover - CAS_ATTEMPTS writers in a row
 
     async def _was_rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
         """Whether the id ``session_id`` (not a storage id) was rotated recently."""

@@ -19,6 +19,9 @@ Suites and targets (issue 5):
   middleware (baseline): the middleware may at most double the cost of a request
   (speed ratio >= 0.5), and a read-only request >= 2x starsessions on its
   ``InMemoryStore``.
+* ``asgi-encryption``: a read-only request on ``MemoryStore`` with data encryption at
+  rest (``Config.encryption_keys``) against the same request with it off, same run:
+  encryption may cost at most 25% (speed ratio >= 0.8).
 
     .venv/bin/pytest benchmarks/bench_asgi.py --benchmark-only \\
         --benchmark-json=.benchmarks/asgi.json
@@ -49,7 +52,14 @@ from starsessions.stores.base import SessionStore
 from starsessions.stores.memory import InMemoryStore
 from starsessions.stores.redis import RedisStore as StarRedisStore
 
-from asyncsession import Config, ControlledStore, SessionMiddleware, new_session, open_store
+from asyncsession import (
+    Config,
+    ControlledStore,
+    SessionMiddleware,
+    generate_key,
+    new_session,
+    open_store,
+)
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 COOKIE = "session"
@@ -61,6 +71,7 @@ WRITE_REDIS_32 = {"peer": 1.5}
 NEW_REDIS_32 = {"peer": 1.5}
 OVERHEAD = {"baseline": 0.5}  # at most 2x the cost of the app without sessions
 MEMORY_READ = {"baseline": 0.5, "peer": 2.0}
+ENCRYPTED_READ = {"baseline": 0.8}  # encryption on costs at most 25% of a request
 CLIENTS = 32  # concurrent clients of the x32 rows, each with its own session
 PER_CLIENT = 10  # requests each client sends in a row per round
 
@@ -155,6 +166,16 @@ def checked(runner: Runner, client: Client, path: str) -> Client:
 @pytest.fixture(scope="module")
 def memory(runner: Runner) -> Iterator[tuple[ControlledStore, str]]:
     store = open_store("memory://", Config(cleanup_interval=0))
+    session = runner.run(store.create(new_session("u-48213", data=PAYLOAD)))
+    yield store, session.id
+    runner.run(store.close())
+
+
+@pytest.fixture(scope="module")
+def memory_encrypted(runner: Runner) -> Iterator[tuple[ControlledStore, str]]:
+    store = open_store(
+        "memory://", Config(cleanup_interval=0, encryption_keys=(generate_key(), generate_key()))
+    )
     session = runner.run(store.create(new_session("u-48213", data=PAYLOAD)))
     yield store, session.id
     runner.run(store.close())
@@ -278,6 +299,38 @@ def test_asgi_memory_read_peer(abench: AsyncBench, runner: Runner) -> None:
         op="read request",
         label="starsessions SessionMiddleware + autoload on InMemoryStore",
         group="asgi memory: read-only request",
+    )
+    abench(lambda i: client.get("/"))
+
+
+def test_asgi_memory_read_unencrypted(
+    abench: AsyncBench, runner: Runner, memory: tuple[ControlledStore, str]
+) -> None:
+    store, session_id = memory
+    client = checked(runner, Client(our_app(store), session_id), "/")
+    abench.describe(
+        suite="asgi-encryption",
+        role="baseline",
+        op="read request",
+        label="SessionMiddleware on MemoryStore, encryption off",
+        group="asgi memory: read-only request, encryption at rest",
+    )
+    abench(lambda i: client.get("/"))
+
+
+def test_asgi_memory_read_encrypted(
+    abench: AsyncBench, runner: Runner, memory_encrypted: tuple[ControlledStore, str]
+) -> None:
+    store, session_id = memory_encrypted
+    client = checked(runner, Client(our_app(store), session_id), "/")
+    abench.describe(
+        suite="asgi-encryption",
+        role="ours",
+        op="ours encrypted read request",
+        compare="read request",
+        label="SessionMiddleware on MemoryStore, encryption on (AES-256-GCM)",
+        group="asgi memory: read-only request, encryption at rest",
+        targets=ENCRYPTED_READ,
     )
     abench(lambda i: client.get("/"))
 

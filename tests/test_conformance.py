@@ -22,6 +22,7 @@ from asyncsession import (
     NotSerializable,
     Session,
     SessionConflict,
+    SessionCorrupt,
     SessionError,
     SessionExpired,
     SessionLimitExceeded,
@@ -862,6 +863,8 @@ async def test_errors_are_session_errors_with_codes() -> None:
         ErrorCode.SESSION_CONFLICT: 409,
         ErrorCode.STORE_UNAVAILABLE: 503,
         ErrorCode.SESSION_ROTATED: 409,
+        ErrorCode.SESSION_CORRUPT: 404,
     }
     assert issubclass(SessionRotated, SessionNotFound)
+    assert issubclass(SessionCorrupt, SessionNotFound)
     assert issubclass(SessionExpired, SessionError)
