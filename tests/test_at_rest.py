@@ -24,6 +24,7 @@ from asyncsession import (
     SessionEvent,
     SessionNotFound,
     ViolationEvent,
+    generate_key,
     is_handle,
     new_session,
     session_handle,
@@ -204,7 +205,7 @@ async def test_no_log_record_or_event_names_an_id(
     assert not [short_hash(i) for i in ids if i in text]
 
 
-keys = st.text(min_size=1, max_size=8)
+KEY = generate_key()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
@@ -213,6 +214,7 @@ keys = st.text(min_size=1, max_size=8)
     user=st.one_of(st.none(), st.text(min_size=1, max_size=20).filter(lambda u: "\x00" not in u)),
     agent=st.one_of(st.none(), st.text(max_size=30)),
     hash_ids=st.booleans(),
+    encrypted=st.booleans(),
 )
 async def test_any_session_round_trips_under_every_option(
     harness: Harness,
@@ -220,12 +222,16 @@ async def test_any_session_round_trips_under_every_option(
     user: str | None,
     agent: str | None,
     hash_ids: bool,
+    encrypted: bool,
 ) -> None:
     try:
         user_agent = None if agent is None else agent.encode("utf-8").decode()
     except UnicodeEncodeError:
         user_agent = None
-    store = await harness.controlled(Config(cleanup_interval=0, hash_ids=hash_ids))
+    keys = [KEY] if encrypted else []
+    store = await harness.controlled(
+        Config(cleanup_interval=0, hash_ids=hash_ids, encryption_keys=keys)
+    )
     now = harness.clock()
     s = new_session(user, timedelta(hours=1), data=data, now=now, user_agent=user_agent)
     try:
@@ -238,6 +244,11 @@ async def test_any_session_round_trips_under_every_option(
     await store.update(got)
     again = await store.get(s.id)
     assert again.data == {**data, "extra": [1, {"x": None}]} and again.version == 1
+    await store.apply(s.id, Changes(set={"k": data}, delete=["extra"]))
+    expected = {**data, "k": data}
+    expected.pop("extra", None)
+    again = await store.get(s.id)
+    assert again.data == expected and again.version == 2
     if user is not None:
         listed = await store.list_by_user(user)
         assert [x.id for x in listed] == [store.handle(s.id)]
