@@ -333,6 +333,9 @@ class ControlledStore(Store):
     def _adopt(self, session_id: str, handle: str) -> Coroutine[Any, Any, bool]:
         return self.store._adopt(session_id, handle)
 
+    def _migrated(self, moved: int) -> Coroutine[Any, Any, None]:
+        return self.store._migrated(moved)
+
     def _delete(self, session_id: str, scope: Config) -> Coroutine[Any, Any, Outcome]:
         return self.store._delete(session_id, scope)
 

@@ -58,6 +58,7 @@ HANDLE_RE = re.compile(r"[A-Za-z0-9_-]{4}\.[0-9a-f]{64}")
 alphabet), so a handle read from a dump of the storage cannot be used as a cookie."""
 
 
+@functools.lru_cache(maxsize=8192)
 def session_handle(session_id: str) -> str:
     """The form a store keeps a session id in at rest (``Config.hash_ids``): the id's
     first 4 characters (the hash tag that places it on Redis Cluster: for a user
@@ -66,6 +67,11 @@ def session_handle(session_id: str) -> str:
     Unkeyed SHA-256 is enough: the ids this library makes carry 256 random bits, so a
     digest cannot be reversed by guessing, and no key exists whose loss would log every
     user out. ``short_hash`` of a handle is ``short_hash`` of its id.
+
+    The last 8,192 handles are cached: a client sends the same id with every
+    request, and inside a busy process a SHA-256 through OpenSSL costs several
+    microseconds. (The cache is process memory, which holds the ids of the
+    requests it serves anyway; it is never written anywhere.)
     """
     digest = hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
     return session_id[:4] + "." + digest

@@ -806,6 +806,7 @@ class Store(ABC):
             for entry in entries:
                 if not is_handle(entry.session_id) and _id_match(entry.session_id):
                     moved += await self._adopt(entry.session_id, session_handle(entry.session_id))
+        await self._migrated(moved)
         return moved
 
     # ------------------------------------------------------------------ helpers
@@ -1038,6 +1039,11 @@ class Store(ABC):
         lookup by handle finds nothing, so it must be cheap when there is none (a read,
         no write). Default: nothing to adopt."""
         return False
+
+    async def _migrated(self, moved: int) -> None:  # noqa: B027 - optional hook
+        """``migrate_ids`` is done (``moved`` records moved): a backend may now clear
+        what the layout before hashing left in its files (SQLite: freed pages, the
+        WAL). Default: nothing."""
 
     async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
         """Whether ``session_id`` of ``scope.site_id`` was rotated less than

@@ -38,7 +38,15 @@ import orjson
 import pytest
 from conftest import PAYLOAD, PAYLOAD_JSON, AsyncBench, ManualClock, Runner, touch_row, update_row
 
-from asyncsession import Config, ControlledStore, Session, codec, generate_session_id, new_session
+from asyncsession import (
+    Config,
+    ControlledStore,
+    Session,
+    codec,
+    generate_session_id,
+    new_session,
+    session_handle,
+)
 from asyncsession import with_controls as controls
 
 aiosqlite = pytest.importorskip("aiosqlite")
@@ -88,35 +96,39 @@ def _fill_users(stored: int) -> tuple[list[str], list[str]]:
     return users, limit_users
 
 
-def _rows(owners: list[str], per_owner: int, clock: ManualClock, ttl: timedelta) -> Iterator[Any]:
-    """Rows exactly as ``create`` writes them (built through ``_row_params``)."""
+def _rows(
+    owners: list[str], per_owner: int, clock: ManualClock, ttl: timedelta
+) -> Iterator[tuple[str, Any]]:
+    """(id, row) pairs, each row exactly as ``create`` writes it (built through
+    ``_row_params``, keyed by the id's handle, as with ``Config.hash_ids``)."""
     data = codec.encode_data(PAYLOAD)
     template = new_session("x", now=clock.now)
     template.expires_at = template.absolute_expires_at = clock.now + ttl
     for owner in owners:
         for _ in range(per_owner):
-            template.id = generate_session_id()
+            session_id = generate_session_id()
             template.user_id = owner
-            yield (template.id, *backend._row_params(template, data))
+            yield session_id, (session_handle(session_id), *backend._row_params(template, data))
 
 
-def _bulk_insert(c: sqlite3.Connection, rows: Iterator[Any]) -> list[str]:
-    """Connection thread: insert ``rows`` in chunked transactions (untimed fill)."""
+def _bulk_insert(c: sqlite3.Connection, rows: Iterator[tuple[str, Any]]) -> list[str]:
+    """Connection thread: insert ``rows`` in chunked transactions (untimed fill); the
+    ids of the rows inserted."""
     ids: list[str] = []
     chunk: list[Any] = []
-    for row in rows:
+    for session_id, row in rows:
         chunk.append(row)
+        ids.append(session_id)
         if len(chunk) == FILL_CHUNK:
-            _flush(c, chunk, ids)
-    _flush(c, chunk, ids)
+            _flush(c, chunk)
+    _flush(c, chunk)
     return ids
 
 
-def _flush(c: sqlite3.Connection, chunk: list[Any], ids: list[str]) -> None:
+def _flush(c: sqlite3.Connection, chunk: list[Any]) -> None:
     c.execute("BEGIN")
     c.executemany(backend._INSERT, chunk)
     c.execute("COMMIT")
-    ids.extend(r[0] for r in chunk)
     chunk.clear()
 
 
@@ -134,7 +146,7 @@ def _settle(path: str) -> None:
 
 def _delete_ids(c: sqlite3.Connection, ids: list[str]) -> None:
     c.execute("BEGIN")
-    c.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in ids])
+    c.executemany("DELETE FROM sessions WHERE id = ?", [(session_handle(i),) for i in ids])
     c.execute("COMMIT")
 
 

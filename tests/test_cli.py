@@ -494,3 +494,47 @@ def test_demo_speaks_the_same_vocabulary(
         build_parser().parse_args(["demo", "--help"])
     help_text = capsys.readouterr().out
     assert "--store URL" in help_text and "--backend" not in help_text
+
+
+def test_migrate_moves_a_legacy_sqlite_file(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``asyncsession migrate`` on a file the release before hashed ids wrote
+    (tests/fixtures/legacy_sqlite.db): every stored session moves, once; afterwards no
+    id is in the file, and the sessions still read by their ids."""
+    import shutil
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures"
+    manifest = json.loads((fixtures / "legacy_sqlite.json").read_text())
+    path = tmp_path / "legacy.db"
+    shutil.copyfile(fixtures / "legacy_sqlite.db", path)
+    url = f"sqlite:///{path}"
+    status, out, _ = run(capsys, "migrate", "--store", url, "--json")
+    moved = json.loads(out)["moved"]
+    assert status == 0 and moved > 0
+    status, out, _ = run(capsys, "migrate", "--store", url)
+    assert status == 0 and out.strip() == "moved 0 sessions to hashed ids"
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("legacy"))
+    ids = [s["id"] for s in manifest["sessions"]]
+    assert not [i for i in ids if i.encode() in raw]
+    status, _, err = run(capsys, "migrate", "--store", url, "--plain-ids")
+    assert status == 2 and "--plain-ids" in err
+
+    written = datetime.fromisoformat(manifest["clock"])
+
+    async def read_back() -> int:
+        found = 0
+        for s in manifest["sessions"]:
+            if s["fate"] != "live":
+                continue
+            config = Config(site_id=s["site"], cleanup_interval=0)
+            async with open_store(
+                url, config, clock=lambda: written + timedelta(minutes=1)
+            ) as store:
+                got = await store.get(s["id"])
+                assert got.data == s["data"]
+                found += 1
+        return found
+
+    assert asyncio.run(read_back()) > 0

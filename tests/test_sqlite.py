@@ -44,6 +44,7 @@ from asyncsession import (
     ViolationEvent,
     new_session,
     open_store,
+    session_handle,
     with_controls,
 )
 from asyncsession.backends import sqlite as sqlite_backend
@@ -137,7 +138,7 @@ async def test_lazy_open_once_under_concurrent_first_use(
     assert not os.path.exists(db), "constructing a store must not touch the file"
     created = await asyncio.gather(*(store.create(new_session(f"u{i}")) for i in range(20)))
     assert calls == [os.path.abspath(db)] * 2  # the writer and the reader, once
-    assert [s.id for s in await store.list_by_user("u3")] == [created[3].id]
+    assert [s.id for s in await store.list_by_user("u3")] == [session_handle(created[3].id)]
     await store.close()
     assert store.store._conn is None  # type: ignore[attr-defined]
     assert store.store._reader is None  # type: ignore[attr-defined]
@@ -314,7 +315,7 @@ def test_a_store_nobody_closed_does_not_keep_the_process_alive(tmp_path: Path) -
     )
     assert done.returncode == 0, done.stderr
     session_id = done.stdout.strip()
-    assert raw_sql(path, "SELECT id FROM sessions") == [(session_id,)]
+    assert raw_sql(path, "SELECT id FROM sessions") == [(session_handle(session_id),)]
 
 
 # ---------------------------------------------------------- several processes
@@ -582,8 +583,8 @@ async def test_reads_never_wait_for_a_write_waiting_on_another_process(
         assert done == {reads}, "a read waited for the write"
         got, listed, estimate, scanned = reads.result()
         assert [(g.id, g.data) for g in got] == [(s.id, {"i": i}) for i, s in enumerate(made)]
-        assert [x.id for x in listed] == [s.id for s in made if s.user_id == "u3"]
-        assert estimate == 100 and scanned == {s.id for s in made}
+        assert [x.id for x in listed] == [raw.handle(s.id) for s in made if s.user_id == "u3"]
+        assert estimate == 100 and scanned == {raw.handle(s.id) for s in made}
         assert not write.done()
     assert (await write).user_id == "u0"  # the write waited for the lock, then went through
     assert len(await store.list_by_user("u0")) == 11
@@ -664,8 +665,11 @@ async def test_reads_see_only_what_the_writer_committed(db: str, stores: list[SQ
 
     def half_written(c: sqlite3.Connection) -> None:
         c.execute("BEGIN IMMEDIATE")
-        c.execute("UPDATE sessions SET data = '{\"v\": 2}', version = 1 WHERE id = ?", (s.id,))
-        c.execute("DELETE FROM sessions WHERE id = ?", (other.id,))
+        c.execute(
+            "UPDATE sessions SET data = '{\"v\": 2}', version = 1 WHERE id = ?",
+            (store.handle(s.id),),
+        )
+        c.execute("DELETE FROM sessions WHERE id = ?", (store.handle(other.id),))
         inside.set()
         assert finish.wait(30)
         c.execute("COMMIT")
@@ -674,12 +678,15 @@ async def test_reads_see_only_what_the_writer_committed(db: str, stores: list[SQ
     assert await asyncio.to_thread(inside.wait, 30)
     got = await asyncio.gather(*(store.get(s.id) for _ in range(100)))
     assert {(g.data["v"], g.version) for g in got} == {(1, 0)}
-    assert [x.id for x in await store.list_by_user("alice")] == [s.id, other.id]
+    assert [x.id for x in await store.list_by_user("alice")] == [
+        store.handle(s.id),
+        store.handle(other.id),
+    ]
     assert not write.done()
     finish.set()
     await write
     assert ((await store.get(s.id)).data, (await store.get(s.id)).version) == ({"v": 2}, 1)
-    assert [x.id for x in await store.list_by_user("alice")] == [s.id]
+    assert [x.id for x in await store.list_by_user("alice")] == [store.handle(s.id)]
     await store.close()
 
 
@@ -702,8 +709,9 @@ async def test_memory_database_is_one_connection(monkeypatch: pytest.MonkeyPatch
     assert raw._reader is raw._conn
     assert raw._conn is not None and raw._conn.row_factory is None  # the writer's rows: tuples
     assert {(await store.get(s.id)).id for s in made} == {s.id for s in made}
-    assert [x.id for x in await store.list_by_user("alice")] == [s.id for s in made]
-    assert await raw._scan_estimate() == 20 and await _scanned(raw) == {s.id for s in made}
+    handles = [raw.handle(s.id) for s in made]
+    assert [x.id for x in await store.list_by_user("alice")] == handles
+    assert await raw._scan_estimate() == 20 and await _scanned(raw) == set(handles)
     other = SQLiteStore(":memory:", cfg())  # a database of its own
     assert await other.list_by_user("alice") == []
     await other.close()
@@ -864,16 +872,17 @@ async def test_undecodable_row_is_not_found_with_violation(
     bad_type = await store.create(new_session("alice"))
     bad_time = await store.create(new_session("alice"))
     good = await store.create(new_session("alice"))
-    raw_sql(db, "UPDATE sessions SET data = ? WHERE id = ?", (b"{not json", bad_json.id))
-    raw_sql(db, "UPDATE sessions SET data = ? WHERE id = ?", (b"[1, 2]", bad_type.id))
-    raw_sql(db, "UPDATE sessions SET created = 'yesterday' WHERE id = ?", (bad_time.id,))
+    key = store.handle
+    raw_sql(db, "UPDATE sessions SET data = ? WHERE id = ?", (b"{not json", key(bad_json.id)))
+    raw_sql(db, "UPDATE sessions SET data = ? WHERE id = ?", (b"[1, 2]", key(bad_type.id)))
+    raw_sql(db, "UPDATE sessions SET created = 'yesterday' WHERE id = ?", (key(bad_time.id),))
     for s in (bad_json, bad_type, bad_time):
         with pytest.raises(SessionNotFound) as info:
             await store.get(s.id)
         assert info.value.details["corrupt"] is True
     assert [e.type for e in events] == ["invalid_session"] * 3
     assert all(e.session is not None and len(e.session) == 12 for e in events)
-    assert [x.id for x in await store.list_by_user("alice")] == [good.id]  # skipped, not raised
+    assert [x.id for x in await store.list_by_user("alice")] == [key(good.id)]  # skipped
     await store.close()
 
 
@@ -970,8 +979,8 @@ async def test_sql_dangerous_values_are_stored_and_matched_literally(
     other_site = await axb.create(new_session("a%"))
     await dotted.create(new_session("a%"))
     for user, s in by_user.items():
-        assert [x.id for x in await a_b.list_by_user(user)] == [s.id]
-    assert [x.id for x in await axb.list_by_user("a%")] == [other_site.id]
+        assert [x.id for x in await a_b.list_by_user(user)] == [session_handle(s.id)]
+    assert [x.id for x in await axb.list_by_user("a%")] == [session_handle(other_site.id)]
     with pytest.raises(SessionNotFound):
         await axb.get(by_user["a%"].id)  # site "axb" is not "a_b"
 

@@ -37,7 +37,7 @@ from ..codec import EPOCH, CorruptRecord, header_bound, record_size, to_us
 from ..config import Config
 from ..controls import ControlledStore, with_controls
 from ..errors import InvalidSession, SessionLimitExceeded, StoreClosed, StoreUnavailable, short_hash
-from ..session import Clock, Session
+from ..session import Clock, Session, is_handle
 from ..store import (
     NO_EVICTIONS,
     InsertResult,
@@ -54,8 +54,11 @@ logger = logging.getLogger("asyncsession")
 T = TypeVar("T")
 _B = TypeVar("_B")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Stored in ``PRAGMA user_version``; a database with a higher one is refused."""
+PLAIN_SCHEMA_VERSION = 2
+"""The version a store with ``Config(hash_ids=False)`` leaves a file at: the sessions
+are keyed by plain ids, and releases before hashed ids can still open the file."""
 
 PURGE_BATCH = 1_000
 """Most rows ``purge_expired`` deletes per statement (one write-lock hold)."""
@@ -101,6 +104,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             until   INTEGER NOT NULL
         ) WITHOUT ROWID""",
     ),
+    # 3: rows may be keyed by handles (Config.hash_ids), which a release before them
+    # would not find: the version alone makes such a release refuse the file
+    (),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -146,6 +152,8 @@ _RECORD_ROTATION = "INSERT OR REPLACE INTO rotations (hash, site_id, until) VALU
 _ROTATED = "SELECT 1 FROM rotations WHERE hash = ? AND site_id = ? AND until > ?"
 _PURGE_ROTATIONS = "DELETE FROM rotations WHERE until <= ?"
 _EXISTS = "SELECT 1 FROM sessions WHERE id = ?"
+_ADOPTABLE = "SELECT id = ? FROM sessions WHERE id IN (?, ?)"  # on the reader: 1 = plain id
+_ADOPT = "UPDATE sessions SET id = ? WHERE id = ?"  # the rowid, so the listing order, stays
 _DELETE_USER = (
     "DELETE FROM sessions WHERE site_id = ? AND user_id = ? AND id IS NOT ? "
     "RETURNING rowid, id, expires"
@@ -168,7 +176,11 @@ Row = tuple[Any, ...]
 
 
 def _hash(session_id: str) -> bytes:
-    """How a rotated id is kept: its SHA-256 (the id itself is never stored there)."""
+    """How a rotated id is kept: its SHA-256 (the id itself is never stored there).
+    Given a handle, the SHA-256 of its id, which the handle carries: records made
+    before ids were hashed (and with ``hash_ids=False``) keep matching."""
+    if is_handle(session_id):
+        return bytes.fromhex(session_id[5:])
     return hashlib.sha256(session_id.encode()).digest()
 
 
@@ -468,7 +480,13 @@ class SQLiteStore(Store):
                     mode,
                 )
         c.execute("PRAGMA synchronous = NORMAL")
-        if version != SCHEMA_VERSION:
+        # Deleted and moved rows (a delete, an update that grows a row, a plain id moved
+        # to its handle) are overwritten with zeros, not left in free space: the
+        # default of some SQLite builds (Debian's), not of others.
+        c.execute("PRAGMA secure_delete = ON")
+        # hash_ids=False leaves a file of plain ids where releases before hashing open it
+        target = SCHEMA_VERSION if self._hash_ids else max(version, PLAIN_SCHEMA_VERSION)
+        if version < target:
             c.execute("BEGIN IMMEDIATE")
             try:
                 version = c.execute("PRAGMA user_version").fetchone()[0]  # another process?
@@ -482,10 +500,11 @@ class SQLiteStore(Store):
                         "asyncsession did not create; use a dedicated database file",
                         details={"path": self.path},
                     )
-                for step in MIGRATIONS[version:]:
-                    for statement in step:
-                        c.execute(statement)
-                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                if version < target:
+                    for step in MIGRATIONS[version:target]:
+                        for statement in step:
+                            c.execute(statement)
+                    c.execute(f"PRAGMA user_version = {target}")
                 c.execute("COMMIT")
             except BaseException:
                 _rollback(c)
@@ -675,6 +694,35 @@ class SQLiteStore(Store):
     async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
         row = await self._run(_fetch_one, _ROTATED, (_hash(session_id), scope.site_id, to_us(now)))
         return row is not None
+
+    async def _adopt(self, session_id: str, handle: str) -> bool:
+        """Move the row of ``session_id`` (written before hashed ids) to ``handle``: one
+        ``UPDATE`` of its primary key, so the rowid, and with it the order among the
+        user's sessions, stays; user and expiry live in columns and their indexes
+        follow. First one read on the reader: nothing to move costs no write lock.
+        True also when another task or process moved it since the caller looked."""
+        rows = await self._read(_ADOPTABLE, (session_id, session_id, handle))
+        if not rows:
+            return False
+        if not any(plain for (plain,) in rows):
+            return True  # already under the handle: moved meanwhile
+        return await self._run(_adopt, session_id, handle) != _ADOPT_GONE
+
+    async def _migrated(self, moved: int) -> None:
+        """After ``migrate_ids``: if it moved rows, ``VACUUM`` rebuilds the file, so no
+        free page or free space in a page still holds a plain id (rows deleted or
+        rotated before the upgrade included); then the WAL, which holds old page
+        images, is checkpointed and truncated to zero bytes."""
+        if moved:
+            await self._run(_execute, "VACUUM", ())
+        busy = await self._run(_truncate_wal)
+        if busy:
+            logger.warning(
+                "asyncsession: sqlite database %r: readers kept the WAL from being "
+                "truncated; it may still hold ids from before hashing until the next "
+                "'asyncsession migrate' or checkpoint",
+                self.path,
+            )
 
     async def _rotate_into(
         self,
@@ -1018,6 +1066,37 @@ def _apply_row(
         (now_us, now_us, _us(session.expires_at), session.version, data, session_id),
     )
     return Applied(session.version, now, session.expires_at)
+
+
+_ADOPT_MOVED = 1  # the row moved to its handle
+_ADOPT_DROPPED = 2  # a row was already under the handle: the plain one was dropped
+_ADOPT_GONE = 0  # no row under either id (deleted meanwhile)
+
+
+def _adopt(c: sqlite3.Connection, session_id: str, handle: str) -> int:
+    """Move the row of plain ``session_id`` to ``handle`` in one write transaction,
+    unless a row is already there (then the plain one goes): one of ``_ADOPT_*``."""
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        at_handle = c.execute(_EXISTS, (handle,)).fetchone() is not None
+        if at_handle:
+            plain = c.execute(_EVICT, (session_id,)).rowcount
+            outcome = _ADOPT_DROPPED if plain else _ADOPT_MOVED  # moved by another meanwhile
+        else:
+            moved = c.execute(_ADOPT, (handle, session_id)).rowcount
+            outcome = _ADOPT_MOVED if moved else _ADOPT_GONE
+        c.execute("COMMIT")
+    except BaseException:
+        _rollback(c)
+        raise
+    return outcome
+
+
+def _truncate_wal(c: sqlite3.Connection) -> bool:
+    """Checkpoint the WAL and truncate it to zero bytes; True if readers kept it
+    from completing (within the busy timeout)."""
+    busy, _, _ = c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return bool(busy)
 
 
 def _fetch_one(c: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> Row | None:
