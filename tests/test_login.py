@@ -470,7 +470,7 @@ async def test_sqlite_files_of_schema_1_get_the_rotations_table(tmp_path: Path) 
             await store.get(s.id)
         assert (await store.get(new_id)).user_id == "ann"
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3  # schema 3: hashed ids
         (stored,) = db.execute("SELECT hash FROM rotations").fetchone()
         assert s.id.encode() not in stored and new_id.encode() not in stored
 
