@@ -487,7 +487,7 @@ class RedisStore(Store):
             args = (session_id, handle, digest, _rehome(record, handle), ikey)
             reply = await self._eval(ADOPT, keys, args)
             if reply != b"changed":
-                return bool(reply == b"moved")
+                return reply in (b"moved", b"found")
         raise RuntimeError(
             f"session {short_hash(session_id)} stored under its plain id kept changing "
             f"while it was moved to its handle ({ADOPT_ATTEMPTS} reads)"

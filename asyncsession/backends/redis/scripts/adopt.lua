@@ -2,16 +2,17 @@
 -- KEYS: plain session key, handle's session key, expiry set, [user index]
 -- ARGV: id, handle, SHA1 of the record the caller read, the record under the handle
 --       (its own id field the handle), the index key the caller read ('' anonymous)
--- 'moved': moved now, or by a concurrent call (the handle's key exists); 'none':
--- nothing stored under the plain id; 'changed': the record or its index changed
--- since the caller read it (it reads again).
+-- 'moved': this call moved it; 'found': the handle's key exists (a concurrent call
+-- moved it first); 'none': nothing stored under the plain id; 'changed': the record
+-- or its index changed since the caller read it (it reads again).
 local okey, hkey, xkey, ikey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id, handle = ARGV[1], ARGV[2]
 local f = fields(okey, 'r', 'i')
 here(hkey)
+here(xkey)
 if ikey then here(ikey) end
 if not f or not f[1] then
-  if redis.call('EXISTS', hkey) == 1 then return 'moved' end
+  if redis.call('EXISTS', hkey) == 1 then return 'found' end
   return 'none'
 end
 if (f[2] or '') ~= ARGV[5] or redis.sha1hex(f[1]) ~= ARGV[3] then return 'changed' end
@@ -28,7 +29,7 @@ if redis.call('EXISTS', hkey) == 1 then
   redis.call('DEL', okey)
   redis.call('ZREM', xkey, id)
   if ikey then redis.call('ZREM', ikey, id) end
-  return 'moved'
+  return 'found'
 end
 -- RENAME keeps every field and the native expiry (PEXPIRETIME)
 redis.call('RENAME', okey, hkey)
