@@ -16,11 +16,13 @@ if not f or not f[1] then
   return 'none'
 end
 if (f[2] or '') ~= ARGV[5] or redis.sha1hex(f[1]) ~= ARGV[3] then return 'changed' end
+-- the member under the handle, same score (added first: a set never empties on the
+-- way, which would drop its expiry)
 local function move(key)
   local score = redis.call('ZSCORE', key, id)
   if score then
-    redis.call('ZREM', key, id)
     redis.call('ZADD', key, score, handle)
+    redis.call('ZREM', key, id)
   end
 end
 -- a record under the handle already (written by this version while an older one
