@@ -30,6 +30,7 @@ from redis.asyncio.connection import Connection  # noqa: E402
 from redis.crc import key_slot  # noqa: E402
 
 from asyncsession import (  # noqa: E402
+    Changes,
     Config,
     ControlledStore,
     InvalidSession,
@@ -553,3 +554,37 @@ async def test_unreachable_cluster_is_store_unavailable_without_password(
         assert "s3cret" not in str(info.value) and re.search(r"127\.0\.0\.1:\d+", str(info.value))
     finally:
         await store.close()
+
+
+# ------------------------------------------------------------- ids hashed at rest
+
+
+async def test_sessions_stored_under_plain_ids_move_to_their_handles_in_their_slot(
+    env: Env, clock: FakeClock
+) -> None:
+    """The previous layout (``hash_ids=False`` writes it) read by today's store: each
+    session moves on first touch, or by ``migrate_ids``, within its slot (the handle
+    keeps the id's hash tag), with its index and expiry members."""
+    plain = env.controlled(cfg(hash_ids=False))
+    made = [await plain.create(new_session("alice", data={"n": n})) for n in range(3)]
+    anon = await plain.create(new_session(None, data={"anon": True}))
+    store = env.controlled()
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    first = made[0].id
+    xkey = raw.expiry_key_for(first)
+    score = await env.client.zscore(xkey, first)
+    assert (await store.get(first)).data == {"n": 0}
+    handle = session_handle(first)
+    assert not await env.client.exists(raw.session_key(first))
+    assert await env.client.exists(raw.session_key(handle))
+    assert key_slot(raw.session_key(handle)) == key_slot(raw.session_key(first))
+    assert await env.client.zscore(xkey, handle) == score
+    await store.apply(made[1].id, Changes(set={"x": 1}))  # a write moves it too
+    assert await raw.migrate_ids() == 2  # made[2] and anon
+    ikey = raw.index_key("site-a", "alice")
+    assert await env.client.zrange(ikey, 0, -1) == [session_handle(s.id).encode() for s in made]
+    blob = b"".join(await env.keys())
+    for s in [*made, anon]:
+        assert s.id[4:].encode() not in blob
+        assert (await store.get(s.id)).data == s.data | ({"x": 1} if s is made[1] else {})
