@@ -174,6 +174,10 @@ async def test_native_expiry_follows_deadlines(env: Env, clock: FakeClock) -> No
     got = await store.get(s.id)
     assert got.expires_at == s.absolute_expires_at
     assert await env.client.pexpiretime(skey) == px(s.absolute_expires_at)
+    # rotating the user's only session keeps the index's and expiry set's expiry
+    ttls = [await env.client.pexpiretime(k) for k in (ikey, xkey)]
+    await store.rotate(s.id)
+    assert [await env.client.pexpiretime(k) for k in (ikey, xkey)] == ttls
 
 
 async def test_update_with_the_same_deadline_only_rewrites_the_hash(
