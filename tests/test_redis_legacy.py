@@ -315,3 +315,20 @@ async def test_hash_ids_off_keeps_the_previous_layout(legacy: Legacy) -> None:
     assert not await legacy.client.exists(legacy.skey(session_handle(sid)))
     assert [s.id for s in await plain.list_by_user("alice")] == ids("alice_1", "alice_2")
     assert await plain.store.migrate_ids() == 0
+
+
+async def test_a_damaged_index_field_does_not_stop_the_move(legacy: Legacy) -> None:
+    """A plain-id session whose ``i`` names a key of another type (or none): it still
+    moves whole, and the key ``i`` names is left as it was."""
+    raw = legacy.raw()
+    a = legacy.site(raw, "a")
+    alice_1, alice_2 = ids("alice_1", "alice_2")
+    bogus = f"{legacy.prefix}bogus"
+    await legacy.client.set(bogus, b"not an index")
+    await legacy.client.hset(legacy.skey(alice_1), "i", bogus)
+    await legacy.client.hset(legacy.skey(alice_2), "i", "nowhere")
+    for sid in (alice_1, alice_2):
+        assert (await a.get(sid)).id == sid
+        assert not await legacy.client.exists(legacy.skey(sid))
+        assert await legacy.client.exists(legacy.skey(session_handle(sid)))
+    assert await legacy.client.get(bogus) == b"not an index"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import binascii
 
+from redis.crc import key_slot
+
 from ...session import generate_session_id, is_handle, is_valid_session_id, user_tag
 
 SLOTS = 16384
@@ -93,6 +95,10 @@ class SingleLayout:
         """The expiry set the sessions of ``user_id`` are scheduled in."""
         return self.xkey
 
+    def same_slot(self, key: bytes, other: bytes) -> bool:
+        """Whether one script may touch both keys (always, on one server)."""
+        return True
+
     def id_of(self, session_key: bytes) -> str | None:
         """The storage id a key under the session prefix names: a handle, or a plain
         id (stored before ids were hashed); None for anything else."""
@@ -138,6 +144,9 @@ class ClusterLayout(SingleLayout):
 
     def expiry_key_for(self, session_id: str) -> bytes:
         return self.xprefix + slot_tag(id_slot(session_id)) + b"}"
+
+    def same_slot(self, key: bytes, other: bytes) -> bool:
+        return bool(key_slot(key) == key_slot(other))
 
     def user_expiry_key(self, user_id: str) -> bytes:
         return self.expiry_key_for(user_tag(user_id))

@@ -481,7 +481,7 @@ class RedisStore(Store):
                 return bool(int(found[1]))
             record, ikey = bytes(found[1]), bytes(found[2])
             keys = [okey, hkey, self.expiry_key_for(session_id)]
-            if ikey:
+            if ikey and self._layout.same_slot(ikey, okey):  # (else a damaged 'i')
                 keys.append(ikey)
             digest = hashlib.sha1(record).hexdigest()  # (a change check)
             args = (session_id, handle, digest, _rehome(record, handle), ikey)

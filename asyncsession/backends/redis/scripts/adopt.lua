@@ -1,7 +1,8 @@
 -- Move a session stored under its plain id (before ids were hashed) to its handle.
 -- KEYS: plain session key, handle's session key, expiry set, [user index]
 -- ARGV: id, handle, SHA1 of the record the caller read, the record under the handle
---       (its own id field the handle), the index key the caller read ('' anonymous)
+--       (its own id field the handle), the index key the caller read ('' anonymous;
+--       declared as KEYS[4] unless it names no index of the session's slot)
 -- 'moved': this call moved it; 'found': the handle's key exists (a concurrent call
 -- moved it first); 'none': nothing stored under the plain id; 'changed': the record
 -- or its index changed since the caller read it (it reads again).
@@ -19,8 +20,8 @@ if (f[2] or '') ~= ARGV[5] or redis.sha1hex(f[1]) ~= ARGV[3] then return 'change
 -- the member under the handle, same score (added first: a set never empties on the
 -- way, which would drop its expiry)
 local function move(key)
-  local score = redis.call('ZSCORE', key, id)
-  if score then
+  local score = redis.pcall('ZSCORE', key, id)  -- (a damaged 'i' may name any key)
+  if score and type(score) ~= 'table' then
     redis.call('ZADD', key, score, handle)
     redis.call('ZREM', key, id)
   end
@@ -30,7 +31,7 @@ end
 if redis.call('EXISTS', hkey) == 1 then
   redis.call('DEL', okey)
   redis.call('ZREM', xkey, id)
-  if ikey then redis.call('ZREM', ikey, id) end
+  if ikey then redis.pcall('ZREM', ikey, id) end
   return 'found'
 end
 -- RENAME keeps every field and the native expiry (PEXPIRETIME)
