@@ -444,3 +444,93 @@ def test_redis_create_floor(benchmark: Any, runner: Runner, world: World) -> Non
         # the same, batch by batch within each round (steadier when the load drifts)
         paired = [p / o for p, o in zip(samples["peer"], samples[kind], strict=True)]
         info[f"{kind}_vs_peer_paired_median"] = statistics.median(paired)
+
+
+# ------------------------------------------------------------ ids hashed at rest
+
+HASH_ROUNDS = int(os.environ.get("ASYNCSESSION_BENCH_HASH_ROUNDS", "30"))
+HASH_FILL = 2_000  # sessions each store reads (its own, stored its own way)
+HASH_COST = 1.05  # hashed get time / plain get time, at most
+
+
+def test_redis_hash_ids_cost(benchmark: Any, runner: Runner, world: World) -> None:
+    """What ``Config.hash_ids`` (the default) costs a read: ``get`` at 64 tasks (and
+    at 1) through a controlled store with it on (each id's SHA-256 handle is the key)
+    beside one with it off (the id is the key), each reading sessions it stored,
+    interleaved as above (wall clock; the best batch of each and the median of the
+    per-round ratios). ``*_time_ratio``: hashed time / plain time (target: the median
+    at 64 tasks <= 1.05). Rounds: ``ASYNCSESSION_BENCH_HASH_ROUNDS`` (default 30)."""
+    prefix = world.prefix + "hash:"
+    stores = {}
+    ids: dict[str, list[str]] = {}
+    for kind, on in (("hashed", True), ("plain", False)):
+        config = Config(
+            max_sessions_per_user=LIMIT,
+            cleanup_interval=0,
+            key_prefix=f"{prefix}{kind}:",
+            hash_ids=on,
+        )
+        store = RedisStore.from_url(URL, config)
+        stores[kind] = ControlledStore(store, config)
+
+        async def fill(ctl: ControlledStore = stores[kind]) -> list[str]:
+            made: list[str] = []
+            for start in range(0, HASH_FILL, 500):
+                batch = await asyncio.gather(
+                    *(
+                        ctl.create(new_session(f"user-{n // 2}", data=PAYLOAD))
+                        for n in range(start, start + 500)
+                    )
+                )
+                made += [s.id for s in batch]
+            return made
+
+        runner.run(store.__aenter__())
+        ids[kind] = runner.run(fill())
+
+    async def timed(kind: str, tasks: int, base: int) -> float:
+        get, sids = stores[kind].get, ids[kind]
+        per = BATCH_1 if tasks == 1 else BATCH_64
+
+        async def worker(w: int) -> None:
+            for k in range(per):
+                await get(sids[(base + w + k * tasks) % len(sids)])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(tasks)))
+        return (time.perf_counter() - start) / (tasks * per)
+
+    variants = [(tasks, kind) for tasks in (WORKERS, 1) for kind in ("hashed", "plain")]
+    samples: dict[str, list[float]] = {f"get@{t} {k}": [] for t, k in variants}
+
+    def measure() -> None:
+        rng = random.Random(5)
+        for _ in range(HASH_ROUNDS):
+            base = rng.randrange(10**6)
+            order = variants[:]
+            rng.shuffle(order)  # no variant always runs right after another
+            for tasks, kind in order:
+                samples[f"get@{tasks} {kind}"].append(runner.run(timed(kind, tasks, base)))
+
+    try:
+        benchmark.pedantic(measure, rounds=1, iterations=1)
+    finally:
+        for ctl in stores.values():
+            runner.run(ctl.close())
+    info = benchmark.extra_info
+    info.update(suite="redis-hash-ids", role="ours", op="hash-ids", label="hash_ids cost")
+    for name, values in samples.items():
+        key = name.replace(" ", "_")
+        info[f"{key}_best_us"] = min(values) * 1e6
+        info[f"{key}_median_us"] = statistics.median(values) * 1e6
+    for tasks in (WORKERS, 1):
+        hashed, plain = samples[f"get@{tasks} hashed"], samples[f"get@{tasks} plain"]
+        info[f"get@{tasks}_hashed_vs_plain_time_ratio"] = min(hashed) / min(plain)
+        info[f"get@{tasks}_hashed_vs_plain_median_time_ratio"] = statistics.median(
+            [h / p for h, p in zip(hashed, plain, strict=True)]
+        )
+    info["targets"] = {f"get@{WORKERS}_hashed_vs_plain_median_time_ratio": HASH_COST}
+    print(
+        "\nhash_ids cost: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in info.items() if k.endswith("time_ratio"))
+    )

@@ -30,6 +30,7 @@ from redis.asyncio.connection import Connection  # noqa: E402
 from redis.crc import key_slot  # noqa: E402
 
 from asyncsession import (  # noqa: E402
+    Changes,
     Config,
     ControlledStore,
     InvalidSession,
@@ -39,6 +40,7 @@ from asyncsession import (  # noqa: E402
     generate_session_id,
     new_session,
     open_store,
+    session_handle,
     with_controls,
 )
 from asyncsession.backends import redis as redis_backend  # noqa: E402
@@ -131,22 +133,24 @@ async def test_key_layout_puts_a_session_its_index_and_expiry_set_in_one_slot(
     s = await store.create(new_session("alice", timedelta(hours=1), now=clock()))
     anon = await store.create(new_session(None, timedelta(hours=1), now=clock()))
     tag = user_tag("alice")
-    skey = f"{env.prefix}s:{{{tag}}}{s.id[4:]}".encode()
+    h, ah = session_handle(s.id), session_handle(anon.id)  # ids at rest: tag "." sha256
+    skey = f"{env.prefix}s:{{{tag}}}{h[4:]}".encode()
     ikey = f"{env.prefix}u:{{{tag}}}:6:site-a:alice".encode()
     slot = key_slot(skey)
     xkey = f"{env.prefix}x:{{".encode() + _layout.slot_tag(slot) + b"}"
-    akey = f"{env.prefix}s:{{{anon.id[:4]}}}{anon.id[4:]}".encode()
+    akey = f"{env.prefix}s:{{{anon.id[:4]}}}{ah[4:]}".encode()
     axkey = f"{env.prefix}x:{{".encode() + _layout.slot_tag(key_slot(akey)) + b"}"
     assert await env.keys() == sorted({skey, ikey, xkey, akey, axkey})
     assert key_slot(ikey) == key_slot(xkey) == slot
     fields = await env.client.hgetall(skey)
     assert fields[b"i"] == ikey and fields[b"s"] == b"site-a"
-    assert await env.client.zrange(ikey, 0, -1) == [s.id.encode()]
-    assert await env.client.zscore(xkey, s.id) is not None
-    assert await env.client.zscore(axkey, anon.id) is not None
+    assert await env.client.zrange(ikey, 0, -1) == [h.encode()]
+    assert await env.client.zscore(xkey, h) is not None
+    assert await env.client.zscore(axkey, ah) is not None
     raw = store.store
     assert isinstance(raw, RedisStore)
-    assert raw.session_key(s.id) == skey and raw.index_key("site-a", "alice") == ikey
+    assert raw.session_key(h) == skey and raw.index_key("site-a", "alice") == ikey
+    assert key_slot(raw.session_key(s.id)) == slot  # the handle keeps the id's slot
 
 
 async def test_rotate_keeps_the_slot_and_mints_fresh_randomness(env: Env) -> None:
@@ -248,7 +252,7 @@ async def test_purge_and_scan_by_a_store_that_was_never_opened(env: Env, clock: 
     scanned = [e.session_id async for chunk in fresh._scan(100) for e in chunk]
     # every session, each at least once (SCAN may repeat a key while Redis rehashes,
     # which the shared cluster's other keys can trigger)
-    assert set(scanned) == {s.id for s in made}
+    assert set(scanned) == {session_handle(s.id) for s in made}
     clock.advance(61)
     other = env.raw(cfg())
     assert await other.purge_expired() == len(made)
@@ -329,7 +333,8 @@ async def test_moved_after_a_resharding_is_followed(env: Env) -> None:
         got.data["v"] = 10
         await store.update(got)
         assert (await store.get(s.id)).data == {"v": 10}
-        assert sorted(x.id for x in await store.list_by_user("alice")) == sorted([s.id, other.id])
+        listed = sorted(x.id for x in await store.list_by_user("alice"))
+        assert listed == sorted(session_handle(x.id) for x in (s, other))
         third = await store.create(new_session("alice"))
         assert len(await store.list_by_user("alice")) == 3
         await store.delete(third.id)
@@ -352,7 +357,7 @@ async def test_ask_during_a_migration_reads_follow_and_scripts_never_answer_wron
     target = next(x for x in env.cluster.servers if x is not source)
     # half-way through a migration: s has moved, its index and other have not
     await asyncio.to_thread(
-        env.cluster.move_slot, slot, target, keys=[raw.session_key(s.id)], finish=False
+        env.cluster.move_slot, slot, target, keys=[raw.session_key(raw.handle(s.id))], finish=False
     )
     try:
         assert (await store.get(s.id)).data == {"v": 1}  # ASK, followed
@@ -366,9 +371,10 @@ async def test_ask_during_a_migration_reads_follow_and_scripts_never_answer_wron
         # nothing was dropped by a script that saw half a slot
         ikey = raw.index_key("site-a", "alice")
         members = source.call("ZRANGE", ikey, 0, -1)
-        assert sorted(members) == sorted([s.id.encode(), other.id.encode()])
+        handles = sorted(raw.handle(x.id) for x in (s, other))
+        assert sorted(members) == [h.encode() for h in handles]
         await asyncio.to_thread(env.cluster.finish_slot, slot, target)
-        assert sorted(x.id for x in await store.list_by_user("alice")) == sorted([s.id, other.id])
+        assert sorted(x.id for x in await store.list_by_user("alice")) == handles
     finally:
         if env.cluster.server_for_slot(slot) is not target:
             await asyncio.to_thread(env.cluster.finish_slot, slot, target)
@@ -393,7 +399,7 @@ async def test_writes_during_a_migration_are_applied_once(env: Env) -> None:
     async def writer() -> None:
         while not stop.is_set():
             try:
-                created.append((await store.create(new_session("alice"))).id)
+                created.append(raw.handle((await store.create(new_session("alice"))).id))
                 got = await store.get(s.id)
                 got.data["n"] += 1
                 await store.update(got)
@@ -548,3 +554,41 @@ async def test_unreachable_cluster_is_store_unavailable_without_password(
         assert "s3cret" not in str(info.value) and re.search(r"127\.0\.0\.1:\d+", str(info.value))
     finally:
         await store.close()
+
+
+# ------------------------------------------------------------- ids hashed at rest
+
+
+async def test_sessions_stored_under_plain_ids_move_to_their_handles_in_their_slot(
+    env: Env, clock: FakeClock
+) -> None:
+    """The previous layout (``hash_ids=False`` writes it) read by today's store: each
+    session moves on first touch, or by ``migrate_ids``, within its slot (the handle
+    keeps the id's hash tag), with its index and expiry members."""
+    plain = env.controlled(cfg(hash_ids=False))
+    made = [await plain.create(new_session("alice", data={"n": n})) for n in range(3)]
+    anon = await plain.create(new_session(None, data={"anon": True}))
+    store = env.controlled()
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    first = made[0].id
+    xkey = raw.expiry_key_for(first)
+    score = await env.client.zscore(xkey, first)
+    assert (await store.get(first)).data == {"n": 0}
+    handle = session_handle(first)
+    assert not await env.client.exists(raw.session_key(first))
+    assert await env.client.exists(raw.session_key(handle))
+    assert key_slot(raw.session_key(handle)) == key_slot(raw.session_key(first))
+    assert await env.client.zscore(xkey, handle) == score
+    await store.apply(made[1].id, Changes(set={"x": 1}))  # a write moves it too
+    # a damaged index field naming a key of another slot: moved all the same
+    await env.client.hset(raw.session_key(anon.id), "i", b"elsewhere")
+    assert (await store.get(anon.id)).data == {"anon": True}
+    await env.client.hdel(raw.session_key(session_handle(anon.id)), "i")
+    assert await raw.migrate_ids() == 1  # made[2]
+    ikey = raw.index_key("site-a", "alice")
+    assert await env.client.zrange(ikey, 0, -1) == [session_handle(s.id).encode() for s in made]
+    blob = b"".join(await env.keys())
+    for s in [*made, anon]:
+        assert s.id[4:].encode() not in blob
+        assert (await store.get(s.id)).data == s.data | ({"x": 1} if s is made[1] else {})

@@ -44,6 +44,7 @@ from asyncsession import (  # noqa: E402
     ViolationEvent,
     new_session,
     open_store,
+    session_handle,
     short_hash,
     with_controls,
 )
@@ -75,6 +76,11 @@ class CountingConnection(Connection):
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         type(self).writes += 1
         await super().send_packed_command(command, check_health)
+
+
+def hid(session_id: str) -> bytes:
+    """How ``session_id`` is stored (its handle), as Redis returns members."""
+    return session_handle(session_id).encode()
 
 
 def cfg(**changes: Any) -> Config:
@@ -126,7 +132,7 @@ async def test_key_layout_and_fields(env: Env, clock: FakeClock) -> None:
     s = await store.create(new_session("alice", timedelta(hours=1), data={"k": [1]}, now=clock()))
     raw = store.store
     assert isinstance(raw, RedisStore)
-    skey = f"{env.prefix}s:{s.id}".encode()
+    skey = f"{env.prefix}s:{session_handle(s.id)}".encode()
     ikey = f"{env.prefix}u:6:site-a:alice".encode()
     xkey = f"{env.prefix}expiry".encode()
     assert await env.keys() == sorted([skey, ikey, xkey])
@@ -134,14 +140,15 @@ async def test_key_layout_and_fields(env: Env, clock: FakeClock) -> None:
     assert set(fields) == {b"r", b"s", b"n", b"c", b"a", b"e", b"x", b"i"}
     assert fields[b"s"] == b"site-a" and fields[b"i"] == ikey and fields[b"n"] == b"0"
     assert fields[b"e"] == str(to_us(s.expires_at)).encode()  # type: ignore[arg-type]
-    assert await env.client.zrange(ikey, 0, -1) == [s.id.encode()]
-    assert await env.client.zscore(xkey, s.id) == to_us(s.expires_at)  # type: ignore[arg-type]
+    assert await env.client.zrange(ikey, 0, -1) == [hid(s.id)]
+    assert await env.client.zscore(xkey, hid(s.id)) == to_us(s.expires_at)  # type: ignore[arg-type]
+    assert s.id.encode() not in fields[b"r"]  # the record's own id field is the handle
 
 
 async def test_native_expiry_follows_deadlines(env: Env, clock: FakeClock) -> None:
     store = env.controlled(cfg(idle_timeout=600))
     s = await store.create(new_session("alice", timedelta(hours=2), now=clock()))
-    skey = store.store.session_key(s.id)  # type: ignore[attr-defined]
+    skey = store.store.session_key(session_handle(s.id))  # type: ignore[attr-defined]
     ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
     grace = RedisStore.expiry_grace_ms
 
@@ -167,6 +174,10 @@ async def test_native_expiry_follows_deadlines(env: Env, clock: FakeClock) -> No
     got = await store.get(s.id)
     assert got.expires_at == s.absolute_expires_at
     assert await env.client.pexpiretime(skey) == px(s.absolute_expires_at)
+    # rotating the user's only session keeps the index's and expiry set's expiry
+    ttls = [await env.client.pexpiretime(k) for k in (ikey, xkey)]
+    await store.rotate(s.id)
+    assert [await env.client.pexpiretime(k) for k in (ikey, xkey)] == ttls
 
 
 async def test_update_with_the_same_deadline_only_rewrites_the_hash(
@@ -178,7 +189,7 @@ async def test_update_with_the_same_deadline_only_rewrites_the_hash(
     need_real_redis()  # counts commands with INFO commandstats
     store = env.controlled()
     s = await store.create(new_session("alice", timedelta(hours=1), data={"n": 0}, now=clock()))
-    skey = store.store.session_key(s.id)  # type: ignore[attr-defined]
+    skey = store.store.session_key(session_handle(s.id))  # type: ignore[attr-defined]
     ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
     xkey = store.store.expiry_key  # type: ignore[attr-defined]
     ttls = [await env.client.pexpiretime(k) for k in (skey, ikey, xkey)]
@@ -199,13 +210,13 @@ async def test_update_with_the_same_deadline_only_rewrites_the_hash(
     await store.update(got)
     px = -(-to_us(got.expires_at) // 1000) + RedisStore.expiry_grace_ms
     assert [await env.client.pexpiretime(k) for k in (skey, ikey, xkey)] == [px, px, px]
-    assert await env.client.zscore(xkey, s.id) == to_us(got.expires_at)
+    assert await env.client.zscore(xkey, hid(s.id)) == to_us(got.expires_at)
 
 
 async def test_session_without_expiry_keeps_its_index(env: Env, clock: FakeClock) -> None:
     store = env.controlled()
     s = await store.create(new_session("alice", timedelta(hours=1), now=clock()))
-    skey = store.store.session_key(s.id)  # type: ignore[attr-defined]
+    skey = store.store.session_key(session_handle(s.id))  # type: ignore[attr-defined]
     ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
     xkey = store.store.expiry_key  # type: ignore[attr-defined]
     s.expires_at = s.absolute_expires_at = None
@@ -215,16 +226,16 @@ async def test_session_without_expiry_keeps_its_index(env: Env, clock: FakeClock
     assert await env.client.exists(xkey) == 0  # only sessions that can expire are in it
     other = await store.create(new_session("alice", timedelta(hours=1), now=clock()))
     assert await env.client.pexpiretime(ikey) == -1  # still holds one that never expires
-    assert await env.client.zrange(xkey, 0, -1) == [other.id.encode()]
+    assert await env.client.zrange(xkey, 0, -1) == [hid(other.id)]
     clock.advance(timedelta(days=365))
     assert await store.purge_expired() == 1
-    assert [x.id for x in await store.list_by_user("alice")] == [s.id]
+    assert [x.id for x in await store.list_by_user("alice")] == [session_handle(s.id)]
 
 
 async def test_touch_writes_two_fields_only(env: Env, clock: FakeClock) -> None:
     store = env.controlled(cfg(idle_timeout=600))
     s = await store.create(new_session("alice", data={"big": 2**63, "empty": [], "o": {}}))
-    skey = store.store.session_key(s.id)  # type: ignore[attr-defined]
+    skey = store.store.session_key(session_handle(s.id))  # type: ignore[attr-defined]
     before = await env.client.hgetall(skey)
     clock.advance(10)
     await store.touch(s.id)
@@ -242,13 +253,13 @@ async def test_user_index_follows_every_write(env: Env, clock: FakeClock) -> Non
     a = await store.create(new_session("alice"))
     b = await store.create(new_session("alice"))
     new_b = await store.rotate(b.id)
-    assert await env.client.zrange(ikey, 0, -1) == [a.id.encode(), new_b.encode()]
+    assert await env.client.zrange(ikey, 0, -1) == [hid(a.id), hid(new_b)]
     await store.delete(a.id)
-    assert await env.client.zrange(ikey, 0, -1) == [new_b.encode()]
+    assert await env.client.zrange(ikey, 0, -1) == [hid(new_b)]
     await store.delete(new_b)
     assert await env.client.exists(ikey) == 0
     # left: only b's rotation record, which Redis drops by itself (PXAT)
-    record = rotation_key(store.store, b.id)  # type: ignore[arg-type]
+    record = rotation_key(store.store, session_handle(b.id))  # type: ignore[arg-type]
     assert await env.keys() == [record]
     assert await env.client.pexpiretime(record) > 0
 
@@ -260,12 +271,12 @@ async def test_stale_index_members_are_dropped(env: Env, clock: FakeClock) -> No
     ikey = store.store.index_key("site-a", "alice")  # type: ignore[attr-defined]
     a = await store.create(new_session("alice"))
     b = await store.create(new_session("alice"))
-    await env.client.delete(store.store.session_key(a.id))  # type: ignore[attr-defined]
+    await env.client.delete(store.store.session_key(session_handle(a.id)))  # type: ignore[attr-defined]
     c = await store.create(new_session("alice"))  # would be rejected if a still counted
-    assert await env.client.zrange(ikey, 0, -1) == [b.id.encode(), c.id.encode()]
-    await env.client.delete(store.store.session_key(b.id))  # type: ignore[attr-defined]
-    assert [s.id for s in await store.list_by_user("alice")] == [c.id]
-    assert await env.client.zrange(ikey, 0, -1) == [c.id.encode()]
+    assert await env.client.zrange(ikey, 0, -1) == [hid(b.id), hid(c.id)]
+    await env.client.delete(store.store.session_key(session_handle(b.id)))  # type: ignore[attr-defined]
+    assert [s.id for s in await store.list_by_user("alice")] == [session_handle(c.id)]
+    assert await env.client.zrange(ikey, 0, -1) == [hid(c.id)]
 
 
 async def test_eviction_ties_broken_by_insertion_order(env: Env, clock: FakeClock) -> None:
@@ -275,7 +286,7 @@ async def test_eviction_ties_broken_by_insertion_order(env: Env, clock: FakeCloc
     ]  # same created_at
     await oldest.create(new_session("alice", now=clock()))
     ids = [s.id for s in await oldest.list_by_user("alice")]
-    assert made[0].id not in ids and made[1].id in ids and made[2].id in ids
+    assert [session_handle(s.id) in ids for s in made] == [False, True, True]
 
     lru = env.controlled(cfg(site_id="b", max_sessions_per_user=3, eviction="lru"))
     made = [await lru.create(new_session("bob", now=clock())) for _ in range(3)]
@@ -283,7 +294,7 @@ async def test_eviction_ties_broken_by_insertion_order(env: Env, clock: FakeCloc
     await lru.touch(made[0].id)
     await lru.create(new_session("bob", now=clock()))
     ids = [s.id for s in await lru.list_by_user("bob")]
-    assert made[0].id in ids and made[1].id not in ids and made[2].id in ids
+    assert [session_handle(s.id) in ids for s in made] == [True, False, True]
 
 
 async def test_index_scores_are_creation_order(env: Env, clock: FakeClock) -> None:
@@ -298,12 +309,12 @@ async def test_index_scores_are_creation_order(env: Env, clock: FakeClock) -> No
     scores = dict(await env.client.zrange(ikey, 0, -1, withscores=True))
     base = to_us(a.created_at)
     assert scores == {
-        a.id.encode(): base,
-        b.id.encode(): base + 1,
-        c.id.encode(): to_us(c.created_at),
+        hid(a.id): base,
+        hid(b.id): base + 1,
+        hid(c.id): to_us(c.created_at),
     }
     new_c = await store.rotate(c.id)  # the new id keeps the old one's place
-    assert await env.client.zscore(ikey, new_c) == to_us(c.created_at)
+    assert await env.client.zscore(ikey, hid(new_c)) == to_us(c.created_at)
 
 
 async def test_out_of_order_created_at_is_evicted_by_created_at(env: Env, clock: FakeClock) -> None:
@@ -315,19 +326,19 @@ async def test_out_of_order_created_at_is_evicted_by_created_at(env: Env, clock:
     b = await store.create(new_session("alice", now=start + timedelta(seconds=10)))
     c = await store.create(new_session("alice", now=start + timedelta(seconds=20)))
     a = await store.create(new_session("alice", now=start))  # older than both
-    assert await env.client.zrange(ikey, 0, -1) == [x.id.encode() for x in (a, b, c)]
+    assert await env.client.zrange(ikey, 0, -1) == [hid(x.id) for x in (a, b, c)]
     d = await store.create(new_session("alice", now=start + timedelta(seconds=30)))
-    assert await env.client.zrange(ikey, 0, -1) == [x.id.encode() for x in (b, c, d)]
+    assert await env.client.zrange(ikey, 0, -1) == [hid(x.id) for x in (b, c, d)]
     # same microsecond as an older member, created after it: sorted after it
     b2 = await store.create(new_session("alice", now=start + timedelta(seconds=10)))
-    assert await env.client.zrange(ikey, 0, -1) == [x.id.encode() for x in (b2, c, d)]
+    assert await env.client.zrange(ikey, 0, -1) == [hid(x.id) for x in (b2, c, d)]
     # an update that moves created_at moves the session in the eviction order
     got = await store.get(d.id)
     got.created_at = start - timedelta(seconds=5)
     await store.update(got)
-    assert await env.client.zrange(ikey, 0, -1) == [x.id.encode() for x in (d, b2, c)]
+    assert await env.client.zrange(ikey, 0, -1) == [hid(x.id) for x in (d, b2, c)]
     e = await store.create(new_session("alice", now=start + timedelta(seconds=40)))
-    assert await env.client.zrange(ikey, 0, -1) == [x.id.encode() for x in (b2, c, e)]
+    assert await env.client.zrange(ikey, 0, -1) == [hid(x.id) for x in (b2, c, e)]
     with pytest.raises(SessionNotFound):
         await store.get(d.id)
 
@@ -352,22 +363,22 @@ async def test_oldest_eviction_skips_expired_gone_and_foreign_members(
     clock.advance(1)
     keep = await store.create(new_session("alice", now=clock()))
     clock.advance(20)  # short has expired; gone vanishes behind the store's back
-    await env.client.delete(raw.session_key(gone.id))
+    await env.client.delete(raw.session_key(session_handle(gone.id)))
     new = await store.create(new_session("alice", now=clock()))
     assert evicted == []  # one live session of three: nobody goes
     ids = [short.id, keep.id, new.id]
-    assert await env.client.zrange(ikey, 0, -1) == [i.encode() for i in ids]
-    assert await raw._load(short.id) is not None  # expired, still stored until purge
+    assert await env.client.zrange(ikey, 0, -1) == [hid(i) for i in ids]
+    assert await raw._load(raw.handle(short.id)) is not None  # expired, stored until purge
     # a foreign victim: its hash now names another index
-    await env.client.hset(raw.session_key(keep.id), "i", b"elsewhere")
+    await env.client.hset(raw.session_key(raw.handle(keep.id)), "i", b"elsewhere")
     clock.advance(1)
     again = await store.create(new_session("alice", now=clock()))
     clock.advance(1)
     last = await store.create(new_session("alice", now=clock()))  # keep was the victim
     assert evicted == []  # ... but is not alice's: unindexed, not deleted, not counted
-    assert await env.client.exists(raw.session_key(keep.id)) == 1
+    assert await env.client.exists(raw.session_key(raw.handle(keep.id))) == 1
     ids = [short.id, new.id, again.id, last.id]
-    assert await env.client.zrange(ikey, 0, -1) == [i.encode() for i in ids]
+    assert await env.client.zrange(ikey, 0, -1) == [hid(i) for i in ids]
     clock.advance(1)
     await store.create(new_session("alice", now=clock()))
     assert evicted == [short_hash(new.id)]
@@ -384,14 +395,11 @@ async def test_index_written_by_the_previous_layout_keeps_working(
     for _ in range(3):
         made.append(await store.create(new_session("alice", now=clock())))
         clock.advance(1)
-    await env.client.zadd(ikey, {s.id: n for n, s in enumerate(made, 1)})
+    await env.client.zadd(ikey, {hid(s.id): n for n, s in enumerate(made, 1)})
     newer = await store.create(new_session("alice", now=clock()))
-    assert await env.client.zrange(ikey, 0, -1) == [
-        made[1].id.encode(),
-        made[2].id.encode(),
-        newer.id.encode(),
-    ]
-    assert [s.id for s in await store.list_by_user("alice")] == [made[1].id, made[2].id, newer.id]
+    kept = [hid(made[1].id), hid(made[2].id), hid(newer.id)]
+    assert await env.client.zrange(ikey, 0, -1) == kept
+    assert [s.id.encode() for s in await store.list_by_user("alice")] == kept
 
 
 # ------------------------------------------------------------------ concurrency (real)
@@ -529,8 +537,9 @@ async def test_concurrent_gets_share_one_round_trip(env: Env, clock: FakeClock) 
         store.get(sessions[1].id),
         return_exceptions=True,
     )
-    # the first at once, two in one pipeline; the miss then asks for a rotation record
-    assert CountingConnection.writes == 3
+    # the first at once, two in one pipeline; the miss then looks for a session stored
+    # under its plain id (before ids were hashed) and asks for a rotation record
+    assert CountingConnection.writes == 4
     assert isinstance(results[1], SessionNotFound)
     assert results[0].id == sessions[0].id and results[2].id == sessions[1].id  # type: ignore[union-attr]
 
@@ -598,7 +607,7 @@ async def test_noscript_recovery_after_script_flush(env: Env, clock: FakeClock) 
     await flush()
     clock.advance(timedelta(hours=25))
     assert await store.purge_expired() == 1
-    record = rotation_key(store.store, s.id)  # type: ignore[arg-type]
+    record = rotation_key(store.store, session_handle(s.id))  # type: ignore[arg-type]
     assert await env.keys() == [record]  # dropped by Redis itself (PXAT)
 
 
@@ -651,12 +660,13 @@ async def test_10000_expired_sessions_purged_leave_no_key(env: Env, clock: FakeC
     assert len(await env.keys()) > 10_000
     clock.advance(3000)
     assert await store.purge_expired() == 10_000
-    assert {s.id for s in await store.list_by_user("keeper")} == {survivor.id, touched.id}
+    listed = {s.id for s in await store.list_by_user("keeper")}
+    assert listed == {session_handle(survivor.id), session_handle(touched.id)}
     keys = await env.keys()
     raw = store.store
     assert set(keys) == {
-        raw.session_key(survivor.id),  # type: ignore[attr-defined]
-        raw.session_key(touched.id),  # type: ignore[attr-defined]
+        raw.session_key(session_handle(survivor.id)),  # type: ignore[attr-defined]
+        raw.session_key(session_handle(touched.id)),  # type: ignore[attr-defined]
         raw.index_key("site-a", "keeper"),  # type: ignore[attr-defined]
         raw.expiry_key,  # type: ignore[attr-defined]
     }
@@ -671,7 +681,7 @@ async def test_expired_session_is_not_writable_before_purge(env: Env, clock: Fak
     store = env.controlled()
     s = await store.create(new_session("alice", timedelta(seconds=30), now=clock()))
     clock.advance(30)
-    assert await env.client.exists(store.store.session_key(s.id))  # type: ignore[attr-defined]
+    assert await env.client.exists(store.store.session_key(session_handle(s.id)))  # type: ignore[attr-defined]
     with pytest.raises(SessionExpired):
         await store.get(s.id)
     for op in (store.update(s), store.touch(s.id), store.rotate(s.id)):
@@ -746,9 +756,11 @@ async def test_sites_and_users_with_tricky_names_do_not_collide(env: Env) -> Non
             made[(site, user)] = (await store.create(new_session(user))).id
     for site, store in stores.items():
         for user in users:
-            assert [s.id for s in await store.list_by_user(user)] == [made[(site, user)]]
+            listed = [s.id for s in await store.list_by_user(user)]
+            assert listed == [session_handle(made[(site, user)])]
     assert await stores["a"].delete_by_user("*") == 1
-    assert [s.id for s in await stores["a.b"].list_by_user("*")] == [made[("a.b", "*")]]
+    listed = [s.id for s in await stores["a.b"].list_by_user("*")]
+    assert listed == [session_handle(made[("a.b", "*")])]
     for key in await env.keys():
         assert b"{" not in key and b"}" not in key
 
@@ -767,7 +779,7 @@ async def test_corrupt_values_are_not_found_with_violation(
     store = env.controlled(on_violation=events.append)
     good = await store.create(new_session("alice", data={"ok": True}))
     victim = await store.create(new_session("alice", data={"ok": False}))
-    key = store.store.session_key(victim.id)  # type: ignore[attr-defined]
+    key = store.store.session_key(session_handle(victim.id))  # type: ignore[attr-defined]
     record = await env.client.hget(key, "r")
     if corruption == "string":
         await env.client.delete(key)
@@ -796,7 +808,7 @@ async def test_corrupt_values_are_not_found_with_violation(
     assert results[0].data == {"ok": True}  # type: ignore[union-attr]
     assert isinstance(results[1], SessionNotFound)
     # list skips it, with a warning that names it by its short hash only
-    assert [s.id for s in await store.list_by_user("alice")] == [good.id]
+    assert [s.id for s in await store.list_by_user("alice")] == [session_handle(good.id)]
     if corruption in ("garbage_record", "truncated", "bad_timestamp"):
         assert "skipped a stored record" in caplog.text
     assert victim.id not in caplog.text
@@ -1070,7 +1082,8 @@ async def test_lru_eviction_picks_the_least_recently_used(env: Env, clock: FakeC
     await store.touch(recent.id)  # the most recently used, though one of the oldest
     low = env.controlled(cfg(max_sessions_per_user=2, eviction="lru"))
     new = await low.create(new_session("alice", now=clock()))
-    assert sorted(s.id for s in await low.list_by_user("alice")) == sorted([recent.id, new.id])
+    listed = sorted(s.id for s in await low.list_by_user("alice"))
+    assert listed == sorted(session_handle(s.id) for s in (recent, new))
 
 
 async def test_list_and_delete_by_user_work_in_bounded_batches(
@@ -1087,7 +1100,7 @@ async def test_list_and_delete_by_user_work_in_bounded_batches(
         made.append(await store.create(new_session("alice", now=clock())))
         clock.advance(1)
     for gone in made[10:13]:  # deleted behind the store's back: dropped from the index
-        await env.client.delete(raw.session_key(gone.id))
+        await env.client.delete(raw.session_key(session_handle(gone.id)))
     calls: list[tuple[str, Any]] = []
     real_eval = raw._eval
 
@@ -1097,7 +1110,7 @@ async def test_list_and_delete_by_user_work_in_bounded_batches(
 
     monkeypatch.setattr(raw, "_eval", counting)
     live = made[:10] + made[13:]
-    assert [s.id for s in await store.list_by_user("alice")] == [s.id for s in live]
+    assert [s.id for s in await store.list_by_user("alice")] == [raw.handle(s.id) for s in live]
     lists = [args for sha, args in calls if sha == redis_backend.LIST.sha]
     assert len(lists) == -(-50 // 7) and all(args[2] == 7 for args in lists)
     assert await env.client.zcard(raw.index_key("site-a", "alice")) == 47
@@ -1106,7 +1119,7 @@ async def test_list_and_delete_by_user_work_in_bounded_batches(
     assert await store.delete_by_user("alice", keep=keep) == 46
     deletes = [args for sha, args in calls if sha == redis_backend.DELETE_BY_USER.sha]
     assert len(deletes) == -(-46 // 7) + (46 % 7 == 0)
-    assert [s.id for s in await store.list_by_user("alice")] == [keep]
+    assert [s.id for s in await store.list_by_user("alice")] == [raw.handle(keep)]
 
 
 async def test_expiry_set_and_index_stay_bounded_without_cleanup(
@@ -1131,7 +1144,7 @@ async def test_expiry_set_and_index_stay_bounded_without_cleanup(
         assert await env.client.zcard(raw.expiry_key) <= 2 * (2 * live) + 10
         assert await env.client.zcard(ikey) <= 2 * live + 10
         clock.advance(30 + raw.expiry_grace_ms / 1000 + 1)  # all expired, past the grace
-        before = [s.id for s in made]
+        before = [raw.handle(s.id) for s in made]
         await env.client.delete(*[raw.session_key(i) for i in before])  # native expiry
     assert len(await store.list_by_user("alice")) == 0
     # without native expiry nothing is dropped: an expired session keeps its id
@@ -1139,9 +1152,9 @@ async def test_expiry_set_and_index_stay_bounded_without_cleanup(
     clock.advance(30 + raw.expiry_grace_ms / 1000 + 1)
     for _ in range(5):
         await store.create(new_session(None, 30, now=clock()))
-    assert await env.client.zscore(raw.expiry_key, kept.id) is not None
+    assert await env.client.zscore(raw.expiry_key, hid(kept.id)) is not None
     assert await store.purge_expired() >= 1
-    assert await env.client.zscore(raw.expiry_key, kept.id) is None
+    assert await env.client.zscore(raw.expiry_key, hid(kept.id)) is None
 
 
 # ---------------------------------------------------------------------------- URLs

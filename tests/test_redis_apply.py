@@ -83,8 +83,10 @@ async def _check(
         assert orjson.dumps(got.data) == orjson.dumps(model)
         assert got.version == 1 and got.user_agent == agent
         # the record the script wrote is exactly what codec.encode writes
-        stored = await raw.client.hget(raw.session_key(s.id), "r")  # type: ignore[attr-defined]
-        assert stored == codec.encode(got)
+        # (under its handle, the record's own id field the handle)
+        key = raw.session_key(raw.handle(s.id))  # type: ignore[attr-defined]
+        stored = await raw.client.hget(key, "r")  # type: ignore[attr-defined]
+        assert stored == codec.encode(replace(got, id=raw.handle(s.id)))
         if keys:  # an expectation that differs in any way: nothing is written
             k = keys[pick % len(keys)]
             with pytest.raises(SessionConflict):

@@ -252,7 +252,7 @@ async def test_replies_are_bytes_even_from_a_decoding_client(clock: FakeClock) -
         async with store:
             s = await store.create(new_session("alice", data={"v": 1}))
             assert (await store.get(s.id)).data == {"v": 1}
-            assert [x.id for x in await store.list_by_user("alice")] == [s.id]
+            assert [x.id for x in await store.list_by_user("alice")] == [store.handle(s.id)]
     finally:
         await backend_redis.delete_prefix(client, "test:decode:")
         await client.aclose()

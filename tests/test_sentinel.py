@@ -84,7 +84,7 @@ async def test_store_through_from_sentinel_and_the_url(
         got.data["k"] = 2
         await direct.update(got)
         assert (await via_url.get(s.id)).data == {"k": 2}
-        assert primary.call("EXISTS", via_url.store.session_key(s.id)) == 1  # type: ignore[attr-defined]
+        assert primary.call("EXISTS", via_url.store.session_key(via_url.handle(s.id))) == 1  # type: ignore[attr-defined]
         await via_url.create(new_session("alice"))
         await direct.create(new_session("alice"))
         assert len(await via_url.list_by_user("alice")) == 2  # the limit, atomically
@@ -203,7 +203,7 @@ async def test_forced_failover_under_load_loses_no_session_created_before(
             except StoreUnavailable:
                 unavailable += 1
             else:
-                key = store.store.session_key(after.id)  # type: ignore[attr-defined]
+                key = store.store.session_key(store.handle(after.id))  # type: ignore[attr-defined]
                 landed += new_primary.call("EXISTS", key)
             assert loop.time() < deadline, (
                 f"in 30 s: {landed} writes on the new primary, {unavailable} unavailable, "

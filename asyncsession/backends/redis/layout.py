@@ -1,17 +1,21 @@
 """Key names: one Redis server (``SingleLayout``) or a Redis Cluster (``ClusterLayout``).
 
 Both keep the layout stores in production use (docs/backends.md): a session is the
-hash ``{prefix}s:{id}``, a user's index the sorted set ``{prefix}u:{len(site)}:{site}:
-{user}``, the expiry set ``{prefix}expiry``. On a cluster every key carries a hash
-tag so a session, its user's index and its expiry set share one slot: the session
-id's first 4 characters (the user tag), and one expiry set per slot.
+hash ``{prefix}s:{id}`` (``id`` the storage id the base store hands the hooks: the
+id's handle with ``Config.hash_ids``, else the id), a user's index the sorted set
+``{prefix}u:{len(site)}:{site}:{user}``, the expiry set ``{prefix}expiry``. On a
+cluster every key carries a hash tag so a session, its user's index and its expiry
+set share one slot: the id's first 4 characters (the user tag; a handle keeps them),
+and one expiry set per slot.
 """
 
 from __future__ import annotations
 
 import binascii
 
-from ...session import generate_session_id, is_valid_session_id, user_tag
+from redis.crc import key_slot
+
+from ...session import generate_session_id, is_handle, is_valid_session_id, user_tag
 
 SLOTS = 16384
 TAG_LENGTH = 4
@@ -39,6 +43,11 @@ def slot_tag(slot: int) -> bytes:
             n += 1
         _slot_tags.extend(t for t in table if t is not None)
     return _slot_tags[slot]
+
+
+def _storage_id(value: str) -> bool:
+    """A handle (``session_handle``) or a session id (the layout before hashing)."""
+    return is_handle(value) or is_valid_session_id(value)
 
 
 def escape_user(user_id: str) -> bytes:
@@ -86,10 +95,15 @@ class SingleLayout:
         """The expiry set the sessions of ``user_id`` are scheduled in."""
         return self.xkey
 
+    def same_slot(self, key: bytes, other: bytes) -> bool:
+        """Whether one script may touch both keys (always, on one server)."""
+        return True
+
     def id_of(self, session_key: bytes) -> str | None:
-        """The session id a key under the session prefix names (None: not an id)."""
+        """The storage id a key under the session prefix names: a handle, or a plain
+        id (stored before ids were hashed); None for anything else."""
         rest = session_key[len(self.sprefix) :].decode("utf-8", "replace")
-        return rest if is_valid_session_id(rest) else None
+        return rest if _storage_id(rest) else None
 
     def user_of(self, index_key: bytes) -> str | None:
         """The user id an ``index_key`` was made from (None for '' = anonymous)."""
@@ -131,6 +145,9 @@ class ClusterLayout(SingleLayout):
     def expiry_key_for(self, session_id: str) -> bytes:
         return self.xprefix + slot_tag(id_slot(session_id)) + b"}"
 
+    def same_slot(self, key: bytes, other: bytes) -> bool:
+        return bool(key_slot(key) == key_slot(other))
+
     def user_expiry_key(self, user_id: str) -> bytes:
         return self.expiry_key_for(user_tag(user_id))
 
@@ -140,7 +157,7 @@ class ClusterLayout(SingleLayout):
         if not brace or len(tag) != TAG_LENGTH:
             return None
         rest = tag + tail
-        return rest if is_valid_session_id(rest) else None
+        return rest if _storage_id(rest) else None
 
     def user_of(self, index_key: bytes) -> str | None:
         if not index_key.startswith(self.iprefix):

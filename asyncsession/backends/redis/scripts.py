@@ -61,6 +61,8 @@ PURGE_SLOTS = _Script(_PURGE_FN + lua("purge_slots"))
 COUNT_SLOTS = _Script(lua("count_slots"), prelude=False)
 MULTI_GET = _Script(lua("multi_get"), prelude=False)
 SCAN = _Script(lua("scan"), prelude=False)
+ADOPT_READ = _Script(lua("adopt_read"), prelude=False)
+ADOPT = _Script(lua("adopt"))
 SCRIPTS = (
     APPLY,
     INSERT,
@@ -77,5 +79,7 @@ SCRIPTS = (
     SCAN,
     ROTATE_INTO,
     RETIRE,
+    ADOPT_READ,
+    ADOPT,
 )
 """Loaded at open (``SCRIPT LOAD``), so first calls need no ``NOSCRIPT`` recovery."""

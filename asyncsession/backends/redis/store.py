@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
+import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import ConnectionPool
@@ -51,6 +53,8 @@ from .apply import apply_args, parse_reply
 from .cluster import ClusterOps
 from .layout import TAG_LENGTH, ClusterLayout, SingleLayout
 from .scripts import (
+    ADOPT,
+    ADOPT_READ,
     APPLY,
     DELETE,
     DELETE_BY_USER,
@@ -79,6 +83,10 @@ huge index is served in several short calls, never one long one."""
 
 SCAN_KEYS = 100
 """Session keys one admin-scan script call reads (calls of a batch share a round trip)."""
+
+ADOPT_ATTEMPTS = 8
+"""Reads of a session stored under its plain id that ``_adopt`` makes while the record
+keeps changing under it before it gives up (``StoreUnavailable``)."""
 
 DEFAULT_REDIS_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 5.0}
 """Options ``from_url`` passes to redis-py unless the URL or the caller sets them."""
@@ -128,6 +136,19 @@ def _glob_escape(raw: bytes) -> bytes:
     for special in (b"\\", b"*", b"?", b"[", b"]"):
         raw = raw.replace(special, b"\\" + special)
     return raw
+
+
+def _rehome(record: bytes, handle: str) -> bytes:
+    """A stored record with ``handle`` as its own id; one that does not parse as a
+    record moves as it is (reading it reports it corrupt, as before the move)."""
+    try:
+        fields = orjson.loads(record)
+    except orjson.JSONDecodeError:
+        return record
+    if type(fields) is not dict or "id" not in fields:
+        return record
+    fields["id"] = handle
+    return orjson.dumps(fields)
 
 
 def _describe(pool: ConnectionPool) -> str:
@@ -442,6 +463,35 @@ class RedisStore(Store):
         session = codec.decode(record, a, e)
         session.id = session_id
         return session
+
+    @_guarded
+    async def _adopt(self, session_id: str, handle: str) -> bool:
+        """Move a session stored under the plain ``session_id`` (the layout before
+        ``Config.hash_ids``) to ``handle``. One read-only script says whether there is
+        one (when there is not: that is all); the record is rebuilt here with the
+        handle as its own id; one script then checks the plain key still holds what
+        was read and moves it: the hash (every field, its native expiry), its
+        user-index member (same score) and expiry-set member. Concurrent calls for one
+        id: one moves, the others find the handle's key and answer True too. On a
+        cluster the handle keeps the id's first 4 characters: every key in one slot."""
+        okey, hkey = self.session_key(session_id), self.session_key(handle)
+        for _ in range(ADOPT_ATTEMPTS):
+            found = await self._eval(ADOPT_READ, (okey, hkey), ())
+            if not int(found[0]):
+                return bool(int(found[1]))
+            record, ikey = bytes(found[1]), bytes(found[2])
+            keys = [okey, hkey, self.expiry_key_for(session_id)]
+            if ikey and self._layout.same_slot(ikey, okey):  # (else a damaged 'i')
+                keys.append(ikey)
+            digest = hashlib.sha1(record).hexdigest()  # (a change check)
+            args = (session_id, handle, digest, _rehome(record, handle), ikey)
+            reply = await self._eval(ADOPT, keys, args)
+            if reply != b"changed":
+                return reply in (b"moved", b"found")
+        raise RuntimeError(
+            f"session {short_hash(session_id)} stored under its plain id kept changing "
+            f"while it was moved to its handle ({ADOPT_ATTEMPTS} reads)"
+        )
 
     @_guarded
     async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:

@@ -15,11 +15,13 @@ if f[2] then
   score = redis.call('ZSCORE', f[2], id) or tonumber(f[4]) or 0
 end
 redis.call('RENAME', skey, nkey)
-redis.call('ZREM', xkey, id)
+-- the new member first: a set whose only member this is never empties on the way
+-- (Redis would delete it, and the ZADD make a new one without its expiry)
 if f[3] ~= '' then redis.call('ZADD', xkey, f[3], new) end
+redis.call('ZREM', xkey, id)
 if f[2] then
-  redis.call('ZREM', f[2], id)
   redis.call('ZADD', f[2], score, new)
+  redis.call('ZREM', f[2], id)
 end
 if ARGV[5] ~= '' then redis.call('SET', rkey, ARGV[5], 'PXAT', ARGV[6]) end
 return 'ok'
