@@ -142,7 +142,7 @@ async def home(request: Request) -> HTMLResponse:
     if user is not None:
         rows = []
         for s in await list_user_sessions(request):
-            this = s.id == session.id if session else False
+            this = s.short_id == session.short_id if session else False  # s.id is a handle
             action = (
                 "this device"
                 if this
