@@ -153,15 +153,19 @@ def _configure_user(parser: argparse.ArgumentParser) -> None:
 
 def _configure_show(parser: argparse.ArgumentParser) -> None:
     _common(parser)
-    parser.add_argument("id", metavar="ID", help="session id (the cookie value)")
+    parser.add_argument(
+        "id", metavar="ID", help="session id (the cookie value), or the short hash tools show"
+    )
 
 
 def _configure_revoke(parser: argparse.ArgumentParser) -> None:
     _common(parser)
     parser.add_argument(
-        "id", metavar="ID", help="session id, or the short hash list-user shows (with --user)"
+        "id", metavar="ID", help="session id, or the short hash list-user and stats show"
     )
-    parser.add_argument("--user", help="owner of the session, to revoke by short hash")
+    parser.add_argument(
+        "--user", help="owner of the session (revoking by short hash: looks only at theirs)"
+    )
 
 
 def _configure_revoke_user(parser: argparse.ArgumentParser) -> None:
@@ -510,9 +514,16 @@ async def _show(store: ControlledStore, args: argparse.Namespace, out: TextIO) -
 
 async def _revoke(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:
     session_id = args.id
-    if SHORT_HASH.fullmatch(session_id):
-        if not args.user:
-            raise CommandError("revoking by short hash needs --user USER", BAD_INPUT)
+    if SHORT_HASH.fullmatch(session_id) and not args.user:
+        session_id = await _by_short_hash(store, session_id)  # a scan: any session of the site
+        try:
+            await _find_stored(store, session_id)
+            expired = False
+        except CommandError as exc:
+            if not isinstance(exc.__cause__, SessionExpired):
+                raise
+            expired = True
+    elif SHORT_HASH.fullmatch(session_id):
         matches = [s.id for s in await store.list_by_user(args.user) if s.short_id == session_id]
         if not matches:
             raise CommandError(
@@ -652,9 +663,53 @@ async def _purge_site(store: ControlledStore, batch: int) -> int:
     return len(expired)
 
 
+async def _by_short_hash(store: ControlledStore, short: str) -> str:
+    """The storage id (a handle, or a plain id stored before hashing) of this site's
+    one session whose short hash is ``short``: a scan of the store."""
+    site = store.config.site_id
+    found: list[str] = []
+    try:
+        scan = store._scan(1000)
+    except NotImplementedError as exc:
+        raise CommandError(f"{exc}; give the full id", BAD_INPUT) from exc
+    async for entries in scan:
+        found.extend(
+            e.session_id for e in entries if e.site_id == site and short_hash(e.session_id) == short
+        )
+    if not found:
+        raise CommandError(f"no session {short}{_on(store)}", NOT_FOUND)
+    if len(set(found)) > 1:  # 48 bits: two sessions of one site in practice never
+        raise CommandError(f"several sessions match {short}; give the full id", BAD_INPUT)
+    return found[0]
+
+
+async def _find_stored(store: ControlledStore, storage_id: str) -> Session:
+    """``_find`` for a storage id found by ``_by_short_hash`` (the store's ``get``
+    takes only ids): the same checks and errors."""
+    try:
+        session = await store.store._load(storage_id)
+    except Exception as exc:
+        raise CommandError(f"session {short_hash(storage_id)} is not readable", NOT_FOUND) from exc
+    if session is None or session.site_id != store.config.site_id:
+        raise CommandError(f"no session {short_hash(storage_id)}{_on(store)}", NOT_FOUND)
+    if session.expires_at is not None and store.clock() >= session.expires_at:
+        gone = SessionExpired("session expired")
+        raise CommandError(f"session {short_hash(storage_id)} has expired", NOT_FOUND) from gone
+    try:
+        return store._open_data(session, storage_id)
+    except SessionCorrupt as exc:
+        raise CommandError(
+            f"session {short_hash(storage_id)} does not decrypt: {exc.details.get('reason')}"
+            f" (check ${ENV_KEYS})",
+            NOT_FOUND,
+        ) from exc
+
+
 async def _find(store: ControlledStore, session_id: str) -> Session:
     """The session, or a CommandError that says why not (and where it is, if another
-    site holds it)."""
+    site holds it). A short hash is looked up by a scan."""
+    if SHORT_HASH.fullmatch(session_id):
+        return await _find_stored(store, await _by_short_hash(store, session_id))
     try:
         return await store.get(session_id)
     except SessionExpired as exc:

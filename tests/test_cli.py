@@ -239,6 +239,13 @@ def test_show(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
     assert shown["data"] == {"blob": "x" * 5000}
     assert sorted(shown["other_sessions_of_user"]) == sorted(short_hash(i) for i in others)
     assert_no_full_ids(out, store, allowed=first)
+    # by the short hash stats and list-user show (the store keeps no id: a scan)
+    status, out, _ = run(capsys, *store.args("show", short_hash(first), "--site", "shop", "--json"))
+    assert status == 0 and json.loads(out)["data"] == {"blob": "x" * 5000}
+    assert json.loads(out)["user"] == "alice"
+    assert_no_full_ids(out, store)
+    status, _, err = run(capsys, *store.args("show", short_hash(first), "--site", "blog"))
+    assert status == 1 and "no session" in err
 
 
 def test_show_errors(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
@@ -266,8 +273,10 @@ def test_revoke(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
     assert_one_line_error(err, "revoke")
     # by short hash, as list-user shows it
     target = store.ids["shop/alice"][1]
-    status, _, err = run(capsys, *store.args("revoke", short_hash(target), "--site", "shop"))
-    assert status == 2 and "--user" in err
+    status, _, err = run(
+        capsys, *store.args("revoke", short_hash(target), "--user", "bob", "--site", "shop")
+    )
+    assert status == 1 and "no live session" in err  # only bob's are looked at
     status, out, _ = run(
         capsys,
         *store.args("revoke", short_hash(target), "--user", "alice", "--site", "shop", "--json"),
@@ -275,6 +284,12 @@ def test_revoke(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 0 and json.loads(out) == {"revoked": short_hash(target), "was_expired": False}
     status, out, _ = run(capsys, *store.args("list-user", "alice", "--site", "shop", "--json"))
     assert short_hash(target) not in out and len(json.loads(out)) == 2
+    # by short hash alone: a scan of the site finds it
+    other = store.ids["shop/alice"][2]
+    status, out, _ = run(capsys, *store.args("revoke", short_hash(other), "--site", "shop"))
+    assert status == 0 and short_hash(other) in out and other not in out
+    status, out, _ = run(capsys, *store.args("list-user", "alice", "--site", "shop", "--json"))
+    assert short_hash(other) not in out and len(json.loads(out)) == 1
     # an expired session can be revoked too
     status, out, _ = run(capsys, *store.args("revoke", store.expired[0], "--site", "shop"))
     assert status == 0 and "already expired" in out
