@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -41,12 +42,15 @@ http_status: dict[ErrorCode, int] = {
 """HTTP status an ASGI handler should answer for each code."""
 
 
+_HANDLE = re.compile(r"[A-Za-z0-9_-]{4}\.[0-9a-f]{64}")  # session.HANDLE_RE (no cycle)
+
+
 def short_hash(session_id: str) -> str:
     """First 12 hex chars of SHA-256: how a session id appears in logs, events and errors.
 
     Of a handle (``session_handle``, the form an id is stored in) the same 12 characters
     as of its id, read off the handle."""
-    if len(session_id) == 69 and session_id[4] == ".":  # a handle: tag "." sha256 hex
+    if len(session_id) == 69 and _HANDLE.fullmatch(session_id):  # tag "." sha256 hex
         return session_id[5:17]
     return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 

@@ -737,8 +737,10 @@ class Store(ABC):
         user = self._check_user(user_id)
         if keep is not None:
             kept = self._key_or_handle(keep)
-            if kept is not keep:  # an id: a record of it stored before hashing moves first
-                await self._adopted(keep)
+            if kept is not keep and await self._load(kept) is None:
+                await self._adopted(keep)  # an id whose record is stored under it: move it
+            elif kept is keep and self._hash_ids:
+                await self.list_by_user(user)  # a listed handle: move the user's old records
             keep = kept
         deleted = await self._delete_by_user(user, keep, self.scope, self.clock())
         for session_id in deleted:
@@ -756,8 +758,10 @@ class Store(ABC):
         sessions = await self._list_by_user(user, self.scope, self.clock())
         opened = []
         for session in sessions:
-            if self._hash_ids and not is_handle(session.id):  # stored before hashing
-                session.id = session_handle(session.id)
+            if self._hash_ids and not is_handle(session.id):  # stored before hashing:
+                handle = session_handle(session.id)  # moved now, so the handle shown
+                await self._adopt(session.id, handle)  # works with delete and keep=
+                session.id = handle
             try:  # [encryption] open; one that does not is left out
                 opened.append(self._open_data(session, session.id))
             except SessionCorrupt:

@@ -709,12 +709,13 @@ class SQLiteStore(Store):
         return await self._run(_adopt, session_id, handle) != _ADOPT_GONE
 
     async def _migrated(self, moved: int) -> None:
-        """After ``migrate_ids``: if it moved rows, ``VACUUM`` rebuilds the file, so no
-        free page or free space in a page still holds a plain id (rows deleted or
-        rotated before the upgrade included); then the WAL, which holds old page
-        images, is checkpointed and truncated to zero bytes."""
-        if moved:
-            await self._run(_execute, "VACUUM", ())
+        """After ``migrate_ids``: ``VACUUM`` rebuilds the file (always: first touches
+        move rows too), so no free page or free space in a page still holds a plain
+        id (rows deleted or rotated before the upgrade included); then the WAL, which
+        holds old page images, is checkpointed and truncated to zero bytes."""
+        # always: rows moved by first touches (or an earlier run) leave plain ids in
+        # free pages of a file the release before wrote without secure_delete
+        await self._run(_execute, "VACUUM", ())
         busy = await self._run(_truncate_wal)
         if busy:
             logger.warning(
