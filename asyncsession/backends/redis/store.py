@@ -499,17 +499,24 @@ class RedisStore(Store):
     def _insert_args(
         self, session: Session, record: bytes, scope: Config, now: datetime
     ) -> tuple[Any, ...]:
-        """The insert script's ARGV (also the tail of ``rotate_into``'s)."""
+        """The insert script's ARGV (also the tail of ``rotate_into``'s): the record,
+        the key prefix, then site, version, created, accessed, expires, absolute, px,
+        now, limit, eviction, id and trim cutoff in one argument, each followed by
+        ``,`` (none of them can hold one; ``''`` = never): redis-py encodes three
+        arguments instead of fourteen, and ``insert.lua`` splits them again."""
+        us = codec.to_us
+        e, x = session.expires_at, absolute_deadline(session)
+        n = us(now)
         return (
             record,
-            scope.site_id,
-            session.version,
-            *self._times(session, now),
-            scope.max_sessions_per_user,
-            scope.eviction,
             self._sprefix,
-            session.id,
-            self._trim_cutoff(now),
+            (
+                f"{scope.site_id},{session.version},{us(session.created_at)},"
+                f"{us(session.last_accessed_at)},{'' if e is None else us(e)},"
+                f"{'' if x is None else us(x)},{'' if e is None else self._px(e)},{n},"
+                f"{scope.max_sessions_per_user},{scope.eviction},{session.id},"
+                f"{n - self.expiry_grace_ms * 1000},"
+            ).encode(),
         )
 
     @_guarded
