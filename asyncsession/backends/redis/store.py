@@ -506,14 +506,19 @@ class RedisStore(Store):
         arguments instead of fourteen, and ``insert.lua`` splits them again."""
         us = codec.to_us
         e, x = session.expires_at, absolute_deadline(session)
+        expires = px = absolute = ""
+        if e is not None:
+            expires = str(us(e))
+            px = str(-(-us(e) // 1000) + self.expiry_grace_ms)  # as _px
+        if x is not None:
+            absolute = str(us(x))
         n = us(now)
         return (
             record,
             self._sprefix,
             (
                 f"{scope.site_id},{session.version},{us(session.created_at)},"
-                f"{us(session.last_accessed_at)},{'' if e is None else us(e)},"
-                f"{'' if x is None else us(x)},{'' if e is None else self._px(e)},{n},"
+                f"{us(session.last_accessed_at)},{expires},{absolute},{px},{n},"
                 f"{scope.max_sessions_per_user},{scope.eviction},{session.id},"
                 f"{n - self.expiry_grace_ms * 1000},"
             ).encode(),
