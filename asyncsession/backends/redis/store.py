@@ -83,6 +83,13 @@ SCAN_KEYS = 100
 DEFAULT_REDIS_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 5.0}
 """Options ``from_url`` passes to redis-py unless the URL or the caller sets them."""
 
+BOUNDED_REDIS_OPTIONS: dict[str, Any] = {"socket_timeout": None}
+"""Also passed by ``from_url`` (``redis://``, ``rediss://``, ``unix://``,
+``redis+cluster://``) when the store's ``timeout`` bounds every call: past it the
+call fails and its work is cancelled (redis-py then drops that connection), so
+redis-py's own read/write timeout adds nothing but its cost (with one set, redis-py
+wraps each write in ``asyncio.wait_for``: on Python 3.11 an extra task per command)."""
+
 DEFAULT_TIMEOUT = 5.0
 """Seconds one round trip (connect, write, all replies) may take before the store
 gives up with ``StoreUnavailable``."""
@@ -233,7 +240,9 @@ class RedisStore(Store):
         ``ssl_certfile=``, ``ssl_keyfile=``, ``ssl_cert_reqs=``, ``ssl_check_hostname=``,
         ``ssl_ciphers=`` (for Sentinel they apply to the sentinels too).
         ``timeout`` bounds each call's wait for Redis: a free slot, the slot map,
-        redis-py's retries and redirections, the reply (``None``: no bound).
+        redis-py's retries and redirections, the reply (``None``: no bound); with a
+        bound, the client has no ``socket_timeout`` unless given one
+        (``BOUNDED_REDIS_OPTIONS``).
         """
         scheme = url.split(":", 1)[0].lower()
         if scheme not in ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel"):
@@ -256,12 +265,14 @@ class RedisStore(Store):
                 sentinels, service, config, clock=clock, timeout=timeout, **parsed, **redis_options
             )
         elif scheme == "redis+cluster":
-            options = {**DEFAULT_REDIS_OPTIONS, **parsed, **redis_options}
+            bounded = BOUNDED_REDIS_OPTIONS if timeout is not None else {}
+            options = {**DEFAULT_REDIS_OPTIONS, **bounded, **parsed, **redis_options}
             startup = [ClusterNode(host, port) for host, port in nodes]
             cluster = RedisCluster(startup_nodes=startup, **options)
             store = cls(cluster, config, clock=clock, timeout=timeout)
-        else:
-            options = {**DEFAULT_REDIS_OPTIONS, **redis_options}
+        else:  # (options in the URL win over keyword arguments)
+            bounded = BOUNDED_REDIS_OPTIONS if timeout is not None else {}
+            options = {**DEFAULT_REDIS_OPTIONS, **bounded, **redis_options}
             store = cls(Redis.from_url(url, **options), config, clock=clock, timeout=timeout)
         store._owns_client = True
         store._where = redact(url)
