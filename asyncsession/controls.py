@@ -126,6 +126,7 @@ class ControlledStore(Store):
         self.on_event = on_event
         self._pending: set[asyncio.Task[Any]] = set()
         self.timeout = store.timeout
+        self.honours_deadline = getattr(store, "honours_deadline", False)
         self._log_limit = LogLimiter()
         store._purge_watchers.add(self)  # weak: for ``expired`` events from any purge
 

@@ -162,6 +162,11 @@ class RedisStore(Store):
     backstop for when ``purge_expired`` does not run, with room for clock skew
     between app servers and Redis."""
 
+    honours_deadline: ClassVar[bool] = True
+    """Every call answers by the request deadline ``SessionMiddleware`` sets
+    (``asyncsession._deadline``): each hook's commands go through the transport,
+    which keeps it."""
+
     max_in_flight: ClassVar[int] = 8
     """Batches on the wire at once (each holds one pooled connection for its round
     trip); on one server at most half the pool's ``max_connections``, so the app's

@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
+from ..._deadline import DEADLINE
 from ...errors import StoreUnavailable
 from .scripts import MULTI_GET, source_of
 
@@ -40,7 +41,9 @@ Request: TypeAlias = tuple[bytes | None, Command | None]
 """``(session key, None)`` reads a session; ``(None, args)`` is one command."""
 Raw: TypeAlias = tuple[bytes | None, bytes | None, bytes | None]
 _Entry: TypeAlias = tuple[Request, "asyncio.Future[Any] | None"]
-_Watched: TypeAlias = tuple[float, "asyncio.Future[Any]", "asyncio.Task[None]", list[bool]]
+_Watched: TypeAlias = tuple[
+    float, "asyncio.Future[Any]", "asyncio.Task[None] | None", list[bool] | None
+]
 
 WRONGTYPE: Raw = (b"WRONGTYPE", None, None)
 READ_FIELDS = ("r", "a", "e")
@@ -170,13 +173,18 @@ class Transport:
         """Send ``request`` in this turn's batch; its reply (or its error, raised)."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
+        limit = DEADLINE.get()  # the caller's request's deadline, if it set one
         batch = self._open
         if batch is not None:
             batch.append((request, waiter))
             if len(batch) >= MAX_BATCH:
                 self._open = None
+            if limit is not None:  # (the batch keeps its leader's deadline)
+                self._watch_until(loop, limit, waiter, None, None)
             return _unwrap(await waiter)
         deadline = None if self.timeout is None else loop.time() + self.timeout
+        if limit is not None and (deadline is None or limit < deadline):
+            deadline = limit
         if self._busy == 0:
             # Nothing on the wire: no one to batch with that is worth a loop turn. Go
             # now; requests arriving meanwhile batch up behind this one.
@@ -205,20 +213,32 @@ class Transport:
         work = loop.create_task(self._alone(request, waiter, slot))
         self._tasks.add(work)
         if deadline is not None:
-            watched = self._watched
-            while watched and watched[0][1].done():  # answered: no longer watched
-                watched.popleft()
-            watched.append((deadline, waiter, work, slot))
-            watch = self._watch
-            if watch is None or deadline < watch.when():  # (the timeout was lowered)
-                if watch is not None:
-                    watch.cancel()
-                self._watch = loop.call_at(deadline, self._check_deadlines)
+            self._watch_until(loop, deadline, waiter, work, slot)
         try:
             return _unwrap(await waiter)
         except asyncio.CancelledError:  # this caller gave up: its work is of no use
             self._cancel_alone(work, slot)
             raise
+
+    def _watch_until(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+        waiter: asyncio.Future[Any],
+        work: asyncio.Task[None] | None,
+        slot: list[bool] | None,
+    ) -> None:
+        """Have the watchdog answer ``waiter`` at ``deadline`` if nothing did (and
+        cancel ``work``, a lone request's, whose ``slot`` it holds)."""
+        watched = self._watched
+        while watched and watched[0][1].done():  # answered: no longer watched
+            watched.popleft()
+        watched.append((deadline, waiter, work, slot))
+        watch = self._watch
+        if watch is None or deadline < watch.when():  # (an earlier request deadline)
+            if watch is not None:
+                watch.cancel()
+            self._watch = loop.call_at(deadline, self._check_deadlines)
 
     def _check_deadlines(self) -> None:
         """The watchdog of lone requests: one timer, at the earliest deadline of the
@@ -269,13 +289,18 @@ class Transport:
             self._tasks.discard(asyncio.current_task())
 
     def _expire_alone(
-        self, waiter: asyncio.Future[Any], work: asyncio.Task[None], slot: list[bool]
+        self,
+        waiter: asyncio.Future[Any],
+        work: asyncio.Task[None] | None,
+        slot: list[bool] | None,
     ) -> None:
         if not waiter.done():
-            waiter.set_exception(
-                self._unavailable(TimeoutError(f"no reply within {self.timeout} s"))
-            )
-        self._cancel_alone(work, slot)  # it may end when it can
+            waiter.set_exception(self._unavailable(TimeoutError(self._late())))
+        if work is not None and slot is not None:
+            self._cancel_alone(work, slot)  # it may end when it can
+
+    def _late(self) -> str:
+        return f"no reply in time (timeout {self.timeout} s, or the request's deadline)"
 
     def _cancel_alone(self, work: asyncio.Task[None], slot: list[bool]) -> None:
         """Cancel a lone request's work. Work cancelled before its first step runs
@@ -365,7 +390,7 @@ class Transport:
         return work
 
     def _expire(self, batch: list[_Entry], work: asyncio.Task[None]) -> None:
-        self._fail(batch, TimeoutError(f"no reply within {self.timeout} s"))
+        self._fail(batch, TimeoutError(self._late()))
         work.cancel()  # it may end when it can
 
     def _finished(
