@@ -12,7 +12,9 @@ multi-key script call. Whatever happens in a batch, of any exception type, every
 waiter is resolved, and by the deadline set when its batch began (``timeout``
 after): waiting for a slot, redis-py's slot map, retries and redirections, the
 reply, all count, and the deadline holds even if redis-py ignores a cancellation
-(``_send``).
+(``_send``). A lone request's deadline is kept by one watchdog timer for all of them
+(``_check_deadlines``); a caller that set a request deadline (``_deadline.DEADLINE``,
+``SessionMiddleware``) is answered by it too, alone or in a batch.
 """
 
 from __future__ import annotations
