@@ -107,3 +107,24 @@ async def test_the_middleware_answers_503_by_its_timeout_not_the_stores(clock: F
         finally:
             await asyncio.wait_for(store.close(), 5)
             await asyncio.wait_for(client.aclose(), 5)
+
+
+async def test_event_handlers_do_not_inherit_a_request_deadline() -> None:
+    """An async event handler runs in a task of its own, after the store call that
+    raised its event: the request deadline set around that call does not bound it."""
+    from asyncsession import MemoryStore
+
+    seen: list[float | None] = []
+
+    async def on_event(event: Any) -> None:
+        seen.append(DEADLINE.get())
+
+    store = MemoryStore.with_controls(cfg(), on_event=on_event)
+    token = DEADLINE.set(asyncio.get_running_loop().time() + 5)
+    try:
+        await store.create(new_session(None))
+    finally:
+        DEADLINE.reset(token)
+    await store.drain()
+    assert seen == [None]
+    await store.close()

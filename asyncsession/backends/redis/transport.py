@@ -169,6 +169,7 @@ class Transport:
         self._tasks: set[asyncio.Task[Any]] = set()
         # lone requests in flight (deadline, waiter, work, slot), in order of deadline
         self._watched: deque[_Watched] = deque()
+        self._compact_at = 64  # drop answered entries from _watched past this length
         self._watch: asyncio.TimerHandle | None = None  # the timer of _check_deadlines
 
     async def request(self, request: Request) -> Any:
@@ -235,6 +236,9 @@ class Transport:
         watched = self._watched
         while watched and watched[0][1].done():  # answered: no longer watched
             watched.popleft()
+        if len(watched) > self._compact_at:  # answered ones behind a slow first one
+            watched = self._watched = deque(e for e in watched if not e[1].done())
+            self._compact_at = 2 * len(watched) + 64
         watched.append((deadline, waiter, work, slot))
         watch = self._watch
         if watch is None or deadline < watch.when():  # (an earlier request deadline)
@@ -262,6 +266,7 @@ class Transport:
             left.append(entry)
             first = deadline if first is None else min(first, deadline)
         self._watched = left
+        self._compact_at = 2 * len(left) + 64
         if first is not None:
             self._watch = loop.call_at(first, self._check_deadlines)
 
