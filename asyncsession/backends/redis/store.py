@@ -521,20 +521,23 @@ class RedisStore(Store):
         ``,`` (none of them can hold one; ``''`` = never): redis-py encodes three
         arguments instead of fourteen, and ``insert.lua`` splits them again."""
         us = codec.to_us
+        created, accessed = session.created_at, session.last_accessed_at
+        c = us(created)
+        a = c if accessed is created else us(accessed)  # (a new session: one object)
         e, x = session.expires_at, absolute_deadline(session)
         expires = px = absolute = ""
         if e is not None:
-            expires = str(us(e))
-            px = str(-(-us(e) // 1000) + self.expiry_grace_ms)  # as _px
+            e_us = us(e)
+            expires = str(e_us)
+            px = str(-(-e_us // 1000) + self.expiry_grace_ms)  # as _px
         if x is not None:
-            absolute = str(us(x))
+            absolute = expires if x is e else str(us(x))
         n = us(now)
         return (
             record,
             self._sprefix,
             (
-                f"{scope.site_id},{session.version},{us(session.created_at)},"
-                f"{us(session.last_accessed_at)},{expires},{absolute},{px},{n},"
+                f"{scope.site_id},{session.version},{c},{a},{expires},{absolute},{px},{n},"
                 f"{scope.max_sessions_per_user},{scope.eviction},{session.id},"
                 f"{n - self.expiry_grace_ms * 1000},"
             ).encode(),
