@@ -171,6 +171,7 @@ class Transport:
         self._watched: deque[_Watched] = deque()
         self._compact_at = 64  # drop answered entries from _watched past this length
         self._watch: asyncio.TimerHandle | None = None  # the timer of _check_deadlines
+        self._watch_loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on
 
     async def request(self, request: Request) -> Any:
         """Send ``request`` in this turn's batch; its reply (or its error, raised)."""
@@ -241,10 +242,12 @@ class Transport:
             self._compact_at = 2 * len(watched) + 64
         watched.append((deadline, waiter, work, slot))
         watch = self._watch
-        if watch is None or deadline < watch.when():  # (an earlier request deadline)
+        # (re)armed for an earlier request deadline, or on another loop than the last
+        if watch is None or deadline < watch.when() or self._watch_loop is not loop:
             if watch is not None:
                 watch.cancel()
             self._watch = loop.call_at(deadline, self._check_deadlines)
+            self._watch_loop = loop
 
     def _check_deadlines(self) -> None:
         """The watchdog of lone requests: one timer, at the earliest deadline of the
@@ -261,7 +264,10 @@ class Transport:
             if waiter.done():
                 continue
             if deadline <= now:
-                self._expire_alone(waiter, work, slot)
+                try:
+                    self._expire_alone(waiter, work, slot)
+                except RuntimeError:  # a call made on another, closed, event loop
+                    pass
                 continue
             left.append(entry)
             first = deadline if first is None else min(first, deadline)
@@ -269,6 +275,7 @@ class Transport:
         self._compact_at = 2 * len(left) + 64
         if first is not None:
             self._watch = loop.call_at(first, self._check_deadlines)
+            self._watch_loop = loop
 
     async def _alone(self, request: Request, waiter: asyncio.Future[Any], slot: list[bool]) -> None:
         """A lone request's round trip; its waiter is resolved and the slot freed
