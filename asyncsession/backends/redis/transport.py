@@ -20,6 +20,7 @@ reply, all count, and the deadline holds even if redis-py ignores a cancellation
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -264,10 +265,8 @@ class Transport:
             if waiter.done():
                 continue
             if deadline <= now:
-                try:
+                with contextlib.suppress(RuntimeError):  # a call of another, closed, loop
                     self._expire_alone(waiter, work, slot)
-                except RuntimeError:  # a call made on another, closed, event loop
-                    pass
                 continue
             left.append(entry)
             first = deadline if first is None else min(first, deadline)
