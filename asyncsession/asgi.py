@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import _plain_http as plain_http
+from ._deadline import DEADLINE
 from .changes import ABSENT, Applied, Changes
 from .controls import LogLimiter
 from .errors import (
@@ -431,9 +432,12 @@ class _Connection:
         self.legacy = False  # the session came in the legacy cookie: move it to ours
         self.budget: float | None = mw.timeout  # seconds of store work left (None: no bound)
 
-    async def within(self, work: Awaitable[T]) -> T:
+    async def within(self, work: Awaitable[T], *, store_call: bool = True) -> T:
         """Await store ``work`` within what is left of this request's deadline (one
-        budget for load, touch, save and login together); past it, ``StoreUnavailable``."""
+        budget for load, touch, save and login together); past it, ``StoreUnavailable``.
+        A store that ``honours_deadline`` is handed the deadline (``_deadline``)
+        instead of having its call wrapped in ``asyncio.timeout``; other ``work``
+        (``store_call=False``) is always wrapped."""
         budget = self.budget
         if budget is None:
             return await work
@@ -442,6 +446,12 @@ class _Connection:
         try:
             if budget <= 0:
                 raise TimeoutError
+            if store_call and self.mw._honours_deadline:
+                token = DEADLINE.set(started + budget)
+                try:
+                    return await work
+                finally:
+                    DEADLINE.reset(token)
             async with asyncio.timeout(budget):
                 return await work
         except TimeoutError as exc:
@@ -700,6 +710,8 @@ class SessionMiddleware:
         self.store = store
         self.cookie_name = cookie_name
         self.timeout = timeout
+        # the store keeps the request's deadline itself (see _deadline)
+        self._honours_deadline = getattr(store, "honours_deadline", False) is True
         self._cookie_re = _cookie_pattern(cookie_name)
         self.legacy_cookie_name = legacy_cookie_name
         self._legacy_re = _cookie_pattern(legacy_cookie_name) if legacy_cookie_name else None
@@ -1282,7 +1294,7 @@ async def update_session(
     acquired = False
     try:
         # waiting for the turn is part of this request's session work: within its deadline
-        acquired = await conn.within(lock.acquire())
+        acquired = await conn.within(lock.acquire(), store_call=False)
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))

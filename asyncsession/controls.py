@@ -12,6 +12,7 @@ operations, with this layer's config.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -21,6 +22,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from . import codec
+from ._deadline import DEADLINE
 from .changes import Applied, EncodedChanges
 from .config import Config
 from .errors import ErrorCode, SessionError, SessionTooLarge, StoreClosed, short_hash
@@ -127,6 +129,7 @@ class ControlledStore(Store):
         self.on_event = on_event
         self._pending: set[asyncio.Task[Any]] = set()
         self.timeout = store.timeout
+        self.honours_deadline = getattr(store, "honours_deadline", False)
         self._log_limit = LogLimiter()
         store._purge_watchers.add(self)  # weak: for ``expired`` events from any purge
 
@@ -262,7 +265,13 @@ class ControlledStore(Store):
             self.logger.exception("asyncsession: %s handler raised", event.type)
             return
         if inspect.isawaitable(result):
-            task = asyncio.ensure_future(self._await_handler(result, event.type))
+            # its own context: a request deadline set around the store call that
+            # raised the event (asyncsession._deadline) does not bound the handler
+            context = contextvars.copy_context()
+            context.run(DEADLINE.set, None)
+            task = asyncio.get_running_loop().create_task(
+                self._await_handler(result, event.type), context=context
+            )
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 

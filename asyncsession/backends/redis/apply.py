@@ -44,21 +44,29 @@ def apply_args(
     base: Session | None = None,
 ) -> list[Any]:
     """The script's ARGV for ``changes``; with ``base`` (the session as the caller
-    loaded it) also the whole new record, written as is if nothing changed since."""
+    loaded it) also the whole new record, written as is if nothing changed since.
+
+    Site, now, sliding deadline, grace, id, limit, the counts, the base version and
+    the new record's expiry go in one argument, each followed by ``,`` (none can
+    hold one; ``''`` = none), then the record, then the key and value JSON of the
+    changes: redis-py encodes each argument in Python, and ``apply_first.lua``
+    splits the first one back into the layout ``apply.lua`` documents."""
     idle = scope.idle_timeout
-    whole: tuple[Any, bytes, bytes | int] = (b"", b"", b"")
+    version: Any = ""
+    record = b""
+    expires: Any = ""
     if base is not None:
-        whole = _whole_record(base, changes, scope, now) or whole
+        whole = _whole_record(base, changes, scope, now)
+        if whole is not None:
+            version, record, expires = whole
+    n = codec.to_us(now)
     args: list[Any] = [
-        scope.site_id,
-        codec.to_us(now),
-        b"" if idle is None else codec.to_us(now + idle),
-        grace_ms,
-        session_id,
-        limit,
-        len(changes.expect),
-        len(changes.set),
-        *whole,
+        (
+            f"{scope.site_id},{n},{'' if idle is None else codec.to_us(now + idle)},"
+            f"{grace_ms},{session_id},{limit},{len(changes.expect)},{len(changes.set)},"
+            f"{version},{expires},"
+        ).encode(),
+        record,
     ]
     for key, value in changes.expect:
         args += (key, b"" if value is None else value)
@@ -73,7 +81,7 @@ _new_session = Session.__new__
 
 def _whole_record(
     base: Session, changes: EncodedChanges, scope: Config, now: datetime
-) -> tuple[int, bytes, bytes | int] | None:
+) -> tuple[int, bytes, str | int] | None:
     """(base version, the record after ``changes``, its expiry), or None if the data
     ``base`` holds does not encode (then the script merges on the server)."""
     data = dict(base.data)
@@ -102,7 +110,7 @@ def _whole_record(
         record = codec.encode(new, raw)
     except SessionError:
         return None
-    expires = b"" if new.expires_at is None else codec.to_us(new.expires_at)
+    expires = "" if new.expires_at is None else codec.to_us(new.expires_at)
     return base.version, record, expires
 
 

@@ -91,6 +91,13 @@ keeps changing under it before it gives up (``StoreUnavailable``)."""
 DEFAULT_REDIS_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 5.0}
 """Options ``from_url`` passes to redis-py unless the URL or the caller sets them."""
 
+BOUNDED_REDIS_OPTIONS: dict[str, Any] = {"socket_timeout": None}
+"""Also passed by ``from_url`` (``redis://``, ``rediss://``, ``unix://``,
+``redis+cluster://``) when the store's ``timeout`` bounds every call: past it the
+call fails and its work is cancelled (redis-py then drops that connection), so
+redis-py's own read/write timeout adds nothing but its cost (with one set, redis-py
+wraps each write in ``asyncio.wait_for``: on Python 3.11 an extra task per command)."""
+
 DEFAULT_TIMEOUT = 5.0
 """Seconds one round trip (connect, write, all replies) may take before the store
 gives up with ``StoreUnavailable``."""
@@ -176,6 +183,11 @@ class RedisStore(Store):
     backstop for when ``purge_expired`` does not run, with room for clock skew
     between app servers and Redis."""
 
+    honours_deadline: ClassVar[bool] = True
+    """Every call answers by the request deadline ``SessionMiddleware`` sets
+    (``asyncsession._deadline``): each hook's commands go through the transport,
+    which keeps it."""
+
     max_in_flight: ClassVar[int] = 8
     """Batches on the wire at once (each holds one pooled connection for its round
     trip); on one server at most half the pool's ``max_connections``, so the app's
@@ -254,7 +266,9 @@ class RedisStore(Store):
         ``ssl_certfile=``, ``ssl_keyfile=``, ``ssl_cert_reqs=``, ``ssl_check_hostname=``,
         ``ssl_ciphers=`` (for Sentinel they apply to the sentinels too).
         ``timeout`` bounds each call's wait for Redis: a free slot, the slot map,
-        redis-py's retries and redirections, the reply (``None``: no bound).
+        redis-py's retries and redirections, the reply (``None``: no bound); with a
+        bound, the client has no ``socket_timeout`` unless given one
+        (``BOUNDED_REDIS_OPTIONS``).
         """
         scheme = url.split(":", 1)[0].lower()
         if scheme not in ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel"):
@@ -277,12 +291,14 @@ class RedisStore(Store):
                 sentinels, service, config, clock=clock, timeout=timeout, **parsed, **redis_options
             )
         elif scheme == "redis+cluster":
-            options = {**DEFAULT_REDIS_OPTIONS, **parsed, **redis_options}
+            bounded = BOUNDED_REDIS_OPTIONS if timeout is not None else {}
+            options = {**DEFAULT_REDIS_OPTIONS, **bounded, **parsed, **redis_options}
             startup = [ClusterNode(host, port) for host, port in nodes]
             cluster = RedisCluster(startup_nodes=startup, **options)
             store = cls(cluster, config, clock=clock, timeout=timeout)
-        else:
-            options = {**DEFAULT_REDIS_OPTIONS, **redis_options}
+        else:  # (options in the URL win over keyword arguments)
+            bounded = BOUNDED_REDIS_OPTIONS if timeout is not None else {}
+            options = {**DEFAULT_REDIS_OPTIONS, **bounded, **redis_options}
             store = cls(Redis.from_url(url, **options), config, clock=clock, timeout=timeout)
         store._owns_client = True
         store._where = redact(url)
@@ -549,17 +565,32 @@ class RedisStore(Store):
     def _insert_args(
         self, session: Session, record: bytes, scope: Config, now: datetime
     ) -> tuple[Any, ...]:
-        """The insert script's ARGV (also the tail of ``rotate_into``'s)."""
+        """The insert script's ARGV (also the tail of ``rotate_into``'s): the record,
+        the key prefix, then site, version, created, accessed, expires, absolute, px,
+        now, limit, eviction, id and trim cutoff in one argument, each followed by
+        ``,`` (none of them can hold one; ``''`` = never): redis-py encodes three
+        arguments instead of fourteen, and ``insert.lua`` splits them again."""
+        us = codec.to_us
+        created, accessed = session.created_at, session.last_accessed_at
+        c = us(created)
+        a = c if accessed is created else us(accessed)  # (a new session: one object)
+        e, x = session.expires_at, absolute_deadline(session)
+        expires = px = absolute = ""
+        if e is not None:
+            e_us = us(e)
+            expires = str(e_us)
+            px = str(-(-e_us // 1000) + self.expiry_grace_ms)  # as _px
+        if x is not None:
+            absolute = expires if x is e else str(us(x))
+        n = us(now)
         return (
             record,
-            scope.site_id,
-            session.version,
-            *self._times(session, now),
-            scope.max_sessions_per_user,
-            scope.eviction,
             self._sprefix,
-            session.id,
-            self._trim_cutoff(now),
+            (
+                f"{scope.site_id},{session.version},{c},{a},{expires},{absolute},{px},{n},"
+                f"{scope.max_sessions_per_user},{scope.eviction},{session.id},"
+                f"{n - self.expiry_grace_ms * 1000},"
+            ).encode(),
         )
 
     @_guarded

@@ -12,13 +12,17 @@ multi-key script call. Whatever happens in a batch, of any exception type, every
 waiter is resolved, and by the deadline set when its batch began (``timeout``
 after): waiting for a slot, redis-py's slot map, retries and redirections, the
 reply, all count, and the deadline holds even if redis-py ignores a cancellation
-(``_send``).
+(``_send``). A lone request's deadline is kept by one watchdog timer for all of them
+(``_check_deadlines``); a caller that set a request deadline (``_deadline.DEADLINE``,
+``SessionMiddleware``) is answered by it too, alone or in a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeAlias, TypeVar
 
@@ -26,6 +30,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
+from ..._deadline import DEADLINE
 from ...errors import StoreUnavailable
 from .scripts import MULTI_GET, source_of
 
@@ -39,6 +44,9 @@ Request: TypeAlias = tuple[bytes | None, Command | None]
 """``(session key, None)`` reads a session; ``(None, args)`` is one command."""
 Raw: TypeAlias = tuple[bytes | None, bytes | None, bytes | None]
 _Entry: TypeAlias = tuple[Request, "asyncio.Future[Any] | None"]
+_Watched: TypeAlias = tuple[
+    float, "asyncio.Future[Any]", "asyncio.Task[None] | None", list[bool] | None
+]
 
 WRONGTYPE: Raw = (b"WRONGTYPE", None, None)
 READ_FIELDS = ("r", "a", "e")
@@ -160,25 +168,33 @@ class Transport:
         self._slots = asyncio.Semaphore(self.max_in_flight)
         self._busy = 0  # batches holding a slot
         self._tasks: set[asyncio.Task[Any]] = set()
-
-    def _deadline(self) -> float | None:
-        return None if self.timeout is None else asyncio.get_running_loop().time() + self.timeout
+        # lone requests in flight (deadline, waiter, work, slot), in order of deadline
+        self._watched: deque[_Watched] = deque()
+        self._compact_at = 64  # drop answered entries from _watched past this length
+        self._watch: asyncio.TimerHandle | None = None  # the timer of _check_deadlines
+        self._watch_loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on
 
     async def request(self, request: Request) -> Any:
         """Send ``request`` in this turn's batch; its reply (or its error, raised)."""
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        limit = DEADLINE.get()  # the caller's request's deadline, if it set one
         batch = self._open
         if batch is not None:
             batch.append((request, waiter))
             if len(batch) >= MAX_BATCH:
                 self._open = None
+            if limit is not None:  # (the batch keeps its leader's deadline)
+                self._watch_until(loop, limit, waiter, None, None)
             return _unwrap(await waiter)
-        deadline = self._deadline()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        if limit is not None and (deadline is None or limit < deadline):
+            deadline = limit
         if self._busy == 0:
             # Nothing on the wire: no one to batch with that is worth a loop turn. Go
             # now; requests arriving meanwhile batch up behind this one.
             await self._acquire(deadline)  # (a free slot: taken at once)
-            return await self._send_alone(request, waiter, deadline)
+            return await self._send_alone(loop, request, waiter, deadline)
         # The first request of a turn leads a batch, sent from a task of its own (its
         # callers' replies must arrive even if the leader is cancelled) once that task
         # has a slot: the requests of this turn, and of the turns it waits, join.
@@ -188,14 +204,126 @@ class Transport:
         return _unwrap(await waiter)
 
     async def _send_alone(
-        self, request: Request, waiter: asyncio.Future[Any], deadline: float | None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        request: Request,
+        waiter: asyncio.Future[Any],
+        deadline: float | None,
     ) -> Any:
-        work = self._send([(request, waiter)], deadline)
+        """``_send`` for a batch of one, on the slot the caller holds, with less
+        machinery per call (the common case at low load): the work's own ``finally``
+        frees the slot and resolves the waiter, so no done callbacks run unless the
+        work is cancelled (``_cancel_alone``)."""
+        slot = [True]
+        work = loop.create_task(self._alone(request, waiter, slot))
+        self._tasks.add(work)
+        if deadline is not None:
+            self._watch_until(loop, deadline, waiter, work, slot)
         try:
             return _unwrap(await waiter)
         except asyncio.CancelledError:  # this caller gave up: its work is of no use
-            work.cancel()
+            self._cancel_alone(work, slot)
             raise
+
+    def _watch_until(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+        waiter: asyncio.Future[Any],
+        work: asyncio.Task[None] | None,
+        slot: list[bool] | None,
+    ) -> None:
+        """Have the watchdog answer ``waiter`` at ``deadline`` if nothing did (and
+        cancel ``work``, a lone request's, whose ``slot`` it holds)."""
+        watched = self._watched
+        while watched and watched[0][1].done():  # answered: no longer watched
+            watched.popleft()
+        if len(watched) > self._compact_at:  # answered ones behind a slow first one
+            watched = self._watched = deque(e for e in watched if not e[1].done())
+            self._compact_at = 2 * len(watched) + 64
+        watched.append((deadline, waiter, work, slot))
+        watch = self._watch
+        # (re)armed for an earlier request deadline, or on another loop than the last
+        if watch is None or deadline < watch.when() or self._watch_loop is not loop:
+            if watch is not None:
+                watch.cancel()
+            self._watch = loop.call_at(deadline, self._check_deadlines)
+            self._watch_loop = loop
+
+    def _check_deadlines(self) -> None:
+        """The watchdog of lone requests: one timer, at the earliest deadline of the
+        requests still waiting (cheaper than a timer per request). A request past its
+        deadline gets ``TimeoutError`` (as ``StoreUnavailable``) and its work is
+        cancelled."""
+        self._watch = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        left: deque[_Watched] = deque()
+        first = None
+        for entry in self._watched:
+            deadline, waiter, work, slot = entry
+            if waiter.done():
+                continue
+            if deadline <= now:
+                with contextlib.suppress(RuntimeError):  # a call of another, closed, loop
+                    self._expire_alone(waiter, work, slot)
+                continue
+            left.append(entry)
+            first = deadline if first is None else min(first, deadline)
+        self._watched = left
+        self._compact_at = 2 * len(left) + 64
+        if first is not None:
+            self._watch = loop.call_at(first, self._check_deadlines)
+            self._watch_loop = loop
+
+    async def _alone(self, request: Request, waiter: asyncio.Future[Any], slot: list[bool]) -> None:
+        """A lone request's round trip; its waiter is resolved and the slot freed
+        whatever happens (a cancellation included) before the work ends."""
+        failure: BaseException = RuntimeError("the batch was cancelled")
+        try:
+            key, args = request
+            try:  # (roundtrip for one request, spelled out)
+                if args is None:
+                    reply = self._read(
+                        (await send_recovering(self.client, [("HMGET", key, *READ_FIELDS)]))[0]
+                    )
+                else:
+                    reply = self._reply((await send_recovering(self.client, [args]))[0])
+            except Exception as exc:  # any type: a bug or a garbled reply must not hang anyone
+                reply = exc if isinstance(exc, StoreUnavailable) else self._unavailable(exc)
+                if reply is not exc:
+                    reply.__cause__ = exc
+            failure = RuntimeError("a request was left unanswered")
+            _resolve(waiter, reply)
+        finally:
+            if not waiter.done():
+                waiter.set_exception(self._unavailable(failure))
+            self._free(slot)
+            self._tasks.discard(asyncio.current_task())
+
+    def _expire_alone(
+        self,
+        waiter: asyncio.Future[Any],
+        work: asyncio.Task[None] | None,
+        slot: list[bool] | None,
+    ) -> None:
+        if not waiter.done():
+            waiter.set_exception(self._unavailable(TimeoutError(self._late())))
+        if work is not None and slot is not None:
+            self._cancel_alone(work, slot)  # it may end when it can
+
+    def _late(self) -> str:
+        return f"no reply in time (timeout {self.timeout} s, or the request's deadline)"
+
+    def _cancel_alone(self, work: asyncio.Task[None], slot: list[bool]) -> None:
+        """Cancel a lone request's work. Work cancelled before its first step runs
+        none of its code (nor its ``finally``): then the slot is freed here."""
+        if work.cancel():
+            work.add_done_callback(functools.partial(self._cancelled_alone, slot))
+
+    def _cancelled_alone(self, slot: list[bool], work: asyncio.Task[None]) -> None:
+        self._free(slot)
+        self._tasks.discard(work)
 
     async def _acquire(self, deadline: float | None) -> None:
         """A slot, waited for until ``deadline`` at most (``TimeoutError``)."""
@@ -275,7 +403,7 @@ class Transport:
         return work
 
     def _expire(self, batch: list[_Entry], work: asyncio.Task[None]) -> None:
-        self._fail(batch, TimeoutError(f"no reply within {self.timeout} s"))
+        self._fail(batch, TimeoutError(self._late()))
         work.cancel()  # it may end when it can
 
     def _finished(

@@ -1,5 +1,6 @@
 -- KEYS: session, expiry set
--- ARGV: site, now (us), sliding deadline ('' = no idle timeout), grace ms, id,
+-- ARGV (as apply_first.lua splits what was sent): site, now (us), sliding deadline
+--       ('' = no idle timeout), grace ms, id,
 --       size limit (0 = none), number of expectations, number of sets, the version
 --       the caller loaded, the whole new record it built from it and its expiry ('' x3
 --       without), then each expectation (key JSON, value JSON or '' for absent), each

@@ -1,3 +1,11 @@
+-- ARGV as sent: one list, each value followed by ',' (site, now, sliding deadline,
+-- grace, id, limit, counts, base version, the new record's expiry), the whole new
+-- record, then the changes; split here into the layout apply.lua documents.
+local sent = ARGV
+local ARGV = {}
+for v in string.gmatch(sent[1], '([^,]*),') do ARGV[#ARGV + 1] = v end
+table.insert(ARGV, 10, sent[2])
+for j = 3, #sent do ARGV[#ARGV + 1] = sent[j] end
 -- Run before the shared prelude is even defined: the common write (no idle timeout,
 -- nothing written since the caller loaded the session) is one HMGET and one HSET.
 if ARGV[3] == '' and ARGV[9] ~= '' then

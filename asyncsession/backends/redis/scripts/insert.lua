@@ -1,6 +1,13 @@
 -- KEYS: session, expiry set, [user index]
--- ARGV: record, site, version, created, accessed, expires, absolute, px, now, limit,
---       eviction, session key prefix, id, trim cutoff (us: now minus the grace)
+-- ARGV: record, session key prefix, then one list of the other values, each followed
+--       by ',': site, version, created, accessed, expires, absolute, px, now, limit,
+--       eviction, id, trim cutoff (us: now minus the grace). Split here into
+--       record, site, version, created, accessed, expires, absolute, px, now, limit,
+--       eviction, session key prefix, id, trim cutoff.
+local sent = ARGV
+local ARGV = {sent[1]}
+for v in string.gmatch(sent[3], '([^,]*),') do ARGV[#ARGV + 1] = v end
+table.insert(ARGV, 12, sent[2])
 -- At the limit: the index (ZRANGE), the members' deadlines (ZMSCORE on the expiry
 -- set), whether their keys exist (one EXISTS), then each victim's 'i' (is it still
 -- this user's session?) before it is deleted; no other session is read ('lru' and

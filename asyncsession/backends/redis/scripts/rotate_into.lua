@@ -1,7 +1,7 @@
 -- KEYS: old session, old expiry set, rotation record, new session, new expiry set,
 --       [new user index]
 -- ARGV: site, now, old id, expected version ('' = any), record value ('' = none),
---       record PXAT, then INSERT's ARGV (record .. id)
+--       record PXAT, then INSERT's ARGV (as sent: record, prefix, the list)
 -- The old session leaves the new user's index before the insert (so it is not
 -- counted for the limit) and comes back if the insert refuses; then it is deleted.
 local okey, oxkey, rkey = KEYS[1], KEYS[2], KEYS[3]
