@@ -698,11 +698,16 @@ async def _find_stored(store: ControlledStore, storage_id: str) -> Session:
     try:
         return store._open_data(session, storage_id)
     except SessionCorrupt as exc:
-        raise CommandError(
-            f"session {short_hash(storage_id)} does not decrypt: {exc.details.get('reason')}"
-            f" (check ${ENV_KEYS})",
-            NOT_FOUND,
-        ) from exc
+        raise _undecryptable(storage_id, exc) from exc
+
+
+def _undecryptable(session_id: str, exc: SessionCorrupt) -> CommandError:
+    """Encryption at rest: say why a session does not open, never its data."""
+    return CommandError(
+        f"session {short_hash(session_id)} does not decrypt: {exc.details.get('reason')}"
+        f" (check ${ENV_KEYS})",
+        NOT_FOUND,
+    )
 
 
 async def _find(store: ControlledStore, session_id: str) -> Session:
@@ -714,12 +719,8 @@ async def _find(store: ControlledStore, session_id: str) -> Session:
         return await store.get(session_id)
     except SessionExpired as exc:
         raise CommandError(f"session {short_hash(session_id)} has expired", NOT_FOUND) from exc
-    except SessionCorrupt as exc:  # encryption at rest: say why, never the data
-        raise CommandError(
-            f"session {short_hash(session_id)} does not decrypt: {exc.details.get('reason')}"
-            f" (check ${ENV_KEYS})",
-            NOT_FOUND,
-        ) from exc
+    except SessionCorrupt as exc:
+        raise _undecryptable(session_id, exc) from exc
     except SessionNotFound as exc:
         try:
             other = await store.store._load(store.handle(session_id))

@@ -164,30 +164,25 @@ class ControlledStore(Store):
 
     def encode(self, session: Session) -> bytes:
         record = super().encode(session)
-        limit = self.config.max_session_size
-        if not limit or self.config.keyring is not None:  # [encryption] measured before sealing
-            return record
-        size = len(record)
-        if not self.stores_header:  # ``record`` is the data: count the header too
-            if size + codec.header_bound(session) <= limit:
-                return record
-            size = codec.record_size(session, record)
-        if size > limit:
-            exc = SessionTooLarge(
-                f"session is {size} bytes encoded, over the limit of {limit}",
-                details={"size": size, "limit": limit, "session": short_hash(session.id)},
-            )
-            self._violation("size_exceeded", exc, session)
-            raise exc
+        if self.config.keyring is None:  # [encryption] sealed: measured before sealing
+            if self.stores_header:
+                self._check_size(session, len(record))
+            else:  # ``record`` is the data: count the header too
+                self._check_plain_size(session, record)
         return record
 
     def _check_plain_size(self, session: Session, data: bytes) -> None:
-        """[encryption] The size limit on the plaintext record (``data`` unsealed)."""
+        """The size limit on the record ``data`` (the encoded data, unsealed) makes with
+        ``session``'s header."""
         limit = self.config.max_session_size
-        if not limit or len(data) + codec.header_bound(session) <= limit:
-            return
-        size = codec.record_size(session, data)
-        if size > limit:
+        if limit and len(data) + codec.header_bound(session) > limit:
+            self._check_size(session, codec.record_size(session, data))
+
+    def _check_size(self, session: Session, size: int) -> None:
+        """``SessionTooLarge`` (and a ``size_exceeded`` violation) for a record of
+        ``size`` bytes over the limit."""
+        limit = self.config.max_session_size
+        if limit and size > limit:
             exc = SessionTooLarge(
                 f"session is {size} bytes encoded, over the limit of {limit}",
                 details={"size": size, "limit": limit, "session": short_hash(session.id)},

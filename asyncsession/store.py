@@ -263,12 +263,14 @@ class Store(ABC):
                 return codec.encode(session)
             codec.check_metadata(session)
             return codec.encode_data(session.data)
-        except NotSerializable as exc:
-            self._violation("not_serializable", exc, session)
-            raise
         except SessionError as exc:
-            self._violation("invalid_session", exc, session)
+            self._encode_violation(exc, session)
             raise
+
+    def _encode_violation(self, exc: SessionError, session: Session) -> None:
+        """Report what encoding refused: data that is not JSON-native, or metadata."""
+        kind = "not_serializable" if isinstance(exc, NotSerializable) else "invalid_session"
+        self._violation(kind, exc, session)
 
     # [encryption] sealing and opening the data; see docs/security.md
     def _encode_sealed(self, session: Session, ring: KeyRing) -> bytes:
@@ -277,11 +279,8 @@ class Store(ABC):
         try:
             data = codec.encode_data(session.data)
             codec.check_metadata(session)
-        except NotSerializable as exc:
-            self._violation("not_serializable", exc, session)
-            raise
         except SessionError as exc:
-            self._violation("invalid_session", exc, session)
+            self._encode_violation(exc, session)
             raise
         self._check_plain_size(session, data)
         sealed = ring.seal(data)

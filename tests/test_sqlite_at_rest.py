@@ -39,6 +39,7 @@ from asyncsession.backends import sqlite as sqlite_backend
 from asyncsession.backends.sqlite import PLAIN_SCHEMA_VERSION, SCHEMA_VERSION, SQLiteStore
 
 from .clock import FakeClock
+from .test_sqlite import raw_sql
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MANIFEST: dict[str, Any] = json.loads((FIXTURES / "legacy_sqlite.json").read_text())
@@ -51,14 +52,6 @@ OLD_RELEASE = Path("/work/old-release")
 
 def ident(label: str) -> str:
     return str(BY_LABEL[label]["id"])
-
-
-def raw_sql(path: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def stored_ids(path: str) -> set[str]:
