@@ -290,9 +290,7 @@ class Transport:
                 else:
                     reply = self._reply((await send_recovering(self.client, [args]))[0])
             except Exception as exc:  # any type: a bug or a garbled reply must not hang anyone
-                reply = exc if isinstance(exc, StoreUnavailable) else self._unavailable(exc)
-                if reply is not exc:
-                    reply.__cause__ = exc
+                reply = self._failed(exc)
             failure = RuntimeError("a request was left unanswered")
             _resolve(waiter, reply)
         finally:
@@ -470,12 +468,16 @@ class Transport:
         try:
             return await self._exchange(requests)
         except Exception as exc:  # any type: a bug or a garbled reply must not hang anyone
-            out = []
-            for _ in requests:
-                error = exc if isinstance(exc, StoreUnavailable) else self._unavailable(exc)
-                error.__cause__ = exc.__cause__ if error is exc else exc
-                out.append(error)
-            return out
+            return [self._failed(exc) for _ in requests]
+
+    def _failed(self, exc: Exception) -> StoreUnavailable:
+        """What a caller gets for ``exc`` raised by an exchange: itself if it is a
+        ``StoreUnavailable``, else a new one caused by it."""
+        if isinstance(exc, StoreUnavailable):
+            return exc
+        error = self._unavailable(exc)
+        error.__cause__ = exc
+        return error
 
     async def _exchange(self, requests: list[Request]) -> list[Any]:
         reads = [key for key, args in requests if args is None]
