@@ -738,8 +738,8 @@ class Store(ABC):
             kept = self._key_or_handle(keep)
             if kept is not keep and await self._load(kept) is None:
                 await self._adopted(keep)  # an id whose record is stored under it: move it
-            elif kept is keep and self._hash_ids:
-                await self.list_by_user(user)  # a listed handle: move the user's old records
+            elif kept is keep and self._hash_ids:  # a listed handle: move the user's old records
+                await self._adopt_listed(await self._list_by_user(user, self.scope, self.clock()))
             keep = kept
         deleted = await self._delete_by_user(user, keep, self.scope, self.clock())
         for session_id in deleted:
@@ -755,12 +755,10 @@ class Store(ABC):
         self._check_open()
         user = self._check_user(user_id)
         sessions = await self._list_by_user(user, self.scope, self.clock())
+        if self._hash_ids:
+            await self._adopt_listed(sessions)
         opened = []
         for session in sessions:
-            if self._hash_ids and not is_handle(session.id):  # stored before hashing:
-                handle = session_handle(session.id)  # moved now, so the handle shown
-                await self._adopt(session.id, handle)  # works with delete and keep=
-                session.id = handle
             try:  # [encryption] open; one that does not is left out
                 opened.append(self._open_data(session, session.id))
             except SessionCorrupt:
@@ -829,6 +827,16 @@ class Store(ABC):
         """``session`` as the hooks store it: under its storage id (a copy, so the
         caller's object keeps the id its cookie carries)."""
         return _with_id(session, session_handle(session.id)) if self._hash_ids else session
+
+    async def _adopt_listed(self, sessions: list[Session]) -> None:
+        """Move the listed sessions stored before hashing (under their plain ids) to
+        their handles and show those, so a listed id works with ``delete`` and
+        ``delete_by_user(keep=...)``."""
+        for session in sessions:
+            if not is_handle(session.id):
+                handle = session_handle(session.id)
+                await self._adopt(session.id, handle)
+                session.id = handle
 
     async def _adopted(self, session_id: str) -> bool:
         """After a write found nothing under the handle: whether a record stored under
