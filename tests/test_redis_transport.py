@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from typing import Any
 
@@ -48,7 +49,12 @@ def cfg(**changes: Any) -> Config:
 
 
 def client_for(kind: str, port: int) -> Redis | RedisCluster:
+    """``single``/``cluster``: a user's client with a ``socket_timeout`` (on Python
+    3.11 a lone call then goes in a task of its own); ``bare``: one without, as the
+    store builds (a lone call runs in its caller's task, ``Transport._send_inline``)."""
     options: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 2}
+    if kind == "bare":
+        return Redis(host="127.0.0.1", port=port, socket_timeout=None, socket_connect_timeout=2)
     if kind == "cluster":
         return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", port)], **options)
     return Redis(host="127.0.0.1", port=port, **options)
@@ -66,7 +72,7 @@ async def all_settle(calls: list[Any]) -> list[Any]:
     return [task.exception() or task.result() for task in tasks]
 
 
-@pytest.mark.parametrize("kind", ["single", "cluster"])
+@pytest.mark.parametrize("kind", ["single", "bare", "cluster"])
 @pytest.mark.parametrize("mode", MODES)
 async def test_64_gets_and_creates_settle_against_a_hostile_server(
     kind: str, mode: str, clock: FakeClock
@@ -96,7 +102,7 @@ class Boom(KeyError):
     """Not a RedisError, not an OSError: what a bug in a dependency could raise."""
 
 
-@pytest.mark.parametrize("kind", ["single", "cluster"])
+@pytest.mark.parametrize("kind", ["single", "bare", "cluster"])
 async def test_any_exception_in_a_batch_resolves_every_waiter(
     kind: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -195,6 +201,72 @@ async def test_a_cancelled_batch_task_still_resolves_its_waiters(clock: FakeCloc
         assert all(isinstance(t.exception(), StoreUnavailable) for t in calls[1:])
         calls[0].cancel()
         await client.aclose()
+
+
+# ------------------------------------------------------------------ a lone call
+
+
+def test_lone_calls_run_inline_only_where_redis_py_keeps_the_cancellation() -> None:
+    """In the caller's task: a client without ``socket_timeout`` (what the store
+    builds), or any client on Python 3.12+. Not a 3.11 client with ``socket_timeout``
+    (its writes go through ``asyncio.wait_for``, which can lose a cancellation), nor
+    a cluster."""
+    assert transport.inline_safe(Redis(socket_timeout=None))
+    assert transport.inline_safe(Redis(socket_timeout=5)) is (sys.version_info >= (3, 12))
+    assert not transport.inline_safe(RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", 1)]))
+    store = RedisStore.from_url("redis://127.0.0.1:1/0", Config(), timeout=1)
+    assert store._transport.inline
+
+
+async def test_an_inline_call_to_a_silent_server_settles_by_its_deadline(
+    clock: FakeClock,
+) -> None:
+    """A lone call in its caller's task (no task of its own on the transport) to a
+    server that never answers: ``StoreUnavailable`` by the timeout, its slot freed,
+    and the next call goes the same way; a caller cancelled mid-call frees its slot."""
+    async with serve("silent") as fake:
+        client = client_for("bare", fake.port)
+        store = RedisStore(client, cfg(), clock=clock, timeout=TIMEOUT)
+        try:
+            for _ in range(2):
+                call = asyncio.ensure_future(store.get(new_session(None).id))
+                await asyncio.sleep(0.2)
+                assert not call.done() and store._transport._busy == 1
+                assert not store._transport._tasks  # (the task path would hold one)
+                started = time.monotonic()
+                (result,) = await all_settle([call])
+                assert isinstance(result, StoreUnavailable), repr(result)
+                assert time.monotonic() - started < TIMEOUT
+                assert store._transport._busy == 0
+            call = asyncio.ensure_future(store.get(new_session(None).id))
+            await asyncio.sleep(0.2)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert store._transport._busy == 0
+        finally:
+            await asyncio.wait_for(client.aclose(), 5)
+
+
+async def test_after_a_batch_the_next_lone_call_goes_in_a_task(clock: FakeClock) -> None:
+    """Once a batch was opened (callers about), the next lone call goes in a task of
+    its own, so a caller that calls again at once does not take every lone turn; the
+    one after it runs inline again."""
+    async with serve("silent") as fake:
+        client = client_for("bare", fake.port)
+        store = RedisStore(client, cfg(), clock=clock, timeout=TIMEOUT)
+        tr = store._transport
+        try:
+            first = await all_settle([store.get(new_session(None).id) for _ in range(5)])
+            assert all(isinstance(r, StoreUnavailable) for r in first)  # 1 inline, 4 batched
+            for in_a_task in (True, False):
+                call = asyncio.ensure_future(store.get(new_session(None).id))
+                await asyncio.sleep(0.1)
+                assert bool(tr._tasks) is in_a_task
+                (result,) = await all_settle([call])
+                assert isinstance(result, StoreUnavailable)
+        finally:
+            await asyncio.wait_for(client.aclose(), 5)
 
 
 # ------------------------------------------------------------------ the user's pool

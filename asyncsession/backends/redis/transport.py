@@ -12,9 +12,13 @@ multi-key script call. Whatever happens in a batch, of any exception type, every
 waiter is resolved, and by the deadline set when its batch began (``timeout``
 after): waiting for a slot, redis-py's slot map, retries and redirections, the
 reply, all count, and the deadline holds even if redis-py ignores a cancellation
-(``_send``). A lone request's deadline is kept by one watchdog timer for all of them
-(``_check_deadlines``); a caller that set a request deadline (``_deadline.DEADLINE``,
-``SessionMiddleware``) is answered by it too, alone or in a batch.
+(``_send``). A lone request runs in its caller's task under ``asyncio.timeout_at``
+where redis-py cannot lose that cancellation and no batch was opened since the last
+lone one (``inline_safe``, ``_send_inline``: no loop turn to hand the reply over);
+otherwise in a task of its own, its deadline kept by one watchdog timer for all of
+them (``_check_deadlines``). A caller that set a request deadline
+(``_deadline.DEADLINE``, ``SessionMiddleware``) is answered by it too, alone or in a
+batch.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import sys
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeAlias, TypeVar
@@ -117,6 +122,20 @@ _LEFT: set[asyncio.Task[Any]] = set()
 references to tasks)."""
 
 
+def inline_safe(client: Redis | RedisCluster) -> bool:
+    """Whether a lone request may run in its caller's task, bounded by a plain
+    ``asyncio.timeout``: on one server, when redis-py cannot lose the cancellation.
+    It can on Python 3.11 only, and only inside the ``asyncio.wait_for`` it wraps its
+    writes in when the client has a ``socket_timeout`` (a cancellation landing as the
+    write completes is lost, and the call reads on until that timeout); otherwise the
+    request gets a task of its own and a watchdog (``_send_alone``)."""
+    if isinstance(client, RedisCluster):
+        return False  # (slot maps, redirections: kept in a task of their own)
+    if sys.version_info >= (3, 12):
+        return True
+    return not client.connection_pool.connection_kwargs.get("socket_timeout")
+
+
 def _forget(task: asyncio.Task[Any]) -> None:
     _LEFT.discard(task)
     if not task.cancelled():
@@ -173,6 +192,12 @@ class Transport:
         self._compact_at = 64  # drop answered entries from _watched past this length
         self._watch: asyncio.TimerHandle | None = None  # the timer of _check_deadlines
         self._watch_loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on
+        self.inline = inline_safe(client)
+        # a batch was opened since the last lone request went: callers are about, so
+        # the next lone one goes in a task of its own (its caller resumes a turn later,
+        # after the others: the way a caller that sends at once and calls again at once
+        # would take every lone turn, one round trip each)
+        self._crowded = False
 
     async def request(self, request: Request) -> Any:
         """Send ``request`` in this turn's batch; its reply (or its error, raised)."""
@@ -194,14 +219,35 @@ class Transport:
             # Nothing on the wire: no one to batch with that is worth a loop turn. Go
             # now; requests arriving meanwhile batch up behind this one.
             await self._acquire(deadline)  # (a free slot: taken at once)
+            crowded, self._crowded = self._crowded, False
+            if self.inline and not crowded:
+                return await self._send_inline(request, deadline)
             return await self._send_alone(loop, request, waiter, deadline)
         # The first request of a turn leads a batch, sent from a task of its own (its
         # callers' replies must arrive even if the leader is cancelled) once that task
         # has a slot: the requests of this turn, and of the turns it waits, join.
         batch = self._open = [(request, waiter)]
+        self._crowded = True
         task = self._spawn(self._run(batch, deadline))
         task.add_done_callback(functools.partial(self._never_ran, batch))
         return _unwrap(await waiter)
+
+    async def _send_inline(self, request: Request, deadline: float | None) -> Any:
+        """A lone request's round trip in the caller's own task, on the slot it holds,
+        bounded by ``asyncio.timeout_at``: no task, no watchdog entry, no loop turn to
+        hand the reply over. Only where redis-py cannot lose the cancellation
+        (``inline``); the reply, or ``StoreUnavailable`` whatever fails."""
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    reply = await self._one(request)
+            except TimeoutError:
+                reply = self._unavailable(TimeoutError(self._late()))
+            except Exception as exc:  # any type: a bug or a garbled reply must not hang anyone
+                reply = self._failed(exc)
+        finally:
+            self._release()
+        return _unwrap(reply)
 
     async def _send_alone(
         self,
@@ -281,14 +327,8 @@ class Transport:
         whatever happens (a cancellation included) before the work ends."""
         failure: BaseException = RuntimeError("the batch was cancelled")
         try:
-            key, args = request
-            try:  # (roundtrip for one request, spelled out)
-                if args is None:
-                    reply = self._read(
-                        (await send_recovering(self.client, [("HMGET", key, *READ_FIELDS)]))[0]
-                    )
-                else:
-                    reply = self._reply((await send_recovering(self.client, [args]))[0])
+            try:
+                reply = await self._one(request)
             except Exception as exc:  # any type: a bug or a garbled reply must not hang anyone
                 reply = self._failed(exc)
             failure = RuntimeError("a request was left unanswered")
@@ -298,6 +338,16 @@ class Transport:
                 waiter.set_exception(self._unavailable(failure))
             self._free(slot)
             self._tasks.discard(asyncio.current_task())
+
+    async def _one(self, request: Request) -> Any:
+        """A batch of one's round trip (``_exchange`` spelled out for one, cheaper):
+        its reply, or a ``StoreUnavailable`` for an error reply."""
+        key, args = request
+        if args is None:
+            return self._read(
+                (await send_recovering(self.client, [("HMGET", key, *READ_FIELDS)]))[0]
+            )
+        return self._reply((await send_recovering(self.client, [args]))[0])
 
     def _expire_alone(
         self,
