@@ -50,7 +50,7 @@ Request: TypeAlias = tuple[bytes | None, Command | None]
 Raw: TypeAlias = tuple[bytes | None, bytes | None, bytes | None]
 _Entry: TypeAlias = tuple[Request, "asyncio.Future[Any] | None"]
 _Watched: TypeAlias = tuple[
-    float, "asyncio.Future[Any]", "asyncio.Task[None] | None", list[bool] | None
+    float, "asyncio.Future[Any]", "asyncio.Task[Any] | None", list[bool] | None
 ]
 
 WRONGTYPE: Raw = (b"WRONGTYPE", None, None)
@@ -158,10 +158,13 @@ def _unwrap(reply: Any) -> Any:
 
 
 def _is_raw(reply: Any) -> bool:
+    if not isinstance(reply, list | tuple) or len(reply) != 3:
+        return False
+    r, a, e = reply
     return (
-        isinstance(reply, list | tuple)
-        and len(reply) == 3
-        and all(v is None or isinstance(v, bytes) for v in reply)
+        (r is None or type(r) is bytes)
+        and (a is None or type(a) is bytes)
+        and (e is None or type(e) is bytes)
     )
 
 
@@ -202,10 +205,10 @@ class Transport:
     async def request(self, request: Request) -> Any:
         """Send ``request`` in this turn's batch; its reply (or its error, raised)."""
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Any] = loop.create_future()
         limit = DEADLINE.get()  # the caller's request's deadline, if it set one
         batch = self._open
         if batch is not None:
+            waiter: asyncio.Future[Any] = loop.create_future()
             batch.append((request, waiter))
             if len(batch) >= MAX_BATCH:
                 self._open = None
@@ -221,31 +224,44 @@ class Transport:
             await self._acquire(deadline)  # (a free slot: taken at once)
             crowded, self._crowded = self._crowded, False
             if self.inline and not crowded:
-                return await self._send_inline(request, deadline)
-            return await self._send_alone(loop, request, waiter, deadline)
+                return await self._send_inline(loop, request, deadline)
+            return await self._send_alone(loop, request, loop.create_future(), deadline)
         # The first request of a turn leads a batch, sent from a task of its own (its
         # callers' replies must arrive even if the leader is cancelled) once that task
         # has a slot: the requests of this turn, and of the turns it waits, join.
+        waiter = loop.create_future()
         batch = self._open = [(request, waiter)]
         self._crowded = True
         task = self._spawn(self._run(batch, deadline))
         task.add_done_callback(functools.partial(self._never_ran, batch))
         return _unwrap(await waiter)
 
-    async def _send_inline(self, request: Request, deadline: float | None) -> Any:
-        """A lone request's round trip in the caller's own task, on the slot it holds,
-        bounded by ``asyncio.timeout_at``: no task, no watchdog entry, no loop turn to
-        hand the reply over. Only where redis-py cannot lose the cancellation
-        (``inline``); the reply, or ``StoreUnavailable`` whatever fails."""
+    async def _send_inline(
+        self, loop: asyncio.AbstractEventLoop, request: Request, deadline: float | None
+    ) -> Any:
+        """A lone request's round trip in the caller's own task, on the slot it holds:
+        no task, no loop turn to hand the reply over. Only where redis-py cannot lose
+        the cancellation (``inline``). At ``deadline`` the watchdog marks ``due`` and
+        cancels the caller's task, as ``asyncio.timeout_at`` would (without a timer of
+        its own per call); the reply, or ``StoreUnavailable`` whatever fails."""
+        task = asyncio.current_task()
+        assert task is not None
+        due: asyncio.Future[None] | None = None
+        if deadline is not None:
+            due = loop.create_future()
+            self._watch_until(loop, deadline, due, task, None)
+        cancelling = task.cancelling()
         try:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    reply = await self._one(request)
-            except TimeoutError:
-                reply = self._unavailable(TimeoutError(self._late()))
-            except Exception as exc:  # any type: a bug or a garbled reply must not hang anyone
-                reply = self._failed(exc)
+            reply = await self._one(request)
+        except asyncio.CancelledError:
+            if due is None or not due.done() or task.uncancel() > cancelling:
+                raise  # (not the watchdog's, or the caller's too)
+            reply = self._unavailable(TimeoutError(self._late()))
+        except Exception as exc:  # any type: a bug or a garbled reply must not hang anyone
+            reply = self._failed(exc)
         finally:
+            if due is not None and not due.done():
+                due.set_result(None)  # answered: no longer watched
             self._release()
         return _unwrap(reply)
 
@@ -276,7 +292,7 @@ class Transport:
         loop: asyncio.AbstractEventLoop,
         deadline: float,
         waiter: asyncio.Future[Any],
-        work: asyncio.Task[None] | None,
+        work: asyncio.Task[Any] | None,
         slot: list[bool] | None,
     ) -> None:
         """Have the watchdog answer ``waiter`` at ``deadline`` if nothing did (and
@@ -352,9 +368,14 @@ class Transport:
     def _expire_alone(
         self,
         waiter: asyncio.Future[Any],
-        work: asyncio.Task[None] | None,
+        work: asyncio.Task[Any] | None,
         slot: list[bool] | None,
     ) -> None:
+        if slot is None and work is not None:  # an inline call: cancel its caller's task
+            if not waiter.done():
+                waiter.set_result(None)
+                work.cancel()
+            return
         if not waiter.done():
             waiter.set_exception(self._unavailable(TimeoutError(self._late())))
         if work is not None and slot is not None:
