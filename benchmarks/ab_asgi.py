@@ -136,8 +136,21 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--ops", type=int, default=0, help="requests per client per batch")
+    parser.add_argument(
+        "--noop-insert",
+        action="store_true",
+        help="row 'new' only: our insert script swapped for one that does nothing (the "
+        "floor of one script call per new session: what Redis's work on it costs)",
+    )
     parser.add_argument("rows", nargs="*", default=["new", "write", "read"])
     args = parser.parse_args()
+    if args.noop_insert:
+        if args.rows != ["new"]:
+            parser.error("--noop-insert measures the row 'new' only")
+        from asyncsession.backends.redis import scripts
+        from asyncsession.backends.redis import store as redis_store
+
+        redis_store.INSERT = scripts._Script("return {'ok'}", prelude=False)  # type: ignore[misc]
     ops = args.ops or (40 if args.clients == 1 else 10)
     if args.floor == bool(args.old):
         parser.error("give one of --old PATH and --floor")
