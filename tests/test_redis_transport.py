@@ -248,6 +248,90 @@ async def test_an_inline_call_to_a_silent_server_settles_by_its_deadline(
             await asyncio.wait_for(client.aclose(), 5)
 
 
+def send_losing_one_cancel(lost: list[int], then: Any = None) -> Any:
+    """A send that loses the first cancellation it gets, as Python 3.11's
+    ``asyncio.wait_for`` can (redis-py 8 reads pending push notifications under one,
+    ``socket_timeout`` or not), then waits on (``then`` None: a silent server) or
+    returns ``then`` (the reply arrived as the cancellation landed)."""
+
+    async def send(client: Any, commands: Any, **options: Any) -> list[Any]:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            lost.append(1)
+        if then is None:
+            await asyncio.sleep(3600)
+        return [then]
+
+    return send
+
+
+@pytest.mark.parametrize("reply", [None, [None, None, None]])
+async def test_an_inline_call_that_loses_a_cancellation_still_keeps_its_deadline(
+    reply: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog cancels the caller's task again while the call goes on: a lost
+    cancellation delays the answer by ``RECANCEL`` at most (StoreUnavailable; a reply
+    that came as it was lost is the answer), and every cancellation it sent is taken
+    back (the caller's task is not left cancelling)."""
+    async with serve("silent") as fake:
+        client = client_for("bare", fake.port)
+        store = RedisStore(client, cfg(), clock=clock, timeout=0.3)
+        lost: list[int] = []
+        monkeypatch.setattr(transport, "send_batch", send_losing_one_cancel(lost, reply))
+
+        async def caller() -> tuple[Any, int]:
+            try:
+                result: Any = await store._transport.request((b"k", None))  # a read
+            except Exception as exc:
+                result = exc
+            return result, asyncio.current_task().cancelling()  # type: ignore[union-attr]
+
+        try:
+            started = time.monotonic()
+            result, cancelling = await asyncio.wait_for(caller(), 5)
+            took = time.monotonic() - started
+        finally:
+            await asyncio.wait_for(client.aclose(), 5)
+    assert lost == [1]
+    assert cancelling == 0
+    assert store._transport._busy == 0
+    assert took < 0.3 + 10 * transport.RECANCEL + 0.5
+    if reply is None:
+        assert isinstance(result, StoreUnavailable), repr(result)
+    else:
+        assert result == (None, None, None)  # the reply (an empty hash)
+
+
+async def test_an_inline_callers_own_cancellation_is_raised_past_the_deadline(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled by its own caller as the watchdog cancels it too: the caller's
+    cancellation is raised (not turned into StoreUnavailable) and the slot is freed."""
+    async with serve("silent") as fake:
+        client = client_for("bare", fake.port)
+        store = RedisStore(client, cfg(), clock=clock, timeout=60)
+        tr = store._transport
+
+        async def hang(client: Any, commands: Any, **options: Any) -> list[Any]:
+            await asyncio.sleep(3600)
+            return []
+
+        monkeypatch.setattr(transport, "send_batch", hang)
+        try:
+            call = asyncio.ensure_future(store.get(new_session(None).id))
+            await asyncio.sleep(0.05)
+            (entry,) = tr._watched
+            tr._watched[0] = (0.0, *entry[1:])  # its deadline: past
+            call.cancel()
+            tr._check_deadlines()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert tr._busy == 0
+        finally:
+            await asyncio.wait_for(client.aclose(), 5)
+
+
 async def test_after_a_batch_the_next_lone_call_goes_in_a_task(clock: FakeClock) -> None:
     """Once a batch was opened (callers about), the next lone call goes in a task of
     its own, so a caller that calls again at once does not take every lone turn; the

@@ -12,13 +12,14 @@ multi-key script call. Whatever happens in a batch, of any exception type, every
 waiter is resolved, and by the deadline set when its batch began (``timeout``
 after): waiting for a slot, redis-py's slot map, retries and redirections, the
 reply, all count, and the deadline holds even if redis-py ignores a cancellation
-(``_send``). A lone request runs in its caller's task under ``asyncio.timeout_at``
-where redis-py cannot lose that cancellation and no batch was opened since the last
-lone one (``inline_safe``, ``_send_inline``: no loop turn to hand the reply over);
-otherwise in a task of its own, its deadline kept by one watchdog timer for all of
-them (``_check_deadlines``). A caller that set a request deadline
-(``_deadline.DEADLINE``, ``SessionMiddleware``) is answered by it too, alone or in a
-batch.
+(``_send``). A lone request runs in its caller's task where redis-py does not
+swallow cancellations for good and no batch was opened since the last lone one
+(``inline_safe``, ``_send_inline``: no loop turn to hand the reply over); otherwise
+in a task of its own. Either way one watchdog timer keeps the deadlines of all lone
+requests (``_check_deadlines``): it cancels an inline caller's task, again until the
+call ends, or answers a lone task's caller and cancels the task. A caller that set
+a request deadline (``_deadline.DEADLINE``, ``SessionMiddleware``) is answered by it
+too, alone or in a batch.
 """
 
 from __future__ import annotations
@@ -50,8 +51,29 @@ Request: TypeAlias = tuple[bytes | None, Command | None]
 Raw: TypeAlias = tuple[bytes | None, bytes | None, bytes | None]
 _Entry: TypeAlias = tuple[Request, "asyncio.Future[Any] | None"]
 _Watched: TypeAlias = tuple[
-    float, "asyncio.Future[Any]", "asyncio.Task[Any] | None", list[bool] | None
+    float, "asyncio.Future[Any] | _Inline", "asyncio.Task[Any] | None", list[bool] | None
 ]
+
+RECANCEL = 0.02
+"""Seconds after which the watchdog cancels an inline call's task again if it is still
+in the call: a cancellation redis-py lost (Python 3.11's ``asyncio.wait_for``, which
+redis-py 8 also uses to read pending push notifications) is sent again."""
+
+
+class _Inline:
+    """A lone call running in its caller's task, as the watchdog sees it: the task,
+    how many cancellations the watchdog sent it, whether the call has ended."""
+
+    __slots__ = ("cancels", "ended", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.cancels = 0
+        self.ended = False
+
+    def done(self) -> bool:
+        return self.ended
+
 
 WRONGTYPE: Raw = (b"WRONGTYPE", None, None)
 READ_FIELDS = ("r", "a", "e")
@@ -123,12 +145,14 @@ references to tasks)."""
 
 
 def inline_safe(client: Redis | RedisCluster) -> bool:
-    """Whether a lone request may run in its caller's task, bounded by a plain
-    ``asyncio.timeout``: on one server, when redis-py cannot lose the cancellation.
-    It can on Python 3.11 only, and only inside the ``asyncio.wait_for`` it wraps its
-    writes in when the client has a ``socket_timeout`` (a cancellation landing as the
-    write completes is lost, and the call reads on until that timeout); otherwise the
-    request gets a task of its own and a watchdog (``_send_alone``)."""
+    """Whether a lone request may run in its caller's task, its deadline kept by
+    cancelling that task (again every ``RECANCEL`` while the call goes on): on one
+    server, unless Python 3.11's ``asyncio.wait_for``, which can lose a cancellation
+    that lands as its work completes, wraps every write (a client with a
+    ``socket_timeout``; one lost there, the call reads on until that timeout). A lost
+    cancellation elsewhere (redis-py 8 reads pending push notifications under a
+    ``wait_for``) is followed by the next. Otherwise the request gets a task of its
+    own (``_send_alone``)."""
     if isinstance(client, RedisCluster):
         return False  # (slot maps, redirections: kept in a task of their own)
     if sys.version_info >= (3, 12):
@@ -240,28 +264,40 @@ class Transport:
         self, loop: asyncio.AbstractEventLoop, request: Request, deadline: float | None
     ) -> Any:
         """A lone request's round trip in the caller's own task, on the slot it holds:
-        no task, no loop turn to hand the reply over. Only where redis-py cannot lose
-        the cancellation (``inline``). At ``deadline`` the watchdog marks ``due`` and
-        cancels the caller's task, as ``asyncio.timeout_at`` would (without a timer of
-        its own per call); the reply, or ``StoreUnavailable`` whatever fails."""
-        task = asyncio.current_task()
-        assert task is not None
-        due: asyncio.Future[None] | None = None
-        if deadline is not None:
-            due = loop.create_future()
-            self._watch_until(loop, deadline, due, task, None)
-        cancelling = task.cancelling()
+        no task, no loop turn to hand the reply over. Only where redis-py does not
+        swallow cancellations for good (``inline_safe``). Past ``deadline`` the
+        watchdog cancels the caller's task, as ``asyncio.timeout_at`` would (without
+        a timer per call), and again every ``RECANCEL`` while the call goes on (one
+        redis-py lost); every cancellation it sent is taken back here. The reply, or
+        ``StoreUnavailable`` whatever fails; the caller's own cancellation is raised."""
+        watched: _Inline | None = None
         try:
-            reply = await self._one(request)
-        except asyncio.CancelledError:
-            if due is None or not due.done() or task.uncancel() > cancelling:
-                raise  # (not the watchdog's, or the caller's too)
-            reply = self._unavailable(TimeoutError(self._late()))
+            task = asyncio.current_task()
+            if task is None:
+                raise RuntimeError("a store call outside an asyncio task")
+            cancelling = task.cancelling()
+            if deadline is not None:
+                watched = _Inline(task)
+                self._watch_until(loop, deadline, watched, None, None)
+            try:
+                reply = await self._one(request)
+            except asyncio.CancelledError:
+                if watched is None or not watched.cancels:
+                    raise  # not the watchdog's
+                for _ in range(watched.cancels):
+                    task.uncancel()
+                if task.cancelling() > cancelling:
+                    raise  # the caller's own too
+                reply = self._unavailable(TimeoutError(self._late()))
+            else:
+                if watched is not None:  # a cancellation sent past the deadline, lost
+                    for _ in range(watched.cancels):
+                        task.uncancel()
         except Exception as exc:  # any type: a bug or a garbled reply must not hang anyone
             reply = self._failed(exc)
         finally:
-            if due is not None and not due.done():
-                due.set_result(None)  # answered: no longer watched
+            if watched is not None:
+                watched.ended = True  # no longer watched
             self._release()
         return _unwrap(reply)
 
@@ -291,7 +327,7 @@ class Transport:
         self,
         loop: asyncio.AbstractEventLoop,
         deadline: float,
-        waiter: asyncio.Future[Any],
+        waiter: asyncio.Future[Any] | _Inline,
         work: asyncio.Task[Any] | None,
         slot: list[bool] | None,
     ) -> None:
@@ -327,9 +363,16 @@ class Transport:
             if waiter.done():
                 continue
             if deadline <= now:
-                with contextlib.suppress(RuntimeError):  # a call of another, closed, loop
-                    self._expire_alone(waiter, work, slot)
-                continue
+                if not isinstance(waiter, _Inline):
+                    with contextlib.suppress(RuntimeError):  # a call of another, closed, loop
+                        self._expire_alone(waiter, work, slot)
+                    continue
+                # an inline call: cancel its caller's task (again, until the call ends:
+                # redis-py may lose one); _send_inline takes back every one it was sent
+                waiter.cancels += 1
+                waiter.task.cancel()
+                deadline = now + RECANCEL
+                entry = (deadline, waiter, None, None)
             left.append(entry)
             first = deadline if first is None else min(first, deadline)
         self._watched = left
@@ -371,11 +414,6 @@ class Transport:
         work: asyncio.Task[Any] | None,
         slot: list[bool] | None,
     ) -> None:
-        if slot is None and work is not None:  # an inline call: cancel its caller's task
-            if not waiter.done():
-                waiter.set_result(None)
-                work.cancel()
-            return
         if not waiter.done():
             waiter.set_exception(self._unavailable(TimeoutError(self._late())))
         if work is not None and slot is not None:
