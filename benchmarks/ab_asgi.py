@@ -13,7 +13,7 @@ means faster than the reference. Rows: ``new`` (a request that creates a session
 ``write`` (one key changed), ``read`` (read-only). Keys go under a random prefix in
 ``REDIS_URL`` (default ``redis://127.0.0.1:6379/15``) and are deleted after.
 
-``--floor`` puts a ``floor`` variant in place of the other tree: ``FloorMiddleware``,
+``--floor`` puts a ``floor`` variant in place of the other tree: ``bench_asgi.FloorMiddleware``,
 the least any middleware of this design can do with redis-py: the same round trips
 and scripts as ours (``HMGET`` to load; ``EVALSHA`` of the apply script with the
 whole new record; ``EVALSHA`` of the insert script), sent as plain redis-py calls
@@ -66,69 +66,6 @@ def load_tree(root: str) -> ModuleType:
     return module
 
 
-class FloorMiddleware:
-    """The floor (see the module doc): our store's Redis work for a request as bare
-    redis-py calls. Keys, script arguments and records are built by the store's own
-    helpers (the work any implementation of this layout has to do)."""
-
-    def __init__(self, app: Any, store: Any) -> None:
-        from asyncsession import codec
-        from asyncsession.backends.redis.apply import apply_args
-        from asyncsession.backends.redis.scripts import APPLY, INSERT
-        from asyncsession.changes import encode_changes
-
-        self.app = app
-        self.inner = store.store  # the RedisStore behind the controls
-        self.client = self.inner._transport.client
-        self.codec, self.apply_args, self.encode_changes = codec, apply_args, encode_changes
-        self.APPLY, self.INSERT = APPLY, INSERT
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        inner, codec = self.inner, self.codec
-        cookie = next((v for k, v in scope["headers"] if k == b"cookie"), None)
-        session = None
-        if cookie is not None:
-            sid = cookie.decode().partition("=")[2]
-            key = inner.session_key(inner._key(sid))
-            r, a, e = await self.client.hmget(key, "r", "a", "e")
-            session = codec.decode(r, int(a), int(e) if e else None)
-            session.id = inner._key(sid)
-        data = dict(session.data) if session is not None else {}
-        before = dict(data)
-        scope["session"] = data
-
-        async def wrapped(message: Any) -> None:
-            if message["type"] == "http.response.start" and data != before:
-                now = inner.clock()
-                if session is None:
-                    ttl = inner.config.default_ttl
-                    new = asyncsession.new_session(None, ttl, data=data, now=now)
-                    sid, handle = new.id, inner._key(new.id)
-                    new.id = handle
-                    args = inner._insert_args(new, codec.encode(new), inner.config, now)
-                    keys = (inner.session_key(handle), inner.expiry_key_for(handle))
-                    reply = await self.client.evalsha(self.INSERT.sha, 2, *keys, *args)
-                    assert reply == [b"ok"], reply
-                    cookie = f"{B.COOKIE}={sid}; Path=/; HttpOnly; Secure; SameSite=lax"
-                    message["headers"] = [*message["headers"], (b"set-cookie", cookie.encode())]
-                else:
-                    changed = {k: v for k, v in data.items() if before.get(k, B_ABSENT) != v}
-                    expect = {k: before.get(k, asyncsession.ABSENT) for k in changed}
-                    changes = self.encode_changes(asyncsession.Changes(set=changed, expect=expect))
-                    args = self.apply_args(
-                        session.id, changes, inner.config, now, 0, inner.expiry_grace_ms, session
-                    )
-                    keys = (inner.session_key(session.id), inner.expiry_key_for(session.id))
-                    reply = await self.client.evalsha(self.APPLY.sha, 2, *keys, *args)
-                    assert isinstance(reply, list) and reply[0] == b"ok", reply
-            await send(message)
-
-        await self.app(scope, receive, wrapped)
-
-
-B_ABSENT = object()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--old", help="root of the other tree")
@@ -171,7 +108,7 @@ def main() -> None:
         if who == "star":
             return B.their_app(star)
         if who == "floor":
-            return Starlette(routes=B.ROUTES, middleware=[Middleware(FloorMiddleware, stores[who])])
+            return B.floor_app(stores[who])
         mw = Middleware(mods[who].SessionMiddleware, store=stores[who], cookie_name=B.COOKIE)
         return Starlette(routes=B.ROUTES, middleware=[mw])
 
