@@ -402,10 +402,8 @@ class Transport:
         """A batch of one's round trip (``_exchange`` spelled out for one, cheaper):
         its reply, or a ``StoreUnavailable`` for an error reply."""
         key, args = request
-        if args is None:
-            return self._read(
-                (await send_recovering(self.client, [("HMGET", key, *READ_FIELDS)]))[0]
-            )
+        if args is None:  # (a read runs no script: no NOSCRIPT to recover from)
+            return self._read((await send_batch(self.client, [("HMGET", key, *READ_FIELDS)]))[0])
         return self._reply((await send_recovering(self.client, [args]))[0])
 
     def _expire_alone(
