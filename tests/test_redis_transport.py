@@ -251,8 +251,9 @@ async def test_an_inline_call_to_a_silent_server_settles_by_its_deadline(
 def send_losing_one_cancel(lost: list[int], then: Any = None) -> Any:
     """A send that loses the first cancellation it gets, as Python 3.11's
     ``asyncio.wait_for`` can (redis-py 8 reads pending push notifications under one,
-    ``socket_timeout`` or not), then waits on (``then`` None: a silent server) or
-    returns ``then`` (the reply arrived as the cancellation landed)."""
+    ``socket_timeout`` or not), then waits on (``then`` None: a silent server),
+    raises ``then`` (an exception: the connection failed meanwhile) or returns it
+    (the reply arrived as the cancellation landed)."""
 
     async def send(client: Any, commands: Any, **options: Any) -> list[Any]:
         try:
@@ -261,12 +262,16 @@ def send_losing_one_cancel(lost: list[int], then: Any = None) -> Any:
             lost.append(1)
         if then is None:
             await asyncio.sleep(3600)
+        if isinstance(then, BaseException):
+            raise then
         return [then]
 
     return send
 
 
-@pytest.mark.parametrize("reply", [None, [None, None, None]])
+@pytest.mark.parametrize(
+    "reply", [None, [None, None, None], redis.exceptions.ConnectionError("reset")]
+)
 async def test_an_inline_call_that_loses_a_cancellation_still_keeps_its_deadline(
     reply: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -297,7 +302,7 @@ async def test_an_inline_call_that_loses_a_cancellation_still_keeps_its_deadline
     assert cancelling == 0
     assert store._transport._busy == 0
     assert took < 0.3 + 10 * transport.RECANCEL + 0.5
-    if reply is None:
+    if reply is None or isinstance(reply, BaseException):
         assert isinstance(result, StoreUnavailable), repr(result)
     else:
         assert result == (None, None, None)  # the reply (an empty hash)

@@ -280,19 +280,15 @@ class Transport:
                 watched = _Inline(task)
                 self._watch_until(loop, deadline, watched, None, None)
             try:
-                reply = await self._one(request)
-            except asyncio.CancelledError:
-                if watched is None or not watched.cancels:
-                    raise  # not the watchdog's
-                for _ in range(watched.cancels):
-                    task.uncancel()
-                if task.cancelling() > cancelling:
-                    raise  # the caller's own too
-                reply = self._unavailable(TimeoutError(self._late()))
-            else:
-                if watched is not None:  # a cancellation sent past the deadline, lost
-                    for _ in range(watched.cancels):
+                try:
+                    reply = await self._one(request)
+                finally:  # whatever the call did with them (raised, or lost one)
+                    for _ in range(watched.cancels if watched is not None else 0):
                         task.uncancel()
+            except asyncio.CancelledError:
+                if watched is None or not watched.cancels or task.cancelling() > cancelling:
+                    raise  # not the watchdog's, or the caller's own too
+                reply = self._unavailable(TimeoutError(self._late()))
         except Exception as exc:  # any type: a bug or a garbled reply must not hang anyone
             reply = self._failed(exc)
         finally:
