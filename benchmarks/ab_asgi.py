@@ -152,12 +152,12 @@ def main() -> None:
 
     print(f"{args.clients} client(s), {args.rounds} rounds of {ops} requests per client")
     for row in args.rows:
-        new, old, peer = (times[(row, who)] for who in ("new", other, "star"))
+        new, ref, peer = (times[(row, who)] for who in ("new", other, "star"))
         best = "  ".join(f"{w} {min(times[(row, w)]) * 1e6:.1f}" for w in ("new", other, "star"))
         print(f"{row:6s} best us: {best}")
         print(
             f"       new vs starsessions {ratio(new, peer)}   {other} vs starsessions "
-            f"{ratio(old, peer)}   new vs {other} {ratio(new, old)}"
+            f"{ratio(ref, peer)}   new vs {other} {ratio(new, ref)}"
         )
 
     async def cleanup() -> None:

@@ -148,11 +148,10 @@ class FloorMiddleware:
         cookie = next((v for k, v in scope["headers"] if k == b"cookie"), None)
         session = None
         if cookie is not None:
-            sid = cookie.decode().partition("=")[2]
-            key = inner.session_key(inner._key(sid))
-            r, a, e = await self.client.hmget(key, "r", "a", "e")
+            handle = inner._key(cookie.decode().partition("=")[2])
+            r, a, e = await self.client.hmget(inner.session_key(handle), "r", "a", "e")
             session = codec.decode(r, int(a), int(e) if e else None)
-            session.id = inner._key(sid)
+            session.id = handle
         data = dict(session.data) if session is not None else {}
         before = dict(data)
         scope["session"] = data

@@ -39,7 +39,14 @@ import orjson
 import pytest
 from conftest import PAYLOAD, AsyncBench, Runner, fill_sessions, measure_concurrent
 
-from asyncsession import Config, ControlledStore, Session, generate_session_id, new_session
+from asyncsession import (
+    Config,
+    ControlledStore,
+    Session,
+    codec,
+    generate_session_id,
+    new_session,
+)
 from asyncsession.backends import redis as redis_backend
 from asyncsession.backends.redis import RedisStore
 
@@ -316,8 +323,6 @@ def test_redis_interleaved(benchmark: Any, runner: Runner, world: World) -> None
 
             return raw_read
         if kind == "floor":  # our layout's read with nothing around it: HMGET + decode
-            from asyncsession import codec
-
             keys = [store.session_key(store._key(sid)) for sid in ours_ids]
 
             async def floor_read(i: int) -> Any:
