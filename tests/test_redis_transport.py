@@ -21,6 +21,7 @@ from redis.asyncio import Redis  # noqa: E402
 from redis.asyncio.cluster import ClusterNode, RedisCluster  # noqa: E402
 
 from asyncsession import (  # noqa: E402
+    Changes,
     Config,
     SessionError,
     StoreUnavailable,
@@ -86,6 +87,11 @@ async def test_64_gets_and_creates_settle_against_a_hostile_server(
             results = await all_settle(
                 [controlled.get(i) for i in ids]
                 + [controlled.create(new_session(f"u{i % 5}")) for i in range(64)]
+                # a garbled reply to a write's script is the server's fault, never a
+                # damaged session (SessionNotFound would log its user out)
+                + [controlled.apply(i, Changes(set={"k": 1})) for i in ids[:16]]
+                + [controlled.touch(i) for i in ids[16:24]]
+                + [controlled.delete(i) for i in ids[24:32]]
             )
         finally:
             await asyncio.wait_for(client.aclose(), 5)
@@ -173,6 +179,11 @@ async def test_callers_settle_even_when_a_send_ignores_its_cancellation(
             results = await all_settle(
                 [controlled.get(i) for i in ids]
                 + [controlled.create(new_session(f"u{i % 5}")) for i in range(64)]
+                # a garbled reply to a write's script is the server's fault, never a
+                # damaged session (SessionNotFound would log its user out)
+                + [controlled.apply(i, Changes(set={"k": 1})) for i in ids[:16]]
+                + [controlled.touch(i) for i in ids[16:24]]
+                + [controlled.delete(i) for i in ids[24:32]]
             )
             if kind == "cluster":  # the whole-cluster work too, from loading the slot map
                 monkeypatch.setattr(client, "initialize", lambda: stubborn_send(sent)(client, []))

@@ -115,14 +115,19 @@ def _whole_record(
 
 
 def parse_reply(reply: Any, now: datetime) -> Applied | Outcome:
-    """``Applied`` or the failed ``Outcome``; ``CorruptRecord`` for a damaged record."""
-    if isinstance(reply, list):
+    """``Applied`` or the failed ``Outcome``; ``CorruptRecord`` when the script found
+    the stored record damaged (``corrupt``). Any other reply is not the script's (a
+    broken server or proxy): ``ValueError``, which the store reports as
+    ``StoreUnavailable``, so a garbled reply never reads as a damaged session."""
+    if isinstance(reply, list) and len(reply) in (2, 3):
         if reply[0] == b"too_large":
             return Outcome.TOO_LARGE
-        version, expires = int(reply[1]), reply[2]
-        expires_at = codec.EPOCH + timedelta(microseconds=int(expires)) if expires else None
-        return Applied(version, now, expires_at)
-    outcome = _FAILED.get(reply)
-    if outcome is None:
+        if reply[0] == b"ok" and len(reply) == 3:
+            version, expires = int(reply[1]), reply[2]
+            expires_at = codec.EPOCH + timedelta(microseconds=int(expires)) if expires else None
+            return Applied(version, now, expires_at)
+    elif reply == b"corrupt":
         raise codec.CorruptRecord("stored record is not a compact JSON session record")
-    return outcome
+    elif isinstance(reply, bytes) and reply in _FAILED:
+        return _FAILED[reply]
+    raise ValueError(f"unexpected reply to the apply script: {reply!r:.60}")
