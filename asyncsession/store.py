@@ -17,17 +17,18 @@ import logging
 import random
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import Enum
-from functools import partial
+from functools import partial, wraps
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, Concatenate, NamedTuple, ParamSpec, Self, TypeVar
 
 from orjson import loads as orjson_loads
 
 from . import codec
+from ._deadline import DEADLINE
 from .changes import Applied, Changes, EncodedChanges, apply_to_data, encode_changes
 from .config import Config
 from .crypto import KeyRing, SealBroken, is_sealed
@@ -155,6 +156,41 @@ def idle_deadline(
     return sliding if absolute is None or sliding < absolute else absolute
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_StoreT = TypeVar("_StoreT", bound="Store")
+
+
+def _one_deadline(
+    method: Callable[Concatenate[_StoreT, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[_StoreT, _P], Coroutine[Any, Any, _R]]:
+    """A one-session call of a store that keeps deadlines (``honours_deadline``):
+    every round trip of it (a load, an adoption, a rotation check...) within one
+    ``timeout`` from its start, not one ``timeout`` each. A deadline already set
+    when the call runs (``SessionMiddleware``'s, for the request) is kept as it is:
+    looked at then, not when the coroutine is made (the middleware makes it first).
+    Other stores get the call's own coroutine, no extra one."""
+
+    @wraps(method)
+    def run(self: _StoreT, /, *args: _P.args, **kwargs: _P.kwargs) -> Coroutine[Any, Any, _R]:
+        timeout = self.timeout
+        if timeout is None or not self.honours_deadline:
+            return method(self, *args, **kwargs)
+        return _by_deadline(timeout, method(self, *args, **kwargs))
+
+    return run
+
+
+async def _by_deadline(timeout: float, call: Coroutine[Any, Any, _R]) -> _R:
+    if DEADLINE.get() is not None:
+        return await call
+    token = DEADLINE.set(asyncio.get_running_loop().time() + timeout)
+    try:
+        return await call
+    finally:
+        DEADLINE.reset(token)
+
+
 class Store(ABC):
     """Async session store. Use as ``async with store:`` or call ``close()``."""
 
@@ -163,6 +199,11 @@ class Store(ABC):
     """Seconds a request's whole session work (load, touch, save) may take in the
     middleware before it answers 503; None: unbounded. ``RedisStore`` sets it from its
     ``timeout`` (which also bounds each round trip)."""
+    honours_deadline: bool = False
+    """Whether the store answers every call made while ``_deadline.DEADLINE`` is set
+    by that time (``RedisStore``): then a one-session call (``create``, ``get``,
+    ``update``, ``apply``, ``touch``, ``rotate``, ``rotate_into``, ``delete``) is
+    bounded by ``timeout`` as a whole."""
     stores_header: bool = True
     """Whether the write hooks get the whole record (metadata header and data) or only
     the encoded data; the size limit applies to the whole record either way."""
@@ -377,6 +418,7 @@ class Store(ABC):
                 return False  # gone meanwhile
         return False  # pragma: no cover - CAS_ATTEMPTS writers in a row
 
+    @_one_deadline
     async def create(self, session: Session) -> Session:
         """Insert a new session (insert-if-absent); returns it with defaults filled in.
 
@@ -432,6 +474,7 @@ class Store(ABC):
             self._event("evicted", None, session_id=evicted, user_id=user_id)
         return session
 
+    @_one_deadline
     async def get(self, session_id: str) -> Session:
         """A fresh copy of the session. ``SessionNotFound`` / ``SessionExpired``."""
         self._check_open()
@@ -482,6 +525,7 @@ class Store(ABC):
             )
         return session
 
+    @_one_deadline
     async def update(self, session: Session) -> Session:
         """Compare-and-set write of ``session`` at ``session.version``.
 
@@ -551,6 +595,7 @@ class Store(ABC):
         self._event("updated", session)
         return session
 
+    @_one_deadline
     async def apply(
         self, session_id: str, changes: Changes, *, base: Session | None = None
     ) -> Applied:
@@ -615,6 +660,7 @@ class Store(ABC):
         """The record size ``apply`` enforces (0: none; ``ControlledStore`` sets it)."""
         return 0
 
+    @_one_deadline
     async def touch(self, session_id: str) -> None:
         """Record an access; with ``idle_timeout`` slide the expiry (never past the
         absolute deadline). Never rewrites data, never bumps the version."""
@@ -631,6 +677,7 @@ class Store(ABC):
                 raise self._rotated_error(session_id)
             raise self._write_error(outcome, session_id, None)
 
+    @_one_deadline
     async def rotate(self, session_id: str, *, user_id: str | int | Any = _KEEP) -> str:
         """Move the session to a new id atomically (session-fixation defence).
 
@@ -667,6 +714,7 @@ class Store(ABC):
         self._event("rotated", None, session_id=new_id, previous=short_hash(session_id))
         return new_id
 
+    @_one_deadline
     async def rotate_into(
         self, session_id: str, session: Session, *, version: int | None = None
     ) -> Session:
@@ -711,6 +759,7 @@ class Store(ABC):
             self._event("evicted", None, session_id=evicted, user_id=session.user_id)
         return session
 
+    @_one_deadline
     async def delete(self, session_id: str) -> bool:
         """Delete a session; deleting a missing one is not an error. True if this call
         deleted it. Takes an id, or the handle ``list_by_user`` shows for one."""

@@ -1206,3 +1206,49 @@ def test_tls_options_reach_cluster_nodes() -> None:
     assert issubclass(kwargs["connection_class"], SSLConnection)
     assert kwargs["ssl_ca_certs"] == "/etc/ca.pem"
     assert kwargs["ssl_cert_reqs"] == "none"
+
+
+# --------------------------------------------------------------- call deadline
+
+ROUND_TRIP = 0.2  # each round trip of the slow client below
+CALL_TIMEOUT = 0.5  # more than one round trip, less than three
+
+
+@pytest.mark.parametrize("controlled", [False, True])
+async def test_a_one_session_call_keeps_one_timeout_for_all_its_round_trips(
+    env: Env, controlled: bool
+) -> None:
+    """A ``get`` of an unknown id makes three round trips (the load, the look for a
+    record under the plain id, the rotation check). With each answered in 0.2 s and
+    ``timeout=0.5``, the call answers ``StoreUnavailable`` by 0.5 s: the timeout
+    bounds the call, not each round trip (which would answer ``SessionNotFound``
+    after 0.6 s). Outside review found calls taking three times the timeout."""
+    client = Redis.from_url(REDIS_URL) if env.real else backend_redis.fake_client()
+    config = replace(cfg(), key_prefix=env.prefix)
+    raw = RedisStore(client, config, clock=env.clock, timeout=CALL_TIMEOUT)
+    store = with_controls(raw, config) if controlled else raw
+    sent = []
+    plain = client.execute_command
+
+    async def slow(*args: Any, **options: Any) -> Any:
+        sent.append(args[0])
+        await asyncio.sleep(ROUND_TRIP)
+        return await plain(*args, **options)
+
+    client.execute_command = slow  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        with pytest.raises(StoreUnavailable):
+            await store.get(new_session(None).id)
+        took = loop.time() - started
+        assert CALL_TIMEOUT * 0.9 <= took < CALL_TIMEOUT + 0.3, took
+        assert len(sent) == 3  # the third round trip was under way at the deadline
+        # a call that fits in the timeout still answers (each call has its own)
+        client.execute_command = plain  # type: ignore[method-assign]
+        with pytest.raises(SessionNotFound):
+            await store.get(new_session(None).id)
+    finally:
+        client.execute_command = plain  # type: ignore[method-assign]
+        await raw.close()
+        await client.aclose()

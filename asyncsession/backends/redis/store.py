@@ -183,7 +183,7 @@ class RedisStore(Store):
     backstop for when ``purge_expired`` does not run, with room for clock skew
     between app servers and Redis."""
 
-    honours_deadline: ClassVar[bool] = True
+    honours_deadline: bool = True
     """Every call answers by the request deadline ``SessionMiddleware`` sets
     (``asyncsession._deadline``): each hook's commands go through the transport,
     which keeps it."""
