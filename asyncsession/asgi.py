@@ -29,7 +29,7 @@ import re
 import weakref
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar, cast
 
 import orjson
 from starlette.concurrency import run_in_threadpool
@@ -90,6 +90,10 @@ MAX_CANDIDATES = 4
 """Session cookies of our name one request may carry that are looked up (tossing)."""
 MAX_VALUES = 64
 """Distinct values of our cookie one request's headers are read for (bounded work)."""
+TOO_MANY = MAX_VALUES + 1
+"""``read_cookie``'s count when our cookie had more values, or more well-formed ids,
+than are read: the one that matters may be among the unread ones, so none is adopted
+and the request is treated as ambiguous (writes 409, the client's cookies left alone)."""
 
 _log_limit = LogLimiter()
 """Client-triggerable middleware records (conflicts, stale or tossed cookies)."""
@@ -525,20 +529,25 @@ class _Connection:
             self.touch_due = False
             try:
                 await self.within(self.store.touch(self.session.id))
-            except SessionNotFound as exc:
-                self.stale = isinstance(exc, SessionRotated)
+            except SessionNotFound:  # ended or moved meanwhile: as _gone, minus the 409
+                self.stale = True  # (a read: nothing of this request is lost)
                 self.forget()
             except _UNAVAILABLE as exc:
                 logger.warning("session touch skipped: %s", exc)
             else:
                 self.refreshed = True
 
-    async def _create(self) -> None:
+    def refuse_if_stale(self) -> None:
+        """A request whose cookie names a rotated id, or several live ones, writes
+        nothing (409): the newer cookie stays the client's."""
         if self.stale:
             raise SessionConflict(
                 "the session cookie is stale (rotated) or ambiguous; reload and retry",
                 details={"reason": "stale_cookie"},
             )
+
+    async def _create(self) -> None:
+        self.refuse_if_stale()
         if self.degraded:
             logger.warning("session store unavailable: dropping a new anonymous session")
             return
@@ -564,7 +573,6 @@ class _Connection:
             applied = await (work if self.budget is None else self.within(work))
         except SessionNotFound as exc:
             self._gone(session, exc)
-            return
         self._applied(session, applied)
 
     def _applied(self, session: Session, applied: Applied) -> None:
@@ -580,21 +588,25 @@ class _Connection:
         self.touch_due = False
         self.refreshed = True
 
-    def _gone(self, session: Session, exc: SessionNotFound) -> None:
-        """The stored session vanished under this request. Rotated (a login moved it):
-        the changes are refused with 409 and the newer cookie is left alone."""
+    def _gone(self, session: Session, exc: SessionNotFound) -> NoReturn:
+        """The stored session vanished under this request: a login moved it, or a
+        logout, revoke or expiry ended it. Its changes are refused with 409 (never a
+        200 for a write that was dropped), nothing is recreated, and the client's
+        cookie is left alone: by now the browser may hold a newer one (a login after
+        that logout), which expiring ours would clear. A later request that still
+        carries the dead id finds it unknown and expires it then."""
+        self.stale = True
+        self.forget()
         if isinstance(exc, SessionRotated):
-            self.stale = True
-            self.forget()
             raise SessionConflict(
                 "the session was rotated (login) during the request; its changes were not applied",
                 details={"session": short_hash(session.id), "reason": "rotated"},
             ) from exc
-        logger.debug(
-            "session %s was deleted during the request; its changes are dropped",
-            short_hash(session.id),
-        )
-        self.forget()
+        raise SessionConflict(
+            "the session ended (logout, revoke or expiry) during the request; its changes "
+            "were not applied",
+            details={"session": short_hash(session.id), "reason": "ended"},
+        ) from exc
 
     # --------------------------------------------------------------- cookies
 
@@ -765,8 +777,9 @@ class SessionMiddleware:
 
         Parsed as RFC 6265 and Starlette do: pairs split on ``;``, so ``foo=x session=y``
         is the cookie ``foo``. Several values (cookie tossing from a sibling domain, an
-        old path) give up to ``MAX_CANDIDATES`` ids in header order; quoting, non-ASCII
-        and oversized values give no id, so they never reach the store.
+        old path) give up to ``MAX_CANDIDATES`` ids in header order; more than that, or
+        more than ``MAX_VALUES`` values, give ``(TOO_MANY, ())``. Quoting, non-ASCII and
+        oversized values give no id, so they never reach the store.
         """
         header: bytes | None = None
         for key, value in scope["headers"]:
@@ -805,8 +818,8 @@ class SessionMiddleware:
         for value in headers:
             for v in pattern.findall(value):
                 values[v.strip(b" \t")] = None
-                if len(values) >= MAX_VALUES:
-                    break
+                if len(values) > MAX_VALUES:
+                    return TOO_MANY, ()
         ids: list[str] = []
         for found in values:
             if len(found) > 130:
@@ -818,9 +831,9 @@ class SessionMiddleware:
             except UnicodeDecodeError:
                 continue
             if is_valid_session_id(session_id) and session_id not in ids:
-                ids.append(session_id)
                 if len(ids) == MAX_CANDIDATES:
-                    break
+                    return TOO_MANY, ()
+                ids.append(session_id)
         return len(values), tuple(ids)
 
     def client_fields(self, scope: Scope) -> dict[str, Any]:
@@ -852,6 +865,15 @@ class SessionMiddleware:
         if sent:
             conn.cookie_sent = True
             conn.tossed = sent > 1
+            if sent == TOO_MANY:
+                conn.stale = True  # ambiguous: none adopted, writes refused (409)
+                level, suppressed = _log_limit.level("too_many_cookies")
+                logger.log(
+                    level,
+                    "more session cookies in one request than are read (cookie tossing?): "
+                    "none adopted%s",
+                    f" ({suppressed} more since)" if suppressed else "",
+                )
         if ids:
             try:
                 if len(ids) > 1:
@@ -1135,6 +1157,7 @@ async def login(
     address and user agent are recorded by default; times come from the store's clock.
     """
     conn = _work(connection)
+    conn.refuse_if_stale()  # a cookie a parallel login already rotated: 409
     store = conn.store
     user = normalize_user_id(user_id)
     old = conn.session
@@ -1149,7 +1172,8 @@ async def login(
             # rotation is checked against the version that holds them
             try:
                 conn.adopt(await conn.within(store.get(old.id)))
-            except SessionNotFound:  # gone meanwhile: as in the loop below, a new session
+            except SessionNotFound as exc:  # gone meanwhile: as in the loop below
+                _login_lost(conn, old, exc)
                 conn.session = None
             old = conn.session
     explicit = "data" in fields
@@ -1170,12 +1194,14 @@ async def login(
             attempts += 1
             if attempts >= LOGIN_ATTEMPTS:
                 raise
-        except SessionNotFound:  # gone meanwhile (deleted, expired, another login)
+        except SessionNotFound as exc:  # gone meanwhile (deleted, expired, another login)
+            _login_lost(conn, old, exc)
             old = None
             continue
         try:  # changed by a parallel request: take its data and try again
             old = await conn.within(store.get(old.id))
-        except SessionNotFound:
+        except SessionNotFound as exc:
+            _login_lost(conn, old, exc)
             old = None
         else:
             if keep_data and not explicit:
@@ -1186,6 +1212,15 @@ async def login(
     conn.stale = False
     logger.info("login: session %s for user %r", short_hash(session.id), session.user_id)
     return session
+
+
+def _login_lost(conn: _Connection, old: Session, exc: SessionNotFound) -> None:
+    """The session a login was replacing vanished. Another login moved it (a double
+    submit, a second tab): that one won, this one answers 409 and leaves its cookie
+    alone, rather than start a second session that would replace the winner's
+    cookie. Deleted or expired: the login goes on with a new session."""
+    if isinstance(exc, SessionRotated):
+        conn._gone(old, exc)
 
 
 async def logout(connection: HTTPConnection) -> None:
@@ -1298,16 +1333,10 @@ async def update_session(
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
-            session = conn.session
-            if session is None:  # deleted meanwhile: a new anonymous session
-                result = await _run(fn, conn.data)
-                await conn.commit()
-                return result
             try:
                 fresh = await conn.within(conn.store.get(session.id))
-            except SessionNotFound as exc:
+            except SessionNotFound as exc:  # ended or moved meanwhile: 409
                 conn._gone(session, exc)
-                continue
             view = SessionDict(fresh.data)
             result = await _run(fn, view)
             changes = view.changes(all_reads=True)
@@ -1321,7 +1350,6 @@ async def update_session(
                 continue
             except SessionNotFound as exc:
                 conn._gone(session, exc)
-                continue
             conn.adopt(fresh)
             conn.data._reset(_plain(view))
             conn._applied(fresh, applied)

@@ -176,17 +176,19 @@ def _one_deadline(
         timeout = self.timeout
         if timeout is None or not self.honours_deadline:
             return method(self, *args, **kwargs)
-        return _by_deadline(timeout, method(self, *args, **kwargs))
+        return _by_deadline(timeout, partial(method, self, *args, **kwargs))
 
     return run
 
 
-async def _by_deadline(timeout: float, call: Coroutine[Any, Any, _R]) -> _R:
+async def _by_deadline(seconds: float, call: Callable[[], Coroutine[Any, Any, _R]]) -> _R:
+    # (the call's coroutine is made here: one closed before it starts, as the
+    # middleware closes work its budget has no time left for, leaves none unawaited)
     if DEADLINE.get() is not None:
-        return await call
-    token = DEADLINE.set(asyncio.get_running_loop().time() + timeout)
+        return await call()
+    token = DEADLINE.set(asyncio.get_running_loop().time() + seconds)
     try:
-        return await call
+        return await call()
     finally:
         DEADLINE.reset(token)
 

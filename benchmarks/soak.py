@@ -156,6 +156,12 @@ def _stop_all() -> None:
                 proc.wait(timeout=10)
 
 
+def _ended(response: httpx.Response) -> bool:
+    """A 409 for a session that ended under the request (evicted by a login on another
+    device, expired): the write was not applied and the client was told so."""
+    return response.status_code == 409 and b"the session ended" in response.content
+
+
 class RedisServer:
     """A private ``redis-server`` on a free loopback port, durable (AOF, fsync on every
     write) so that a SIGKILL loses nothing it acknowledged."""
@@ -388,6 +394,8 @@ class Soak:
             self.r.ok_after_faults += start > self.faults[-1].end
         if during:
             self.r.max_latency_during_faults = max(self.r.max_latency_during_faults, end - start)
+        if _ended(response):  # evicted or expired under a write: refused, and said so
+            return response
         if response.status_code >= 500 or response.status_code == 409:
             self.max_failure_latency = max(self.max_failure_latency, end - start)
             if during:
@@ -486,7 +494,7 @@ class Soak:
             record.acked += 1
             self.r.acked_writes += 1
             return sid
-        if response.status_code in (401, 200):
+        if response.status_code in (401, 200) or _ended(response):
             return None  # the session was gone: the write was refused or dropped, and said so
         record.expected.setdefault(key, {None}).add(value)  # 503/409: may or may not apply
         return sid

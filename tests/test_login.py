@@ -33,6 +33,7 @@ from asyncsession import (
     ViolationEvent,
     current_session,
     current_user_id,
+    generate_session_id,
     install_exception_handler,
     login,
     logout,
@@ -161,6 +162,81 @@ async def test_a_request_with_the_pre_login_cookie_never_undoes_the_login(
         await store.get(old)
 
 
+async def test_a_login_with_a_cookie_already_rotated_answers_409(
+    store: ControlledStore,
+) -> None:
+    """A second login carrying the pre-login cookie (a double-clicked button, a form
+    sent from a second tab after the first login): 409 and no Set-Cookie, not a
+    second, empty session whose cookie would replace the first login's."""
+    async with client(make_app(store)) as c:
+        old = issued(await c.post("/write", params={"key": "cart", "value": "3"}))
+        new = issued(await c.post("/login", params={"user": "alice"}, headers=jar(old)))
+        again = await c.post("/login", params={"user": "alice"}, headers=jar(old))
+        assert again.status_code == 409, again.text
+        assert set_cookies(again) == []
+        r = await c.get("/read", headers=jar(new))
+        assert r.json() == {"data": {"cart": "3"}, "user": "alice"}
+    assert [s.id for s in await store.list_by_user("alice")] == [store.handle(new)]
+
+
+async def test_two_logins_at_once_from_one_session_make_one_session(
+    store: ControlledStore,
+) -> None:
+    """Both load the anonymous session, both rotate it: one wins, the other answers
+    409 (the session it was replacing was rotated under it) with no Set-Cookie."""
+    entered, go = asyncio.Event(), asyncio.Event()
+    app = make_app(store)
+    async with client(app) as c:
+        old = issued(await c.post("/write", params={"key": "cart", "value": "3"}))
+        hold = make_app(store, (entered, go))  # the first login waits after loading
+
+        async def slow_login(request: Request) -> JSONResponse:
+            entered.set()
+            await go.wait()
+            session = await login(request, "alice")
+            return JSONResponse({"user": session.user_id})
+
+        hold.router.routes.append(Route("/slow-login", slow_login, methods=["POST"]))
+        async with client(hold) as h:
+            first = asyncio.create_task(h.post("/slow-login", headers=jar(old)))
+            await entered.wait()
+            second = await c.post("/login", params={"user": "alice"}, headers=jar(old))
+            go.set()
+            late = await first
+    assert second.status_code == 200
+    winner = issued(second)
+    assert late.status_code == 409, late.text
+    assert set_cookies(late) == []
+    assert [s.id for s in await store.list_by_user("alice")] == [store.handle(winner)]
+    assert (await store.get(winner)).data == {"cart": "3"}
+
+
+async def test_a_write_from_before_a_logout_never_undoes_the_next_login(
+    store: ControlledStore,
+) -> None:
+    """A write loaded before the logout and finishing after a new login: its change
+    was not applied, so 409 (not 200), and no Set-Cookie that would clear the new
+    login's cookie."""
+    entered, go = asyncio.Event(), asyncio.Event()
+    app = make_app(store, (entered, go))
+    async with client(app) as c:
+        first = issued(await c.post("/login", params={"user": "alice"}))
+        late = asyncio.create_task(
+            c.post("/write", params={"key": "b", "value": "2", "wait": "1"}, headers=jar(first))
+        )
+        await entered.wait()
+        await c.post("/logout", headers=jar(first))
+        again = issued(await c.post("/login", params={"user": "alice"}))
+        go.set()
+        response = await late
+        assert response.status_code == 409, response.text
+        assert set_cookies(response) == []
+        r = await c.get("/read", headers=jar(again))
+        assert r.json() == {"data": {}, "user": "alice"}
+    with pytest.raises(SessionNotFound):
+        await store.get(first)
+
+
 async def test_logout_kills_the_id_at_once(store: ControlledStore) -> None:
     async with client(make_app(store)) as c:
         sid = issued(await c.post("/login", params={"user": "alice"}))
@@ -268,6 +344,22 @@ async def test_tossed_parent_domain_cookie_has_no_effect(store: ControlledStore)
                 "/write", params={"key": "x", "value": "1"}, headers={"cookie": header}
             )
             assert w.status_code == 409 and set_cookies(w) == []
+        # more values than are read: the victim's may be among the unread ones, and an
+        # attacker's live id among the read ones: none is adopted, writes are refused
+        # and nothing is set (a new session's cookie would replace the victim's)
+        junk = [generate_session_id() for _ in range(4)]
+        for header in (
+            "; ".join(f"session={j}" for j in [*junk, victim]),
+            "; ".join(f"session={j}" for j in [attacker.id, *junk, victim]),
+            "; ".join(f"session=x{n}" for n in range(64)) + f"; session={victim}",
+        ):
+            r = await c.get("/read", headers={"cookie": header})
+            assert r.json() == {"data": {}, "user": None}, header[:40]
+            assert set_cookies(r) == []
+            w = await c.post(
+                "/write", params={"key": "x", "value": "1"}, headers={"cookie": header}
+            )
+            assert w.status_code == 409 and set_cookies(w) == [], header[:40]
         r = await c.get("/read", headers={"cookie": f"session={victim}"})
         assert r.json() == {"data": {"n": "1"}, "user": "vic"}
     assert (await store.get(attacker.id)).data == {"role": "attacker"}
