@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import sys
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeAlias, TypeVar
@@ -147,16 +146,15 @@ references to tasks)."""
 def inline_safe(client: Redis | RedisCluster) -> bool:
     """Whether a lone request may run in its caller's task, its deadline kept by
     cancelling that task (again every ``RECANCEL`` while the call goes on): on one
-    server, unless Python 3.11's ``asyncio.wait_for``, which can lose a cancellation
-    that lands as its work completes, wraps every write (a client with a
-    ``socket_timeout``; one lost there, the call reads on until that timeout). A lost
+    server, unless ``asyncio.wait_for`` wraps every write (a client with a
+    ``socket_timeout``): Python 3.11's can lose a cancellation that lands as its work
+    completes, and a send that lost one there reads on until that timeout (on any
+    version: the task path's deadline holds whatever the send does). A lost
     cancellation elsewhere (redis-py 8 reads pending push notifications under a
     ``wait_for``) is followed by the next. Otherwise the request gets a task of its
     own (``_send_alone``)."""
     if isinstance(client, RedisCluster):
         return False  # (slot maps, redirections: kept in a task of their own)
-    if sys.version_info >= (3, 12):
-        return True
     return not client.connection_pool.connection_kwargs.get("socket_timeout")
 
 
