@@ -839,7 +839,8 @@ class RedisStore(Store):
                     for key, _ in pairs
                 )
             )
-            rows = [[*fields, size] if fields[0] else None for fields, size in got]
+            # (a session of the default site has site b"": present, so kept)
+            rows = [[*fields, size] if fields[0] is not None else None for fields, size in got]
         return [
             self._entry(sid, row[0], row[1] or b"", row[2] or b"", row[3])
             for (_, sid), row in zip(pairs, rows, strict=True)
