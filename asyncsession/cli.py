@@ -463,8 +463,17 @@ async def _stats(store: ControlledStore, args: argparse.Namespace, out: TextIO) 
     return OK
 
 
+async def _user_sessions(store: ControlledStore, user: str) -> list[Session]:
+    """The user's live sessions, for commands that show or match only metadata: with
+    encryption at rest but no keys given, as stored (their data sealed, never shown),
+    so ``list-user`` and ``revoke --user`` work without the keys as documented."""
+    if store.config.keyring is None:
+        return await store._listed(user)
+    return await store.list_by_user(user)
+
+
 async def _list_user(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:
-    sessions = await store.list_by_user(args.user)
+    sessions = await _user_sessions(store, args.user)
     now = datetime.now(UTC)
     if args.json:
         _json([_describe(s, now) for s in sessions], out)
@@ -517,14 +526,14 @@ async def _revoke(store: ControlledStore, args: argparse.Namespace, out: TextIO)
     if SHORT_HASH.fullmatch(session_id) and not args.user:
         session_id = await _by_short_hash(store, session_id)  # a scan: any session of the site
         try:
-            await _find_stored(store, session_id)
+            await _find_stored(store, session_id, open_data=False)  # (no keys needed)
             expired = False
         except CommandError as exc:
             if not isinstance(exc.__cause__, SessionExpired):
                 raise
             expired = True
     elif SHORT_HASH.fullmatch(session_id):
-        matches = [s.id for s in await store.list_by_user(args.user) if s.short_id == session_id]
+        matches = [s.id for s in await _user_sessions(store, args.user) if s.short_id == session_id]
         if not matches:
             raise CommandError(
                 f"user {args.user!r} has no live session {session_id}{_on(store)}", NOT_FOUND
@@ -533,7 +542,13 @@ async def _revoke(store: ControlledStore, args: argparse.Namespace, out: TextIO)
         expired = False
     else:
         try:
-            session = await _find(store, session_id)
+            try:
+                session = await _find(store, session_id)
+            except CommandError as exc:
+                if not isinstance(exc.__cause__, SessionCorrupt):
+                    raise
+                # sealed data and no keys: revoking needs only the metadata
+                session = await _find_stored(store, store.handle(session_id), open_data=False)
         except CommandError as exc:
             if not isinstance(exc.__cause__, SessionExpired):
                 raise
@@ -683,9 +698,12 @@ async def _by_short_hash(store: ControlledStore, short: str) -> str:
     return found[0]
 
 
-async def _find_stored(store: ControlledStore, storage_id: str) -> Session:
+async def _find_stored(
+    store: ControlledStore, storage_id: str, *, open_data: bool = True
+) -> Session:
     """``_find`` for a storage id found by ``_by_short_hash`` (the store's ``get``
-    takes only ids): the same checks and errors."""
+    takes only ids): the same checks and errors. ``open_data=False``: the metadata
+    only (the data left as stored), for commands that work without the keys."""
     try:
         session = await store.store._load(storage_id)
     except Exception as exc:
@@ -695,6 +713,8 @@ async def _find_stored(store: ControlledStore, storage_id: str) -> Session:
     if session.expires_at is not None and store.clock() >= session.expires_at:
         gone = SessionExpired("session expired")
         raise CommandError(f"session {short_hash(storage_id)} has expired", NOT_FOUND) from gone
+    if not open_data:
+        return session
     try:
         return store._open_data(session, storage_id)
     except SessionCorrupt as exc:

@@ -803,18 +803,23 @@ class Store(ABC):
         With ``Config.hash_ids`` (the default) a listed session's ``id`` is its handle
         (``session_handle``): the store holds no id to give back. ``short_id`` is the
         same as for the id, and ``delete`` and ``delete_by_user(keep=...)`` take it."""
-        self._check_open()
-        user = self._check_user(user_id)
-        sessions = await self._list_by_user(user, self.scope, self.clock())
-        if self._hash_ids:
-            await self._adopt_listed(sessions)
         opened = []
-        for session in sessions:
+        for session in await self._listed(user_id):
             try:  # [encryption] open; one that does not is left out
                 opened.append(self._open_data(session, session.id))
             except SessionCorrupt:
                 continue
         return opened
+
+    async def _listed(self, user_id: str | Any) -> list[Session]:
+        """``list_by_user``'s sessions with their data as stored (sealed, with
+        encryption at rest): metadata for admin tools that run without the keys."""
+        self._check_open()
+        user = self._check_user(user_id)
+        sessions = await self._list_by_user(user, self.scope, self.clock())
+        if self._hash_ids:
+            await self._adopt_listed(sessions)
+        return sessions
 
     async def purge_expired(self) -> int:
         """Remove expired sessions and stale index entries now; returns how many sessions.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncsession import Config, generate_key, new_session, open_store
+from asyncsession import Config, generate_key, new_session, open_store, short_hash
 from asyncsession.__main__ import main
 from asyncsession.crypto import KeyRing, key_id
 
@@ -167,3 +167,37 @@ def test_show_decrypts_with_the_keys_and_says_why_not_without(
     # stats reads only metadata: it works without the right key
     status, out, err = run(capsys, "stats", "--store", url, "--json", "--no-progress")
     assert status == 0, err
+
+
+def test_metadata_commands_work_without_the_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """operations.md: list-user, revoke and revoke-user read only metadata. Without
+    $ASYNCSESSION_ENCRYPTION_KEYS they see the user's sealed sessions (outside review:
+    they answered "no live sessions" / "does not decrypt")."""
+    pytest.importorskip("aiosqlite")
+    url = f"sqlite:{tmp_path / 'sessions.db'}"
+
+    async def fill() -> list[str]:
+        config = Config(site_id="shop", encryption_keys=[KEY_A])
+        async with open_store(url, config) as store:
+            return [
+                (await store.create(new_session("alice", data={"cart": [n]}))).id for n in range(3)
+            ]
+
+    first, second, third = asyncio.run(fill())
+    monkeypatch.delenv("ASYNCSESSION_ENCRYPTION_KEYS", raising=False)
+    where = ("--store", url, "--site", "shop")
+    status, out, err = run(capsys, "list-user", "alice", *where, "--json")
+    assert status == 0, err
+    listed = json.loads(out)
+    assert len(listed) == 3 and "cart" not in out  # metadata only, never the data
+    short = [short_hash(i) for i in (first, second, third)]
+    status, out, err = run(capsys, "revoke", short[0], "--user", "alice", *where)
+    assert status == 0 and f"revoked session {short[0]}" in out, err
+    status, out, err = run(capsys, "revoke", short[1], *where)
+    assert status == 0 and f"revoked session {short[1]}" in out, err
+    status, out, err = run(capsys, "revoke", third, *where)
+    assert status == 0 and f"revoked session {short[2]}" in out, err
+    status, out, err = run(capsys, "list-user", "alice", *where)
+    assert status == 1 and "no live sessions" in err
