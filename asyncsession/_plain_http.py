@@ -1,7 +1,8 @@
 """One warning per process when the middleware's Secure cookie meets plain http.
 
-Browsers and HTTP clients never send a ``Secure`` cookie back over http, so behind
-a dev server without TLS every request starts a new, empty session, silently.
+HTTP clients never send a ``Secure`` cookie back over http (browsers and curl at
+most to localhost), so behind a dev server without TLS every request starts a new,
+empty session, silently.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ logger = logging.getLogger("asyncsession.asgi")
 
 PLAIN_SCHEMES = ("http", "ws")
 FIX = (
-    "browsers and HTTP clients (httpx, requests) never send a Secure cookie back over "
-    "plain http, so every request starts a new, empty session. For local development "
+    "HTTP clients (httpx, requests) never send a Secure cookie back over plain http, and "
+    "browsers and curl only to localhost, so every request starts a new, empty session. "
+    "For local development "
     "pass SessionMiddleware(..., https_only=False); otherwise serve over https, or behind "
     "a proxy that sets the scheme (uvicorn --proxy-headers --forwarded-allow-ips=PROXY "
     "reads X-Forwarded-Proto)"

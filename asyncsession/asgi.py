@@ -685,15 +685,23 @@ class SessionMiddleware:
     ) -> None:
         if not isinstance(store, Store):
             raise TypeError(f"store must be an asyncsession Store, not {type(store).__name__}")
+        named = cookie_name is not None
         if cookie_name is None:
             host_only = https_only and not domain and path == "/"
             cookie_name = "__Host-session" if host_only else "session"
         if legacy_cookie_name is not None and (
-            not legacy_cookie_name
-            or not set(legacy_cookie_name) <= _COOKIE_NAME_CHARS
-            or legacy_cookie_name == cookie_name
+            not legacy_cookie_name or not set(legacy_cookie_name) <= _COOKIE_NAME_CHARS
         ):
             raise ValueError(f"invalid legacy cookie name {legacy_cookie_name!r}")
+        if legacy_cookie_name == cookie_name:
+            if named:
+                raise ValueError(
+                    f"legacy_cookie_name and cookie_name are both {cookie_name!r}: "
+                    "nothing to move from"
+                )
+            # the default name is the old one here (https_only=False in development,
+            # a domain or a path): the cookie is already the one to keep
+            legacy_cookie_name = None
         if timeout is None:
             timeout = store.timeout
         if timeout is not None and not timeout > 0:

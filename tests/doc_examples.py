@@ -235,7 +235,8 @@ async def serve(app: Any, calls: list[Call], where: str) -> None:
             while not server.started:  # startup runs the app's lifespan
                 if task.done():
                     task.result()
-                    raise AssertionError(f"{where}: the app failed to start (lifespan)")
+                    # (uvicorn before 0.30 returns instead of raising SystemExit)
+                    raise RuntimeError(f"{where}: the app failed to start (lifespan)")
                 await asyncio.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
         jar: dict[str, str] = {}

@@ -385,8 +385,16 @@ async def test_legacy_cookie_name_is_migrated(store: ControlledStore) -> None:
         # a legacy cookie naming no live session: the legacy cookie is expired
         r = await c.get("/read", headers={"cookie": f"session={JUNK}"})
         assert [h.split(";")[0] for h in set_cookies(r)] == ["session="]
-    with pytest.raises(ValueError):
-        SessionMiddleware(Starlette(), store, legacy_cookie_name="__Host-session")
+    with pytest.raises(ValueError, match="both 'sid'"):
+        SessionMiddleware(Starlette(), store, cookie_name="sid", legacy_cookie_name="sid")
+    # production settings run in development (https_only=False: the default name is
+    # 'session' itself): the legacy name is the cookie's own, so there is nothing to
+    # move and the app works as without it (outside review: every request failed)
+    dev = make_app(store, legacy_cookie_name="session", https_only=False)
+    transport = httpx.ASGITransport(app=dev, client=("203.0.113.9", 1234))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        r = await c.get("/read", headers={"cookie": f"session={live.id}"})
+        assert r.json() == {"data": {"k": 1}, "user": "erin"} and set_cookies(r) == []
 
 
 # ------------------------------------------------------------------------ clock
