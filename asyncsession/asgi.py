@@ -738,8 +738,12 @@ class SessionMiddleware:
         self._cookie_cache: dict[bytes, tuple[int, tuple[str, ...]]] = {}
         if isinstance(max_age, timedelta):
             max_age = int(max_age.total_seconds())
-        if max_age is not None and max_age <= 0:
-            raise ValueError("max_age must be positive (None: a browser-session cookie)")
+        if max_age == 0:
+            max_age = None  # a browser-session cookie, as Starlette and starsessions take 0
+        if max_age is not None and max_age < 0:
+            raise ValueError(
+                f"max_age must be positive, got {max_age} (None or 0: a browser-session cookie)"
+            )
         self.max_age = max_age
         self.on_unavailable = on_unavailable
         self.max_retries = max_retries

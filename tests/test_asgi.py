@@ -342,7 +342,7 @@ async def test_development_cookie_without_secure(cstore: CountingStore) -> None:
         {"cookie_name": "__Host-sid", "domain": "example.com"},
         {"cookie_name": "__Host-sid", "path": "/app"},
         {"path": "/a;b"},
-        {"max_age": 0},
+        {"max_age": -1},
         {"touch_fraction": 0},
         {"on_unavailable": "ignore"},
     ],
@@ -352,6 +352,12 @@ def test_unsafe_or_invalid_options_are_refused(
 ) -> None:
     with pytest.raises(ValueError):
         SessionMiddleware(Starlette(), cstore, **options)
+
+
+def test_max_age_0_is_a_browser_session_cookie(cstore: CountingStore) -> None:
+    """As Starlette's and starsessions' ``max_age=0``: no Max-Age, no Expires."""
+    assert SessionMiddleware(Starlette(), cstore, max_age=0).max_age is None
+    assert SessionMiddleware(Starlette(), cstore, max_age=timedelta(0)).max_age is None
 
 
 def test_store_must_be_a_store() -> None:
