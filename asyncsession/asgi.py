@@ -47,6 +47,7 @@ from .errors import (
     SessionError,
     SessionNotFound,
     SessionRotated,
+    SessionTooLarge,
     StoreClosed,
     StoreUnavailable,
     short_hash,
@@ -394,7 +395,6 @@ class _Connection:
     __slots__ = (
         "budget",
         "client_id",
-        "conflict",
         "cookie_possible",
         "cookie_sent",
         "data",
@@ -403,6 +403,7 @@ class _Connection:
         "legacy",
         "mw",
         "refreshed",
+        "refusal",
         "scope",
         "session",
         "stale",
@@ -428,7 +429,9 @@ class _Connection:
         self.touch_due = False
         self.refreshed = False  # saved or touched: refresh a Max-Age cookie
         self.cookie_possible = True  # False once a websocket handshake is done
-        self.conflict: SessionConflict | None = None  # why commit answered 409
+        # why commit answered 409 or 413 instead of the app's response (the app's own
+        # exception handler for it, if any, answers)
+        self.refusal: SessionError | None = None
         # the cookie names a rotated id, or several live ones (tossing): leave the
         # client's cookies alone and refuse writes (409) rather than start a session
         self.stale = False
@@ -931,8 +934,8 @@ class SessionMiddleware:
                 status = await _commit_or_status(conn)
                 if status is not None:
                     replaced = True
-                    if conn.conflict is None or not await _app_answers(
-                        conn.conflict, scope, receive, send
+                    if conn.refusal is None or not await _app_answers(
+                        conn.refusal, scope, receive, send
                     ):
                         await _send_error(send, status)
                     return
@@ -1029,14 +1032,33 @@ async def _commit_or_status(conn: _Connection) -> int | None:
             exc,
             f" ({suppressed} more since)" if suppressed else "",
         )
-        conn.conflict = exc
+        conn.refusal = exc
         return 409
-    except SessionError as exc:
-        # NotSerializable, SessionTooLarge...: a bug in the app, not the client's fault
-        logger.error(
-            "session not saved (%s): %s",
+    except SessionTooLarge as exc:
+        # the data grew past Config.max_session_size: a client can drive that at will
+        # where the app stores what it sends, so 413 (the app's handler may answer it)
+        # and a rate-limited record
+        level, suppressed = _log_limit.level("too_large")
+        logger.log(
+            level,
+            "session not saved (%s): %s%s",
             exc.code,
             exc.message,
+            f" ({suppressed} more since)" if suppressed else "",
+            extra={"code": str(exc.code), "details": exc.details},
+        )
+        conn.refusal = exc
+        return 413
+    except SessionError as exc:
+        # NotSerializable...: a bug in the app (it stored what JSON cannot hold, or what
+        # a client sent unchecked): 500, logged at ERROR once per interval per code
+        level, suppressed = _log_limit.level(f"not_saved:{exc.code}")
+        logger.log(
+            logging.ERROR if level >= logging.WARNING else level,
+            "session not saved (%s): %s%s",
+            exc.code,
+            exc.message,
+            f" ({suppressed} more since)" if suppressed else "",
             extra={"code": str(exc.code), "details": exc.details},
         )
         return 500
