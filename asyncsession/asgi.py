@@ -99,6 +99,21 @@ and the request is treated as ambiguous (writes 409, the client's cookies left a
 _log_limit = LogLimiter()
 """Client-triggerable middleware records (conflicts, stale or tossed cookies)."""
 
+_outages = LogLimiter()
+"""Store-outage records: one request after another fails while the store is down."""
+
+
+def _outage(level: int, message: str, *args: object) -> None:
+    """Log a store failure once per ``LogLimiter.interval`` per message at ``level``
+    (with the count of those suppressed since), at DEBUG otherwise: an outage under
+    load would log every request. Metrics and events still count each failure."""
+    limited, suppressed = _outages.level(message)
+    if limited < logging.WARNING:
+        logger.debug(message, *args)
+        return
+    logger.log(level, message + "%s", *args, f" ({suppressed} more since)" if suppressed else "")
+
+
 _VARY = [(b"vary", b"Cookie")]
 _MUTABLE = (list, dict)
 
@@ -536,7 +551,7 @@ class _Connection:
                 self.stale = True  # (a read: nothing of this request is lost)
                 self.forget()
             except _UNAVAILABLE as exc:
-                logger.warning("session touch skipped: %s", exc)
+                _outage(logging.WARNING, "session touch skipped: %s", exc)
             else:
                 self.refreshed = True
 
@@ -552,7 +567,7 @@ class _Connection:
     async def _create(self) -> None:
         self.refuse_if_stale()
         if self.degraded:
-            logger.warning("session store unavailable: dropping a new anonymous session")
+            _outage(logging.WARNING, "session store unavailable: dropping a new anonymous session")
             return
         if not self.cookie_possible:
             logger.debug("websocket session written after accept: no cookie can carry it")
@@ -908,10 +923,14 @@ class SessionMiddleware:
                         conn.loaded(session, session_id)
             except _UNAVAILABLE as exc:
                 if self.on_unavailable == "fail":
-                    logger.error("session store unavailable, answering 503: %s", exc)
+                    _outage(logging.ERROR, "session store unavailable, answering 503: %s", exc)
                     await _refuse(kind, receive, send, 503, "Session store unavailable")
                     return
-                logger.warning("session store unavailable, serving an anonymous session: %s", exc)
+                _outage(
+                    logging.WARNING,
+                    "session store unavailable, serving an anonymous session: %s",
+                    exc,
+                )
                 conn.degraded = True
                 conn.forget()
         if conn.data is _EMPTY_SESSION:
@@ -1021,7 +1040,7 @@ async def _commit_or_status(conn: _Connection) -> int | None:
     try:
         await conn.commit()
     except _UNAVAILABLE as exc:
-        logger.error("session not saved, store unavailable: %s", exc)
+        _outage(logging.ERROR, "session not saved, store unavailable: %s", exc)
         return 503
     except SessionConflict as exc:
         # any client can cause these at will (parallel requests, two tabs, an old cookie)

@@ -21,6 +21,18 @@ from .redis_servers import (  # noqa: F401  (fixtures: throwaway Cluster / Senti
 BACKENDS = available()
 
 
+@pytest.fixture(autouse=True)
+def fresh_log_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The middleware's rate limits on client-triggered and outage log records start
+    afresh in every test: a record one test expects is not suppressed because an
+    earlier test logged its kind within the interval."""
+    from asyncsession import asgi
+    from asyncsession.controls import LogLimiter
+
+    monkeypatch.setattr(asgi, "_log_limit", LogLimiter())
+    monkeypatch.setattr(asgi, "_outages", LogLimiter())
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

@@ -972,6 +972,22 @@ async def test_store_failure_on_load_answers_503(
     assert "unavailable" in caplog.text
 
 
+async def test_an_outage_logs_once_not_once_per_request(
+    cstore: CountingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20 requests while the store is down: 20 answers of 503, one ERROR record (the
+    rest at DEBUG, counted in the next one logged), not one per request."""
+    async with client(make_app(cstore)) as c:
+        await new_cookie(c)
+        cstore.fail.add("get")
+        with caplog.at_level(logging.DEBUG, "asyncsession"):
+            statuses = [(await c.get("/read")).status_code for _ in range(20)]
+    assert statuses == [503] * 20
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1 and "answering 503" in loud[0].getMessage()
+    assert sum("answering 503" in r.getMessage() for r in caplog.records) == 20
+
+
 async def test_store_failure_can_degrade_to_anonymous(
     cstore: CountingStore, caplog: pytest.LogCaptureFixture
 ) -> None:
