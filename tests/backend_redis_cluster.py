@@ -18,6 +18,9 @@ from .clock import FakeClock
 
 
 def skip_reason() -> str | None:
+    too_old = redis_servers.cluster_client_reason()
+    if too_old is not None:  # (a declared limit, not a missing server: always a skip)
+        return too_old
     reason = redis_servers.skip_reason()
     if reason is not None and not redis_servers.REQUIRE:
         return reason

@@ -94,6 +94,9 @@ def redis_store() -> Iterator[Filled]:
 
 @pytest.fixture
 def redis_cluster_store() -> Iterator[Filled]:
+    too_old = redis_servers.cluster_client_reason()
+    if too_old is not None:
+        pytest.skip(too_old)
     reason = redis_servers.skip_reason()
     if reason is not None:
         if redis_servers.REQUIRE:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from . import backend_redis
+from . import backend_redis, redis_servers
 from .doc_examples import (
     ROOT,
     Example,
@@ -30,6 +30,10 @@ def _skip_without(example: Example) -> None:
     for module in example.requires:
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"needs {module} (an optional extra)")
+    if "RedisCluster" in example.source or "redis+cluster://" in example.source:
+        reason = redis_servers.cluster_client_reason()  # (the oldest-versions run)
+        if reason is not None:
+            pytest.skip(reason)
 
 
 @pytest.mark.parametrize("example", PROGRAMS, ids=[e.id for e in PROGRAMS])

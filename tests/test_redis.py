@@ -53,7 +53,7 @@ from asyncsession.backends.redis import RedisStore  # noqa: E402
 from asyncsession.backends.redis.rotation import rotation_key  # noqa: E402
 from asyncsession.codec import to_us  # noqa: E402
 
-from . import backend_redis  # noqa: E402
+from . import backend_redis, redis_servers  # noqa: E402
 from .clock import FakeClock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1198,6 +1198,9 @@ def test_tls_options_reach_sentinels_and_the_primary() -> None:
 
 def test_tls_options_reach_cluster_nodes() -> None:
     from redis.asyncio.connection import SSLConnection
+
+    if (reason := redis_servers.cluster_client_reason()) is not None:
+        pytest.skip(reason)
 
     store = RedisStore.from_url(
         "redis+cluster://n1:7000,n2:7001?ssl=true&ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=none"

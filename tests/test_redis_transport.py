@@ -29,7 +29,7 @@ from asyncsession import (  # noqa: E402
 )
 from asyncsession.backends.redis import RedisStore, transport  # noqa: E402
 
-from . import backend_redis  # noqa: E402
+from . import backend_redis, redis_servers  # noqa: E402
 from .clock import FakeClock  # noqa: E402
 from .fake_redis_server import serve  # noqa: E402
 
@@ -56,6 +56,9 @@ def client_for(kind: str, port: int) -> Redis | RedisCluster:
     if kind == "bare":
         return Redis(host="127.0.0.1", port=port, socket_timeout=None, socket_connect_timeout=2)
     if kind == "cluster":
+        reason = redis_servers.cluster_client_reason()
+        if reason is not None:
+            pytest.skip(reason)
         return RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", port)], **options)
     return Redis(host="127.0.0.1", port=port, **options)
 
@@ -212,6 +215,22 @@ async def test_a_cancelled_batch_task_still_resolves_its_waiters(clock: FakeCloc
 
 
 # ------------------------------------------------------------------ a lone call
+
+
+def test_redis_cluster_needs_redis_py_7_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before 7.2 redis-py mistakes a MOVED for a failover and a dead node's retry
+    closes every node's connections: a store over a cluster says so at once."""
+    from asyncsession.backends.redis import server
+
+    assert server.cluster_client_problem("7.2.0") is None
+    assert server.cluster_client_problem("8.2.0") is None
+    problem = server.cluster_client_problem("7.1.1")
+    assert problem is not None and "redis-py 7.2 or newer (installed: 7.1.1)" in problem
+    monkeypatch.setattr(redis, "__version__", "5.0.2")
+    cluster = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", 1)])
+    with pytest.raises(ValueError, match=r"installed: 5\.0\.2"):
+        RedisStore(cluster, Config())
+    RedisStore(Redis(), Config())  # one server: any declared version
 
 
 def test_lone_calls_run_inline_only_where_redis_py_keeps_the_cancellation() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,10 +11,32 @@ from ...errors import StoreUnavailable
 MIN_VERSION = (7, 0)
 """The scripts use ``PEXPIRETIME``, ``PEXPIREAT ... GT`` and ``ZMSCORE`` (Redis 7.0)."""
 
+PROBE_KEY = b"asyncsession:probe"
+"""The probes' key (a node of a cluster gets it with a hash tag of a slot it serves)."""
+
+MIN_CLUSTER_CLIENT = (7, 2)
+"""redis-py for Redis Cluster: before 7.2 a MOVED that names the node it was sent to
+demotes that node to a replica in the slot map (one primary then goes unscanned),
+and a dead node's retry closes every node's connections mid-read (requests to the
+healthy nodes fail too). Single servers and Sentinel work from 5.0.2."""
+
+
+def cluster_client_problem(version: str) -> str | None:
+    """Why redis-py ``version`` cannot run the store on Redis Cluster, or None."""
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if release >= MIN_CLUSTER_CLIENT:
+        return None
+    return (
+        f"Redis Cluster needs redis-py 7.2 or newer (installed: {version}); older "
+        "releases mistake a redirection for a failover and let one dead node fail "
+        "requests to the others: pip install 'redis[hiredis]>=7.2'"
+    )
+
+
 PROBES: tuple[tuple[Any, ...], ...] = (
-    ("PEXPIRETIME", b"asyncsession:probe"),
-    ("PEXPIREAT", b"asyncsession:probe", 1, "GT"),
-    ("ZMSCORE", b"asyncsession:probe", "x"),
+    ("PEXPIRETIME",),
+    ("PEXPIREAT", 1, "GT"),
+    ("ZMSCORE", "x"),
 )
 """Commands (on a key that does not exist: no effect) the scripts need beyond 6.2's."""
 
@@ -48,6 +71,7 @@ async def check_server(
     call: Callable[..., Awaitable[Any]],
     where: str,
     unavailable: Callable[[BaseException], StoreUnavailable],
+    key: bytes | None = PROBE_KEY,
 ) -> None:
     """``StoreUnavailable`` naming the version if the server behind ``call`` reports a
     Redis older than 7.0 or refuses a command the scripts need."""
@@ -63,7 +87,8 @@ async def check_server(
                 "(its scripts use PEXPIRETIME, PEXPIREAT ... GT and ZMSCORE)"
             )
         )
-    for probe in PROBES:
+    for name, *rest in PROBES if key is not None else ():
+        probe = (name, key, *rest)
         try:
             await call(*probe)
         except StoreUnavailable as exc:

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 import orjson
+import redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import ConnectionPool
@@ -51,7 +52,7 @@ from ...store import (
 from . import rotation
 from .apply import apply_args, parse_reply
 from .cluster import ClusterOps
-from .layout import TAG_LENGTH, ClusterLayout, SingleLayout
+from .layout import TAG_LENGTH, ClusterLayout, SingleLayout, slot_tag
 from .scripts import (
     ADOPT,
     ADOPT_READ,
@@ -68,7 +69,7 @@ from .scripts import (
     _Script,
 )
 from .sentinel import follow_sentinels
-from .server import check_server
+from .server import PROBE_KEY, check_server, cluster_client_problem
 from .transport import Raw, Transport
 from .urls import TLS_OPTIONS, check_db_path, parse_cluster_url, parse_sentinel_url
 
@@ -211,6 +212,9 @@ class RedisStore(Store):
         self._cluster: ClusterOps | None = None
         self._layout: SingleLayout
         if isinstance(client, RedisCluster):
+            problem = cluster_client_problem(redis.__version__)
+            if problem is not None:
+                raise ValueError(problem)
             layout = ClusterLayout(self.config.key_prefix)
             self._layout = layout
             self._where = "redis+cluster://" + ",".join(node.name for node in client.get_nodes())
@@ -420,12 +424,17 @@ class RedisStore(Store):
         else:
             cluster = self._cluster
             await cluster.ready()
+            # a probe key in a slot each node serves: a MOVED from a node asked
+            # directly makes redis-py < 7.2 mark that slot's own primary a replica
+            owned = {node.name: slots[0] for node, slots in cluster.slots_by_primary()}
             for node in cluster.primaries():
 
                 async def on_node(*command: Any, node: ClusterNode = node) -> Any:
                     return await cluster.call(node, *command)
 
-                await check_server(on_node, f"{self._where} ({node.name})", self._unavailable)
+                slot = owned.get(node.name)
+                key = None if slot is None else PROBE_KEY + b"{" + slot_tag(slot) + b"}"
+                await check_server(on_node, f"{self._where} ({node.name})", self._unavailable, key)
                 for script in SCRIPTS:
                     await cluster.call(node, "SCRIPT", "LOAD", script.source)
         if self._sentinel is not None and not any(
