@@ -416,6 +416,7 @@ class _Connection:
         "degraded",
         "exact",
         "legacy",
+        "moved",
         "mw",
         "refreshed",
         "refusal",
@@ -450,6 +451,7 @@ class _Connection:
         # the cookie names a rotated id, or several live ones (tossing): leave the
         # client's cookies alone and refuse writes (409) rather than start a session
         self.stale = False
+        self.moved = False  # a parallel login rotated the loaded session away
         self.tossed = False  # several values of our cookie: clearing ours would not help
         self.legacy = False  # the session came in the legacy cookie: move it to ours
         self.budget: float | None = mw.timeout  # seconds of store work left (None: no bound)
@@ -547,8 +549,9 @@ class _Connection:
             self.touch_due = False
             try:
                 await self.within(self.store.touch(self.session.id))
-            except SessionNotFound:  # ended or moved meanwhile: as _gone, minus the 409
-                self.stale = True  # (a read: nothing of this request is lost)
+            except SessionNotFound as exc:  # ended or moved meanwhile: as _gone, minus
+                self.stale = True  # the 409 (a read: nothing of this request is lost)
+                self.moved = isinstance(exc, SessionRotated)
                 self.forget()
             except _UNAVAILABLE as exc:
                 _outage(logging.WARNING, "session touch skipped: %s", exc)
@@ -616,6 +619,7 @@ class _Connection:
         self.stale = True
         self.forget()
         if isinstance(exc, SessionRotated):
+            self.moved = True
             raise SessionConflict(
                 "the session was rotated (login) during the request; its changes were not applied",
                 details={"session": short_hash(session.id), "reason": "rotated"},
@@ -1203,14 +1207,16 @@ async def login(
     fixation), there is never a moment with two live sessions or none, and a request
     still carrying the old id gets no access to the new session (it answers 409 if
     it writes, and never clears the new cookie). The per-user limit applies as in
-    ``create``. The data is kept when the previous session was anonymous or already
-    this user's, and dropped when it belonged to someone else (as Django's
-    ``login()`` does); ``keep_data`` forces either. ``fields`` go to ``new_session``
+    ``create``. Two logins at once from one session: one wins, the other raises
+    ``SessionConflict`` (409, no cookie). The data is kept when the previous session
+    was anonymous or already this user's, and dropped when it belonged to someone
+    else (as Django's ``login()`` does); ``keep_data`` forces either. A request whose
+    cookie names an id already rotated (a login whose response was lost) gets a fresh
+    session. ``fields`` go to ``new_session``
     (``organization_id``, ``data``, ``ip_address``, ``user_agent``); the client's
     address and user agent are recorded by default; times come from the store's clock.
     """
     conn = _work(connection)
-    conn.refuse_if_stale()  # a cookie a parallel login already rotated: 409
     store = conn.store
     user = normalize_user_id(user_id)
     old = conn.session
@@ -1218,7 +1224,15 @@ async def login(
         keep_data = old is None or old.user_id is None or old.user_id == user
     if old is not None and keep_data:
         if conn.pending():
-            await conn.commit()  # this request's own changes first, as usual
+            try:
+                await conn.commit()  # this request's own changes first, as usual
+            except SessionConflict as exc:
+                ended = exc.__cause__
+                if not isinstance(ended, SessionNotFound) or isinstance(ended, SessionRotated):
+                    raise  # a key it read changed, or a parallel login moved it: 409
+                # ended meanwhile (logout elsewhere, revoke, expiry): as below, a new session
+        if conn.moved:  # a parallel login moved it (found by the commit's touch): 409
+            conn._gone(old, SessionRotated("session id was rotated during the request"))
         old = conn.session
         if old is not None and not conn.exact:
             # a save merged with other requests' writes: their keys move too, and the

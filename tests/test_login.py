@@ -162,21 +162,80 @@ async def test_a_request_with_the_pre_login_cookie_never_undoes_the_login(
         await store.get(old)
 
 
-async def test_a_login_with_a_cookie_already_rotated_answers_409(
+async def test_a_login_from_a_cookie_already_rotated_starts_afresh(
     store: ControlledStore,
 ) -> None:
-    """A second login carrying the pre-login cookie (a double-clicked button, a form
-    sent from a second tab after the first login): 409 and no Set-Cookie, not a
-    second, empty session whose cookie would replace the first login's."""
-    async with client(make_app(store)) as c:
+    """A login whose response never reached the browser (the app raised after
+    login(), the client went away) leaves it holding the rotated id. Logging in
+    again from it must work: a new session (the rotated id gives no access to the
+    one it was moved to), not 409 for the whole rotation grace (outside review)."""
+
+    async def login_then_fail(request: Request) -> JSONResponse:
+        await login(request, "alice")
+        raise RuntimeError("the app fails after login")
+
+    app = make_app(store)
+    app.router.routes.append(Route("/login-fail", login_then_fail, methods=["POST"]))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
         old = issued(await c.post("/write", params={"key": "cart", "value": "3"}))
-        new = issued(await c.post("/login", params={"user": "alice"}, headers=jar(old)))
+        lost = await c.post("/login-fail", headers=jar(old))
+        assert lost.status_code == 500 and set_cookies(lost) == []
         again = await c.post("/login", params={"user": "alice"}, headers=jar(old))
-        assert again.status_code == 409, again.text
-        assert set_cookies(again) == []
+        assert again.status_code == 200, again.text
+        new = issued(again)
         r = await c.get("/read", headers=jar(new))
-        assert r.json() == {"data": {"cart": "3"}, "user": "alice"}
-    assert [s.id for s in await store.list_by_user("alice")] == [store.handle(new)]
+        assert r.json() == {"data": {}, "user": "alice"}  # nothing of the rotated session
+    with pytest.raises(SessionRotated):
+        await store.get(old)
+
+
+async def test_a_login_after_a_write_to_a_session_ended_meanwhile_goes_on(
+    store: ControlledStore,
+) -> None:
+    """The handler wrote, then the session was ended elsewhere (a revoke after a
+    password change), then it calls login(): a new session, not 409."""
+
+    async def relogin(request: Request) -> JSONResponse:
+        request.session["next"] = "/cart"
+        await store.delete_by_user("alice")
+        session = await login(request, "alice")
+        return JSONResponse({"user": session.user_id})
+
+    app = make_app(store)
+    app.router.routes.append(Route("/relogin", relogin, methods=["POST"]))
+    async with client(app) as c:
+        first = issued(await c.post("/login", params={"user": "alice"}))
+        r = await c.post("/relogin", headers=jar(first))
+        assert r.status_code == 200, r.text
+        again = issued(r)
+        assert (await c.get("/read", headers=jar(again))).json()["user"] == "alice"
+
+
+async def test_a_login_whose_session_a_parallel_login_moved_answers_409_touch_or_not(
+    harness: Harness,
+) -> None:
+    """Rotated under the request (a parallel login won): 409 and no Set-Cookie, also
+    when a touch is due and login()'s commit is what finds it moved."""
+    store = await harness.controlled(Config(site_id="site-a", cleanup_interval=0))
+
+    async def moved_then_login(request: Request) -> JSONResponse:
+        session = current_session(request)
+        assert session is not None
+        await store.rotate(session.id)  # the parallel login, simulated
+        await login(request, "alice")
+        return JSONResponse({})
+
+    for options in ({}, {"touch_interval": 0.0001}):
+        app = make_app(store, **options)
+        app.router.routes.append(Route("/moved", moved_then_login, methods=["POST"]))
+        async with client(app) as c:
+            sid = issued(await c.post("/write", params={"key": "cart", "value": "3"}))
+            if options:
+                harness.clock.advance(1)  # the touch is due
+            r = await c.post("/moved", headers=jar(sid))
+            assert r.status_code == 409, (options, r.text)
+            assert set_cookies(r) == [], options
 
 
 async def test_two_logins_at_once_from_one_session_make_one_session(
