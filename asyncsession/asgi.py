@@ -103,15 +103,32 @@ _outages = LogLimiter()
 """Store-outage records: one request after another fails while the store is down."""
 
 
+def _log_limited(
+    limiter: LogLimiter,
+    kind: str,
+    level: int,
+    message: str,
+    *args: object,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """``message`` at ``level`` once per ``LogLimiter.interval`` per ``kind``, with the
+    count of those suppressed since appended; at DEBUG otherwise. For records a client
+    (or an outage under load) can cause on every request; metrics and events still
+    count each one."""
+    limited, suppressed = limiter.level(kind)
+    logger.log(
+        level if limited >= logging.WARNING else logging.DEBUG,
+        message + "%s",
+        *args,
+        f" ({suppressed} more since)" if suppressed else "",
+        extra=extra,
+    )
+
+
 def _outage(level: int, message: str, *args: object) -> None:
-    """Log a store failure once per ``LogLimiter.interval`` per message at ``level``
-    (with the count of those suppressed since), at DEBUG otherwise: an outage under
-    load would log every request. Metrics and events still count each failure."""
-    limited, suppressed = _outages.level(message)
-    if limited < logging.WARNING:
-        logger.debug(message, *args)
-        return
-    logger.log(level, message + "%s", *args, f" ({suppressed} more since)" if suppressed else "")
+    """A store failure's record, rate-limited per message (an outage under load would
+    log every request)."""
+    _log_limited(_outages, message, level, message, *args)
 
 
 _VARY = [(b"vary", b"Cookie")]
@@ -901,12 +918,12 @@ class SessionMiddleware:
             conn.tossed = sent > 1
             if sent == TOO_MANY:
                 conn.stale = True  # ambiguous: none adopted, writes refused (409)
-                level, suppressed = _log_limit.level("too_many_cookies")
-                logger.log(
-                    level,
+                _log_limited(
+                    _log_limit,
+                    "too_many_cookies",
+                    logging.WARNING,
                     "more session cookies in one request than are read (cookie tossing?): "
-                    "none adopted%s",
-                    f" ({suppressed} more since)" if suppressed else "",
+                    "none adopted",
                 )
         if ids:
             try:
@@ -994,11 +1011,11 @@ class SessionMiddleware:
             conn.stale = rotated  # a newer cookie exists, as for a single rotated id
         else:
             conn.stale = True
-            level, suppressed = _log_limit.level("ambiguous_cookie")
-            logger.log(
-                level,
-                "several live session cookies in one request (cookie tossing?): none adopted%s",
-                f" ({suppressed} more since)" if suppressed else "",
+            _log_limited(
+                _log_limit,
+                "ambiguous_cookie",
+                logging.WARNING,
+                "several live session cookies in one request (cookie tossing?): none adopted",
             )
 
     async def _websocket(
@@ -1048,12 +1065,12 @@ async def _commit_or_status(conn: _Connection) -> int | None:
         return 503
     except SessionConflict as exc:
         # any client can cause these at will (parallel requests, two tabs, an old cookie)
-        level, suppressed = _log_limit.level("conflict")
-        logger.log(
-            level,
-            "session not saved, a key it read was changed meanwhile: %s%s",
+        _log_limited(
+            _log_limit,
+            "conflict",
+            logging.WARNING,
+            "session not saved, a key it read was changed meanwhile: %s",
             exc,
-            f" ({suppressed} more since)" if suppressed else "",
         )
         conn.refusal = exc
         return 409
@@ -1061,13 +1078,13 @@ async def _commit_or_status(conn: _Connection) -> int | None:
         # the data grew past Config.max_session_size: a client can drive that at will
         # where the app stores what it sends, so 413 (the app's handler may answer it)
         # and a rate-limited record
-        level, suppressed = _log_limit.level("too_large")
-        logger.log(
-            level,
-            "session not saved (%s): %s%s",
+        _log_limited(
+            _log_limit,
+            "too_large",
+            logging.WARNING,
+            "session not saved (%s): %s",
             exc.code,
             exc.message,
-            f" ({suppressed} more since)" if suppressed else "",
             extra={"code": str(exc.code), "details": exc.details},
         )
         conn.refusal = exc
@@ -1075,13 +1092,13 @@ async def _commit_or_status(conn: _Connection) -> int | None:
     except SessionError as exc:
         # NotSerializable...: a bug in the app (it stored what JSON cannot hold, or what
         # a client sent unchecked): 500, logged at ERROR once per interval per code
-        level, suppressed = _log_limit.level(f"not_saved:{exc.code}")
-        logger.log(
-            logging.ERROR if level >= logging.WARNING else level,
-            "session not saved (%s): %s%s",
+        _log_limited(
+            _log_limit,
+            f"not_saved:{exc.code}",
+            logging.ERROR,
+            "session not saved (%s): %s",
             exc.code,
             exc.message,
-            f" ({suppressed} more since)" if suppressed else "",
             extra={"code": str(exc.code), "details": exc.details},
         )
         return 500
