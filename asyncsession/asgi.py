@@ -575,17 +575,12 @@ class _Connection:
             else:
                 self.refreshed = True
 
-    def refuse_if_stale(self) -> None:
-        """A request whose cookie names a rotated id, or several live ones, writes
-        nothing (409): the newer cookie stays the client's."""
-        if self.stale:
+    async def _create(self) -> None:
+        if self.stale:  # a rotated id, or several live ones: the newer cookie stays
             raise SessionConflict(
                 "the session cookie is stale (rotated) or ambiguous; reload and retry",
                 details={"reason": "stale_cookie"},
             )
-
-    async def _create(self) -> None:
-        self.refuse_if_stale()
         if self.degraded:
             _outage(logging.WARNING, "session store unavailable: dropping a new anonymous session")
             return
@@ -1243,9 +1238,8 @@ async def login(
         if conn.pending():
             try:
                 await conn.commit()  # this request's own changes first, as usual
-            except SessionConflict as exc:
-                ended = exc.__cause__
-                if not isinstance(ended, SessionNotFound) or isinstance(ended, SessionRotated):
+            except SessionConflict:
+                if conn.session is not None or conn.moved:
                     raise  # a key it read changed, or a parallel login moved it: 409
                 # ended meanwhile (logout elsewhere, revoke, expiry): as below, a new session
         if conn.moved:  # a parallel login moved it (found by the commit's touch): 409
