@@ -26,10 +26,11 @@ def cluster_client_problem(version: str) -> str | None:
     release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
     if release >= MIN_CLUSTER_CLIENT:
         return None
+    needed = ".".join(map(str, MIN_CLUSTER_CLIENT))
     return (
-        f"Redis Cluster needs redis-py 7.2 or newer (installed: {version}); older "
+        f"Redis Cluster needs redis-py {needed} or newer (installed: {version}); older "
         "releases mistake a redirection for a failover and let one dead node fail "
-        "requests to the others: pip install 'redis[hiredis]>=7.2'"
+        f"requests to the others: pip install 'redis[hiredis]>={needed}'"
     )
 
 
