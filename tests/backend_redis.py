@@ -27,6 +27,22 @@ REQUIRE = os.environ.get("ASYNCSESSION_REQUIRE_REDIS") == "1"
 _reachable: bool | None = None
 
 
+#: What redis-py sends on a new connection before any request (``on_connect``)
+HANDSHAKE_COMMANDS = frozenset({b"HELLO", b"AUTH", b"CLIENT", b"SELECT", b"READONLY", b"PING"})
+
+
+def is_handshake(packed: Any) -> bool:
+    """Whether a ``send_packed_command`` payload is a connection's set-up, not a request.
+
+    Tests that count round trips count requests only: whether a batch needed a
+    fresh connection (which redis-py opens with ``CLIENT SETINFO`` and such)
+    depends on timing, not on the code under test.
+    """
+    first = packed if isinstance(packed, (bytes, bytearray, memoryview)) else packed[0]
+    parts = bytes(first[:64]).split(b"\r\n")
+    return len(parts) > 2 and parts[2].upper() in HANDSHAKE_COMMANDS
+
+
 def server_reachable() -> bool:
     """One TCP (or unix socket) connect + PING, cached for the session."""
     global _reachable

@@ -69,12 +69,15 @@ def need_real_redis() -> None:
 
 
 class CountingConnection(Connection):
-    """Counts writes to the socket: one per round trip (a pipeline is one write)."""
+    """Counts requests written to the socket: one per round trip (a pipeline is one
+    write). A new connection's handshake is not counted: whether a batch needed one
+    depends on timing."""
 
     writes = 0
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        type(self).writes += 1
+        if not backend_redis.is_handshake(command):
+            type(self).writes += 1
         await super().send_packed_command(command, check_health)
 
 
