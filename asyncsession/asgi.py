@@ -22,6 +22,7 @@ opaque, random id in an HttpOnly cookie. ``scope["session"]`` is a ``SessionDict
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import logging
 import random
@@ -301,6 +302,21 @@ class SessionDict(dict[str, Any]):
         self._see_all()
         return _plain(self)
 
+    # copy.copy, copy.deepcopy and pickle: a plain dict, as of Starlette's session (the
+    # default protocol would rebuild a SessionDict through __setitem__, sharing and
+    # corrupting this one's record of what the request read and wrote)
+    def __copy__(self) -> dict[str, Any]:
+        return self.copy()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return copy.deepcopy(self.copy(), memo)
+
+    def __reduce__(self) -> tuple[type[dict[str, Any]], tuple[dict[str, Any]]]:
+        return (dict, (self.copy(),))
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[type[dict[str, Any]], tuple[dict[str, Any]]]:
+        return self.__reduce__()
+
     # -- writes: remember the old value first
 
     def _before(self, key: str) -> None:
@@ -407,15 +423,40 @@ class SessionDict(dict[str, Any]):
         self._read_all = False
         self._dirty = False
 
-    def _reset(self, data: dict[str, Any]) -> None:
-        """A new baseline: the stored data as loaded, created or saved."""
+    def _reset(self, data: dict[str, Any], *, rebase: bool = False) -> None:
+        """A new baseline: the stored data as loaded, created or saved. With ``rebase``
+        (the same values, now under another record: a login) what the request read
+        stays read, as after ``_saved``."""
         dict.clear(self)
         dict.update(self, data)
-        self._forget()
+        if rebase:
+            self._saved()
+        else:
+            self._forget()
         self._cleared = False
 
     def _saved(self) -> None:
-        self._forget()
+        """What is stored now is what this dict holds: each key the request touched
+        keeps its kind (read or blind) with its current value as the new baseline.
+        Lists and dicts are snapshotted again, since the app may still hold them and
+        change them in place (``cart = session["cart"]``, save, ``cart.append(x)``):
+        a later commit sees that."""
+        base: dict[str, Any] = {}
+        dirty = False
+        keys = dict.keys(self) if self._read_all else self._base.keys()
+        for key in keys:
+            value = dict.get(self, key, ABSENT)
+            if type(value) in _MUTABLE:
+                base[key] = _snapshot(value)
+                dirty = True
+            else:
+                base[key] = value
+        for key in self._base:  # keys read (or deleted) as absent stay so
+            base.setdefault(key, ABSENT)
+        self._base = base
+        self._blind = {key for key in self._blind if key in base}
+        self._forced = set()
+        self._dirty = dirty
 
 
 _EMPTY_SESSION = SessionDict()  # a placeholder, never handed to an app
@@ -433,10 +474,12 @@ class _Connection:
         "degraded",
         "exact",
         "legacy",
+        "migrate",
         "moved",
         "mw",
         "refreshed",
         "refusal",
+        "rotated",
         "scope",
         "session",
         "stale",
@@ -469,8 +512,10 @@ class _Connection:
         # client's cookies alone and refuse writes (409) rather than start a session
         self.stale = False
         self.moved = False  # a parallel login rotated the loaded session away
+        self.rotated = False  # the cookie named an id rotated before this request
         self.tossed = False  # several values of our cookie: clearing ours would not help
         self.legacy = False  # the session came in the legacy cookie: move it to ours
+        self.migrate = False  # ... under a new id, which commit gives it (_migrate)
         self.budget: float | None = mw.timeout  # seconds of store work left (None: no bound)
 
     async def within(self, work: Awaitable[T], *, store_call: bool = True) -> T:
@@ -517,18 +562,20 @@ class _Connection:
         self.exact = True
         self.data = SessionDict(session.data)
         self.client_id = None if self.legacy else session_id
+        self.migrate = self.legacy
         every = self.mw.touch_every
         if every is not None:
             self.touch_due = self.store.clock() - session.last_accessed_at >= every
 
-    def adopt(self, session: Session) -> None:
+    def adopt(self, session: Session, *, rebase: bool = False) -> None:
         self.session = session
         self.exact = True
-        self.data._reset(session.data)
+        self.data._reset(session.data, rebase=rebase)
 
     def forget(self) -> None:
         """The stored session is gone: empty data, expire the cookie (unless a new one)."""
         self.session = None
+        self.migrate = False
         if self.data is _EMPTY_SESSION:
             self.data = SessionDict()
         else:
@@ -546,11 +593,7 @@ class _Connection:
             session = self.session
             if session is not None:
                 # cleared stays set until the delete is done: a failed save retries it
-                store = self.store
-                if not await self.within(store.delete(session.id)) and await self.within(
-                    store._was_rotated(session.id, store.scope, store.clock())
-                ):  # a parallel login moved it: the newer cookie stays, nothing is saved
-                    self._gone(session, store._rotated_error(session.id))
+                await self.delete(session)
                 kept = _plain(data)
                 self.forget()
                 self.data.update(kept)
@@ -562,6 +605,11 @@ class _Connection:
         changes = self.data.changes()
         if changes is not None:
             await self._save(self.session, changes)
+            if self.migrate:
+                await self._migrate(self.session)
+        elif self.migrate:
+            self.touch_due = False  # the rotation refreshes it as a touch would
+            await self._migrate(self.session)
         elif self.touch_due:
             self.touch_due = False
             try:
@@ -574,6 +622,37 @@ class _Connection:
                 _outage(logging.WARNING, "session touch skipped: %s", exc)
             else:
                 self.refreshed = True
+
+    async def _migrate(self, session: Session) -> None:
+        """Move a session that came in ``legacy_cookie_name`` to a new id (set under the
+        cookie's own name). The legacy name is one a sibling domain can toss to this
+        client, and its tosser holds that id: rotated, it is worthless to them, and a
+        client that keeps sending it is not served it again. A session that ended
+        meanwhile is dropped as a touch would drop it; an outage leaves the move to
+        the next request."""
+        self.migrate = False
+        if not self.cookie_possible:  # a websocket past its handshake: no cookie now
+            return
+        try:
+            session.id = await self.within(self.store.rotate(session.id))
+        except SessionNotFound as exc:
+            self.stale = True
+            self.moved = isinstance(exc, SessionRotated)
+            self.forget()
+        except _UNAVAILABLE as exc:
+            self.migrate = True
+            _outage(logging.WARNING, "session cookie move skipped: %s", exc)
+        else:
+            self.refreshed = True
+
+    async def delete(self, session: Session) -> None:
+        """Delete the stored ``session``. One a parallel login moved is not ended:
+        ``SessionConflict`` (409), and the newer cookie stays."""
+        store = self.store
+        if not await self.within(store.delete(session.id)) and await self.within(
+            store._was_rotated(session.id, store.scope, store.clock())
+        ):
+            self._gone(session, store._rotated_error(session.id))
 
     async def _create(self) -> None:
         if self.stale:  # a rotated id, or several live ones: the newer cookie stays
@@ -647,7 +726,7 @@ class _Connection:
     def pending(self) -> bool:
         """Whether ``commit`` has anything to do (cheap: read-only requests skip it)."""
         data = self.data
-        return data._dirty or data._cleared or self.touch_due
+        return data._dirty or data._cleared or self.touch_due or self.migrate
 
     def cookie_headers(self) -> list[tuple[bytes, bytes]]:
         """``Set-Cookie`` (and ``Vary``) headers this response needs."""
@@ -669,6 +748,12 @@ class _Connection:
             if self.legacy and mw.legacy_expire_value is not None:
                 return [(b"vary", b"Cookie"), (b"set-cookie", mw.legacy_expire_value)]
             return [(b"vary", b"Cookie"), (b"set-cookie", mw.expire_cookie_value)]
+        # the response depends on the cookie if the request carried one or the app
+        # looked at the session (a "guest" page a shared cache must not serve to a
+        # client that has a session): as Starlette's middleware does
+        data = self.data
+        if self.cookie_sent or data._base or data._read_all or data._cleared:
+            return _VARY
         return []
 
 
@@ -912,7 +997,9 @@ class SessionMiddleware:
             conn.cookie_sent = True
             conn.tossed = sent > 1
             if sent == TOO_MANY:
-                conn.stale = True  # ambiguous: none adopted, writes refused (409)
+                # ambiguous: none adopted, writes refused (409); legacy cookies only
+                # help a move, and refusing would let a tosser block every write
+                conn.stale = not conn.legacy
                 _log_limited(
                     _log_limit,
                     "too_many_cookies",
@@ -934,6 +1021,7 @@ class SessionMiddleware:
                     except SessionNotFound as exc:
                         if isinstance(exc, SessionRotated):
                             conn.stale = True  # a newer cookie exists: leave it alone
+                            conn.rotated = True
                         logger.debug("session cookie not adopted: %s", short_hash(session_id))
                     else:
                         conn.loaded(session, session_id)
@@ -964,8 +1052,12 @@ class SessionMiddleware:
                 if not replaced:
                     await send(message)
                 return  # else: we answered with an error instead of the app's response
+            # a save earlier in the request (update_session, save_session) refreshes no
+            # Max-Age cookie: a login elsewhere may have rotated the id since, and
+            # sending it again would undo that login; only this commit's store work does
+            conn.refreshed = False
             data = conn.data
-            if data._dirty or data._cleared or conn.touch_due:  # conn.pending()
+            if data._dirty or data._cleared or conn.touch_due or conn.migrate:  # pending()
                 status = await _commit_or_status(conn)
                 if status is not None:
                     replaced = True
@@ -1003,9 +1095,9 @@ class SessionMiddleware:
         if len(live) == 1:
             conn.loaded(*live[0])
         elif not live:
-            conn.stale = rotated  # a newer cookie exists, as for a single rotated id
+            conn.stale = conn.rotated = rotated  # a newer cookie exists, as for one id
         else:
-            conn.stale = True
+            conn.stale = not conn.legacy  # legacy cookies: none moved, a fresh session
             _log_limited(
                 _log_limit,
                 "ambiguous_cookie",
@@ -1018,6 +1110,7 @@ class SessionMiddleware:
     ) -> None:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "websocket.accept":
+                conn.refreshed = False  # as for http: only the commit's own store work
                 status = await _commit_or_status(conn)
                 conn.cookie_possible = False
                 if status is not None:
@@ -1086,7 +1179,8 @@ async def _commit_or_status(conn: _Connection) -> int | None:
         return 413
     except SessionError as exc:
         # NotSerializable...: a bug in the app (it stored what JSON cannot hold, or what
-        # a client sent unchecked): 500, logged at ERROR once per interval per code
+        # a client sent unchecked, such as NaN): 500 unless the app's handler answers,
+        # logged at ERROR once per interval per code
         _log_limited(
             _log_limit,
             f"not_saved:{exc.code}",
@@ -1096,6 +1190,7 @@ async def _commit_or_status(conn: _Connection) -> int | None:
             exc.message,
             extra={"code": str(exc.code), "details": exc.details},
         )
+        conn.refusal = exc
         return 500
     return None
 
@@ -1231,6 +1326,7 @@ async def login(
     conn = _work(connection)
     store = conn.store
     user = normalize_user_id(user_id)
+    conn.migrate = False  # a legacy cookie's session: the login's rotation moves it
     old = conn.session
     if keep_data is None:
         keep_data = old is None or old.user_id is None or old.user_id == user
@@ -1284,10 +1380,12 @@ async def login(
         else:
             if keep_data and not explicit:
                 fields["data"] = old.data
-    conn.adopt(session)
+    # the same values under the new id (unless the data was dropped or given): what
+    # the request read stays read, and lists it holds stay watched
+    conn.adopt(session, rebase=keep_data and not explicit)
     conn.touch_due = False
     conn.refreshed = True
-    conn.stale = False
+    conn.stale = conn.rotated = conn.migrate = False
     logger.info("login: session %s for user %r", short_hash(session.id), session.user_id)
     return session
 
@@ -1303,10 +1401,23 @@ def _login_lost(conn: _Connection, old: Session, exc: SessionNotFound) -> None:
 
 async def logout(connection: HTTPConnection) -> None:
     """Delete the server-side session and expire the cookie. Data written afterwards
-    in the same request starts a new anonymous session."""
+    in the same request starts a new anonymous session.
+
+    A session a parallel login rotated (before this request or during it) is not
+    ended: ``SessionConflict`` (409, reason ``rotated``) and no cookie is sent, so
+    the user is never told "logged out" while the login's newer session lives on."""
     conn = _work(connection)
     if conn.session is not None:
-        await conn.within(conn.store.delete(conn.session.id))
+        await conn.delete(conn.session)
+    elif conn.rotated:
+        # the cookie names an id a login rotated before this request (a login in
+        # another tab whose response is on its way): that session is not this
+        # request's to end, and a 200 would tell the user they are logged out
+        raise SessionConflict(
+            "the session cookie was rotated (login) before this request; log out "
+            "with the newer cookie",
+            details={"reason": "rotated"},
+        )
     conn.forget()
 
 

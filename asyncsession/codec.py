@@ -147,8 +147,21 @@ def _referents_work() -> bool:
 _json_native = _json_native_by_level if _referents_work() else _json_native_by_value
 
 
+MAX_PATH_SHOWN = 200
+"""Characters of a key path an error shows: the keys may be a client's (an app that
+stores what it is sent), and each error is logged."""
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_PATH_SHOWN:
+        return text
+    half = MAX_PATH_SHOWN // 2
+    return f"{text[:half]}...{text[-half:]}"
+
+
 def _not_serializable(data: dict[str, Any]) -> NotSerializable:
     path, reason, type_name = find_non_json(data)
+    path, reason = _clip(path), _clip(reason)
     return NotSerializable(
         f"session data is not JSON-native at {path}: {reason}",
         details={"path": path, "type": type_name, "reason": reason},

@@ -78,12 +78,21 @@ class SessionEvent:
 E = TypeVar("E", ViolationEvent, SessionEvent)
 
 CLIENT_TRIGGERED = frozenset(
-    {"site_mismatch", "conflict", "rotated", "size_exceeded", "session_limit_exceeded"}
+    {
+        "site_mismatch",
+        "conflict",
+        "rotated",
+        "size_exceeded",
+        "not_serializable",
+        "session_limit_exceeded",
+    }
 )
 """Violations any client can cause at will (another site's id, a stale cookie, parallel
-writes, data it sends that the app stores past the size limit, logins past a per-user
-limit that rejects): logged at WARNING at most once per ``LogLimiter.interval`` per
-kind, at DEBUG otherwise. Events and metrics still count every one."""
+writes, data it sends that the app stores past the size limit or that JSON parsers
+accept and strict JSON does not, such as NaN, huge integers or deep nesting, logins
+past a per-user limit that rejects): logged at WARNING at most once per
+``LogLimiter.interval`` per kind, at DEBUG otherwise. Events and metrics still count
+every one."""
 
 
 class LogLimiter:

@@ -29,13 +29,14 @@ async def call_app(
     app: Any,
     scope: dict[str, Any],
     wrap: Callable[[Awaitable[None]], Awaitable[Any]] | None = None,
+    body: bytes = b"",
 ) -> list[dict[str, Any]]:
     """The messages the app sent; the first must be ``http.response.start``.
-    ``wrap`` bounds the call (a timeout) when given."""
+    ``wrap`` bounds the call (a timeout) when given; ``body`` is the request's."""
     messages: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
         messages.append(message)

@@ -302,6 +302,37 @@ async def test_secure_cookie_defaults(cstore: CountingStore) -> None:
     assert "Cookie" in response.headers.get_list("vary")
 
 
+async def test_vary_cookie_whenever_the_response_may_depend_on_it(cstore: CountingStore) -> None:
+    """A request without a cookie whose handler reads the session ("hello guest")
+    gets ``Vary: Cookie`` too, so a shared cache never serves that page to a client
+    with a session (outside review: Starlette sends it, we did not); a response that
+    never looked at the session, to a request without a cookie, does not."""
+
+    async def guest(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(f"hello {request.session.get('user', 'guest')}")
+
+    async def listing(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(",".join(request.session))
+
+    async def static(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("static")
+
+    app = Starlette(
+        routes=[Route("/guest", guest), Route("/list", listing), Route("/static", static)]
+    )
+    app.add_middleware(SessionMiddleware, store=cstore, cookie_name="session")
+    async with client(app) as c:
+        for path in ("/guest", "/list"):
+            response = await c.get(path)
+            assert response.status_code == 200 and set_cookies(response) == []
+            assert response.headers.get_list("vary") == ["Cookie"], path
+        response = await c.get("/static")
+        assert "vary" not in response.headers
+        # with a cookie (here unknown, so expired): always
+        response = await c.get("/static", headers={"cookie": f"session={'J' * 43}"})
+        assert response.headers.get_list("vary") == ["Cookie"]
+
+
 async def test_cookie_options(cstore: CountingStore) -> None:
     app = make_app(
         cstore,
@@ -1018,23 +1049,35 @@ async def test_store_failure_on_save_answers_503(cstore: CountingStore) -> None:
     assert response.text == "Session store unavailable"
 
 
+def app_without_handlers(store: Any) -> Starlette:
+    app = Starlette(routes=ROUTES)
+    app.add_middleware(SessionMiddleware, store=store, cookie_name="session")
+    return app
+
+
+@pytest.mark.parametrize("handled", [False, True], ids=["bare", "install_exception_handler"])
 async def test_not_serializable_is_a_logged_500_and_leaves_the_session(
-    cstore: CountingStore, caplog: pytest.LogCaptureFixture
+    cstore: CountingStore, caplog: pytest.LogCaptureFixture, handled: bool
 ) -> None:
-    async with client(make_app(cstore)) as c:
+    make = make_app if handled else app_without_handlers
+    # the app's own handler answers it (400 from install_exception_handler), else 500
+    status = 400 if handled else 500
+    async with client(make(cstore)) as c:
         sid = await new_cookie(c)
         before = await cstore.get(sid)
         with caplog.at_level(logging.ERROR, "asyncsession"):
             response = await c.post("/bad")
-        assert response.status_code == 500
+        assert response.status_code == status
         assert "never reaches" not in response.text
+        if handled:
+            assert response.json()["error"]["code"] == "SESSION_NOT_SERIALIZABLE"
         assert "SESSION_NOT_SERIALIZABLE" in caplog.text
         after = await cstore.get(sid)
         assert after.data == {"a": "1"} and after.version == before.version
         # an anonymous session is not created with bad data either
-        async with client(make_app(cstore)) as fresh:
+        async with client(make(cstore)) as fresh:
             response = await fresh.post("/bad")
-        assert response.status_code == 500
+        assert response.status_code == status
         assert set_cookies(response) == []
         assert len(cstore.store) == 1  # type: ignore[arg-type]
 

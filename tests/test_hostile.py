@@ -743,6 +743,13 @@ async def _huge(request: Request) -> PlainTextResponse:
     return PlainTextResponse("never sent")
 
 
+async def _put(request: Request) -> PlainTextResponse:
+    """Stores what the client sends, unchecked (as many apps do with form state)."""
+    for key, value in (await request.json()).items():
+        request.session[key] = value
+    return PlainTextResponse("stored")
+
+
 def _app(store: Store) -> Starlette:
     app = Starlette(
         routes=[
@@ -750,6 +757,7 @@ def _app(store: Store) -> Starlette:
             Route("/write", _write, methods=["POST"]),
             Route("/bad", _bad, methods=["POST"]),
             Route("/huge", _huge, methods=["POST"]),
+            Route("/put", _put, methods=["POST"]),
         ]
     )
     app.add_middleware(SessionMiddleware, store=store, cookie_name="session")
@@ -943,7 +951,43 @@ async def test_oversized_writes_do_not_flood_the_logs(
     await population.unchanged()
 
 
-async def test_non_json_session_data_is_a_500_and_changes_nothing(
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"f": NaN}',
+        b'{"f": -Infinity}',
+        b'{"i": 123456789012345678901234567890}',
+        b'{"k%s": ' * 300 % tuple(b"%04d" % n + b"k" * 2000 for n in range(300))
+        + b"1"
+        + b"}" * 300,
+    ],
+    ids=["nan", "infinity", "bigint", "deep-long-keys"],
+)
+async def test_client_data_json_cannot_hold_does_not_flood_the_logs(
+    site: tuple[Population, Any], caplog: pytest.LogCaptureFixture, body: bytes
+) -> None:
+    """What Starlette's request.json() accepts and strict JSON refuses (NaN, integers
+    past 64 bits, nesting past 250 levels) stored as sent, 20 times: each refused by
+    the app's handler (400), the stored session unchanged, a handful of records at
+    WARNING or above (not two per request), none longer than a few hundred characters
+    however long the client's keys (outside review: a 501 KB record per request)."""
+    population, app = site
+    sid = population.ids[3]
+    before = await population.a.get(sid)
+    with caplog.at_level(logging.DEBUG, "asyncsession"):
+        for _ in range(20):
+            scope = http_scope([(b"cookie", b"session=" + sid.encode())], "/put")
+            messages = await call_app(app, scope, bounded, body=body)
+            assert messages[0]["status"] == 400
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) <= 3, [r.getMessage()[:80] for r in loud]
+    assert max(len(r.getMessage()) for r in caplog.records) < 1_000
+    assert sum("NOT_SERIALIZABLE" in r.getMessage() for r in caplog.records) >= 20
+    assert await population.a.get(sid) == before
+    await population.unchanged()
+
+
+async def test_non_json_session_data_is_refused_and_changes_nothing(
     site: tuple[Population, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     population, app = site
@@ -952,14 +996,14 @@ async def test_non_json_session_data_is_a_500_and_changes_nothing(
     TRIED["bad handler data"] += 1
     with caplog.at_level(logging.DEBUG, "asyncsession"):  # (ERROR once per interval)
         status, _, _ = await _request(app, [(b"cookie", b"session=" + sid.encode())], "/bad")
-    assert status == 500
+    assert status == 400  # the app's handler (install_exception_handler) answers
     assert "SESSION_NOT_SERIALIZABLE" in caplog.text
     assert await population.a.get(sid) == before
     await population.unchanged()
 
 
 @pytest.mark.parametrize(
-    ("kind", "code", "answer"), [("deep", "NOT_SERIALIZABLE", 500), ("big", "SIZE_EXCEEDED", 413)]
+    ("kind", "code", "answer"), [("deep", "NOT_SERIALIZABLE", 400), ("big", "SIZE_EXCEEDED", 413)]
 )
 async def test_huge_session_data_is_refused_and_changes_nothing(
     site: tuple[Population, Any],
@@ -968,10 +1012,11 @@ async def test_huge_session_data_is_refused_and_changes_nothing(
     code: str,
     answer: int,
 ) -> None:
-    """A handler that puts 10,000-deep nesting or 50 MB into the session: a bounded,
-    logged 500 (an app bug), or 413 for data past the size limit (a client can drive
-    that where the app stores what it sends); the stored session (and every other) is
-    left as it was."""
+    """A handler that puts 10,000-deep nesting or 50 MB into the session: refused,
+    answered by the app's own handler for it (400 from install_exception_handler; 500
+    without one), or 413 for data past the size limit (a client can drive that where
+    the app stores what it sends); the stored session (and every other) is left as it
+    was."""
     population, app = site
     sid = population.ids[3]
     before = await population.a.get(sid)

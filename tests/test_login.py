@@ -38,6 +38,8 @@ from asyncsession import (
     login,
     logout,
     new_session,
+    save_session,
+    update_session,
     with_controls,
 )
 
@@ -74,8 +76,29 @@ def make_app(
         return JSONResponse({"user": session.user_id})
 
     async def do_logout(request: Request) -> PlainTextResponse:
+        if "wait" in request.query_params and gate is not None:
+            gate[0].set()
+            await gate[1].wait()
         await logout(request)
         return PlainTextResponse("ok")
+
+    async def count(request: Request) -> JSONResponse:
+        """update_session (saved at once), then ``wait`` as /write does."""
+        n = await update_session(request, lambda d: d.update(n=d.get("n", 0) + 1) or d["n"])
+        if "wait" in request.query_params and gate is not None:
+            gate[0].set()
+            await gate[1].wait()
+        return JSONResponse({"n": n})
+
+    async def cart_then_login(request: Request) -> JSONResponse:
+        """A list held across a save: ``how`` is login or save_session."""
+        cart = request.session.setdefault("cart", [])
+        if request.query_params["how"] == "login":
+            await login(request, "alice")
+        else:
+            await save_session(request)
+        cart.append("book")
+        return JSONResponse(request.session["cart"])
 
     async def record(request: Request) -> JSONResponse:
         session = current_session(request)
@@ -94,6 +117,8 @@ def make_app(
             Route("/login", do_login, methods=["POST"]),
             Route("/logout", do_logout, methods=["POST"]),
             Route("/record", record),
+            Route("/count", count, methods=["POST"]),
+            Route("/cart", cart_then_login, methods=["POST"]),
         ]
     )
     app.add_middleware(SessionMiddleware, store=store, **options)
@@ -296,6 +321,74 @@ async def test_a_write_from_before_a_logout_never_undoes_the_next_login(
         await store.get(first)
 
 
+async def test_an_early_save_never_sends_a_cookie_a_parallel_login_rotated(
+    store: ControlledStore,
+) -> None:
+    """With ``max_age`` a save refreshes the cookie. A request that saved early
+    (``update_session``) and answers after a parallel login must not send the
+    pre-login id again (outside review: it did, and the browser went back to the
+    rotated id, logged out and unable to write for the rotation grace)."""
+    entered, go = asyncio.Event(), asyncio.Event()
+    app = make_app(store, (entered, go), max_age=3600)
+    async with client(app) as c:
+        old = issued(await c.post("/write", params={"key": "a", "value": "1"}))
+        late = asyncio.create_task(c.post("/count", params={"wait": "1"}, headers=jar(old)))
+        await entered.wait()  # its update_session is applied: n == 1 under the old id
+        new = issued(await c.post("/login", params={"user": "alice"}, headers=jar(old)))
+        go.set()
+        response = await late
+        assert response.status_code == 200 and response.json() == {"n": 1}  # it was saved
+        assert [h for h in set_cookies(response) if h.startswith("__Host-session=")] == []
+        r = await c.get("/read", headers=jar(new))
+        assert r.json() == {"data": {"a": "1", "n": 1}, "user": "alice"}  # carried over
+        # a save at the response start still refreshes the Max-Age cookie
+        w = await c.post("/write", params={"key": "b", "value": "2"}, headers=jar(new))
+        assert issued(w) == new and "Max-Age=3600" in set_cookies(w)[0]
+
+
+async def test_a_logout_racing_a_login_is_refused_not_faked(store: ControlledStore) -> None:
+    """A logout carrying the pre-login id, whether the login rotated it during the
+    logout or before it: 409 and no Set-Cookie, never a 200 "logged out" while the
+    login's session lives on (outside review: 200 with the cookie cleared, or 200
+    with nothing deleted)."""
+    entered, go = asyncio.Event(), asyncio.Event()
+    app = make_app(store, (entered, go))
+    async with client(app) as c:
+        old = issued(await c.post("/write", params={"key": "a", "value": "1"}))
+        late = asyncio.create_task(c.post("/logout", params={"wait": "1"}, headers=jar(old)))
+        await entered.wait()  # loaded with the old id
+        new = issued(await c.post("/login", params={"user": "alice"}, headers=jar(old)))
+        go.set()
+        response = await late
+        assert response.status_code == 409, response.text
+        assert set_cookies(response) == []
+        # the other order: the cookie was rotated before the logout came in
+        response = await c.post("/logout", headers=jar(old))
+        assert response.status_code == 409 and set_cookies(response) == []
+        assert (await c.get("/read", headers=jar(new))).json()["user"] == "alice"
+        # the logout from the newer cookie works
+        out = await c.post("/logout", headers=jar(new))
+        assert out.status_code == 200
+        assert any(h.startswith("__Host-session=;") for h in set_cookies(out))
+    with pytest.raises(SessionNotFound):
+        await store.get(new)
+
+
+@pytest.mark.parametrize("how", ["login", "save_session"])
+async def test_a_list_held_across_login_or_save_is_saved_when_changed(
+    store: ControlledStore, how: str
+) -> None:
+    async with client(make_app(store)) as c:
+        response = await c.post("/cart", params={"how": how})
+        assert response.status_code == 200 and response.json() == ["book"]
+        (sid,) = [
+            h.split(";")[0].split("=", 1)[1]
+            for h in set_cookies(response)
+            if h.startswith("__Host-session=")
+        ]
+        assert (await store.get(sid)).data == {"cart": ["book"]}
+
+
 async def test_logout_kills_the_id_at_once(store: ControlledStore) -> None:
     async with client(make_app(store)) as c:
         sid = issued(await c.post("/login", params={"user": "alice"}))
@@ -436,9 +529,21 @@ async def test_legacy_cookie_name_is_migrated(store: ControlledStore) -> None:
         r = await c.get("/read", headers={"cookie": f"session={live.id}"})
         assert r.json() == {"data": {"k": 1}, "user": "erin"}
         headers = set_cookies(r)
-        assert any(h.startswith(f"__Host-session={live.id};") for h in headers)
         assert any(h.startswith("session=;") and "Max-Age=0" in h for h in headers)
-        both = f"session={JUNK}; __Host-session={live.id}"
+        # moved under a new id (rotated as at login): whoever else holds the legacy id
+        # (a sibling domain that tossed it) holds nothing
+        moved = issued(r)
+        assert moved != live.id
+        assert (await store.get(moved)).data == {"k": 1}
+        with pytest.raises(SessionNotFound):
+            await store.get(live.id)
+        r = await c.get("/read", headers={"cookie": f"session={live.id}"})  # rotated
+        assert r.json() == {"data": {}, "user": None}
+        assert [h for h in set_cookies(r) if h.startswith("__Host-session=")] == []
+        assert (
+            await c.post("/write?key=x&value=1", headers={"cookie": f"session={live.id}"})
+        ).status_code == 409
+        both = f"session={JUNK}; __Host-session={moved}"
         r = await c.get("/read", headers={"cookie": both})  # ours wins; nothing to migrate
         assert r.json()["user"] == "erin" and set_cookies(r) == []
         # a legacy cookie naming no live session: the legacy cookie is expired
@@ -451,9 +556,56 @@ async def test_legacy_cookie_name_is_migrated(store: ControlledStore) -> None:
     # move and the app works as without it (outside review: every request failed)
     dev = make_app(store, legacy_cookie_name="session", https_only=False)
     transport = httpx.ASGITransport(app=dev, client=("203.0.113.9", 1234))
+    live = await store.create(new_session("erin", data={"k": 1}))  # the first one moved
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
         r = await c.get("/read", headers={"cookie": f"session={live.id}"})
         assert r.json() == {"data": {"k": 1}, "user": "erin"} and set_cookies(r) == []
+
+
+async def test_a_tossed_legacy_cookie_is_not_adopted_again_after_logout(
+    store: ControlledStore,
+) -> None:
+    """A sibling domain tosses ``session=<its own live id>`` for the parent domain,
+    which no response of ours can expire. The first request without our cookie moves
+    that session to a new id; after a logout, the same tossed cookie comes back and is
+    not served again (outside review: it was adopted after every logout)."""
+    tossed = await store.create(new_session("mallory", data={"m": 1}))
+    app = make_app(store, legacy_cookie_name="session")
+    legacy = {"cookie": f"session={tossed.id}"}
+    async with client(app) as c:
+        r = await c.get("/read", headers=legacy)
+        assert r.json()["user"] == "mallory"  # once, as the docs say
+        moved = issued(r)
+        r = await c.post(
+            "/logout", headers={"cookie": f"session={tossed.id}; __Host-session={moved}"}
+        )
+        assert r.status_code == 200
+        r = await c.get("/read", headers=legacy)  # only the tossed cookie is left
+        assert r.json() == {"data": {}, "user": None}
+        assert [h for h in set_cookies(r) if h.startswith("__Host-session=")] == []
+        # the tosser's own id is worthless too
+        with pytest.raises(SessionNotFound):
+            await store.get(tossed.id)
+
+
+async def test_ambiguous_legacy_cookies_start_a_fresh_session(store: ControlledStore) -> None:
+    """Two live ``session`` values (tossed), or more than are read, while the client has
+    no cookie of ours: none is moved, and writes go to a fresh session (refusing them
+    would let a tosser block every write of a client, outside review)."""
+    a = await store.create(new_session("mallory", data={"m": 1}))
+    b = await store.create(new_session("trudy", data={"t": 1}))
+    app = make_app(store, legacy_cookie_name="session")
+    many = "; ".join(f"session={JUNK[:-2]}{n:02d}" for n in range(70))
+    async with client(app) as c:
+        for cookie in (f"session={a.id}; session={b.id}", many):
+            r = await c.get("/read", headers={"cookie": cookie})
+            assert r.json() == {"data": {}, "user": None}
+            r = await c.post("/write?key=k&value=v", headers={"cookie": cookie})
+            assert r.status_code == 200, r.text
+            fresh = issued(r)
+            assert fresh not in (a.id, b.id)
+            assert (await store.get(fresh)).data == {"k": "v"}
+    assert (await store.get(a.id)).data == {"m": 1} and (await store.get(b.id)).data == {"t": 1}
 
 
 # ------------------------------------------------------------------------ clock

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import pickle
 from typing import Any
 
 import orjson
@@ -42,8 +43,14 @@ ops = st.one_of(
     st.tuples(st.just("pop"), keys),
     st.tuples(st.just("setdefault"), keys, values),
     st.tuples(st.just("mutate"), keys, values),
-    st.tuples(st.just("read_all"), st.sampled_from(["len", "iter", "keys", "items", "copy", "eq"])),
+    st.tuples(
+        st.just("read_all"),
+        st.sampled_from(
+            ["len", "iter", "keys", "items", "copy", "eq", "copy.copy", "deepcopy", "pickle"]
+        ),
+    ),
     st.tuples(st.just("popitem")),
+    st.tuples(st.just("save")),  # save_session / login mid-request: a new baseline
 )
 
 
@@ -90,6 +97,15 @@ def _run(d: dict[str, Any], op: tuple[Any, ...]) -> None:
             list(d.items())
         elif how == "copy":
             d.copy()
+        elif how in ("copy.copy", "deepcopy", "pickle"):
+            # a snapshot of the data, never a write (outside review: copy.copy went
+            # through __setitem__ and turned a read-only request into a blind write)
+            taken = {
+                "copy.copy": copy.copy,
+                "deepcopy": copy.deepcopy,
+                "pickle": lambda x: pickle.loads(pickle.dumps(x)),
+            }[how](d)
+            assert type(taken) is dict and taken == dict(dict.items(d))
         else:
             _ = d == {}
     elif kind == "popitem" and d:
@@ -116,6 +132,12 @@ def test_every_change_is_classified_blind_or_dependent(
     read_all = False
     for op in operations:
         kind = op[0]
+        if kind == "save":
+            # what the request holds is stored now: later changes count from here, and
+            # each key keeps the kind of its first touch
+            session._saved()
+            loaded = copy.deepcopy(model)
+            continue
         if kind == "read_all" or kind == "popitem":  # (popitem asks len() first)
             read_all = True
         if kind == "popitem" and model:
@@ -148,3 +170,29 @@ def test_every_change_is_classified_blind_or_dependent(
             assert orjson.dumps(expected) == orjson.dumps(loaded[k])
         else:
             assert expected is ABSENT
+
+
+def test_a_list_held_across_a_save_is_still_watched() -> None:
+    """``cart = session["cart"]``, a save (``save_session``, ``login``), then
+    ``cart.append(x)``: the append is a change (outside review: it was shown in the
+    response and never saved)."""
+    session = SessionDict({"cart": [], "n": 1})
+    cart = session["cart"]
+    n = session["n"]
+    session._saved()
+    assert session.changes() is None
+    cart.append("book")
+    session["n"] = n + 1
+    changes = session.changes()
+    assert changes is not None
+    assert changes.set == {"cart": ["book"], "n": 2}
+    # both were read before the save: dependent on what was saved
+    assert orjson.dumps(changes.expect["cart"]) == b"[]" and changes.expect["n"] == 1
+    # a list written blind, then changed in place after a save: still blind
+    blind = SessionDict({})
+    tags: list[str] = []
+    blind["tags"] = tags
+    blind._saved()
+    tags.append("x")
+    changes = blind.changes()
+    assert changes is not None and changes.set == {"tags": ["x"]} and changes.expect == {}
