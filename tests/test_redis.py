@@ -1258,3 +1258,15 @@ async def test_a_one_session_call_keeps_one_timeout_for_all_its_round_trips(
         client.execute_command = plain  # type: ignore[method-assign]
         await raw.close()
         await client.aclose()
+
+
+def test_a_client_of_another_event_loop_is_named_as_such(env: Env) -> None:
+    """Starlette's TestClient without ``with`` runs each request on a loop of its own,
+    and redis-py's connections stay bound to the first: the 503's record says so
+    (a newcomer's report: "store unavailable" pointed at the server, which was fine)."""
+    store = env.raw(cfg())
+    for text in ("Event loop is closed", "Task got Future attached to a different loop"):
+        error = store._unavailable(RuntimeError(text))
+        assert isinstance(error, StoreUnavailable)
+        assert "with TestClient(app) as client:" in error.message
+    assert "TestClient" not in store._unavailable(ConnectionError("refused")).message

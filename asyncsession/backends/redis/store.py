@@ -397,6 +397,13 @@ class RedisStore(Store):
             text = text.replace(self._password, "***")
         if len(text) > 300:
             text = text[:300] + "..."
+        if isinstance(exc, RuntimeError) and (
+            "Event loop is closed" in text or "different loop" in text
+        ):  # not an outage: the client's connections belong to another event loop
+            text += (
+                "; a Redis client is bound to the event loop it first ran on: serve the "
+                "app from one loop (in tests, `with TestClient(app) as client:`)"
+            )
         error = StoreUnavailable(
             f"Redis at {self._where} is unavailable ({text})",
             details={"backend": "redis", "url": self._where, "error": type(exc).__name__},
