@@ -76,7 +76,7 @@ SCOPE_KEY = "asyncsession"
 """Where the middleware keeps its per-connection state in the ASGI scope."""
 
 MAX_USER_AGENT = 512
-_EXPIRED = "Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+_EXPIRED = "Max-Age=0; expires=Thu, 01 Jan 1970 00:00:00 GMT"
 _UNAVAILABLE = (StoreUnavailable, StoreClosed)
 _COOKIE_NAME_CHARS = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -880,28 +880,33 @@ class SessionMiddleware:
             every = idle * touch_fraction if idle is not None else None
         self.touch_every = every
 
-        attrs = f"; Path={path}"
-        if domain:
-            attrs += f"; Domain={domain}"
-        attrs += "; HttpOnly"
+        # attributes spelled and ordered as Starlette's SessionMiddleware writes them
+        # (names are case-insensitive to browsers, not to tests written against it):
+        # name=value; path=/; Max-Age=N; httponly; samesite=lax; secure; domain=..
+        self._path_attr = f"; path={path}"
+        flags = f"; httponly; samesite={same_site}"
         if https_only:
-            attrs += "; Secure"
-        attrs += f"; SameSite={same_site.capitalize()}"
+            flags += "; secure"
+        if domain:
+            flags += f"; domain={domain}"
         if partitioned:
-            attrs += "; Partitioned"
-        self._attrs = attrs
+            flags += "; partitioned"
+        self._flags = flags
         self._max_age_attr = f"; Max-Age={max_age}" if max_age is not None else ""
-        self.expire_cookie_value = f"{cookie_name}=; {_EXPIRED}{attrs}".encode("latin-1")
+        self.expire_cookie_value = self._expiring(cookie_name)
         self.legacy_expire_value = (
-            f"{legacy_cookie_name}=; {_EXPIRED}{attrs}".encode("latin-1")
-            if legacy_cookie_name
-            else None
+            self._expiring(legacy_cookie_name) if legacy_cookie_name else None
         )
+
+    def _expiring(self, name: str) -> bytes:
+        return f"{name}={self._path_attr}; {_EXPIRED}{self._flags}".encode("latin-1")
 
     # ---------------------------------------------------------------- cookies
 
     def set_cookie_value(self, session_id: str) -> bytes:
-        return f"{self.cookie_name}={session_id}{self._max_age_attr}{self._attrs}".encode("ascii")
+        return (
+            f"{self.cookie_name}={session_id}{self._path_attr}{self._max_age_attr}{self._flags}"
+        ).encode("ascii")
 
     def read_cookie(self, scope: Scope) -> tuple[int, tuple[str, ...]]:
         """(how many distinct values our cookie had, the well-formed ids among them).

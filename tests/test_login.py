@@ -455,7 +455,7 @@ async def test_default_cookie_name_is_host_prefixed(store: ControlledStore) -> N
             (header,) = set_cookies(response)
             assert header.startswith(name + "="), (options, header)
             if name == "__Host-session":
-                assert "; Secure" in header and "; Path=/" in header and "Domain" not in header
+                assert "; secure" in header and "; path=/" in header and "domain" not in header
 
 
 async def test_cookie_header_is_parsed_as_rfc_6265(store: ControlledStore) -> None:
