@@ -466,6 +466,7 @@ class _Connection:
     """Per-connection state: the stored record, the live data and what to tell the client."""
 
     __slots__ = (
+        "accessed",
         "budget",
         "client_id",
         "cookie_possible",
@@ -517,6 +518,7 @@ class _Connection:
         self.legacy = False  # the session came in the legacy cookie: move it to ours
         self.migrate = False  # ... under a new id, which commit gives it (_migrate)
         self.budget: float | None = mw.timeout  # seconds of store work left (None: no bound)
+        self.accessed = False  # a helper (current_user_id, login...) looked at the session
 
     async def within(self, work: Awaitable[T], *, store_call: bool = True) -> T:
         """Await store ``work`` within what is left of this request's deadline (one
@@ -734,7 +736,7 @@ class _Connection:
         session = self.session
         if session is not None:
             if session.id == self.client_id and not (self.refreshed and mw.max_age is not None):
-                return _VARY
+                return _VARY if self.looked() else []
             self.client_id = session.id
             self.refreshed = False
             headers = [_VARY[0], (b"set-cookie", mw.set_cookie_value(session.id))]
@@ -748,13 +750,16 @@ class _Connection:
             if self.legacy and mw.legacy_expire_value is not None:
                 return [(b"vary", b"Cookie"), (b"set-cookie", mw.legacy_expire_value)]
             return [(b"vary", b"Cookie"), (b"set-cookie", mw.expire_cookie_value)]
-        # the response depends on the cookie if the request carried one or the app
-        # looked at the session (a "guest" page a shared cache must not serve to a
-        # client that has a session): as Starlette's middleware does
+        return _VARY if self.looked() else []
+
+    def looked(self) -> bool:
+        """Whether the response may depend on the cookie: the app looked at the
+        session, through ``request.session`` or a helper (a "guest" page too, which a
+        shared cache must not serve to a client that has a session). As Starlette's
+        middleware does, ``Vary: Cookie`` goes on exactly those responses (and on
+        every one that sets the cookie)."""
         data = self.data
-        if self.cookie_sent or data._base or data._read_all or data._cleared:
-            return _VARY
-        return []
+        return bool(self.accessed or data._base or data._read_all or data._cleared)
 
 
 class SessionMiddleware:
@@ -1262,6 +1267,7 @@ def _conn(connection: HTTPConnection) -> _Connection:
     state = connection.scope.get(SCOPE_KEY)
     if not isinstance(state, _Connection):
         raise RuntimeError("asyncsession.SessionMiddleware is not installed on this app")
+    state.accessed = True  # the response may depend on the session: Vary: Cookie
     return state
 
 
@@ -1319,8 +1325,10 @@ async def login(
     fixation), there is never a moment with two live sessions or none, and a request
     still carrying the old id gets no access to the new session (it answers 409 if
     it writes, and never clears the new cookie). The per-user limit applies as in
-    ``create``. Two logins at once from one session: one wins, the other raises
-    ``SessionConflict`` (409, no cookie). The data is kept when the previous session
+    ``create``. Two logins at once from one session, both loaded before either
+    rotates it: one wins, the other raises ``SessionConflict`` (409, no cookie); one
+    that loads after the first rotated it is a login from a rotated cookie (below).
+    The data is kept when the previous session
     was anonymous or already this user's, and dropped when it belonged to someone
     else (as Django's ``login()`` does); ``keep_data`` forces either. A request whose
     cookie names an id already rotated (a login whose response was lost) gets a fresh

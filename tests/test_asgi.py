@@ -45,6 +45,7 @@ from asyncsession import (
     SessionNotFound,
     StoreUnavailable,
     current_session,
+    current_user_id,
     install_exception_handler,
     list_user_sessions,
     login,
@@ -306,10 +307,11 @@ async def test_secure_cookie_defaults(cstore: CountingStore) -> None:
 
 
 async def test_vary_cookie_whenever_the_response_may_depend_on_it(cstore: CountingStore) -> None:
-    """A request without a cookie whose handler reads the session ("hello guest")
-    gets ``Vary: Cookie`` too, so a shared cache never serves that page to a client
-    with a session (outside review: Starlette sends it, we did not); a response that
-    never looked at the session, to a request without a cookie, does not."""
+    """Every response whose handler looked at the session (``request.session`` or a
+    helper such as ``current_user_id``) gets ``Vary: Cookie``, with a cookie or
+    without one ("hello guest": a shared cache must never serve that page to a client
+    with a session; outside review: Starlette sends it, we did not); one that never
+    looked at it does not, as with Starlette's middleware (whose own test checks it)."""
 
     async def guest(request: Request) -> PlainTextResponse:
         return PlainTextResponse(f"hello {request.session.get('user', 'guest')}")
@@ -320,18 +322,30 @@ async def test_vary_cookie_whenever_the_response_may_depend_on_it(cstore: Counti
     async def static(request: Request) -> PlainTextResponse:
         return PlainTextResponse("static")
 
+    async def who(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(current_user_id(request)))  # a helper, not the dict
+
     app = Starlette(
-        routes=[Route("/guest", guest), Route("/list", listing), Route("/static", static)]
+        routes=[
+            Route("/guest", guest),
+            Route("/list", listing),
+            Route("/static", static),
+            Route("/who", who),
+        ]
     )
     app.add_middleware(SessionMiddleware, store=cstore, cookie_name="session")
+    live = (await cstore.create(new_session("u1", data={"user": "ann"}))).id
     async with client(app) as c:
-        for path in ("/guest", "/list"):
-            response = await c.get(path)
-            assert response.status_code == 200 and set_cookies(response) == []
-            assert response.headers.get_list("vary") == ["Cookie"], path
-        response = await c.get("/static")
-        assert "vary" not in response.headers
-        # with a cookie (here unknown, so expired): always
+        for cookie in (None, f"session={live}"):
+            headers = {"cookie": cookie} if cookie else {}
+            for path in ("/guest", "/list", "/who"):
+                response = await c.get(path, headers=headers)
+                assert response.status_code == 200 and set_cookies(response) == []
+                assert response.headers.get_list("vary") == ["Cookie"], (path, cookie)
+            # never looked at the session: no Vary, as with Starlette's middleware
+            response = await c.get("/static", headers=headers)
+            assert "vary" not in response.headers, cookie
+        # a cookie it expires (unknown id): Set-Cookie, so Vary
         response = await c.get("/static", headers={"cookie": f"session={'J' * 43}"})
         assert response.headers.get_list("vary") == ["Cookie"]
 
