@@ -229,6 +229,12 @@ def _runner(
             except KeyboardInterrupt:
                 _fail("interrupted", args, ERROR_CODES[INTERRUPTED], INTERRUPTED)
                 return INTERRUPTED
+            except BrokenPipeError:
+                # the reader went away (`| head`): it has what it wanted; say nothing,
+                # and keep Python's flush at exit from failing on the closed pipe too
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                return 0
 
     return run
 
@@ -245,7 +251,7 @@ async def _with_store(
             return await command(store, args, out)
         finally:
             await store.close()
-    except CommandError:
+    except (CommandError, BrokenPipeError):
         raise
     except (StoreUnavailable, StoreClosed) as exc:
         raise CommandError(exc.message, UNAVAILABLE) from exc

@@ -556,3 +556,28 @@ def test_migrate_moves_a_legacy_sqlite_file(
         return found
 
     assert asyncio.run(read_back()) > 0
+
+
+def test_a_reader_that_stops_early_gets_no_error(tmp_path: Path) -> None:
+    """``asyncsession stats --top N | head -1``: the pipe closes while stats still
+    writes (more than a pipe buffer of it); no "error: BrokenPipeError" line and a
+    clean exit (a newcomer's report)."""
+    url = f"sqlite:///{tmp_path / 'many.db'}"
+
+    async def many() -> None:
+        async with open_store(url, Config(cleanup_interval=timedelta(0))) as s:
+            for n in range(3_000):
+                await s.create(new_session(f"user-with-a-longish-name-{n:05d}", data={"n": n}))
+
+    asyncio.run(many())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncsession", "stats", "--store", url, "--top", "3000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()  # what `head -1` reads
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "error" not in err.lower() and "Traceback" not in err, err
