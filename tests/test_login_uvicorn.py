@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .backend_redis import REDIS_URL, server_reachable
+from .backend_redis import REDIS_URL, delete_prefix, server_reachable
 from .uvicorn_server import serve
 
 TRIALS = 20
@@ -37,15 +37,27 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         if not server_reachable():
             pytest.skip(f"no Redis at {REDIS_URL}")
         url = REDIS_URL
-    env = {
-        "ASYNCSESSION_LOGIN_STORE": url,
-        "ASYNCSESSION_LOGIN_PREFIX": f"login-{uuid.uuid4().hex[:8]}:",
-    }
+    prefix = f"login-{uuid.uuid4().hex[:8]}:"
+    env = {"ASYNCSESSION_LOGIN_STORE": url, "ASYNCSESSION_LOGIN_PREFIX": prefix}
     log = tmp_path / "uvicorn.log"
-    with serve(
-        "tests.login_app:create", workers=workers, env=env, ready="/read", log=log, factory=True
-    ) as base:
-        yield base
+    try:
+        with serve(
+            "tests.login_app:create", workers=workers, env=env, ready="/read", log=log, factory=True
+        ) as base:
+            yield base
+    finally:
+        if request.param == "redis":  # the README promises the tests leave no keys
+            asyncio.run(_delete_keys(prefix))
+
+
+async def _delete_keys(prefix: str) -> None:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        await delete_prefix(redis, prefix)
+    finally:
+        await redis.aclose()
 
 
 def client(base: str) -> httpx.AsyncClient:

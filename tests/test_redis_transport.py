@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -396,7 +397,10 @@ async def test_the_users_pool_is_respected(clock: FakeClock) -> None:
     if not backend_redis.server_reachable():
         pytest.skip("needs a real Redis server")
     client = Redis.from_url(backend_redis.REDIS_URL, max_connections=4)
-    config = cfg(key_prefix="test:pool:", max_sessions_per_user=0)
+    prefix = backend_redis.prefix_for(
+        f"pool-{uuid.uuid4().hex[:8]}"
+    )  # its own: suites may share a database
+    config = cfg(key_prefix=prefix, max_sessions_per_user=0)
     store = with_controls(RedisStore(client, config, clock=clock), config)
     try:
         made = await asyncio.gather(*(store.create(new_session("u")) for _ in range(100)))
@@ -413,15 +417,15 @@ async def test_the_users_pool_is_respected(clock: FakeClock) -> None:
         loads = [asyncio.ensure_future(load()) for _ in range(4)]
         try:
             for i in range(50):  # the app's own commands, while the store is busy
-                assert await client.set("test:pool:app", i)
+                assert await client.set(f"{prefix}app", i)
                 await asyncio.sleep(0)
         finally:
             stop.set()
             rounds = await asyncio.gather(*loads)
         assert min(rounds) >= 1
-        assert await client.get("test:pool:app") == b"49"
+        assert await client.get(f"{prefix}app") == b"49"
     finally:
-        await backend_redis.delete_prefix(client, "test:pool:")
+        await backend_redis.delete_prefix(client, prefix)
         await client.aclose()
 
 
@@ -435,7 +439,8 @@ async def test_replies_are_bytes_even_from_a_decoding_client(clock: FakeClock) -
     if not backend_redis.server_reachable():
         pytest.skip("needs a real Redis server")
     client = Redis.from_url(backend_redis.REDIS_URL, decode_responses=True)
-    config = cfg(key_prefix="test:decode:")
+    prefix = backend_redis.prefix_for(f"decode-{uuid.uuid4().hex[:8]}")
+    config = cfg(key_prefix=prefix)
     store = with_controls(RedisStore(client, config, clock=clock), config)
     try:
         async with store:
@@ -443,7 +448,7 @@ async def test_replies_are_bytes_even_from_a_decoding_client(clock: FakeClock) -
             assert (await store.get(s.id)).data == {"v": 1}
             assert [x.id for x in await store.list_by_user("alice")] == [store.handle(s.id)]
     finally:
-        await backend_redis.delete_prefix(client, "test:decode:")
+        await backend_redis.delete_prefix(client, prefix)
         await client.aclose()
 
 

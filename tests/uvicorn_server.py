@@ -4,7 +4,7 @@ processes on a free port of 127.0.0.1, stopped (and its workers with it) afterwa
 from __future__ import annotations
 
 import os
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -14,14 +14,16 @@ from pathlib import Path
 
 import httpx
 
+from .redis_servers import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free port away from the ephemeral range (where a port the kernel hands out
+    for bind(0) can be taken by another suite's outgoing connection before uvicorn
+    binds it)."""
+    return free_ports(1)[0]
 
 
 @contextmanager
@@ -45,7 +47,12 @@ def serve(
     base = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: workers go with it
         )
         try:
             deadline = time.monotonic() + timeout
@@ -65,5 +72,5 @@ def serve(
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)  # the supervisor and its workers
                 proc.wait()
