@@ -197,7 +197,7 @@ class SessionDict(dict[str, Any]):
     with a new id.
     """
 
-    __slots__ = ("_base", "_blind", "_cleared", "_dirty", "_forced", "_read_all")
+    __slots__ = ("_accessed", "_base", "_blind", "_cleared", "_dirty", "_forced", "_read_all")
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         dict.__init__(self, data or ())
@@ -207,6 +207,13 @@ class SessionDict(dict[str, Any]):
         self._read_all = False  # every key was read (iteration, len, ...)
         self._dirty = False  # written, or a list/dict handed out: commit must look
         self._cleared = False
+        self._accessed = False  # handed to the app as request.session (Vary: Cookie)
+
+    def mark_accessed(self) -> None:
+        """Starlette's ``request.session`` calls this: the response may depend on the
+        session however it is then used (``repr``, ``orjson.dumps``, a template), so
+        it gets ``Vary: Cookie``."""
+        self._accessed = True
 
     # -- reads
 
@@ -578,6 +585,8 @@ class _Connection:
         """The stored session is gone: empty data, expire the cookie (unless a new one)."""
         self.session = None
         self.migrate = False
+        if self.data is not _EMPTY_SESSION and self.looked():
+            self.accessed = True  # what the app rendered from it still needs Vary
         if self.data is _EMPTY_SESSION:
             self.data = SessionDict()
         else:
@@ -593,6 +602,8 @@ class _Connection:
         data = self.data
         if data._cleared:
             session = self.session
+            if session is None and self.rotated:  # as logout(): not this request's to end
+                raise _rotated_cookie()
             if session is not None:
                 # cleared stays set until the delete is done: a failed save retries it
                 await self.delete(session)
@@ -714,7 +725,8 @@ class _Connection:
         if isinstance(exc, SessionRotated):
             self.moved = True
             raise SessionConflict(
-                "the session was rotated (login) during the request; its changes were not applied",
+                "the session was rotated (a login, or a move from the legacy cookie) during "
+                "the request; its changes were not applied",
                 details={"session": short_hash(session.id), "reason": "rotated"},
             ) from exc
         raise SessionConflict(
@@ -724,6 +736,18 @@ class _Connection:
         ) from exc
 
     # --------------------------------------------------------------- cookies
+
+    def prepare_refresh(self) -> None:
+        """Before the commit at the response's start. A save made earlier in the
+        request (update_session, save_session) does not by itself re-send a Max-Age
+        cookie: a login elsewhere may have rotated the id since, and sending it again
+        would undo that login. A touch now confirms the id is still this session's
+        (a rotated one makes the response stale: no cookie) and refreshes it."""
+        if self.refreshed:
+            self.refreshed = False
+            session = self.session
+            if self.mw.max_age is not None and session is not None and session.id == self.client_id:
+                self.touch_due = True
 
     def pending(self) -> bool:
         """Whether ``commit`` has anything to do (cheap: read-only requests skip it)."""
@@ -759,7 +783,9 @@ class _Connection:
         middleware does, ``Vary: Cookie`` goes on exactly those responses (and on
         every one that sets the cookie)."""
         data = self.data
-        return bool(self.accessed or data._base or data._read_all or data._cleared)
+        return bool(
+            self.accessed or data._accessed or data._base or data._read_all or data._cleared
+        )
 
 
 class SessionMiddleware:
@@ -1062,10 +1088,7 @@ class SessionMiddleware:
                 if not replaced:
                     await send(message)
                 return  # else: we answered with an error instead of the app's response
-            # a save earlier in the request (update_session, save_session) refreshes no
-            # Max-Age cookie: a login elsewhere may have rotated the id since, and
-            # sending it again would undo that login; only this commit's store work does
-            conn.refreshed = False
+            conn.prepare_refresh()
             data = conn.data
             if data._dirty or data._cleared or conn.touch_due or conn.migrate:  # pending()
                 status = await _commit_or_status(conn)
@@ -1120,7 +1143,7 @@ class SessionMiddleware:
     ) -> None:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "websocket.accept":
-                conn.refreshed = False  # as for http: only the commit's own store work
+                conn.prepare_refresh()
                 status = await _commit_or_status(conn)
                 conn.cookie_possible = False
                 if status is not None:
@@ -1133,7 +1156,12 @@ class SessionMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
-            # changes made after the handshake: saved when the connection ends
+            # changes made after the handshake: saved when the connection ends. No
+            # response carries a cookie now (a socket closed before accept had none):
+            # no new session and no legacy move, which would leave the client's id
+            # rotated to one it never gets
+            conn.cookie_possible = False
+            conn.migrate = False
             conn.budget = self.timeout
             await _commit_or_status(conn)
         finally:
@@ -1403,6 +1431,15 @@ async def login(
     return session
 
 
+def _rotated_cookie() -> SessionConflict:
+    """A logout (``logout()``, ``clear()``) from a cookie rotated before the request."""
+    return SessionConflict(
+        "the session cookie was rotated (a login, or a move from the legacy cookie) "
+        "before this request; log out with the newer cookie",
+        details={"reason": "rotated"},
+    )
+
+
 def _login_lost(conn: _Connection, old: Session, exc: SessionNotFound) -> None:
     """The session a login was replacing vanished. Another login moved it (a double
     submit, a second tab): that one won, this one answers 409 and leaves its cookie
@@ -1426,11 +1463,7 @@ async def logout(connection: HTTPConnection) -> None:
         # the cookie names an id a login rotated before this request (a login in
         # another tab whose response is on its way): that session is not this
         # request's to end, and a 200 would tell the user they are logged out
-        raise SessionConflict(
-            "the session cookie was rotated (login) before this request; log out "
-            "with the newer cookie",
-            details={"reason": "rotated"},
-        )
+        raise _rotated_cookie()
     conn.forget()
 
 

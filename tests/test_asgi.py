@@ -325,12 +325,16 @@ async def test_vary_cookie_whenever_the_response_may_depend_on_it(cstore: Counti
     async def who(request: Request) -> PlainTextResponse:
         return PlainTextResponse(str(current_user_id(request)))  # a helper, not the dict
 
+    async def shown(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(f"hello {request.session}")  # repr: no tracked read
+
     app = Starlette(
         routes=[
             Route("/guest", guest),
             Route("/list", listing),
             Route("/static", static),
             Route("/who", who),
+            Route("/shown", shown),
         ]
     )
     app.add_middleware(SessionMiddleware, store=cstore, cookie_name="session")
@@ -338,7 +342,7 @@ async def test_vary_cookie_whenever_the_response_may_depend_on_it(cstore: Counti
     async with client(app) as c:
         for cookie in (None, f"session={live}"):
             headers = {"cookie": cookie} if cookie else {}
-            for path in ("/guest", "/list", "/who"):
+            for path in ("/guest", "/list", "/who", "/shown"):
                 response = await c.get(path, headers=headers)
                 assert response.status_code == 200 and set_cookies(response) == []
                 assert response.headers.get_list("vary") == ["Cookie"], (path, cookie)

@@ -22,7 +22,8 @@ import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from asyncsession import (
     Config,
@@ -90,6 +91,10 @@ def make_app(
             await gate[1].wait()
         return JSONResponse({"n": n})
 
+    async def clear(request: Request) -> PlainTextResponse:
+        request.session.clear()
+        return PlainTextResponse("cleared")
+
     async def cart_then_login(request: Request) -> JSONResponse:
         """A list held across a save: ``how`` is login or save_session."""
         cart = request.session.setdefault("cart", [])
@@ -119,6 +124,7 @@ def make_app(
             Route("/record", record),
             Route("/count", count, methods=["POST"]),
             Route("/cart", cart_then_login, methods=["POST"]),
+            Route("/clear", clear, methods=["POST"]),
         ]
     )
     app.add_middleware(SessionMiddleware, store=store, **options)
@@ -341,9 +347,45 @@ async def test_an_early_save_never_sends_a_cookie_a_parallel_login_rotated(
         assert [h for h in set_cookies(response) if h.startswith("__Host-session=")] == []
         r = await c.get("/read", headers=jar(new))
         assert r.json() == {"data": {"a": "1", "n": 1}, "user": "alice"}  # carried over
-        # a save at the response start still refreshes the Max-Age cookie
+        # a save at the response start still refreshes the Max-Age cookie, and so does
+        # an early one, through a touch that checks the id is still this session's (an
+        # app whose writes all go through update_session keeps its cookie alive)
         w = await c.post("/write", params={"key": "b", "value": "2"}, headers=jar(new))
         assert issued(w) == new and "Max-Age=3600" in set_cookies(w)[0]
+        w = await c.post("/count", headers=jar(new))
+        assert w.json() == {"n": 2} and issued(w) == new and "Max-Age=3600" in set_cookies(w)[0]
+
+
+async def test_a_page_rendered_from_a_session_rotated_under_it_keeps_vary(
+    harness: Harness, clock: FakeClock
+) -> None:
+    """A read whose touch at the response start finds the id rotated (a parallel
+    login) answers what it rendered from the session, without a cookie: it still
+    needs ``Vary: Cookie`` (outside review: the touch's forget() dropped the record
+    that the app had looked at the session)."""
+    store = await harness.controlled(
+        Config(idle_timeout=timedelta(hours=1), cleanup_interval=0, max_sessions_per_user=0)
+    )
+    entered, go = asyncio.Event(), asyncio.Event()
+
+    async def page(request: Request) -> PlainTextResponse:
+        name = request.scope["session"].get("name")  # tracked read, not request.session
+        entered.set()
+        await go.wait()
+        return PlainTextResponse(f"hello {name}")
+
+    app = make_app(store)
+    app.router.routes.append(Route("/page", page))
+    async with client(app) as c:
+        old = issued(await c.post("/write", params={"key": "name", "value": "ann"}))
+        clock.advance(timedelta(minutes=30))  # a touch is due
+        late = asyncio.create_task(c.get("/page", headers=jar(old)))
+        await entered.wait()
+        assert (await c.post("/login", params={"user": "ann"}, headers=jar(old))).status_code == 200
+        go.set()
+        response = await late
+        assert response.text == "hello ann" and set_cookies(response) == []
+        assert response.headers.get_list("vary") == ["Cookie"]
 
 
 async def test_a_logout_racing_a_login_is_refused_not_faked(store: ControlledStore) -> None:
@@ -362,9 +404,11 @@ async def test_a_logout_racing_a_login_is_refused_not_faked(store: ControlledSto
         response = await late
         assert response.status_code == 409, response.text
         assert set_cookies(response) == []
-        # the other order: the cookie was rotated before the logout came in
-        response = await c.post("/logout", headers=jar(old))
-        assert response.status_code == 409 and set_cookies(response) == []
+        # the other order: the cookie was rotated before the logout came in; clear()
+        # is a logout too
+        for path in ("/logout", "/clear"):
+            response = await c.post(path, headers=jar(old))
+            assert response.status_code == 409 and set_cookies(response) == [], path
         assert (await c.get("/read", headers=jar(new))).json()["user"] == "alice"
         # the logout from the newer cookie works
         out = await c.post("/logout", headers=jar(new))
@@ -560,6 +604,66 @@ async def test_legacy_cookie_name_is_migrated(store: ControlledStore) -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
         r = await c.get("/read", headers={"cookie": f"session={live.id}"})
         assert r.json() == {"data": {"k": 1}, "user": "erin"} and set_cookies(r) == []
+
+
+async def test_a_websocket_refused_before_accept_moves_no_legacy_session(
+    store: ControlledStore,
+) -> None:
+    """A socket the app closes before accepting (an origin or auth check) has no
+    response to carry a new cookie: the legacy session stays where it is (outside
+    review: it was moved to an id nobody got, and the user was logged out)."""
+
+    async def refuse(websocket: WebSocket) -> None:
+        await websocket.close(code=1008)
+
+    async def accept(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json(dict(websocket.session))
+        await websocket.close()
+
+    app = make_app(store, legacy_cookie_name="session")
+    app.router.routes.append(WebSocketRoute("/refuse", refuse))
+    app.router.routes.append(WebSocketRoute("/accept", accept))
+    live = await store.create(new_session("u1", data={"k": 1}))
+
+    async def connect(path: str) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        incoming = [{"type": "websocket.connect"}]
+
+        async def receive() -> dict[str, Any]:
+            if incoming:
+                return incoming.pop()
+            return {"type": "websocket.disconnect", "code": 1000}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "websocket",
+            "scheme": "wss",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"testserver"), (b"cookie", f"session={live.id}".encode())],
+            "client": ("203.0.113.9", 1234),
+            "server": ("testserver", 443),
+            "subprotocols": [],
+            "state": {},
+        }
+        await app(scope, receive, send)
+        return sent
+
+    refused = await connect("/refuse")
+    assert [m["type"] for m in refused] == ["websocket.close"]
+    assert (await store.get(live.id)).data == {"k": 1}  # not moved
+    accepted = await connect("/accept")
+    assert accepted[0]["type"] == "websocket.accept"
+    cookies = [v.decode() for k, v in accepted[0].get("headers", []) if k == b"set-cookie"]
+    moved = [c.split(";")[0].split("=", 1)[1] for c in cookies if c.startswith("__Host-session=")]
+    assert len(moved) == 1 and (await store.get(moved[0])).data == {"k": 1}  # moved at accept
+    with pytest.raises(SessionNotFound):
+        await store.get(live.id)
 
 
 async def test_a_tossed_legacy_cookie_is_not_adopted_again_after_logout(
