@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import heapq
+import io
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from .config import Config
 from .controls import ControlledStore
@@ -213,13 +214,37 @@ def _configure_migrate(parser: argparse.ArgumentParser) -> None:
 # -------------------------------------------------------------------- running
 
 
+class _ReaderGone(Exception):
+    """Whoever reads the command's output closed it (``asyncsession stats | head``)."""
+
+
+class _Output(io.TextIOBase):
+    """stdout for a command: a closed pipe is ``_ReaderGone``, told apart from a
+    ``BrokenPipeError`` of the store's own connections (an outage)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError as exc:
+            raise _ReaderGone from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError as exc:
+            raise _ReaderGone from exc
+
+
 def _runner(
     command: Callable[[ControlledStore, argparse.Namespace, TextIO], Awaitable[int]],
 ) -> Callable[[argparse.Namespace], int]:
     """Wrap ``command`` to open the store, map every failure to a line and a status."""
 
     def run(args: argparse.Namespace) -> int:
-        out: TextIO = sys.stdout
+        out = cast(TextIO, _Output(sys.stdout))
         with _quiet_library(args.verbose):
             try:
                 return asyncio.run(_with_store(command, args, out))
@@ -229,7 +254,7 @@ def _runner(
             except KeyboardInterrupt:
                 _fail("interrupted", args, ERROR_CODES[INTERRUPTED], INTERRUPTED)
                 return INTERRUPTED
-            except BrokenPipeError:
+            except _ReaderGone:
                 # the reader went away (`| head`): it has what it wanted; say nothing,
                 # and keep Python's flush at exit from failing on the closed pipe too
                 devnull = os.open(os.devnull, os.O_WRONLY)
@@ -251,7 +276,7 @@ async def _with_store(
             return await command(store, args, out)
         finally:
             await store.close()
-    except (CommandError, BrokenPipeError):
+    except (CommandError, _ReaderGone):
         raise
     except (StoreUnavailable, StoreClosed) as exc:
         raise CommandError(exc.message, UNAVAILABLE) from exc
