@@ -133,6 +133,26 @@ def _outage(level: int, message: str, *args: object) -> None:
 
 
 _VARY = [(b"vary", b"Cookie")]
+
+
+def _starlette_marks_access() -> bool:
+    """Whether Starlette's ``request.session`` tells the session it was used
+    (``mark_accessed``, Starlette 1.0 on). Probed once through its public API."""
+
+    class Probe(dict[str, Any]):
+        used = False
+
+        def mark_accessed(self) -> None:
+            Probe.used = True
+
+    HTTPConnection({"type": "http", "session": Probe()}).session  # noqa: B018
+    return Probe.used
+
+
+STARLETTE_MARKS_ACCESS = _starlette_marks_access()
+"""Without it (Starlette < 1.0) a handler may use ``request.session`` in ways no
+method of the session sees (``repr``, a template), so every response carries
+``Vary: Cookie``."""
 _MUTABLE = (list, dict)
 
 
@@ -784,7 +804,12 @@ class _Connection:
         every one that sets the cookie)."""
         data = self.data
         return bool(
-            self.accessed or data._accessed or data._base or data._read_all or data._cleared
+            self.accessed
+            or data._accessed
+            or data._base
+            or data._read_all
+            or data._cleared
+            or not STARLETTE_MARKS_ACCESS
         )
 
 
