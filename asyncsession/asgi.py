@@ -621,12 +621,8 @@ class _Connection:
         runs out of it is skipped, as it is only a refresh."""
         data = self.data
         if data._cleared:
-            session = self.session
-            if session is None and self.rotated:  # as logout(): not this request's to end
-                raise _rotated_cookie()
-            if session is not None:
-                # cleared stays set until the delete is done: a failed save retries it
-                await self.delete(session)
+            # cleared stays set until the delete is done: a failed save retries it
+            if await self.end():
                 kept = _plain(data)
                 self.forget()
                 self.data.update(kept)
@@ -638,23 +634,20 @@ class _Connection:
         changes = self.data.changes()
         if changes is not None:
             await self._save(self.session, changes)
-            if self.migrate:
-                await self._migrate(self.session)
         elif self.migrate:
-            self.touch_due = False  # the rotation refreshes it as a touch would
-            await self._migrate(self.session)
+            self.touch_due = False  # the rotation below refreshes it as a touch would
         elif self.touch_due:
             self.touch_due = False
             try:
                 await self.within(self.store.touch(self.session.id))
-            except SessionNotFound as exc:  # ended or moved meanwhile: as _gone, minus
-                self.stale = True  # the 409 (a read: nothing of this request is lost)
-                self.moved = isinstance(exc, SessionRotated)
-                self.forget()
+            except SessionNotFound as exc:  # as _gone, minus the 409 (a read: nothing
+                self._lost(exc)  # of this request is lost)
             except _UNAVAILABLE as exc:
                 _outage(logging.WARNING, "session touch skipped: %s", exc)
             else:
                 self.refreshed = True
+        if self.migrate and self.session is not None:  # (a touch that lost it: no move)
+            await self._migrate(self.session)
 
     async def _migrate(self, session: Session) -> None:
         """Move a session that came in ``legacy_cookie_name`` to a new id (set under the
@@ -669,23 +662,41 @@ class _Connection:
         try:
             session.id = await self.within(self.store.rotate(session.id))
         except SessionNotFound as exc:
-            self.stale = True
-            self.moved = isinstance(exc, SessionRotated)
-            self.forget()
+            self._lost(exc)
         except _UNAVAILABLE as exc:
             self.migrate = True
             _outage(logging.WARNING, "session cookie move skipped: %s", exc)
         else:
             self.refreshed = True
 
-    async def delete(self, session: Session) -> None:
-        """Delete the stored ``session``. One a parallel login moved is not ended:
-        ``SessionConflict`` (409), and the newer cookie stays."""
+    def _lost(self, exc: SessionNotFound) -> None:
+        """The stored session ended or moved under this request: nothing more is served
+        from it, and the client's cookie is left alone (it may hold a newer one)."""
+        self.stale = True
+        if isinstance(exc, SessionRotated):
+            self.moved = True
+        self.forget()
+
+    async def end(self) -> bool:
+        """Delete the stored session (``logout``, ``clear()``); whether there was one.
+        One a login rotated, before this request or during it, is not this request's
+        to end: ``SessionConflict`` (409, reason ``rotated``), and the newer cookie
+        stays, never a 200 "logged out" while the login's session lives on."""
+        session = self.session
+        if session is None:
+            if self.rotated:
+                raise SessionConflict(
+                    "the session cookie was rotated (a login, or a move from the legacy "
+                    "cookie) before this request; log out with the newer cookie",
+                    details={"reason": "rotated"},
+                )
+            return False
         store = self.store
         if not await self.within(store.delete(session.id)) and await self.within(
             store._was_rotated(session.id, store.scope, store.clock())
         ):
             self._gone(session, store._rotated_error(session.id))
+        return True
 
     async def _create(self) -> None:
         if self.stale:  # a rotated id, or several live ones: the newer cookie stays
@@ -740,10 +751,8 @@ class _Connection:
         cookie is left alone: by now the browser may hold a newer one (a login after
         that logout), which expiring ours would clear. A later request that still
         carries the dead id finds it unknown and expires it then."""
-        self.stale = True
-        self.forget()
+        self._lost(exc)
         if isinstance(exc, SessionRotated):
-            self.moved = True
             raise SessionConflict(
                 "the session was rotated (a login, or a move from the legacy cookie) during "
                 "the request; its changes were not applied",
@@ -1225,36 +1234,24 @@ async def _commit_or_status(conn: _Connection) -> int | None:
         )
         conn.refusal = exc
         return 409
-    except SessionTooLarge as exc:
-        # the data grew past Config.max_session_size: a client can drive that at will
-        # where the app stores what it sends, so 413 (the app's handler may answer it)
-        # and a rate-limited record
-        _log_limited(
-            _log_limit,
-            "too_large",
-            logging.WARNING,
-            "session not saved (%s): %s",
-            exc.code,
-            exc.message,
-            extra={"code": str(exc.code), "details": exc.details},
-        )
-        conn.refusal = exc
-        return 413
     except SessionError as exc:
+        # SessionTooLarge: the data grew past Config.max_session_size, which a client
+        # can drive at will where the app stores what it sends: 413 and WARNING.
         # NotSerializable...: a bug in the app (it stored what JSON cannot hold, or what
-        # a client sent unchecked, such as NaN): 500 unless the app's handler answers,
-        # logged at ERROR once per interval per code
+        # a client sent unchecked, such as NaN): 500 and ERROR. Either is logged once
+        # per interval per kind, and the app's own handler for it may answer
+        too_large = isinstance(exc, SessionTooLarge)
         _log_limited(
             _log_limit,
-            f"not_saved:{exc.code}",
-            logging.ERROR,
+            "too_large" if too_large else f"not_saved:{exc.code}",
+            logging.WARNING if too_large else logging.ERROR,
             "session not saved (%s): %s",
             exc.code,
             exc.message,
             extra={"code": str(exc.code), "details": exc.details},
         )
         conn.refusal = exc
-        return 500
+        return 413 if too_large else 500
     return None
 
 
@@ -1456,15 +1453,6 @@ async def login(
     return session
 
 
-def _rotated_cookie() -> SessionConflict:
-    """A logout (``logout()``, ``clear()``) from a cookie rotated before the request."""
-    return SessionConflict(
-        "the session cookie was rotated (a login, or a move from the legacy cookie) "
-        "before this request; log out with the newer cookie",
-        details={"reason": "rotated"},
-    )
-
-
 def _login_lost(conn: _Connection, old: Session, exc: SessionNotFound) -> None:
     """The session a login was replacing vanished. Another login moved it (a double
     submit, a second tab): that one won, this one answers 409 and leaves its cookie
@@ -1482,13 +1470,7 @@ async def logout(connection: HTTPConnection) -> None:
     ended: ``SessionConflict`` (409, reason ``rotated``) and no cookie is sent, so
     the user is never told "logged out" while the login's newer session lives on."""
     conn = _work(connection)
-    if conn.session is not None:
-        await conn.delete(conn.session)
-    elif conn.rotated:
-        # the cookie names an id a login rotated before this request (a login in
-        # another tab whose response is on its way): that session is not this
-        # request's to end, and a 200 would tell the user they are logged out
-        raise _rotated_cookie()
+    await conn.end()
     conn.forget()
 
 
