@@ -10,7 +10,10 @@ Redis, and everything else as its ``mode`` says:
 - ``close_mid_reply``: half a reply, then the connection is closed;
 - ``silent``: nothing at all;
 - ``old``: a well-behaved ``INFO`` of Redis 6.2.14;
-- ``no_commands``: ``INFO`` of Redis 7.2.4 but ``PEXPIRETIME`` is unknown.
+- ``no_commands``: ``INFO`` of Redis 7.2.4 but ``PEXPIRETIME`` is unknown;
+- ``no_info``: ``INFO`` refused (``NOPERM``, as for an ACL user without it), every
+  other command answered;
+- ``no_info_old``: ``INFO`` refused and ``PEXPIRETIME`` unknown.
 """
 
 from __future__ import annotations
@@ -63,11 +66,15 @@ class FakeRedis:
         if name == b"CLUSTER":
             node = b"*2\r\n" + _bulk(b"127.0.0.1") + b":%d\r\n" % self.port
             return b"*1\r\n*3\r\n:0\r\n:16383\r\n" + node
-        if self.mode in ("old", "no_commands"):
+        if self.mode in ("old", "no_commands", "no_info", "no_info_old"):
+            if name == b"INFO" and self.mode.startswith("no_info"):
+                return b"-NOPERM this user has no permissions to run the 'info' command\r\n"
             if name == b"INFO":
                 return self._info()
-            if name == b"PEXPIRETIME" and self.mode == "no_commands":
+            if name == b"PEXPIRETIME" and self.mode in ("no_commands", "no_info_old"):
                 return b"-ERR unknown command 'PEXPIRETIME'\r\n"
+            if name == b"ZMSCORE":
+                return b"*1\r\n$-1\r\n"
             return b":0\r\n"
         self._count += 1
         if self.mode == "garbage":

@@ -470,6 +470,26 @@ async def test_open_refuses_a_server_the_scripts_cannot_run_on(
         await store.close()
 
 
+async def test_a_server_refusing_info_is_checked_by_its_commands(clock: FakeClock) -> None:
+    """An ACL user without ``+info`` (or a Redis-protocol server without ``INFO``):
+    the version is unknown, so the probes decide. Commands answered: the store opens;
+    ``PEXPIRETIME`` unknown: refused, saying so."""
+    async with serve("no_info") as fake:
+        store = RedisStore.from_url(f"redis://127.0.0.1:{fake.port}/0", cfg(), clock=clock)
+        async with store:
+            pass
+        names = [command[0].upper() for command in fake.commands]
+        assert names.count(b"PEXPIRETIME") == 1 and names.count(b"ZMSCORE") == 1
+        assert any(c[:2] == [b"SCRIPT", b"LOAD"] for c in fake.commands)
+    async with serve("no_info_old") as fake:
+        store = RedisStore.from_url(f"redis://127.0.0.1:{fake.port}/0", cfg(), clock=clock)
+        with pytest.raises(StoreUnavailable, match="PEXPIRETIME") as info:
+            async with store:
+                pass
+        assert "version unknown" in str(info.value)
+        await store.close()
+
+
 def test_server_version_reads_every_form_of_info() -> None:
     from asyncsession.backends.redis.server import server_version
 

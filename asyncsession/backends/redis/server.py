@@ -6,6 +6,8 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from ...errors import StoreUnavailable
 
 MIN_VERSION = (7, 0)
@@ -75,12 +77,22 @@ async def check_server(
     key: bytes | None = PROBE_KEY,
 ) -> None:
     """``StoreUnavailable`` naming the version if the server behind ``call`` reports a
-    Redis older than 7.0 or refuses a command the scripts need."""
-    info = await call("INFO", "server")
+    Redis older than 7.0 or refuses a command the scripts need.
+
+    A server that refuses ``INFO`` itself (an ACL user without ``+info``, a
+    Redis-protocol server without it) has its version unknown: the probes alone
+    decide (they run the commands Redis 7.0 added)."""
     try:
-        product, version = server_version(info)
-    except ValueError as exc:
-        raise unavailable(exc) from exc
+        info = await call("INFO", "server")
+    except StoreUnavailable as exc:
+        if not isinstance(exc.__cause__, ResponseError):
+            raise  # the server is down, not refusing
+        product, version = "A server", "(version unknown: INFO refused)"
+    else:
+        try:
+            product, version = server_version(info)
+        except ValueError as exc:
+            raise unavailable(exc) from exc
     if product == "Redis" and _numbers(version) < MIN_VERSION:
         raise unavailable(
             RuntimeError(

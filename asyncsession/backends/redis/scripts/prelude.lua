@@ -18,6 +18,7 @@
 -- fails the command. A script reads every key it writes before its first write and
 -- stops there with TRYAGAIN: nothing was written, and the client sends it again.
 local function settle(err)
+  err = tostring(err)  -- (a string in Redis; fakeredis hands its own type)
   if not string.find(err, 'WRONGTYPE', 1, true) then error({err = 'TRYAGAIN ' .. err}) end
 end
 local function fields(key, ...)
