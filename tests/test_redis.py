@@ -34,6 +34,7 @@ from redis.asyncio import Redis  # noqa: E402
 from redis.asyncio.connection import Connection  # noqa: E402
 
 from asyncsession import (  # noqa: E402
+    Changes,
     Config,
     ControlledStore,
     InvalidSession,
@@ -1158,6 +1159,116 @@ async def test_expiry_set_and_index_stay_bounded_without_cleanup(
     assert await env.client.zscore(raw.expiry_key, hid(kept.id)) is not None
     assert await store.purge_expired() >= 1
     assert await env.client.zscore(raw.expiry_key, hid(kept.id)) is None
+
+
+async def test_the_common_create_writes_what_the_full_insert_writes(
+    env: Env, clock: FakeClock
+) -> None:
+    """An anonymous create that trims nothing this time runs ``insert_first.lua``
+    (five commands) instead of the whole insert script: the session key, its fields,
+    its native expiry and its expiry entry are the same either way, a new expiry set
+    without a TTL gets one, and an id that exists is refused by both."""
+    store = env.controlled(cfg(cleanup_interval=0))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+
+    async def made(full: bool) -> tuple[dict[bytes, Any], Any, Any, Any]:
+        raw._inserts = 0 if full else 1  # 0: this insert trims (the full script)
+        session = await store.create(new_session(None, 30, data={"k": [1]}, now=clock()))
+        key = raw.session_key(raw.handle(session.id))
+        fields = await env.client.hgetall(key)
+        fields.pop(b"r")  # the record (its id differs)
+        score = await env.client.zscore(raw.expiry_key, hid(session.id))
+        return fields, await env.client.pexpiretime(key), score, session
+
+    fast, fast_px, fast_due, one = await made(full=False)
+    full, full_px, full_due, _ = await made(full=True)
+    assert sorted(fast) == sorted(full) == [b"a", b"c", b"e", b"n", b"s", b"x"]
+    assert fast == full
+    assert fast_px == full_px > 0 and fast_due == full_due == int(fast[b"e"])
+    assert await store.get(one.id) is not None
+    # a new expiry set, or one left without a TTL, gets one from the common create
+    await env.client.persist(raw.expiry_key)
+    await made(full=False)
+    assert await env.client.pexpiretime(raw.expiry_key) >= fast_px
+    # an id that exists is refused, and the session stays as it was
+    for full_path in (False, True):
+        raw._inserts = 0 if full_path else 1
+        with pytest.raises(InvalidSession, match="exists"):
+            await raw.create(replace(one, data={"k": "other"}))
+        got = await store.get(one.id)
+        assert got is not None and got.data == {"k": [1]}
+
+
+async def test_the_common_update_keeps_every_check(env: Env, clock: FakeClock) -> None:
+    """The apply script's first part (no idle timeout, the caller's base version is
+    the stored one: the whole new record is written as sent) still refuses another
+    site's session, an expired one and a record over the size limit, writing
+    nothing; the same call within bounds is written."""
+    from asyncsession.backends.redis.apply import apply_args
+    from asyncsession.backends.redis.scripts import APPLY
+    from asyncsession.changes import encode_changes
+
+    store = env.controlled(cfg(cleanup_interval=0))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    made = await store.create(new_session(None, 30, data={"k": 1}, now=clock()))
+    handle = raw.handle(made.id)
+    base = await raw.get(made.id)
+    assert base is not None
+    keys = (raw.session_key(handle), raw.expiry_key_for(handle))
+    changes = encode_changes(Changes(set={"k": 2}, expect={"k": 1}))
+
+    async def send(config: Config, now: Any, limit: int) -> Any:
+        args = apply_args(handle, changes, config, now, limit, raw.expiry_grace_ms, base)
+        return await raw._eval(APPLY, keys, args)
+
+    before = await env.client.hgetall(keys[0])
+    assert await send(cfg(site_id="site-b"), clock(), 0) == b"other_site"
+    assert await send(raw.config, clock() + timedelta(seconds=31), 0) == b"expired"
+    assert (await send(raw.config, clock(), 10))[0] == b"too_large"
+    assert await env.client.hgetall(keys[0]) == before
+    assert (await send(raw.config, clock(), 0))[0] == b"ok"
+    got = await store.get(made.id)
+    assert got is not None and got.data == {"k": 2} and got.version == base.version + 1
+
+
+async def test_one_insert_in_trim_every_trims_the_expiry_set(env: Env, clock: FakeClock) -> None:
+    """Inserts trim the expiry set on one call in ``TRIM_EVERY``, by ``2 * TRIM_EVERY``
+    entries whose key is gone: the others leave it alone (two per insert on average,
+    as before, without the trim's cost on most creates). A store's first insert
+    trims, so stores that live for one or two creates (a CLI run, a recycled worker)
+    still keep the set bounded."""
+    every = redis_backend.store.TRIM_EVERY
+    store = env.controlled(cfg(cleanup_interval=0))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    gone = [await store.create(new_session(None, 30, now=clock())) for _ in range(4 * every)]
+    await env.client.delete(*[raw.session_key(raw.handle(s.id)) for s in gone])  # expired
+    clock.advance(30 + raw.expiry_grace_ms / 1000 + 1)
+    raw._inserts = 0
+    sizes = []
+    for _ in range(2 * every):
+        gone.append(await store.create(new_session(None, 30, now=clock())))
+        sizes.append(await env.client.zcard(raw.expiry_key))
+    start = 4 * every
+    expected = []
+    size = start
+    for n in range(2 * every):
+        size += 1
+        if n % every == 0:
+            size -= 2 * every
+        expected.append(size)
+    assert sizes == expected
+    # stores that each make one create (a CLI run, a recycled worker): each trims
+    gone += [await store.create(new_session(None, 30, now=clock())) for _ in range(2 * every)]
+    await env.client.delete(*[raw.session_key(raw.handle(s.id)) for s in gone])
+    clock.advance(30 + raw.expiry_grace_ms / 1000 + 1)
+    for _ in range(2):
+        before = await env.client.zcard(raw.expiry_key)
+        assert before > 2 * every
+        await env.controlled(cfg(cleanup_interval=0)).create(new_session(None, 30, now=clock()))
+        assert await env.client.zcard(raw.expiry_key) == before + 1 - 2 * every
 
 
 # ---------------------------------------------------------------------------- URLs

@@ -39,7 +39,7 @@ _PRELUDE = PRELUDE  # the name the single-module backend used
 _PURGE_FN = lua("purge_fn")
 _INDEX_FNS = lua("index")
 
-INSERT = _Script(_PURGE_FN + _INDEX_FNS + lua("insert"))
+INSERT = _Script(_PURGE_FN + _INDEX_FNS + lua("insert"), first=lua("insert_first"))
 REPLACE = _Script(_PURGE_FN + _INDEX_FNS + lua("replace"), first=lua("replace_first"))
 TOUCH = _Script(_PURGE_FN + lua("touch"))
 ROTATE = _Script(lua("rotate"))

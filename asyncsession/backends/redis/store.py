@@ -135,6 +135,10 @@ def _guarded(
     return run
 
 
+TRIM_EVERY = 4
+"""One insert in this many trims the expiry set (``_insert_args``)."""
+
+
 def _us(when: datetime | None) -> int | bytes:
     return b"" if when is None else codec.to_us(when)
 
@@ -210,6 +214,7 @@ class RedisStore(Store):
         self._service = ""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cluster: ClusterOps | None = None
+        self._inserts = 0  # inserts so far, modulo TRIM_EVERY: 0 trims (see _insert_args)
         self._layout: SingleLayout
         if isinstance(client, RedisCluster):
             problem = cluster_client_problem(redis.__version__)
@@ -583,9 +588,15 @@ class RedisStore(Store):
     ) -> tuple[Any, ...]:
         """The insert script's ARGV (also the tail of ``rotate_into``'s): the record,
         the key prefix, then site, version, created, accessed, expires, absolute, px,
-        now, limit, eviction, id and trim cutoff in one argument, each followed by
-        ``,`` (none of them can hold one; ``''`` = never): redis-py encodes three
-        arguments instead of fourteen, and ``insert.lua`` splits them again."""
+        now, limit, eviction, id, trim cutoff and trim count in one argument, each
+        followed by ``,`` (none of them can hold one; ``''`` = never): redis-py encodes
+        three arguments instead of fifteen, and ``insert.lua`` splits them again.
+
+        The trim count: one insert in ``TRIM_EVERY`` (a store's first, fifth, ...)
+        drops up to ``2 * TRIM_EVERY`` expiry entries whose key is gone, the others
+        none, so the common anonymous create runs ``insert_first.lua`` (five
+        commands, no trim) and the expiry set still loses two entries per insert on
+        average."""
         us = codec.to_us
         created, accessed = session.created_at, session.last_accessed_at
         c = us(created)
@@ -599,13 +610,15 @@ class RedisStore(Store):
         if x is not None:
             absolute = expires if x is e else str(us(x))
         n = us(now)
+        count = self._inserts  # the first insert of a store trims (a short-lived one too)
+        self._inserts = (count + 1) % TRIM_EVERY
         return (
             record,
             self._sprefix,
             (
                 f"{scope.site_id},{session.version},{c},{a},{expires},{absolute},{px},{n},"
                 f"{scope.max_sessions_per_user},{scope.eviction},{session.id},"
-                f"{n - self.expiry_grace_ms * 1000},"
+                f"{n - self.expiry_grace_ms * 1000},{0 if count else 2 * TRIM_EVERY},"
             ).encode(),
         )
 

@@ -1,9 +1,10 @@
 -- KEYS: session, expiry set, [user index]
 -- ARGV: record, session key prefix, then one list of the other values, each followed
 --       by ',': site, version, created, accessed, expires, absolute, px, now, limit,
---       eviction, id, trim cutoff (us: now minus the grace). Split here into
---       record, site, version, created, accessed, expires, absolute, px, now, limit,
---       eviction, session key prefix, id, trim cutoff.
+--       eviction, id, trim cutoff (us: now minus the grace), trim count (expiry
+--       entries to drop at most; 0 on most inserts). Split here into record, site,
+--       version, created, accessed, expires, absolute, px, now, limit, eviction,
+--       session key prefix, id, trim cutoff, trim count.
 local sent = ARGV
 local ARGV = {sent[1]}
 for v in string.gmatch(sent[3], '([^,]*),') do ARGV[#ARGV + 1] = v end
@@ -15,7 +16,7 @@ table.insert(ARGV, 12, sent[2])
 local skey, xkey, ikey = KEYS[1], KEYS[2], KEYS[3]
 local site, e, px, now = ARGV[2], ARGV[6], ARGV[8], tonumber(ARGV[9])
 local limit, eviction, sprefix, id = tonumber(ARGV[10]), ARGV[11], ARGV[12], ARGV[13]
-trim(xkey, ARGV[14], sprefix)
+trim(xkey, ARGV[14], sprefix, tonumber(ARGV[15]) or 0)
 if redis.call('EXISTS', skey) == 1 then return {'exists'} end
 local evicted = {'ok'}
 local drop, victims, skip = {}, {}, {}  -- index members to remove; sessions to delete

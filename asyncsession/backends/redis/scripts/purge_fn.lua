@@ -30,14 +30,17 @@ local function purge(xkey, now, limit, sprefix, report, rows)
   end
   return removed, #ids
 end
--- a write's share of the cleanup: up to 2 entries of the expiry set due before
--- `cutoff` (now minus the native-expiry grace) whose session key is gone (Redis's own
--- expiry dropped it, or a DEL) leave the set, so with background cleanup off it
--- stays within the live sessions plus a constant. Sessions still stored are left to
+-- a write's share of the cleanup: up to `count` (default 2) entries of the expiry set
+-- due before `cutoff` (now minus the native-expiry grace) whose session key is gone
+-- (Redis's own expiry dropped it, or a DEL) leave the set, so with background cleanup
+-- off it stays within the live sessions plus a constant (inserts ask for 2 on average:
+-- none on most, more on one in TRIM_EVERY). Sessions still stored are left to
 -- purge_expired (they keep their id until then). Never fails the write.
-local function trim(xkey, cutoff, sprefix)
+local function trim(xkey, cutoff, sprefix, count)
+  count = count or 2
+  if count < 1 then return end
   pcall(function()
-    for _, id in ipairs(redis.call('ZRANGEBYSCORE', xkey, '-inf', cutoff, 'LIMIT', 0, 2)) do
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', xkey, '-inf', cutoff, 'LIMIT', 0, count)) do
       if redis.call('EXISTS', key_of(sprefix, id)) == 0 then redis.call('ZREM', xkey, id) end
     end
   end)
