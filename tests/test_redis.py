@@ -565,6 +565,50 @@ async def test_concurrent_gets_share_one_round_trip(env: Env, clock: FakeClock) 
         assert (await store.get(s.id)).data["touched"] is True
 
 
+async def test_concurrent_common_creates_share_one_script_call(env: Env, clock: FakeClock) -> None:
+    """On one server the anonymous creates of a batch that expire run in one
+    ``MULTI_INSERT`` call (each trimming if its list asks): 65 concurrent creates
+    take a handful of script calls, and each caller still gets its own answer (an id
+    that exists is refused, its session untouched)."""
+    store = env.controlled(cfg(cleanup_interval=0))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    gone = [await store.create(new_session(None, 30, now=clock())) for _ in range(40)]
+    await env.client.delete(*[raw.session_key(raw.handle(s.id)) for s in gone])  # expired
+    clock.advance(30 + raw.expiry_grace_ms / 1000 + 1)
+    taken = await store.create(new_session(None, 30, data={"n": -1}, now=clock()))
+    real = backend_redis.server_reachable()
+
+    async def script_calls() -> int:
+        if not real:
+            return 0
+        stats = await env.client.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    before = await script_calls()
+    raw._inserts = 1
+    made = [new_session(None, 30, data={"n": i}, now=clock()) for i in range(64)]
+    results = await asyncio.gather(
+        *(store.create(s) for s in made[:40]),
+        raw.create(replace(taken, data={"n": "tossed"})),
+        *(store.create(s) for s in made[40:]),
+        return_exceptions=True,
+    )
+    calls = await script_calls() - before
+    assert isinstance(results[40], InvalidSession)
+    created = results[:40] + results[41:]
+    for i, session in enumerate(created):
+        got = await store.get(session.id)  # type: ignore[union-attr]
+        assert got is not None and got.data == {"n": i}
+    kept = await store.get(taken.id)
+    assert kept is not None and kept.data == {"n": -1}
+    # the merged creates trimmed as their lists asked (16 of them, 8 entries each):
+    # the expiry set holds the live sessions only
+    assert await env.client.zcard(raw.expiry_key) == 1 + 64
+    if real:  # 65 creates: one at once, the rest merged per batch of up to 32
+        assert calls <= 4, calls
+
+
 async def test_batch_survives_a_cancelled_leader(env: Env) -> None:
     store = env.controlled()
     sessions = [await store.create(new_session(f"u{i}", data={"i": i})) for i in range(10)]

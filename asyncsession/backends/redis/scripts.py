@@ -39,7 +39,9 @@ _PRELUDE = PRELUDE  # the name the single-module backend used
 _PURGE_FN = lua("purge_fn")
 _INDEX_FNS = lua("index")
 
-INSERT = _Script(_PURGE_FN + _INDEX_FNS + lua("insert"), first=lua("insert_first"))
+_COMMON_CREATE = lua("common_create")
+INSERT = _Script(_PURGE_FN + _INDEX_FNS + lua("insert"), first=_COMMON_CREATE + lua("insert_first"))
+MULTI_INSERT = _Script(_PURGE_FN + _COMMON_CREATE + lua("multi_insert"))
 REPLACE = _Script(_PURGE_FN + _INDEX_FNS + lua("replace"), first=lua("replace_first"))
 TOUCH = _Script(_PURGE_FN + lua("touch"))
 ROTATE = _Script(lua("rotate"))
@@ -76,6 +78,7 @@ SCRIPTS = (
     PURGE_SLOTS,
     COUNT_SLOTS,
     MULTI_GET,
+    MULTI_INSERT,
     SCAN,
     ROTATE_INTO,
     RETIRE,

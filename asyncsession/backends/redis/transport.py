@@ -8,7 +8,8 @@ goes out as one ``pipeline(transaction=False)`` (a lone request as one
 ``execute_command``) on a connection the client's pool lends for that exchange
 only, with the client's own timeouts, health checks, retry, TLS and credentials.
 On one server the session reads of a batch merge into one ``HMGET`` or one
-multi-key script call. Whatever happens in a batch, of any exception type, every
+multi-key script call, and so do its creates of anonymous sessions that expire
+(``MULTI_INSERT``). Whatever happens in a batch, of any exception type, every
 waiter is resolved, and by the deadline set when its batch began (``timeout``
 after): waiting for a slot, redis-py's slot map, retries and redirections, the
 reply, all count, and the deadline holds even if redis-py ignores a cancellation
@@ -28,7 +29,7 @@ import asyncio
 import contextlib
 import functools
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 from redis.asyncio import Redis
@@ -37,7 +38,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from ..._deadline import DEADLINE
 from ...errors import StoreUnavailable
-from .scripts import MULTI_GET, source_of
+from .scripts import INSERT, MULTI_GET, MULTI_INSERT, source_of
 
 NEVER_DECODE = "NEVER_DECODE"
 """redis-py's option (``redis.client.NEVER_DECODE``) for raw bytes replies, so the
@@ -171,6 +172,24 @@ def _resolve(waiter: asyncio.Future[Any] | None, reply: Any) -> None:
             waiter.set_exception(reply)
         else:
             waiter.set_result(reply)
+
+
+def _common_create(args: Command) -> bool:
+    """Whether ``args`` is an insert of an anonymous session that expires (two keys,
+    a deadline in its list), which ``MULTI_INSERT`` runs too: several of one batch go
+    as one script call."""
+    if len(args) != 8 or args[1] != INSERT.sha or args[2] != 2:
+        return False
+    listed = args[7]
+    return isinstance(listed, bytes) and listed.split(b",", 5)[4] != b""
+
+
+def _each(reply: Any, count: int) -> Iterator[Any]:
+    """The replies in a merged call's reply, one per request it merged; an error
+    reply (or garbage) is each one's."""
+    if not isinstance(reply, list) or len(reply) != count:
+        return iter([reply] * count)
+    return iter(reply)
 
 
 def _unwrap(reply: Any) -> Any:
@@ -583,25 +602,34 @@ class Transport:
     async def _exchange(self, requests: list[Request]) -> list[Any]:
         reads = [key for key, args in requests if args is None]
         merged = self._merge_reads and len(reads) > 1
+        creates = [args for _, args in requests if args is not None and _common_create(args)]
+        joined = self._merge_reads and len(creates) > 1
         wire: list[Command] = []
         if merged:
             wire.append(("EVALSHA", MULTI_GET.sha, len(reads), *reads))
+        if joined:
+            keys = [key for args in creates for key in args[3:5]]
+            argv = [arg for args in creates for arg in args[5:8]]
+            wire.append(("EVALSHA", MULTI_INSERT.sha, len(keys), *keys, *argv))
         for key, args in requests:
-            if args is not None:
+            if args is None:
+                if not merged:
+                    wire.append(("HMGET", key, *READ_FIELDS))
+            elif not (joined and _common_create(args)):
                 wire.append(args)
-            elif not merged:
-                wire.append(("HMGET", key, *READ_FIELDS))
         replies = await send_recovering(self.client, wire)
         if merged:
-            multi = replies.pop(0)
-            if not isinstance(multi, list) or len(multi) != len(reads):
-                multi = [multi] * len(reads)  # an error reply (or garbage): each read's
-            got = iter(multi)
+            got = _each(replies.pop(0), len(reads))
+        if joined:
+            made = _each(replies.pop(0), len(creates))
         out: list[Any] = []
         position = 0
         for _, args in requests:
             if merged and args is None:
                 out.append(self._read(next(got)))
+                continue
+            if joined and args is not None and _common_create(args):
+                out.append(self._reply(next(made)))
                 continue
             reply = replies[position]
             position += 1

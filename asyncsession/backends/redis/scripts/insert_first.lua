@@ -1,25 +1,9 @@
--- The common create, run before the shared prelude is even defined: an anonymous
--- session (no user index) that expires, on an insert that trims nothing this time
--- (the store asks one insert in TRIM_EVERY to trim, TRIM_EVERY times as many
--- entries). One EXISTS, then the writes insert.lua does for such a session.
--- ARGV as sent (see insert.lua): record, session key prefix, then the list site,
--- version, created, accessed, expires, absolute, px, now, limit, eviction, id, trim
--- cutoff, trim count (each followed by ',').
+-- Run before the shared prelude is even defined: the common create (see
+-- common_create.lua). ARGV as sent (see insert.lua): record, session key prefix,
+-- then the list.
 if #KEYS == 2 then
-  local v = {string.match(ARGV[3], '^' .. string.rep('([^,]*),', 13))}
+  local v = split_insert(ARGV[3])
   if v[13] == '0' and v[5] ~= '' then
-    local skey, xkey = KEYS[1], KEYS[2]
-    local found = redis.pcall('EXISTS', skey)
-    if type(found) == 'table' then error({err = 'TRYAGAIN ' .. tostring(found.err)}) end
-    if found == 1 then return {'exists'} end
-    redis.call('HSET', skey, 'r', ARGV[1], 's', v[1], 'n', v[2], 'c', v[3], 'a', v[4],
-      'e', v[5], 'x', v[6])
-    redis.call('PEXPIREAT', skey, v[7])
-    redis.call('ZADD', xkey, v[5], v[11])
-    -- the expiry set outlives its sessions (GT leaves a new, persistent set alone)
-    if redis.call('PEXPIREAT', xkey, v[7], 'GT') == 0 then
-      redis.call('PEXPIREAT', xkey, v[7], 'NX')
-    end
-    return {'ok'}
+    return common_create(KEYS[1], KEYS[2], ARGV[1], v)
   end
 end

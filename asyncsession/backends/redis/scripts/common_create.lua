@@ -1,0 +1,24 @@
+-- The common create: an anonymous session (no user index) that expires, on an
+-- insert that trims nothing this time (the store asks one insert in TRIM_EVERY to
+-- trim, TRIM_EVERY times as many entries). One EXISTS, then the writes insert.lua
+-- does for such a session. `v` is insert.lua's list as sent, split: site, version,
+-- created, accessed, expires, absolute, px, now, limit, eviction, id, trim cutoff,
+-- trim count. Used by insert_first.lua (one create) and multi_insert.lua (the
+-- common creates of one batch in one call).
+local function split_insert(list)
+  return {string.match(list, '^' .. string.rep('([^,]*),', 13))}
+end
+local function common_create(skey, xkey, record, v)
+  local found = redis.pcall('EXISTS', skey)
+  if type(found) == 'table' then error({err = 'TRYAGAIN ' .. tostring(found.err)}) end
+  if found == 1 then return {'exists'} end
+  redis.call('HSET', skey, 'r', record, 's', v[1], 'n', v[2], 'c', v[3], 'a', v[4],
+    'e', v[5], 'x', v[6])
+  redis.call('PEXPIREAT', skey, v[7])
+  redis.call('ZADD', xkey, v[5], v[11])
+  -- the expiry set outlives its sessions (GT leaves a new, persistent set alone)
+  if redis.call('PEXPIREAT', xkey, v[7], 'GT') == 0 then
+    redis.call('PEXPIREAT', xkey, v[7], 'NX')
+  end
+  return {'ok'}
+end
