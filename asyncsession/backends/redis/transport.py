@@ -602,8 +602,11 @@ class Transport:
     async def _exchange(self, requests: list[Request]) -> list[Any]:
         reads = [key for key, args in requests if args is None]
         merged = self._merge_reads and len(reads) > 1
-        creates = [args for _, args in requests if args is not None and _common_create(args)]
-        joined = self._merge_reads and len(creates) > 1
+        creates: list[Command] = []
+        if self._merge_reads:
+            creates = [args for _, args in requests if args is not None and _common_create(args)]
+        joined = len(creates) > 1
+        merging = {id(args) for args in creates} if joined else set()
         wire: list[Command] = []
         if merged:
             wire.append(("EVALSHA", MULTI_GET.sha, len(reads), *reads))
@@ -615,7 +618,7 @@ class Transport:
             if args is None:
                 if not merged:
                     wire.append(("HMGET", key, *READ_FIELDS))
-            elif not (joined and _common_create(args)):
+            elif id(args) not in merging:
                 wire.append(args)
         replies = await send_recovering(self.client, wire)
         if merged:
@@ -628,7 +631,7 @@ class Transport:
             if merged and args is None:
                 out.append(self._read(next(got)))
                 continue
-            if joined and args is not None and _common_create(args):
+            if id(args) in merging:
                 out.append(self._reply(next(made)))
                 continue
             reply = replies[position]
