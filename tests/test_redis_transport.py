@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -90,6 +92,8 @@ async def test_64_gets_and_creates_settle_against_a_hostile_server(
             results = await all_settle(
                 [controlled.get(i) for i in ids]
                 + [controlled.create(new_session(f"u{i % 5}")) for i in range(64)]
+                # anonymous creates that expire: merged into one script call per batch
+                + [controlled.create(new_session(None, 60)) for _ in range(64)]
                 # a garbled reply to a write's script is the server's fault, never a
                 # damaged session (SessionNotFound would log its user out)
                 + [controlled.apply(i, Changes(set={"k": 1})) for i in ids[:16]]
@@ -105,6 +109,72 @@ async def test_64_gets_and_creates_settle_against_a_hostile_server(
     if mode != "error_mid_batch":  # (there some odd replies are errors, some numbers)
         assert all(isinstance(r, StoreUnavailable) for r in results), results[:3]
     assert fake.commands  # the batches did reach the server
+
+
+@pytest.fixture
+async def env_client() -> AsyncIterator[Any]:
+    """A client of the test server (REDIS_URL), or of fakeredis without one."""
+    if backend_redis.server_reachable():
+        client: Any = Redis.from_url(backend_redis.REDIS_URL)
+    elif backend_redis.REQUIRE:
+        pytest.fail(f"ASYNCSESSION_REQUIRE_REDIS=1 but no Redis at {backend_redis.REDIS_URL}")
+    else:
+        client = backend_redis.fake_client()
+    yield client
+    await client.aclose()
+
+
+@pytest.mark.parametrize("merged", ["reads", "creates"])
+@pytest.mark.parametrize("bad", ["first", [b"ok"], 42, None])
+async def test_a_merged_reply_of_the_wrong_shape_fails_each_merged_caller(
+    merged: str, bad: Any, env_client: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A merged call's reply that is not one entry per merged request (a proxy or
+    server gone wrong) fails each merged caller with StoreUnavailable: never one
+    caller's session handed to the others, never a create reported done that was
+    not. The batch's other requests get their own replies."""
+    prefix = f"merged-{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(env_client, replace(cfg(), key_prefix=prefix), clock=clock)
+    controlled = with_controls(store, replace(cfg(), key_prefix=prefix))
+    await store.__aenter__()
+    try:
+        kept = [await controlled.create(new_session(None, 60, data={"n": n})) for n in range(3)]
+        script = transport.MULTI_GET.sha if merged == "reads" else transport.MULTI_INSERT.sha
+        real = transport.send_recovering
+
+        async def garble(client: Any, commands: Any, **options: Any) -> list[Any]:
+            replies = await real(client, commands, **options)
+            return [
+                # "first": the first merged request's own reply, as if it were all of them
+                (reply[0] if bad == "first" else bad)
+                if command[:2] == ("EVALSHA", script)
+                else reply
+                for command, reply in zip(commands, replies, strict=True)
+            ]
+
+        monkeypatch.setattr(transport, "send_recovering", garble)
+        await controlled.get(kept[0].id)  # the lone first call goes at once, unmerged
+        fresh = [new_session(None, 60, data={"n": n}) for n in range(3)]
+        results = await all_settle(
+            [controlled.get(kept[0].id)]  # (a lone call, to open a batch behind it)
+            + [controlled.get(s.id) for s in kept[1:]]
+            + [controlled.create(s) for s in fresh]
+            + [controlled.apply(kept[0].id, Changes(set={"x": 1}))]
+        )
+        monkeypatch.setattr(transport, "send_recovering", real)
+        gets, creates, applied = results[1:3], results[3:6], results[6]
+        victims = gets if merged == "reads" else creates
+        others = creates if merged == "reads" else gets
+        assert all(isinstance(r, StoreUnavailable) for r in victims), victims
+        assert not any(isinstance(r, BaseException) for r in others), others
+        assert not isinstance(applied, BaseException), applied
+        for made in fresh:  # a create reported done is stored; a failed one may be too
+            if merged == "reads":
+                got = await controlled.get(made.id)
+                assert got is not None and got.data == made.data
+    finally:
+        await store.close()
+        await backend_redis.delete_prefix(env_client, prefix)
 
 
 class Boom(KeyError):

@@ -185,11 +185,14 @@ def _common_create(args: Command) -> bool:
 
 
 def _each(reply: Any, count: int) -> Iterator[Any]:
-    """The replies in a merged call's reply, one per request it merged; an error
-    reply (or garbage) is each one's."""
-    if not isinstance(reply, list) or len(reply) != count:
-        return iter([reply] * count)
-    return iter(reply)
+    """The replies in a merged call's reply, one per request it merged. Anything but
+    a list of exactly that many is an error for each of them (never a reply handed
+    to every caller as its own: a one-item list is not each caller's session)."""
+    if isinstance(reply, list) and len(reply) == count:
+        return iter(reply)
+    if not isinstance(reply, ResponseError):  # (the reply itself may hold session data)
+        reply = ResponseError(f"unexpected {type(reply).__name__} reply to a merged call")
+    return iter([reply] * count)
 
 
 def _unwrap(reply: Any) -> Any:
