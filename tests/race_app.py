@@ -69,6 +69,12 @@ async def own_key(request: Request) -> JSONResponse:
     return JSONResponse({key: request.session[key]})
 
 
+async def tag(request: Request) -> PlainTextResponse:
+    """A new visitor's first write: its session is created with this tag."""
+    request.session["tag"] = request.path_params["tag"]
+    return PlainTextResponse("ok")
+
+
 async def read(request: Request) -> JSONResponse:
     return JSONResponse(dict(request.session))
 
@@ -85,6 +91,7 @@ app = Starlette(
         Route("/rmw", rmw, methods=["POST"]),
         Route("/helper", helper, methods=["POST"]),
         Route("/key/{key}", own_key, methods=["POST"]),
+        Route("/tag/{tag}", tag, methods=["POST"]),
         Route("/read", read),
     ],
     lifespan=lifespan,

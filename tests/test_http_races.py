@@ -7,7 +7,10 @@ store) three loads run against one session:
   told 409, but every one told 200 is counted in the stored value;
 - the same counter through ``update_session``: every request is told 200 and the
   stored value is the number of requests;
-- 100 clients each changing its own key: all 200, nothing lost.
+- 100 clients each changing its own key: all 200, nothing lost;
+- 200 new visitors at once, each creating its own session (on Redis, creates of one
+  batch run in one script call): each is told 200 with a cookie of its own, and
+  each cookie reads back its own visitor's data.
 
 What clients were told is checked against what was stored.
 """
@@ -125,3 +128,29 @@ def test_different_keys_never_conflict(server: str) -> None:
     for i in range(CLIENTS):
         assert stored[f"k{i}"] == PER_CLIENT
     assert len(bodies) == CLIENTS * PER_CLIENT
+
+
+async def _new_visitors(base: str, count: int) -> tuple[Counter[int], dict[str, str]]:
+    """``count`` cookie-less clients at once, each creating a session tagged with its
+    number: the status codes, and each client's cookie."""
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    cookies: dict[str, str] = {}
+    codes: Counter[int] = Counter()
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as c:
+
+        async def visitor(i: int) -> None:
+            response = await c.post(f"/tag/v{i}")
+            codes[response.status_code] += 1
+            cookies[f"v{i}"] = response.cookies["sid"]
+
+        await asyncio.gather(*(visitor(i) for i in range(count)))
+        for tag, sid in cookies.items():
+            stored = (await c.get("/read", headers={"cookie": f"sid={sid}"})).json()
+            assert stored == {"tag": tag}, (tag, stored)
+    return codes, cookies
+
+
+def test_new_visitors_at_once_each_get_their_own_session(server: str) -> None:
+    codes, cookies = asyncio.run(_new_visitors(server, 2 * CLIENTS))
+    assert codes == Counter({200: 2 * CLIENTS})
+    assert len(set(cookies.values())) == 2 * CLIENTS
