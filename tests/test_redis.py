@@ -609,6 +609,59 @@ async def test_concurrent_common_creates_share_one_script_call(env: Env, clock: 
         assert calls <= 4, calls
 
 
+async def test_concurrent_common_writes_share_one_script_call(env: Env, clock: FakeClock) -> None:
+    """On one server the common writes of a batch (no idle timeout, a base version)
+    run in one ``MULTI_APPLY`` call, two sites' sessions alike; a write that is not
+    the common one at the server (its session changed since the caller loaded it)
+    goes as ``APPLY`` after it and gets the full script's answer: merged with the
+    other writer, or a conflict that writes nothing. Nothing of the others is lost."""
+    store = env.controlled(cfg(cleanup_interval=0))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    other = env.controlled(cfg(cleanup_interval=0, site_id="site-b"))
+    made = [await store.create(new_session(None, 60, data={"n": i, "m": 0})) for i in range(40)]
+    foreign = await other.create(new_session(None, 60, data={"n": -1}))
+    bases = [await store.get(s.id) for s in made]
+    # sessions 0 and 1 change after their callers loaded them: 0 in another key
+    # (the write still applies, merged), 1 in the key its caller read (a conflict)
+    await store.apply(made[0].id, Changes(set={"m": 5}))
+    await store.apply(made[1].id, Changes(set={"n": 99}))
+    real = backend_redis.server_reachable()
+
+    async def script_calls() -> int:
+        if not real:
+            return 0
+        stats = await env.client.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    before = await script_calls()
+    results = await asyncio.gather(
+        *(
+            store.apply(
+                b.id, Changes(set={"n": b.data["n"] + 100}, expect={"n": b.data["n"]}), base=b
+            )
+            for b in bases
+        ),
+        other.apply(foreign.id, Changes(set={"n": 0}), base=await other.get(foreign.id)),
+        return_exceptions=True,
+    )
+    calls = await script_calls() - before
+    assert isinstance(results[1], SessionConflict)
+    assert not isinstance(results[40], BaseException), results[40]
+    for i, b in enumerate(bases):
+        got = await store.get(b.id)
+        assert got is not None
+        if i == 1:
+            assert got.data == {"n": 99, "m": 0}  # nothing written by the conflicting one
+        elif i == 0:
+            assert got.data == {"n": 100, "m": 5}  # merged on the server with the other key
+        else:
+            assert got.data == {"n": i + 100, "m": 0} and got.version == b.version + 1
+            assert results[i].version == got.version  # type: ignore[union-attr]
+    if real:  # 41 writes: one at once, the rest merged per batch, 2 sent again as APPLY
+        assert calls <= 6, calls
+
+
 async def test_batch_survives_a_cancelled_leader(env: Env) -> None:
     store = env.controlled()
     sessions = [await store.create(new_session(f"u{i}", data={"i": i})) for i in range(10)]

@@ -89,11 +89,14 @@ async def test_64_gets_and_creates_settle_against_a_hostile_server(
         controlled = with_controls(store, cfg())
         try:
             ids = [new_session(f"u{i % 5}").id for i in range(64)]
+            bases = [new_session(None, 60, data={"k": 0}) for _ in range(16)]
             results = await all_settle(
                 [controlled.get(i) for i in ids]
                 + [controlled.create(new_session(f"u{i % 5}")) for i in range(64)]
-                # anonymous creates that expire: merged into one script call per batch
+                # anonymous creates that expire, and writes with a base: each kind merged
+                # into one script call per batch
                 + [controlled.create(new_session(None, 60)) for _ in range(64)]
+                + [controlled.apply(s.id, Changes(set={"k": 1}), base=s) for s in bases]
                 # a garbled reply to a write's script is the server's fault, never a
                 # damaged session (SessionNotFound would log its user out)
                 + [controlled.apply(i, Changes(set={"k": 1})) for i in ids[:16]]
@@ -124,22 +127,27 @@ async def env_client() -> AsyncIterator[Any]:
     await client.aclose()
 
 
-@pytest.mark.parametrize("merged", ["reads", "creates"])
+@pytest.mark.parametrize("merged", ["reads", "creates", "writes"])
 @pytest.mark.parametrize("bad", ["first", [b"ok"], 42, None])
 async def test_a_merged_reply_of_the_wrong_shape_fails_each_merged_caller(
     merged: str, bad: Any, env_client: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A merged call's reply that is not one entry per merged request (a proxy or
     server gone wrong) fails each merged caller with StoreUnavailable: never one
-    caller's session handed to the others, never a create reported done that was
-    not. The batch's other requests get their own replies."""
+    caller's session handed to the others, never a create or write reported done
+    that was not. The batch's other requests get their own replies."""
     prefix = f"merged-{uuid.uuid4().hex[:8]}:"
     store = RedisStore(env_client, replace(cfg(), key_prefix=prefix), clock=clock)
     controlled = with_controls(store, replace(cfg(), key_prefix=prefix))
     await store.__aenter__()
     try:
-        kept = [await controlled.create(new_session(None, 60, data={"n": n})) for n in range(3)]
-        script = transport.MULTI_GET.sha if merged == "reads" else transport.MULTI_INSERT.sha
+        kept = [await controlled.create(new_session(None, 60, data={"n": n})) for n in range(5)]
+        loaded = [await controlled.get(s.id) for s in kept[3:]]
+        script = {
+            "reads": transport.MULTI_GET.sha,
+            "creates": transport.MULTI_INSERT.sha,
+            "writes": transport.MULTI_APPLY.sha,
+        }[merged]
         real = transport.send_recovering
 
         async def garble(client: Any, commands: Any, **options: Any) -> list[Any]:
@@ -153,25 +161,28 @@ async def test_a_merged_reply_of_the_wrong_shape_fails_each_merged_caller(
             ]
 
         monkeypatch.setattr(transport, "send_recovering", garble)
-        await controlled.get(kept[0].id)  # the lone first call goes at once, unmerged
         fresh = [new_session(None, 60, data={"n": n}) for n in range(3)]
         results = await all_settle(
             [controlled.get(kept[0].id)]  # (a lone call, to open a batch behind it)
-            + [controlled.get(s.id) for s in kept[1:]]
+            + [controlled.get(s.id) for s in kept[1:3]]
             + [controlled.create(s) for s in fresh]
-            + [controlled.apply(kept[0].id, Changes(set={"x": 1}))]
+            + [controlled.apply(s.id, Changes(set={"w": 1}), base=s) for s in loaded]
+            + [controlled.apply(kept[0].id, Changes(set={"x": 1}))]  # (no base: as APPLY)
         )
         monkeypatch.setattr(transport, "send_recovering", real)
-        gets, creates, applied = results[1:3], results[3:6], results[6]
-        victims = gets if merged == "reads" else creates
-        others = creates if merged == "reads" else gets
-        assert all(isinstance(r, StoreUnavailable) for r in victims), victims
-        assert not any(isinstance(r, BaseException) for r in others), others
-        assert not isinstance(applied, BaseException), applied
-        for made in fresh:  # a create reported done is stored; a failed one may be too
-            if merged == "reads":
+        groups = {"reads": results[1:3], "creates": results[3:6], "writes": results[6:8]}
+        assert all(isinstance(r, StoreUnavailable) for r in groups.pop(merged))
+        for name, others in groups.items():
+            assert not any(isinstance(r, BaseException) for r in others), (name, others)
+        assert not isinstance(results[8], BaseException), results[8]
+        if merged != "creates":  # a create reported done is stored
+            for made in fresh:
                 got = await controlled.get(made.id)
                 assert got is not None and got.data == made.data
+        if merged != "writes":  # a write reported done is stored
+            for s in loaded:
+                got = await controlled.get(s.id)
+                assert got is not None and got.data["w"] == 1
     finally:
         await store.close()
         await backend_redis.delete_prefix(env_client, prefix)

@@ -54,7 +54,9 @@ ROTATE_INTO = _Script(
     + lua("rotate_into")
 )
 RETIRE = _Script(lua("retire"))
-APPLY = _Script(lua("apply"), first=lua("apply_first"))
+_COMMON_APPLY = lua("common_apply")
+APPLY = _Script(lua("apply"), first=_COMMON_APPLY + lua("apply_first"))
+MULTI_APPLY = _Script(_COMMON_APPLY + lua("multi_apply"), prelude=False)
 DELETE = _Script(lua("delete"))
 DELETE_BY_USER = _Script(lua("delete_by_user"))
 LIST = _Script(lua("list"))
@@ -79,6 +81,7 @@ SCRIPTS = (
     COUNT_SLOTS,
     MULTI_GET,
     MULTI_INSERT,
+    MULTI_APPLY,
     SCAN,
     ROTATE_INTO,
     RETIRE,

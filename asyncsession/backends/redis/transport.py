@@ -1,26 +1,28 @@
 """Batching on redis-py's public API: concurrent calls of one event-loop turn share a
-round trip, and every caller gets its reply or a ``StoreUnavailable``, whatever fails.
+round trip, and every caller gets its reply or a ``StoreUnavailable``, whatever
+fails.
 
 A request that finds nothing on the wire goes at once. Otherwise the first request
 of a turn leads a batch: its task waits for one of ``max_in_flight`` slots while the
-requests of this turn (and of the turns it waits) join, then the batch
-goes out as one ``pipeline(transaction=False)`` (a lone request as one
-``execute_command``) on a connection the client's pool lends for that exchange
-only, with the client's own timeouts, health checks, retry, TLS and credentials.
-On one server the session reads of a batch merge into one ``HMGET`` or one
-multi-key script call, and so do its creates of anonymous sessions that expire
-(``MULTI_INSERT``). Whatever happens in a batch, of any exception type, every
-waiter is resolved, and by the deadline set when its batch began (``timeout``
-after): waiting for a slot, redis-py's slot map, retries and redirections, the
-reply, all count, and the deadline holds even if redis-py ignores a cancellation
-(``_send``). A lone request runs in its caller's task where redis-py does not
-swallow cancellations for good and no batch was opened since the last lone one
-(``inline_safe``, ``_send_inline``: no loop turn to hand the reply over); otherwise
-in a task of its own. Either way one watchdog timer keeps the deadlines of all lone
-requests (``_check_deadlines``): it cancels an inline caller's task, again until the
-call ends, or answers a lone task's caller and cancels the task. A caller that set
-a request deadline (``_deadline.DEADLINE``, ``SessionMiddleware``) is answered by it
-too, alone or in a batch.
+requests of this turn (and of the turns it waits) join, then the batch goes out as
+one ``pipeline(transaction=False)`` (a lone request as one ``execute_command``) on a
+connection the client's pool lends for that exchange only, with the client's own
+timeouts, health checks, retry, TLS and credentials. On one server the session reads
+of a batch merge into one ``HMGET`` or one multi-key script call, and so do its
+creates of anonymous sessions that expire (``MULTI_INSERT``) and its common writes
+(``MULTI_APPLY``: no idle timeout, nothing written since the caller loaded the
+session; the others go as ``APPLY`` after). Whatever happens in a batch, of any
+exception type, every waiter is resolved, and by the deadline set when its batch
+began (``timeout`` after): waiting for a slot, redis-py's slot map, retries and
+redirections, the reply, all count, and the deadline holds even if redis-py ignores
+a cancellation (``_send``). A lone request runs in its caller's task where redis-py
+does not swallow cancellations for good and no batch was opened since the last lone
+one (``inline_safe``, ``_send_inline``: no loop turn to hand the reply over);
+otherwise in a task of its own. Either way one watchdog timer keeps the deadlines of
+all lone requests (``_check_deadlines``): it cancels an inline caller's task, again
+until the call ends, or answers a lone task's caller and cancels the task. A caller
+that set a request deadline (``_deadline.DEADLINE``, ``SessionMiddleware``) is
+answered by it too, alone or in a batch.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from ..._deadline import DEADLINE
 from ...errors import StoreUnavailable
-from .scripts import INSERT, MULTI_GET, MULTI_INSERT, source_of
+from .scripts import APPLY, INSERT, MULTI_APPLY, MULTI_GET, MULTI_INSERT, source_of
 
 NEVER_DECODE = "NEVER_DECODE"
 """redis-py's option (``redis.client.NEVER_DECODE``) for raw bytes replies, so the
@@ -182,6 +184,18 @@ def _common_create(args: Command) -> bool:
         return False
     listed = args[7]
     return isinstance(listed, bytes) and listed.split(b",", 5)[4] != b""
+
+
+def _common_apply(args: Command) -> bool:
+    """Whether ``args`` is an apply the store sends for the common write (no idle
+    timeout, a base version: ``common_apply.lua``), which ``MULTI_APPLY`` runs too."""
+    if len(args) < 7 or args[1] != APPLY.sha or args[2] != 2:
+        return False
+    header = args[5]
+    if not isinstance(header, bytes):
+        return False
+    fields = header.split(b",", 9)
+    return len(fields) == 10 and fields[2] == b"" and fields[8] != b""
 
 
 def _each(reply: Any, count: int) -> Iterator[Any]:
@@ -606,17 +620,30 @@ class Transport:
         reads = [key for key, args in requests if args is None]
         merged = self._merge_reads and len(reads) > 1
         creates: list[Command] = []
+        updates: list[Command] = []
         if self._merge_reads:
-            creates = [args for _, args in requests if args is not None and _common_create(args)]
-        joined = len(creates) > 1
-        merging = {id(args) for args in creates} if joined else set()
+            for _, args in requests:
+                if args is not None:
+                    if _common_create(args):
+                        creates.append(args)
+                    elif _common_apply(args):
+                        updates.append(args)
+        if len(creates) < 2:
+            creates = []
+        if len(updates) < 2:
+            updates = []
+        merging = {id(args) for args in creates + updates}
         wire: list[Command] = []
         if merged:
             wire.append(("EVALSHA", MULTI_GET.sha, len(reads), *reads))
-        if joined:
+        if creates:
             keys = [key for args in creates for key in args[3:5]]
             argv = [arg for args in creates for arg in args[5:8]]
             wire.append(("EVALSHA", MULTI_INSERT.sha, len(keys), *keys, *argv))
+        if updates:
+            keys = [args[3] for args in updates]
+            argv = [arg for args in updates for arg in args[5:7]]
+            wire.append(("EVALSHA", MULTI_APPLY.sha, len(keys), *keys, *argv))
         for key, args in requests:
             if args is None:
                 if not merged:
@@ -626,8 +653,19 @@ class Transport:
         replies = await send_recovering(self.client, wire)
         if merged:
             got = _each(replies.pop(0), len(reads))
-        if joined:
-            made = _each(replies.pop(0), len(creates))
+        done: dict[int, Any] = {}
+        if creates:
+            done.update(zip(map(id, creates), _each(replies.pop(0), len(creates)), strict=True))
+        if updates:
+            applied = list(_each(replies.pop(0), len(updates)))
+            # the writes that were not the common one there go as APPLY, whose full
+            # script merges them or says why not (a second round trip, for those only)
+            again = [i for i, reply in enumerate(applied) if reply == b"again"]
+            if again:
+                more = await send_recovering(self.client, [updates[i] for i in again])
+                for i, reply in zip(again, more, strict=True):
+                    applied[i] = reply
+            done.update(zip(map(id, updates), applied, strict=True))
         out: list[Any] = []
         position = 0
         for _, args in requests:
@@ -635,7 +673,7 @@ class Transport:
                 out.append(self._read(next(got)))
                 continue
             if id(args) in merging:
-                out.append(self._reply(next(made)))
+                out.append(self._reply(done[id(args)]))
                 continue
             reply = replies[position]
             position += 1
