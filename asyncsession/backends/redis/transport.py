@@ -594,16 +594,23 @@ class Transport:
         return list(parts.values())
 
     async def _send_part(self, batch: list[_Entry], part: list[int]) -> None:
-        replies = await self.roundtrip([batch[i][0] for i in part])
+        def early(j: int, reply: Any) -> None:
+            _resolve(batch[part[j]][1], reply)
+
+        replies = await self.roundtrip([batch[i][0] for i in part], early)
         for i, reply in zip(part, replies, strict=True):
             _resolve(batch[i][1], reply)
 
-    async def roundtrip(self, requests: list[Request]) -> list[Any]:
+    async def roundtrip(
+        self, requests: list[Request], early: Callable[[int, Any], None] | None = None
+    ) -> list[Any]:
         """One round trip for ``requests``: per request its reply or a
         ``StoreUnavailable`` (never raises but ``CancelledError``). Its time bound
-        is the caller's (``_send``): connect, slot map, retries, every reply."""
+        is the caller's (``_send``): connect, slot map, retries, every reply. A merged
+        write sent again (``MULTI_APPLY``'s ``again``) takes a second round trip;
+        ``early(i, reply)`` gets each other reply as soon as it is known."""
         try:
-            return await self._exchange(requests)
+            return await self._exchange(requests, early)
         except Exception as exc:  # any type: a bug or a garbled reply must not hang anyone
             return [self._failed(exc) for _ in requests]
 
@@ -616,7 +623,9 @@ class Transport:
         error.__cause__ = exc
         return error
 
-    async def _exchange(self, requests: list[Request]) -> list[Any]:
+    async def _exchange(
+        self, requests: list[Request], early: Callable[[int, Any], None] | None = None
+    ) -> list[Any]:
         reads = [key for key, args in requests if args is None]
         merged = self._merge_reads and len(reads) > 1
         creates: list[Command] = []
@@ -651,33 +660,46 @@ class Transport:
             elif id(args) not in merging:
                 wire.append(args)
         replies = await send_recovering(self.client, wire)
-        if merged:
-            got = _each(replies.pop(0), len(reads))
+        got = _each(replies.pop(0), len(reads)) if merged else iter(())
         done: dict[int, Any] = {}
         if creates:
             done.update(zip(map(id, creates), _each(replies.pop(0), len(creates)), strict=True))
         if updates:
-            applied = list(_each(replies.pop(0), len(updates)))
-            # the writes that were not the common one there go as APPLY, whose full
-            # script merges them or says why not (a second round trip, for those only)
-            again = [i for i, reply in enumerate(applied) if reply == b"again"]
-            if again:
-                more = await send_recovering(self.client, [updates[i] for i in again])
-                for i, reply in zip(again, more, strict=True):
-                    applied[i] = reply
-            done.update(zip(map(id, updates), applied, strict=True))
+            done.update(zip(map(id, updates), _each(replies.pop(0), len(updates)), strict=True))
         out: list[Any] = []
+        again: list[tuple[int, Command]] = []  # the merged writes that go as APPLY
         position = 0
-        for _, args in requests:
-            if merged and args is None:
-                out.append(self._read(next(got)))
-                continue
-            if id(args) in merging:
-                out.append(self._reply(done[id(args)]))
-                continue
-            reply = replies[position]
-            position += 1
-            out.append(self._read(reply) if args is None else self._reply(reply))
+        for j, (_, args) in enumerate(requests):
+            if args is None:
+                if merged:
+                    reply = self._read(next(got))
+                else:
+                    reply = self._read(replies[position])
+                    position += 1
+            elif id(args) in merging:
+                reply = done[id(args)]
+                if reply == b"again":
+                    again.append((j, args))
+                    out.append(None)
+                    continue
+                reply = self._reply(reply)
+            else:
+                reply = self._reply(replies[position])
+                position += 1
+            out.append(reply)
+            if early is not None:
+                early(j, reply)  # done on the server: its caller need not wait for more
+        if again:
+            # writes that were not the common one there go as APPLY, whose full script
+            # merges them or says why not: a second round trip, for those only, and
+            # only they are in doubt if it fails
+            try:
+                more = await send_recovering(self.client, [args for _, args in again])
+                settled = [self._reply(reply) for reply in more]
+            except Exception as exc:  # any type: it must not hang anyone
+                settled = [self._failed(exc)] * len(again)
+            for (j, _), reply in zip(again, settled, strict=True):
+                out[j] = reply
         return out
 
     def _reply(self, reply: Any) -> Any:
