@@ -101,6 +101,14 @@ class Env(backend_redis.PrefixEnv):
         super().__init__(Redis.from_url(REDIS_URL) if self.real else backend_redis.fake_client())
         self.clock = clock
 
+    async def script_calls(self) -> int:
+        """The ``EVALSHA`` calls the server has counted (``INFO commandstats``); 0 on
+        fakeredis, which has no ``INFO``."""
+        if not self.real:
+            return 0
+        stats = await self.client.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
     def raw(self, config: Config | None = None, **options: Any) -> RedisStore:
         config = replace(config or cfg(), key_prefix=self.prefix)
         if options:
@@ -577,15 +585,8 @@ async def test_concurrent_common_creates_share_one_script_call(env: Env, clock: 
     await env.client.delete(*[raw.session_key(raw.handle(s.id)) for s in gone])  # expired
     clock.advance(30 + raw.expiry_grace_ms / 1000 + 1)
     taken = await store.create(new_session(None, 30, data={"n": -1}, now=clock()))
-    real = backend_redis.server_reachable()
 
-    async def script_calls() -> int:
-        if not real:
-            return 0
-        stats = await env.client.info("commandstats")
-        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-    before = await script_calls()
+    before = await env.script_calls()
     raw._inserts = 1
     made = [new_session(None, 30, data={"n": i}, now=clock()) for i in range(64)]
     results = await asyncio.gather(
@@ -594,7 +595,7 @@ async def test_concurrent_common_creates_share_one_script_call(env: Env, clock: 
         *(store.create(s) for s in made[40:]),
         return_exceptions=True,
     )
-    calls = await script_calls() - before
+    calls = await env.script_calls() - before
     assert isinstance(results[40], InvalidSession)
     created = results[:40] + results[41:]
     for i, session in enumerate(created):
@@ -605,7 +606,7 @@ async def test_concurrent_common_creates_share_one_script_call(env: Env, clock: 
     # the merged creates trimmed as their lists asked (16 of them, 8 entries each):
     # the expiry set holds the live sessions only
     assert await env.client.zcard(raw.expiry_key) == 1 + 64
-    if real:  # 65 creates: one at once, the rest merged per batch of up to 32
+    if env.real:  # 65 creates: one at once, the rest merged per batch of up to 32
         assert calls <= 4, calls
 
 
@@ -626,15 +627,8 @@ async def test_concurrent_common_writes_share_one_script_call(env: Env, clock: F
     # (the write still applies, merged), 1 in the key its caller read (a conflict)
     await store.apply(made[0].id, Changes(set={"m": 5}))
     await store.apply(made[1].id, Changes(set={"n": 99}))
-    real = backend_redis.server_reachable()
 
-    async def script_calls() -> int:
-        if not real:
-            return 0
-        stats = await env.client.info("commandstats")
-        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-    before = await script_calls()
+    before = await env.script_calls()
     results = await asyncio.gather(
         *(
             store.apply(
@@ -645,7 +639,7 @@ async def test_concurrent_common_writes_share_one_script_call(env: Env, clock: F
         other.apply(foreign.id, Changes(set={"n": 0}), base=await other.get(foreign.id)),
         return_exceptions=True,
     )
-    calls = await script_calls() - before
+    calls = await env.script_calls() - before
     assert isinstance(results[1], SessionConflict)
     assert not isinstance(results[40], BaseException), results[40]
     for i, b in enumerate(bases):
@@ -658,7 +652,7 @@ async def test_concurrent_common_writes_share_one_script_call(env: Env, clock: F
         else:
             assert got.data == {"n": i + 100, "m": 0} and got.version == b.version + 1
             assert results[i].version == got.version  # type: ignore[union-attr]
-    if real:  # 41 writes: one at once, the rest merged per batch, 2 sent again as APPLY
+    if env.real:  # 41 writes: one at once, the rest merged per batch, 2 sent again as APPLY
         assert calls <= 6, calls
 
 

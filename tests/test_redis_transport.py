@@ -12,7 +12,6 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster  # noqa: E402
 from asyncsession import (  # noqa: E402
     Changes,
     Config,
+    ControlledStore,
     SessionError,
     StoreUnavailable,
     new_session,
@@ -118,129 +118,118 @@ async def test_64_gets_and_creates_settle_against_a_hostile_server(
 
 
 @pytest.fixture
-async def env_client() -> AsyncIterator[Any]:
-    """A client of the test server (REDIS_URL), or of fakeredis without one."""
+async def controlled(clock: FakeClock) -> AsyncIterator[ControlledStore]:
+    """A controlled store on the test server (REDIS_URL), or on fakeredis without one,
+    under a key prefix of its own that is deleted after."""
     if backend_redis.server_reachable():
         client: Any = Redis.from_url(backend_redis.REDIS_URL)
     elif backend_redis.REQUIRE:
         pytest.fail(f"ASYNCSESSION_REQUIRE_REDIS=1 but no Redis at {backend_redis.REDIS_URL}")
     else:
         client = backend_redis.fake_client()
-    yield client
-    await client.aclose()
+    config = cfg(key_prefix=f"transport-{uuid.uuid4().hex[:8]}:")
+    store = RedisStore(client, config, clock=clock)
+    try:
+        async with store:
+            yield with_controls(store, config)
+    finally:
+        await backend_redis.delete_prefix(client, config.key_prefix)
+        await client.aclose()
 
 
 @pytest.mark.parametrize("merged", ["reads", "creates", "writes"])
 @pytest.mark.parametrize("bad", ["first", [b"ok"], 42, None])
 async def test_a_merged_reply_of_the_wrong_shape_fails_each_merged_caller(
-    merged: str, bad: Any, env_client: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    merged: str, bad: Any, controlled: ControlledStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A merged call's reply that is not one entry per merged request (a proxy or
     server gone wrong) fails each merged caller with StoreUnavailable: never one
     caller's session handed to the others, never a create or write reported done
     that was not. The batch's other requests get their own replies."""
-    prefix = f"merged-{uuid.uuid4().hex[:8]}:"
-    store = RedisStore(env_client, replace(cfg(), key_prefix=prefix), clock=clock)
-    controlled = with_controls(store, replace(cfg(), key_prefix=prefix))
-    await store.__aenter__()
-    try:
-        kept = [await controlled.create(new_session(None, 60, data={"n": n})) for n in range(5)]
-        loaded = [await controlled.get(s.id) for s in kept[3:]]
-        script = {
-            "reads": transport.MULTI_GET.sha,
-            "creates": transport.MULTI_INSERT.sha,
-            "writes": transport.MULTI_APPLY.sha,
-        }[merged]
-        real = transport.send_recovering
+    kept = [await controlled.create(new_session(None, 60, data={"n": n})) for n in range(5)]
+    loaded = [await controlled.get(s.id) for s in kept[3:]]
+    script = {
+        "reads": transport.MULTI_GET.sha,
+        "creates": transport.MULTI_INSERT.sha,
+        "writes": transport.MULTI_APPLY.sha,
+    }[merged]
+    real = transport.send_recovering
 
-        async def garble(client: Any, commands: Any, **options: Any) -> list[Any]:
-            replies = await real(client, commands, **options)
-            return [
-                # "first": the first merged request's own reply, as if it were all of them
-                (reply[0] if bad == "first" else bad)
-                if command[:2] == ("EVALSHA", script)
-                else reply
-                for command, reply in zip(commands, replies, strict=True)
-            ]
+    async def garble(client: Any, commands: Any, **options: Any) -> list[Any]:
+        replies = await real(client, commands, **options)
+        return [
+            # "first": the first merged request's own reply, as if it were all of them
+            (reply[0] if bad == "first" else bad) if command[:2] == ("EVALSHA", script) else reply
+            for command, reply in zip(commands, replies, strict=True)
+        ]
 
-        monkeypatch.setattr(transport, "send_recovering", garble)
-        fresh = [new_session(None, 60, data={"n": n}) for n in range(3)]
-        results = await all_settle(
-            [controlled.get(kept[0].id)]  # (a lone call, to open a batch behind it)
-            + [controlled.get(s.id) for s in kept[1:3]]
-            + [controlled.create(s) for s in fresh]
-            + [controlled.apply(s.id, Changes(set={"w": 1}), base=s) for s in loaded]
-            + [controlled.apply(kept[0].id, Changes(set={"x": 1}))]  # (no base: as APPLY)
-        )
-        monkeypatch.setattr(transport, "send_recovering", real)
-        groups = {"reads": results[1:3], "creates": results[3:6], "writes": results[6:8]}
-        assert all(isinstance(r, StoreUnavailable) for r in groups.pop(merged))
-        for name, others in groups.items():
-            assert not any(isinstance(r, BaseException) for r in others), (name, others)
-        assert not isinstance(results[8], BaseException), results[8]
-        if merged != "creates":  # a create reported done is stored
-            for made in fresh:
-                got = await controlled.get(made.id)
-                assert got is not None and got.data == made.data
-        if merged != "writes":  # a write reported done is stored
-            for s in loaded:
-                got = await controlled.get(s.id)
-                assert got is not None and got.data["w"] == 1
-    finally:
-        await store.close()
-        await backend_redis.delete_prefix(env_client, prefix)
+    monkeypatch.setattr(transport, "send_recovering", garble)
+    fresh = [new_session(None, 60, data={"n": n}) for n in range(3)]
+    results = await all_settle(
+        [controlled.get(kept[0].id)]  # (a lone call, to open a batch behind it)
+        + [controlled.get(s.id) for s in kept[1:3]]
+        + [controlled.create(s) for s in fresh]
+        + [controlled.apply(s.id, Changes(set={"w": 1}), base=s) for s in loaded]
+        + [controlled.apply(kept[0].id, Changes(set={"x": 1}))]  # (no base: as APPLY)
+    )
+    monkeypatch.setattr(transport, "send_recovering", real)
+    groups = {"reads": results[1:3], "creates": results[3:6], "writes": results[6:8]}
+    assert all(isinstance(r, StoreUnavailable) for r in groups.pop(merged))
+    for name, others in groups.items():
+        assert not any(isinstance(r, BaseException) for r in others), (name, others)
+    assert not isinstance(results[8], BaseException), results[8]
+    if merged != "creates":  # a create reported done is stored
+        for made in fresh:
+            got = await controlled.get(made.id)
+            assert got is not None and got.data == made.data
+    if merged != "writes":  # a write reported done is stored
+        for s in loaded:
+            got = await controlled.get(s.id)
+            assert got is not None and got.data["w"] == 1
 
 
 async def test_a_failed_second_round_fails_only_the_writes_sent_again(
-    env_client: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    controlled: ControlledStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A merged write whose session changed since it was loaded goes as APPLY in a
     second round trip. If that round fails, only those writes are in doubt: the
     batch's reads, creates and common writes, done in the first round, get their
     replies (and get them before the second round ends)."""
-    prefix = f"again-{uuid.uuid4().hex[:8]}:"
-    store = RedisStore(env_client, replace(cfg(), key_prefix=prefix), clock=clock)
-    controlled = with_controls(store, replace(cfg(), key_prefix=prefix))
-    await store.__aenter__()
-    try:
-        kept = [await controlled.create(new_session(None, 60, data={"n": n})) for n in range(4)]
-        loaded = [await controlled.get(s.id) for s in kept[2:]]
-        await controlled.apply(kept[3].id, Changes(set={"moved": 1}))  # 3's base is stale
-        real = transport.send_recovering
-        second: list[bool] = []
-        early: list[int] = []
+    kept = [await controlled.create(new_session(None, 60, data={"n": n})) for n in range(4)]
+    loaded = [await controlled.get(s.id) for s in kept[2:]]
+    await controlled.apply(kept[3].id, Changes(set={"moved": 1}))  # 3's base is stale
+    real = transport.send_recovering
+    second: list[bool] = []
+    early: list[int] = []
 
-        async def failing_second(client: Any, commands: Any, **options: Any) -> list[Any]:
-            if all(command[:2] == ("EVALSHA", transport.APPLY.sha) for command in commands):
-                for _ in range(5):  # (the round trip's wait: the loop runs the others)
-                    await asyncio.sleep(0)
-                early.append(sum(1 for task in pending if task.done()))
-                second.append(True)
-                raise redis.exceptions.ConnectionError("dropped")
-            return await real(client, commands, **options)
+    async def failing_second(client: Any, commands: Any, **options: Any) -> list[Any]:
+        if all(command[:2] == ("EVALSHA", transport.APPLY.sha) for command in commands):
+            for _ in range(5):  # (the round trip's wait: the loop runs the others)
+                await asyncio.sleep(0)
+            early.append(sum(1 for task in pending if task.done()))
+            second.append(True)
+            raise redis.exceptions.ConnectionError("dropped")
+        return await real(client, commands, **options)
 
-        monkeypatch.setattr(transport, "send_recovering", failing_second)
-        fresh = new_session(None, 60, data={"new": True})
-        calls = [
-            controlled.get(kept[0].id),  # (a lone call, to open a batch behind it)
-            controlled.get(kept[1].id),
-            controlled.create(fresh),
-            controlled.apply(loaded[0].id, Changes(set={"w": 1}), base=loaded[0]),
-            controlled.apply(loaded[1].id, Changes(set={"w": 1}), base=loaded[1]),
-        ]
-        pending = [asyncio.ensure_future(call) for call in calls]
-        results = await all_settle(pending)
-        monkeypatch.setattr(transport, "send_recovering", real)
-        assert second == [True]
-        assert early == [4]  # the gets, the create and the common write: answered already
-        assert not any(isinstance(r, BaseException) for r in results[:4]), results
-        assert isinstance(results[4], StoreUnavailable)
-        got = await controlled.get(loaded[0].id)
-        assert got is not None and got.data == {"n": 2, "w": 1}
-        assert await controlled.get(fresh.id) is not None
-    finally:
-        await store.close()
-        await backend_redis.delete_prefix(env_client, prefix)
+    monkeypatch.setattr(transport, "send_recovering", failing_second)
+    fresh = new_session(None, 60, data={"new": True})
+    calls = [
+        controlled.get(kept[0].id),  # (a lone call, to open a batch behind it)
+        controlled.get(kept[1].id),
+        controlled.create(fresh),
+        controlled.apply(loaded[0].id, Changes(set={"w": 1}), base=loaded[0]),
+        controlled.apply(loaded[1].id, Changes(set={"w": 1}), base=loaded[1]),
+    ]
+    pending = [asyncio.ensure_future(call) for call in calls]
+    results = await all_settle(pending)
+    monkeypatch.setattr(transport, "send_recovering", real)
+    assert second == [True]
+    assert early == [4]  # the gets, the create and the common write: answered already
+    assert not any(isinstance(r, BaseException) for r in results[:4]), results
+    assert isinstance(results[4], StoreUnavailable)
+    got = await controlled.get(loaded[0].id)
+    assert got is not None and got.data == {"n": 2, "w": 1}
+    assert await controlled.get(fresh.id) is not None
 
 
 class Boom(KeyError):

@@ -641,7 +641,8 @@ class Transport:
             creates = []
         if len(updates) < 2:
             updates = []
-        merging = {id(args) for args in creates + updates}
+        # the merged requests, by identity: their replies once the round trip is back
+        done: dict[int, Any] = dict.fromkeys(map(id, creates + updates))
         wire: list[Command] = []
         if merged:
             wire.append(("EVALSHA", MULTI_GET.sha, len(reads), *reads))
@@ -657,11 +658,10 @@ class Transport:
             if args is None:
                 if not merged:
                     wire.append(("HMGET", key, *READ_FIELDS))
-            elif id(args) not in merging:
+            elif id(args) not in done:
                 wire.append(args)
         replies = await send_recovering(self.client, wire)
         got = _each(replies.pop(0), len(reads)) if merged else iter(())
-        done: dict[int, Any] = {}
         if creates:
             done.update(zip(map(id, creates), _each(replies.pop(0), len(creates)), strict=True))
         if updates:
@@ -676,7 +676,7 @@ class Transport:
                 else:
                     reply = self._read(replies[position])
                     position += 1
-            elif id(args) in merging:
+            elif id(args) in done:
                 reply = done[id(args)]
                 if reply == b"again":
                     again.append((j, args))

@@ -1,7 +1,7 @@
--- The common create: an anonymous session (no user index) that expires, on an
--- insert that trims nothing this time (the store asks one insert in TRIM_EVERY to
--- trim, TRIM_EVERY times as many entries). One EXISTS, then the writes insert.lua
--- does for such a session. `v` is insert.lua's list as sent, split: site, version,
+-- The common create: an anonymous session (no user index) that expires. One
+-- EXISTS, then the writes insert.lua does for such a session (the trim, when the
+-- store asks for one, is the caller's: insert_first.lua leaves those creates to
+-- insert.lua, multi_insert.lua trims before each). `v` is insert.lua's list as sent, split: site, version,
 -- created, accessed, expires, absolute, px, now, limit, eviction, id, trim cutoff,
 -- trim count. Used by insert_first.lua (one create) and multi_insert.lua (the
 -- common creates of one batch in one call).
