@@ -54,6 +54,7 @@ from .errors import (
 )
 from .factory import open_store, redact, sqlite_path
 from .session import Session
+from .store import PlainIdsFound
 
 OK, NOT_FOUND, BAD_INPUT, UNAVAILABLE, INTERRUPTED = 0, 1, 2, 3, 130
 ERROR_CODES = {
@@ -71,6 +72,11 @@ STORE_HELP = (
 ENV_STORE = "ASYNCSESSION_STORE"
 ENV_KEYS = "ASYNCSESSION_ENCRYPTION_KEYS"
 SHORT_HASH = re.compile(r"[0-9a-f]{12}")
+PLAIN_IDS_FOUND = (
+    "this store holds sessions under plain ids, which commands do not move: for an "
+    "application with Config(hash_ids=False) pass --plain-ids; for a store written before "
+    "ids were hashed, run 'asyncsession migrate' first. Nothing was changed"
+)
 DEFAULT_PREFIX = Config().key_prefix
 
 
@@ -172,7 +178,9 @@ def _configure_revoke(parser: argparse.ArgumentParser) -> None:
 def _configure_revoke_user(parser: argparse.ArgumentParser) -> None:
     _common(parser)
     parser.add_argument("user", metavar="USER", help="user id")
-    parser.add_argument("--keep", metavar="ID", help="session id to keep (e.g. the current one)")
+    parser.add_argument(
+        "--keep", metavar="ID", help="session to keep: its id or short hash (e.g. the current one)"
+    )
 
 
 def _configure_keygen(parser: argparse.ArgumentParser) -> None:
@@ -278,6 +286,8 @@ async def _with_store(
             await store.close()
     except (CommandError, _ReaderGone):
         raise
+    except PlainIdsFound as exc:
+        raise CommandError(PLAIN_IDS_FOUND, BAD_INPUT) from exc
     except (StoreUnavailable, StoreClosed) as exc:
         raise CommandError(exc.message, UNAVAILABLE) from exc
     except InvalidSession as exc:
@@ -306,9 +316,13 @@ def _open(args: argparse.Namespace) -> ControlledStore:
             path = sqlite_path(url)
             if path != ":memory:" and not os.path.isfile(path):
                 raise CommandError(f"no SQLite database at {path!r}", UNAVAILABLE)
-        return open_store(url, config)
+        store = open_store(url, config)
     except ValueError as exc:
         raise CommandError(str(exc), BAD_INPUT) from exc
+    # Commands must not move a record found under a plain id to its hash: for an
+    # application with Config(hash_ids=False) that would lose the session.
+    store._moves_plain_ids = False
+    return store
 
 
 def _env_keys() -> tuple[str, ...]:
@@ -599,7 +613,16 @@ async def _revoke(store: ControlledStore, args: argparse.Namespace, out: TextIO)
 
 
 async def _revoke_user(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:
-    count = await store.delete_by_user(args.user, keep=args.keep)
+    keep = args.keep
+    if keep is not None and SHORT_HASH.fullmatch(keep):  # as list-user shows it
+        matches = [s.id for s in await _user_sessions(store, args.user) if s.short_id == keep]
+        if not matches:
+            raise CommandError(
+                f"user {args.user!r} has no live session {keep}{_on(store)}; nothing revoked",
+                NOT_FOUND,
+            )
+        keep = matches[0]
+    count = await store.delete_by_user(args.user, keep=keep)
     if args.json:
         _json({"user": args.user, "revoked": count}, out)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -86,17 +87,30 @@ def sqlite_path(url: str) -> str:
     return rest
 
 
+_SECRET_OPTION = re.compile(r"(?i)((?:^|&)[^=&]*(?:pass|secret|token)[^=&]*=)[^&]*")
+
+
 def redact(url: str) -> str:
-    """The URL without its password."""
+    """The URL without its secrets: the password of its user part (all of a user part
+    without a colon, which the cluster and sentinel forms take as the password, as a
+    ``redis://`` URL may name a user alone), and the value of every query option that
+    names a password, secret or token (``?password=...``)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    query = _SECRET_OPTION.sub(r"\1***", query)
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+    redacted = parts._replace(netloc=netloc, query=query).geturl()
+    if not netloc and url[len(parts.scheme) :].startswith(":///"):  # unix:///path?...
+        redacted = f"{parts.scheme}://{redacted[len(parts.scheme) + 1 :]}"
+    return redacted
 
 
 def open_store(

@@ -193,6 +193,12 @@ async def _by_deadline(seconds: float, call: Callable[[], Coroutine[Any, Any, _R
         DEADLINE.reset(token)
 
 
+class PlainIdsFound(Exception):
+    """A record stored under a plain id was found by a store told not to move such
+    records (``Store._moves_plain_ids`` off: the admin command line, which cannot know
+    whether the application runs with ``Config(hash_ids=False)``)."""
+
+
 class Store(ABC):
     """Async session store. Use as ``async with store:`` or call ``close()``."""
 
@@ -209,6 +215,11 @@ class Store(ABC):
     stores_header: bool = True
     """Whether the write hooks get the whole record (metadata header and data) or only
     the encoded data; the size limit applies to the whole record either way."""
+    _moves_plain_ids: bool = True
+    """With ``Config.hash_ids``: whether a touch moves a record found under a plain id
+    to its handle (the application's store), or raises ``PlainIdsFound`` and moves
+    nothing (admin tools: for an application with ``hash_ids=False`` such a move
+    would lose the session). ``migrate_ids`` always moves."""
 
     def __init__(self, config: Config | None = None, *, clock: Clock | None = None) -> None:
         self.config = config if config is not None else Config()
@@ -485,7 +496,7 @@ class Store(ABC):
         key = session_handle(session_id) if self._hash_ids else session_id
         try:
             session = await self._load(key)
-            if session is None and self._hash_ids and await self._adopt(session_id, key):
+            if session is None and self._hash_ids and await self._move_plain(session_id, key):
                 session = await self._load(key)
         except codec.CorruptRecord as exc:
             raise self._corrupt(session_id, exc) from exc
@@ -891,13 +902,22 @@ class Store(ABC):
         for session in sessions:
             if not is_handle(session.id):
                 handle = session_handle(session.id)
-                await self._adopt(session.id, handle)
+                await self._move_plain(session.id, handle)
                 session.id = handle
 
     async def _adopted(self, session_id: str) -> bool:
         """After a write found nothing under the handle: whether a record stored under
         the plain id (before hashing) was there and has now moved to the handle."""
-        return self._hash_ids and await self._adopt(session_id, session_handle(session_id))
+        return self._hash_ids and await self._move_plain(session_id, session_handle(session_id))
+
+    async def _move_plain(self, session_id: str, handle: str) -> bool:
+        """``_adopt``, or, with ``_moves_plain_ids`` off, ``PlainIdsFound`` if a record
+        is stored under ``session_id`` (read only: nothing moves)."""
+        if self._moves_plain_ids:
+            return await self._adopt(session_id, handle)
+        if await self._load(session_id) is not None:
+            raise PlainIdsFound
+        return False
 
     def _rotated_id(self, session_id: str) -> str:
         """The fresh id ``rotate`` moves ``session_id`` to. A backend that places

@@ -312,6 +312,112 @@ def test_revoke_user(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 0 and "revoked 0 sessions" in out
 
 
+def test_revoke_user_keeps_a_short_hash(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--keep`` takes the short hash ``list-user`` shows (an admin never sees full
+    ids); one that is not the user's revokes nothing."""
+    keep = short_hash(store.ids["shop/alice"][1])
+    status, _, err = run(
+        capsys, *store.args("revoke-user", "alice", "--site", "shop", "--keep", "0" * 12)
+    )
+    assert status == 1 and "no live session 000000000000" in err and "nothing revoked" in err
+    status, out, _ = run(capsys, *store.args("list-user", "alice", "--site", "shop", "--json"))
+    assert len(json.loads(out)) == 3
+    status, out, _ = run(
+        capsys, *store.args("revoke-user", "alice", "--site", "shop", "--keep", keep, "--json")
+    )
+    assert status == 0 and json.loads(out) == {"user": "alice", "revoked": 2}
+    status, out, _ = run(capsys, *store.args("list-user", "alice", "--site", "shop", "--json"))
+    assert [s["session"] for s in json.loads(out)] == [keep]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def plain_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Filled]:
+    """A store of an application with ``Config(hash_ids=False)``: alice x2, bob x1."""
+    if request.param == "sqlite":
+        pytest.importorskip("aiosqlite")
+        filled = Filled(f"sqlite:///{tmp_path / 'plain.db'}")
+    else:
+        reason = backend_redis.skip_reason()
+        if reason or backend_redis.using_fakeredis():
+            pytest.skip(reason or "the CLI needs a real Redis server (REDIS_URL)")
+        filled = Filled(backend_redis.REDIS_URL, f"test:cli-{uuid.uuid4().hex[:12]}:")
+
+    async def make() -> None:
+        config = Config(key_prefix=filled.prefix, cleanup_interval=0, hash_ids=False)
+        async with open_store(filled.url, config) as app:
+            for user, n in (("alice", 2), ("bob", 1)):
+                for _ in range(n):
+                    created = await app.create(new_session(user, 3600, data={"u": user}))
+                    filled.ids.setdefault(user, []).append(created.id)
+
+    asyncio.run(make())
+    yield filled
+    if request.param == "redis":
+
+        async def clean() -> None:
+            from redis.asyncio import Redis
+
+            client = Redis.from_url(backend_redis.REDIS_URL)
+            try:
+                await backend_redis.delete_prefix(client, filled.prefix)
+            finally:
+                await client.aclose()
+
+        asyncio.run(clean())
+
+
+def test_commands_never_move_plain_ids(
+    plain_store: Filled, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without ``--plain-ids``, a command that meets a session stored under its plain
+    id (an application with ``Config(hash_ids=False)``) refuses with exit 2 and moves
+    nothing: the application still reads every session. With the flag, each works.
+    (``revoke-user`` without ``--keep`` deletes them all either way, as asked.)"""
+    store = plain_store
+    alice, bob = store.ids["alice"], store.ids["bob"][0]
+    commands = [
+        ("list-user", "alice"),
+        ("show", alice[0]),
+        ("show", short_hash(alice[0])),
+        ("revoke", alice[0]),
+        ("revoke", short_hash(alice[0])),
+        ("revoke-user", "alice", "--keep", alice[1]),
+        ("revoke-user", "alice", "--keep", short_hash(alice[1])),
+    ]
+    for command in commands:
+        status, out, err = run(capsys, *store.args(*command))
+        assert status == 2, (command, out, err)
+        assert_one_line_error(err, command[0])
+        assert "--plain-ids" in err and "Nothing was changed" in err, err
+        assert_no_full_ids(out + err, store)
+
+    async def read_all() -> dict[str, Any]:
+        config = Config(key_prefix=store.prefix, cleanup_interval=0, hash_ids=False)
+        async with open_store(store.url, config) as app:
+            return {i: (await app.get(i)).data for i in [*alice, bob]}
+
+    assert asyncio.run(read_all()) == {
+        alice[0]: {"u": "alice"},
+        alice[1]: {"u": "alice"},
+        bob: {"u": "bob"},
+    }
+    status, out, _ = run(capsys, *store.args("list-user", "alice", "--plain-ids", "--json"))
+    assert status == 0 and [s["session"] for s in json.loads(out)] == [short_hash(i) for i in alice]
+    status, out, _ = run(capsys, *store.args("show", alice[0], "--plain-ids", "--json"))
+    assert status == 0 and json.loads(out)["data"] == {"u": "alice"}
+    status, out, _ = run(
+        capsys,
+        *store.args(
+            "revoke-user", "alice", "--plain-ids", "--keep", short_hash(alice[1]), "--json"
+        ),
+    )
+    assert status == 0 and json.loads(out) == {"user": "alice", "revoked": 1}
+    status, out, _ = run(capsys, *store.args("revoke", bob, "--plain-ids"))
+    assert status == 0
+    with pytest.raises(Exception, match="not found|SessionNotFound"):
+        asyncio.run(read_all())
+
+
 def test_purge(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, *store.args("purge", "--site", "blog"))
     assert (status, out) == (0, "no expired sessions on site 'blog'\n")
@@ -453,6 +559,27 @@ def test_wrong_redis_password(capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 3 and out == ""
     assert_one_line_error(err, "stats")
     assert "s3cr3t-pw" not in err and "AuthenticationError" in err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:1/0?password=s3cr3t-pw",
+        "redis+cluster://s3cr3t-pw@127.0.0.1:1",
+        "redis+sentinel://s3cr3t-pw@127.0.0.1:1/main",
+        "redis+sentinel://127.0.0.1:1/main?sentinel_password=s3cr3t-pw",
+    ],
+)
+def test_no_password_in_errors_of_any_url_form(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A password in the query or in a user part without a colon (the cluster and
+    sentinel forms) is never printed: nothing listens on port 1 (an option the URL
+    form does not take is refused with the URL, redacted, in the message)."""
+    status, out, err = run(capsys, "stats", "--store", url)
+    assert status in (2, 3) and out == ""
+    assert_one_line_error(err, "stats")
+    assert "s3cr3t-pw" not in err and "***" in err
 
 
 def test_store_from_environment(

@@ -294,6 +294,17 @@ def test_redact_and_sqlite_path() -> None:
     assert redact("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
     assert redact("redis://:pw@host") == "redis://:***@host"
     assert redact("redis://host") == "redis://host"
+    # a password in the query, and a user part without a colon (the cluster and
+    # sentinel forms take it as the password): never printed
+    assert redact("redis://h:1/0?password=S3CRET&db=2") == "redis://h:1/0?password=***&db=2"
+    assert redact("redis+cluster://S3CRET@h:1,h:2") == "redis+cluster://***@h:1,h:2"
+    assert (
+        redact("redis+sentinel://S3CRET@h:1/main/0?sentinel_password=X&socket_timeout=1")
+        == "redis+sentinel://***@h:1/main/0?sentinel_password=***&socket_timeout=1"
+    )
+    assert redact("unix:///tmp/r.sock?Password=x&db=1") == "unix:///tmp/r.sock?Password=***&db=1"
+    assert redact("unix:///tmp/r.sock") == "unix:///tmp/r.sock"
+    assert "kk" not in redact("rediss://u:p@h/0?ssl_keyfile_password=kk")
     assert sqlite_path("sqlite:////tmp/x.db") == "/tmp/x.db"  # the full table: test_urls.py
 
 
