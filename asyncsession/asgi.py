@@ -669,6 +669,17 @@ class _Connection:
         else:
             self.refreshed = True
 
+    def check_writable(self) -> None:
+        """With ``on_unavailable="anonymous"``, a request whose session the store could
+        not load serves an empty one for reading only: a write, logout or login would
+        act on the wrong session (the real one lives on), so it answers 503 rather than
+        a 200 for what was not done."""
+        if self.degraded:
+            raise StoreUnavailable(
+                "the session store was unavailable when this request loaded its session; "
+                "nothing of the session can be changed or ended in it"
+            )
+
     def _lost(self, exc: SessionNotFound) -> None:
         """The stored session ended or moved under this request: nothing more is served
         from it, and the client's cookie is left alone (it may hold a newer one)."""
@@ -684,6 +695,7 @@ class _Connection:
         stays, never a 200 "logged out" while the login's session lives on."""
         session = self.session
         if session is None:
+            self.check_writable()
             if self.rotated:
                 raise SessionConflict(
                     "the session cookie was rotated (a login, or a move from the legacy "
@@ -704,9 +716,7 @@ class _Connection:
                 "the session cookie is stale (rotated) or ambiguous; reload and retry",
                 details={"reason": "stale_cookie"},
             )
-        if self.degraded:
-            _outage(logging.WARNING, "session store unavailable: dropping a new anonymous session")
-            return
+        self.check_writable()
         if not self.cookie_possible:
             logger.debug("websocket session written after accept: no cookie can carry it")
             return
@@ -1387,6 +1397,7 @@ async def login(
     address and user agent are recorded by default; times come from the store's clock.
     """
     conn = _work(connection)
+    conn.check_writable()
     store = conn.store
     user = normalize_user_id(user_id)
     conn.migrate = False  # a legacy cookie's session: the login's rotation moves it
@@ -1478,6 +1489,7 @@ async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = 
     """Revoke the current user's other sessions (all of them with
     ``keep_current=False``); returns how many were deleted."""
     conn = _work(connection)
+    conn.check_writable()
     session = conn.session
     if session is None or session.user_id is None:
         return 0
@@ -1506,6 +1518,7 @@ async def revoke_session(connection: HTTPConnection, short_id: str) -> bool:
     """Delete one of the current user's sessions by its ``short_id``; True if found.
     Revoking the current session is ``logout``."""
     conn = _work(connection)
+    conn.check_writable()
     current = conn.session
     if current is None or current.user_id is None:
         return False

@@ -1048,22 +1048,40 @@ async def test_an_outage_logs_once_not_once_per_request(
 async def test_store_failure_can_degrade_to_anonymous(
     cstore: CountingStore, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """``on_unavailable="anonymous"``: reads get an empty session (200, the cookie
+    kept); every change (a write, ``clear()``, logout, logout everywhere, revoke,
+    login) answers 503, never a 200 for what was not done: the real session lives on
+    untouched and is back with the store."""
     async with client(make_app(cstore, on_unavailable="anonymous")) as c:
         sid = await new_cookie(c)
+        await c.post("/login", params={"user": "u1"})
+        sid = c.cookies["session"]
+        before = await cstore.get(sid)
         cstore.fail.add("get")
         with caplog.at_level(logging.WARNING, "asyncsession"):
             response = await c.get("/read")
             assert response.status_code == 200
             assert response.json() == {}
             assert set_cookies(response) == []  # the real session is not thrown away
-            response = await c.post("/set", params={"key": "b", "value": "2"})
-            assert response.status_code == 200
-            assert set_cookies(response) == []
+            changes = [
+                ("/set", {"key": "b", "value": "2"}),
+                ("/incr", {}),
+                ("/clear", {}),
+                ("/logout", {}),
+                ("/everywhere", {"keep": "0"}),
+                ("/revoke", {"short": before.short_id}),
+                ("/login", {"user": "u2"}),
+            ]
+            for path, params in changes:
+                response = await c.post(path, params=params)
+                assert response.status_code == 503, (path, response.text)
+                assert set_cookies(response) == [], path
         assert "anonymous" in caplog.text
         assert cstore.calls["create"] == 1  # nothing created while degraded
         cstore.fail.clear()
         assert (await c.get("/read")).json() == {"a": "1"}
-    assert (await cstore.get(sid)).data == {"a": "1"}
+    after = await cstore.get(sid)
+    assert (after.data, after.user_id, after.version) == ({"a": "1"}, "u1", before.version)
 
 
 async def test_store_failure_on_save_answers_503(cstore: CountingStore) -> None:
