@@ -49,6 +49,7 @@ class FakeRedis:
         self.mode = mode
         self.port = 0
         self.commands: list[list[bytes]] = []
+        self.connected = 0  # connections open now
         self._count = 0
 
     def _info(self) -> bytes:
@@ -88,6 +89,7 @@ class FakeRedis:
         return None  # silent
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connected += 1
         try:
             while True:
                 args = await _read_command(reader)
@@ -102,6 +104,7 @@ class FakeRedis:
         except (EOFError, ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:
+            self.connected -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

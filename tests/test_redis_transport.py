@@ -615,6 +615,58 @@ async def test_a_server_refusing_info_is_checked_by_its_commands(clock: FakeCloc
         await store.close()
 
 
+async def test_a_failed_open_leaves_no_connection_and_may_be_retried(clock: FakeClock) -> None:
+    """A store ``from_url`` made whose open fails (here Redis 6.2) closes the
+    connections its check opened (an app retrying its start-up would collect them);
+    the same store opens once the server passes."""
+    async with serve("old") as fake:
+        store = RedisStore.from_url(f"redis://127.0.0.1:{fake.port}/0", cfg(), clock=clock)
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable, match="too old"):
+                async with store:
+                    pass
+        deadline = time.monotonic() + 2
+        while fake.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # (the server sees the close a moment later)
+        assert fake.connected == 0 and not store.closed
+        fake.mode = "no_info"
+        async with store:
+            assert fake.connected >= 1
+        assert store.closed
+
+
+async def test_an_acl_user_limited_to_the_key_prefix_opens_and_works(tmp_path: Any) -> None:
+    """The user docs/security.md recommends, limited to the store's ``key_prefix``
+    (``~app:*``), with every command but the dangerous ones (no ``INFO``: the probes
+    decide): the open check's probes use a key under the prefix, so it opens, and
+    every operation works."""
+    from .redis_servers import Server, _base_args, free_ports, require_servers
+
+    require_servers()
+    port = free_ports(1)[0]
+    server = Server("acl", port, tmp_path, _base_args(port))
+    server.start()
+    try:
+        server.call("ACL", "SETUSER", "app", "on", ">pw", "~app:*", "+@all", "-@dangerous")
+        config = Config(key_prefix="app:", cleanup_interval=0, max_sessions_per_user=2)
+        async with RedisStore.from_url(f"redis://app:pw@127.0.0.1:{port}/0", config) as store:
+            first = await store.create(new_session("u", data={"n": 1}))
+            second = await store.create(new_session("u", data={"n": 2}))
+            await store.create(new_session("u"))  # the third evicts the first
+            assert len(await store.list_by_user("u")) == 2
+            with pytest.raises(SessionError):
+                await store.get(first.id)
+            moved = await store.rotate(second.id)
+            await store.apply(moved, Changes(set={"n": 3}))
+            assert (await store.get(moved)).data == {"n": 3}
+            assert await store.delete_by_user("u") == 2
+            assert await store.purge_expired() == 0
+        keys = server.call("KEYS", "*")
+        assert all(k.startswith(b"app:") for k in keys), keys
+    finally:
+        server.stop()
+
+
 def test_server_version_reads_every_form_of_info() -> None:
     from asyncsession.backends.redis.server import server_version
 

@@ -98,6 +98,41 @@ async def test_cluster_and_sentinel_urls() -> None:
         await sentinel.close()
 
 
+@pytest.mark.parametrize(
+    ("url", "options", "check"),
+    [
+        ("rediss://cache.internal:6380/0", {}, True),
+        ("rediss://cache.internal:6380/0?ssl_check_hostname=false", {}, False),
+        ("rediss://cache.internal:6380/0", {"ssl_check_hostname": False}, False),
+        ("rediss://cache.internal:6380/0?ssl_cert_reqs=none", {}, None),
+        ("redis://cache.internal:6380/0", {}, None),
+    ],
+)
+async def test_tls_urls_check_the_host_name(url: str, options: dict[str, Any], check: Any) -> None:
+    """A ``rediss://`` URL checks the server's host name against its certificate
+    unless told not to (redis-py before 6.0 does not by default); a URL that checks
+    no certificate (``ssl_cert_reqs=none``) is left as it says."""
+    pytest.importorskip("redis")
+    from asyncsession.backends.redis import RedisStore
+
+    store = RedisStore.from_url(url, **options)
+    try:
+        assert _kwargs(store).get("ssl_check_hostname") is check
+    finally:
+        await store.close()
+    for tls_url in ("redis+cluster://10.0.0.1:7000?ssl=true", "redis+sentinel://h:1/m?ssl=true"):
+        other: Any = open_backend(tls_url)
+        try:
+            kwargs = (
+                other.client.get_connection_kwargs()
+                if "cluster" in tls_url
+                else other._sentinel.sentinel_kwargs
+            )
+            assert kwargs.get("ssl_check_hostname") is True, tls_url
+        finally:
+            await other.close()
+
+
 REFUSED = [
     ("sqlite://sessions.db", "write 'sqlite:///sessions.db'"),
     ("sqlite://data/sessions.db", "write 'sqlite:///data/sessions.db'"),

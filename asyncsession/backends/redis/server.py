@@ -13,8 +13,9 @@ from ...errors import StoreUnavailable
 MIN_VERSION = (7, 0)
 """The scripts use ``PEXPIRETIME``, ``PEXPIREAT ... GT`` and ``ZMSCORE`` (Redis 7.0)."""
 
-PROBE_KEY = b"asyncsession:probe"
-"""The probes' key (a node of a cluster gets it with a hash tag of a slot it serves)."""
+PROBE_KEY = b"probe"
+"""The probes' key after the store's ``key_prefix`` (so an ACL user limited to the
+prefix may run them; a node of a cluster gets it with a hash tag of a slot it serves)."""
 
 MIN_CLUSTER_CLIENT = (7, 2)
 """redis-py for Redis Cluster: before 7.2 a MOVED that names the node it was sent to
@@ -74,7 +75,7 @@ async def check_server(
     call: Callable[..., Awaitable[Any]],
     where: str,
     unavailable: Callable[[BaseException], StoreUnavailable],
-    key: bytes | None = PROBE_KEY,
+    key: bytes | None,
 ) -> None:
     """``StoreUnavailable`` naming the version if the server behind ``call`` reports a
     Redis older than 7.0 or refuses a command the scripts need.

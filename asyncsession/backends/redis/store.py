@@ -13,12 +13,14 @@ what purging did not reach. See ``docs/backends.md`` for the key layout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 import redis
@@ -71,7 +73,13 @@ from .scripts import (
 from .sentinel import follow_sentinels
 from .server import PROBE_KEY, check_server, cluster_client_problem
 from .transport import Raw, Transport
-from .urls import TLS_OPTIONS, check_db_path, parse_cluster_url, parse_sentinel_url
+from .urls import (
+    TLS_OPTIONS,
+    check_db_path,
+    parse_cluster_url,
+    parse_sentinel_url,
+    tls_defaults,
+)
 
 logger = logging.getLogger("asyncsession")
 
@@ -295,19 +303,26 @@ class RedisStore(Store):
         except ValueError as exc:
             raise ValueError(f"{exc} (got {redact(url)!r})") from None
         store: RedisStore
+        query = urlsplit(url).query
+        tls = tls_defaults(scheme, query, redis_options)
         if scheme == "redis+sentinel":
             store = cls.from_sentinel(
-                sentinels, service, config, clock=clock, timeout=timeout, **parsed, **redis_options
+                sentinels,
+                service,
+                config,
+                clock=clock,
+                timeout=timeout,
+                **{**tls, **parsed, **redis_options},
             )
         elif scheme == "redis+cluster":
             bounded = BOUNDED_REDIS_OPTIONS if timeout is not None else {}
-            options = {**DEFAULT_REDIS_OPTIONS, **bounded, **parsed, **redis_options}
+            options = {**DEFAULT_REDIS_OPTIONS, **bounded, **tls, **parsed, **redis_options}
             startup = [ClusterNode(host, port) for host, port in nodes]
             cluster = RedisCluster(startup_nodes=startup, **options)
             store = cls(cluster, config, clock=clock, timeout=timeout)
         else:  # (options in the URL win over keyword arguments)
             bounded = BOUNDED_REDIS_OPTIONS if timeout is not None else {}
-            options = {**DEFAULT_REDIS_OPTIONS, **bounded, **redis_options}
+            options = {**DEFAULT_REDIS_OPTIONS, **bounded, **tls, **redis_options}
             store = cls(Redis.from_url(url, **options), config, clock=clock, timeout=timeout)
         store._owns_client = True
         store._where = redact(url)
@@ -428,9 +443,22 @@ class RedisStore(Store):
     async def _open(self) -> None:
         """Check the server(s) (Redis >= 7.0 with the commands the scripts use), load
         the scripts (every primary of a cluster), so first calls need no ``NOSCRIPT``
-        recovery. Behind Sentinel, start following ``+switch-master``."""
+        recovery. Behind Sentinel, start following ``+switch-master``. An open that
+        fails leaves no connection of a client the store made open (an app that
+        retries its start-up would collect them); the store may be opened again."""
+        try:
+            await self._check_servers()
+        except BaseException:
+            if self._owns_client:
+                with contextlib.suppress(Exception):
+                    await self._disconnect()
+            raise
+        self._sentinel_follow()
+
+    async def _check_servers(self) -> None:
         if self._cluster is None:
-            await check_server(self._call, self._where, self._unavailable)
+            probe = self.config.key_prefix.encode() + PROBE_KEY
+            await check_server(self._call, self._where, self._unavailable, probe)
             for script in SCRIPTS:
                 await self._call("SCRIPT", "LOAD", script.source)
         else:
@@ -445,10 +473,25 @@ class RedisStore(Store):
                     return await cluster.call(node, *command)
 
                 slot = owned.get(node.name)
-                key = None if slot is None else PROBE_KEY + b"{" + slot_tag(slot) + b"}"
+                key = None
+                if slot is not None:
+                    tag = b"{" + slot_tag(slot) + b"}"
+                    key = self.config.key_prefix.encode() + PROBE_KEY + tag
                 await check_server(on_node, f"{self._where} ({node.name})", self._unavailable, key)
                 for script in SCRIPTS:
                     await cluster.call(node, "SCRIPT", "LOAD", script.source)
+
+    async def _disconnect(self) -> None:
+        """Close every connection of the client (and of the sentinel clients); each
+        pool connects again on its next use."""
+        if isinstance(self.client, Redis):
+            await self.client.connection_pool.disconnect()
+        else:
+            await self.client.aclose()
+        for client in self._sentinel.sentinels if self._sentinel is not None else ():
+            await client.connection_pool.disconnect()
+
+    def _sentinel_follow(self) -> None:
         if self._sentinel is not None and not any(
             t.get_name() == "asyncsession-sentinel" for t in self._tasks
         ):

@@ -68,6 +68,22 @@ def _options(query: str) -> dict[str, Any]:
     return out
 
 
+def tls_defaults(scheme: str, url_query: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``ssl_check_hostname=True`` for a TLS URL (``rediss://``, or ``ssl=true``) that
+    checks certificates and does not say: redis-py before 6.0 defaults it to False, so
+    any certificate the CA signed would pass for any host. ``options`` are those given
+    besides the URL; ``url_query`` the URL's own (they win, as in redis-py)."""
+    given = {**options, **dict(parse_qsl(url_query))}
+    tls = scheme == "rediss" or (
+        scheme in ("redis+cluster", "redis+sentinel")
+        and str(given.get("ssl", "")).lower() in ("1", "true", "yes", "on")
+    )
+    reqs = str(given.get("ssl_cert_reqs", "required")).lower()
+    if tls and "ssl_check_hostname" not in given and reqs not in ("none", "cert_none", "0"):
+        return {"ssl_check_hostname": True}
+    return {}
+
+
 def check_db_path(url: str) -> None:
     """A ``redis://`` or ``rediss://`` URL's path is empty or ``/<db number>``:
     redis-py reads ``redis://host/abc`` as database 0, which would silently share it."""
