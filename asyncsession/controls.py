@@ -85,12 +85,15 @@ CLIENT_TRIGGERED = frozenset(
         "size_exceeded",
         "not_serializable",
         "session_limit_exceeded",
+        "decryption_failed",
     }
 )
 """Violations any client can cause at will (another site's id, a stale cookie, parallel
 writes, data it sends that the app stores past the size limit or that JSON parsers
 accept and strict JSON does not, such as NaN, huge integers or deep nesting, logins
-past a per-user limit that rejects): logged at WARNING at most once per
+past a per-user limit that rejects, a cookie it replays whose record does not decrypt,
+say under a key retired before its records were re-encrypted): logged at WARNING at
+most once per
 ``LogLimiter.interval`` per kind, at DEBUG otherwise. Events and metrics still count
 every one."""
 
