@@ -226,16 +226,34 @@ class _ReaderGone(Exception):
     """Whoever reads the command's output closed it (``asyncsession stats | head``)."""
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal could act on (escape sequences, other
+    controls, bidirectional overrides: what ``str.isprintable`` refuses) but the line
+    break written as a JSON escape (``\\u001b``). Stored user ids, user agents and
+    data are the clients'; an admin's terminal must only show them. Inside JSON
+    strings the escapes keep it valid JSON (json.dumps has already escaped the rest)."""
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char.isprintable() or char == "\n":
+            out.append(char)
+        else:  # (json.dumps of one character: \uXXXX, surrogate pairs past U+FFFF)
+            out.append(json.dumps(char)[1:-1])
+    return "".join(out)
+
+
 class _Output(io.TextIOBase):
     """stdout for a command: a closed pipe is ``_ReaderGone``, told apart from a
-    ``BrokenPipeError`` of the store's own connections (an outage)."""
+    ``BrokenPipeError`` of the store's own connections (an outage). Everything
+    written goes through ``printable``."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
 
     def write(self, text: str) -> int:
         try:
-            return self._stream.write(text)
+            return self._stream.write(printable(text))
         except BrokenPipeError as exc:
             raise _ReaderGone from exc
 
@@ -355,7 +373,7 @@ def report_error(command: str, message: str, code: str, status: int, *, as_json:
         line = json.dumps({"error": error}, ensure_ascii=False)
     else:
         line = f"asyncsession {command}: error: {message}"
-    print(line, file=sys.stderr)
+    print(printable(line), file=sys.stderr)
 
 
 def _password(url: str) -> str | None:

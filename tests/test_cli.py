@@ -366,6 +366,37 @@ def plain_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fill
         asyncio.run(clean())
 
 
+def test_output_never_carries_terminal_controls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """User ids, user agents and data are the clients': an escape sequence in them
+    (set the window title, clear the screen) or a bidirectional override is shown
+    escaped in tables, ``show`` and errors, and ``--json`` stays valid JSON that
+    reads back the exact strings."""
+    pytest.importorskip("aiosqlite")
+    url = f"sqlite:///{tmp_path / 'evil.db'}"
+    evil = "\x1b]0;pwned\x07\x1b[2J\u202e\x9b31m"
+
+    async def make() -> str:
+        async with open_store(url, Config(cleanup_interval=0)) as app:
+            s = new_session(evil, 3600, user_agent=evil, data={"k": evil})
+            return str((await app.create(s)).id)
+
+    session_id = asyncio.run(make())
+    outputs = []
+    for command in (("stats",), ("list-user", evil), ("show", session_id), ("list-user", "x")):
+        status, out, err = run(capsys, *command, "--store", url)
+        outputs.append(out + err)
+    status, out, _ = run(capsys, "show", session_id, "--store", url, "--json")
+    assert json.loads(out)["user"] == evil and json.loads(out)["data"] == {"k": evil}
+    status, _, err = run(capsys, "list-user", evil + "x", "--store", url, "--json")
+    assert status == 1 and "pwned" in json.loads(err)["error"]["message"]
+    outputs += [out, err]
+    for text in outputs:
+        assert not any(c in text for c in "\x1b\x07\u202e\x9b"), text
+    assert "\\u001b]0;pwned" in outputs[0]  # shown, escaped
+
+
 def test_commands_never_move_plain_ids(
     plain_store: Filled, capsys: pytest.CaptureFixture[str]
 ) -> None:
