@@ -25,6 +25,7 @@ import asyncio
 import copy
 import inspect
 import logging
+import math
 import random
 import re
 import weakref
@@ -154,6 +155,19 @@ STARLETTE_MARKS_ACCESS = _starlette_marks_access()
 method of the session sees (``repr``, a template), so every response carries
 ``Vary: Cookie``."""
 _MUTABLE = (list, dict)
+
+
+def _whole_seconds(max_age: object) -> int | None:
+    """``max_age`` as whole seconds (a cookie's ``Max-Age`` is digits: a browser
+    ignores ``Max-Age=3600.5`` and keeps the cookie for the session only)."""
+    if max_age is None:
+        return None
+    seconds = max_age.total_seconds() if isinstance(max_age, timedelta) else max_age
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise ValueError(f"max_age is seconds (an int) or a timedelta, got {max_age!r}")
+    if not math.isfinite(seconds) or seconds != int(seconds):
+        raise ValueError(f"max_age must be whole seconds, got {max_age!r}")
+    return int(seconds)
 
 
 def _cookie_pattern(name: str) -> re.Pattern[bytes]:
@@ -930,8 +944,7 @@ class SessionMiddleware:
         self.legacy_cookie_name = legacy_cookie_name
         self._legacy_re = _cookie_pattern(legacy_cookie_name) if legacy_cookie_name else None
         self._cookie_cache: dict[bytes, tuple[int, tuple[str, ...]]] = {}
-        if isinstance(max_age, timedelta):
-            max_age = int(max_age.total_seconds())
+        max_age = _whole_seconds(max_age)
         if max_age == 0:
             max_age = None  # a browser-session cookie, as Starlette and starsessions take 0
         if max_age is not None and max_age < 0:
@@ -1239,7 +1252,8 @@ async def _commit_or_status(conn: _Connection) -> int | None:
             _log_limit,
             "conflict",
             logging.WARNING,
-            "session not saved, a key it read was changed meanwhile: %s",
+            "session not saved (409, %s): %s",
+            exc.details.get("reason", "a key it read was changed meanwhile"),
             exc,
         )
         conn.refusal = exc
@@ -1645,8 +1659,12 @@ async def session_error_handler(request: Request, exc: Exception) -> Response:
     """Answer a ``SessionError`` with its ``http_status`` and a JSON body."""
     if not isinstance(exc, SessionError):  # pragma: no cover - registered for SessionError
         raise exc
+    error = {"code": str(exc.code), "message": exc.message}
+    reason = exc.details.get("reason")
+    if isinstance(exc, SessionConflict) and isinstance(reason, str):
+        error["reason"] = reason  # why a 409 (rotated, ended, stale_cookie): a client may act on it
     return JSONResponse(
-        {"error": {"code": str(exc.code), "message": exc.message}},
+        {"error": error},
         status_code=exc.http_status,
         headers={"cache-control": "no-store"},
     )

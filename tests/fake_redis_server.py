@@ -50,7 +50,19 @@ class FakeRedis:
         self.port = 0
         self.commands: list[list[bytes]] = []
         self.connected = 0  # connections open now
+        self._change = asyncio.Event()
         self._count = 0
+
+    async def until_connected(self, count: int, within: float = 2.0) -> None:
+        """Wait until ``count`` connections are open (the server sees a client's close
+        a moment after the client made it)."""
+
+        async def wait() -> None:
+            while self.connected != count:
+                self._change.clear()
+                await self._change.wait()
+
+        await asyncio.wait_for(wait(), within)
 
     def _info(self) -> bytes:
         version = b"6.2.14" if self.mode == "old" else b"7.2.4"
@@ -90,6 +102,7 @@ class FakeRedis:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connected += 1
+        self._change.set()
         try:
             while True:
                 args = await _read_command(reader)
@@ -105,6 +118,7 @@ class FakeRedis:
             pass
         finally:
             self.connected -= 1
+            self._change.set()
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

@@ -417,6 +417,20 @@ def test_max_age_0_is_a_browser_session_cookie(cstore: CountingStore) -> None:
     assert SessionMiddleware(Starlette(), cstore, max_age=timedelta(0)).max_age is None
 
 
+@pytest.mark.parametrize(
+    "max_age",
+    [3600.5, True, "3600", timedelta(milliseconds=500), float("inf"), float("nan")],
+)
+def test_max_age_is_whole_seconds(cstore: CountingStore, max_age: Any) -> None:
+    """A cookie's ``Max-Age`` is digits (a browser ignores ``Max-Age=3600.5`` and
+    keeps the cookie for the browser session only): anything else is refused."""
+    with pytest.raises(ValueError, match="max_age"):
+        SessionMiddleware(Starlette(), cstore, max_age=max_age)
+    mw = SessionMiddleware(Starlette(), cstore, max_age=3600.0)
+    assert mw.max_age == 3600 and b"Max-Age=3600;" in mw.set_cookie_value("x")
+    assert SessionMiddleware(Starlette(), cstore, max_age=timedelta(hours=1.5)).max_age == 5400
+
+
 def test_store_must_be_a_store() -> None:
     with pytest.raises(TypeError):
         SessionMiddleware(Starlette(), {})  # type: ignore[arg-type]

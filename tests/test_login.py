@@ -403,6 +403,7 @@ async def test_a_logout_racing_a_login_is_refused_not_faked(store: ControlledSto
         go.set()
         response = await late
         assert response.status_code == 409, response.text
+        assert response.json()["error"]["reason"] == "rotated"  # a client may act on why
         assert set_cookies(response) == []
         # the other order: the cookie was rotated before the logout came in; clear()
         # is a logout too

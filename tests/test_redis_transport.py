@@ -625,10 +625,8 @@ async def test_a_failed_open_leaves_no_connection_and_may_be_retried(clock: Fake
             with pytest.raises(StoreUnavailable, match="too old"):
                 async with store:
                     pass
-        deadline = time.monotonic() + 2
-        while fake.connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)  # (the server sees the close a moment later)
-        assert fake.connected == 0 and not store.closed
+        await fake.until_connected(0)
+        assert not store.closed
         fake.mode = "no_info"
         async with store:
             assert fake.connected >= 1
