@@ -73,10 +73,17 @@ class _Parser(argparse.ArgumentParser):
 
     json_errors = False
     command: str | None = None  # for the top parser: the command named on the line
+    children: dict[str, argparse.ArgumentParser] | None = None  # the top parser's
 
     def error(self, message: str) -> NoReturn:
+        child = (self.children or {}).get(self.command or "")
         if not self.json_errors:
-            super().error(message)
+            if child is None:
+                super().error(message)
+            # an option the command does not take (found by the top parser): the
+            # command's usage and name, not the top parser's
+            child.print_usage(sys.stderr)
+            self.exit(BAD_INPUT, f"{child.prog}: error: {message}\n")
         command = self.command or self.prog.split()[-1]
         report_error(command, message, ERROR_CODES[BAD_INPUT], BAD_INPUT, as_json=True)
         sys.exit(BAD_INPUT)
@@ -88,8 +95,10 @@ def build_parser(*, json_errors: bool = False) -> _Parser:
     )
     parser.json_errors = json_errors
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.children = {}
     for command in COMMANDS:
         child = sub.add_parser(command.name, help=command.help, description=command.help)
+        parser.children[command.name] = child
         child.json_errors = json_errors
         command.configure(child)
         child.set_defaults(run=command.run)

@@ -90,12 +90,15 @@ class Config:
         object.__setattr__(self, "default_ttl", ttl)
         idle = _duration("idle_timeout", self.idle_timeout)
         if idle is not None and idle <= timedelta(0):
-            raise ValueError(f"Config.idle_timeout must be positive or None, got {idle!r}")
+            raise ValueError(
+                f"Config.idle_timeout must be positive or None, got {self.idle_timeout!r}"
+            )
         object.__setattr__(self, "idle_timeout", idle)
         interval = _duration("cleanup_interval", self.cleanup_interval)
         if interval is None or interval < timedelta(0):
             raise ValueError(
-                f"Config.cleanup_interval must be >= 0 (0 turns cleanup off), got {interval!r}"
+                "Config.cleanup_interval must be >= 0 (0 turns cleanup off), got "
+                f"{self.cleanup_interval!r}"
             )
         object.__setattr__(self, "cleanup_interval", interval)
         grace = _duration("rotation_grace", self.rotation_grace)
