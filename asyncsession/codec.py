@@ -22,7 +22,9 @@ from .session import Session
 RECORD_FORMAT = 1
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
-MAX_DEPTH = 250  # orjson refuses deeper than 254; keep a margin for the record itself
+MAX_DEPTH = 254
+"""orjson's limit: containers nested at most this deep, ``data`` itself counting as
+the first (so a top-level key's value may nest 253 deep); deeper is refused."""
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 _STRICT = (
@@ -200,7 +202,11 @@ def find_non_json(data: Any) -> tuple[str, str, str]:
                 return path, f"{value!r} has no JSON form", "float"
             continue
         if depth >= MAX_DEPTH:
-            return path, f"nested deeper than {MAX_DEPTH} levels", kind.__name__
+            return (
+                path,
+                f"nested deeper than {MAX_DEPTH} levels (data itself is one)",
+                kind.__name__,
+            )
         if kind is dict:
             items = list(value.items())
             for key, item in reversed(items):

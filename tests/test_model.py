@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -247,6 +248,18 @@ def test_deep_nesting_and_huge_strings() -> None:
         deep = [deep]
     with pytest.raises(NotSerializable, match="nested deeper"):
         codec.encode_data({"deep": deep})
+
+    def nest(levels: int) -> Any:
+        value: Any = 1
+        for _ in range(levels):
+            value = [value]
+        return value
+
+    # the documented limit, exactly: data itself and 253 levels below a key
+    assert orjson.loads(codec.encode_data({"k": nest(253)})) == {"k": nest(253)}
+    with pytest.raises(NotSerializable, match="deeper than 254 levels") as info:
+        codec.encode_data({"k": nest(254)})
+    assert info.value.details["path"].startswith('data["k"][0]')
     big = codec.encode_data({"s": "x" * 5_000_000})
     assert len(big) > 5_000_000
 
