@@ -1158,9 +1158,12 @@ class SessionMiddleware:
                     return
             extra = conn.cookie_headers()
             if extra:
+                if _sets_cookie(extra):
+                    if not _has_header(message, b"cache-control"):
+                        extra.append(_PRIVATE)
+                    if self.https_only and scope.get("scheme") == "http":
+                        plain_http.cookie_set()
                 message = _with_headers(message, extra)
-                if self.https_only and scope.get("scheme") == "http" and _sets_cookie(extra):
-                    plain_http.cookie_set()
             await send(message)
 
         try:
@@ -1227,6 +1230,17 @@ class SessionMiddleware:
 
 def _sets_cookie(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(key == b"set-cookie" for key, _ in headers)
+
+
+_PRIVATE = (b"cache-control", b"private")
+"""On a response that sets the session cookie and says nothing of caching: a shared
+cache that stores responses by default must not hand one client's new session id
+(or its logout) to every client (``Vary: Cookie`` does not stop that: a client
+without a cookie matches one without a cookie)."""
+
+
+def _has_header(message: Message, name: bytes) -> bool:
+    return any(key.lower() == name for key, _ in message.get("headers") or ())
 
 
 def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message:

@@ -461,6 +461,32 @@ async def test_anonymous_session_created_on_first_write(cstore: CountingStore) -
         assert (await c.get("/read")).json() == {"a": "1"}
 
 
+async def test_a_response_that_sets_the_cookie_is_private_to_caches(
+    cstore: CountingStore,
+) -> None:
+    """A response that sets (or expires) the session cookie and says nothing of
+    caching gets ``Cache-Control: private``: a shared cache must not give one new
+    session id to every visitor. One that says something is left as it is; a
+    response that sets no cookie gets nothing."""
+
+    async def cached(request: Request) -> PlainTextResponse:
+        request.session["a"] = "1"
+        return PlainTextResponse("ok", headers={"Cache-Control": "no-store"})
+
+    app = make_app(cstore)
+    app.router.routes.append(Route("/cached", cached, methods=["POST"]))
+    async with client(app) as c:
+        first = await c.post("/set", params={"key": "a", "value": "1"})
+        assert set_cookies(first) and first.headers.get_list("cache-control") == ["private"]
+        read = await c.get("/read")
+        assert set_cookies(read) == [] and "cache-control" not in read.headers
+        out = await c.post("/logout")
+        assert set_cookies(out) and out.headers.get_list("cache-control") == ["private"]
+    async with client(app) as fresh:
+        own = await fresh.post("/cached")
+        assert set_cookies(own) and own.headers.get_list("cache-control") == ["no-store"]
+
+
 async def test_no_write_on_unmodified_requests(cstore: CountingStore) -> None:
     async with client(make_app(cstore)) as c:
         await new_cookie(c)
