@@ -108,7 +108,8 @@ def build_parser(*, json_errors: bool = False) -> _Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(json_errors="--json" in argv)
-    parser.command = next((a for a in argv if a in {c.name for c in COMMANDS}), None)
+    first = next((a for a in argv if not a.startswith("-")), None)  # the command's place
+    parser.command = first if first in {c.name for c in COMMANDS} else None
     args = parser.parse_args(argv)
     status: int = args.run(args)
     return status

@@ -40,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO, cast
 
 from .config import Config
-from .controls import ControlledStore
+from .controls import ControlledStore, ViolationEvent
 from .crypto import generate_key
 from .errors import (
     InvalidSession,
@@ -52,8 +52,8 @@ from .errors import (
     StoreUnavailable,
     short_hash,
 )
-from .factory import open_store, redact, sqlite_path
-from .session import Session
+from .factory import open_store, redact, sqlite_path, url_secrets
+from .session import Session, is_handle
 from .store import PlainIdsFound
 
 OK, NOT_FOUND, BAD_INPUT, UNAVAILABLE, INTERRUPTED = 0, 1, 2, 3, 130
@@ -226,17 +226,19 @@ class _ReaderGone(Exception):
     """Whoever reads the command's output closed it (``asyncsession stats | head``)."""
 
 
-def printable(text: str) -> str:
+def printable(text: str, *, lines: bool = True) -> str:
     """``text`` with every character a terminal could act on (escape sequences, other
     controls, bidirectional overrides: what ``str.isprintable`` refuses) but the line
     break written as a JSON escape (``\\u001b``). Stored user ids, user agents and
     data are the clients'; an admin's terminal must only show them. Inside JSON
-    strings the escapes keep it valid JSON (json.dumps has already escaped the rest)."""
+    strings the escapes keep it valid JSON (json.dumps has already escaped the rest).
+    ``lines=False`` escapes line breaks too: a field of a table or of ``show`` (a
+    stored value must not forge a row)."""
     if text.isprintable():
         return text
     out = []
     for char in text:
-        if char.isprintable() or char == "\n":
+        if char.isprintable() or (lines and char == "\n"):
             out.append(char)
         else:  # (json.dumps of one character: \uXXXX, surrogate pairs past U+FFFF)
             out.append(json.dumps(char)[1:-1])
@@ -359,9 +361,9 @@ def _env_keys() -> tuple[str, ...]:
 def _fail(message: str, args: argparse.Namespace, code: str, status: int) -> None:
     url = getattr(args, "store", None) or ""
     if url:  # no password in any message, whatever produced it
-        password = _password(url)
-        if password:
-            message = message.replace(url, redact(url)).replace(password, "***")
+        message = message.replace(url, redact(url))
+        for secret in url_secrets(url):
+            message = message.replace(secret, "***")
     first = message.strip().splitlines()[0] if message.strip() else "failed"
     report_error(args.command, first, code, status, as_json=getattr(args, "json", False))
 
@@ -374,16 +376,6 @@ def report_error(command: str, message: str, code: str, status: int, *, as_json:
     else:
         line = f"asyncsession {command}: error: {message}"
     print(printable(line), file=sys.stderr)
-
-
-def _password(url: str) -> str | None:
-    try:
-        from urllib.parse import unquote, urlsplit
-
-        password = urlsplit(url).password
-    except ValueError:
-        return None
-    return unquote(password) if password else None
 
 
 @contextmanager
@@ -579,7 +571,7 @@ async def _show(store: ControlledStore, args: argparse.Namespace, out: TextIO) -
             value = _when(datetime.fromisoformat(value), now)
         elif value is None:
             value = ""
-        print(f"{key.replace('_', ' '):>24}  {value}", file=out)
+        print(f"{key.replace('_', ' '):>24}  {printable(str(value), lines=False)}", file=out)
     print(f"{'data':>24}  {json.dumps(session.data, indent=2, ensure_ascii=False)}", file=out)
     return OK
 
@@ -716,14 +708,31 @@ async def _reencrypt(store: ControlledStore, args: argparse.Namespace, out: Text
         )
     if args.batch < 1:
         raise CommandError("--batch must be at least 1", BAD_INPUT)
+    failed: list[str] = []  # short hashes of records that do not open (the log is rate-limited)
+
+    def note(event: ViolationEvent) -> None:
+        if event.type == "decryption_failed":
+            failed.append(event.session or "?")
+
+    store.on_violation = note
     count = await store.reencrypt(batch=args.batch)
     if args.json:
-        _json({"reencrypted": count, "key_id": ring.sealing_key_id.hex()}, out)
+        _json(
+            {"reencrypted": count, "key_id": ring.sealing_key_id.hex(), "not_decrypted": failed},
+            out,
+        )
     else:
         print(
             f"reencrypted {_count(count, 'session')} under key id {ring.sealing_key_id.hex()}",
             file=out,
         )
+        if failed:
+            shown = ", ".join(failed[:20]) + (", ..." if len(failed) > 20 else "")
+            print(
+                f"{_count(len(failed), 'session')} did not decrypt with these keys and were "
+                f"left as they are: {shown}",
+                file=out,
+            )
     return OK
 
 
@@ -746,7 +755,10 @@ async def _purge_site(store: ControlledStore, batch: int) -> int:
             if e.site_id == site and e.expires_at is not None and e.expires_at <= now
         )
     for session_id in expired:
-        await store.delete(session_id)
+        if is_handle(session_id) or not store.config.hash_ids:
+            await store.delete(session_id)
+        else:  # expired under a plain id: gone either way, as the global purge does
+            await store._delete(session_id, store.scope)
     return len(expired)
 
 
@@ -871,7 +883,9 @@ def table(
     rows: Sequence[Sequence[str]],
     right: frozenset[int] | set[int] = frozenset(),
 ) -> None:
-    """Columns padded to their widest cell; ``right`` holds right-aligned columns."""
+    """Columns padded to their widest cell; ``right`` holds right-aligned columns.
+    Cells are the clients' text: escaped first (``printable``), then measured."""
+    rows = [[printable(cell, lines=False) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:

@@ -233,9 +233,14 @@ class Store(ABC):
     # ----------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Self:
-        self._check_open()
-        await self._open()
-        self._start_cleanup()
+        if self._closed:
+            raise StoreClosed(f"{self.backend_name} store is closed")
+        try:
+            await self._open()
+        except BaseException:
+            await self._stop_cleanup()  # (a call before the open may have started it)
+            raise
+        self._start_cleanup()  # only once open: a store that fails to open runs nothing
         return self
 
     async def __aexit__(
@@ -255,12 +260,15 @@ class Store(ABC):
         if self._closed:
             return
         self._closed = True
+        await self._stop_cleanup()
+        await self._close()
+
+    async def _stop_cleanup(self) -> None:
         task, self._cleanup_task = self._cleanup_task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -332,7 +332,8 @@ def test_revoke_user_keeps_a_short_hash(store: Filled, capsys: pytest.CaptureFix
 
 @pytest.fixture(params=["sqlite", "redis"])
 def plain_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Filled]:
-    """A store of an application with ``Config(hash_ids=False)``: alice x2, bob x1."""
+    """A store of an application with ``Config(hash_ids=False)``: alice x2, bob x1,
+    one expired (carol)."""
     if request.param == "sqlite":
         pytest.importorskip("aiosqlite")
         filled = Filled(f"sqlite:///{tmp_path / 'plain.db'}")
@@ -349,6 +350,9 @@ def plain_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fill
                 for _ in range(n):
                     created = await app.create(new_session(user, 3600, data={"u": user}))
                     filled.ids.setdefault(user, []).append(created.id)
+        past = datetime.now(UTC) - timedelta(seconds=65)
+        async with open_store(filled.url, config, clock=lambda: past) as old:
+            filled.expired.append((await old.create(new_session("carol", 60, now=past))).id)
 
     asyncio.run(make())
     yield filled
@@ -375,7 +379,7 @@ def test_output_never_carries_terminal_controls(
     reads back the exact strings."""
     pytest.importorskip("aiosqlite")
     url = f"sqlite:///{tmp_path / 'evil.db'}"
-    evil = "\x1b]0;pwned\x07\x1b[2J\u202e\x9b31m"
+    evil = "\x1b]0;pwned\x07\x1b[2J\u202e\x9b31m\n(default)  999  forged row"
 
     async def make() -> str:
         async with open_store(url, Config(cleanup_interval=0)) as app:
@@ -394,6 +398,7 @@ def test_output_never_carries_terminal_controls(
     outputs += [out, err]
     for text in outputs:
         assert not any(c in text for c in "\x1b\x07\u202e\x9b"), text
+        assert not any(line.startswith("(default)  999") for line in text.splitlines()), text
     assert "\\u001b]0;pwned" in outputs[0]  # shown, escaped
 
 
@@ -427,6 +432,9 @@ def test_commands_never_move_plain_ids(
         async with open_store(store.url, config) as app:
             return {i: (await app.get(i)).data for i in [*alice, bob]}
 
+    # a purge of the site removes the expired one (gone either way), and nothing else
+    status, out, err = run(capsys, *store.args("purge", "--site", "", "--json"))
+    assert status == 0 and json.loads(out)["purged"] == 1, err
     assert asyncio.run(read_all()) == {
         alice[0]: {"u": "alice"},
         alice[1]: {"u": "alice"},
@@ -599,6 +607,8 @@ def test_wrong_redis_password(capsys: pytest.CaptureFixture[str]) -> None:
         "redis+cluster://s3cr3t-pw@127.0.0.1:1",
         "redis+sentinel://s3cr3t-pw@127.0.0.1:1/main",
         "redis+sentinel://127.0.0.1:1/main?sentinel_password=s3cr3t-pw",
+        "redis://:s3cr3t-pw/Zm9v@127.0.0.1:1/0",  # base64: a bare '/'
+        "redis://app:s3cr3t-pw?x@127.0.0.1:1/0",
     ],
 )
 def test_no_password_in_errors_of_any_url_form(
@@ -610,7 +620,7 @@ def test_no_password_in_errors_of_any_url_form(
     status, out, err = run(capsys, "stats", "--store", url)
     assert status in (2, 3) and out == ""
     assert_one_line_error(err, "stats")
-    assert "s3cr3t-pw" not in err and "***" in err
+    assert "s3cr3t-pw" not in err and "Zm9v" not in err and "***" in err
 
 
 def test_store_from_environment(

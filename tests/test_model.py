@@ -27,7 +27,7 @@ from asyncsession import (
     open_store,
     short_hash,
 )
-from asyncsession.factory import redact, sqlite_path
+from asyncsession.factory import redact, sqlite_path, url_secrets
 
 # ------------------------------------------------------------------------ ids, model
 
@@ -318,6 +318,12 @@ def test_redact_and_sqlite_path() -> None:
     assert redact("unix:///tmp/r.sock?Password=x&db=1") == "unix:///tmp/r.sock?Password=***&db=1"
     assert redact("unix:///tmp/r.sock") == "unix:///tmp/r.sock"
     assert "kk" not in redact("rediss://u:p@h/0?ssl_keyfile_password=kk")
+    # a base64 password with a bare '/', '?' or '#': urlsplit sees no user part
+    for url in ("redis://:Zm9v/YmFy@h:1/0", "redis://app:s3cr?et@h/0", "redis://a:b#cdef@h/0"):
+        assert redact(url).startswith("redis://***@h/") or redact(url) == "redis://***@h:1/0"
+        assert not any(s in redact(url) for s in ("Zm9v", "YmFy", "s3cr", "cdef")), url
+    assert url_secrets("redis://app:s3cr?et@h/0") == ["s3cr?et", "s3cr"]
+    assert url_secrets("redis://h:1/0?password=S3CRET") == ["S3CRET"]
     assert sqlite_path("sqlite:////tmp/x.db") == "/tmp/x.db"  # the full table: test_urls.py
 
 

@@ -619,18 +619,27 @@ async def test_a_failed_open_leaves_no_connection_and_may_be_retried(clock: Fake
     """A store ``from_url`` made whose open fails (here Redis 6.2) closes the
     connections its check opened (an app retrying its start-up would collect them);
     the same store opens once the server passes."""
+
+    def cleanups() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == "asyncsession-redis-cleanup"]
+
     async with serve("old") as fake:
-        store = RedisStore.from_url(f"redis://127.0.0.1:{fake.port}/0", cfg(), clock=clock)
+        url = f"redis://127.0.0.1:{fake.port}/0"
+        store = RedisStore.from_url(url, cfg(cleanup_interval=60), clock=clock)
         for _ in range(3):
             with pytest.raises(StoreUnavailable, match="too old"):
                 async with store:
                     pass
+            # and no cleanup task left behind to reconnect later (a fresh store each try)
+            with pytest.raises(StoreUnavailable, match="too old"):
+                async with RedisStore.from_url(url, cfg(cleanup_interval=60), clock=clock):
+                    pass
         await fake.until_connected(0)
-        assert not store.closed
+        assert not store.closed and cleanups() == []
         fake.mode = "no_info"
         async with store:
-            assert fake.connected >= 1
-        assert store.closed
+            assert fake.connected >= 1 and len(cleanups()) == 1
+        assert store.closed and cleanups() == []
 
 
 async def test_an_acl_user_limited_to_the_key_prefix_opens_and_works(tmp_path: Any) -> None:
@@ -663,6 +672,26 @@ async def test_an_acl_user_limited_to_the_key_prefix_opens_and_works(tmp_path: A
         assert all(k.startswith(b"app:") for k in keys), keys
     finally:
         server.stop()
+
+
+async def test_the_open_check_works_beside_an_app_key_of_the_probe_name() -> None:
+    """The probes run on a key under ``key_prefix`` that no session takes; should an
+    app's own key have that name (another type), the probes still tell the commands
+    exist (``WRONGTYPE`` is an answer), and the key is left as it was."""
+    if backend_redis.skip_reason() or backend_redis.using_fakeredis():
+        pytest.skip("needs a real Redis server")
+    prefix = f"test:probe-{uuid.uuid4().hex[:8]}:"
+    client = Redis.from_url(backend_redis.REDIS_URL)
+    try:
+        await client.set(f"{prefix}s:!probe", b"the app's", px=60_000)
+        async with RedisStore.from_url(backend_redis.REDIS_URL, cfg(key_prefix=prefix)) as store:
+            created = await store.create(new_session("u"))
+            assert (await store.get(created.id)).user_id == "u"
+        assert await client.get(f"{prefix}s:!probe") == b"the app's"
+        assert 0 < await client.pttl(f"{prefix}s:!probe") <= 60_000
+    finally:
+        await backend_redis.delete_prefix(client, prefix)
+        await client.aclose()
 
 
 def test_server_version_reads_every_form_of_info() -> None:

@@ -13,9 +13,10 @@ from ...errors import StoreUnavailable
 MIN_VERSION = (7, 0)
 """The scripts use ``PEXPIRETIME``, ``PEXPIREAT ... GT`` and ``ZMSCORE`` (Redis 7.0)."""
 
-PROBE_KEY = b"probe"
+PROBE_KEY = b"s:!probe"
 """The probes' key after the store's ``key_prefix`` (so an ACL user limited to the
-prefix may run them; a node of a cluster gets it with a hash tag of a slot it serves)."""
+prefix may run them), in the sessions' namespace under a name no id takes (ids are
+``[A-Za-z0-9_-]``); a node of a cluster gets it with a hash tag of a slot it serves."""
 
 MIN_CLUSTER_CLIENT = (7, 2)
 """redis-py for Redis Cluster: before 7.2 a MOVED that names the node it was sent to
@@ -107,6 +108,8 @@ async def check_server(
             await call(*probe)
         except StoreUnavailable as exc:
             cause = exc.__cause__
+            if isinstance(cause, ResponseError) and str(cause).startswith("WRONGTYPE"):
+                continue  # the command exists: an app's own key of that name is no sorted set
             raise unavailable(
                 RuntimeError(
                     f"{product} {version} at {where} cannot run asyncsession's scripts: "
