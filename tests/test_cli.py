@@ -620,7 +620,8 @@ def test_no_password_in_errors_of_any_url_form(
     status, out, err = run(capsys, "stats", "--store", url)
     assert status in (2, 3) and out == ""
     assert_one_line_error(err, "stats")
-    assert "s3cr3t-pw" not in err and "Zm9v" not in err and "***" in err
+    assert "s3cr3t-pw" not in err and "Zm9v" not in err
+    assert "***" in err or "redis-py 7.2" in err  # (redis-py < 7.2 refuses a cluster first)
 
 
 def test_store_from_environment(

@@ -642,6 +642,40 @@ async def test_a_failed_open_leaves_no_connection_and_may_be_retried(clock: Fake
         assert store.closed and cleanups() == []
 
 
+async def test_a_client_that_resends_commands_never_resends_the_stores() -> None:
+    """A client whose retry policy sends a command again after a connection error
+    (redis-py 6+'s default ``Redis(...)``): the store takes a pool of its own with the
+    same settings and no retries, so a script Redis may have run is never run again
+    (a write applied twice, its caller told it conflicted). The server here closes
+    the connection mid-reply: the store's create reaches it once and is
+    ``StoreUnavailable`` (in doubt); the user's own client, untouched, sends it 4 times."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async with serve("close_mid_reply") as fake:
+        user = Redis(
+            port=fake.port, retry=Retry(NoBackoff(), 3), retry_on_error=[RedisConnectionError]
+        )
+        retry = user.connection_pool.connection_kwargs["retry"]
+        store = RedisStore(user, cfg())
+        assert store.client is not user
+        with pytest.raises(StoreUnavailable):
+            await store.create(new_session("u"))
+        sent = [c for c in fake.commands if c[0].upper() in (b"EVALSHA", b"EVAL")]
+        assert len(sent) == 1
+        await store.close()
+        with pytest.raises(redis.RedisError):
+            await user.execute_command("EVALSHA", "0" * 40, 0)
+        assert len([c for c in fake.commands if c[0].upper() == b"EVALSHA"]) == 1 + 4
+        assert user.connection_pool.connection_kwargs["retry"] is retry
+        await user.aclose()
+    # a client that does not resend is used as it is: its pool is the store's
+    plain = Redis.from_url("redis://127.0.0.1:1/0")  # (from_url: no retries, any version)
+    assert RedisStore(plain, cfg()).client is plain
+    await plain.aclose()
+
+
 async def test_an_acl_user_limited_to_the_key_prefix_opens_and_works(tmp_path: Any) -> None:
     """The user docs/security.md recommends, limited to the store's ``key_prefix``
     (``~app:*``), with every command but the dangerous ones (no ``INFO``: the probes

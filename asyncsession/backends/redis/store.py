@@ -26,8 +26,10 @@ import orjson
 import redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import ConnectionPool
+from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
 
 from ... import codec
 from ...changes import Applied, EncodedChanges
@@ -171,6 +173,51 @@ def _rehome(record: bytes, handle: str) -> bytes:
     return orjson.dumps(fields)
 
 
+def _resends(kwargs: dict[str, Any]) -> bool:
+    """Whether connections made with ``kwargs`` send a command again after a
+    connection error (redis-py 6+'s default ``Redis(...)``: up to 10 times)."""
+    retry = kwargs.get("retry")
+    count = getattr(retry, "get_retries", None)
+    if callable(count):
+        return bool(count() != 0)
+    return retry is not None or bool(kwargs.get("retry_on_error") or kwargs.get("retry_on_timeout"))
+
+
+def _without_retries(client: Redis) -> Redis | None:
+    """A client on a pool of its own with ``client``'s connection settings (address,
+    TLS, ACL user, credential provider, timeouts, health checks, size) but no
+    retries, if ``client`` resends commands; else None. A script the server ran
+    whose reply was lost must not run again: the second run sees the first one's
+    effect and its caller would be told a conflict (or "already exists") for a
+    write that was applied, or a counter would count twice."""
+    pool = client.connection_pool
+    if not _resends(pool.connection_kwargs):
+        return None
+    kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0), "retry_on_error": []}
+    if "retry_on_timeout" in kwargs:
+        kwargs["retry_on_timeout"] = False
+    size = pool.max_connections
+    own: ConnectionPool
+    if type(pool) is ConnectionPool:
+        own = ConnectionPool(connection_class=pool.connection_class, max_connections=size, **kwargs)
+    elif type(pool) is BlockingConnectionPool:
+        own = BlockingConnectionPool(
+            connection_class=pool.connection_class,
+            max_connections=size,
+            timeout=pool.timeout,
+            **kwargs,
+        )
+    else:  # a pool of another kind (Sentinel's): its own settings stand
+        logger.warning(
+            "asyncsession: the Redis client's %s resends commands after a connection "
+            "error; a write whose reply was lost may then be applied twice (give the "
+            "store a client with retry=Retry(NoBackoff(), 0))",
+            type(pool).__name__,
+        )
+        return None
+    return Redis(connection_pool=own)
+
+
 def _describe(pool: ConnectionPool) -> str:
     """Where a client connects, for error messages (never with its password)."""
     if isinstance(pool, SentinelConnectionPool):
@@ -218,6 +265,7 @@ class RedisStore(Store):
         self.timeout = timeout
         self.client = client
         self._owns_client = False
+        self._owns_pool = False  # a pool of its own beside the client given (no retries)
         self._sentinel: Sentinel | None = None
         self._service = ""
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -240,6 +288,10 @@ class RedisStore(Store):
                 unavailable=self._unavailable,
             )
         elif isinstance(client, Redis):
+            own = _without_retries(client)
+            if own is not None:
+                client = self.client = own
+                self._owns_pool = True
             pool = client.connection_pool
             self._layout = SingleLayout(self.config.key_prefix)
             self._where = _describe(pool)
@@ -449,7 +501,7 @@ class RedisStore(Store):
         try:
             await self._check_servers()
         except BaseException:
-            if self._owns_client:
+            if self._owns_client or self._owns_pool:
                 with contextlib.suppress(Exception):
                     await self._disconnect()
             raise
@@ -516,6 +568,9 @@ class RedisStore(Store):
         await self._transport.aclose()
         if self._owns_client:
             await self.client.aclose()
+        elif self._owns_pool:
+            assert isinstance(self.client, Redis)
+            await self.client.connection_pool.disconnect()
         if self._sentinel is not None and self._owns_client:
             for client in self._sentinel.sentinels:
                 await client.aclose()
