@@ -676,6 +676,44 @@ async def test_a_client_that_resends_commands_never_resends_the_stores() -> None
     await plain.aclose()
 
 
+async def test_a_pool_of_its_own_keeps_streaming_credentials_reauthenticated() -> None:
+    """redis-py 8 re-authenticates a pool's connections when a streaming credential
+    provider rotates; the store's own pool (a client that resends) is registered for
+    it as the client's is: the provider hears from both pools."""
+    credentials = pytest.importorskip("redis.credentials")
+    streaming = getattr(credentials, "StreamingCredentialProvider", None)
+    if streaming is None:
+        pytest.skip("this redis-py has no streaming credential providers")
+
+    class Provider(streaming):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            self.listeners: list[Any] = []
+
+        def get_credentials(self) -> tuple[str, str]:
+            return ("app", "pw")
+
+        async def get_credentials_async(self) -> tuple[str, str]:
+            return ("app", "pw")
+
+        def on_next(self, callback: Any) -> None:
+            self.listeners.append(callback)
+
+        def on_error(self, callback: Any) -> None:
+            pass
+
+        def is_streaming(self) -> bool:
+            return True
+
+    provider = Provider()
+    user = Redis(port=1, credential_provider=provider)
+    store = RedisStore(user, cfg())
+    if store.client is user:
+        pytest.skip("this redis-py's Redis() does not resend: the store uses its pool")
+    assert len(provider.listeners) == 2  # the app's pool and the store's
+    await store.close()
+    await user.aclose()
+
+
 async def test_an_acl_user_limited_to_the_key_prefix_opens_and_works(tmp_path: Any) -> None:
     """The user docs/security.md recommends, limited to the store's ``key_prefix``
     (``~app:*``), with every command but the dangerous ones (no ``INFO``: the probes

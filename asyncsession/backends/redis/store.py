@@ -215,7 +215,9 @@ def _without_retries(client: Redis) -> Redis | None:
             type(pool).__name__,
         )
         return None
-    return Redis(connection_pool=own)
+    # (the provider given again: redis-py 8 then re-authenticates this pool's
+    # connections too when a streaming provider rotates its credentials)
+    return Redis(connection_pool=own, credential_provider=kwargs.get("credential_provider"))
 
 
 def _describe(pool: ConnectionPool) -> str:
