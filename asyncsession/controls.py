@@ -225,6 +225,9 @@ class ControlledStore(Store):
         level, suppressed = logging.WARNING, 0
         if kind in CLIENT_TRIGGERED:
             level, suppressed = self._log_limit.level(kind)
+        elif kind == "invalid_session" and error.details.get("corrupt"):
+            # a damaged record a client's cookie points to: it can replay that at will
+            level, suppressed = self._log_limit.level("invalid_session:corrupt")
         self.logger.log(
             level,
             "asyncsession violation %s: %s%s",

@@ -962,7 +962,7 @@ class Store(ABC):
             "invalid_session",
             InvalidSession(
                 f"stored record is not a valid session: {cause}",
-                details={"session": short_hash(session_id)},
+                details={"session": short_hash(session_id), "corrupt": True},
             ),
             None,
             session_id=session_id,

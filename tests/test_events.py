@@ -157,3 +157,27 @@ async def test_backend_without_report_falls_back(
     harness.clock.advance(6)
     assert await store.purge_expired() == 1
     assert [e.type for e in events] == ["created"]
+
+
+def test_a_corrupt_record_replayed_is_rate_limited_other_invalid_sessions_are_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A damaged record a cookie points to (``invalid_session`` with ``corrupt``): a
+    client can replay it at will, so one WARNING per interval, then DEBUG; every one
+    still reaches ``on_violation``. Other ``invalid_session`` violations (the app's
+    own bad input) stay WARNING each."""
+    from asyncsession import InvalidSession, MemoryStore, ViolationEvent
+
+    seen: list[ViolationEvent] = []
+    store = with_controls(MemoryStore(Config(cleanup_interval=0)), on_violation=seen.append)
+    with caplog.at_level(logging.DEBUG, "asyncsession"):
+        for _ in range(200):
+            store._violation(
+                "invalid_session", InvalidSession("bad record", details={"corrupt": True}), None
+            )
+        for _ in range(3):
+            store._violation("invalid_session", InvalidSession("bad input"), None)
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("bad record" in m for m in loud) == 1
+    assert sum("bad input" in m for m in loud) == 3
+    assert len(seen) == 203
