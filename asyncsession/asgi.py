@@ -22,6 +22,7 @@ opaque, random id in an HttpOnly cookie. ``scope["session"]`` is a ``SessionDict
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import inspect
 import logging
@@ -39,6 +40,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from . import _plain_http as plain_http
 from ._deadline import DEADLINE
@@ -1151,12 +1153,14 @@ class SessionMiddleware:
                 status = await _commit_or_status(conn)
                 if status is not None:
                     replaced = True
+                    conn.cookie_possible = False
                     if conn.refusal is None or not await _app_answers(
                         conn.refusal, scope, receive, send
                     ):
                         await _send_error(send, status)
                     return
             extra = conn.cookie_headers()
+            conn.cookie_possible = False  # from here on no response can carry a cookie
             if extra:
                 if _sets_cookie(extra):
                     if not _has_header(message, b"cache-control"):
@@ -1170,6 +1174,17 @@ class SessionMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             conn.scope = None
+        data = conn.data
+        if not conn.cookie_possible and not replaced and (data._dirty or data._cleared):
+            # a background task or a streaming body changed the session after the
+            # response started: nothing saves that (save_session would), say so
+            _log_limited(
+                _log_limit,
+                "after_response",
+                logging.WARNING,
+                "session changed after the response started: not saved (call "
+                "save_session(request) after the change, or change it before the response)",
+            )
 
     async def _load_tossed(self, conn: _Connection, ids: tuple[str, ...]) -> None:
         """Several session cookies of our name (cookie tossing from a sibling domain,
@@ -1426,6 +1441,14 @@ async def login(
     """
     conn = _work(connection)
     conn.check_writable()
+    if not conn.cookie_possible:
+        # the new id could reach no client: the browser would be left with a rotated
+        # cookie (logged out) and the store with a session nobody holds
+        raise RuntimeError(
+            "login() after the response started (a background task, a streaming body) "
+            "or after a websocket's accept: no cookie can carry the new session id; "
+            "call it before"
+        )
     store = conn.store
     user = normalize_user_id(user_id)
     conn.migrate = False  # a legacy cookie's session: the login's rotation moves it
@@ -1593,8 +1616,9 @@ async def update_session(
     function. The request's other pending changes are saved first, so ``fn`` sees
     them (if they conflict, ``SessionConflict`` is raised before ``fn`` runs).
     Afterwards ``request.session`` shows the session as ``fn`` left it, including
-    keys other requests wrote. Without a stored session, ``fn`` runs on the
-    request's data and a new session is created with the result.
+    keys other requests wrote. Without a stored session, ``fn`` runs on a copy of
+    the request's data and a new session is created with the result. If ``fn``
+    raises, nothing it changed reaches ``request.session`` or the store.
     """
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
@@ -1602,7 +1626,14 @@ async def update_session(
     await conn.commit()
     session = conn.session
     if session is None:
-        result = await _run(fn, conn.data)
+        # fn runs on a copy, as below: if it raises, the request's session is as it was
+        view = SessionDict(copy.deepcopy(_plain(conn.data)))
+        result = await _run(fn, view)
+        data = conn.data
+        for key in [k for k in dict.keys(data) if not dict.__contains__(view, k)]:
+            del data[key]
+        for key, value in dict.items(view):
+            data[key] = value
         await conn.commit()
         return result
     lock = _update_locks.get(session.id)
@@ -1669,10 +1700,19 @@ CurrentUserDep = Annotated[str, Depends(require_user)]
 """The logged-in user's id; the handler answers 401 without one."""
 
 
-async def session_error_handler(request: Request, exc: Exception) -> Response:
-    """Answer a ``SessionError`` with its ``http_status`` and a JSON body."""
+async def session_error_handler(request: HTTPConnection, exc: Exception) -> Response | None:
+    """Answer a ``SessionError`` with its ``http_status`` and a JSON body; on a
+    websocket, close it (1013 "try again later" for ``StoreUnavailable``, else 1008),
+    which before the accept refuses the handshake (an HTTP body is no websocket
+    message: after the accept it broke the connection)."""
     if not isinstance(exc, SessionError):  # pragma: no cover - registered for SessionError
         raise exc
+    if request.scope["type"] == "websocket":
+        if isinstance(request, WebSocket):  # (Starlette hands its handlers one)
+            code = 1013 if isinstance(exc, StoreUnavailable) else 1008
+            with contextlib.suppress(RuntimeError):  # (already closed)
+                await request.close(code)
+        return None
     error = {"code": str(exc.code), "message": exc.message}
     reason = exc.details.get("reason")
     if isinstance(exc, SessionConflict) and isinstance(reason, str):
@@ -1686,7 +1726,8 @@ async def session_error_handler(request: Request, exc: Exception) -> Response:
 
 def install_exception_handler(app: Starlette) -> None:
     """``install_exception_handler(app)``: every ``SessionError`` becomes its HTTP status."""
-    app.add_exception_handler(SessionError, session_error_handler)
+    # (one handler for both kinds of connection, which Starlette's types keep apart)
+    app.add_exception_handler(SessionError, cast(Any, session_error_handler))
 
 
 __all__ = [

@@ -54,6 +54,7 @@ from asyncsession import (
     new_session,
     open_store,
     revoke_session,
+    save_session,
     short_hash,
 )
 from asyncsession import asgi as asgi_module
@@ -1035,6 +1036,127 @@ def test_websocket_new_session_cookie_in_the_handshake(cstore: CountingStore) ->
     sid = cookie.split(";")[0].split("=", 1)[1]
     assert "httponly" in cookie.lower()
     assert asyncio.run(cstore.get(sid)).data == {"before_accept": "hi", "ws": "x"}
+
+
+async def test_nothing_after_the_response_started_can_log_a_browser_out(
+    cstore: CountingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the response started (a streaming body, a background task) no cookie can
+    reach the client: ``login`` there raises instead of rotating the browser's id to
+    one it never gets (it was logged out, and the store kept a session nobody held);
+    ``save_session`` of a client without a session stores nothing; a change nothing
+    saves is logged (once per interval), not dropped silently."""
+    from starlette.background import BackgroundTask
+
+    outcomes: list[Any] = []
+
+    async def late_login(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"started\n"
+            try:
+                await login(request, "mallory")
+            except RuntimeError as exc:
+                outcomes.append(exc)
+            yield b"done\n"
+
+        return StreamingResponse(body())
+
+    async def late_write(request: Request) -> PlainTextResponse:
+        async def task() -> None:
+            request.session["late"] = "lost"
+            if "save" in request.query_params:
+                await save_session(request)
+
+        return PlainTextResponse("ok", background=BackgroundTask(task))
+
+    app = make_app(cstore)
+    app.router.routes += [Route("/late-login", late_login), Route("/late-write", late_write)]
+    async with client(app) as c:
+        await c.post("/login", params={"user": "alice"})
+        sid = c.cookies["session"]
+        response = await c.get("/late-login")
+        assert response.status_code == 200 and set_cookies(response) == []
+        assert [type(e) for e in outcomes] == [RuntimeError] and "response started" in str(
+            outcomes[0]
+        )
+        assert (await cstore.get(sid)).user_id == "alice"  # the browser's session lives
+        assert (await c.get("/read")).status_code == 200 and c.cookies["session"] == sid
+        with caplog.at_level(logging.DEBUG, "asyncsession"):
+            for _ in range(3):
+                assert (await c.get("/late-write")).status_code == 200
+        assert "late" not in (await cstore.get(sid)).data
+        loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(loud) == 1 and "after the response started" in loud[0].getMessage()
+        await c.get("/late-write", params={"save": "1"})  # save_session saves it
+        assert (await cstore.get(sid)).data["late"] == "lost"
+    before = len(cstore.store)  # type: ignore[arg-type]
+    async with client(app) as fresh:
+        response = await fresh.get("/late-write", params={"save": "1"})
+        assert response.status_code == 200 and set_cookies(response) == []
+    assert len(cstore.store) == before  # type: ignore[arg-type]  # no session nobody holds
+
+
+def test_login_after_a_websocket_accept_raises_and_leaves_the_session(
+    cstore: CountingStore,
+) -> None:
+    async def ws_login(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            await login(websocket, "mallory")
+        except RuntimeError as exc:
+            await websocket.send_text(str(exc))
+        await websocket.close()
+
+    app = make_app(cstore)
+    app.router.routes.append(WebSocketRoute("/ws-login", ws_login))
+    with TestClient(app, base_url=BASE) as tc:
+        tc.post("/login", params={"user": "alice"})
+        sid = tc.cookies["session"]
+        with tc.websocket_connect("wss://testserver/ws-login") as websocket:
+            assert "accept" in websocket.receive_text()
+        assert tc.get("/read").status_code == 200
+    assert asyncio.run(cstore.get(sid)).user_id == "alice"
+
+
+def test_the_exception_handler_closes_a_websocket_instead_of_breaking_it(
+    cstore: CountingStore,
+) -> None:
+    """``install_exception_handler`` on a websocket route: a ``SessionError`` after
+    the accept closes it with 1008 (a conflict) or 1013 (the store down), before the
+    accept it refuses the handshake; it once sent an HTTP response on the socket,
+    which the server refused (close 1006 and an ERROR traceback)."""
+    from starlette.websockets import WebSocketDisconnect
+
+    async def ws_save(websocket: WebSocket) -> None:
+        if "before" in websocket.query_params:
+            raise SessionConflict("refused before the accept (test)")
+        await websocket.accept()
+        await websocket.send_text("accepted")
+        await websocket.receive_text()
+        if "down" in websocket.query_params:
+            raise StoreUnavailable("store down (test)")
+        websocket.session["x"] = 1
+        await save_session(websocket)  # the session was logged out meanwhile: 409
+
+    app = make_app(cstore)
+    app.router.routes.append(WebSocketRoute("/ws-save", ws_save))
+    with TestClient(app, base_url=BASE) as tc:
+        tc.post("/set", params={"key": "a", "value": "1"})
+        for query, code in (("", 1008), ("?down=1", 1013)):
+            with tc.websocket_connect(f"wss://testserver/ws-save{query}") as websocket:
+                assert websocket.receive_text() == "accepted"
+                if not query:
+                    tc.post("/logout")
+                websocket.send_text("go")
+                message = websocket.receive()
+            assert message == {"type": "websocket.close", "code": code, "reason": ""}, query
+            tc.post("/set", params={"key": "a", "value": "1"})
+        with (
+            pytest.raises(WebSocketDisconnect) as refused,
+            tc.websocket_connect("wss://testserver/ws-save?before=1"),
+        ):
+            pass
+        assert refused.value.code == 1008
 
 
 def test_websocket_refused_when_store_is_down(cstore: CountingStore) -> None:

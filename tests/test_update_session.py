@@ -226,6 +226,35 @@ async def test_update_session_without_a_session_creates_one(store: FlakyStore) -
     assert (await store.get(sid)).data == {"n": 1, "cart": ["sku"]}
 
 
+async def test_update_session_whose_function_raises_changes_nothing(store: FlakyStore) -> None:
+    """``fn`` raises after changing things (an ``HTTPException`` the app answers):
+    nothing it changed is saved, with a stored session or without one (where it
+    once ran on ``request.session`` itself and a half-done cart was stored)."""
+    from starlette.exceptions import HTTPException
+
+    def half_done(data: dict[str, Any]) -> None:
+        data.setdefault("cart", []).append("raised")
+        data["n"] = data.get("n", 0) + 100
+        raise HTTPException(400, "out of stock")
+
+    async def route(request: Request) -> JSONResponse:
+        await update_session(request, half_done)
+        return JSONResponse({})  # pragma: no cover - half_done raises
+
+    app = make_app(store)
+    app.router.routes.append(Route("/half", route, methods=["POST"]))
+    async with client(app) as c:
+        response = await c.post("/half")
+        assert response.status_code == 400 and "set-cookie" not in response.headers
+    assert len(store.store) == 0  # type: ignore[arg-type]
+    headers = await _session(store, n=1)
+    async with client(app) as c:
+        response = await c.post("/half", headers=headers)
+        assert response.status_code == 400
+    sid = headers["cookie"].split("=")[1]
+    assert (await store.get(sid)).data == {"n": 1}
+
+
 async def test_update_session_rejects_zero_attempts(store: FlakyStore) -> None:
     with pytest.raises(ValueError):
         await update_session(None, bump, attempts=0)  # type: ignore[arg-type]
