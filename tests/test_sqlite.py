@@ -182,6 +182,29 @@ async def test_schema_pragmas_and_indexes(db: str, stores: list[SQLiteStore]) ->
     assert await store._read("PRAGMA query_only", ()) == [(1,)]  # the reader never writes
 
 
+async def test_a_wal_a_long_reader_grew_is_cut_back(db: str, stores: list[SQLiteStore]) -> None:
+    """While another process reads (a backup, an admin's sqlite3) the WAL cannot be
+    checkpointed and grows; once the reader lets go, the next checkpoint that empties
+    it cuts the file back to ``JOURNAL_SIZE_LIMIT`` instead of keeping it at its
+    largest (19.5 MB kept for good in an attacker run)."""
+    store = sqlite_store(stores, db)
+    await store.create(new_session("alice"))
+    wal = Path(db + "-wal")
+    reader = sqlite3.connect(db)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM sessions").fetchall()  # holds a snapshot
+    for _ in range(150):
+        await store.create(new_session(None, data={"blob": os.urandom(32_000).hex()}))
+    grown = wal.stat().st_size
+    assert grown > 2 * sqlite_backend.JOURNAL_SIZE_LIMIT
+    reader.rollback()
+    reader.close()
+    for _ in range(3):  # a checkpoint of all of it, then writes that start it again
+        await store._run(lambda c: c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+        await store.create(new_session(None))
+    assert wal.stat().st_size <= sqlite_backend.JOURNAL_SIZE_LIMIT + 64 * 1024, grown
+
+
 async def test_queries_use_the_indexes(db: str, stores: list[SQLiteStore]) -> None:
     store = sqlite_store(stores, db)
     await store.create(new_session("alice"))

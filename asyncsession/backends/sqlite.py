@@ -68,6 +68,8 @@ PURGE_MIN_BATCH = 10
 PURGE_HOLD = 0.01
 """Seconds of write-lock hold each purge batch aims at (the issue allows 50 ms)."""
 WAL_AUTOCHECKPOINT = 1000  # SQLite's default, restored after each purge batch
+JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
+"""Bytes of WAL file kept after a checkpoint empties it (SQLite's default: all of it)."""
 BUSY_SLACK_MS = 10
 """How far the writer's busy timeout may be from a write's remaining budget unchanged."""
 
@@ -480,6 +482,9 @@ class SQLiteStore(Store):
                     mode,
                 )
         c.execute("PRAGMA synchronous = NORMAL")
+        # A WAL that a long reader let grow (nothing can be checkpointed past it) is
+        # cut back to this size at the next checkpoint that empties it, not kept
+        c.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         # Deleted and moved rows (a delete, an update that grows a row, a plain id moved
         # to its handle) are overwritten with zeros, not left in free space: the
         # default of some SQLite builds (Debian's), not of others.
