@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import _plain_http as plain_http
 from ._deadline import DEADLINE
@@ -734,7 +734,10 @@ class _Connection:
             )
         self.check_writable()
         if not self.cookie_possible:
-            logger.debug("websocket session written after accept: no cookie can carry it")
+            logger.debug(
+                "session first written after the response started (or a websocket's "
+                "accept): not stored, no cookie can carry its id"
+            )
             return
         client = self.mw.client_fields(self.scope) if self.scope is not None else {}
         session = new_session(None, data=_plain(self.data), now=self.store.clock(), **client)
@@ -1175,15 +1178,22 @@ class SessionMiddleware:
         finally:
             conn.scope = None
         data = conn.data
-        if not conn.cookie_possible and not replaced and (data._dirty or data._cleared):
+        if (
+            not conn.cookie_possible
+            and not replaced
+            and (data._dirty or data._cleared)  # (cheap first: reading a list sets _dirty)
+            and (data._cleared or data.changes() is not None)
+        ):
             # a background task or a streaming body changed the session after the
-            # response started: nothing saves that (save_session would), say so
+            # response started: nothing saves that, say so
             _log_limited(
                 _log_limit,
                 "after_response",
                 logging.WARNING,
-                "session changed after the response started: not saved (call "
-                "save_session(request) after the change, or change it before the response)",
+                "session changed after the response started: not saved (%s)",
+                "call save_session(request) after the change, or change it before the response"
+                if conn.session is not None
+                else "a client without a session gets none then: no cookie can carry its id",
             )
 
     async def _load_tossed(self, conn: _Connection, ids: tuple[str, ...]) -> None:
@@ -1626,6 +1636,11 @@ async def update_session(
     await conn.commit()
     session = conn.session
     if session is None:
+        if not conn.cookie_possible:
+            raise RuntimeError(
+                "update_session() for a client without a session after the response "
+                "started (or a websocket's accept): no cookie can carry a new session's id"
+            )
         # fn runs on a copy, as below: if it raises, the request's session is as it was
         view = SessionDict(copy.deepcopy(_plain(conn.data)))
         result = await _run(fn, view)
@@ -1709,8 +1724,9 @@ async def session_error_handler(request: HTTPConnection, exc: Exception) -> Resp
         raise exc
     if request.scope["type"] == "websocket":
         if isinstance(request, WebSocket):  # (Starlette hands its handlers one)
-            code = 1013 if isinstance(exc, StoreUnavailable) else 1008
-            with contextlib.suppress(RuntimeError):  # (already closed)
+            code = 1013 if exc.http_status == 503 else 1008  # (StoreUnavailable, StoreClosed)
+            # (already closed by the app, or the client is gone: nothing to tell it)
+            with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
                 await request.close(code)
         return None
     error = {"code": str(exc.code), "message": exc.message}

@@ -43,6 +43,7 @@ from asyncsession import (
     SessionDict,
     SessionMiddleware,
     SessionNotFound,
+    StoreClosed,
     StoreUnavailable,
     current_session,
     current_user_id,
@@ -56,6 +57,7 @@ from asyncsession import (
     revoke_session,
     save_session,
     short_hash,
+    update_session,
 )
 from asyncsession import asgi as asgi_module
 
@@ -1063,6 +1065,12 @@ async def test_nothing_after_the_response_started_can_log_a_browser_out(
 
     async def late_write(request: Request) -> PlainTextResponse:
         async def task() -> None:
+            if "update" in request.query_params:
+                try:
+                    await update_session(request, lambda d: d.update(late="lost"))
+                except RuntimeError as exc:
+                    outcomes.append(exc)
+                return
             request.session["late"] = "lost"
             if "save" in request.query_params:
                 await save_session(request)
@@ -1082,6 +1090,10 @@ async def test_nothing_after_the_response_started_can_log_a_browser_out(
         assert (await cstore.get(sid)).user_id == "alice"  # the browser's session lives
         assert (await c.get("/read")).status_code == 200 and c.cookies["session"] == sid
         with caplog.at_level(logging.DEBUG, "asyncsession"):
+            # ordinary requests that write and read a list warn of nothing
+            await c.post("/nested", params={"item": "book"})
+            await c.get("/read")
+            assert not [r for r in caplog.records if "response started" in r.getMessage()]
             for _ in range(3):
                 assert (await c.get("/late-write")).status_code == 200
         assert "late" not in (await cstore.get(sid)).data
@@ -1090,9 +1102,13 @@ async def test_nothing_after_the_response_started_can_log_a_browser_out(
         await c.get("/late-write", params={"save": "1"})  # save_session saves it
         assert (await cstore.get(sid)).data["late"] == "lost"
     before = len(cstore.store)  # type: ignore[arg-type]
+    outcomes.clear()
     async with client(app) as fresh:
         response = await fresh.get("/late-write", params={"save": "1"})
         assert response.status_code == 200 and set_cookies(response) == []
+        # update_session would return fn's result as if it were saved: it raises
+        await fresh.get("/late-write", params={"update": "1"})
+        assert [type(e) for e in outcomes] == [RuntimeError]
     assert len(cstore.store) == before  # type: ignore[arg-type]  # no session nobody holds
 
 
@@ -1135,6 +1151,8 @@ def test_the_exception_handler_closes_a_websocket_instead_of_breaking_it(
         await websocket.receive_text()
         if "down" in websocket.query_params:
             raise StoreUnavailable("store down (test)")
+        if "closed" in websocket.query_params:
+            raise StoreClosed("store closed (test): shutting down")
         websocket.session["x"] = 1
         await save_session(websocket)  # the session was logged out meanwhile: 409
 
@@ -1142,7 +1160,7 @@ def test_the_exception_handler_closes_a_websocket_instead_of_breaking_it(
     app.router.routes.append(WebSocketRoute("/ws-save", ws_save))
     with TestClient(app, base_url=BASE) as tc:
         tc.post("/set", params={"key": "a", "value": "1"})
-        for query, code in (("", 1008), ("?down=1", 1013)):
+        for query, code in (("", 1008), ("?down=1", 1013), ("?closed=1", 1013)):
             with tc.websocket_connect(f"wss://testserver/ws-save{query}") as websocket:
                 assert websocket.receive_text() == "accepted"
                 if not query:

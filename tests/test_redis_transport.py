@@ -676,6 +676,36 @@ async def test_a_client_that_resends_commands_never_resends_the_stores() -> None
     await plain.aclose()
 
 
+async def test_a_store_with_a_pool_of_its_own_leaves_no_connection_after_close() -> None:
+    """``from_url`` with a ``retry`` (a pool of its own, no retries) and a client
+    given in: after ``close`` the server lists none of the store's connections."""
+    if backend_redis.skip_reason() or backend_redis.using_fakeredis():
+        pytest.skip("needs a real Redis server")
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    name = f"asyncsession-leak-{uuid.uuid4().hex[:8]}"
+    admin = Redis.from_url(backend_redis.REDIS_URL)
+
+    async def named() -> int:
+        clients = await admin.client_list()
+        return sum(c.get("name") == name for c in clients)
+
+    try:
+        url, retry = backend_redis.REDIS_URL, Retry(NoBackoff(), 3)
+        stores = [RedisStore.from_url(url, cfg(), retry=retry, client_name=name)]
+        user = Redis.from_url(url, retry=retry, client_name=name)
+        stores.append(RedisStore(user, cfg()))
+        for store in stores:
+            async with store:
+                await store.create(new_session("u"))
+                assert await named() >= 1
+        await user.aclose()
+        assert await named() == 0
+    finally:
+        await admin.aclose()
+
+
 async def test_a_pool_of_its_own_keeps_streaming_credentials_reauthenticated() -> None:
     """redis-py 8 re-authenticates a pool's connections when a streaming credential
     provider rotates; the store's own pool (a client that resends) is registered for

@@ -91,14 +91,16 @@ def _skip_cluster_before_7_2(url: str) -> None:
 
 async def test_cluster_and_sentinel_urls() -> None:
     pytest.importorskip("redis")
-    _skip_cluster_before_7_2("redis+cluster://")
     from redis.asyncio.cluster import RedisCluster
 
-    cluster: Any = open_backend("redis+cluster://:secret@10.0.0.1:7000,10.0.0.2:7000")
-    try:
-        assert isinstance(cluster.client, RedisCluster)
-    finally:
-        await cluster.close()
+    from .redis_servers import cluster_client_reason
+
+    if cluster_client_reason() is None:  # (redis-py < 7.2 refuses a cluster)
+        cluster: Any = open_backend("redis+cluster://:secret@10.0.0.1:7000,10.0.0.2:7000")
+        try:
+            assert isinstance(cluster.client, RedisCluster)
+        finally:
+            await cluster.close()
     sentinel: Any = open_backend("redis+sentinel://10.0.0.5:26379,10.0.0.6:26379/mymaster/2")
     try:
         assert sentinel.client.connection_pool.service_name == "mymaster"

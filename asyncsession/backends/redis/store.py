@@ -568,11 +568,11 @@ class RedisStore(Store):
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._transport.aclose()
-        if self._owns_client:
-            await self.client.aclose()
-        elif self._owns_pool:
+        if self._owns_pool:  # (also from_url with a retry: the pool is not the client's)
             assert isinstance(self.client, Redis)
             await self.client.connection_pool.disconnect()
+        elif self._owns_client:
+            await self.client.aclose()
         if self._sentinel is not None and self._owns_client:
             for client in self._sentinel.sentinels:
                 await client.aclose()
