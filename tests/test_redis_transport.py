@@ -685,6 +685,7 @@ async def test_a_store_with_a_pool_of_its_own_leaves_no_connection_after_close()
     from redis.backoff import NoBackoff
 
     name = f"asyncsession-leak-{uuid.uuid4().hex[:8]}"
+    prefix = f"test:{name}:"
     admin = Redis.from_url(backend_redis.REDIS_URL)
 
     async def named() -> int:
@@ -693,9 +694,10 @@ async def test_a_store_with_a_pool_of_its_own_leaves_no_connection_after_close()
 
     try:
         url, retry = backend_redis.REDIS_URL, Retry(NoBackoff(), 3)
-        stores = [RedisStore.from_url(url, cfg(), retry=retry, client_name=name)]
+        config = cfg(key_prefix=prefix)
+        stores = [RedisStore.from_url(url, config, retry=retry, client_name=name)]
         user = Redis.from_url(url, retry=retry, client_name=name)
-        stores.append(RedisStore(user, cfg()))
+        stores.append(RedisStore(user, config))
         for store in stores:
             async with store:
                 await store.create(new_session("u"))
@@ -703,6 +705,7 @@ async def test_a_store_with_a_pool_of_its_own_leaves_no_connection_after_close()
         await user.aclose()
         assert await named() == 0
     finally:
+        await backend_redis.delete_prefix(admin, prefix)
         await admin.aclose()
 
 
