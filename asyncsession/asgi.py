@@ -1178,10 +1178,10 @@ class SessionMiddleware:
         finally:
             conn.scope = None
         data = conn.data
+        # (changes() returns at once for a request that wrote nothing and read no list)
         if (
             not conn.cookie_possible
             and not replaced
-            and (data._dirty or data._cleared)  # (cheap first: reading a list sets _dirty)
             and (data._cleared or data.changes() is not None)
         ):
             # a background task or a streaming body changed the session after the

@@ -127,7 +127,7 @@ def url_secrets(url: str) -> list[str]:
         found.append(password if colon else user)
     query = url.partition("?")[2]
     found += [m.group(0).split("=", 1)[1] for m in _SECRET_OPTION.finditer(query)]
-    pieces = {p for s in found for p in re.split(r"[/?#&]", s) if len(p) >= 3}
+    pieces = [p for s in found for p in re.split(r"[/?#&]", s)]
     every = {t for t in (*found, *(unquote(s) for s in found), *pieces) if len(t) >= 3}
     return sorted(every, key=len, reverse=True)  # (shorter: no secret, and would mangle)
 

@@ -510,8 +510,8 @@ class RedisStore(Store):
         self._sentinel_follow()
 
     async def _check_servers(self) -> None:
+        probe = self.config.key_prefix.encode() + PROBE_KEY
         if self._cluster is None:
-            probe = self.config.key_prefix.encode() + PROBE_KEY
             await check_server(self._call, self._where, self._unavailable, probe)
             for script in SCRIPTS:
                 await self._call("SCRIPT", "LOAD", script.source)
@@ -527,10 +527,7 @@ class RedisStore(Store):
                     return await cluster.call(node, *command)
 
                 slot = owned.get(node.name)
-                key = None
-                if slot is not None:
-                    tag = b"{" + slot_tag(slot) + b"}"
-                    key = self.config.key_prefix.encode() + PROBE_KEY + tag
+                key = None if slot is None else probe + b"{" + slot_tag(slot) + b"}"
                 await check_server(on_node, f"{self._where} ({node.name})", self._unavailable, key)
                 for script in SCRIPTS:
                     await cluster.call(node, "SCRIPT", "LOAD", script.source)
@@ -569,8 +566,7 @@ class RedisStore(Store):
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._transport.aclose()
         if self._owns_pool:  # (also from_url with a retry: the pool is not the client's)
-            assert isinstance(self.client, Redis)
-            await self.client.connection_pool.disconnect()
+            await self._disconnect()
         elif self._owns_client:
             await self.client.aclose()
         if self._sentinel is not None and self._owns_client:
