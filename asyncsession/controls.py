@@ -316,6 +316,11 @@ class ControlledStore(Store):
     ) -> Coroutine[Any, Any, Outcome]:
         return self.store._replace(session, record, scope, now)
 
+    def _reseal_write(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> Coroutine[Any, Any, Outcome]:
+        return self.store._reseal_write(session, record, scope, now)
+
     def _touch(self, session_id: str, scope: Config, now: datetime) -> Coroutine[Any, Any, Outcome]:
         return self.store._touch(session_id, scope, now)
 

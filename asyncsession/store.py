@@ -432,7 +432,7 @@ class Store(ABC):
             sealed = ring.seal(data)
             session.version += 1
             record = codec.encode(session, sealed) if self.stores_header else sealed
-            outcome = await self._replace(session, record, scope, now)
+            outcome = await self._reseal_write(session, record, scope, now)
             if outcome is Outcome.OK:
                 return True
             if outcome is not Outcome.CONFLICT:
@@ -1036,6 +1036,17 @@ class Store(ABC):
         """Atomically write ``record`` (which encodes ``session``, already at its new
         version) iff the stored session exists, is live at ``now``, belongs to
         ``scope.site_id`` and ``session.user_id``, and is at ``session.version - 1``."""
+
+    async def _reseal_write(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> Outcome:
+        """``reencrypt``'s write: ``record`` (the same data sealed under another key) as
+        the data of ``session``, at its new version, iff the stored session is live at
+        ``now`` on ``scope.site_id`` and still at ``session.version - 1``; every other
+        field stays as stored, so a touch since the load (which moves the last access
+        and an idle expiry but not the version) keeps its slide. Default: ``_replace``,
+        right for a backend with no await between ``_reseal``'s load and this write."""
+        return await self._replace(session, record, scope, now)
 
     @abstractmethod
     async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:

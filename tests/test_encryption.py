@@ -29,6 +29,7 @@ from asyncsession import (
     Config,
     ControlledStore,
     ErrorCode,
+    Session,
     SessionCorrupt,
     SessionNotFound,
     SessionTooLarge,
@@ -254,6 +255,37 @@ async def test_reencrypt_never_loses_a_concurrent_write(backend: Backend) -> Non
     for session_id in ids:
         data = (await backend.controlled(KEY_B).get(session_id)).data
         assert data == {"n": data["n"], "w0": True, "w1": True, "w2": True}
+
+
+async def test_reencrypt_keeps_a_touch_made_meanwhile(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that touches a session between reencrypt's read and its write (another
+    worker, an idle timeout sliding) keeps its slide: the reseal changes the data's key
+    and the version, not the times it read (it wrote them back, and the user was logged
+    out at the old idle deadline)."""
+    backend.needs_scan()
+    old = backend.controlled(KEY_A, idle_timeout=timedelta(minutes=5))
+    made = await old.create(new_session("u-1", data={"v": 1}))
+    rotated = backend.controlled(KEY_B, KEY_A, idle_timeout=timedelta(minutes=5))
+    load = rotated._load
+
+    async def load_then_touch(storage_id: str) -> Session | None:
+        found = await load(storage_id)
+        backend.clock.advance(240)
+        await old.touch(made.id)  # another worker, between the read and the write
+        return found
+
+    monkeypatch.setattr(rotated, "_load", load_then_touch)
+    assert await rotated.reencrypt() == 1
+    monkeypatch.undo()
+    got = await backend.controlled(KEY_B).get(made.id)
+    assert got.data == {"v": 1} and got.version == made.version + 1
+    assert got.last_accessed_at == backend.clock()
+    assert got.expires_at == backend.clock() + timedelta(minutes=5)
+    stored = await backend.stored(made.id)
+    ring = KeyRing([base64.urlsafe_b64decode(KEY_B)])
+    assert [ring.token_key_id(d) for d in stored.values()] == [kid(KEY_B)]
 
 
 async def test_reencrypt_needs_keys(backend: Backend) -> None:

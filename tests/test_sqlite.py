@@ -39,9 +39,11 @@ from asyncsession import (
     SessionConflict,
     SessionLimitExceeded,
     SessionNotFound,
+    SessionRotated,
     StoreClosed,
     StoreUnavailable,
     ViolationEvent,
+    generate_session_id,
     new_session,
     open_store,
     session_handle,
@@ -56,6 +58,7 @@ from asyncsession.backends.sqlite import (
     SCHEMA_VERSION,
     SQLiteStore,
 )
+from asyncsession.codec import EPOCH
 
 from .clock import FakeClock
 
@@ -291,6 +294,9 @@ async def test_empty_file_is_migrated_and_foreign_table_refused(
         await sqlite_store(stores, foreign).get("a" * 43)
     assert_unavailable(info.value, foreign, "did not create")
     assert raw_sql(foreign, "PRAGMA user_version") == [(0,)]
+    # refused before anything changed the file: not even switched to WAL
+    assert raw_sql(foreign, "PRAGMA journal_mode") == [("delete",)]
+    assert not os.path.exists(foreign + "-wal")
 
 
 async def test_two_processes_creating_the_schema_at_once(tmp_path: Path) -> None:
@@ -584,6 +590,8 @@ async def test_reads_never_wait_for_a_write_waiting_on_another_process(
     stores.append(store.store)  # type: ignore[arg-type]
     raw: SQLiteStore = store.store  # type: ignore[assignment]
     made = [await store.create(new_session(f"u{i % 10}", data={"i": i})) for i in range(100)]
+    old_id = (await store.create(new_session("u-rotated"))).id
+    await store.rotate(old_id)
     waiting = threading.Event()
     real_insert = sqlite_backend._insert
 
@@ -600,14 +608,21 @@ async def test_reads_never_wait_for_a_write_waiting_on_another_process(
             store.list_by_user("u3"),
             raw._scan_estimate(),  # the CLI's stats
             _scanned(raw),  # the admin scan
+            # a stale or forged cookie: not found, after asking whether it was rotated
+            asyncio.gather(
+                store.get(old_id), store.get(generate_session_id()), return_exceptions=True
+            ),
         )
         racing: set[asyncio.Future[Any]] = {write, reads}
         done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
         assert done == {reads}, "a read waited for the write"
-        got, listed, estimate, scanned = reads.result()
+        got, listed, estimate, scanned, unknown = reads.result()
         assert [(g.id, g.data) for g in got] == [(s.id, {"i": i}) for i, s in enumerate(made)]
         assert [x.id for x in listed] == [raw.handle(s.id) for s in made if s.user_id == "u3"]
-        assert estimate == 100 and scanned == {raw.handle(s.id) for s in made}
+        assert estimate == 101 and scanned - {raw.handle(s.id) for s in made} == {
+            x.id for x in await store.list_by_user("u-rotated")
+        }
+        assert [type(e) for e in unknown] == [SessionRotated, SessionNotFound]
         assert not write.done()
     assert (await write).user_id == "u0"  # the write waited for the lock, then went through
     assert len(await store.list_by_user("u0")) == 11
@@ -973,6 +988,33 @@ async def test_expired_never_returned_before_purge(db: str, stores: list[SQLiteS
     assert await store.list_by_user("alice") == []
     assert raw_sql(db, "SELECT count(*) FROM sessions") == [(1,)]  # still on disk
     await store.close()
+
+
+async def test_a_deadline_that_is_not_a_number_is_never_live(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    """A row whose ``expires`` is text or a blob (edited by hand, damaged: SQLite sorts
+    them after every number) is what the Redis backend makes of a deadline it cannot
+    read: past. It holds no place under the per-user limit, the purge removes it, and
+    the admin scan reads it as long expired instead of failing."""
+    store = SQLiteStore.with_controls(db, cfg(max_sessions_per_user=1, eviction="reject"))
+    stores.append(store.store)  # type: ignore[arg-type]
+    raw: SQLiteStore = store.store  # type: ignore[assignment]
+    text = await store.create(new_session("alice"))
+    raw_sql(db, "UPDATE sessions SET expires = 'never' WHERE id = ?", (raw.handle(text.id),))
+    with pytest.raises(SessionNotFound):
+        await store.get(text.id)
+    assert await store.list_by_user("alice") == []
+    blob = await store.create(new_session("alice"))  # the limit of 1 has room
+    raw_sql(db, "UPDATE sessions SET expires = x'00' WHERE id = ?", (raw.handle(blob.id),))
+    with pytest.raises(SessionNotFound):
+        await store.touch(blob.id)
+    live = await store.create(new_session("alice"))
+    entries = {e.session_id: e.expires_at async for batch in raw._scan(10) for e in batch}
+    assert entries[raw.handle(text.id)] == entries[raw.handle(blob.id)] == EPOCH
+    assert await store.purge_expired() == 2
+    assert [x.id for x in await store.list_by_user("alice")] == [raw.handle(live.id)]
+    assert raw_sql(db, "SELECT count(*) FROM sessions") == [(1,)]
 
 
 # ------------------------------------------------------------------ bad input

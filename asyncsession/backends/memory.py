@@ -338,6 +338,18 @@ class MemoryStore(Store):
         self._rebucket(entry, found.bucket, entry.bucket)
         return Applied(entry.version, now, expires_at)
 
+    async def _reseal_write(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> Outcome:
+        found = self._live(session.id, scope, now)
+        if isinstance(found, Outcome):
+            return found
+        if found.version != session.version - 1:
+            return Outcome.CONFLICT
+        found.blob = _exact(record)  # the data only: times stay as stored
+        found.version = session.version
+        return Outcome.OK
+
     async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:
         found = self._live(session_id, scope, now)
         if isinstance(found, Outcome):

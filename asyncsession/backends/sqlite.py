@@ -115,7 +115,9 @@ assert len(MIGRATIONS) == SCHEMA_VERSION
 _FIELDS = (
     "site_id, user_id, org_id, created, updated, accessed, expires, absolute, ip, ua, version, data"
 )
-_LIVE = "(expires IS NULL OR expires > ?)"
+# A number past ``?``; text or a blob (a damaged row: SQLite sorts them after every
+# number) is never live, as the Redis backend treats a deadline it cannot read.
+_LIVE = "(expires IS NULL OR (expires > ? AND expires < ''))"
 
 _GET = f"SELECT id, {_FIELDS} FROM sessions WHERE id = ?"
 _SELECT = f"SELECT {_FIELDS} FROM sessions WHERE id = ?"  # on the writer, in a transaction
@@ -132,6 +134,10 @@ _REPLACE = (
     "expires = ?, absolute = ?, ip = ?, ua = ?, version = ?, data = ? "
     f"WHERE id = ? AND site_id = ? AND user_id IS ? AND version = ? AND {_LIVE}"
 )
+_RESEAL = (  # reencrypt: the data only; times and the rest stay as stored
+    f"UPDATE sessions SET version = ?, data = ? WHERE id = ? AND site_id = ? AND version = ? "
+    f"AND {_LIVE}"
+)
 _APPLY = (
     "UPDATE sessions SET updated = ?, accessed = ?, expires = ?, version = ?, data = ? WHERE id = ?"
 )
@@ -143,7 +149,7 @@ _TOUCH_IDLE = (
     "UPDATE sessions SET accessed = ?1, expires = CASE "
     "WHEN coalesce(absolute, expires) IS NULL OR ?2 < coalesce(absolute, expires) THEN ?2 "
     "ELSE coalesce(absolute, expires) END "
-    "WHERE id = ?3 AND site_id = ?4 AND (expires IS NULL OR expires > ?5)"
+    "WHERE id = ?3 AND site_id = ?4 AND (expires IS NULL OR (expires > ?5 AND expires < ''))"
 )
 _ROTATE = (
     f"INSERT INTO sessions (id, {_FIELDS}) SELECT ?, {_FIELDS} FROM sessions "
@@ -164,8 +170,9 @@ _LIST_USER = (
     f"SELECT id, {_FIELDS} FROM sessions WHERE site_id = ? AND user_id = ? AND {_LIVE} "
     "ORDER BY created, rowid"
 )
-_PURGE = (
-    "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions WHERE expires <= ? LIMIT ?)"
+_PURGE = (  # past, or not a number (a damaged row: never live, see _LIVE)
+    "DELETE FROM sessions WHERE rowid IN "
+    "(SELECT rowid FROM sessions WHERE expires <= ? OR expires >= '' LIMIT ?)"
 )
 _PURGE_REPORT = _PURGE + " RETURNING site_id, user_id, id"
 _COUNT = "SELECT count(*) FROM sessions"
@@ -201,6 +208,19 @@ def _at(us: int) -> datetime:
 
 def _dt(us: int | None) -> datetime | None:
     return None if us is None else EPOCH + timedelta(0, 0, us)
+
+
+def _scanned_dt(us: object) -> datetime | None:
+    """``_dt`` for an admin scan, which must get through every row: a deadline that is
+    not a number (a damaged row, never live: see ``_LIVE``) reads as long past."""
+    if us is None:
+        return None
+    if type(us) is int or type(us) is float:
+        try:
+            return EPOCH + timedelta(0, 0, us)
+        except OverflowError:
+            pass
+    return EPOCH
 
 
 def _row_params(session: Session, data: bytes) -> tuple[Any, ...]:
@@ -303,8 +323,11 @@ def _listed(rows: list[Session | _Undecodable]) -> list[Session]:
     return sessions
 
 
-def _live(expires: int | None, now_us: int) -> bool:
-    return expires is None or expires > now_us
+def _live(expires: object, now_us: int) -> bool:
+    """As ``_LIVE``: a deadline that is not a number (a damaged row) is never live."""
+    return expires is None or (
+        (type(expires) is int or type(expires) is float) and expires > now_us
+    )
 
 
 def _rollback(c: sqlite3.Connection) -> None:
@@ -472,6 +495,8 @@ class SQLiteStore(Store):
         # Refuse a newer schema before anything writes to the file (even the WAL switch).
         version = c.execute("PRAGMA user_version").fetchone()[0]
         self._check_version(version)
+        if version == 0:  # refuse another program's table before switching its file to WAL
+            self._check_foreign(c)
         if self.path != MEMORY:
             mode = self._switch_to_wal(c)
             if mode.lower() != "wal":
@@ -496,15 +521,8 @@ class SQLiteStore(Store):
             try:
                 version = c.execute("PRAGMA user_version").fetchone()[0]  # another process?
                 self._check_version(version)
-                if (
-                    version == 0
-                    and c.execute("SELECT 1 FROM sqlite_master WHERE name = 'sessions'").fetchone()
-                ):
-                    raise StoreUnavailable(
-                        f"sqlite database {self.path!r} already has a 'sessions' table that "
-                        "asyncsession did not create; use a dedicated database file",
-                        details={"path": self.path},
-                    )
+                if version == 0:
+                    self._check_foreign(c)
                 if version < target:
                     for step in MIGRATIONS[version:target]:
                         for statement in step:
@@ -519,6 +537,19 @@ class SQLiteStore(Store):
             st = os.stat(self.path)
             self._identity = (st.st_dev, st.st_ino)
             self._next_file_check = 0.0
+
+    def _check_foreign(self, c: sqlite3.Connection) -> None:
+        """Refuse a file with a ``sessions`` table that this library did not create
+        (``user_version`` 0). Another store creating the schema commits the table and the
+        version together, so a version read after seeing the table tells them apart."""
+        if c.execute("SELECT 1 FROM sqlite_master WHERE name = 'sessions'").fetchone() and (
+            c.execute("PRAGMA user_version").fetchone()[0] == 0
+        ):
+            raise StoreUnavailable(
+                f"sqlite database {self.path!r} already has a 'sessions' table that "
+                "asyncsession did not create; use a dedicated database file",
+                details={"path": self.path},
+            )
 
     def _switch_to_wal(self, c: sqlite3.Connection) -> str:
         """``PRAGMA journal_mode = WAL``, retried within the busy timeout.
@@ -681,6 +712,13 @@ class SQLiteStore(Store):
         )
         return await self._run(_replace, params, session.user_id, session.version - 1)
 
+    async def _reseal_write(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> Outcome:
+        expected = session.version - 1
+        params = (session.version, record, session.id, scope.site_id, expected, to_us(now))
+        return await self._run(_reseal, params, session.user_id, expected)
+
     async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:
         now_us = to_us(now)
         params: tuple[Any, ...]
@@ -697,8 +735,8 @@ class SQLiteStore(Store):
         )
 
     async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
-        row = await self._run(_fetch_one, _ROTATED, (_hash(session_id), scope.site_id, to_us(now)))
-        return row is not None
+        # on the reader: every unknown id asks this, and must not wait behind a write
+        return bool(await self._read(_ROTATED, (_hash(session_id), scope.site_id, to_us(now))))
 
     async def _adopt(self, session_id: str, handle: str) -> bool:
         """Move the row of ``session_id`` (written before hashed ids) to ``handle``: one
@@ -822,7 +860,7 @@ class SQLiteStore(Store):
             if not rows:
                 return
             after = rows[-1][0]
-            yield [ScanEntry(r[1], r[2], r[3], r[4], _dt(r[5])) for r in rows]
+            yield [ScanEntry(r[1], r[2], r[3], r[4], _scanned_dt(r[5])) for r in rows]
 
     async def _scan_estimate(self) -> int | None:
         count: int = (await self._read(_COUNT, ()))[0][0]
@@ -932,6 +970,14 @@ def _replace(
     if c.execute(_REPLACE, params).rowcount == 1:
         return Outcome.OK
     return _classify(c, params[10], params[11], params[14], user_id, expected)
+
+
+def _reseal(
+    c: sqlite3.Connection, params: tuple[Any, ...], user_id: str | None, expected: int
+) -> Outcome:
+    if c.execute(_RESEAL, params).rowcount == 1:
+        return Outcome.OK
+    return _classify(c, params[2], params[3], params[5], user_id, expected)
 
 
 def _touch(

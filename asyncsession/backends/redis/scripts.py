@@ -43,6 +43,7 @@ _COMMON_CREATE = lua("common_create")
 INSERT = _Script(_PURGE_FN + _INDEX_FNS + lua("insert"), first=_COMMON_CREATE + lua("insert_first"))
 MULTI_INSERT = _Script(_PURGE_FN + _COMMON_CREATE + lua("multi_insert"))
 REPLACE = _Script(_PURGE_FN + _INDEX_FNS + lua("replace"), first=lua("replace_first"))
+RESEAL = _Script(lua("reseal"))
 TOUCH = _Script(_PURGE_FN + lua("touch"))
 ROTATE = _Script(lua("rotate"))
 ROTATE_INTO = _Script(
@@ -71,6 +72,7 @@ SCRIPTS = (
     APPLY,
     INSERT,
     REPLACE,
+    RESEAL,
     TOUCH,
     ROTATE,
     DELETE,

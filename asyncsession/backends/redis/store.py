@@ -67,6 +67,7 @@ from .scripts import (
     LIST,
     PURGE,
     REPLACE,
+    RESEAL,
     SCAN,
     SCRIPTS,
     TOUCH,
@@ -789,6 +790,17 @@ class RedisStore(Store):
                 self._sprefix,
                 self._trim_cutoff(now),
             ),
+        )
+        return _OUTCOMES[reply]
+
+    @_guarded
+    async def _reseal_write(
+        self, session: Session, record: bytes, scope: Config, now: datetime
+    ) -> Outcome:
+        reply = await self._eval(
+            RESEAL,
+            (self.session_key(session.id),),
+            (record, scope.site_id, session.version - 1, session.version, codec.to_us(now)),
         )
         return _OUTCOMES[reply]
 
