@@ -35,7 +35,9 @@ from asyncsession import (  # noqa: E402
     ControlledStore,
     InvalidSession,
     Session,
+    SessionConflict,
     SessionNotFound,
+    SessionRotated,
     StoreUnavailable,
     generate_session_id,
     new_session,
@@ -44,9 +46,10 @@ from asyncsession import (  # noqa: E402
     with_controls,
 )
 from asyncsession.backends import redis as redis_backend  # noqa: E402
-from asyncsession.backends.redis import RedisStore  # noqa: E402
+from asyncsession.backends.redis import RedisStore, rotation  # noqa: E402
 from asyncsession.backends.redis import layout as _layout  # noqa: E402
 from asyncsession.backends.redis import urls as _urls  # noqa: E402
+from asyncsession.backends.redis.layout import id_slot  # noqa: E402
 from asyncsession.session import SESSION_ID_RE, user_tag  # noqa: E402
 
 from . import backend_redis  # noqa: E402
@@ -216,6 +219,99 @@ async def test_concurrent_stale_updates_one_winner_per_version(env: Env) -> None
     assert len(winners) == 1
     got = await store.get(s.id)
     assert got.version == s.version + 1 and got.data["writer"] == winners[0]
+
+
+async def _anonymous_in_another_slot_than(store: ControlledStore, user: str) -> Session:
+    """An anonymous session whose id's slot is not ``user``'s: a login moves it across."""
+    while True:
+        anon = new_session(None, data={"cart": 1})
+        if id_slot(anon.id) != id_slot(new_session(user).id):
+            return await store.create(anon)
+
+
+async def test_login_across_slots_never_loses_a_write_made_meanwhile(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A login moves an anonymous session into one with the user's tag, in another slot:
+    no script spans both. A write to the old session after the login read it makes the
+    login a conflict that moves nothing (the write kept, no new session left), as the
+    single-slot script does; it retired the old session and lost the write, 200 to
+    both (27 of 27 over the middleware, found by a cancellation run)."""
+    store = env.controlled()
+    raw: RedisStore = store.store  # type: ignore[assignment]
+    anon = await _anonymous_in_another_slot_than(store, "alice")
+    real_insert = raw._insert
+
+    async def insert_after_a_write(*args: Any) -> Any:
+        await store.apply(anon.id, Changes(set={"cart": 2}))  # another request, meanwhile
+        return await real_insert(*args)
+
+    monkeypatch.setattr(raw, "_insert", insert_after_a_write)
+    with pytest.raises(SessionConflict):
+        await store.rotate_into(
+            anon.id, new_session("alice", data={"cart": 1}), version=anon.version
+        )
+    monkeypatch.undo()
+    assert (await store.get(anon.id)).data == {"cart": 2}
+    assert await store.list_by_user("alice") == []
+
+
+async def test_two_logins_across_slots_at_once_one_wins(env: Env) -> None:
+    store = env.controlled()
+    for _ in range(10):
+        anon = await _anonymous_in_another_slot_than(store, "alice")
+        results = await asyncio.gather(
+            *(
+                store.rotate_into(
+                    anon.id, new_session("alice", data={"n": n}), version=anon.version
+                )
+                for n in range(2)
+            ),
+            return_exceptions=True,
+        )
+        won = [r for r in results if isinstance(r, Session)]
+        assert len(won) == 1, results
+        assert [type(r) for r in results if not isinstance(r, Session)] in (
+            [SessionConflict],
+            [SessionRotated],
+        )
+        assert [x.id for x in await store.list_by_user("alice")] == [store.handle(won[0].id)]
+        with pytest.raises(SessionRotated):
+            await store.get(anon.id)
+        await store.delete(won[0].id)
+
+
+async def test_login_across_slots_cancelled_midway_still_ends_whole(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller cancelled after the new session was created (a client gone, a timeout)
+    does not stop the login halfway: the old session is still retired, so the user has
+    one session, not two live ones (11-15 in 40 cancelled logins before)."""
+    store = env.controlled()
+    raw: RedisStore = store.store  # type: ignore[assignment]
+    anon = await _anonymous_in_another_slot_than(store, "alice")
+    real_insert = raw._insert
+    inserted, go_on = asyncio.Event(), asyncio.Event()
+
+    async def insert_then_wait(*args: Any) -> Any:
+        result = await real_insert(*args)
+        inserted.set()
+        await go_on.wait()
+        return result
+
+    monkeypatch.setattr(raw, "_insert", insert_then_wait)
+    login = asyncio.create_task(
+        store.rotate_into(anon.id, new_session("alice"), version=anon.version)
+    )
+    await inserted.wait()
+    login.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await login
+    go_on.set()
+    await asyncio.gather(*rotation._ACROSS)  # the login's own task, still running
+    with pytest.raises(SessionRotated):
+        await store.get(anon.id)
+    assert len(await store.list_by_user("alice")) == 1
 
 
 async def test_10000_sessions_spread_over_every_primary_and_purge_walks_them_all(

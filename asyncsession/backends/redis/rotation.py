@@ -12,8 +12,10 @@ index helpers and ``_INSERT`` as a function) prepended in ``redis.py``.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ... import codec
 from ...config import Config
@@ -95,22 +97,12 @@ async def rotate_into(
         rotation_key(store, session_id),
     ]
     if cluster and id_slot(session_id) != id_slot(session.id):
-        # No script can span two slots: check, create the new session, retire the old.
-        try:
-            old = await store._load(session_id)
-        except codec.CorruptRecord:
-            return Outcome.MISSING
-        if old is None:
-            return Outcome.MISSING
-        if old.site_id != scope.site_id:
-            return Outcome.OTHER_SITE
-        if old.expires_at is not None and now >= old.expires_at:
-            return Outcome.EXPIRED
-        if version is not None and old.version != version:
-            return Outcome.CONFLICT
-        result = await store._insert(session, record, scope, now)
-        await store._eval(RETIRE, old_keys, (scope.site_id, session_id, value, pxat))
-        return result
+        # Once the new session is created, the old one must be retired or the new one
+        # removed: a caller cancelled in between (a client gone, a timeout) must not
+        # stop halfway and leave both live.
+        return await _to_the_end(
+            _across_slots(store, session_id, version, session, record, scope, now, old_keys)
+        )
     keys = [*old_keys, store.session_key(session.id), store.expiry_key_for(session.id)]
     if user is not None:
         keys.append(store.index_key(scope.site_id, user))
@@ -130,3 +122,69 @@ async def rotate_into(
     )
     inserted = store._inserted(reply, scope)
     return _OUTCOMES[reply[0]] if inserted is None else inserted
+
+
+_ACROSS: set[asyncio.Task[InsertResult | Outcome]] = set()
+"""Cross-slot logins in progress (a task is kept alive only by a reference)."""
+
+
+async def _to_the_end(
+    work: Coroutine[Any, Any, InsertResult | Outcome],
+) -> InsertResult | Outcome:
+    """``work`` in a task of its own that runs to its end even if the caller is
+    cancelled (the caller still gets its ``CancelledError`` at once). The task inherits
+    the caller's context, so the request's deadline still bounds it."""
+    task = asyncio.get_running_loop().create_task(work)
+    _ACROSS.add(task)
+    task.add_done_callback(_finished)
+    return await asyncio.shield(task)
+
+
+def _finished(task: asyncio.Task[InsertResult | Outcome]) -> None:
+    _ACROSS.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a caller that left is not told, nor is asyncio
+
+
+async def _across_slots(
+    store: RedisStore,
+    session_id: str,
+    version: int | None,
+    session: Session,
+    record: bytes,
+    scope: Config,
+    now: datetime,
+    old_keys: list[bytes],
+) -> InsertResult | Outcome:
+    """``rotate_into`` on a cluster when the old and new ids are in different slots: no
+    script can span both. A read settles the common refusals without writing; then the
+    new session is created, and one script in the old id's slot retires the old one only
+    if it is still live at the version the caller read (``RETIRE``: the same check the
+    single-slot script makes). If it is not (a write or another login got there first),
+    the new session is deleted and the caller told why: nothing moved. A retire whose
+    reply is lost leaves both sessions (in doubt, ``StoreUnavailable``): the new one
+    is known to nobody and expires; deleting it could leave the user with none."""
+    try:
+        old = await store._load(session_id)
+    except codec.CorruptRecord:
+        return Outcome.MISSING
+    if old is None:
+        return Outcome.MISSING
+    if old.site_id != scope.site_id:
+        return Outcome.OTHER_SITE
+    if old.expires_at is not None and now >= old.expires_at:
+        return Outcome.EXPIRED
+    if version is not None and old.version != version:
+        return Outcome.CONFLICT
+    value, pxat = _record(store, scope, now)
+    result = await store._insert(session, record, scope, now)
+    reply = await store._eval(
+        RETIRE,
+        old_keys,
+        (scope.site_id, session_id, value, pxat, old.version, codec.to_us(now)),
+    )
+    outcome = _OUTCOMES[reply]
+    if outcome is not Outcome.OK:
+        await store._delete(session.id, scope)
+        return outcome
+    return result
