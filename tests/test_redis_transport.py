@@ -775,6 +775,12 @@ async def test_an_acl_user_limited_to_the_key_prefix_opens_and_works(tmp_path: A
             assert await store.purge_expired() == 0
         keys = server.call("KEYS", "*")
         assert all(k.startswith(b"app:") for k in keys), keys
+        # a user who may load scripts but not run them fails at open, not on every call
+        server.call("ACL", "SETUSER", "noscripts", "on", ">pw", "~app:*", "+@all", "-evalsha")
+        url = f"redis://noscripts:pw@127.0.0.1:{port}/0"
+        with pytest.raises(StoreUnavailable, match="cannot run asyncsession's scripts: EVALSHA"):
+            async with RedisStore.from_url(url, config):
+                pass
     finally:
         server.stop()
 

@@ -118,6 +118,36 @@ async def test_a_sentinel_that_names_no_primary_is_store_unavailable(
         await store.close()
 
 
+async def test_a_hung_sentinel_is_passed_over_for_the_next(
+    redis_sentinel: Sentinel, clock: FakeClock
+) -> None:
+    """A sentinel that accepts connections and never answers (a frozen process), listed
+    first: redis-py asks the sentinels in turn, and without a read timeout of their own
+    the first one took each call's whole deadline (every call StoreUnavailable, a new
+    worker could not even open). Now it costs a lookup SENTINEL_TIMEOUT at most."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # reads nothing, answers nothing
+
+    hung = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = hung.sockets[0].getsockname()[1]
+    hosts = ",".join(f"{h}:{p}" for h, p in [("127.0.0.1", port), *redis_sentinel.sentinels])
+    store = open_store(f"redis+sentinel://{hosts}/{SERVICE}", cfg(), clock=clock)
+    try:
+        async with store:
+            made = await store.create(new_session("alice", data={"k": 1}))
+            assert (await store.get(made.id)).data == {"k": 1}
+        assert held, "the hung sentinel was asked first"
+        sentinel_pools = [s.connection_pool for s in store.store._sentinel.sentinels]  # type: ignore[attr-defined]
+        assert {p.connection_kwargs["socket_timeout"] for p in sentinel_pools} == {1.0}
+    finally:
+        hung.close()
+        for writer in held:
+            writer.close()
+        await hung.wait_closed()
+
+
 async def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
     deadline = time.monotonic() + within
     while not condition():

@@ -68,7 +68,10 @@ MULTI_GET = _Script(lua("multi_get"), prelude=False)
 SCAN = _Script(lua("scan"), prelude=False)
 ADOPT_READ = _Script(lua("adopt_read"), prelude=False)
 ADOPT = _Script(lua("adopt"))
+PROBE_SCRIPT = _Script("return redis.call('EXISTS', KEYS[1])", prelude=False)
+"""Run once at open on the probe key: the server lets this user run scripts."""
 SCRIPTS = (
+    PROBE_SCRIPT,
     APPLY,
     INSERT,
     REPLACE,

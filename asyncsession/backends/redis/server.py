@@ -9,6 +9,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from ...errors import StoreUnavailable
+from .scripts import PROBE_SCRIPT
 
 MIN_VERSION = (7, 0)
 """The scripts use ``PEXPIRETIME``, ``PEXPIREAT ... GT`` and ``ZMSCORE`` (Redis 7.0)."""
@@ -103,16 +104,36 @@ async def check_server(
             )
         )
     for name, *rest in PROBES if key is not None else ():
-        probe = (name, key, *rest)
-        try:
-            await call(*probe)
-        except StoreUnavailable as exc:
-            cause = exc.__cause__
-            if isinstance(cause, ResponseError) and str(cause).startswith("WRONGTYPE"):
-                continue  # the command exists: an app's own key of that name is no sorted set
-            raise unavailable(
-                RuntimeError(
-                    f"{product} {version} at {where} cannot run asyncsession's scripts: "
-                    f"{' '.join(str(a) for a in probe[:1])} failed ({cause})"
-                )
-            ) from cause
+        await _probe(call, where, unavailable, f"{product} {version}", name, key, *rest)
+
+
+async def check_scripts(
+    call: Callable[..., Awaitable[Any]],
+    where: str,
+    unavailable: Callable[[BaseException], StoreUnavailable],
+    key: bytes,
+) -> None:
+    """``StoreUnavailable`` if the server, its scripts loaded, refuses to run one (an
+    ACL user without ``+evalsha``): at open, not on every call after it."""
+    await _probe(call, where, unavailable, "The server", "EVALSHA", PROBE_SCRIPT.sha, 1, key)
+
+
+async def _probe(
+    call: Callable[..., Awaitable[Any]],
+    where: str,
+    unavailable: Callable[[BaseException], StoreUnavailable],
+    server: str,
+    *probe: Any,
+) -> None:
+    try:
+        await call(*probe)
+    except StoreUnavailable as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ResponseError) and str(cause).startswith("WRONGTYPE"):
+            return  # the command exists: an app's own key of that name is no sorted set
+        raise unavailable(
+            RuntimeError(
+                f"{server} at {where} cannot run asyncsession's scripts: "
+                f"{probe[0]} failed ({cause})"
+            )
+        ) from cause

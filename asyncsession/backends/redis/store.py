@@ -74,7 +74,7 @@ from .scripts import (
     _Script,
 )
 from .sentinel import follow_sentinels
-from .server import PROBE_KEY, check_server, cluster_client_problem
+from .server import PROBE_KEY, check_scripts, check_server, cluster_client_problem
 from .transport import Raw, Transport
 from .urls import (
     TLS_OPTIONS,
@@ -109,6 +109,11 @@ BOUNDED_REDIS_OPTIONS: dict[str, Any] = {"socket_timeout": None}
 call fails and its work is cancelled (redis-py then drops that connection), so
 redis-py's own read/write timeout adds nothing but its cost (with one set, redis-py
 wraps each write in ``asyncio.wait_for``: on Python 3.11 an extra task per command)."""
+
+SENTINEL_TIMEOUT = 1.0
+"""Seconds a sentinel may take to connect or answer before the next one is asked (at
+most a quarter of the store's ``timeout``): redis-py asks them in turn, so without it
+one hung sentinel (of three healthy ones) used up every call's deadline."""
 
 DEFAULT_TIMEOUT = 5.0
 """Seconds one round trip (connect, write, all replies) may take before the store
@@ -403,7 +408,9 @@ class RedisStore(Store):
         new primary. Reads go to the primary too (sessions need read-your-writes).
         ``redis_options`` configure the connections to the primary (``password``,
         ``db``...); ``sentinel_kwargs`` those to the sentinels (default: the ``socket_*``
-        and TLS (``ssl``, ``ssl_*``) options of ``redis_options``).
+        and TLS (``ssl``, ``ssl_*``) options of ``redis_options``, with connect and read
+        timeouts of at most ``SENTINEL_TIMEOUT`` or a quarter of ``timeout``, so a hung
+        sentinel costs each lookup that long before the next one is asked).
         """
         if not sentinels:
             raise ValueError("from_sentinel needs at least one (host, port) sentinel")
@@ -412,6 +419,10 @@ class RedisStore(Store):
             sentinel_kwargs = {
                 k: v for k, v in options.items() if k.startswith("socket_") or k in TLS_OPTIONS
             }
+            cap = SENTINEL_TIMEOUT if timeout is None else min(SENTINEL_TIMEOUT, timeout / 4)
+            for name in ("socket_timeout", "socket_connect_timeout"):
+                given = sentinel_kwargs.get(name)
+                sentinel_kwargs[name] = cap if given is None else min(float(given), cap)
         sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(sentinels), sentinel_kwargs=sentinel_kwargs, **options
         )
@@ -516,6 +527,7 @@ class RedisStore(Store):
             await check_server(self._call, self._where, self._unavailable, probe)
             for script in SCRIPTS:
                 await self._call("SCRIPT", "LOAD", script.source)
+            await check_scripts(self._call, self._where, self._unavailable, probe)
         else:
             cluster = self._cluster
             await cluster.ready()
@@ -529,9 +541,12 @@ class RedisStore(Store):
 
                 slot = owned.get(node.name)
                 key = None if slot is None else probe + b"{" + slot_tag(slot) + b"}"
-                await check_server(on_node, f"{self._where} ({node.name})", self._unavailable, key)
+                where = f"{self._where} ({node.name})"
+                await check_server(on_node, where, self._unavailable, key)
                 for script in SCRIPTS:
                     await cluster.call(node, "SCRIPT", "LOAD", script.source)
+                if key is not None:
+                    await check_scripts(on_node, where, self._unavailable, key)
 
     async def _disconnect(self) -> None:
         """Close every connection of the client (and of the sentinel clients); each
