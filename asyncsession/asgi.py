@@ -1239,18 +1239,38 @@ class SessionMiddleware:
                     message = _with_headers(message, extra)
             await send(message)
 
+        left = False
+
+        async def receive_wrapper() -> Message:
+            nonlocal left
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                left = True
+            return message
+
         try:
-            await self.app(scope, receive, send_wrapper)
-            # changes made after the handshake: saved when the connection ends. No
-            # response carries a cookie now (a socket closed before accept had none):
-            # no new session and no legacy move, which would leave the client's id
-            # rotated to one it never gets
-            conn.cookie_possible = False
-            conn.migrate = False
-            conn.budget = self.timeout
-            await _commit_or_status(conn)
+            try:
+                await self.app(scope, receive_wrapper, send_wrapper)
+            except Exception:
+                # The client left and the app's next receive raised (Starlette's
+                # WebSocketDisconnect, in a `while True: await ws.receive_text()` loop):
+                # that is how such a connection ends, so its changes are saved as on
+                # a return. Any other exception saves nothing, as for HTTP.
+                if left:
+                    await self._websocket_ended(conn)
+                raise
+            await self._websocket_ended(conn)
         finally:
             conn.scope = None
+
+    async def _websocket_ended(self, conn: _Connection) -> None:
+        """Save the changes made after the handshake. No response carries a cookie now
+        (a socket closed before accept had none): no new session and no legacy move,
+        which would leave the client's id rotated to one it never gets."""
+        conn.cookie_possible = False
+        conn.migrate = False
+        conn.budget = self.timeout
+        await _commit_or_status(conn)
 
 
 def _sets_cookie(headers: list[tuple[bytes, bytes]]) -> bool:

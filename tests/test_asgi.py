@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -26,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from asyncsession import (
     ABSENT,
@@ -1110,6 +1111,48 @@ async def test_nothing_after_the_response_started_can_log_a_browser_out(
         await fresh.get("/late-write", params={"update": "1"})
         assert [type(e) for e in outcomes] == [RuntimeError]
     assert len(cstore.store) == before  # type: ignore[arg-type]  # no session nobody holds
+
+
+def test_websocket_changes_are_saved_when_the_client_leaves(cstore: CountingStore) -> None:
+    """The usual handler loops on ``receive_text()`` until the client leaves, which
+    raises ``WebSocketDisconnect`` out of it: the connection ended, so its changes are
+    saved as on a return (they were dropped: it answered 1, 2, 3 and stored 0). A
+    handler that fails for another reason saves nothing, as an HTTP handler does."""
+
+    async def ws_count(websocket: WebSocket) -> None:
+        await websocket.accept()
+        while True:
+            text = await websocket.receive_text()
+            if text == "boom":
+                websocket.session["boom"] = True
+                raise RuntimeError("a bug in the handler")
+            websocket.session["n"] = websocket.session.get("n", 0) + 1
+            await websocket.send_text(str(websocket.session["n"]))
+
+    app = make_app(cstore)
+    app.router.routes.append(WebSocketRoute("/ws-count", ws_count))
+    with TestClient(app, base_url=BASE) as tc:
+        tc.post("/set", params={"key": "a", "value": "1"})
+        sid = tc.cookies["session"]
+        with (
+            contextlib.suppress(WebSocketDisconnect),  # the handler's, passed on (1.x)
+            tc.websocket_connect("wss://testserver/ws-count") as websocket,
+        ):
+            assert [websocket.send_text("x") or websocket.receive_text() for _ in "123"] == [
+                "1",
+                "2",
+                "3",
+            ]
+        assert asyncio.run(cstore.get(sid)).data == {"a": "1", "n": 3}
+        with (
+            pytest.raises(RuntimeError, match="a bug"),
+            tc.websocket_connect("wss://testserver/ws-count") as websocket,
+        ):
+            websocket.send_text("x")
+            assert websocket.receive_text() == "4"
+            websocket.send_text("boom")
+            websocket.receive_text()
+    assert asyncio.run(cstore.get(sid)).data == {"a": "1", "n": 3}
 
 
 def test_login_after_a_websocket_accept_raises_and_leaves_the_session(
