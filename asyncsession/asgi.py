@@ -887,7 +887,7 @@ class SessionMiddleware:
         same_site: Literal["lax", "strict", "none"] = "lax",
         https_only: bool = True,
         partitioned: bool = False,
-        max_age: int | timedelta | None = None,
+        max_age: float | timedelta | None = None,
         touch_fraction: float = 0.1,
         touch_interval: timedelta | float | None = None,
         on_unavailable: Literal["fail", "anonymous"] = "fail",
@@ -917,8 +917,10 @@ class SessionMiddleware:
             legacy_cookie_name = None
         if timeout is None:
             timeout = store.timeout
-        if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be positive (None: the store's timeout)")
+        if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
+            raise ValueError(
+                f"timeout must be positive seconds (None: the store's timeout), not {timeout!r}"
+            )
         if not cookie_name or not set(cookie_name) <= _COOKIE_NAME_CHARS:
             raise ValueError(f"invalid cookie name {cookie_name!r}")
         same_site = same_site.lower()  # type: ignore[assignment]
@@ -933,6 +935,9 @@ class SessionMiddleware:
         for value, what in ((path, "path"), (domain or "", "domain")):
             if any(c in value for c in ";,\r\n\x00 ") or not value.isascii():
                 raise ValueError(f"invalid cookie {what} {value!r}")
+        if not path.startswith("/"):
+            # a browser ignores such a Path and uses the request's directory instead
+            raise ValueError(f"cookie path must start with '/', not {path!r}")
         if on_unavailable not in ("fail", "anonymous"):
             raise ValueError("on_unavailable must be 'fail' or 'anonymous'")
         if not 0 < touch_fraction <= 1:

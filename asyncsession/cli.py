@@ -767,15 +767,26 @@ async def _by_short_hash(store: ControlledStore, short: str) -> str:
     one session whose short hash is ``short``: a scan of the store."""
     site = store.config.site_id
     found: list[str] = []
+    elsewhere: set[str] = set()  # the sites of matches in other sites, for the message
     try:
         scan = store._scan(1000)
     except NotImplementedError as exc:
         raise CommandError(f"{exc}; give the full id", BAD_INPUT) from exc
     async for entries in scan:
-        found.extend(
-            e.session_id for e in entries if e.site_id == site and short_hash(e.session_id) == short
-        )
+        for e in entries:
+            if short_hash(e.session_id) == short:
+                if e.site_id == site:
+                    found.append(e.session_id)
+                else:
+                    elsewhere.add(e.site_id)
     if not found:
+        if len(elsewhere) == 1:
+            (other,) = elsewhere
+            raise CommandError(
+                f"no session {short}{_on(store)}; it belongs to site {other!r} "
+                f"(use --site {other or chr(39) * 2})",
+                NOT_FOUND,
+            )
         raise CommandError(f"no session {short}{_on(store)}", NOT_FOUND)
     if len(set(found)) > 1:  # 48 bits: two sessions of one site in practice never
         raise CommandError(f"several sessions match {short}; give the full id", BAD_INPUT)

@@ -135,6 +135,11 @@ class ControlledStore(Store):
     ) -> None:
         if isinstance(store, ControlledStore):
             store = store.store
+        if not isinstance(store, Store):
+            raise TypeError(
+                f"with_controls() needs a Store, not {type(store).__name__} "
+                "(open_store(url) builds a controlled store from a URL)"
+            )
         super().__init__(config if config is not None else store.config, clock=store.clock)
         self.store: Store = store
         self.backend_name = store.backend_name

@@ -7,7 +7,7 @@ import functools
 import hashlib
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -205,11 +205,24 @@ def new_session(
     at = now or utcnow()
     expires_at = None
     if ttl is not None:
-        delta = ttl if isinstance(ttl, timedelta) else timedelta(seconds=ttl)
+        if isinstance(ttl, timedelta):
+            delta = ttl
+        elif type(ttl) in (int, float):
+            delta = timedelta(seconds=ttl)
+        else:
+            raise InvalidSession(
+                f"ttl must be a timedelta or seconds, not {type(ttl).__name__}",
+                details={"ttl": type(ttl).__name__},
+            )
         if delta <= timedelta(0):
             raise InvalidSession("ttl must be positive", details={"ttl": delta.total_seconds()})
         expires_at = at + delta
     data = fields.pop("data", None)
+    if data is not None and not isinstance(data, Mapping):
+        raise InvalidSession(
+            f"data must be a dict, not {type(data).__name__}",
+            details={"data": type(data).__name__},
+        )
     user = normalize_user_id(user_id)
     return Session(
         id=generate_session_id(user),

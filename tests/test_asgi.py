@@ -403,6 +403,8 @@ async def test_development_cookie_without_secure(cstore: CountingStore) -> None:
         {"cookie_name": "__Host-sid", "domain": "example.com"},
         {"cookie_name": "__Host-sid", "path": "/app"},
         {"path": "/a;b"},
+        {"path": "shop"},  # a browser ignores a Path without "/" and uses the request's
+        {"timeout": "5"},
         {"max_age": -1},
         {"touch_fraction": 0},
         {"on_unavailable": "ignore"},

@@ -249,6 +249,12 @@ def test_show(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
     assert_no_full_ids(out, store)
     status, _, err = run(capsys, *store.args("show", short_hash(first), "--site", "blog"))
     assert status == 1 and "no session" in err
+    assert "belongs to site 'shop' (use --site shop)" in err  # as for a full id
+    status, _, err = run(capsys, *store.args("revoke", short_hash(first)))
+    assert status == 1 and "belongs to site 'shop'" in err
+    assert json.loads(
+        run(capsys, *store.args("show", short_hash(first), "--site", "shop", "--json"))[1]
+    )
 
 
 def test_show_errors(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:

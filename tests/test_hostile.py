@@ -22,6 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -348,6 +349,32 @@ def test_bad_site_ids_are_refused(site: Any) -> None:
     TRIED["bad site"] += 1
     with pytest.raises(ValueError, match="site_id"):
         Config(site_id=site)
+
+
+@pytest.mark.parametrize(
+    ("args", "fields", "what"),
+    [
+        (("u", "1h"), {}, "ttl"),
+        (("u", [3600]), {}, "ttl"),
+        (("u",), {"data": [1]}, "data"),
+        (("u",), {"data": "text"}, "data"),
+    ],
+)
+def test_bad_new_session_arguments_are_coded_errors(
+    args: tuple[Any, ...], fields: dict[str, Any], what: str
+) -> None:
+    """Not a raw ``TypeError`` from ``timedelta`` or ``dict()`` deep inside."""
+    TRIED["bad new_session"] += 1
+    with pytest.raises(InvalidSession, match=what) as info:
+        new_session(*args, **fields)
+    assert info.value.code == "SESSION_INVALID" and what in info.value.details
+    assert new_session("u", data=MappingProxyType({"a": 1})).data == {"a": 1}  # any mapping
+
+
+@pytest.mark.parametrize("store", ["sqlite:///x.db", None, {}])
+def test_with_controls_needs_a_store(store: Any) -> None:
+    with pytest.raises(TypeError, match=r"needs a Store.*open_store"):
+        with_controls(store)
 
 
 @pytest.mark.parametrize("prefix", ["{x}", "a{", "a}", "a\nb", "a\rb", None, 3])

@@ -269,6 +269,10 @@ class RedisStore(Store):
         clock: Clock | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
+        if timeout is not None and (
+            type(timeout) not in (int, float) or not 0 < timeout < float("inf")
+        ):
+            raise ValueError(f"timeout must be positive seconds or None, not {timeout!r}")
         super().__init__(config, clock=clock)
         self.timeout = timeout
         self.client = client
