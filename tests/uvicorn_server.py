@@ -44,6 +44,10 @@ def serve(
     cmd = [sys.executable, "-m", "uvicorn", app, *(["--factory"] if factory else [])]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     cmd += ["--log-level", "warning", "--no-access-log"]
+    # uvicorn closes a keep-alive connection idle for 5 s; on a loaded machine a test's
+    # client reused one the server was closing at that moment ("Server disconnected",
+    # a flake of the harness, not of the code under test)
+    cmd += ["--timeout-keep-alive", "120"]
     base = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
