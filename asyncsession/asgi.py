@@ -159,6 +159,11 @@ method of the session sees (``repr``, a template), so every response carries
 _MUTABLE = (list, dict)
 
 
+def _is_number(value: object) -> bool:
+    """An int or float (their subclasses too: numpy's, an IntEnum), not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _whole_seconds(max_age: object) -> int | None:
     """``max_age`` as whole seconds (a cookie's ``Max-Age`` is digits: a browser
     ignores ``Max-Age=3600.5`` and keeps the cookie for the session only)."""
@@ -917,7 +922,7 @@ class SessionMiddleware:
             legacy_cookie_name = None
         if timeout is None:
             timeout = store.timeout
-        if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
+        if timeout is not None and (not _is_number(timeout) or not timeout > 0):
             raise ValueError(
                 f"timeout must be positive seconds (None: the store's timeout), not {timeout!r}"
             )
@@ -1256,11 +1261,11 @@ class SessionMiddleware:
         try:
             try:
                 await self.app(scope, receive_wrapper, send_wrapper)
-            except Exception:
-                # The client left and the app's next receive raised (Starlette's
-                # WebSocketDisconnect, in a `while True: await ws.receive_text()` loop):
-                # that is how such a connection ends, so its changes are saved as on
-                # a return. Any other exception saves nothing, as for HTTP.
+            except WebSocketDisconnect:
+                # The client left and the app's next receive raised (a
+                # `while True: await ws.receive_text()` loop): that is how such a
+                # connection ends, so its changes are saved as on a return. Any other
+                # exception saves nothing, as for HTTP.
                 if left:
                     await self._websocket_ended(conn)
                 raise

@@ -207,7 +207,7 @@ def new_session(
     if ttl is not None:
         if isinstance(ttl, timedelta):
             delta = ttl
-        elif type(ttl) in (int, float):
+        elif isinstance(ttl, int | float) and not isinstance(ttl, bool):
             delta = timedelta(seconds=ttl)
         else:
             raise InvalidSession(

@@ -79,6 +79,9 @@ class InsertResult:
     """What ``_insert`` did besides inserting: the ids it evicted for the per-user limit."""
 
     evicted: Sequence[str] = ()
+    undone: Outcome | None = None
+    """Set when the write was undone after it evicted (a login across Redis Cluster
+    slots that lost a race): the outcome to report, the evictions to announce."""
 
 
 NO_EVICTIONS = InsertResult()
@@ -771,6 +774,10 @@ class Store(ABC):
         except InvalidSession as exc:
             self._violation("invalid_session", exc, session)
             raise
+        if isinstance(result, InsertResult) and result.undone is not None:
+            for evicted in result.evicted:  # done before the login was undone: still gone
+                self._event("evicted", None, session_id=evicted, user_id=session.user_id)
+            result = result.undone
         if isinstance(result, Outcome):
             if result is Outcome.MISSING and await self._was_rotated(session_id, scope, now):
                 raise self._rotated_error(session_id)

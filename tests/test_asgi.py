@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import gc
 import logging
 import os
@@ -435,6 +436,22 @@ def test_max_age_is_whole_seconds(cstore: CountingStore, max_age: Any) -> None:
     mw = SessionMiddleware(Starlette(), cstore, max_age=3600.0)
     assert mw.max_age == 3600 and b"Max-Age=3600;" in mw.set_cookie_value("x")
     assert SessionMiddleware(Starlette(), cstore, max_age=timedelta(hours=1.5)).max_age == 5400
+
+
+def test_numbers_of_any_numeric_type_are_accepted(cstore: CountingStore) -> None:
+    """A float or int subclass (numpy's float64, an IntEnum) is seconds as before."""
+
+    class Seconds(float):
+        pass
+
+    class Minutes(enum.IntEnum):
+        ONE = 60
+
+    assert SessionMiddleware(Starlette(), cstore, timeout=Seconds(2.5)).timeout == 2.5
+    assert new_session("u", Minutes.ONE).expires_at is not None
+    assert new_session("u", Seconds(1.5)).expires_at is not None
+    with pytest.raises(ValueError, match="timeout"):
+        SessionMiddleware(Starlette(), cstore, timeout=True)
 
 
 def test_store_must_be_a_store() -> None:
@@ -1124,7 +1141,13 @@ def test_websocket_changes_are_saved_when_the_client_leaves(cstore: CountingStor
     async def ws_count(websocket: WebSocket) -> None:
         await websocket.accept()
         while True:
-            text = await websocket.receive_text()
+            try:
+                text = await websocket.receive_text()
+            except WebSocketDisconnect:
+                if "late" in websocket.query_params:  # handled, then another error
+                    websocket.session["late"] = True
+                    raise RuntimeError("failed after the client left") from None
+                raise
             if text == "boom":
                 websocket.session["boom"] = True
                 raise RuntimeError("a bug in the handler")
@@ -1154,7 +1177,13 @@ def test_websocket_changes_are_saved_when_the_client_leaves(cstore: CountingStor
             assert websocket.receive_text() == "4"
             websocket.send_text("boom")
             websocket.receive_text()
-    assert asyncio.run(cstore.get(sid)).data == {"a": "1", "n": 3}
+        with (
+            contextlib.suppress(RuntimeError),
+            tc.websocket_connect("wss://testserver/ws-count?late=1") as websocket,
+        ):
+            websocket.send_text("x")
+            assert websocket.receive_text() == "4"
+    assert asyncio.run(cstore.get(sid)).data == {"a": "1", "n": 3}  # neither saved
 
 
 def test_login_after_a_websocket_accept_raises_and_leaves_the_session(

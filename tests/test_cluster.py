@@ -36,6 +36,7 @@ from asyncsession import (  # noqa: E402
     InvalidSession,
     Session,
     SessionConflict,
+    SessionEvent,
     SessionNotFound,
     SessionRotated,
     StoreUnavailable,
@@ -43,10 +44,12 @@ from asyncsession import (  # noqa: E402
     new_session,
     open_store,
     session_handle,
+    short_hash,
     with_controls,
 )
+from asyncsession._deadline import DEADLINE  # noqa: E402
 from asyncsession.backends import redis as redis_backend  # noqa: E402
-from asyncsession.backends.redis import RedisStore, rotation  # noqa: E402
+from asyncsession.backends.redis import RedisStore  # noqa: E402
 from asyncsession.backends.redis import layout as _layout  # noqa: E402
 from asyncsession.backends.redis import urls as _urls  # noqa: E402
 from asyncsession.backends.redis.layout import id_slot  # noqa: E402
@@ -281,37 +284,137 @@ async def test_two_logins_across_slots_at_once_one_wins(env: Env) -> None:
         await store.delete(won[0].id)
 
 
-async def test_login_across_slots_cancelled_midway_still_ends_whole(
+class _HeldInsert:
+    """The raw store's ``_insert`` made to wait, once it has written, until released:
+    the moment between a cross-slot login's two steps."""
+
+    def __init__(self, raw: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = raw._insert
+        self.inserted, self.release = asyncio.Event(), asyncio.Event()
+        monkeypatch.setattr(raw, "_insert", self)
+
+    async def __call__(self, *args: Any) -> Any:
+        result = await self.real(*args)
+        self.inserted.set()
+        await self.release.wait()
+        return result
+
+
+async def _nothing_moved(store: ControlledStore, anon: Session) -> None:
+    """The old session still answers its cookie; the user got no session."""
+    assert (await store.get(anon.id)).data == anon.data
+    assert await store.list_by_user("alice") == []
+
+
+async def test_login_across_slots_whose_caller_left_moves_nothing(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A caller cancelled after the new session was created (a client gone, a timeout)
-    does not stop the login halfway: the old session is still retired, so the user has
-    one session, not two live ones (11-15 in 40 cancelled logins before)."""
+    """A caller cancelled after the new session was created (a client gone) does not
+    stop the login halfway: its task goes on and, since nobody will be told of the
+    login, deletes the new session and keeps the old one (before, 11-15 in 40 such
+    logins left both live)."""
+    store = env.controlled()
+    raw: RedisStore = store.store  # type: ignore[assignment]
+    anon = await _anonymous_in_another_slot_than(store, "alice")
+    held = _HeldInsert(raw, monkeypatch)
+    login = asyncio.create_task(
+        store.rotate_into(anon.id, new_session("alice"), version=anon.version)
+    )
+    await held.inserted.wait()
+    login.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await login
+    assert len(raw._finishing) == 1  # the login's own task, still running
+    held.release.set()
+    await asyncio.gather(*raw._finishing)
+    await _nothing_moved(store, anon)
+
+
+async def test_login_across_slots_past_the_request_deadline_moves_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request's deadline passes between the two steps: the caller is told
+    ``StoreUnavailable`` at the deadline (the middleware answers 503 and sends no
+    cookie), so the login must not complete behind it (the browser's cookie would
+    name a rotated id: logged out, cart gone). The new session is deleted instead."""
+    store = env.controlled()
+    raw: RedisStore = store.store  # type: ignore[assignment]
+    anon = await _anonymous_in_another_slot_than(store, "alice")
+    held = _HeldInsert(raw, monkeypatch)
+    token = DEADLINE.set(asyncio.get_running_loop().time() + 0.2)
+    try:  # (the task copies the context, deadline and all)
+        login = asyncio.create_task(
+            store.rotate_into(anon.id, new_session("alice"), version=anon.version)
+        )
+    finally:
+        DEADLINE.reset(token)
+    with pytest.raises(StoreUnavailable, match="deadline"):
+        await login
+    held.release.set()
+    await asyncio.gather(*raw._finishing)
+    await _nothing_moved(store, anon)
+
+
+async def test_close_waits_for_a_login_across_slots(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store closed (the app shutting down) while such a login's task runs waits for
+    it, so it ends whole instead of failing halfway on a closed connection (two live
+    sessions) or reconnecting a closed store."""
+    store = env.controlled()
+    raw: RedisStore = store.store  # type: ignore[assignment]
+    anon = await _anonymous_in_another_slot_than(store, "alice")
+    held = _HeldInsert(raw, monkeypatch)
+    login = asyncio.create_task(
+        store.rotate_into(anon.id, new_session("alice"), version=anon.version)
+    )
+    await held.inserted.wait()
+    login.cancel()
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0)  # close() is waiting for the login's task
+    assert not closing.done()
+    held.release.set()
+    await closing
+    assert not raw._finishing
+    await _nothing_moved(env.controlled(), anon)
+
+
+async def test_login_across_slots_without_version_and_its_evictions(env: Env) -> None:
+    """Without ``version`` a write made meanwhile is no conflict, as in one slot (the
+    caller asked for no check). An eviction the login made before it was undone (a
+    per-user limit of 1, another login winning) is announced: that session is gone."""
     store = env.controlled()
     raw: RedisStore = store.store  # type: ignore[assignment]
     anon = await _anonymous_in_another_slot_than(store, "alice")
     real_insert = raw._insert
-    inserted, go_on = asyncio.Event(), asyncio.Event()
 
-    async def insert_then_wait(*args: Any) -> Any:
+    async def insert_after_a_write(*args: Any) -> Any:
+        await store.apply(anon.id, Changes(set={"cart": 2}))
+        return await real_insert(*args)
+
+    raw._insert = insert_after_a_write  # type: ignore[method-assign]
+    moved = await store.rotate_into(anon.id, new_session("alice", data={"cart": 1}))
+    raw._insert = real_insert  # type: ignore[method-assign]
+    assert (await store.get(moved.id)).data == {"cart": 1}
+
+    config = cfg(max_sessions_per_user=1)
+    events: list[SessionEvent] = []
+    limited = with_controls(env.raw(config), config, on_event=events.append)
+    device = await limited.create(new_session("bob"))
+    anon = await _anonymous_in_another_slot_than(limited, "bob")
+    real_insert = limited.store._insert
+
+    async def insert_then_lose(*args: Any) -> Any:
         result = await real_insert(*args)
-        inserted.set()
-        await go_on.wait()
+        limited.store._insert = real_insert  # type: ignore[method-assign]
+        await limited.rotate_into(anon.id, new_session("bob"))  # another login wins
         return result
 
-    monkeypatch.setattr(raw, "_insert", insert_then_wait)
-    login = asyncio.create_task(
-        store.rotate_into(anon.id, new_session("alice"), version=anon.version)
-    )
-    await inserted.wait()
-    login.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await login
-    go_on.set()
-    await asyncio.gather(*rotation._ACROSS)  # the login's own task, still running
+    limited.store._insert = insert_then_lose  # type: ignore[method-assign]
     with pytest.raises(SessionRotated):
-        await store.get(anon.id)
-    assert len(await store.list_by_user("alice")) == 1
+        await limited.rotate_into(anon.id, new_session("bob"))
+    evicted = [e for e in events if e.type == "evicted"]
+    assert short_hash(device.id) in {e.session for e in evicted}
 
 
 async def test_10000_sessions_spread_over_every_primary_and_purge_walks_them_all(

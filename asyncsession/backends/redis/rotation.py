@@ -13,11 +13,14 @@ index helpers and ``_INSERT`` as a function) prepended in ``redis.py``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextvars
+import functools
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ... import codec
+from ..._deadline import DEADLINE
 from ...config import Config
 from ...session import Session
 from ...store import InsertResult, Outcome
@@ -101,7 +104,10 @@ async def rotate_into(
         # removed: a caller cancelled in between (a client gone, a timeout) must not
         # stop halfway and leave both live.
         return await _to_the_end(
-            _across_slots(store, session_id, version, session, record, scope, now, old_keys)
+            store,
+            functools.partial(
+                _across_slots, store, session_id, version, session, record, scope, now, old_keys
+            ),
         )
     keys = [*old_keys, store.session_key(session.id), store.expiry_key_for(session.id)]
     if user is not None:
@@ -124,24 +130,45 @@ async def rotate_into(
     return _OUTCOMES[reply[0]] if inserted is None else inserted
 
 
-_ACROSS: set[asyncio.Task[InsertResult | Outcome]] = set()
-"""Cross-slot logins in progress (a task is kept alive only by a reference)."""
-
-
 async def _to_the_end(
-    work: Coroutine[Any, Any, InsertResult | Outcome],
+    store: RedisStore,
+    work: Callable[[Callable[[], bool]], Coroutine[Any, Any, InsertResult | Outcome]],
 ) -> InsertResult | Outcome:
-    """``work`` in a task of its own that runs to its end even if the caller is
-    cancelled (the caller still gets its ``CancelledError`` at once). The task inherits
-    the caller's context, so the request's deadline still bounds it."""
-    task = asyncio.get_running_loop().create_task(work)
-    _ACROSS.add(task)
-    task.add_done_callback(_finished)
-    return await asyncio.shield(task)
+    """``work(gone)`` in a task of its own, which a caller that gives up does not stop
+    halfway: the caller gets its ``CancelledError``, or ``StoreUnavailable`` at the
+    request's deadline, at once, while the task goes on. The task keeps no request
+    deadline (each round trip has the store's timeout) and asks ``gone()`` whether its
+    caller stopped waiting, so that it undoes its first step rather than complete a
+    login nobody was told of. ``close()`` waits for it."""
+    loop = asyncio.get_running_loop()
+    deadline = DEADLINE.get()
+    left = False
+
+    def gone() -> bool:
+        return left or (deadline is not None and loop.time() >= deadline)
+
+    context = contextvars.copy_context()
+    context.run(DEADLINE.set, None)
+    task = loop.create_task(work(gone), context=context)
+    store._finishing.add(task)
+    task.add_done_callback(functools.partial(_finished, store._finishing))
+    try:
+        async with asyncio.timeout_at(deadline) as bound:
+            return await asyncio.shield(task)
+    except TimeoutError as exc:
+        if not bound.expired():
+            raise
+        left = True
+        raise store._unavailable(TimeoutError("no reply in time (the request's deadline)")) from exc
+    except asyncio.CancelledError:
+        left = True
+        raise
 
 
-def _finished(task: asyncio.Task[InsertResult | Outcome]) -> None:
-    _ACROSS.discard(task)
+def _finished(
+    tasks: set[asyncio.Task[InsertResult | Outcome]], task: asyncio.Task[InsertResult | Outcome]
+) -> None:
+    tasks.discard(task)
     if not task.cancelled():
         task.exception()  # retrieved: a caller that left is not told, nor is asyncio
 
@@ -155,15 +182,17 @@ async def _across_slots(
     scope: Config,
     now: datetime,
     old_keys: list[bytes],
+    gone: Callable[[], bool],
 ) -> InsertResult | Outcome:
     """``rotate_into`` on a cluster when the old and new ids are in different slots: no
     script can span both. A read settles the common refusals without writing; then the
-    new session is created, and one script in the old id's slot retires the old one only
-    if it is still live at the version the caller read (``RETIRE``: the same check the
-    single-slot script makes). If it is not (a write or another login got there first),
-    the new session is deleted and the caller told why: nothing moved. A retire whose
-    reply is lost leaves both sessions (in doubt, ``StoreUnavailable``): the new one
-    is known to nobody and expires; deleting it could leave the user with none."""
+    new session is created, and one script in the old id's slot retires the old one
+    only if it is still live (and, with ``version``, at that version: ``RETIRE``, the
+    same checks the single-slot script makes). If it is not (a write or another login
+    got there first), or the caller stopped waiting meanwhile (``gone``), the new
+    session is deleted: nothing moved, and the old cookie still works. A retire whose
+    reply is lost leaves both sessions (in doubt, ``StoreUnavailable``): the new one is
+    known to nobody and expires; deleting it could leave the user with none."""
     try:
         old = await store._load(session_id)
     except codec.CorruptRecord:
@@ -176,15 +205,21 @@ async def _across_slots(
         return Outcome.EXPIRED
     if version is not None and old.version != version:
         return Outcome.CONFLICT
+    if gone():
+        return Outcome.CONFLICT  # nobody waits for it: write nothing
     value, pxat = _record(store, scope, now)
     result = await store._insert(session, record, scope, now)
-    reply = await store._eval(
-        RETIRE,
-        old_keys,
-        (scope.site_id, session_id, value, pxat, old.version, codec.to_us(now)),
-    )
-    outcome = _OUTCOMES[reply]
-    if outcome is not Outcome.OK:
-        await store._delete(session.id, scope)
-        return outcome
-    return result
+    if gone():
+        outcome = Outcome.CONFLICT  # the caller was told it failed: keep its old session
+    else:
+        expected = b"" if version is None else version
+        reply = await store._eval(
+            RETIRE,
+            old_keys,
+            (scope.site_id, session_id, value, pxat, expected, codec.to_us(now)),
+        )
+        outcome = _OUTCOMES[reply]
+        if outcome is Outcome.OK:
+            return result
+    await store._delete(session.id, scope)
+    return InsertResult(result.evicted, undone=outcome) if result.evicted else outcome

@@ -270,7 +270,9 @@ class RedisStore(Store):
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         if timeout is not None and (
-            type(timeout) not in (int, float) or not 0 < timeout < float("inf")
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not 0 < timeout < float("inf")
         ):
             raise ValueError(f"timeout must be positive seconds or None, not {timeout!r}")
         super().__init__(config, clock=clock)
@@ -281,6 +283,7 @@ class RedisStore(Store):
         self._sentinel: Sentinel | None = None
         self._service = ""
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._finishing: set[asyncio.Task[Any]] = set()  # work a caller may not stop
         self._cluster: ClusterOps | None = None
         self._inserts = 0  # inserts so far, modulo TRIM_EVERY: 0 trims (see _insert_args)
         self._layout: SingleLayout
@@ -580,6 +583,8 @@ class RedisStore(Store):
         await self.client.connection_pool.disconnect(inuse_connections=True)
 
     async def _close(self) -> None:
+        if self._finishing:  # a login across cluster slots: let it end whole
+            await asyncio.wait(set(self._finishing), timeout=4 * (self.timeout or DEFAULT_TIMEOUT))
         for task in self._tasks:
             task.cancel()
         if self._tasks:
