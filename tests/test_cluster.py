@@ -53,6 +53,7 @@ from asyncsession.backends.redis import RedisStore  # noqa: E402
 from asyncsession.backends.redis import layout as _layout  # noqa: E402
 from asyncsession.backends.redis import urls as _urls  # noqa: E402
 from asyncsession.backends.redis.layout import id_slot  # noqa: E402
+from asyncsession.backends.redis.scripts import RETIRE  # noqa: E402
 from asyncsession.session import SESSION_ID_RE, user_tag  # noqa: E402
 
 from . import backend_redis  # noqa: E402
@@ -352,6 +353,62 @@ async def test_login_across_slots_past_the_request_deadline_moves_nothing(
         await login
     held.release.set()
     await asyncio.gather(*raw._finishing)
+    await _nothing_moved(store, anon)
+
+
+async def test_a_retire_on_its_way_at_the_deadline_is_waited_for(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the retire is sent, its answer is the caller's: a deadline passing while it
+    is on its way waits for it (one round trip) instead of answering 503 for a login
+    that then completes (the browser's cookie rotated away: logged out)."""
+    store = env.controlled()
+    raw: RedisStore = store.store  # type: ignore[assignment]
+    anon = await _anonymous_in_another_slot_than(store, "alice")
+    real_eval, sent, release = raw._eval, asyncio.Event(), asyncio.Event()
+
+    async def held_retire(script: Any, keys: Any, args: Any) -> Any:
+        if script is RETIRE:
+            sent.set()
+            await release.wait()
+        return await real_eval(script, keys, args)
+
+    monkeypatch.setattr(raw, "_eval", held_retire)
+    token = DEADLINE.set(asyncio.get_running_loop().time() + 0.2)
+    try:
+        login = asyncio.create_task(
+            store.rotate_into(anon.id, new_session("alice"), version=anon.version)
+        )
+    finally:
+        DEADLINE.reset(token)
+    await sent.wait()
+    await asyncio.sleep(0.3)  # the request's deadline passes while the retire is on its way
+    assert not login.done()
+    release.set()
+    moved = await login
+    assert (await store.get(moved.id)).user_id == "alice"
+    with pytest.raises(SessionRotated):
+        await store.get(anon.id)
+
+
+async def test_a_create_whose_reply_is_lost_is_deleted(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The create ran but its reply was lost (StoreUnavailable: in doubt): the login
+    deletes it before failing, so no session unknown to any client counts toward the
+    user's limit."""
+    store = env.controlled()
+    raw: RedisStore = store.store  # type: ignore[assignment]
+    anon = await _anonymous_in_another_slot_than(store, "alice")
+    real_insert = raw._insert
+
+    async def insert_reply_lost(*args: Any) -> Any:
+        await real_insert(*args)
+        raise StoreUnavailable("reply lost")
+
+    monkeypatch.setattr(raw, "_insert", insert_reply_lost)
+    with pytest.raises(StoreUnavailable):
+        await store.rotate_into(anon.id, new_session("alice"), version=anon.version)
     await _nothing_moved(store, anon)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ... import codec
 from ..._deadline import DEADLINE
 from ...config import Config
+from ...errors import StoreUnavailable, short_hash
 from ...session import Session
 from ...store import InsertResult, Outcome
 from .layout import id_slot
@@ -29,6 +31,8 @@ from .scripts import RETIRE, ROTATE, ROTATE_INTO
 
 if TYPE_CHECKING:
     from .store import RedisStore
+
+logger = logging.getLogger("asyncsession")
 
 _OUTCOMES = {
     b"ok": Outcome.OK,
@@ -132,24 +136,24 @@ async def rotate_into(
 
 async def _to_the_end(
     store: RedisStore,
-    work: Callable[[Callable[[], bool]], Coroutine[Any, Any, InsertResult | Outcome]],
+    work: Callable[[_Caller], Coroutine[Any, Any, InsertResult | Outcome]],
 ) -> InsertResult | Outcome:
-    """``work(gone)`` in a task of its own, which a caller that gives up does not stop
+    """``work(commit)`` in a task of its own, which a caller that gives up does not stop
     halfway: the caller gets its ``CancelledError``, or ``StoreUnavailable`` at the
-    request's deadline, at once, while the task goes on. The task keeps no request
-    deadline (each round trip has the store's timeout) and asks ``gone()`` whether its
-    caller stopped waiting, so that it undoes its first step rather than complete a
-    login nobody was told of. ``close()`` waits for it."""
+    request's deadline, while the task goes on. The task keeps no request deadline
+    (each round trip has the store's timeout). Before its last step it calls
+    ``commit()``: False if its caller stopped waiting (the task then undoes its first
+    step rather than complete a login nobody was told of); True binds the caller to
+    the outcome, so a deadline that passes later waits for the last step's answer
+    (one round trip, within the store's timeout) instead of reporting a failure that
+    did not happen. ``close()`` waits for the task."""
     loop = asyncio.get_running_loop()
     deadline = DEADLINE.get()
-    left = False
-
-    def gone() -> bool:
-        return left or (deadline is not None and loop.time() >= deadline)
+    caller = _Caller(loop, deadline)
 
     context = contextvars.copy_context()
     context.run(DEADLINE.set, None)
-    task = loop.create_task(work(gone), context=context)
+    task = loop.create_task(work(caller), context=context)
     store._finishing.add(task)
     task.add_done_callback(functools.partial(_finished, store._finishing))
     try:
@@ -158,11 +162,37 @@ async def _to_the_end(
     except TimeoutError as exc:
         if not bound.expired():
             raise
-        left = True
+        if caller.committed:  # the last step is on its way: its answer is the caller's
+            return await asyncio.shield(task)
+        caller.left = True
         raise store._unavailable(TimeoutError("no reply in time (the request's deadline)")) from exc
     except asyncio.CancelledError:
-        left = True
+        caller.left = True
         raise
+
+
+class _Caller:
+    """What a task of ``_to_the_end`` knows of the caller waiting for it."""
+
+    __slots__ = ("committed", "deadline", "left", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
+        self.loop = loop
+        self.deadline = deadline
+        self.left = False  # cancelled, or told the deadline passed
+        self.committed = False
+
+    def gone(self) -> bool:
+        """Whether the caller stopped waiting (or will, its deadline being past)."""
+        return self.left or (self.deadline is not None and self.loop.time() >= self.deadline)
+
+    def commit(self) -> bool:
+        """Before the last step: False if the caller is gone; else the caller now waits
+        for that step's answer, even past its deadline."""
+        if self.gone():
+            return False
+        self.committed = True
+        return True
 
 
 def _finished(
@@ -182,17 +212,20 @@ async def _across_slots(
     scope: Config,
     now: datetime,
     old_keys: list[bytes],
-    gone: Callable[[], bool],
+    caller: _Caller,
 ) -> InsertResult | Outcome:
     """``rotate_into`` on a cluster when the old and new ids are in different slots: no
     script can span both. A read settles the common refusals without writing; then the
     new session is created, and one script in the old id's slot retires the old one
     only if it is still live (and, with ``version``, at that version: ``RETIRE``, the
     same checks the single-slot script makes). If it is not (a write or another login
-    got there first), or the caller stopped waiting meanwhile (``gone``), the new
-    session is deleted: nothing moved, and the old cookie still works. A retire whose
-    reply is lost leaves both sessions (in doubt, ``StoreUnavailable``): the new one is
-    known to nobody and expires; deleting it could leave the user with none."""
+    got there first), or the caller stopped waiting meanwhile (``caller.commit()``), the
+    new session is deleted: nothing moved, and the old cookie still works. A create
+    whose reply is lost is deleted too (it may have run). A retire whose reply is lost
+    leaves both sessions (in doubt, ``StoreUnavailable``): the new one is known to
+    nobody and expires; deleting it could leave the user with none. A caller cancelled
+    while the retire is on its way (its client gone) is logged out as by any write in
+    flight."""
     try:
         old = await store._load(session_id)
     except codec.CorruptRecord:
@@ -205,11 +238,15 @@ async def _across_slots(
         return Outcome.EXPIRED
     if version is not None and old.version != version:
         return Outcome.CONFLICT
-    if gone():
+    if caller.gone():
         return Outcome.CONFLICT  # nobody waits for it: write nothing
     value, pxat = _record(store, scope, now)
-    result = await store._insert(session, record, scope, now)
-    if gone():
+    try:
+        result = await store._insert(session, record, scope, now)
+    except StoreUnavailable:
+        await _undo(store, session.id, scope)  # it may have run: leave no second session
+        raise
+    if not caller.commit():
         outcome = Outcome.CONFLICT  # the caller was told it failed: keep its old session
     else:
         expected = b"" if version is None else version
@@ -221,5 +258,21 @@ async def _across_slots(
         outcome = _OUTCOMES[reply]
         if outcome is Outcome.OK:
             return result
-    await store._delete(session.id, scope)
+    await _undo(store, session.id, scope)
     return InsertResult(result.evicted, undone=outcome) if result.evicted else outcome
+
+
+async def _undo(store: RedisStore, session_id: str, scope: Config) -> None:
+    """Delete a session the login created and must not keep; tried twice (a lost
+    reply), then left to expire: the error the caller gets is the first one's."""
+    for attempt in range(2):
+        try:
+            await store._delete(session_id, scope)
+            return
+        except StoreUnavailable:
+            if attempt:
+                logger.warning(
+                    "asyncsession: a login undone across cluster slots left session %s "
+                    "(unknown to any client) to expire",
+                    short_hash(session_id),
+                )

@@ -584,7 +584,13 @@ class RedisStore(Store):
 
     async def _close(self) -> None:
         if self._finishing:  # a login across cluster slots: let it end whole
-            await asyncio.wait(set(self._finishing), timeout=4 * (self.timeout or DEFAULT_TIMEOUT))
+            _, late = await asyncio.wait(
+                set(self._finishing), timeout=4 * (self.timeout or DEFAULT_TIMEOUT)
+            )
+            for task in late:  # (a store without timeout, a server that never answers)
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
