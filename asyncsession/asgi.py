@@ -56,7 +56,13 @@ from .errors import (
     StoreUnavailable,
     short_hash,
 )
-from .session import Session, is_valid_session_id, new_session, normalize_user_id
+from .session import (
+    Session,
+    is_seconds,
+    is_valid_session_id,
+    new_session,
+    normalize_user_id,
+)
 from .store import Store
 
 if TYPE_CHECKING:
@@ -157,11 +163,6 @@ STARLETTE_MARKS_ACCESS = _starlette_marks_access()
 method of the session sees (``repr``, a template), so every response carries
 ``Vary: Cookie``."""
 _MUTABLE = (list, dict)
-
-
-def _is_number(value: object) -> bool:
-    """An int or float (their subclasses too: numpy's, an IntEnum), not a bool."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _whole_seconds(max_age: object) -> int | None:
@@ -922,7 +923,7 @@ class SessionMiddleware:
             legacy_cookie_name = None
         if timeout is None:
             timeout = store.timeout
-        if timeout is not None and (not _is_number(timeout) or not timeout > 0):
+        if timeout is not None and (not is_seconds(timeout) or not timeout > 0):
             raise ValueError(
                 f"timeout must be positive seconds (None: the store's timeout), not {timeout!r}"
             )

@@ -781,12 +781,7 @@ async def _by_short_hash(store: ControlledStore, short: str) -> str:
                     elsewhere.add(e.site_id)
     if not found:
         if len(elsewhere) == 1:
-            (other,) = elsewhere
-            raise CommandError(
-                f"no session {short}{_on(store)}; it belongs to site {other!r} "
-                f"(use --site {other or chr(39) * 2})",
-                NOT_FOUND,
-            )
+            raise _of_another_site(store, short, *elsewhere)
         raise CommandError(f"no session {short}{_on(store)}", NOT_FOUND)
     if len(set(found)) > 1:  # 48 bits: two sessions of one site in practice never
         raise CommandError(f"several sessions match {short}; give the full id", BAD_INPUT)
@@ -825,6 +820,15 @@ def _undecryptable(session_id: str, exc: SessionCorrupt) -> CommandError:
     )
 
 
+def _of_another_site(store: ControlledStore, what: str, site: str) -> CommandError:
+    """Not found on this site, but on ``site``: say which, and the flag that reaches it."""
+    flag = site or "''"
+    return CommandError(
+        f"no session {what}{_on(store)}; it belongs to site {site!r} (use --site {flag})",
+        NOT_FOUND,
+    )
+
+
 async def _find(store: ControlledStore, session_id: str) -> Session:
     """The session, or a CommandError that says why not (and where it is, if another
     site holds it). A short hash is looked up by a scan."""
@@ -842,12 +846,7 @@ async def _find(store: ControlledStore, session_id: str) -> Session:
         except Exception:  # an undecodable record: nothing to point to
             other = None
         if other is not None and other.site_id != store.config.site_id:
-            flag = other.site_id or "''"
-            raise CommandError(
-                f"no session with that id{_on(store)}; it belongs to site "
-                f"{other.site_id!r} (use --site {flag})",
-                NOT_FOUND,
-            ) from exc
+            raise _of_another_site(store, "with that id", other.site_id) from exc
         raise CommandError(f"no session with that id{_on(store)}", NOT_FOUND) from exc
 
 

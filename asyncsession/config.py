@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Literal, get_args
 
 from .crypto import KeyRing, parse_keys
+from .session import is_seconds
 
 Eviction = Literal["oldest", "lru", "reject"]
 """What ``create`` does for a user at ``max_sessions_per_user``: evict the oldest
@@ -26,7 +27,7 @@ def _duration(name: str, value: timedelta | float | int | None) -> timedelta | N
         return None
     if isinstance(value, bool):
         raise ValueError(f"Config.{name} must be a timedelta or seconds, not {value!r}")
-    if isinstance(value, int | float):
+    if is_seconds(value):
         return timedelta(seconds=value)
     if isinstance(value, timedelta):
         return value

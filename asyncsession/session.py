@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 from uuid import UUID
 
 from .errors import InvalidSession, short_hash
@@ -185,6 +185,12 @@ class Session:
 _NEW_SESSION_FIELDS = frozenset({"organization_id", "data", "ip_address", "user_agent", "site_id"})
 
 
+def is_seconds(value: object) -> TypeGuard[int | float]:
+    """Whether ``value`` is a number of seconds: an int or float (their subclasses too:
+    numpy's, an IntEnum), not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def new_session(
     user_id: str | int | UUID | None,
     ttl: timedelta | float | None = None,
@@ -207,7 +213,7 @@ def new_session(
     if ttl is not None:
         if isinstance(ttl, timedelta):
             delta = ttl
-        elif isinstance(ttl, int | float) and not isinstance(ttl, bool):
+        elif is_seconds(ttl):
             delta = timedelta(seconds=ttl)
         else:
             raise InvalidSession(

@@ -97,7 +97,6 @@ async def rotate_into(
     store._check_user_tag(session)
     cluster = store._layout.cluster
     user = session.user_id
-    value, pxat = _record(store, scope, now)
     old_keys = [
         store.session_key(session_id),
         store.expiry_key_for(session_id),
@@ -113,6 +112,7 @@ async def rotate_into(
                 _across_slots, store, session_id, version, session, record, scope, now, old_keys
             ),
         )
+    value, pxat = _record(store, scope, now)
     keys = [*old_keys, store.session_key(session.id), store.expiry_key_for(session.id)]
     if user is not None:
         keys.append(store.index_key(scope.site_id, user))
@@ -138,11 +138,11 @@ async def _to_the_end(
     store: RedisStore,
     work: Callable[[_Caller], Coroutine[Any, Any, InsertResult | Outcome]],
 ) -> InsertResult | Outcome:
-    """``work(commit)`` in a task of its own, which a caller that gives up does not stop
+    """``work(caller)`` in a task of its own, which a caller that gives up does not stop
     halfway: the caller gets its ``CancelledError``, or ``StoreUnavailable`` at the
     request's deadline, while the task goes on. The task keeps no request deadline
     (each round trip has the store's timeout). Before its last step it calls
-    ``commit()``: False if its caller stopped waiting (the task then undoes its first
+    ``caller.commit()``: False if its caller stopped waiting (the task then undoes its first
     step rather than complete a login nobody was told of); True binds the caller to
     the outcome, so a deadline that passes later waits for the last step's answer
     (one round trip, within the store's timeout) instead of reporting a failure that

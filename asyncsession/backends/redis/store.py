@@ -43,7 +43,7 @@ from ...errors import (
     short_hash,
 )
 from ...factory import redact
-from ...session import Clock, Session, user_tag
+from ...session import Clock, Session, is_seconds, user_tag
 from ...store import (
     NO_EVICTIONS,
     InsertResult,
@@ -269,11 +269,7 @@ class RedisStore(Store):
         clock: Clock | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
-        if timeout is not None and (
-            not isinstance(timeout, int | float)
-            or isinstance(timeout, bool)
-            or not 0 < timeout < float("inf")
-        ):
+        if timeout is not None and (not is_seconds(timeout) or not 0 < timeout < float("inf")):
             raise ValueError(f"timeout must be positive seconds or None, not {timeout!r}")
         super().__init__(config, clock=clock)
         self.timeout = timeout
