@@ -718,12 +718,7 @@ class _Connection:
         session = self.session
         if session is None:
             self.check_writable()
-            if self.rotated:
-                raise SessionConflict(
-                    "the session cookie was rotated (a login, or a move from the legacy "
-                    "cookie) before this request; log out with the newer cookie",
-                    details={"reason": "rotated"},
-                )
+            self.check_not_rotated()
             return False
         store = self.store
         if not await self.within(store.delete(session.id)) and await self.within(
@@ -731,6 +726,16 @@ class _Connection:
         ):
             self._gone(session, store._rotated_error(session.id))
         return True
+
+    def check_not_rotated(self) -> None:
+        """A request whose cookie a login rotated before it started (it has no
+        session) may not act on the user's sessions: 409, reason ``rotated``."""
+        if self.rotated:
+            raise SessionConflict(
+                "the session cookie was rotated (a login, or a move from the legacy "
+                "cookie) before this request; log out with the newer cookie",
+                details={"reason": "rotated"},
+            )
 
     async def _create(self) -> None:
         if self.stale:  # a rotated id, or several live ones: the newer cookie stays
@@ -946,10 +951,21 @@ class SessionMiddleware:
             raise ValueError(f"cookie path must start with '/', not {path!r}")
         if on_unavailable not in ("fail", "anonymous"):
             raise ValueError("on_unavailable must be 'fail' or 'anonymous'")
-        if not 0 < touch_fraction <= 1:
-            raise ValueError("touch_fraction must be in (0, 1]")
-        if max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
+        if not is_seconds(touch_fraction) or not 0 < touch_fraction <= 1:
+            raise ValueError(f"touch_fraction must be in (0, 1], not {touch_fraction!r}")
+        if isinstance(touch_interval, timedelta):
+            interval_ok = touch_interval >= timedelta(0)
+        else:
+            interval_ok = touch_interval is None or (
+                is_seconds(touch_interval) and 0 <= touch_interval < float("inf")
+            )
+        if not interval_ok:
+            raise ValueError(
+                "touch_interval must be seconds or a timedelta, 0 or more (None: "
+                f"touch_fraction of the idle timeout), not {touch_interval!r}"
+            )
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, not {max_retries!r}")
         self.app = app
         self.store = store
         self.cookie_name = cookie_name
@@ -1579,15 +1595,25 @@ async def logout(connection: HTTPConnection) -> None:
 
 async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = True) -> int:
     """Revoke the current user's other sessions (all of them with
-    ``keep_current=False``); returns how many were deleted."""
+    ``keep_current=False``); returns how many were deleted.
+
+    With ``keep_current``, a session a parallel login rotated (before this request or
+    during it) deletes nothing: ``SessionConflict`` (409, reason ``rotated``), as
+    ``logout``. The store checks the session to keep in the same atomic step as the
+    deletes, so the login's newer session is never among them."""
     conn = _work(connection)
     conn.check_writable()
     session = conn.session
-    if session is None or session.user_id is None:
+    if session is None:
+        conn.check_not_rotated()
         return 0
-    count = await conn.within(
-        conn.store.delete_by_user(session.user_id, keep=session.id if keep_current else None)
-    )
+    if session.user_id is None:
+        return 0
+    keep = session.id if keep_current else None
+    try:
+        count = await conn.within(conn.store.delete_by_user(session.user_id, keep=keep))
+    except SessionNotFound as exc:  # the session to keep is gone: rotated or ended
+        conn._gone(session, exc)
     if not keep_current:
         conn.forget()
     return count

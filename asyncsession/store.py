@@ -808,7 +808,13 @@ class Store(ABC):
         return outcome is Outcome.OK
 
     async def delete_by_user(self, user_id: str | Any, *, keep: str | None = None) -> int:
-        """Delete the user's sessions on this site, except ``keep``; returns how many."""
+        """Delete the user's sessions on this site, except ``keep``; returns how many.
+
+        ``keep`` must be one of the user's live sessions on this site, checked in the same
+        atomic step as the deletes: else nothing is deleted and ``SessionNotFound``
+        (``SessionRotated`` if a login or ``rotate`` moved it: "log out my other
+        devices" sent with an id a parallel login replaced must not delete the
+        login's new session)."""
         self._check_open()
         user = self._check_user(user_id)
         if keep is not None:
@@ -819,6 +825,16 @@ class Store(ABC):
                 await self._adopt_listed(await self._list_by_user(user, self.scope, self.clock()))
             keep = kept
         deleted = await self._delete_by_user(user, keep, self.scope, self.clock())
+        if deleted is None:
+            assert keep is not None  # (only a kept session can be missing; here its storage id)
+            scope = self.scope
+            if scope.rotation_grace and await self._rotated(keep, scope, self.clock()):
+                raise self._rotated_error(keep)
+            raise SessionNotFound(
+                "the session to keep is not one of the user's sessions on this site; "
+                "nothing deleted",
+                details={"session": short_hash(keep), "user_id": user},
+            )
         for session_id in deleted:
             self._event("deleted", None, session_id=session_id, user_id=user)
         return len(deleted)
@@ -1071,9 +1087,13 @@ class Store(ABC):
     @abstractmethod
     async def _delete_by_user(
         self, user_id: str, keep: str | None, scope: Config, now: datetime
-    ) -> list[str]:
+    ) -> list[str] | None:
         """Atomically delete the user's sessions on the site except ``keep``; returns the
-        ids of the live ones deleted (expired ones go too, uncounted)."""
+        ids of the live ones deleted (expired ones go too, uncounted). None, and
+        nothing deleted, when ``keep`` is not (or no longer) one of the user's live
+        sessions on the site: a login rotated it, and its new session must stay. (A backend that
+        works in several atomic steps checks ``keep`` in each, and stops with what the
+        steps before deleted.)"""
 
     @abstractmethod
     async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:

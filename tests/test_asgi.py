@@ -408,6 +408,13 @@ async def test_development_cookie_without_secure(cstore: CountingStore) -> None:
         {"timeout": "5"},
         {"max_age": -1},
         {"touch_fraction": 0},
+        {"touch_fraction": "0.1"},
+        {"touch_interval": "5"},  # (a raw TypeError from timedelta)
+        {"touch_interval": -5},  # (was accepted)
+        {"touch_interval": timedelta(seconds=-1)},
+        {"touch_interval": float("nan")},
+        {"max_retries": -1},
+        {"max_retries": "3"},
         {"on_unavailable": "ignore"},
     ],
 )
@@ -416,6 +423,14 @@ def test_unsafe_or_invalid_options_are_refused(
 ) -> None:
     with pytest.raises(ValueError):
         SessionMiddleware(Starlette(), cstore, **options)
+
+
+def test_touch_interval_in_seconds_or_timedelta(cstore: CountingStore) -> None:
+    for every in (30, 30.0, timedelta(seconds=30)):
+        assert SessionMiddleware(Starlette(), cstore, touch_interval=every).touch_every == (
+            timedelta(seconds=30)
+        )
+    assert SessionMiddleware(Starlette(), cstore, touch_interval=0).touch_every == timedelta(0)
 
 
 def test_max_age_0_is_a_browser_session_cookie(cstore: CountingStore) -> None:
@@ -915,10 +930,11 @@ def _parallel_stores() -> list[str]:
 async def any_store(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[ControlledStore]:
+    prefix = f"test-asgi-{os.getpid()}-{id(tmp_path)}:"
     config = Config(
         cleanup_interval=0,
-        default_ttl=120,  # what a test leaves in a shared Redis goes away by itself
-        key_prefix=f"test-asgi-{os.getpid()}-{id(tmp_path)}:",
+        default_ttl=120,  # (and deleted after: the README says the tests leave nothing)
+        key_prefix=prefix,
     )
     if request.param == "memory":
         store = open_store("memory://", config)
@@ -938,6 +954,14 @@ async def any_store(
             pytest.skip(f"no usable Redis: {exc}")
     async with store:
         yield store
+    if request.param == "redis":
+        from redis.asyncio import Redis
+
+        from . import backend_redis
+
+        client = Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"))
+        await backend_redis.delete_prefix(client, prefix)
+        await client.aclose()
 
 
 async def test_parallel_requests_changing_different_keys_all_persist(

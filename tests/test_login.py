@@ -38,8 +38,10 @@ from asyncsession import (
     install_exception_handler,
     login,
     logout,
+    logout_everywhere,
     new_session,
     save_session,
+    short_hash,
     update_session,
     with_controls,
 )
@@ -83,6 +85,16 @@ def make_app(
         await logout(request)
         return PlainTextResponse("ok")
 
+    async def others_out(request: Request) -> JSONResponse:
+        """logout_everywhere (keep the current session unless ``all``), after
+        ``wait`` as /write does."""
+        request.session.get("x")
+        if "wait" in request.query_params and gate is not None:
+            gate[0].set()
+            await gate[1].wait()
+        keep = "all" not in request.query_params
+        return JSONResponse({"revoked": await logout_everywhere(request, keep_current=keep)})
+
     async def count(request: Request) -> JSONResponse:
         """update_session (saved at once), then ``wait`` as /write does."""
         n = await update_session(request, lambda d: d.update(n=d.get("n", 0) + 1) or d["n"])
@@ -121,6 +133,7 @@ def make_app(
             Route("/write", write, methods=["POST"]),
             Route("/login", do_login, methods=["POST"]),
             Route("/logout", do_logout, methods=["POST"]),
+            Route("/others-out", others_out, methods=["POST"]),
             Route("/record", record),
             Route("/count", count, methods=["POST"]),
             Route("/cart", cart_then_login, methods=["POST"]),
@@ -417,6 +430,62 @@ async def test_a_logout_racing_a_login_is_refused_not_faked(store: ControlledSto
         assert any(h.startswith("__Host-session=;") for h in set_cookies(out))
     with pytest.raises(SessionNotFound):
         await store.get(new)
+
+
+async def test_logout_everywhere_from_before_a_login_never_deletes_the_login(
+    store: ControlledStore,
+) -> None:
+    """ "Log out my other devices" loaded with the id a parallel login (the same
+    user again) then rotated: it deleted every session but that old id, the login's
+    new one included, and answered 200 (outside attack: the browser logged out, its
+    cart gone). Now 409 (rotated) and nothing deleted; also when the cookie was
+    rotated before the request came in (it answered 200 ``revoked: 0``)."""
+    entered, go = asyncio.Event(), asyncio.Event()
+    app = make_app(store, (entered, go))
+    async with client(app) as c:
+        old = issued(await c.post("/login", params={"user": "alice"}))
+        assert await c.post("/write", params={"key": "cart", "value": "book"}, headers=jar(old))
+        phone = await store.create(new_session("alice", data={"d": "phone"}))
+        late = asyncio.create_task(c.post("/others-out", params={"wait": "1"}, headers=jar(old)))
+        await entered.wait()  # loaded with the old id
+        new = issued(await c.post("/login", params={"user": "alice"}, headers=jar(old)))
+        go.set()
+        response = await late
+        assert response.status_code == 409, response.text
+        assert response.json()["error"]["reason"] == "rotated"
+        assert set_cookies(response) == []
+        after = (await c.get("/read", headers=jar(new))).json()
+        assert after == {"data": {"cart": "book"}, "user": "alice"}
+        assert (await store.get(phone.id)).data == {"d": "phone"}  # nothing deleted
+        # the cookie rotated before the request: 409 too, not 200 "revoked: 0"
+        response = await c.post("/others-out", headers=jar(old))
+        assert response.status_code == 409 and response.json()["error"]["reason"] == "rotated"
+        assert (await store.get(phone.id)).data == {"d": "phone"}
+        # from the current cookie it works, and keeps that session
+        response = await c.post("/others-out", headers=jar(new))
+        assert response.status_code == 200 and response.json() == {"revoked": 1}
+        with pytest.raises(SessionNotFound):
+            await store.get(phone.id)
+        assert (await c.get("/read", headers=jar(new))).json()["user"] == "alice"
+
+
+async def test_delete_by_user_keeps_only_a_session_of_the_user(store: ControlledStore) -> None:
+    """``keep`` is checked in the same atomic step as the deletes: a session that is
+    not (or no longer) one of the user's on the site deletes nothing."""
+    mine = [await store.create(new_session("hal")) for _ in range(3)]
+    other = await store.create(new_session("dave"))
+    anonymous = await store.create(new_session(None))
+    for keep in (other.id, anonymous.id, new_session("hal").id):
+        with pytest.raises(SessionNotFound) as info:
+            await store.delete_by_user("hal", keep=keep)
+        assert not isinstance(info.value, SessionRotated)
+    assert len(await store.list_by_user("hal")) == 3
+    rotated = await store.rotate(mine[0].id)
+    with pytest.raises(SessionRotated):
+        await store.delete_by_user("hal", keep=mine[0].id)
+    assert len(await store.list_by_user("hal")) == 3
+    assert await store.delete_by_user("hal", keep=rotated) == 2
+    assert [s.short_id for s in await store.list_by_user("hal")] == [short_hash(rotated)]
 
 
 @pytest.mark.parametrize("how", ["login", "save_session"])

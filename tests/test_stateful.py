@@ -714,6 +714,19 @@ class StoreMachine(RuleBasedStateMachine):
         now = self.now
         keep_id = None if keep is None else self.pick(keep)
         out = self.attempt(lambda: self.stores[site].delete_by_user(user, keep=keep_id))
+        kept = self.model.records.get(keep_id) if keep_id is not None else None
+        if keep_id is not None and not (
+            kept is not None
+            and (kept.site_id, kept.user_id) == (site, user)
+            and self.model.live(kept, now)
+        ):  # not one of the user's live sessions here: nothing deleted
+            if self.model.was_rotated(keep_id, site, now):
+                self.expect_error(out, SessionRotated)
+                self.expect_violations(site, "rotated")
+            else:
+                self.expect_error(out, SessionNotFound)
+                self.expect_violations(site)
+            return
         count = self.expect_ok(out)
         doomed = [r for r in self.model.of_user(site, user) if r.id != keep_id]
         assert count == sum(1 for r in doomed if self.model.live(r, now))
