@@ -62,6 +62,21 @@ def test_the_redis_store_says_it_keeps_the_deadline() -> None:
     assert with_controls(store, cfg()).honours_deadline
 
 
+async def test_with_controls_takes_the_stores_timeout(clock: FakeClock) -> None:
+    """``RedisStore.with_controls(..., timeout=)`` as ``RedisStore(..., timeout=)``: a
+    silent server answers by it (``timeout`` was refused as a control's option)."""
+    async with serve("silent") as fake:
+        client = Redis(host="127.0.0.1", port=fake.port, socket_connect_timeout=2)
+        store = RedisStore.with_controls(client, cfg(), clock=clock, timeout=0.2)
+        assert isinstance(store.store, RedisStore) and store.store.timeout == 0.2
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.get(new_session(None).id)
+        assert time.monotonic() - started < 1.5
+        await store.close()
+        await client.aclose()
+
+
 async def test_lone_and_batched_calls_answer_by_the_request_deadline(clock: FakeClock) -> None:
     async with serve("silent") as fake:
         client = Redis(host="127.0.0.1", port=fake.port, socket_connect_timeout=2)

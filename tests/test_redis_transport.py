@@ -615,6 +615,70 @@ async def test_a_server_refusing_info_is_checked_by_its_commands(clock: FakeCloc
         await store.close()
 
 
+@pytest.mark.parametrize("kind", ["single", "bare"])
+async def test_close_of_a_store_without_timeout_never_hangs(
+    kind: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``timeout=None`` and a server that never answers: ``close()`` waited for the
+    calls on the wire for ever (redis-py 5, no socket timeout). It waits
+    ``CLOSE_WAIT`` (20 s; 0.3 here), then cancels them, and every caller settles."""
+    monkeypatch.setattr(transport, "CLOSE_WAIT", 0.3)
+    async with serve("silent") as fake:
+        client = client_for(kind, fake.port)
+        if kind == "single":
+            client = Redis(host="127.0.0.1", port=fake.port, socket_connect_timeout=2)
+        store = RedisStore(client, cfg(), clock=clock, timeout=None)
+        calls = [asyncio.ensure_future(store.get(new_session(None).id)) for _ in range(16)]
+        calls += [asyncio.ensure_future(store.create(new_session(None))) for _ in range(16)]
+        while len(fake.commands) < 2:  # noqa: ASYNC110 - the calls are on the wire
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await asyncio.wait_for(store.close(), 5)
+        assert time.monotonic() - started < 2
+        _, pending = await asyncio.wait(calls, timeout=2)
+        assert not pending
+        for call in calls:
+            assert call.cancelled() or isinstance(call.exception(), SessionError)
+        await client.aclose()
+
+
+async def test_a_reply_of_the_wrong_shape_is_never_quoted(clock: FakeClock) -> None:
+    """A reply of the wrong shape (a proxy mixing up replies) was quoted in the
+    ``StoreUnavailable`` message, and so in the middleware's ERROR log: with plain
+    ids a record's text starts with the whole session id. Now its type only."""
+    async with serve("no_info") as fake:
+        config = cfg(hash_ids=False)
+        store = RedisStore.from_url(f"redis://127.0.0.1:{fake.port}/0", config, clock=clock)
+        async with store:
+            fake.echo = True
+            session = new_session("u")
+            calls = [
+                lambda: store.get(session.id),
+                lambda: store.apply(session.id, Changes(set={"a": 1})),
+                lambda: store.create(session),
+            ]
+            for call in calls:
+                with pytest.raises(StoreUnavailable) as info:
+                    await call()
+                shown = f"{info.value} {info.value.details} {info.value.__cause__}"
+                assert session.id not in shown and session.id[4:20] not in shown, shown
+                assert "unexpected" in shown
+
+
+async def test_a_database_the_server_lacks_is_named_at_open(clock: FakeClock) -> None:
+    """``redis://host/99`` on a server with 16 databases: the connection's SELECT
+    fails, and the open says so (it blamed INFO and the scripts' PEXPIRETIME)."""
+    if backend_redis.skip_reason() or backend_redis.using_fakeredis():
+        pytest.skip("needs a real Redis server")
+    base = backend_redis.REDIS_URL.rsplit("/", 1)[0]
+    store = RedisStore.from_url(f"{base}/99999", cfg(), clock=clock)
+    with pytest.raises(StoreUnavailable, match="no such database") as info:
+        async with store:
+            pass
+    assert "INFO" not in str(info.value) and "PEXPIRETIME" not in str(info.value)
+    await store.close()
+
+
 async def test_a_failed_open_leaves_no_connection_and_may_be_retried(clock: FakeClock) -> None:
     """A store ``from_url`` made whose open fails (here Redis 6.2) closes the
     connections its check opened (an app retrying its start-up would collect them);

@@ -551,6 +551,49 @@ async def test_lock_held_by_another_process_past_busy_timeout(
     await store.close()
 
 
+async def test_a_request_waits_for_a_foreign_lock_one_busy_timeout_in_all(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    """Through the middleware, a request that touches its session and then writes
+    while another process holds the write lock: each write waited a full
+    ``busy_timeout`` (outside attack, 3 workers: ``update_session`` answered 503 after
+    10.1 s with a 5 s busy timeout). The store's ``timeout`` is its busy timeout and
+    bounds the request's session work as a whole: 503 after about one."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from asyncsession import SessionMiddleware, install_exception_handler, update_session
+
+    busy = 1.0
+    store = SQLiteStore.with_controls(db, cfg(idle_timeout=3600), busy_timeout=busy)
+    stores.append(store.store)  # type: ignore[arg-type]
+    assert store.timeout == busy and store.honours_deadline
+
+    async def count(request: Request) -> JSONResponse:
+        n = await update_session(request, lambda d: d.update(n=d.get("n", 0) + 1) or d["n"])
+        return JSONResponse({"n": n})
+
+    app = Starlette(routes=[Route("/count", count, methods=["POST"])])
+    app.add_middleware(SessionMiddleware, store=store, touch_interval=0)
+    install_exception_handler(app)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://t") as client:
+        first = await client.post("/count")
+        assert first.json() == {"n": 1}
+        with write_lock_held(db):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            response = await client.post("/count")
+            took = loop.time() - started
+        assert response.status_code == 503
+        assert busy * 0.8 < took < busy * 1.5, took  # (two waits: 2 x busy)
+        assert (await client.post("/count")).json() == {"n": 2}  # nothing half-done
+    await store.close()
+
+
 async def test_queued_writes_answer_at_their_own_deadline(
     db: str, stores: list[SQLiteStore]
 ) -> None:

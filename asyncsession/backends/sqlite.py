@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, TypeVar
 import aiosqlite
 import orjson
 
+from .._deadline import DEADLINE
 from ..changes import Applied, EncodedChanges, apply_to_data
 from ..codec import EPOCH, CorruptRecord, header_bound, record_size, to_us
 from ..config import Config
@@ -166,6 +167,7 @@ _DELETE_USER = (
     "DELETE FROM sessions WHERE site_id = ? AND user_id = ? AND id IS NOT ? "
     "RETURNING rowid, id, expires"
 )
+_USERS_SESSION = f"SELECT 1 FROM sessions WHERE id = ? AND site_id = ? AND user_id = ? AND {_LIVE}"
 _LIST_USER = (
     f"SELECT id, {_FIELDS} FROM sessions WHERE site_id = ? AND user_id = ? AND {_LIVE} "
     "ORDER BY created, rowid"
@@ -359,7 +361,13 @@ class _Call:
         self.store = store
         self.fn = fn
         self.args = args
-        self.deadline = time.monotonic() + store.busy_timeout  # for the lock, queue included
+        # for the lock, queue included; within a request's deadline if one is set
+        # (SessionMiddleware's: its load, touch and writes share one budget)
+        self.deadline = time.monotonic() + store.busy_timeout
+        limit = DEADLINE.get()
+        if limit is not None:
+            left = limit - asyncio.get_running_loop().time()
+            self.deadline = min(self.deadline, time.monotonic() + left)
 
     def __call__(self) -> Any:
         store = self.store
@@ -382,10 +390,13 @@ class SQLiteStore(Store):
     connections (a writer and a reader; one for ``":memory:"``) open on first use or
     ``async with`` and ``close()`` closes them. ``busy_timeout`` is how long (seconds)
     a write waits for another process's write lock before failing with
-    ``StoreUnavailable``; reads never wait for it.
+    ``StoreUnavailable``; reads never wait for it. It is also the store's ``timeout``:
+    a one-session call (its writes together) and, in ``SessionMiddleware``, a whole
+    request's session work wait for the lock that long at most in all.
     """
 
     backend_name = "sqlite"
+    honours_deadline = True  # every write waits for the lock until the deadline at most
     stores_header = False  # metadata lives in columns; ``record`` is the data
     file_check_interval = 0.1
     """Seconds between checks that the file is still the one opened (one ``stat``)."""
@@ -406,6 +417,7 @@ class SQLiteStore(Store):
             raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout!r}")
         self.path = path if path == MEMORY else os.path.abspath(path)
         self.busy_timeout = float(busy_timeout)
+        self.timeout = self.busy_timeout or None
         self._conn: aiosqlite.Connection | None = None  # the writer
         self._reader: aiosqlite.Connection | None = None  # the writer itself for :memory:
         self._sqlite: sqlite3.Connection | None = None  # used on the connection thread only
@@ -811,7 +823,7 @@ class SQLiteStore(Store):
 
     async def _delete_by_user(
         self, user_id: str, keep: str | None, scope: Config, now: datetime
-    ) -> list[str]:
+    ) -> list[str] | None:
         return await self._run(_delete_by_user, scope.site_id, user_id, keep, to_us(now))
 
     async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:
@@ -1170,9 +1182,13 @@ def _delete(c: sqlite3.Connection, session_id: str, site_id: str) -> Outcome:
 
 def _delete_by_user(
     c: sqlite3.Connection, site_id: str, user_id: str, keep: str | None, now_us: int
-) -> list[str]:
+) -> list[str] | None:
     c.execute("BEGIN IMMEDIATE")
     try:
+        kept = (keep, site_id, user_id, now_us)
+        if keep is not None and not c.execute(_USERS_SESSION, kept).fetchall():
+            c.execute("ROLLBACK")
+            return None
         rows: Sequence[Row] = c.execute(_DELETE_USER, (site_id, user_id, keep)).fetchall()
         c.execute("COMMIT")
     except BaseException:

@@ -130,4 +130,11 @@ def parse_reply(reply: Any, now: datetime) -> Applied | Outcome:
         raise codec.CorruptRecord("stored record is not a compact JSON session record")
     elif isinstance(reply, bytes) and reply in _FAILED:
         return _FAILED[reply]
-    raise ValueError(f"unexpected reply to the apply script: {reply!r:.60}")
+    raise ValueError(f"unexpected {reply_shape(reply)} reply to the apply script")
+
+
+def reply_shape(reply: Any) -> str:
+    """A reply's type and size, never its text (it may hold a session's id or data)."""
+    if isinstance(reply, list | tuple | bytes | str):
+        return f"{type(reply).__name__} of {len(reply)}"
+    return type(reply).__name__

@@ -90,6 +90,13 @@ async def check_server(
     except StoreUnavailable as exc:
         if not isinstance(exc.__cause__, ResponseError):
             raise  # the server is down, not refusing
+        if "DB index" in str(exc.__cause__):  # SELECT on connect: not INFO's fault
+            raise unavailable(
+                RuntimeError(
+                    f"the server at {where} has no such database ({exc.__cause__}): Redis "
+                    "has databases 0 to 15 unless its 'databases' setting says more"
+                )
+            ) from exc.__cause__
         product, version = "A server", "(version unknown: INFO refused)"
     else:
         try:

@@ -54,7 +54,7 @@ from ...store import (
     absolute_deadline,
 )
 from . import rotation
-from .apply import apply_args, parse_reply
+from .apply import apply_args, parse_reply, reply_shape
 from .cluster import ClusterOps
 from .layout import TAG_LENGTH, ClusterLayout, SingleLayout, slot_tag
 from .scripts import (
@@ -444,10 +444,13 @@ class RedisStore(Store):
         config: Config | None = None,
         *,
         clock: Clock | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         **options: Any,
     ) -> ControlledStore:
-        """A controlled store over ``client``: the seed's ``NewWithControls``."""
-        return with_controls(cls(client, config, clock=clock), config, **options)
+        """A controlled store over ``client``: the seed's ``NewWithControls``
+        (``timeout`` as in ``RedisStore(...)``)."""
+        store = cls(client, config, clock=clock, timeout=timeout)
+        return with_controls(store, config, **options)
 
     # ------------------------------------------------------------------ keys
 
@@ -757,7 +760,7 @@ class RedisStore(Store):
         reply = await self._eval(INSERT, keys, self._insert_args(session, record, scope, now))
         result = self._inserted(reply, scope)
         if result is None:
-            raise ValueError(f"unexpected reply to insert: {reply[0]!r:.40}")
+            raise ValueError(f"unexpected {reply_shape(reply)} reply to insert")
         return result
 
     @staticmethod
@@ -894,14 +897,17 @@ class RedisStore(Store):
     @_guarded
     async def _delete_by_user(
         self, user_id: str, keep: str | None, scope: Config, now: datetime
-    ) -> list[str]:
+    ) -> list[str] | None:
         """``USER_BATCH`` sessions per script call, from the front of the index, until
-        the index holds nothing but ``keep``."""
+        the index holds nothing but ``keep``; each call first checks that ``keep`` is
+        still in the index (a login takes it out), and stops if not."""
         keys = (self.index_key(scope.site_id, user_id), self._layout.user_expiry_key(user_id))
         args = (keep or b"", codec.to_us(now), self._sprefix, scope.site_id, USER_BATCH)
         deleted: list[str] = []
         while True:
             reply = await self._eval(DELETE_BY_USER, keys, args)
+            if int(reply[0]) < 0:  # keep is gone: stop (None if nothing was deleted)
+                return deleted or None
             deleted += [session_id.decode() for session_id in reply[1:]]
             if not int(reply[0]):
                 return deleted

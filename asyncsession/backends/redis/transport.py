@@ -42,6 +42,10 @@ from ..._deadline import DEADLINE
 from ...errors import StoreUnavailable
 from .scripts import APPLY, INSERT, MULTI_APPLY, MULTI_GET, MULTI_INSERT, source_of
 
+CLOSE_WAIT = 20.0
+"""How long ``close()`` of a store without ``timeout`` waits for work still on the
+wire before it cancels it (4 x the default timeout)."""
+
 NEVER_DECODE = "NEVER_DECODE"
 """redis-py's option (``redis.client.NEVER_DECODE``) for raw bytes replies, so the
 store reads bytes even from a client made with ``decode_responses=True``."""
@@ -713,14 +717,18 @@ class Transport:
                 return WRONGTYPE
             return self._unavailable(reply)
         if not _is_raw(reply):
-            return self._unavailable(ResponseError(f"unexpected reply to a read: {reply!r:.80}"))
+            # (its type only: a record's text would show a plain id, with hash_ids off)
+            what = type(reply).__name__
+            return self._unavailable(ResponseError(f"unexpected {what} reply to a read"))
         return tuple(reply)
 
     async def aclose(self) -> None:
         """Wait for batches still on the wire (their callers get their replies), for
-        ``timeout`` at most: work that ignored its cancellation is cancelled again and
+        ``timeout`` at most (``CLOSE_WAIT`` without one: a server that never answers
+        must not hang the close): work that ignored its cancellation is cancelled again and
         left to end when the client closes."""
         if self._tasks:
-            _, late = await asyncio.wait(set(self._tasks), timeout=self.timeout)
+            wait = self.timeout if self.timeout is not None else CLOSE_WAIT
+            _, late = await asyncio.wait(set(self._tasks), timeout=wait)
             for task in late:
                 task.cancel()
