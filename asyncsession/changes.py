@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, NoReturn
 
 import orjson
 
@@ -88,6 +88,13 @@ def _key(key: object, what: str) -> bytes:
         ) from exc
 
 
+def _refuse(what: str, wanted: str, value: object) -> NoReturn:
+    raise InvalidSession(
+        f"Changes.{what} must be {wanted}, not {type(value).__name__}",
+        details={"field": what, "type": type(value).__name__},
+    )
+
+
 def encode_changes(changes: Changes) -> EncodedChanges:
     """Validate and encode ``changes``. A value that is not JSON-native raises
     ``NotSerializable`` with its path (``data["key"]...``), as a full write would."""
@@ -96,17 +103,24 @@ def encode_changes(changes: Changes) -> EncodedChanges:
             f"apply() needs a Changes, not {type(changes).__name__}",
             details={"type": type(changes).__name__},
         )
+    for what in ("set", "expect"):
+        if not isinstance(getattr(changes, what), Mapping):
+            _refuse(what, "a mapping of keys to values", getattr(changes, what))
+    if isinstance(changes.delete, str | bytes) or not isinstance(changes.delete, Collection):
+        # a str is a Collection of its letters: Changes(delete="cart") would delete "c", "a"...
+        _refuse("delete", 'a collection of keys (["cart"])', changes.delete)
     sets: list[tuple[bytes, bytes]] = []
     for key, value in changes.set.items():
         k = _key(key, "set")
         sets.append((k, _value(key, k, value)))
     deletes = []
     for key in changes.delete:
+        k = _key(key, "delete")
         if key in changes.set:
             raise InvalidSession(
                 "a key cannot be both set and deleted", details={"key": str(key)[:100]}
             )
-        deletes.append(_key(key, "delete"))
+        deletes.append(k)
     expects: list[tuple[bytes, bytes | None]] = []
     for key, value in changes.expect.items():
         k = _key(key, "expect")

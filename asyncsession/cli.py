@@ -549,7 +549,8 @@ async def _list_user(store: ControlledStore, args: argparse.Namespace, out: Text
             ],
         )
     if not sessions:
-        raise CommandError(f"no live sessions for user {args.user!r}{_on(store)}", NOT_FOUND)
+        where = await _user_elsewhere(store, args.user)
+        raise CommandError(f"no live sessions for user {args.user!r}{_on(store)}{where}", NOT_FOUND)
     return OK
 
 
@@ -633,6 +634,12 @@ async def _revoke_user(store: ControlledStore, args: argparse.Namespace, out: Te
             )
         keep = matches[0]
     count = await store.delete_by_user(args.user, keep=keep)
+    if count == 0 and keep is None:
+        where = await _user_elsewhere(store, args.user)
+        if where:  # an admin logging a user out everywhere must not read "0" as done
+            raise CommandError(
+                f"revoked 0 sessions of user {args.user!r}{_on(store)}{where}", NOT_FOUND
+            )
     if args.json:
         _json({"user": args.user, "revoked": count}, out)
     else:
@@ -818,6 +825,27 @@ def _undecryptable(session_id: str, exc: SessionCorrupt) -> CommandError:
         f" (check ${ENV_KEYS})",
         NOT_FOUND,
     )
+
+
+async def _user_elsewhere(store: ControlledStore, user: str) -> str:
+    """``"; ... on site 'x' (use --site x)"`` if ``user`` has live sessions on other
+    sites than this one (a scan of the store: asked only when this site has none),
+    else ``""``."""
+    site, now, sites = store.config.site_id, store.clock(), set()
+    try:
+        async for entries in store._scan(1000):
+            for e in entries:
+                live = e.expires_at is None or now < e.expires_at
+                if e.user_id == user and e.site_id != site and live:
+                    sites.add(e.site_id)
+    except NotImplementedError:
+        return ""
+    if not sites:
+        return ""
+    if len(sites) == 1:
+        (other,) = sites
+        return f"; the user has sessions on site {other!r} (use --site {other or repr(other)})"
+    return f"; the user has sessions on sites {', '.join(map(repr, sorted(sites)))} (use --site)"
 
 
 def _of_another_site(store: ControlledStore, what: str, site: str) -> CommandError:

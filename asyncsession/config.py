@@ -87,7 +87,10 @@ class Config:
             )
         ttl = _duration("default_ttl", self.default_ttl)
         if ttl is None or ttl <= timedelta(0):
-            raise ValueError(f"Config.default_ttl must be positive, got {self.default_ttl!r}")
+            raise ValueError(
+                "Config.default_ttl must be a positive timedelta or seconds (every session "
+                f"expires: a session without one gets it), got {self.default_ttl!r}"
+            )
         object.__setattr__(self, "default_ttl", ttl)
         idle = _duration("idle_timeout", self.idle_timeout)
         if idle is not None and idle <= timedelta(0):

@@ -50,6 +50,11 @@ def short_hash(session_id: str) -> str:
 
     Of a handle (``session_handle``, the form an id is stored in) the same 12 characters
     as of its id, read off the handle."""
+    if not isinstance(session_id, str):
+        raise InvalidSession(
+            f"short_hash() takes a session id (str), not {type(session_id).__name__}",
+            details={"type": type(session_id).__name__},
+        )
     if len(session_id) == 69 and _HANDLE.fullmatch(session_id):  # tag "." sha256 hex
         return session_id[5:17]
     return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]

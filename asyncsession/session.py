@@ -43,14 +43,16 @@ def user_tag(user_id: str) -> str:
     return base64.urlsafe_b64encode(digest.digest()[:3]).decode()
 
 
-def generate_session_id(user_id: str | None = None) -> str:
+def generate_session_id(user_id: str | int | UUID | None = None) -> str:
     """32 random bytes from ``secrets``, base64url without padding: 43 characters.
 
-    With a (normalized) ``user_id`` the id is ``user_tag(user_id)`` followed by those 43
-    characters (47 in all): the form user sessions get from ``new_session``.
+    With a ``user_id`` (normalized as ``new_session`` does: an int or UUID is its
+    ``str``) the id is ``user_tag(user_id)`` followed by those 43 characters (47 in
+    all): the form user sessions get from ``new_session``.
     """
     token = secrets.token_urlsafe(32)
-    return token if user_id is None else user_tag(user_id) + token
+    user = user_id if type(user_id) is str else normalize_user_id(user_id)
+    return token if user is None else user_tag(user) + token
 
 
 HANDLE_RE = re.compile(r"[A-Za-z0-9_-]{4}\.[0-9a-f]{64}")
@@ -73,6 +75,7 @@ def session_handle(session_id: str) -> str:
     microseconds. (The cache is process memory, which holds the ids of the
     requests it serves anyway; it is never written anywhere.)
     """
+    check_session_id(session_id)  # (once per id: the cache keeps the handle)
     digest = hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
     return session_id[:4] + "." + digest
 

@@ -186,6 +186,30 @@ async def test_apply_bad_values_and_keys(store: ControlledStore) -> None:
     assert (await store.get(s.id)).data == {"a": 1}
 
 
+async def test_apply_refuses_changes_of_the_wrong_shape(store: ControlledStore) -> None:
+    """A str is a Collection of its letters: ``delete="cart"`` deleted the keys "c",
+    "a", "r" and "t" and left "cart". Each wrong shape is refused before anything is
+    written, with no raw AttributeError or TypeError."""
+    data = {"cart": [1], "c": 1, "a": 2, "r": 3, "t": 4}
+    s = await store.create(new_session(None, data=data))
+    wrong: list[Any] = [
+        Changes(delete="cart"),
+        Changes(delete=b"cart"),  # type: ignore[arg-type]
+        Changes(delete=5),  # type: ignore[arg-type]
+        Changes(delete=[["cart"]]),  # type: ignore[list-item]
+        Changes(set=[("cart", 2)]),  # type: ignore[arg-type]
+        Changes(expect=[("cart", [1])]),  # type: ignore[arg-type]
+    ]
+    for changes in wrong:
+        with pytest.raises(InvalidSession, match="Changes") as info:
+            await store.apply(s.id, changes)
+        assert info.value.code == "SESSION_INVALID"
+    got = await store.get(s.id)
+    assert got.data == data and got.version == s.version
+    await store.apply(s.id, Changes(delete={"c", "a"}))  # any collection of str
+    assert (await store.get(s.id)).data == {"cart": [1], "r": 3, "t": 4}
+
+
 async def test_apply_events(harness: Harness) -> None:
     events: list[SessionEvent] = []
     violations: list[ViolationEvent] = []

@@ -316,6 +316,20 @@ def test_revoke_user(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
     assert len(json.loads(out)) == 1  # other sites untouched
     status, out, _ = run(capsys, *store.args("revoke-user", "nobody", "--site", "shop"))
     assert status == 0 and "revoked 0 sessions" in out
+    status, out, _ = run(capsys, *store.args("revoke-user", "carol", "--site", "blog"))
+    assert status == 0 and "revoked 0 sessions" in out  # carol's are expired
+
+
+def test_a_user_of_another_site_is_named(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:
+    """``revoke-user`` on the wrong site printed "revoked 0 sessions" and exit 0 while
+    the user stayed logged in: it names the site, as ``show`` and ``revoke`` do, and
+    exits 1; so does ``list-user``."""
+    for command in ("revoke-user", "list-user"):
+        status, out, err = run(capsys, *store.args(command, "bob", "--site", "blog"))
+        assert status == 1 and out == ""
+        assert "the user has sessions on site 'shop' (use --site shop)" in err, err
+    status, out, _ = run(capsys, *store.args("list-user", "bob", "--site", "shop", "--json"))
+    assert len(json.loads(out)) == 1  # nothing revoked
 
 
 def test_revoke_user_keeps_a_short_hash(store: Filled, capsys: pytest.CaptureFixture[str]) -> None:

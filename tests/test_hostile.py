@@ -42,7 +42,10 @@ from asyncsession import (
     StoreClosed,
     ViolationEvent,
     codec,
+    generate_session_id,
     new_session,
+    session_handle,
+    short_hash,
     with_controls,
 )
 
@@ -369,6 +372,27 @@ def test_bad_new_session_arguments_are_coded_errors(
         new_session(*args, **fields)
     assert info.value.code == "SESSION_INVALID" and what in info.value.details
     assert new_session("u", data=MappingProxyType({"a": 1})).data == {"a": 1}  # any mapping
+
+
+@pytest.mark.parametrize(
+    ("helper", "arg"),
+    [(short_hash, None), (short_hash, 3), (session_handle, "bad id"), (session_handle, None)],
+)
+def test_id_helpers_refuse_what_is_no_id(helper: Callable[[Any], str], arg: Any) -> None:
+    """A coded error, not a raw TypeError, nor a handle made for an invalid id."""
+    TRIED["bad id helper"] += 1
+    with pytest.raises(InvalidSession) as info:
+        helper(arg)
+    assert info.value.code == "SESSION_INVALID"
+
+
+def test_generate_session_id_takes_the_user_ids_new_session_takes() -> None:
+    user = uuid.uuid4()
+    for given, normal in ((4711, "4711"), (user, str(user))):
+        assert generate_session_id(given)[:4] == generate_session_id(normal)[:4]
+        assert new_session(given).id[:4] == generate_session_id(given)[:4]
+    with pytest.raises(InvalidSession):
+        generate_session_id(True)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("store", ["sqlite:///x.db", None, {}])
