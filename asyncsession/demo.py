@@ -249,14 +249,14 @@ class SameOriginPosts:
     """Refuse form posts that do not prove they come from this site (belt and braces on
     top of SameSite=Lax), with 403 and the reason: ``Sec-Fetch-Site`` must be
     ``same-origin`` when the browser sends it; otherwise ``Origin`` must be present,
-    not ``null``, and this host."""
+    not ``null``, and this site's scheme, host and port."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            refused = self.refusal(dict(scope["headers"]))
+            refused = self.refusal(dict(scope["headers"]), scope.get("scheme", "http"))
             if refused is not None:
                 response = PlainTextResponse(refused, status_code=403)
                 await response(scope, receive, send)
@@ -264,8 +264,8 @@ class SameOriginPosts:
         await self.app(scope, receive, send)
 
     @staticmethod
-    def refusal(headers: dict[bytes, bytes]) -> str | None:
-        """Why a POST with these headers is refused (None: it is not)."""
+    def refusal(headers: dict[bytes, bytes], scheme: str = "http") -> str | None:
+        """Why a POST with these headers, over ``scheme``, is refused (None: it is not)."""
         fetch_site = headers.get(b"sec-fetch-site")
         if fetch_site is not None:  # set by the browser itself: a page cannot forge it
             if fetch_site == b"same-origin":
@@ -275,7 +275,9 @@ class SameOriginPosts:
         if origin is None or origin == b"null":
             return "post refused: the browser sent no usable Origin header (missing or null)"
         host = headers.get(b"host", b"")
-        if urlsplit(origin.decode("latin-1")).netloc.encode("latin-1") != host:
+        parts = urlsplit(origin.decode("latin-1"))
+        # an origin is scheme, host and port: https://host for an http site is another
+        if parts.netloc.encode("latin-1") != host or parts.scheme != scheme:
             return "cross-origin post refused"
         return None
 

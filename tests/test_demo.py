@@ -26,6 +26,7 @@ async def demo() -> httpx.AsyncClient:
         ({}, "no usable Origin"),
         ({"origin": "null"}, "no usable Origin"),
         ({"origin": "https://evil.example"}, "cross-origin"),
+        ({"origin": BASE.replace("http://", "https://")}, "cross-origin"),  # another scheme
         ({"origin": BASE, "sec-fetch-site": "cross-site"}, "Sec-Fetch-Site: cross-site"),
         ({"sec-fetch-site": "same-site"}, "Sec-Fetch-Site: same-site"),
     ],
