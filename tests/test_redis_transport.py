@@ -621,7 +621,9 @@ async def test_close_of_a_store_without_timeout_never_hangs(
 ) -> None:
     """``timeout=None`` and a server that never answers: ``close()`` waited for the
     calls on the wire for ever (redis-py 5, no socket timeout). It waits
-    ``CLOSE_WAIT`` (20 s; 0.3 here), then cancels them, and every caller settles."""
+    ``CLOSE_WAIT`` (20 s; 0.3 here), then cancels them. (A lone call that runs in its
+    caller's task reads on the user's client, unbounded as ``timeout=None`` says,
+    until that client is closed: then every caller settles.)"""
     monkeypatch.setattr(transport, "CLOSE_WAIT", 0.3)
     async with serve("silent") as fake:
         client = client_for(kind, fake.port)
@@ -635,11 +637,11 @@ async def test_close_of_a_store_without_timeout_never_hangs(
         started = time.monotonic()
         await asyncio.wait_for(store.close(), 5)
         assert time.monotonic() - started < 2
+        await client.aclose()
         _, pending = await asyncio.wait(calls, timeout=2)
         assert not pending
         for call in calls:
             assert call.cancelled() or isinstance(call.exception(), SessionError)
-        await client.aclose()
 
 
 async def test_a_reply_of_the_wrong_shape_is_never_quoted(clock: FakeClock) -> None:

@@ -176,6 +176,32 @@ def test_refused_urls_say_what_to_write(url: str, message: str) -> None:
     assert "hunter2" not in str(info.value)
 
 
+def test_a_misspelt_redis_option_is_refused_at_once() -> None:
+    """``socket_timout=1`` was accepted, then every call failed (a 503 that reads
+    as an outage): redis-py takes any keyword and fails only when it connects."""
+    pytest.importorskip("redis")
+    from asyncsession.backends.redis import RedisStore
+
+    with pytest.raises(ValueError, match="'socket_timout'.*did you mean 'socket_timeout'"):
+        RedisStore.from_url("redis://localhost:6379/0", socket_timout=1.0)
+    with pytest.raises(ValueError, match="no option 'bogus'"):
+        RedisStore.from_url("unix:///tmp/redis.sock", bogus=1)
+    options = {  # what users pass: all taken
+        "socket_timeout": 1.0,
+        "client_name": "app",
+        "retry_on_timeout": True,
+        "max_connections": 4,
+        "health_check_interval": 30,
+        "decode_responses": True,
+        "username": "u",
+        "password": "p",
+        "ssl_ca_certs": None,
+        "single_connection_client": False,
+    }
+    store = RedisStore.from_url("redis://localhost:6379/0", **options)
+    assert store.client.connection_pool.connection_kwargs["client_name"] == "app"
+
+
 def _url_tables() -> tuple[list[str], list[str]]:
     """The example URLs of docs/backends.md's accepted table, and the refused ones."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "backends.md").read_text()

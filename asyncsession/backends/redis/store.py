@@ -78,6 +78,7 @@ from .server import PROBE_KEY, check_scripts, check_server, cluster_client_probl
 from .transport import Raw, Transport
 from .urls import (
     TLS_OPTIONS,
+    check_client_options,
     check_db_path,
     parse_cluster_url,
     parse_sentinel_url,
@@ -336,7 +337,8 @@ class RedisStore(Store):
 
         ``redis://``, ``rediss://`` and ``unix://`` URLs as redis-py reads them (a
         ``/db`` path that is not a number is a ``ValueError``); extra keyword
-        arguments go to ``redis.asyncio.Redis.from_url``.
+        arguments go to ``redis.asyncio.Redis.from_url`` (one it does not take is a
+        ``ValueError``).
         ``redis+cluster://[[user]:password@]host:port[,host:port...]`` opens a Redis
         Cluster client on those startup nodes;
         ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]`` asks
@@ -384,6 +386,7 @@ class RedisStore(Store):
             cluster = RedisCluster(startup_nodes=startup, **options)
             store = cls(cluster, config, clock=clock, timeout=timeout)
         else:  # (options in the URL win over keyword arguments)
+            check_client_options(redis_options)
             bounded = BOUNDED_REDIS_OPTIONS if timeout is not None else {}
             options = {**DEFAULT_REDIS_OPTIONS, **bounded, **tls, **redis_options}
             store = cls(Redis.from_url(url, **options), config, clock=clock, timeout=timeout)

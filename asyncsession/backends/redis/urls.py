@@ -3,6 +3,9 @@ redis-py's own ``from_url`` does not make (a ``/db`` path that is not a number).
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -82,6 +85,42 @@ def tls_defaults(scheme: str, url_query: str, options: dict[str, Any]) -> dict[s
     if tls and "ssl_check_hostname" not in given and reqs not in ("none", "cert_none", "0"):
         return {"ssl_check_hostname": True}
     return {}
+
+
+@functools.cache
+def _client_options() -> frozenset[str]:
+    """The keyword arguments the installed redis-py takes for a ``Redis.from_url``
+    client: its own, its pool's and its connection classes' (their signatures)."""
+    from redis.asyncio import ConnectionPool, Redis
+    from redis.asyncio.connection import (
+        AbstractConnection,
+        Connection,
+        SSLConnection,
+        UnixDomainSocketConnection,
+    )
+
+    names: set[str] = set()
+    for cls in (Redis, ConnectionPool, AbstractConnection, Connection, SSLConnection):
+        names |= _keywords(cls)
+    names |= _keywords(UnixDomainSocketConnection) | _keywords(Redis.from_url)
+    return frozenset(names)
+
+
+def _keywords(call: Any) -> set[str]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(call).parameters.values()
+    return {p.name for p in params if p.kind in kinds} - {"self"}
+
+
+def check_client_options(options: dict[str, Any]) -> None:
+    """A ``ValueError`` naming an option redis-py does not take (a misspelt
+    ``socket_timout`` was accepted, then every call failed as an outage)."""
+    known = _client_options()
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"redis-py takes no option {name!r}{hint}")
 
 
 def check_db_path(url: str) -> None:
