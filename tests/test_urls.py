@@ -182,7 +182,7 @@ def test_a_misspelt_redis_option_is_refused_at_once() -> None:
     pytest.importorskip("redis")
     from asyncsession.backends.redis import RedisStore
 
-    with pytest.raises(ValueError, match="'socket_timout'.*did you mean 'socket_timeout'"):
+    with pytest.raises(ValueError, match=r"'socket_timout'.*did you mean 'socket_timeout'"):
         RedisStore.from_url("redis://localhost:6379/0", socket_timout=1.0)
     with pytest.raises(ValueError, match="no option 'bogus'"):
         RedisStore.from_url("unix:///tmp/redis.sock", bogus=1)
