@@ -573,7 +573,9 @@ class _Connection:
         """Await store ``work`` within what is left of this request's deadline (one
         budget for load, touch, save and login together); past it, ``StoreUnavailable``.
         A store that ``honours_deadline`` is handed the deadline (``_deadline``)
-        instead of having its call wrapped in ``asyncio.timeout``; other ``work``
+        instead of having its call wrapped in ``asyncio.timeout``; other stores get
+        both (SQLite bounds its wait for another process's lock by it, so that case
+        ends cleanly, as SQLITE_BUSY, rather than cancelled in doubt); other ``work``
         (``store_call=False``) is always wrapped."""
         budget = self.budget
         if budget is None:
@@ -583,14 +585,17 @@ class _Connection:
         try:
             if budget <= 0:
                 raise TimeoutError
-            if store_call and self.mw._honours_deadline:
-                token = DEADLINE.set(started + budget)
-                try:
+            if not store_call:
+                async with asyncio.timeout(budget):
                     return await work
-                finally:
-                    DEADLINE.reset(token)
-            async with asyncio.timeout(budget):
-                return await work
+            token = DEADLINE.set(started + budget)
+            try:
+                if self.mw._honours_deadline:
+                    return await work
+                async with asyncio.timeout(budget):
+                    return await work
+            finally:
+                DEADLINE.reset(token)
         except TimeoutError as exc:
             if asyncio.iscoroutine(work):
                 work.close()  # never started (budget spent): no "never awaited" warning
@@ -862,6 +867,9 @@ class _Connection:
         )
 
 
+_MAX_SECONDS = 10**9 * 86_400  # what a timedelta holds (a billion days)
+
+
 class SessionMiddleware:
     """Server-side sessions for any ASGI app (``http`` and ``websocket`` scopes).
 
@@ -957,7 +965,7 @@ class SessionMiddleware:
             interval_ok = touch_interval >= timedelta(0)
         else:
             interval_ok = touch_interval is None or (
-                is_seconds(touch_interval) and 0 <= touch_interval < float("inf")
+                is_seconds(touch_interval) and 0 <= touch_interval <= _MAX_SECONDS
             )
         if not interval_ok:
             raise ValueError(
@@ -1613,7 +1621,17 @@ async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = 
     try:
         count = await conn.within(conn.store.delete_by_user(session.user_id, keep=keep))
     except SessionNotFound as exc:  # the session to keep is gone: rotated or ended
-        conn._gone(session, exc)
+        revoked = exc.details.get("deleted")
+        if not revoked:
+            conn._gone(session, exc)
+        conn._lost(exc)  # (Redis, a user with many sessions: batches done before the login)
+        reason = "rotated" if isinstance(exc, SessionRotated) else "ended"
+        raise SessionConflict(
+            f"the session {reason} during logout everywhere, after {revoked} of the "
+            "user's other sessions were revoked; the rest are kept: do it again with the "
+            "newer cookie",
+            details={"session": short_hash(session.id), "reason": reason, "revoked": revoked},
+        ) from exc
     if not keep_current:
         conn.forget()
     return count

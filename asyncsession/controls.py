@@ -373,7 +373,7 @@ class ControlledStore(Store):
 
     def _delete_by_user(
         self, user_id: str, keep: str | None, scope: Config, now: datetime
-    ) -> Coroutine[Any, Any, list[str] | None]:
+    ) -> Coroutine[Any, Any, list[str]]:
         return self.store._delete_by_user(user_id, keep, scope, now)
 
     def _list_by_user(

@@ -50,8 +50,8 @@ def generate_session_id(user_id: str | int | UUID | None = None) -> str:
     ``str``) the id is ``user_tag(user_id)`` followed by those 43 characters (47 in
     all): the form user sessions get from ``new_session``.
     """
+    user = normalize_user_id(user_id)
     token = secrets.token_urlsafe(32)
-    user = user_id if type(user_id) is str else normalize_user_id(user_id)
     return token if user is None else user_tag(user) + token
 
 

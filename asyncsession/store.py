@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 import weakref
@@ -196,6 +197,13 @@ async def _by_deadline(seconds: float, call: Callable[[], Coroutine[Any, Any, _R
         DEADLINE.reset(token)
 
 
+class KeepGone(list[str]):
+    """What a backend's ``_delete_by_user`` returns when ``keep`` was not (or no
+    longer) one of the user's live sessions on the site: the ids of the live sessions
+    it deleted before it found out (none where the check and the deletes are one
+    atomic step; on Redis, those of the batches before a login moved ``keep``)."""
+
+
 class PlainIdsFound(Exception):
     """A record stored under a plain id was found by a store told not to move such
     records (``Store._moves_plain_ids`` off: the admin command line, which cannot know
@@ -286,8 +294,12 @@ class Store(ABC):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
+        # its own context: started by a call made within a request's deadline
+        # (asyncsession._deadline), it must not keep that deadline for every purge
+        context = contextvars.copy_context()
+        context.run(DEADLINE.set, None)
         self._cleanup_task = loop.create_task(
-            self._cleanup_loop(), name=f"asyncsession-{self.backend_name}-cleanup"
+            self._cleanup_loop(), name=f"asyncsession-{self.backend_name}-cleanup", context=context
         )
 
     async def _cleanup_loop(self) -> None:
@@ -814,7 +826,9 @@ class Store(ABC):
         atomic step as the deletes: else nothing is deleted and ``SessionNotFound``
         (``SessionRotated`` if a login or ``rotate`` moved it: "log out my other
         devices" sent with an id a parallel login replaced must not delete the
-        login's new session)."""
+        login's new session). On Redis a user with more than ``USER_BATCH`` sessions
+        is deleted in batches, each checking ``keep``: a login between two of them
+        stops the rest, and the error's ``details["deleted"]`` says how many went."""
         self._check_open()
         user = self._check_user(user_id)
         if keep is not None:
@@ -825,18 +839,24 @@ class Store(ABC):
                 await self._adopt_listed(await self._list_by_user(user, self.scope, self.clock()))
             keep = kept
         deleted = await self._delete_by_user(user, keep, self.scope, self.clock())
-        if deleted is None:
-            assert keep is not None  # (only a kept session can be missing; here its storage id)
-            scope = self.scope
-            if scope.rotation_grace and await self._rotated(keep, scope, self.clock()):
-                raise self._rotated_error(keep)
-            raise SessionNotFound(
-                "the session to keep is not one of the user's sessions on this site; "
-                "nothing deleted",
-                details={"session": short_hash(keep), "user_id": user},
-            )
         for session_id in deleted:
             self._event("deleted", None, session_id=session_id, user_id=user)
+        if isinstance(deleted, KeepGone):
+            assert keep is not None  # (here its storage id)
+            scope = self.scope
+            if scope.rotation_grace and await self._rotated(keep, scope, self.clock()):
+                exc: SessionNotFound = self._rotated_error(keep)
+            else:
+                exc = SessionNotFound(
+                    "the session to keep is not one of the user's live sessions on this "
+                    "site; nothing deleted",
+                    details={"session": short_hash(keep)},
+                )
+            if deleted:  # (Redis: batches done before a login moved keep)
+                exc.message = f"{exc.message}; {len(deleted)} deleted before that, the rest kept"
+                exc.args = (exc.message,)
+            exc.details["deleted"] = len(deleted)
+            raise exc
         return len(deleted)
 
     async def list_by_user(self, user_id: str | Any) -> list[Session]:
@@ -931,8 +951,8 @@ class Store(ABC):
         their handles and show those, so a listed id works with ``delete`` and
         ``delete_by_user(keep=...)``."""
         for session in sessions:
-            if not is_handle(session.id):
-                handle = session_handle(session.id)
+            if not is_handle(session.id) and _id_match(session.id):  # (as migrate_ids:
+                handle = session_handle(session.id)  # a row written from outside stays)
                 await self._move_plain(session.id, handle)
                 session.id = handle
 
@@ -1087,13 +1107,13 @@ class Store(ABC):
     @abstractmethod
     async def _delete_by_user(
         self, user_id: str, keep: str | None, scope: Config, now: datetime
-    ) -> list[str] | None:
+    ) -> list[str]:
         """Atomically delete the user's sessions on the site except ``keep``; returns the
-        ids of the live ones deleted (expired ones go too, uncounted). None, and
-        nothing deleted, when ``keep`` is not (or no longer) one of the user's live
-        sessions on the site: a login rotated it, and its new session must stay. (A backend that
-        works in several atomic steps checks ``keep`` in each, and stops with what the
-        steps before deleted.)"""
+        ids of the live ones deleted (expired ones go too, uncounted). A ``KeepGone``,
+        and nothing (more) deleted, when ``keep`` is not (or no longer) one of the
+        user's live sessions on the site: a login rotated it, and its new session must
+        stay. (A backend that works in several atomic steps checks ``keep`` in each,
+        and stops with a ``KeepGone`` of what the steps before deleted.)"""
 
     @abstractmethod
     async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:

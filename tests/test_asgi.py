@@ -413,6 +413,7 @@ async def test_development_cookie_without_secure(cstore: CountingStore) -> None:
         {"touch_interval": -5},  # (was accepted)
         {"touch_interval": timedelta(seconds=-1)},
         {"touch_interval": float("nan")},
+        {"touch_interval": 1e14},  # (a raw OverflowError from timedelta)
         {"max_retries": -1},
         {"max_retries": "3"},
         {"on_unavailable": "ignore"},

@@ -391,8 +391,9 @@ def test_generate_session_id_takes_the_user_ids_new_session_takes() -> None:
     for given, normal in ((4711, "4711"), (user, str(user))):
         assert generate_session_id(given)[:4] == generate_session_id(normal)[:4]
         assert new_session(given).id[:4] == generate_session_id(given)[:4]
-    with pytest.raises(InvalidSession):
-        generate_session_id(True)  # type: ignore[arg-type]
+    for bad in (True, "", "a\x00b", "u" * 10_000):
+        with pytest.raises(InvalidSession):
+            generate_session_id(bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("store", ["sqlite:///x.db", None, {}])

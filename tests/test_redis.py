@@ -41,6 +41,7 @@ from asyncsession import (  # noqa: E402
     SessionConflict,
     SessionExpired,
     SessionNotFound,
+    SessionRotated,
     StoreUnavailable,
     ViolationEvent,
     new_session,
@@ -1215,6 +1216,41 @@ async def test_list_and_delete_by_user_work_in_bounded_batches(
     deletes = [args for sha, args in calls if sha == redis_backend.DELETE_BY_USER.sha]
     assert len(deletes) == -(-46 // 7) + (46 % 7 == 0)
     assert [s.id for s in await store.list_by_user("alice")] == [raw.handle(keep)]
+
+
+async def test_a_login_between_two_batches_stops_delete_by_user_and_says_so(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user with more sessions than one batch, and a login that moves ``keep``
+    between two batches: the batches after it delete nothing (the login's new
+    session stays), and the call raises ``SessionRotated`` saying how many went
+    (review: it returned the first batch's count as success, the rest left live)."""
+    from asyncsession.backends.redis import store as store_module
+
+    monkeypatch.setattr(store_module, "USER_BATCH", 5)
+    store = env.controlled(cfg(max_sessions_per_user=0))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    keep = await store.create(new_session("alice", now=clock()))
+    for _ in range(12):
+        clock.advance(1)
+        await store.create(new_session("alice", now=clock()))
+    real_eval = raw._eval
+    moved: list[str] = []
+
+    async def login_after_the_first_batch(script: Any, keys: Any, args: Any) -> Any:
+        reply = await real_eval(script, keys, args)
+        if script is redis_backend.DELETE_BY_USER and not moved:
+            moved.append(await store.rotate(keep.id))
+        return reply
+
+    monkeypatch.setattr(raw, "_eval", login_after_the_first_batch)
+    with pytest.raises(SessionRotated) as info:
+        await store.delete_by_user("alice", keep=keep.id)
+    assert info.value.details["deleted"] == 5 and "5 deleted before that" in str(info.value)
+    monkeypatch.setattr(raw, "_eval", real_eval)
+    left = {s.id for s in await store.list_by_user("alice")}
+    assert raw.handle(moved[0]) in left and len(left) == 13 - 5
 
 
 async def test_expiry_set_and_index_stay_bounded_without_cleanup(

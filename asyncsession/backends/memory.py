@@ -29,6 +29,7 @@ from ..session import Clock, Session
 from ..store import (
     NO_EVICTIONS,
     InsertResult,
+    KeepGone,
     Outcome,
     PurgedSession,
     ScanEntry,
@@ -418,12 +419,12 @@ class MemoryStore(Store):
 
     async def _delete_by_user(
         self, user_id: str, keep: str | None, scope: Config, now: datetime
-    ) -> list[str] | None:
+    ) -> list[str]:
         index = self._users.get((scope.site_id, user_id))
         if keep is not None:
             kept = self._entries.get(keep) if index and keep in index else None
             if kept is None or (kept.expires_at is not None and now >= kept.expires_at):
-                return None
+                return KeepGone()
         if not index:
             return []
         deleted = []

@@ -42,6 +42,7 @@ from ..session import Clock, Session, is_handle
 from ..store import (
     NO_EVICTIONS,
     InsertResult,
+    KeepGone,
     Outcome,
     PurgedSession,
     ScanEntry,
@@ -362,7 +363,8 @@ class _Call:
         self.fn = fn
         self.args = args
         # for the lock, queue included; within a request's deadline if one is set
-        # (SessionMiddleware's: its load, touch and writes share one budget)
+        # (SessionMiddleware's, which also cancels the call's await at it: its load,
+        # touch and writes share one budget, and a wait for the lock ends by then)
         self.deadline = time.monotonic() + store.busy_timeout
         limit = DEADLINE.get()
         if limit is not None:
@@ -390,13 +392,13 @@ class SQLiteStore(Store):
     connections (a writer and a reader; one for ``":memory:"``) open on first use or
     ``async with`` and ``close()`` closes them. ``busy_timeout`` is how long (seconds)
     a write waits for another process's write lock before failing with
-    ``StoreUnavailable``; reads never wait for it. It is also the store's ``timeout``:
-    a one-session call (its writes together) and, in ``SessionMiddleware``, a whole
-    request's session work wait for the lock that long at most in all.
+    ``StoreUnavailable``; reads never wait for it. It is also the store's ``timeout``,
+    so ``SessionMiddleware`` bounds a whole request's session work by it (one budget
+    for its touch, ``update_session``, ``login`` and the final save), and a write's
+    wait for the lock ends within what is left of that budget.
     """
 
     backend_name = "sqlite"
-    honours_deadline = True  # every write waits for the lock until the deadline at most
     stores_header = False  # metadata lives in columns; ``record`` is the data
     file_check_interval = 0.1
     """Seconds between checks that the file is still the one opened (one ``stat``)."""
@@ -823,7 +825,7 @@ class SQLiteStore(Store):
 
     async def _delete_by_user(
         self, user_id: str, keep: str | None, scope: Config, now: datetime
-    ) -> list[str] | None:
+    ) -> list[str]:
         return await self._run(_delete_by_user, scope.site_id, user_id, keep, to_us(now))
 
     async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:
@@ -1182,13 +1184,13 @@ def _delete(c: sqlite3.Connection, session_id: str, site_id: str) -> Outcome:
 
 def _delete_by_user(
     c: sqlite3.Connection, site_id: str, user_id: str, keep: str | None, now_us: int
-) -> list[str] | None:
+) -> list[str]:
     c.execute("BEGIN IMMEDIATE")
     try:
         kept = (keep, site_id, user_id, now_us)
         if keep is not None and not c.execute(_USERS_SESSION, kept).fetchall():
             c.execute("ROLLBACK")
-            return None
+            return KeepGone()
         rows: Sequence[Row] = c.execute(_DELETE_USER, (site_id, user_id, keep)).fetchall()
         c.execute("COMMIT")
     except BaseException:

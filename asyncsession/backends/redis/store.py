@@ -47,6 +47,7 @@ from ...session import Clock, Session, is_seconds, user_tag
 from ...store import (
     NO_EVICTIONS,
     InsertResult,
+    KeepGone,
     Outcome,
     PurgedSession,
     ScanEntry,
@@ -900,7 +901,7 @@ class RedisStore(Store):
     @_guarded
     async def _delete_by_user(
         self, user_id: str, keep: str | None, scope: Config, now: datetime
-    ) -> list[str] | None:
+    ) -> list[str]:
         """``USER_BATCH`` sessions per script call, from the front of the index, until
         the index holds nothing but ``keep``; each call first checks that ``keep`` is
         still in the index (a login takes it out), and stops if not."""
@@ -909,8 +910,8 @@ class RedisStore(Store):
         deleted: list[str] = []
         while True:
             reply = await self._eval(DELETE_BY_USER, keys, args)
-            if int(reply[0]) < 0:  # keep is gone: stop (None if nothing was deleted)
-                return deleted or None
+            if int(reply[0]) < 0:  # keep is gone: stop, with what the batches before deleted
+                return KeepGone(deleted)
             deleted += [session_id.decode() for session_id in reply[1:]]
             if not int(reply[0]):
                 return deleted
