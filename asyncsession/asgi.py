@@ -1152,6 +1152,8 @@ class SessionMiddleware:
                         else:
                             session = await conn.within(self.store.get(session_id))
                     except SessionNotFound as exc:
+                        if exc.details.get("key_not_configured"):
+                            _keys_behind(exc)  # an outage: 503, the cookie kept
                         if isinstance(exc, SessionRotated):
                             conn.stale = True  # a newer cookie exists: leave it alone
                             conn.rotated = True
@@ -1578,6 +1580,19 @@ async def login(
     conn.stale = conn.rotated = conn.migrate = False
     logger.info("login: session %s for user %r", short_hash(session.id), session.user_id)
     return session
+
+
+def _keys_behind(exc: SessionNotFound) -> NoReturn:
+    """A session sealed under a key this instance lacks is not an unknown cookie
+    (a fresh session, the cookie expired: its user logged out and their data out of
+    reach). During a rolling key rotation another instance already writes under the
+    new key: answer as for an outage, and leave the cookie for an instance that has
+    the key."""
+    raise StoreUnavailable(
+        "session sealed under an encryption key this instance does not have "
+        "(Config.encryption_keys: a rolling key rotation?)",
+        details={"session": exc.details.get("session"), "reason": exc.details.get("reason")},
+    ) from exc
 
 
 def _login_lost(conn: _Connection, old: Session, exc: SessionNotFound) -> None:

@@ -64,6 +64,11 @@ class SealBroken(CorruptRecord):
     ``codec.CorruptRecord``, so whatever skips undecodable records skips these too."""
 
 
+class KeyNotConfigured(SealBroken):
+    """Sealed under a key id this ring does not have: during a rolling key rotation,
+    a record another instance wrote under the new key; or a key dropped too early."""
+
+
 def generate_key() -> str:
     """A fresh random 32-byte key as urlsafe base64 text (44 characters), the form
     ``Config.encryption_keys`` and ``ASYNCSESSION_ENCRYPTION_KEYS`` take."""
@@ -203,7 +208,9 @@ class KeyRing:
             raise SealBroken("sealed data is malformed")
         cipher = self._ciphers.get(raw[:_KEY_ID])
         if cipher is None:
-            raise SealBroken(f"sealed under key id {raw[:_KEY_ID].hex()}, which is not configured")
+            raise KeyNotConfigured(
+                f"sealed under key id {raw[:_KEY_ID].hex()}, which is not configured"
+            )
         try:
             plain: bytes = cipher.decrypt(raw[_KEY_ID:_DATA], raw[_DATA:], _AAD)
         except Exception:  # cryptography's InvalidTag

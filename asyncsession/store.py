@@ -32,7 +32,7 @@ from . import codec
 from ._deadline import DEADLINE
 from .changes import Applied, Changes, EncodedChanges, apply_to_data, encode_changes
 from .config import Config
-from .crypto import KeyRing, SealBroken, is_sealed
+from .crypto import KeyNotConfigured, KeyRing, SealBroken, is_sealed
 from .errors import (
     InvalidSession,
     NotSerializable,
@@ -382,7 +382,7 @@ class Store(ABC):
             if ring is not None:
                 session.data = ring.open(data)
             elif is_sealed(data):
-                raise SealBroken("the data is encrypted and Config.encryption_keys is empty")
+                raise KeyNotConfigured("the data is encrypted and Config.encryption_keys is empty")
         except SealBroken as exc:
             raise self._sealed_error(session_id, exc, session) from None
         return session
@@ -394,6 +394,8 @@ class Store(ABC):
             "session not found",
             details={"session": short_hash(session_id), "corrupt": True, "reason": str(cause)},
         )
+        if isinstance(cause, KeyNotConfigured):
+            exc.details["key_not_configured"] = True
         self._violation("decryption_failed", exc, session, session_id=session_id)
         return exc
 

@@ -489,3 +489,32 @@ async def test_middleware_writes_sealed_and_treats_a_tampered_session_as_unknown
         assert fresh.json() == {"k": "v"}
         assert cookie_id(fresh) != session_id
     assert "decryption_failed" in [v.type for v in backend.violations]
+
+
+async def test_a_session_under_a_key_this_instance_lacks_is_an_outage_not_a_logout(
+    backend: Backend,
+) -> None:
+    """A rolling key rotation: an instance already on ``B,A`` writes the session under
+    B; the next request reaches one still on ``A``. It answered 200 with a fresh
+    session and expired the cookie (outside race run: 375 of 1,379 users logged
+    out); now 503 with the cookie untouched, and the instance that has the key
+    still serves the session."""
+    from .test_asgi import client, cookie_id, make_app, set_cookies
+
+    new, old = backend.controlled(KEY_B, KEY_A), backend.controlled(KEY_A)
+    async with client(make_app(new)) as on_new, client(make_app(old)) as on_old:
+        first = await on_new.post("/set", params={"key": "cart", "value": "book"})
+        session_id = cookie_id(first)
+        jar = {"cookie": f"session={session_id}"}
+        on_new.cookies.clear()
+        for request in (
+            on_old.get("/read", headers=jar),
+            on_old.post("/set", params={"key": "k", "value": "v"}, headers=jar),
+        ):
+            response = await request
+            assert response.status_code == 503, response.text
+            assert set_cookies(response) == []
+        after = await on_new.get("/read", headers=jar)
+        assert after.json() == {"cart": "book"}
+    # (and still reported, as any record that does not open)
+    assert "decryption_failed" in [v.type for v in backend.violations]
