@@ -709,7 +709,10 @@ class _Connection:
 
     def _lost(self, exc: SessionNotFound) -> None:
         """The stored session ended or moved under this request: nothing more is served
-        from it, and the client's cookie is left alone (it may hold a newer one)."""
+        from it, and the client's cookie is left alone (it may hold a newer one). One
+        sealed under a key this instance lacks has not ended: an outage (503)."""
+        if exc.details.get("key_not_configured"):
+            _keys_behind(exc)
         self.stale = True
         if isinstance(exc, SessionRotated):
             self.moved = True
@@ -1245,6 +1248,8 @@ class SessionMiddleware:
             try:
                 live.append((await conn.within(self.store.get(session_id)), session_id))
             except SessionNotFound as exc:
+                if exc.details.get("key_not_configured"):
+                    _keys_behind(exc)  # not unknown: one of them may be the user's
                 rotated = rotated or isinstance(exc, SessionRotated)
                 continue
         if len(live) == 1:
@@ -1599,7 +1604,10 @@ def _login_lost(conn: _Connection, old: Session, exc: SessionNotFound) -> None:
     """The session a login was replacing vanished. Another login moved it (a double
     submit, a second tab): that one won, this one answers 409 and leaves its cookie
     alone, rather than start a second session that would replace the winner's
-    cookie. Deleted or expired: the login goes on with a new session."""
+    cookie. Deleted or expired: the login goes on with a new session. Sealed under a
+    key this instance lacks: an outage (503), nothing created."""
+    if exc.details.get("key_not_configured"):
+        _keys_behind(exc)
     if isinstance(exc, SessionRotated):
         conn._gone(old, exc)
 

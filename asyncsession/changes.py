@@ -17,6 +17,7 @@ from typing import Any, Final, NamedTuple, NoReturn
 import orjson
 
 from . import codec
+from .crypto import KeyNotConfigured, is_sealed
 from .errors import InvalidSession
 
 
@@ -151,6 +152,8 @@ def apply_to_data(blob: bytes, changes: EncodedChanges) -> bytes | None:
     data: dict[str, Any] = orjson.loads(blob)
     if type(data) is not dict:
         raise codec.CorruptRecord("stored data is not a JSON object")
+    if is_sealed(data):  # (this merge runs without keys: never into encrypted data)
+        raise KeyNotConfigured("the data is encrypted and Config.encryption_keys is empty")
     if changes.expect:
         for k, expected in changes.expect:
             key = orjson.loads(k)

@@ -519,12 +519,10 @@ async def _stats(store: ControlledStore, args: argparse.Namespace, out: TextIO) 
 
 
 async def _user_sessions(store: ControlledStore, user: str) -> list[Session]:
-    """The user's live sessions, for commands that show or match only metadata: with
-    encryption at rest but no keys given, as stored (their data sealed, never shown),
-    so ``list-user`` and ``revoke --user`` work without the keys as documented."""
-    if store.config.keyring is None:
-        return await store._listed(user)
-    return await store.list_by_user(user)
+    """The user's live sessions, for commands that show or match only metadata: as
+    stored (with encryption at rest, their data sealed, never shown), so ``list-user``
+    and ``revoke --user`` work without the keys, or with other keys, as documented."""
+    return await store._listed(user)
 
 
 async def _list_user(store: ControlledStore, args: argparse.Namespace, out: TextIO) -> int:

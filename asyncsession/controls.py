@@ -38,6 +38,7 @@ VIOLATION_TYPES = (
     "session_limit_exceeded",
     "site_mismatch",
     "conflict",
+    "rotated",
     "decryption_failed",
 )
 """Every ``ViolationEvent.type``."""

@@ -211,7 +211,15 @@ def new_session(
     unknown = set(fields) - _NEW_SESSION_FIELDS
     if unknown:
         raise TypeError(f"new_session() got unexpected fields: {', '.join(sorted(unknown))}")
-    at = now or utcnow()
+    if now is None:
+        at = utcnow()
+    elif isinstance(now, datetime) and now.utcoffset() is not None:
+        at = now
+    else:  # (a naive time failed later: a raw TypeError, or a store that broke on it)
+        raise InvalidSession(
+            f"new_session(now=...) needs a timezone-aware datetime, not {now!r:.60}",
+            details={"now": type(now).__name__},
+        )
     expires_at = None
     if ttl is not None:
         if isinstance(ttl, timedelta):

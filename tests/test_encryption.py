@@ -518,3 +518,36 @@ async def test_a_session_under_a_key_this_instance_lacks_is_an_outage_not_a_logo
         assert after.json() == {"cart": "book"}
     # (and still reported, as any record that does not open)
     assert "decryption_failed" in [v.type for v in backend.violations]
+
+
+async def test_a_store_without_keys_never_merges_into_encrypted_data(backend: Backend) -> None:
+    """A blind write (``apply`` without a base) from an instance without keys over a
+    record another instance sealed: the backend's own merge (SQL, Lua, memory) put
+    the new key beside the sealed blob, and the record no longer opened anywhere
+    (review: all of the user's data lost). Now refused as a key this store lacks,
+    the record untouched."""
+    sealed, keyless = backend.controlled(KEY_A), backend.controlled()
+    session = await sealed.create(new_session("u", data={"cart": ["book"]}))
+    with pytest.raises(SessionCorrupt) as info:
+        await keyless.apply(session.id, Changes(set={"mine": 1}))
+    assert info.value.details.get("key_not_configured") is True
+    assert (await sealed.get(session.id)).data == {"cart": ["book"]}
+
+
+async def test_tossed_cookies_with_one_under_a_key_this_instance_lacks(
+    backend: Backend,
+) -> None:
+    """Several cookies, one of them the user's session sealed under a key this
+    instance lacks and one an attacker's session it can read: the attacker's was
+    adopted and the user's write landed in it (review). Now 503, no cookie sent."""
+    from .test_asgi import client, make_app, set_cookies
+
+    new, old = backend.controlled(KEY_B, KEY_A), backend.controlled(KEY_A)
+    victim = await new.create(new_session("victim", data={"cart": ["book"]}))
+    attacker = await old.create(new_session("attacker"))
+    jar = {"cookie": f"session={victim.id}; session={attacker.id}"}
+    async with client(make_app(old)) as on_old:
+        response = await on_old.post("/set", params={"key": "note", "value": "x"}, headers=jar)
+        assert response.status_code == 503 and set_cookies(response) == []
+    assert (await old.get(attacker.id)).data == {}
+    assert (await new.get(victim.id)).data == {"cart": ["book"]}

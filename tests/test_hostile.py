@@ -361,6 +361,8 @@ def test_bad_site_ids_are_refused(site: Any) -> None:
         (("u", [3600]), {}, "ttl"),
         (("u",), {"data": [1]}, "data"),
         (("u",), {"data": "text"}, "data"),
+        (("u",), {"now": datetime(2030, 1, 1)}, "now"),  # naive: a raw TypeError later
+        (("u",), {"now": "2030"}, "now"),
     ],
 )
 def test_bad_new_session_arguments_are_coded_errors(

@@ -184,6 +184,8 @@ def test_a_misspelt_redis_option_is_refused_at_once() -> None:
 
     with pytest.raises(ValueError, match=r"'socket_timout'.*did you mean 'socket_timeout'"):
         RedisStore.from_url("redis://localhost:6379/0", socket_timout=1.0)
+    with pytest.raises(ValueError, match="did you mean 'socket_timeout'"):
+        open_backend("redis://localhost:6379/0?socket_timout=1")  # in the URL too
     with pytest.raises(ValueError, match="no option 'bogus'"):
         RedisStore.from_url("unix:///tmp/redis.sock", bogus=1)
     options = {  # what users pass: all taken

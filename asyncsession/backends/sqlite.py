@@ -342,6 +342,11 @@ class _Gone(sqlite3.OperationalError):
     """The database file was deleted or replaced while this store had it open."""
 
 
+DEADLINE_MARGIN = 0.05
+"""Seconds before a request's deadline by which a write must have started, and its
+wait for another process's lock ends (the request gives up at the deadline itself)."""
+
+
 class _Hidden(tuple[Any, ...]):
     """Statement parameters whose repr hides them: aiosqlite logs each queued call,
     with its arguments, at DEBUG, and parameters hold full session ids."""
@@ -356,7 +361,7 @@ class _Call:
     """A hook's function for the connection thread. Its repr names only the function:
     aiosqlite logs queued calls at DEBUG, and arguments hold full session ids."""
 
-    __slots__ = ("args", "deadline", "fn", "store")
+    __slots__ = ("args", "deadline", "fn", "start_by", "store")
 
     def __init__(self, store: SQLiteStore, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.store = store
@@ -366,16 +371,24 @@ class _Call:
         # (SessionMiddleware's, which also cancels the call's await at it: its load,
         # touch and writes share one budget, and a wait for the lock ends by then)
         self.deadline = time.monotonic() + store.busy_timeout
+        self.start_by: float | None = None
         limit = DEADLINE.get()
         if limit is not None:
-            left = limit - asyncio.get_running_loop().time()
-            self.deadline = min(self.deadline, time.monotonic() + left)
+            # the request gives up at its deadline: a call still queued by then must
+            # not run behind its back (a login committed after its 503, the browser
+            # left on the rotated id); one that runs ends its wait for the lock a
+            # little before, so it answers, rather than being cut in doubt
+            left = limit - asyncio.get_running_loop().time() - DEADLINE_MARGIN
+            self.start_by = time.monotonic() + left
+            self.deadline = min(self.deadline, self.start_by)
 
     def __call__(self) -> Any:
         store = self.store
         conn = store._sqlite
         if conn is None:  # pragma: no cover - closed between queueing and running
             raise sqlite3.OperationalError("connection is closed")
+        if self.start_by is not None and time.monotonic() >= self.start_by:
+            raise sqlite3.OperationalError("not started before the request's deadline")
         if store._identity is not None:
             store._check_file_due()
         store._wait_at_most(conn, self.deadline)

@@ -22,6 +22,7 @@ import orjson
 from ... import codec
 from ...changes import Applied, EncodedChanges
 from ...config import Config
+from ...crypto import KeyNotConfigured
 from ...errors import SessionError
 from ...session import Session
 from ...store import Outcome, absolute_deadline, idle_deadline
@@ -128,6 +129,8 @@ def parse_reply(reply: Any, now: datetime) -> Applied | Outcome:
             return Applied(version, now, expires_at)
     elif reply == b"corrupt":
         raise codec.CorruptRecord("stored record is not a compact JSON session record")
+    elif reply == b"sealed":
+        raise KeyNotConfigured("the data is encrypted and Config.encryption_keys is empty")
     elif isinstance(reply, bytes) and reply in _FAILED:
         return _FAILED[reply]
     raise ValueError(f"unexpected {reply_shape(reply)} reply to the apply script")

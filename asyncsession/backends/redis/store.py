@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 import redis
@@ -387,7 +387,7 @@ class RedisStore(Store):
             cluster = RedisCluster(startup_nodes=startup, **options)
             store = cls(cluster, config, clock=clock, timeout=timeout)
         else:  # (options in the URL win over keyword arguments)
-            check_client_options(redis_options)
+            check_client_options({**dict(parse_qsl(query)), **redis_options})
             bounded = BOUNDED_REDIS_OPTIONS if timeout is not None else {}
             options = {**DEFAULT_REDIS_OPTIONS, **bounded, **tls, **redis_options}
             store = cls(Redis.from_url(url, **options), config, clock=clock, timeout=timeout)

@@ -93,6 +93,8 @@ local i = string.find(r, ',"d":', 1, true)
 if not i then return 'corrupt' end
 local data, dstop = members(r, i + 5)
 if not data or dstop ~= #r or string.byte(r, #r) ~= 125 then return 'corrupt' end
+-- encrypted data (this merge runs only for a store without keys): never merge into it
+if #data == 1 and data[1][1] == '"\\u0000enc"' then return 'sealed' end
 local pos = {}
 for j, m in ipairs(data) do pos[m[1]] = j end
 local a = 12
