@@ -17,8 +17,10 @@ from typing import Any, Final, NamedTuple, NoReturn
 import orjson
 
 from . import codec
-from .crypto import KeyNotConfigured, is_sealed
+from .crypto import SEALED_KEY, KeyNotConfigured, is_sealed
 from .errors import InvalidSession
+
+RESERVED = "the key '\\x00enc' is reserved (it marks encrypted data)"
 
 
 class _Absent:
@@ -81,6 +83,8 @@ def _key(key: object, what: str) -> bytes:
             f"Changes.{what} keys must be str, not {type(key).__name__}",
             details={"type": type(key).__name__},
         )
+    if key == SEALED_KEY:
+        raise InvalidSession(RESERVED, details={"key": "\\x00enc"})
     try:
         return orjson.dumps(key)
     except orjson.JSONEncodeError as exc:  # a lone surrogate
@@ -146,13 +150,15 @@ def _value(key: str, k: bytes, value: Any) -> bytes:
     return codec.encode_data({key: value})[len(k) + 2 : -1]
 
 
-def apply_to_data(blob: bytes, changes: EncodedChanges) -> bytes | None:
+def apply_to_data(blob: bytes, changes: EncodedChanges, *, keyless: bool = False) -> bytes | None:
     """The encoded data ``blob`` with ``changes`` applied, or None if an expectation
-    fails. For backends that keep the data as one JSON object (memory, SQLite)."""
+    fails. For backends that keep the data as one JSON object (memory, SQLite).
+    ``keyless``: the backend's own merge, run for a store without encryption keys,
+    which must never merge into encrypted data (``KeyNotConfigured``)."""
     data: dict[str, Any] = orjson.loads(blob)
     if type(data) is not dict:
         raise codec.CorruptRecord("stored data is not a JSON object")
-    if is_sealed(data):  # (this merge runs without keys: never into encrypted data)
+    if keyless and is_sealed(data):
         raise KeyNotConfigured("the data is encrypted and Config.encryption_keys is empty")
     if changes.expect:
         for k, expected in changes.expect:

@@ -30,9 +30,9 @@ from orjson import loads as orjson_loads
 
 from . import codec
 from ._deadline import DEADLINE
-from .changes import Applied, Changes, EncodedChanges, apply_to_data, encode_changes
+from .changes import RESERVED, Applied, Changes, EncodedChanges, apply_to_data, encode_changes
 from .config import Config
-from .crypto import KeyNotConfigured, KeyRing, SealBroken, is_sealed
+from .crypto import SEALED_KEY, KeyNotConfigured, KeyRing, SealBroken, is_sealed
 from .errors import (
     InvalidSession,
     NotSerializable,
@@ -332,6 +332,11 @@ class Store(ABC):
         just the data (``codec.encode_data``) after the same metadata checks.
         ``ControlledStore`` adds the size limit here. With ``Config.encryption_keys``
         the data is sealed (``_encode_sealed``)."""
+        data = session.data
+        if type(data) is dict and SEALED_KEY in data:  # read back, it would be "encrypted"
+            exc = InvalidSession(RESERVED, details={"key": "\\x00enc"})
+            self._encode_violation(exc, session)
+            raise exc
         ring = self.config.keyring
         if ring is not None:  # [encryption]
             return self._encode_sealed(session, ring)

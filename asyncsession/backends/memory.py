@@ -308,7 +308,7 @@ class MemoryStore(Store):
         if isinstance(found, Outcome):
             return found
         try:
-            blob = apply_to_data(found.blob, changes)
+            blob = apply_to_data(found.blob, changes, keyless=True)
         except orjson.JSONDecodeError as exc:
             raise CorruptRecord("stored data is not JSON") from exc
         if blob is None:

@@ -344,7 +344,8 @@ class _Gone(sqlite3.OperationalError):
 
 DEADLINE_MARGIN = 0.05
 """Seconds before a request's deadline by which a write must have started, and its
-wait for another process's lock ends (the request gives up at the deadline itself)."""
+wait for another process's lock ends (the request gives up at the deadline itself);
+half of what is left when that is less."""
 
 
 class _Hidden(tuple[Any, ...]):
@@ -378,8 +379,9 @@ class _Call:
             # not run behind its back (a login committed after its 503, the browser
             # left on the rotated id); one that runs ends its wait for the lock a
             # little before, so it answers, rather than being cut in doubt
-            left = limit - asyncio.get_running_loop().time() - DEADLINE_MARGIN
-            self.start_by = time.monotonic() + left
+            left = limit - asyncio.get_running_loop().time()
+            # (a small budget keeps half of itself: never refused with the lock free)
+            self.start_by = time.monotonic() + left - min(DEADLINE_MARGIN, max(left, 0) / 2)
             self.deadline = min(self.deadline, self.start_by)
 
     def __call__(self) -> Any:
@@ -1124,7 +1126,7 @@ def _apply_row(
     limit: int,
 ) -> Applied | Outcome:
     try:
-        data = apply_to_data(row[11], changes)
+        data = apply_to_data(row[11], changes, keyless=True)
     except (TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         if isinstance(exc, CorruptRecord):
             raise
