@@ -18,9 +18,18 @@ import orjson
 
 from . import codec
 from .crypto import SEALED_KEY, KeyNotConfigured, is_sealed
-from .errors import InvalidSession
+from .errors import InvalidSession, NotSerializable
 
 RESERVED = "the key '\\x00enc' is reserved (it marks encrypted data)"
+
+
+def reserved_key() -> NotSerializable:
+    """Data under the key that marks encrypted data: refused as data the store cannot
+    hold (a client can send it where an app stores client-chosen key names, so it is
+    reported as ``not_serializable``, which is logged rate-limited)."""
+    return NotSerializable(
+        RESERVED, details={"path": 'data["\\x00enc"]', "type": "str", "reason": "reserved key"}
+    )
 
 
 class _Absent:
@@ -83,8 +92,8 @@ def _key(key: object, what: str) -> bytes:
             f"Changes.{what} keys must be str, not {type(key).__name__}",
             details={"type": type(key).__name__},
         )
-    if key == SEALED_KEY:
-        raise InvalidSession(RESERVED, details={"key": "\\x00enc"})
+    if key == SEALED_KEY and what == "set":
+        raise reserved_key()
     try:
         return orjson.dumps(key)
     except orjson.JSONEncodeError as exc:  # a lone surrogate

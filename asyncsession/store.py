@@ -30,7 +30,7 @@ from orjson import loads as orjson_loads
 
 from . import codec
 from ._deadline import DEADLINE
-from .changes import RESERVED, Applied, Changes, EncodedChanges, apply_to_data, encode_changes
+from .changes import Applied, Changes, EncodedChanges, apply_to_data, encode_changes, reserved_key
 from .config import Config
 from .crypto import SEALED_KEY, KeyNotConfigured, KeyRing, SealBroken, is_sealed
 from .errors import (
@@ -334,7 +334,7 @@ class Store(ABC):
         the data is sealed (``_encode_sealed``)."""
         data = session.data
         if type(data) is dict and SEALED_KEY in data:  # read back, it would be "encrypted"
-            exc = InvalidSession(RESERVED, details={"key": "\\x00enc"})
+            exc = reserved_key()
             self._encode_violation(exc, session)
             raise exc
         ring = self.config.keyring

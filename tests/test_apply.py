@@ -189,14 +189,15 @@ async def test_apply_bad_values_and_keys(store: ControlledStore) -> None:
 async def test_the_key_that_marks_encrypted_data_is_reserved(store: ControlledStore) -> None:
     """Data whose only key is "\\x00enc" reads back as encrypted data: a session
     holding it (an app storing client-chosen key names) was locked for good (503 on
-    every request, or refused merges). Writing that key is refused, as a create or
-    a change; nothing stored changes."""
-    with pytest.raises(InvalidSession, match="reserved"):
+    every request, or refused merges). Writing that key is refused as data the store
+    cannot hold (a client-triggerable violation, logged rate-limited), as a create or a
+    change; nothing stored changes."""
+    with pytest.raises(NotSerializable, match="reserved"):
         await store.create(new_session(None, data={"\x00enc": "draft"}))
     s = await store.create(new_session(None, data={"a": 1}))
-    with pytest.raises(InvalidSession, match="reserved"):
+    with pytest.raises(NotSerializable, match="reserved"):
         await store.apply(s.id, Changes(set={"\x00enc": "draft"}))
-    with pytest.raises(InvalidSession, match="reserved"):
+    with pytest.raises(NotSerializable, match="reserved"):
         await store.update(replace(s, data={"\x00enc": 1, "a": 1}))
     assert (await store.get(s.id)).data == {"a": 1}
 
