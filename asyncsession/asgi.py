@@ -58,6 +58,7 @@ from .errors import (
 )
 from .session import (
     Session,
+    as_duration,
     is_seconds,
     is_valid_session_id,
     new_session,
@@ -870,9 +871,6 @@ class _Connection:
         )
 
 
-_MAX_SECONDS = 10**9 * 86_400  # what a timedelta holds (a billion days)
-
-
 class SessionMiddleware:
     """Server-side sessions for any ASGI app (``http`` and ``websocket`` scopes).
 
@@ -964,13 +962,8 @@ class SessionMiddleware:
             raise ValueError("on_unavailable must be 'fail' or 'anonymous'")
         if not is_seconds(touch_fraction) or not 0 < touch_fraction <= 1:
             raise ValueError(f"touch_fraction must be in (0, 1], not {touch_fraction!r}")
-        if isinstance(touch_interval, timedelta):
-            interval_ok = touch_interval >= timedelta(0)
-        else:
-            interval_ok = touch_interval is None or (
-                is_seconds(touch_interval) and 0 <= touch_interval <= _MAX_SECONDS
-            )
-        if not interval_ok:
+        every = as_duration(touch_interval, "touch_interval")  # (None: touch_fraction)
+        if every is not None and every < timedelta(0):
             raise ValueError(
                 "touch_interval must be seconds or a timedelta, 0 or more (None: "
                 f"touch_fraction of the idle timeout), not {touch_interval!r}"
@@ -1001,14 +994,8 @@ class SessionMiddleware:
         self.https_only = https_only
 
         idle = store.config.idle_timeout
-        if touch_interval is not None:
-            every: timedelta | None = (
-                touch_interval
-                if isinstance(touch_interval, timedelta)
-                else timedelta(seconds=touch_interval)
-            )
-        else:
-            every = idle * touch_fraction if idle is not None else None
+        if every is None and idle is not None:
+            every = idle * touch_fraction
         self.touch_every = every
 
         # attributes spelled and ordered as Starlette's SessionMiddleware writes them

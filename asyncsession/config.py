@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Literal, get_args
 
 from .crypto import KeyRing, parse_keys
-from .session import is_seconds
+from .session import as_duration
 
 Eviction = Literal["oldest", "lru", "reject"]
 """What ``create`` does for a user at ``max_sessions_per_user``: evict the oldest
@@ -23,15 +23,7 @@ _SITE_RE = re.compile(r"[A-Za-z0-9._-]{0,64}")  # fullmatch: "$" would accept a 
 
 
 def _duration(name: str, value: timedelta | float | int | None) -> timedelta | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"Config.{name} must be a timedelta or seconds, not {value!r}")
-    if is_seconds(value):
-        return timedelta(seconds=value)
-    if isinstance(value, timedelta):
-        return value
-    raise ValueError(f"Config.{name} must be a timedelta or seconds, not {type(value).__name__}")
+    return as_duration(value, f"Config.{name}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -194,6 +194,23 @@ def is_seconds(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def as_duration(value: object, what: str) -> timedelta | None:
+    """``value`` (a ``timedelta``, or seconds) as a ``timedelta``; None stays None.
+    Anything else, or more seconds than a ``timedelta`` holds, is a ``ValueError``
+    naming ``what``."""
+    if value is None or isinstance(value, timedelta):
+        return value
+    if is_seconds(value):
+        try:
+            return timedelta(seconds=value)
+        except (OverflowError, ValueError) as exc:  # past a billion days, or NaN
+            raise ValueError(
+                f"{what} must be a number of seconds a timedelta holds, not {value!r}"
+            ) from exc
+    shown = repr(value) if isinstance(value, bool) else type(value).__name__
+    raise ValueError(f"{what} must be a timedelta or seconds, not {shown}")
+
+
 def new_session(
     user_id: str | int | UUID | None,
     ttl: timedelta | float | None = None,

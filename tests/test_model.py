@@ -140,6 +140,8 @@ def test_config_seconds() -> None:
         ({"site_id": "{x}"}, "site_id"),
         ({"key_prefix": "a{b}"}, "key_prefix"),
         ({"default_ttl": "1h"}, "default_ttl"),
+        ({"default_ttl": 1e20}, "default_ttl"),  # past a timedelta: was a raw OverflowError
+        ({"idle_timeout": float("nan")}, "idle_timeout"),
     ],
 )
 def test_config_validation_names_the_field(changes: dict[str, Any], field: str) -> None:
