@@ -712,8 +712,7 @@ class _Connection:
         """The stored session ended or moved under this request: nothing more is served
         from it, and the client's cookie is left alone (it may hold a newer one). One
         sealed under a key this instance lacks has not ended: an outage (503)."""
-        if exc.details.get("key_not_configured"):
-            _keys_behind(exc)
+        _keys_behind(exc)
         self.stale = True
         if isinstance(exc, SessionRotated):
             self.moved = True
@@ -1142,8 +1141,7 @@ class SessionMiddleware:
                         else:
                             session = await conn.within(self.store.get(session_id))
                     except SessionNotFound as exc:
-                        if exc.details.get("key_not_configured"):
-                            _keys_behind(exc)  # an outage: 503, the cookie kept
+                        _keys_behind(exc)  # an outage: 503, the cookie kept
                         if isinstance(exc, SessionRotated):
                             conn.stale = True  # a newer cookie exists: leave it alone
                             conn.rotated = True
@@ -1235,8 +1233,7 @@ class SessionMiddleware:
             try:
                 live.append((await conn.within(self.store.get(session_id)), session_id))
             except SessionNotFound as exc:
-                if exc.details.get("key_not_configured"):
-                    _keys_behind(exc)  # not unknown: one of them may be the user's
+                _keys_behind(exc)  # not unknown: one of them may be the user's
                 rotated = rotated or isinstance(exc, SessionRotated)
                 continue
         if len(live) == 1:
@@ -1574,12 +1571,14 @@ async def login(
     return session
 
 
-def _keys_behind(exc: SessionNotFound) -> NoReturn:
-    """A session sealed under a key this instance lacks is not an unknown cookie
-    (a fresh session, the cookie expired: its user logged out and their data out of
-    reach). During a rolling key rotation another instance already writes under the
-    new key: answer as for an outage, and leave the cookie for an instance that has
-    the key."""
+def _keys_behind(exc: SessionNotFound) -> None:
+    """``StoreUnavailable`` if ``exc`` is a session sealed under a key this instance
+    lacks: not an unknown cookie (a fresh session, the cookie expired: its user logged
+    out and their data out of reach). During a rolling key rotation another instance
+    already writes under the new key: answer as for an outage, and leave the cookie
+    for an instance that has the key."""
+    if not exc.details.get("key_not_configured"):
+        return
     raise StoreUnavailable(
         "session sealed under an encryption key this instance does not have "
         "(Config.encryption_keys: a rolling key rotation?)",
@@ -1593,8 +1592,7 @@ def _login_lost(conn: _Connection, old: Session, exc: SessionNotFound) -> None:
     alone, rather than start a second session that would replace the winner's
     cookie. Deleted or expired: the login goes on with a new session. Sealed under a
     key this instance lacks: an outage (503), nothing created."""
-    if exc.details.get("key_not_configured"):
-        _keys_behind(exc)
+    _keys_behind(exc)
     if isinstance(exc, SessionRotated):
         conn._gone(old, exc)
 

@@ -168,7 +168,7 @@ def apply_to_data(blob: bytes, changes: EncodedChanges, *, keyless: bool = False
     if type(data) is not dict:
         raise codec.CorruptRecord("stored data is not a JSON object")
     if keyless and is_sealed(data):
-        raise KeyNotConfigured("the data is encrypted and Config.encryption_keys is empty")
+        raise KeyNotConfigured.no_keys()
     if changes.expect:
         for k, expected in changes.expect:
             key = orjson.loads(k)

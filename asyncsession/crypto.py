@@ -68,6 +68,11 @@ class KeyNotConfigured(SealBroken):
     """Sealed under a key id this ring does not have: during a rolling key rotation,
     a record another instance wrote under the new key; or a key dropped too early."""
 
+    @classmethod
+    def no_keys(cls) -> KeyNotConfigured:
+        """Sealed data met by a store that has no keys at all."""
+        return cls("the data is encrypted and Config.encryption_keys is empty")
+
 
 def generate_key() -> str:
     """A fresh random 32-byte key as urlsafe base64 text (44 characters), the form

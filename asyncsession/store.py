@@ -387,7 +387,7 @@ class Store(ABC):
             if ring is not None:
                 session.data = ring.open(data)
             elif is_sealed(data):
-                raise KeyNotConfigured("the data is encrypted and Config.encryption_keys is empty")
+                raise KeyNotConfigured.no_keys()
         except SealBroken as exc:
             raise self._sealed_error(session_id, exc, session) from None
         return session

@@ -421,10 +421,10 @@ class MemoryStore(Store):
         self, user_id: str, keep: str | None, scope: Config, now: datetime
     ) -> list[str]:
         index = self._users.get((scope.site_id, user_id))
-        if keep is not None:
-            kept = self._entries.get(keep) if index and keep in index else None
-            if kept is None or (kept.expires_at is not None and now >= kept.expires_at):
-                return KeepGone()
+        if keep is not None and (
+            not index or keep not in index or isinstance(self._live(keep, scope, now), Outcome)
+        ):
+            return KeepGone()
         if not index:
             return []
         deleted = []

@@ -26,6 +26,7 @@ from ...crypto import KeyNotConfigured
 from ...errors import SessionError
 from ...session import Session
 from ...store import Outcome, absolute_deadline, idle_deadline
+from .transport import reply_shape
 
 _FAILED = {
     b"missing": Outcome.MISSING,
@@ -130,14 +131,7 @@ def parse_reply(reply: Any, now: datetime) -> Applied | Outcome:
     elif reply == b"corrupt":
         raise codec.CorruptRecord("stored record is not a compact JSON session record")
     elif reply == b"sealed":
-        raise KeyNotConfigured("the data is encrypted and Config.encryption_keys is empty")
+        raise KeyNotConfigured.no_keys()
     elif isinstance(reply, bytes) and reply in _FAILED:
         return _FAILED[reply]
     raise ValueError(f"unexpected {reply_shape(reply)} reply to the apply script")
-
-
-def reply_shape(reply: Any) -> str:
-    """A reply's type and size, never its text (it may hold a session's id or data)."""
-    if isinstance(reply, list | tuple | bytes | str):
-        return f"{type(reply).__name__} of {len(reply)}"
-    return type(reply).__name__

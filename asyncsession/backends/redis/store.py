@@ -55,7 +55,7 @@ from ...store import (
     absolute_deadline,
 )
 from . import rotation
-from .apply import apply_args, parse_reply, reply_shape
+from .apply import apply_args, parse_reply
 from .cluster import ClusterOps
 from .layout import TAG_LENGTH, ClusterLayout, SingleLayout, slot_tag
 from .scripts import (
@@ -76,7 +76,7 @@ from .scripts import (
 )
 from .sentinel import follow_sentinels
 from .server import PROBE_KEY, check_scripts, check_server, cluster_client_problem
-from .transport import Raw, Transport
+from .transport import Raw, Transport, reply_shape
 from .urls import (
     TLS_OPTIONS,
     check_client_options,

@@ -202,6 +202,13 @@ def _common_apply(args: Command) -> bool:
     return len(fields) == 10 and fields[2] == b"" and fields[8] != b""
 
 
+def reply_shape(reply: Any) -> str:
+    """A reply's type and size, never its text (it may hold a session's id or data)."""
+    if isinstance(reply, list | tuple | bytes | str):
+        return f"{type(reply).__name__} of {len(reply)}"
+    return type(reply).__name__
+
+
 def _each(reply: Any, count: int) -> Iterator[Any]:
     """The replies in a merged call's reply, one per request it merged. Anything but
     a list of exactly that many is an error for each of them (never a reply handed
@@ -209,7 +216,7 @@ def _each(reply: Any, count: int) -> Iterator[Any]:
     if isinstance(reply, list) and len(reply) == count:
         return iter(reply)
     if not isinstance(reply, ResponseError):  # (the reply itself may hold session data)
-        reply = ResponseError(f"unexpected {type(reply).__name__} reply to a merged call")
+        reply = ResponseError(f"unexpected {reply_shape(reply)} reply to a merged call")
     return iter([reply] * count)
 
 
@@ -717,9 +724,10 @@ class Transport:
                 return WRONGTYPE
             return self._unavailable(reply)
         if not _is_raw(reply):
-            # (its type only: a record's text would show a plain id, with hash_ids off)
-            what = type(reply).__name__
-            return self._unavailable(ResponseError(f"unexpected {what} reply to a read"))
+            # (never its text: a record's would show a plain id, with hash_ids off)
+            return self._unavailable(
+                ResponseError(f"unexpected {reply_shape(reply)} reply to a read")
+            )
         return tuple(reply)
 
     async def aclose(self) -> None:
