@@ -165,6 +165,19 @@ def jar(session_id: str, name: str = "__Host-session") -> dict[str, str]:
     return {"cookie": f"{name}={session_id}"}
 
 
+async def racing_a_login(
+    c: httpx.AsyncClient, entered: asyncio.Event, go: asyncio.Event, path: str, old: str
+) -> tuple[httpx.Response, str]:
+    """POST ``path?wait=1`` with the cookie ``old``; once it has loaded the session
+    (``entered``), alice logs in from the same cookie, rotating it; then ``path``
+    goes on (``go``). Its response, and the login's new id."""
+    late = asyncio.create_task(c.post(path, params={"wait": "1"}, headers=jar(old)))
+    await entered.wait()  # loaded with the old id
+    new = issued(await c.post("/login", params={"user": "alice"}, headers=jar(old)))
+    go.set()
+    return await late, new
+
+
 @pytest.fixture
 async def store(harness: Harness) -> ControlledStore:
     return await harness.controlled(
@@ -351,11 +364,8 @@ async def test_an_early_save_never_sends_a_cookie_a_parallel_login_rotated(
     app = make_app(store, (entered, go), max_age=3600)
     async with client(app) as c:
         old = issued(await c.post("/write", params={"key": "a", "value": "1"}))
-        late = asyncio.create_task(c.post("/count", params={"wait": "1"}, headers=jar(old)))
-        await entered.wait()  # its update_session is applied: n == 1 under the old id
-        new = issued(await c.post("/login", params={"user": "alice"}, headers=jar(old)))
-        go.set()
-        response = await late
+        # (its update_session is applied before the login: n == 1 under the old id)
+        response, new = await racing_a_login(c, entered, go, "/count", old)
         assert response.status_code == 200 and response.json() == {"n": 1}  # it was saved
         assert [h for h in set_cookies(response) if h.startswith("__Host-session=")] == []
         r = await c.get("/read", headers=jar(new))
@@ -410,11 +420,7 @@ async def test_a_logout_racing_a_login_is_refused_not_faked(store: ControlledSto
     app = make_app(store, (entered, go))
     async with client(app) as c:
         old = issued(await c.post("/write", params={"key": "a", "value": "1"}))
-        late = asyncio.create_task(c.post("/logout", params={"wait": "1"}, headers=jar(old)))
-        await entered.wait()  # loaded with the old id
-        new = issued(await c.post("/login", params={"user": "alice"}, headers=jar(old)))
-        go.set()
-        response = await late
+        response, new = await racing_a_login(c, entered, go, "/logout", old)
         assert response.status_code == 409, response.text
         assert response.json()["error"]["reason"] == "rotated"  # a client may act on why
         assert set_cookies(response) == []
@@ -446,11 +452,7 @@ async def test_logout_everywhere_from_before_a_login_never_deletes_the_login(
         old = issued(await c.post("/login", params={"user": "alice"}))
         assert await c.post("/write", params={"key": "cart", "value": "book"}, headers=jar(old))
         phone = await store.create(new_session("alice", data={"d": "phone"}))
-        late = asyncio.create_task(c.post("/others-out", params={"wait": "1"}, headers=jar(old)))
-        await entered.wait()  # loaded with the old id
-        new = issued(await c.post("/login", params={"user": "alice"}, headers=jar(old)))
-        go.set()
-        response = await late
+        response, new = await racing_a_login(c, entered, go, "/others-out", old)
         assert response.status_code == 409, response.text
         assert response.json()["error"]["reason"] == "rotated"
         assert set_cookies(response) == []
