@@ -141,6 +141,23 @@ async def delete_prefix(client: Any, prefix: str) -> int:
     return len(keys)
 
 
+async def named_connections(admin: Any, name: str, *, settle: float = 5.0) -> int:
+    """How many connections named ``name`` the server lists once closed ones are gone.
+
+    A closed socket reaches the server a moment after the client's ``close`` returns
+    (redis-py does not wait for the server to notice), so a count taken at once can
+    still list it: wait up to ``settle`` seconds for the count to fall to 0. A
+    connection left open never leaves the list, and its count is returned.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settle
+    while True:
+        left = sum(c.get("name") == name for c in await admin.client_list())
+        if not left or loop.time() >= deadline:
+            return left
+        await asyncio.sleep(0.02)
+
+
 @functools.cache
 def cleaning_store_class() -> Any:
     """``RedisStore`` that deletes its keys on close, so tests leave the server clean."""

@@ -965,7 +965,7 @@ async def test_owned_client_closed_passed_client_not(clock: FakeClock) -> None:
     async with owned:
         await owned.purge_expired()
         assert await connected() == 1
-    assert await connected() == 0
+    assert await backend_redis.named_connections(watcher, name) == 0
     await watcher.aclose()
 
     client = Redis.from_url(REDIS_URL)
