@@ -100,11 +100,13 @@ def _port_free(port: int) -> bool:
 
 def free_ports(count: int, *, bus: bool = False) -> list[int]:
     """``count`` distinct free loopback ports (with ``bus``, ``port + 10000`` free too,
-    for the cluster bus). Random in 20000-39999, away from the ephemeral range."""
+    for the cluster bus). Random in 10000-21999, so that bus ports (up to 31999) too
+    stay below Linux's ephemeral range (32768 up): an outgoing connection cannot take
+    a port between the check and the server's start."""
     rng = random.Random()
     ports: list[int] = []
     while len(ports) < count:
-        port = rng.randrange(20_000, 40_000)
+        port = rng.randrange(10_000, 22_000)
         if port in ports or (bus and port + 10_000 in ports):
             continue
         if _port_free(port) and (not bus or _port_free(port + 10_000)):
@@ -510,7 +512,7 @@ class Sentinel(Deployment):
                     "protected-mode no\n"
                     f"dir {self.directory}\n"
                     f"sentinel monitor {SERVICE} {HOST} {primary_port} 1\n"
-                    f"sentinel down-after-milliseconds {SERVICE} 2000\n"
+                    f"sentinel down-after-milliseconds {SERVICE} 5000\n"
                     f"sentinel failover-timeout {SERVICE} 10000\n"
                     f"sentinel parallel-syncs {SERVICE} 1\n"
                 )

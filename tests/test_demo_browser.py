@@ -56,10 +56,9 @@ def _require_browser() -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    from .uvicorn_server import free_port
+
+    return free_port()
 
 
 @pytest.fixture

@@ -871,8 +871,8 @@ def redis_server(tmp_path: Path) -> Iterator[Server]:
         server.stop()
 
 
-TIMEOUT = 1.0
-MARGIN = 0.75
+TIMEOUT = 2.0
+MARGIN = 1.0  # room for a loaded machine; a store that meets the hang twice takes 2 x TIMEOUT
 
 
 async def test_a_hung_store_answers_503_within_one_request_deadline(redis_server: Server) -> None:

@@ -1001,9 +1001,8 @@ async def test_open_store_routes_redis_urls(clock: FakeClock) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port below the ephemeral range: a restarted server gets it back."""
+    return redis_servers.free_ports(1)[0]
 
 
 @contextlib.contextmanager
@@ -1479,6 +1478,8 @@ async def test_a_one_session_call_keeps_one_timeout_for_all_its_round_trips(
         await asyncio.sleep(ROUND_TRIP)
         return await plain(*args, **options)
 
+    with contextlib.suppress(SessionNotFound):  # connect (and its handshake) first
+        await store.get(new_session(None).id)
     client.execute_command = slow  # type: ignore[method-assign]
     loop = asyncio.get_running_loop()
     try:
@@ -1486,8 +1487,13 @@ async def test_a_one_session_call_keeps_one_timeout_for_all_its_round_trips(
         with pytest.raises(StoreUnavailable):
             await store.get(new_session(None).id)
         took = loop.time() - started
-        assert CALL_TIMEOUT * 0.9 <= took < CALL_TIMEOUT + 0.3, took
-        assert len(sent) == 3  # the third round trip was under way at the deadline
+        # (the bound leaves a loaded machine room; a timeout per round trip answers
+        # SessionNotFound instead, after all three)
+        assert CALL_TIMEOUT * 0.9 <= took < CALL_TIMEOUT + 1.0, took
+        # the second round trip at least was sent: one timeout for the whole call,
+        # not one spent on the first round trip (the third is under way at the
+        # deadline unless the machine stalled)
+        assert len(sent) in (2, 3), sent
         # a call that fits in the timeout still answers (each call has its own)
         client.execute_command = plain  # type: ignore[method-assign]
         with pytest.raises(SessionNotFound):

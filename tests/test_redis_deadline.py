@@ -37,7 +37,7 @@ from .fake_redis_server import serve
 
 STORE_TIMEOUT = 30.0  # the store's own bound: far past every deadline below
 DEADLINE_IN = 0.3
-MARGIN = 1.0
+MARGIN = 2.0  # room for a loaded machine; the bug waits out STORE_TIMEOUT
 LATER = DEADLINE_IN + MARGIN + 0.5  # past every short caller's bound
 
 
@@ -72,7 +72,7 @@ async def test_with_controls_takes_the_stores_timeout(clock: FakeClock) -> None:
         started = time.monotonic()
         with pytest.raises(StoreUnavailable):
             await store.get(new_session(None).id)
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 3.0
         await store.close()
         await client.aclose()
 

@@ -45,7 +45,11 @@ async def test_scan_sees_every_site_user_and_expired(harness: Harness) -> None:
     made[default.handle(plain.id)] = plain
     harness.clock.advance(10)  # anon has expired but is not purged
     entries = await scan_all(a)  # through the controls: all sites, not only a's
-    assert sorted(e.session_id for e in entries) == sorted(made)
+    ids = [e.session_id for e in entries]
+    if backend.backend_name == "redis":  # SCAN may return a key twice while Redis
+        assert set(ids) == set(made)  # resizes its table (docs/operations.md)
+    else:
+        assert sorted(ids) == sorted(made)
     for e in entries:
         s = made[e.session_id]
         assert (e.site_id, e.user_id) == (s.site_id, s.user_id)
