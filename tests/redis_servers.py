@@ -107,7 +107,7 @@ def free_ports(count: int, *, bus: bool = False) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
         port = rng.randrange(10_000, 22_000)
-        if port in ports or (bus and port + 10_000 in ports):
+        if port in ports or (bus and (port + 10_000 in ports or port - 10_000 in ports)):
             continue
         if _port_free(port) and (not bus or _port_free(port + 10_000)):
             ports.append(port)

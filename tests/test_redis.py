@@ -1453,8 +1453,8 @@ def test_tls_options_reach_cluster_nodes() -> None:
 
 # --------------------------------------------------------------- call deadline
 
-ROUND_TRIP = 0.2  # each round trip of the slow client below
-CALL_TIMEOUT = 0.5  # more than one round trip, less than three
+ROUND_TRIP = 0.5  # each round trip of the slow client below
+CALL_TIMEOUT = 1.2  # more than two round trips, less than three
 
 
 @pytest.mark.parametrize("controlled", [False, True])
@@ -1462,10 +1462,10 @@ async def test_a_one_session_call_keeps_one_timeout_for_all_its_round_trips(
     env: Env, controlled: bool
 ) -> None:
     """A ``get`` of an unknown id makes three round trips (the load, the look for a
-    record under the plain id, the rotation check). With each answered in 0.2 s and
-    ``timeout=0.5``, the call answers ``StoreUnavailable`` by 0.5 s: the timeout
+    record under the plain id, the rotation check). With each answered in 0.5 s and
+    ``timeout=1.2``, the call answers ``StoreUnavailable`` by 1.2 s: the timeout
     bounds the call, not each round trip (which would answer ``SessionNotFound``
-    after 0.6 s). Outside review found calls taking three times the timeout."""
+    after 1.5 s). Outside review found calls taking three times the timeout."""
     client = Redis.from_url(REDIS_URL) if env.real else backend_redis.fake_client()
     config = replace(cfg(), key_prefix=env.prefix)
     raw = RedisStore(client, config, clock=env.clock, timeout=CALL_TIMEOUT)

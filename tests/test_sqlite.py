@@ -600,7 +600,7 @@ async def test_the_middlewares_timeout_bounds_a_stalled_sqlite_call(
     db: str, stores: list[SQLiteStore]
 ) -> None:
     """The middleware's ``timeout`` bounds a SQLite call slow for another reason than
-    the lock (a disk stall: the writer's thread busy 2 s): 503 at the budget, not at
+    the lock (a disk stall: the writer's thread busy 4 s): 503 at the budget, not at
     the end of the stall (review: an early version handed SQLite the deadline alone),
     and the write queued meanwhile never runs after the 503."""
     import httpx
