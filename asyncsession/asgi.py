@@ -30,7 +30,7 @@ import math
 import random
 import re
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar, cast
 
@@ -218,6 +218,15 @@ def _plain(data: dict[str, Any]) -> dict[str, Any]:
     ``dict.copy(d)`` go through ``keys()`` and ``[]`` once ``__iter__`` is overridden,
     iterating the items view does not."""
     return dict(dict.items(data))
+
+
+def _overwrite(data: SessionDict, new: Mapping[Any, Any]) -> None:
+    """Make ``data`` hold what ``new`` holds: the keys ``new`` lacks are deleted, its
+    own are written; all blind (nothing of ``data`` is read)."""
+    for key in [k for k in dict.keys(data) if k not in new]:
+        del data[key]
+    for key, value in new.items():
+        data[key] = value
 
 
 class SessionDict(dict[str, Any]):
@@ -647,6 +656,7 @@ class _Connection:
         """Persist this request's changes (idempotent: a second call saves only new ones).
         Each store call runs ``within`` the request's deadline; a touch that fails or
         runs out of it is skipped, as it is only a refresh."""
+        self.adopt_replaced()
         data = self.data
         if data._cleared:
             # cleared stays set until the delete is done: a failed save retries it
@@ -828,8 +838,28 @@ class _Connection:
 
     def pending(self) -> bool:
         """Whether ``commit`` has anything to do (cheap: read-only requests skip it)."""
+        self.adopt_replaced()
         data = self.data
         return data._dirty or data._cleared or self.touch_due or self.migrate
+
+    def adopt_replaced(self) -> None:
+        """The app put a new mapping in ``scope["session"]`` (``request.scope["session"]
+        = {...}``, which starsessions saves): its contents become this session's data
+        (keys it lacks deleted, its own written, all blind), and the scope holds the
+        session's dict again. Before, the replacement was dropped with a 200."""
+        scope = self.scope
+        if scope is None:
+            return
+        new = scope.get("session")
+        if new is self.data:
+            return
+        if not isinstance(new, Mapping):
+            raise TypeError(
+                f'scope["session"] was replaced by a {type(new).__name__}, not a mapping: '
+                "change request.session in place (or clear() it to end the session)"
+            )
+        _overwrite(self.data, new)
+        scope["session"] = self.data
 
     def cookie_headers(self) -> list[tuple[bytes, bytes]]:
         """``Set-Cookie`` (and ``Vary``) headers this response needs."""
@@ -1176,6 +1206,8 @@ class SessionMiddleware:
                     await send(message)
                 return  # else: we answered with an error instead of the app's response
             conn.prepare_refresh()
+            if scope.get("session") is not conn.data:
+                conn.adopt_replaced()
             data = conn.data
             if data._dirty or data._cleared or conn.touch_due or conn.migrate:  # pending()
                 status = await _commit_or_status(conn)
@@ -1727,11 +1759,7 @@ async def update_session(
         # fn runs on a copy, as below: if it raises, the request's session is as it was
         view = SessionDict(copy.deepcopy(_plain(conn.data)))
         result = await _run(fn, view)
-        data = conn.data
-        for key in [k for k in dict.keys(data) if not dict.__contains__(view, k)]:
-            del data[key]
-        for key, value in dict.items(view):
-            data[key] = value
+        _overwrite(conn.data, _plain(view))
         await conn.commit()
         return result
     lock = _update_locks.get(session.id)

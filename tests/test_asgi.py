@@ -622,6 +622,48 @@ async def test_session_dict_is_a_dict(cstore: CountingStore) -> None:
     assert isinstance(seen[0], dict) and isinstance(seen[0], SessionDict)
 
 
+async def test_a_replaced_scope_session_is_saved_in_place_of_the_data(
+    cstore: CountingStore,
+) -> None:
+    """``request.scope["session"] = {...}`` (starsessions saves it; before, it was
+    dropped with a 200): the new mapping becomes the session's data under the same id,
+    keys it lacks deleted; without a session, one is created with it; later changes to
+    the new dict before the response count; ``save_session`` sees it too."""
+
+    async def replace(request: Request) -> JSONResponse:
+        new = {"user": "alice", "n": 1}
+        request.scope["session"] = new
+        new["n"] = 2  # still before the response
+        if "save" in request.query_params:
+            await save_session(request)
+            assert request.scope["session"] is not new  # the session's own dict again
+            request.session["after"] = True  # changed in place: saved at the response
+        return JSONResponse(dict(request.session))
+
+    async def broken(request: Request) -> JSONResponse:
+        request.scope["session"] = ["not", "a", "mapping"]
+        return JSONResponse({})
+
+    app = make_app(cstore)
+    app.router.routes.append(Route("/replace", replace, methods=["POST"]))
+    app.router.routes.append(Route("/broken", broken, methods=["POST"]))
+    async with client(app) as c:
+        sid = await new_cookie(c, "old", "x")
+        response = await c.post("/replace")
+        assert response.status_code == 200 and not set_cookies(response)  # same id
+        assert (await cstore.get(sid)).data == {"user": "alice", "n": 2}
+        response = await c.post("/replace", params={"save": "1"})
+        assert (await cstore.get(sid)).data == {"user": "alice", "n": 2, "after": True}
+    async with client(app) as c:  # no cookie: a new session holds the replacement
+        response = await c.post("/replace")
+        assert (await cstore.get(cookie_id(response))).data == {"user": "alice", "n": 2}
+    async with client(app) as c:
+        sid = await new_cookie(c, "kept", "1")
+        with pytest.raises(TypeError, match="not a mapping"):
+            await c.post("/broken")
+        assert (await cstore.get(sid)).data == {"kept": "1"}  # nothing stored changed
+
+
 # ------------------------------------------------------- fixation, stale ids
 
 
