@@ -30,7 +30,7 @@ import math
 import random
 import re
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar, cast
 
@@ -218,15 +218,6 @@ def _plain(data: dict[str, Any]) -> dict[str, Any]:
     ``dict.copy(d)`` go through ``keys()`` and ``[]`` once ``__iter__`` is overridden,
     iterating the items view does not."""
     return dict(dict.items(data))
-
-
-def _overwrite(data: SessionDict, new: Mapping[Any, Any]) -> None:
-    """Make ``data`` hold what ``new`` holds: the keys ``new`` lacks are deleted, its
-    own are written; all blind (nothing of ``data`` is read)."""
-    for key in [k for k in dict.keys(data) if k not in new]:
-        del data[key]
-    for key, value in new.items():
-        data[key] = value
 
 
 class SessionDict(dict[str, Any]):
@@ -526,6 +517,7 @@ class _Connection:
 
     __slots__ = (
         "accessed",
+        "ambiguous",
         "budget",
         "client_id",
         "cookie_possible",
@@ -573,6 +565,7 @@ class _Connection:
         self.stale = False
         self.moved = False  # a parallel login rotated the loaded session away
         self.rotated = False  # the cookie named an id rotated before this request
+        self.ambiguous = False  # several live sessions (or too many cookies): none adopted
         self.tossed = False  # several values of our cookie: clearing ours would not help
         self.legacy = False  # the session came in the legacy cookie: move it to ours
         self.migrate = False  # ... under a new id, which commit gives it (_migrate)
@@ -656,7 +649,6 @@ class _Connection:
         """Persist this request's changes (idempotent: a second call saves only new ones).
         Each store call runs ``within`` the request's deadline; a touch that fails or
         runs out of it is skipped, as it is only a refresh."""
-        self.adopt_replaced()
         data = self.data
         if data._cleared:
             # cleared stays set until the delete is done: a failed save retries it
@@ -747,12 +739,21 @@ class _Connection:
 
     def check_not_rotated(self) -> None:
         """A request whose cookie a login rotated before it started (it has no
-        session) may not act on the user's sessions: 409, reason ``rotated``."""
+        session) may not act on the user's sessions: 409, reason ``rotated``. Nor
+        may one whose cookies named several live sessions (cookie tossing), none
+        adopted: 409, reason ``ambiguous`` (a logout that ended nothing would answer
+        "logged out" while the user's session lives on)."""
         if self.rotated:
             raise SessionConflict(
                 "the session cookie was rotated (a login, or a move from the legacy "
                 "cookie) before this request; log out with the newer cookie",
                 details={"reason": "rotated"},
+            )
+        if self.ambiguous:
+            raise SessionConflict(
+                "the request carried several live session cookies (cookie tossing?) "
+                "and none was adopted: nothing ended; clear this site's cookies",
+                details={"reason": "ambiguous"},
             )
 
     async def _create(self) -> None:
@@ -838,28 +839,8 @@ class _Connection:
 
     def pending(self) -> bool:
         """Whether ``commit`` has anything to do (cheap: read-only requests skip it)."""
-        self.adopt_replaced()
         data = self.data
         return data._dirty or data._cleared or self.touch_due or self.migrate
-
-    def adopt_replaced(self) -> None:
-        """The app put a new mapping in ``scope["session"]`` (``request.scope["session"]
-        = {...}``, which starsessions saves): its contents become this session's data
-        (keys it lacks deleted, its own written, all blind), and the scope holds the
-        session's dict again. Before, the replacement was dropped with a 200."""
-        scope = self.scope
-        if scope is None:
-            return
-        new = scope.get("session")
-        if new is self.data:
-            return
-        if not isinstance(new, Mapping):
-            raise TypeError(
-                f'scope["session"] was replaced by a {type(new).__name__}, not a mapping: '
-                "change request.session in place (or clear() it to end the session)"
-            )
-        _overwrite(self.data, new)
-        scope["session"] = self.data
 
     def cookie_headers(self) -> list[tuple[bytes, bytes]]:
         """``Set-Cookie`` (and ``Vary``) headers this response needs."""
@@ -1151,7 +1132,7 @@ class SessionMiddleware:
             if sent == TOO_MANY:
                 # ambiguous: none adopted, writes refused (409); legacy cookies only
                 # help a move, and refusing would let a tosser block every write
-                conn.stale = not conn.legacy
+                conn.stale = conn.ambiguous = not conn.legacy
                 _log_limited(
                     _log_limit,
                     "too_many_cookies",
@@ -1206,8 +1187,6 @@ class SessionMiddleware:
                     await send(message)
                 return  # else: we answered with an error instead of the app's response
             conn.prepare_refresh()
-            if scope.get("session") is not conn.data:
-                conn.adopt_replaced()
             data = conn.data
             if data._dirty or data._cleared or conn.touch_due or conn.migrate:  # pending()
                 status = await _commit_or_status(conn)
@@ -1273,7 +1252,8 @@ class SessionMiddleware:
         elif not live:
             conn.stale = conn.rotated = rotated  # a newer cookie exists, as for one id
         else:
-            conn.stale = not conn.legacy  # legacy cookies: none moved, a fresh session
+            # legacy cookies: none moved, a fresh session
+            conn.stale = conn.ambiguous = not conn.legacy
             _log_limited(
                 _log_limit,
                 "ambiguous_cookie",
@@ -1598,7 +1578,7 @@ async def login(
     conn.adopt(session, rebase=keep_data and not explicit)
     conn.touch_due = False
     conn.refreshed = True
-    conn.stale = conn.rotated = conn.migrate = False
+    conn.stale = conn.rotated = conn.ambiguous = conn.migrate = False
     logger.info("login: session %s for user %r", short_hash(session.id), session.user_id)
     return session
 
@@ -1759,7 +1739,11 @@ async def update_session(
         # fn runs on a copy, as below: if it raises, the request's session is as it was
         view = SessionDict(copy.deepcopy(_plain(conn.data)))
         result = await _run(fn, view)
-        _overwrite(conn.data, _plain(view))
+        data = conn.data
+        for key in [k for k in dict.keys(data) if not dict.__contains__(view, k)]:
+            del data[key]
+        for key, value in dict.items(view):
+            data[key] = value
         await conn.commit()
         return result
     lock = _update_locks.get(session.id)

@@ -622,46 +622,40 @@ async def test_session_dict_is_a_dict(cstore: CountingStore) -> None:
     assert isinstance(seen[0], dict) and isinstance(seen[0], SessionDict)
 
 
-async def test_a_replaced_scope_session_is_saved_in_place_of_the_data(
+async def test_a_session_middleware_inside_a_mount_leaves_ours_alone(
     cstore: CountingStore,
 ) -> None:
-    """``request.scope["session"] = {...}`` (starsessions saves it; before, it was
-    dropped with a 200): the new mapping becomes the session's data under the same id,
-    keys it lacks deleted; without a session, one is created with it; later changes to
-    the new dict before the response count; ``save_session`` sees it too."""
+    """A mounted sub-app with a session middleware of its own (an admin panel's
+    Starlette ``SessionMiddleware``, a second asyncsession per mount) puts its session
+    in the same scope (Starlette's Mount updates the scope in place): ours must not
+    take it for the app's replacement and overwrite the user's data with it (a
+    review caught an attempt to save replaced ``scope["session"]`` doing that)."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.sessions import SessionMiddleware as CookieSessions
+    from starlette.routing import Mount
 
-    async def replace(request: Request) -> JSONResponse:
-        new = {"user": "alice", "n": 1}
-        request.scope["session"] = new
-        new["n"] = 2  # still before the response
-        if "save" in request.query_params:
-            await save_session(request)
-            assert request.scope["session"] is not new  # the session's own dict again
-            request.session["after"] = True  # changed in place: saved at the response
-        return JSONResponse(dict(request.session))
-
-    async def broken(request: Request) -> JSONResponse:
-        request.scope["session"] = ["not", "a", "mapping"]
+    async def shop(request: Request) -> JSONResponse:
+        request.session["cart"] = [1]
         return JSONResponse({})
 
+    admin = Starlette(
+        routes=[Route("/", lambda r: JSONResponse({}))],
+        middleware=[Middleware(CookieSessions, secret_key="s")],
+    )
+    inner = Starlette(
+        routes=[Route("/", shop, methods=["POST"])],
+        middleware=[Middleware(SessionMiddleware, store=cstore, cookie_name="shop")],
+    )
     app = make_app(cstore)
-    app.router.routes.append(Route("/replace", replace, methods=["POST"]))
-    app.router.routes.append(Route("/broken", broken, methods=["POST"]))
+    app.router.routes.extend([Mount("/admin", admin), Mount("/shop", inner)])
     async with client(app) as c:
-        sid = await new_cookie(c, "old", "x")
-        response = await c.post("/replace")
-        assert response.status_code == 200 and not set_cookies(response)  # same id
-        assert (await cstore.get(sid)).data == {"user": "alice", "n": 2}
-        response = await c.post("/replace", params={"save": "1"})
-        assert (await cstore.get(sid)).data == {"user": "alice", "n": 2, "after": True}
-    async with client(app) as c:  # no cookie: a new session holds the replacement
-        response = await c.post("/replace")
-        assert (await cstore.get(cookie_id(response))).data == {"user": "alice", "n": 2}
-    async with client(app) as c:
-        sid = await new_cookie(c, "kept", "1")
-        with pytest.raises(TypeError, match="not a mapping"):
-            await c.post("/broken")
-        assert (await cstore.get(sid)).data == {"kept": "1"}  # nothing stored changed
+        sid = await new_cookie(c, "user", "alice")
+        assert (await c.get("/admin/")).status_code == 200
+        assert (await c.post("/shop/")).status_code == 200
+        assert (await c.get("/shop/")).status_code == 405
+        assert (await cstore.get(sid)).data == {"user": "alice"}
+        shop_id = c.cookies["shop"]
+        assert (await cstore.get(shop_id)).data == {"cart": [1]}
 
 
 # ------------------------------------------------------- fixation, stale ids
@@ -798,6 +792,35 @@ async def test_duplicated_cookie_adopts_the_one_live_session(cstore: CountingSto
         assert start["status"] == 200
         assert not [v for k, v in start["headers"] if k == b"set-cookie"]
     assert cstore.calls["get"] == 6
+
+
+async def test_a_logout_with_several_live_cookies_ends_nothing_and_says_so(
+    cstore: CountingStore,
+) -> None:
+    """Tossing: the victim's cookie beside a live one planted from a sibling domain (or
+    more cookies than are read). None is adopted, so ``logout``, ``clear()`` and
+    ``logout_everywhere`` end nothing: they answer 409 (reason ``ambiguous``), never a
+    200 "logged out" while the victim's session lives on (outside attack: 303 and
+    the victim still logged in). With the victim's cookie alone, logout works."""
+    victim = await cstore.create(new_session("victim", data={"a": 1}))
+    planted = await cstore.create(new_session("attacker"))
+    both = f"session={planted.id}; session={victim.id}"
+    many = "; ".join(f"session={c * 43}" for c in "BCDE") + f"; session={victim.id}"
+    app = make_app(cstore)
+    for cookie in (both, many):
+        for path in ("/logout", "/clear", "/everywhere"):
+            async with client(app) as c:
+                response = await c.post(path, headers={"cookie": cookie})
+                assert response.status_code == 409, (path, response.text)
+                assert response.json()["error"]["reason"] == "ambiguous"
+                assert not set_cookies(response)  # the client's cookies are left alone
+            assert (await cstore.get(victim.id)).user_id == "victim"
+            assert (await cstore.get(planted.id)).user_id == "attacker"
+    async with client(app) as c:
+        response = await c.post("/logout", headers={"cookie": f"session={victim.id}"})
+        assert response.status_code == 200
+    with pytest.raises(SessionNotFound):
+        await cstore.get(victim.id)
 
 
 async def test_remembered_cookie_parses_give_the_same_answers(cstore: CountingStore) -> None:
