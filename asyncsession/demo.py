@@ -173,6 +173,7 @@ async def home(request: Request) -> HTMLResponse:
 
 
 MAX_FORM_FIELDS = 10
+MAX_FORM_BYTES = 16_384
 
 
 class BadForm(Exception):
@@ -184,10 +185,11 @@ async def _form(request: Request) -> dict[str, str]:
     body = b""
     async for chunk in request.stream():
         body += chunk
-        if len(body) > 16_384:
-            break
+        if len(body) > MAX_FORM_BYTES:
+            # refused whole: a cut form would store what the client did not send
+            raise BadForm(f"form too large (at most {MAX_FORM_BYTES} bytes)")
     try:
-        parsed = parse_qs(body[:16_384].decode("utf-8", "replace"), max_num_fields=MAX_FORM_FIELDS)
+        parsed = parse_qs(body.decode("utf-8", "replace"), max_num_fields=MAX_FORM_FIELDS)
     except ValueError:
         raise BadForm(f"too many form fields (at most {MAX_FORM_FIELDS})") from None
     return {k: v[0] for k, v in parsed.items()}
