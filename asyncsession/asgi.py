@@ -758,8 +758,14 @@ class _Connection:
 
     async def _create(self) -> None:
         if self.stale:  # a rotated id, or several live ones: the newer cookie stays
+            if self.ambiguous:
+                raise SessionConflict(
+                    "the request carried several live session cookies (cookie tossing?) "
+                    "and none was adopted: nothing saved; clear this site's cookies",
+                    details={"reason": "ambiguous"},
+                )
             raise SessionConflict(
-                "the session cookie is stale (rotated) or ambiguous; reload and retry",
+                "the session cookie is stale (rotated); reload and retry",
                 details={"reason": "stale_cookie"},
             )
         self.check_writable()

@@ -799,16 +799,17 @@ async def test_a_logout_with_several_live_cookies_ends_nothing_and_says_so(
 ) -> None:
     """Tossing: the victim's cookie beside a live one planted from a sibling domain (or
     more cookies than are read). None is adopted, so ``logout``, ``clear()`` and
-    ``logout_everywhere`` end nothing: they answer 409 (reason ``ambiguous``), never a
-    200 "logged out" while the victim's session lives on (outside attack: 303 and
-    the victim still logged in). With the victim's cookie alone, logout works."""
+    ``logout_everywhere`` end nothing: they answer 409 (reason ``ambiguous``, as a
+    write does), never a 200 "logged out" while the victim's session lives on
+    (outside attack: 303 and the victim still logged in). With the victim's cookie
+    alone, logout works."""
     victim = await cstore.create(new_session("victim", data={"a": 1}))
     planted = await cstore.create(new_session("attacker"))
     both = f"session={planted.id}; session={victim.id}"
     many = "; ".join(f"session={c * 43}" for c in "BCDE") + f"; session={victim.id}"
     app = make_app(cstore)
     for cookie in (both, many):
-        for path in ("/logout", "/clear", "/everywhere"):
+        for path in ("/logout", "/clear", "/everywhere", "/set?key=k&value=v"):
             async with client(app) as c:
                 response = await c.post(path, headers={"cookie": cookie})
                 assert response.status_code == 409, (path, response.text)
