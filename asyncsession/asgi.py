@@ -512,6 +512,15 @@ class SessionDict(dict[str, Any]):
 _EMPTY_SESSION = SessionDict()  # a placeholder, never handed to an app
 
 
+def _ambiguous(nothing: str) -> SessionConflict:
+    """409 for a request whose cookies named several live sessions (tossing)."""
+    return SessionConflict(
+        "the request carried several live session cookies (cookie tossing?) and none "
+        f"was adopted: nothing {nothing}; clear this site's cookies",
+        details={"reason": "ambiguous"},
+    )
+
+
 class _Connection:
     """Per-connection state: the stored record, the live data and what to tell the client."""
 
@@ -750,20 +759,12 @@ class _Connection:
                 details={"reason": "rotated"},
             )
         if self.ambiguous:
-            raise SessionConflict(
-                "the request carried several live session cookies (cookie tossing?) "
-                "and none was adopted: nothing ended; clear this site's cookies",
-                details={"reason": "ambiguous"},
-            )
+            raise _ambiguous("ended")
 
     async def _create(self) -> None:
         if self.stale:  # a rotated id, or several live ones: the newer cookie stays
             if self.ambiguous:
-                raise SessionConflict(
-                    "the request carried several live session cookies (cookie tossing?) "
-                    "and none was adopted: nothing saved; clear this site's cookies",
-                    details={"reason": "ambiguous"},
-                )
+                raise _ambiguous("saved")
             raise SessionConflict(
                 "the session cookie is stale (rotated); reload and retry",
                 details={"reason": "stale_cookie"},
