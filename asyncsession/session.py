@@ -239,18 +239,20 @@ def new_session(
         )
     expires_at = None
     if ttl is not None:
-        if isinstance(ttl, timedelta):
-            delta = ttl
-        elif is_seconds(ttl):
-            delta = timedelta(seconds=ttl)
-        else:
-            raise InvalidSession(
-                f"ttl must be a timedelta or seconds, not {type(ttl).__name__}",
-                details={"ttl": type(ttl).__name__},
-            )
+        try:
+            delta = as_duration(ttl, "ttl")
+        except ValueError as exc:  # (a raw OverflowError for 1e20 s before)
+            raise InvalidSession(str(exc), details={"ttl": type(ttl).__name__}) from None
+        assert delta is not None
         if delta <= timedelta(0):
             raise InvalidSession("ttl must be positive", details={"ttl": delta.total_seconds()})
-        expires_at = at + delta
+        try:
+            expires_at = at + delta
+        except OverflowError:  # past the year 9999
+            raise InvalidSession(
+                f"ttl is too long: {ttl!r} from now is past the last date Python holds",
+                details={"ttl": delta.total_seconds()},
+            ) from None
     data = fields.pop("data", None)
     if data is not None and not isinstance(data, Mapping):
         raise InvalidSession(

@@ -81,6 +81,12 @@ def test_new_session_bad_ttl_and_fields() -> None:
         new_session("u", 0)
     with pytest.raises(InvalidSession):
         new_session("u", timedelta(seconds=-1))
+    # a number no timedelta holds, NaN, or a deadline past the year 9999: the clear
+    # error, not a raw OverflowError/ValueError
+    for ttl in (1e20, float("nan"), float("inf"), 8e13, True, "60"):
+        with pytest.raises(InvalidSession, match="ttl") as info:
+            new_session("u", ttl)  # type: ignore[arg-type]
+        assert info.value.details["ttl"] is not None
     with pytest.raises(TypeError):
         new_session("u", colour="red")
 
