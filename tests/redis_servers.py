@@ -114,6 +114,13 @@ def free_ports(count: int, *, bus: bool = False) -> list[int]:
     return ports
 
 
+def free_port() -> int:
+    """One free loopback port from ``free_ports``: below the ephemeral range, where
+    a port the kernel hands out for bind(0) can be taken by another suite's outgoing
+    connection before the server binds it (a restarted server gets it back too)."""
+    return free_ports(1)[0]
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     """Linux: the server gets SIGKILL if the test process dies without cleaning up."""
     with contextlib.suppress(Exception):

@@ -495,12 +495,6 @@ def test_purge_one_site(sqlite_store: Filled, capsys: pytest.CaptureFixture[str]
 # -------------------------------------------------------------------- bad input
 
 
-def _free_port() -> int:
-    from .redis_servers import free_ports
-
-    return free_ports(1)[0]
-
-
 def test_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("aiosqlite")
     not_db = tmp_path / "notes.txt"
@@ -512,7 +506,7 @@ def test_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         ([], 2, "no store given"),
         (["--store", f"sqlite:{tmp_path / 'missing.db'}"], 3, "no SQLite database"),
         (["--store", f"sqlite:{not_db}"], 3, "not a database"),
-        (["--store", f"redis://127.0.0.1:{_free_port()}/0"], 3, "unavailable"),
+        (["--store", f"redis://127.0.0.1:{redis_servers.free_port()}/0"], 3, "unavailable"),
         (["--store", "memory://", "--site", "no spaces"], 2, "site_id"),
     ]
     for extra, expected, message in cases:

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from .redis_servers import free_port
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -55,17 +57,11 @@ def _require_browser() -> None:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    from .uvicorn_server import free_port
-
-    return free_port()
-
-
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[str]:
     """The demo server's base URL; the process is stopped afterwards."""
     _require_browser()
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "demo.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [

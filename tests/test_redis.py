@@ -930,7 +930,7 @@ async def test_corrupt_values_are_not_found_with_violation(
 
 
 async def test_unreachable_server_is_store_unavailable_without_password(clock: FakeClock) -> None:
-    port = free_port()
+    port = redis_servers.free_port()
     url = f"redis://user:s3cret-pw@127.0.0.1:{port}/0"
     store = RedisStore.from_url(url, cfg(), clock=clock, socket_connect_timeout=0.5)
     controlled = with_controls(store, cfg())
@@ -1000,11 +1000,6 @@ async def test_open_store_routes_redis_urls(clock: FakeClock) -> None:
 # ------------------------------------------------------------------------ fault test
 
 
-def free_port() -> int:
-    """A free port below the ephemeral range: a restarted server gets it back."""
-    return redis_servers.free_ports(1)[0]
-
-
 @contextlib.contextmanager
 def redis_server(port: int, password: str) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
     """Start (and restart) a throwaway redis-server; always stop what was started."""
@@ -1053,7 +1048,7 @@ def redis_server(port: int, password: str) -> Iterator[Callable[[], subprocess.P
 
 
 async def test_server_killed_and_restarted_during_load(clock: FakeClock) -> None:
-    port = free_port()
+    port = redis_servers.free_port()
     password = "fault-pw"
     url = f"redis://:{password}@127.0.0.1:{port}/0"
     with redis_server(port, password) as start:
@@ -1131,7 +1126,7 @@ async def wait_for(condition: Callable[[], bool], within: float) -> None:
 
 
 async def test_hung_server_times_out_then_recovers(clock: FakeClock) -> None:
-    port = free_port()
+    port = redis_servers.free_port()
     url = f"redis://:pw@127.0.0.1:{port}/0"
     with redis_server(port, "pw") as start:
         server = start()

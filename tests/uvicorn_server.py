@@ -14,16 +14,9 @@ from pathlib import Path
 
 import httpx
 
-from .redis_servers import free_ports
+from .redis_servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A free port away from the ephemeral range (where a port the kernel hands out
-    for bind(0) can be taken by another suite's outgoing connection before uvicorn
-    binds it)."""
-    return free_ports(1)[0]
 
 
 @contextmanager
