@@ -960,9 +960,12 @@ class SessionMiddleware:
             )
         if not cookie_name or not set(cookie_name) <= _COOKIE_NAME_CHARS:
             raise ValueError(f"invalid cookie name {cookie_name!r}")
-        same_site = same_site.lower()  # type: ignore[assignment]
-        if same_site not in ("lax", "strict", "none"):
-            raise ValueError(f"same_site must be 'lax', 'strict' or 'none', not {same_site!r}")
+        site = same_site.lower() if isinstance(same_site, str) else None
+        if site not in ("lax", "strict", "none"):
+            raise ValueError(
+                f"same_site must be 'lax', 'strict' or 'none' (a string), not {same_site!r}"
+            )
+        same_site = site  # type: ignore[assignment]
         if (same_site == "none" or partitioned) and not https_only:
             raise ValueError("SameSite=None and Partitioned cookies need https_only=True (Secure)")
         if cookie_name.startswith("__Host-") and (not https_only or domain or path != "/"):

@@ -417,6 +417,9 @@ async def test_development_cookie_without_secure(cstore: CountingStore) -> None:
         {"max_retries": -1},
         {"max_retries": "3"},
         {"on_unavailable": "ignore"},
+        {"same_site": "bogus"},
+        {"same_site": None},  # (Python's None for SameSite=None: a raw AttributeError)
+        {"same_site": b"lax"},
     ],
 )
 def test_unsafe_or_invalid_options_are_refused(
