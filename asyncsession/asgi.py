@@ -1405,7 +1405,13 @@ async def _app_answers(exc: SessionError, scope: Scope, receive: Receive, send: 
     except Exception:
         logger.exception("the app's handler for %s raised", type(exc).__name__)
         return False
-    await response(scope, receive, send)
+
+    async def vary(message: Message) -> None:  # the error depends on the cookie
+        if message["type"] == "http.response.start" and not _has_header(message, b"vary"):
+            message = _with_headers(message, list(_VARY))
+        await send(message)
+
+    await response(scope, receive, vary)
     return True
 
 
@@ -1426,6 +1432,7 @@ async def _send_error(send: Send, status: int) -> None:
                 (b"content-type", b"text/plain; charset=utf-8"),
                 (b"content-length", str(len(body)).encode()),
                 (b"cache-control", b"no-store"),
+                _VARY[0],  # a session error depends on the cookie
             ],
         }
     )

@@ -364,6 +364,30 @@ async def test_vary_cookie_whenever_the_response_may_depend_on_it(cstore: Counti
         assert response.headers.get_list("vary") == ["Cookie"]
 
 
+@pytest.mark.parametrize("handler", [True, False])
+async def test_vary_cookie_on_an_error_the_commit_answers(
+    cstore: CountingStore, handler: bool
+) -> None:
+    """A write refused at the commit (here a value that is not JSON) is answered by
+    the middleware, with the app's own handler for it or its plain error: that
+    response depends on the session too, so it says ``Vary: Cookie`` (outside review:
+    the 400, 409 and 413 from ``install_exception_handler`` had none)."""
+
+    async def bad(request: Request) -> PlainTextResponse:
+        request.session["x"] = {1, 2}
+        return PlainTextResponse("never")
+
+    app = Starlette(routes=[Route("/bad", bad, methods=["POST"])])
+    app.add_middleware(SessionMiddleware, store=cstore, cookie_name="session")
+    if handler:
+        install_exception_handler(app)
+    async with client(app) as c:
+        response = await c.post("/bad")
+        assert response.status_code == (400 if handler else 500)
+        assert response.headers.get_list("vary") == ["Cookie"]
+        assert response.headers["cache-control"] == "no-store"
+
+
 async def test_cookie_options(cstore: CountingStore) -> None:
     app = make_app(
         cstore,
