@@ -41,7 +41,7 @@ from typing import Any, TextIO, cast
 
 from .config import Config
 from .controls import ControlledStore, ViolationEvent
-from .crypto import generate_key
+from .crypto import SealBroken, generate_key, is_sealed
 from .errors import (
     InvalidSession,
     SessionCorrupt,
@@ -529,7 +529,7 @@ async def _list_user(store: ControlledStore, args: argparse.Namespace, out: Text
     sessions = await _user_sessions(store, args.user)
     now = datetime.now(UTC)
     if args.json:
-        _json([_describe(s, now) for s in sessions], out)
+        _json([_describe(s, now, _data_size(store, s.data)) for s in sessions], out)
     elif sessions:
         table(
             out,
@@ -940,7 +940,26 @@ def _json(value: Any, out: TextIO) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False), file=out)
 
 
-def _describe(s: Session, now: datetime) -> dict[str, Any]:
+def _data_size(store: ControlledStore, data: dict[str, Any]) -> int | None:
+    """The size of a listed session's data as compact JSON, as ``show`` gives it:
+    sealed data (encryption at rest) is opened with the configured keys to measure
+    it; without keys that open it, ``None`` (unknown)."""
+    if is_sealed(data):
+        ring = store.config.keyring
+        if ring is None:
+            return None
+        try:
+            data = ring.open(data)
+        except SealBroken:
+            return None
+    return len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def _describe(s: Session, now: datetime, size: int | None = -1) -> dict[str, Any]:
+    """A session's metadata for ``show`` and ``list-user --json``; ``size`` when the
+    caller measured it (``_data_size``), else that of ``s.data`` as it is."""
+    if size == -1:
+        size = len(json.dumps(s.data, separators=(",", ":"), ensure_ascii=False).encode())
     return {
         "session": s.short_id,
         "site": s.site_id,
@@ -953,7 +972,7 @@ def _describe(s: Session, now: datetime) -> dict[str, Any]:
         "ip": s.ip_address,
         "user_agent": s.user_agent,
         "version": s.version,
-        "size": len(json.dumps(s.data, separators=(",", ":"), ensure_ascii=False).encode()),
+        "size": size,
     }
 
 

@@ -202,6 +202,16 @@ def test_metadata_commands_work_without_the_keys(
     assert status == 0, err
     listed = json.loads(out)
     assert len(listed) == 3 and "cart" not in out  # metadata only, never the data
+    # the size is of the data as compact JSON, as show gives it: unknown without the
+    # keys, measured with them (outside review: it was the sealed token's size)
+    assert [entry["size"] for entry in listed] == [None] * 3
+    monkeypatch.setenv("ASYNCSESSION_ENCRYPTION_KEYS", KEY_A)
+    status, out, err = run(capsys, "list-user", "alice", *where, "--json")
+    assert status == 0, err
+    assert [entry["size"] for entry in json.loads(out)] == [len('{"cart":[0]}')] * 3
+    status, out, err = run(capsys, "show", first, *where, "--json")
+    assert status == 0 and json.loads(out)["size"] == len('{"cart":[0]}'), err
+    monkeypatch.delenv("ASYNCSESSION_ENCRYPTION_KEYS")
     short = [short_hash(i) for i in (first, second, third)]
     status, out, err = run(capsys, "revoke", short[0], "--user", "alice", *where)
     assert status == 0 and f"revoked session {short[0]}" in out, err
