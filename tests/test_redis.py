@@ -866,7 +866,7 @@ async def test_sites_and_users_with_tricky_names_do_not_collide(env: Env) -> Non
 
 @pytest.mark.parametrize(
     "corruption",
-    ["string", "list", "garbage_record", "truncated", "no_record", "bad_timestamp"],
+    ["string", "list", "garbage_record", "truncated", "no_record", "bad_timestamp", "id_in_field"],
 )
 async def test_corrupt_values_are_not_found_with_violation(
     env: Env, corruption: str, caplog: pytest.LogCaptureFixture
@@ -889,6 +889,10 @@ async def test_corrupt_values_are_not_found_with_violation(
         await env.client.hset(key, "r", record[: len(record) // 2])
     elif corruption == "no_record":
         await env.client.hdel(key, "r")
+    elif corruption == "id_in_field":
+        # the bad value quoted in the error (int() does) would put the id in the log
+        # and the event (outside review, with hash_ids=False: the record there)
+        await env.client.hset(key, "a", f"x-{victim.id}".encode())
     else:
         await env.client.hset(key, "a", b"yesterday")
 
@@ -898,14 +902,14 @@ async def test_corrupt_values_are_not_found_with_violation(
     assert info.value.details.get("corrupt") is True
     assert [e.type for e in events] == ["invalid_session"]
     assert events[0].session == short_hash(victim.id)
-    assert victim.id not in caplog.text
+    assert victim.id not in caplog.text and victim.id not in events[0].message
     # in a batch, the corrupt one fails alone
     results = await asyncio.gather(store.get(good.id), store.get(victim.id), return_exceptions=True)
     assert results[0].data == {"ok": True}  # type: ignore[union-attr]
     assert isinstance(results[1], SessionNotFound)
     # list skips it, with a warning that names it by its short hash only
     assert [s.id for s in await store.list_by_user("alice")] == [session_handle(good.id)]
-    if corruption in ("garbage_record", "truncated", "bad_timestamp"):
+    if corruption in ("garbage_record", "truncated", "bad_timestamp", "id_in_field"):
         assert "skipped a stored record" in caplog.text
     assert victim.id not in caplog.text
     # writes: a key that is not a session hash is missing to them; a hash whose record

@@ -626,7 +626,9 @@ class RedisStore(Store):
             a = int(accessed)  # type: ignore[arg-type]
             e = int(expires) if expires else None
         except (TypeError, ValueError) as exc:
-            raise codec.CorruptRecord(f"bad timestamp field: {exc}") from exc
+            # (not str(exc): int() quotes the value, which may be any stored bytes, a
+            # record with its session id among them; violations log this message)
+            raise codec.CorruptRecord(f"bad timestamp field: {type(exc).__name__}") from exc
         session = codec.decode(record, a, e)
         session.id = session_id
         return session
