@@ -542,7 +542,6 @@ class _Connection:
         "refusal",
         "rotated",
         "scope",
-        "seen_at",
         "session",
         "stale",
         "tossed",
@@ -565,9 +564,7 @@ class _Connection:
         self.cookie_sent = False  # the request carried a cookie with our name
         self.degraded = False  # store unavailable, serving an ephemeral anonymous session
         self.touch_due = False
-        self.refreshed = False  # saved or touched: refresh a Max-Age cookie (if due)
-        # the loaded session's last access: when a save or touch last refreshed it
-        self.seen_at: datetime | None = None
+        self.refreshed = False  # saved or touched: refresh a Max-Age cookie
         self.cookie_possible = True  # False once a websocket handshake is done
         # why commit answered 409 or 413 instead of the app's response (the app's own
         # exception handler for it, if any, answers)
@@ -634,7 +631,6 @@ class _Connection:
         self.data = SessionDict(session.data)
         self.client_id = None if self.legacy else session_id
         self.migrate = self.legacy
-        self.seen_at = session.last_accessed_at
         every = self.mw.touch_every
         if every is not None:
             self.touch_due = self.store.clock() - session.last_accessed_at >= every
@@ -845,38 +841,8 @@ class _Connection:
         if self.refreshed:
             self.refreshed = False
             session = self.session
-            if session is not None and session.id == self.client_id and self.refresh_due(session):
+            if self.mw.max_age is not None and session is not None and session.id == self.client_id:
                 self.touch_due = True
-
-    def refresh_due(self, session: Session) -> bool:
-        """Whether a save or touch of the client's own id re-sends its ``Max-Age``
-        cookie: the first one in each quarter of ``max_age`` (counted from the
-        session's creation) since the session was last saved or touched, not every
-        one. Re-sending an unchanged id races a login in another tab: the check just
-        before the headers go out cannot see a rotation made after it, and a
-        browser keeps the cookie of the response that arrives last, so each
-        re-send is a chance to undo that login (outside review: 3 to 7 logins in 20
-        to 40 undone with 60 requests racing each). Refreshed four times per
-        ``max_age`` by an active client, the cookie still never lapses. Nor does it
-        lapse before the session's idle deadline: the last refresh came in the
-        quarter of the last save or touch, so the cookie lasts at least until that
-        quarter's start plus ``max_age``; a save or touch now that moves the idle
-        deadline past that re-sends it (every one, where ``max_age`` is under 4/3 of
-        ``Config.idle_timeout``)."""
-        max_age = self.mw.max_age
-        if max_age is None:
-            return False
-        seen = self.seen_at
-        if seen is None:
-            return True
-        quarter = max_age / 4
-        start = session.created_at
-        now = (self.store.clock() - start).total_seconds()
-        last = (seen - start).total_seconds() // quarter  # the quarter of the last refresh
-        if now // quarter > last:
-            return True
-        idle = self.mw._idle_seconds
-        return idle is not None and now + idle > last * quarter + max_age
 
     def pending(self) -> bool:
         """Whether ``commit`` has anything to do (cheap: read-only requests skip it)."""
@@ -888,7 +854,7 @@ class _Connection:
         mw = self.mw
         session = self.session
         if session is not None:
-            if session.id == self.client_id and not (self.refreshed and self.refresh_due(session)):
+            if session.id == self.client_id and not (self.refreshed and mw.max_age is not None):
                 return _VARY if self.looked() else []
             self.client_id = session.id
             self.refreshed = False
@@ -1051,7 +1017,6 @@ class SessionMiddleware:
         if every is None and idle is not None:
             every = idle * touch_fraction
         self.touch_every = every
-        self._idle_seconds = None if idle is None else idle.total_seconds()
 
         # attributes spelled and ordered as Starlette's SessionMiddleware writes them
         # (names are case-insensitive to browsers, not to tests written against it):
