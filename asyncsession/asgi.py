@@ -1341,6 +1341,15 @@ def _has_header(message: Message, name: bytes) -> bool:
     return any(key.lower() == name for key, _ in message.get("headers") or ())
 
 
+def _varies_on_cookie(message: Message) -> bool:
+    """Whether a response's ``Vary`` headers already name ``Cookie`` (or ``*``)."""
+    return any(
+        key.lower() == b"vary"
+        and any(part.strip().lower() in (b"cookie", b"*") for part in value.split(b","))
+        for key, value in message.get("headers") or ()
+    )
+
+
 def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
     """``message`` with ``extra`` headers appended (in place when they are a list, as
     Starlette's own middleware does)."""
@@ -1412,7 +1421,7 @@ async def _app_answers(exc: SessionError, scope: Scope, receive: Receive, send: 
         return False
 
     async def vary(message: Message) -> None:  # the error depends on the cookie
-        if message["type"] == "http.response.start" and not _has_header(message, b"vary"):
+        if message["type"] == "http.response.start" and not _varies_on_cookie(message):
             message = _with_headers(message, list(_VARY))
         await send(message)
 

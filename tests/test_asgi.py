@@ -43,6 +43,7 @@ from asyncsession import (
     SessionConflict,
     SessionDep,
     SessionDict,
+    SessionError,
     SessionMiddleware,
     SessionNotFound,
     StoreClosed,
@@ -386,6 +387,26 @@ async def test_vary_cookie_on_an_error_the_commit_answers(
         assert response.status_code == (400 if handler else 500)
         assert response.headers.get_list("vary") == ["Cookie"]
         assert response.headers["cache-control"] == "no-store"
+
+
+async def test_vary_cookie_joins_the_vary_of_the_apps_error_handler(cstore: CountingStore) -> None:
+    """The app's own handler for a refused save may vary on something else: Cookie
+    joins it (outside review: a handler's ``Vary: Accept-Language`` went out alone)."""
+
+    async def bad(request: Request) -> PlainTextResponse:
+        request.session["x"] = {1, 2}
+        return PlainTextResponse("never")
+
+    async def handler(request: Request, exc: Exception) -> PlainTextResponse:
+        return PlainTextResponse("nope", 400, headers={"vary": "Accept-Language"})
+
+    app = Starlette(routes=[Route("/bad", bad, methods=["POST"])])
+    app.add_middleware(SessionMiddleware, store=cstore, cookie_name="session")
+    app.add_exception_handler(SessionError, handler)
+    async with client(app) as c:
+        response = await c.post("/bad")
+        assert response.status_code == 400
+        assert response.headers.get_list("vary") == ["Accept-Language", "Cookie"]
 
 
 async def test_cookie_options(cstore: CountingStore) -> None:
