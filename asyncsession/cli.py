@@ -529,7 +529,7 @@ async def _list_user(store: ControlledStore, args: argparse.Namespace, out: Text
     sessions = await _user_sessions(store, args.user)
     now = datetime.now(UTC)
     if args.json:
-        _json([_describe(s, now, _data_size(store, s.data)) for s in sessions], out)
+        _json([_describe(store, s, now) for s in sessions], out)
     elif sessions:
         table(
             out,
@@ -559,7 +559,7 @@ async def _show(store: ControlledStore, args: argparse.Namespace, out: TextIO) -
     if session.user_id is not None:
         others = [s.short_id for s in await store.list_by_user(session.user_id)]
         others = [h for h in others if h != session.short_id]
-    info = {"id": args.id, **_describe(session, now), "other_sessions_of_user": others}
+    info = {"id": args.id, **_describe(store, session, now), "other_sessions_of_user": others}
     if args.json:
         _json({**info, "data": session.data}, out)
         return OK
@@ -941,8 +941,8 @@ def _json(value: Any, out: TextIO) -> None:
 
 
 def _data_size(store: ControlledStore, data: dict[str, Any]) -> int | None:
-    """The size of a listed session's data as compact JSON, as ``show`` gives it:
-    sealed data (encryption at rest) is opened with the configured keys to measure
+    """The size of a session's data as compact JSON: sealed data (encryption at
+    rest, as ``list-user`` reads it) is opened with the configured keys to measure
     it; without keys that open it, ``None`` (unknown)."""
     if is_sealed(data):
         ring = store.config.keyring
@@ -955,11 +955,8 @@ def _data_size(store: ControlledStore, data: dict[str, Any]) -> int | None:
     return len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
 
 
-def _describe(s: Session, now: datetime, size: int | None = -1) -> dict[str, Any]:
-    """A session's metadata for ``show`` and ``list-user --json``; ``size`` when the
-    caller measured it (``_data_size``), else that of ``s.data`` as it is."""
-    if size == -1:
-        size = len(json.dumps(s.data, separators=(",", ":"), ensure_ascii=False).encode())
+def _describe(store: ControlledStore, s: Session, now: datetime) -> dict[str, Any]:
+    """A session's metadata for ``show`` and ``list-user --json``."""
     return {
         "session": s.short_id,
         "site": s.site_id,
@@ -972,7 +969,7 @@ def _describe(s: Session, now: datetime, size: int | None = -1) -> dict[str, Any
         "ip": s.ip_address,
         "user_agent": s.user_agent,
         "version": s.version,
-        "size": size,
+        "size": _data_size(store, s.data),
     }
 
 
