@@ -854,12 +854,12 @@ class _Connection:
         mw = self.mw
         session = self.session
         if session is not None:
-            if self.migrate:
-                # the move from the legacy cookie was put off (an outage): its id is
-                # not set under our name unrotated, and the legacy cookie stays, so the
-                # next request moves it (outside review: the tossable id was kept)
-                return _VARY if self.looked() else []
-            if session.id == self.client_id and not (self.refreshed and mw.max_age is not None):
+            # (a move from the legacy cookie put off by an outage: its id is not set
+            # under our name unrotated, and the legacy cookie stays, so the next request
+            # moves it; outside review: the tossable id was kept)
+            if self.migrate or (
+                session.id == self.client_id and not (self.refreshed and mw.max_age is not None)
+            ):
                 return _VARY if self.looked() else []
             self.client_id = session.id
             self.refreshed = False
