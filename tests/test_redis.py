@@ -51,7 +51,7 @@ from asyncsession import (  # noqa: E402
     with_controls,
 )
 from asyncsession.backends import redis as redis_backend  # noqa: E402
-from asyncsession.backends.redis import RedisStore  # noqa: E402
+from asyncsession.backends.redis import RedisStore, transport  # noqa: E402
 from asyncsession.backends.redis.rotation import rotation_key  # noqa: E402
 from asyncsession.codec import to_us  # noqa: E402
 
@@ -102,14 +102,6 @@ class Env(backend_redis.PrefixEnv):
         super().__init__(Redis.from_url(REDIS_URL) if self.real else backend_redis.fake_client())
         self.clock = clock
 
-    async def script_calls(self) -> int:
-        """The ``EVALSHA`` calls the server has counted (``INFO commandstats``); 0 on
-        fakeredis, which has no ``INFO``."""
-        if not self.real:
-            return 0
-        stats = await self.client.info("commandstats")
-        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
     def raw(self, config: Config | None = None, **options: Any) -> RedisStore:
         config = replace(config or cfg(), key_prefix=self.prefix)
         if options:
@@ -124,6 +116,20 @@ class Env(backend_redis.PrefixEnv):
         store = with_controls(self.raw(config), config, **options)
         self.stores.append(store)
         return store
+
+
+def scripts_sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SHA of each script call this process's transport sends from now on (the
+    server's own count, ``INFO commandstats``, takes in every client's calls)."""
+    sent: list[str] = []
+    real = transport.send_recovering
+
+    async def spy(client: Any, commands: Any, **options: Any) -> list[Any]:
+        sent.extend(command[1] for command in commands if command[0] == "EVALSHA")
+        return await real(client, commands, **options)
+
+    monkeypatch.setattr(transport, "send_recovering", spy)
+    return sent
 
 
 @pytest.fixture
@@ -574,7 +580,9 @@ async def test_concurrent_gets_share_one_round_trip(env: Env, clock: FakeClock) 
         assert (await store.get(s.id)).data["touched"] is True
 
 
-async def test_concurrent_common_creates_share_one_script_call(env: Env, clock: FakeClock) -> None:
+async def test_concurrent_common_creates_share_one_script_call(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On one server the anonymous creates of a batch that expire run in one
     ``MULTI_INSERT`` call (each trimming if its list asks): 65 concurrent creates
     take a handful of script calls, and each caller still gets its own answer (an id
@@ -587,7 +595,7 @@ async def test_concurrent_common_creates_share_one_script_call(env: Env, clock: 
     clock.advance(30 + raw.expiry_grace_ms / 1000 + 1)
     taken = await store.create(new_session(None, 30, data={"n": -1}, now=clock()))
 
-    before = await env.script_calls()
+    sent = scripts_sent(monkeypatch)
     raw._inserts = 1
     made = [new_session(None, 30, data={"n": i}, now=clock()) for i in range(64)]
     results = await asyncio.gather(
@@ -596,7 +604,7 @@ async def test_concurrent_common_creates_share_one_script_call(env: Env, clock: 
         *(store.create(s) for s in made[40:]),
         return_exceptions=True,
     )
-    calls = await env.script_calls() - before
+    monkeypatch.undo()
     assert isinstance(results[40], InvalidSession)
     created = results[:40] + results[41:]
     for i, session in enumerate(created):
@@ -607,11 +615,72 @@ async def test_concurrent_common_creates_share_one_script_call(env: Env, clock: 
     # the merged creates trimmed as their lists asked (16 of them, 8 entries each):
     # the expiry set holds the live sessions only
     assert await env.client.zcard(raw.expiry_key) == 1 + 64
-    if env.real:  # 65 creates: one at once, the rest merged per batch of up to 32
-        assert calls <= 4, calls
+    # 65 creates: one at once, the rest merged per batch of up to 32
+    assert len(sent) <= 4 and transport.MULTI_INSERT.sha in sent, sent
 
 
-async def test_concurrent_common_writes_share_one_script_call(env: Env, clock: FakeClock) -> None:
+async def test_concurrent_user_creates_share_one_script_call(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On one server the creates of user sessions in a batch run in one
+    ``MULTI_INSERT_USER`` call, each as its own ``INSERT`` would: a user's limit holds
+    across the creates of one batch (each evicts in turn), a taken id is refused
+    alone, a user whose index is not a sorted set fails alone, and the rest apply."""
+    store = env.controlled(cfg(max_sessions_per_user=3))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    first = [await store.create(new_session("alice", 60, now=clock())) for _ in range(3)]
+    taken = await store.create(new_session("bob", 60, data={"n": -1}, now=clock()))
+    await env.client.set(raw.index_key("site-a", "mallory"), b"not a sorted set")
+    alone = await asyncio.gather(
+        store.create(new_session("mallory", 60, now=clock())), return_exceptions=True
+    )
+
+    sent = scripts_sent(monkeypatch)
+    made = [
+        new_session("alice" if i % 2 else f"user-{i}", 60, data={"n": i}, now=clock())
+        for i in range(40)
+    ]
+    results = await asyncio.gather(
+        store.get(first[0].id),  # (a lone call, to open a batch behind it)
+        *(store.create(s) for s in made[:20]),
+        raw.create(replace(taken, data={"n": "tossed"})),
+        store.create(new_session("mallory", 60, now=clock())),
+        *(store.create(s) for s in made[20:]),
+        return_exceptions=True,
+    )
+    monkeypatch.undo()
+    # 42 creates: after the lone get, merged per batch (of up to 32); a lone create
+    # (one batch's only one) may go as INSERT
+    assert sent.count(transport.MULTI_INSERT_USER.sha) >= 1
+    assert sent.count(transport.INSERT.sha) <= 2, sent
+    assert isinstance(results[21], InvalidSession)
+    # mallory's create fails as it does alone, and only it
+    assert type(results[22]) is type(alone[0]) and isinstance(results[22], StoreUnavailable)
+    created = results[1:21] + results[23:]
+    assert not any(isinstance(r, BaseException) for r in created), created
+    kept = await store.get(taken.id)
+    assert kept is not None and kept.data == {"n": -1}
+    for i, session in enumerate(made):
+        if i % 2 == 0:  # one each: nothing evicted
+            got = await store.get(session.id)
+            assert got is not None and got.data == {"n": i}
+    # alice: 3 + 20 creates, a limit of 3: three of the batch's are live, all else
+    # evicted (which three: the order two batches in flight reach the server)
+    alices = [s for i, s in enumerate(made) if i % 2]
+    live = []
+    for s in first + alices:
+        with contextlib.suppress(SessionNotFound):
+            live.append((await store.get(s.id)).id)
+    assert len(live) == 3 and set(live) <= {s.id for s in alices}, live
+    listed = await store.list_by_user("alice")  # (ids as stored: their handles)
+    assert sorted(s.id for s in listed) == sorted(map(session_handle, live))
+    assert await env.client.zcard(raw.index_key("site-a", "alice")) == 3
+
+
+async def test_concurrent_common_writes_share_one_script_call(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On one server the common writes of a batch (no idle timeout, a base version)
     run in one ``MULTI_APPLY`` call, two sites' sessions alike; a write that is not
     the common one at the server (its session changed since the caller loaded it)
@@ -629,7 +698,7 @@ async def test_concurrent_common_writes_share_one_script_call(env: Env, clock: F
     await store.apply(made[0].id, Changes(set={"m": 5}))
     await store.apply(made[1].id, Changes(set={"n": 99}))
 
-    before = await env.script_calls()
+    sent = scripts_sent(monkeypatch)
     results = await asyncio.gather(
         *(
             store.apply(
@@ -640,7 +709,7 @@ async def test_concurrent_common_writes_share_one_script_call(env: Env, clock: F
         other.apply(foreign.id, Changes(set={"n": 0}), base=await other.get(foreign.id)),
         return_exceptions=True,
     )
-    calls = await env.script_calls() - before
+    monkeypatch.undo()
     assert isinstance(results[1], SessionConflict)
     assert not isinstance(results[40], BaseException), results[40]
     for i, b in enumerate(bases):
@@ -653,8 +722,8 @@ async def test_concurrent_common_writes_share_one_script_call(env: Env, clock: F
         else:
             assert got.data == {"n": i + 100, "m": 0} and got.version == b.version + 1
             assert results[i].version == got.version  # type: ignore[union-attr]
-    if env.real:  # 41 writes: one at once, the rest merged per batch, 2 sent again as APPLY
-        assert calls <= 6, calls
+    # 41 writes: one at once, the rest merged per batch, 2 sent again as APPLY
+    assert len(sent) <= 6 and transport.MULTI_APPLY.sha in sent, sent
 
 
 async def test_batch_survives_a_cancelled_leader(env: Env) -> None:

@@ -137,7 +137,7 @@ async def controlled(clock: FakeClock) -> AsyncIterator[ControlledStore]:
         await client.aclose()
 
 
-@pytest.mark.parametrize("merged", ["reads", "creates", "writes"])
+@pytest.mark.parametrize("merged", ["reads", "creates", "users", "writes"])
 @pytest.mark.parametrize("bad", ["first", [b"ok"], 42, None])
 async def test_a_merged_reply_of_the_wrong_shape_fails_each_merged_caller(
     merged: str, bad: Any, controlled: ControlledStore, monkeypatch: pytest.MonkeyPatch
@@ -151,6 +151,7 @@ async def test_a_merged_reply_of_the_wrong_shape_fails_each_merged_caller(
     script = {
         "reads": transport.MULTI_GET.sha,
         "creates": transport.MULTI_INSERT.sha,
+        "users": transport.MULTI_INSERT_USER.sha,
         "writes": transport.MULTI_APPLY.sha,
     }[merged]
     real = transport.send_recovering
@@ -165,23 +166,31 @@ async def test_a_merged_reply_of_the_wrong_shape_fails_each_merged_caller(
 
     monkeypatch.setattr(transport, "send_recovering", garble)
     fresh = [new_session(None, 60, data={"n": n}) for n in range(3)]
+    users = [new_session(f"user-{n}", 60, data={"n": n}) for n in range(3)]
     results = await all_settle(
         [controlled.get(kept[0].id)]  # (a lone call, to open a batch behind it)
         + [controlled.get(s.id) for s in kept[1:3]]
         + [controlled.create(s) for s in fresh]
+        + [controlled.create(s) for s in users]
         + [controlled.apply(s.id, Changes(set={"w": 1}), base=s) for s in loaded]
         + [controlled.apply(kept[0].id, Changes(set={"x": 1}))]  # (no base: as APPLY)
     )
     monkeypatch.setattr(transport, "send_recovering", real)
-    groups = {"reads": results[1:3], "creates": results[3:6], "writes": results[6:8]}
+    groups = {
+        "reads": results[1:3],
+        "creates": results[3:6],
+        "users": results[6:9],
+        "writes": results[9:11],
+    }
     assert all(isinstance(r, StoreUnavailable) for r in groups.pop(merged))
     for name, others in groups.items():
         assert not any(isinstance(r, BaseException) for r in others), (name, others)
-    assert not isinstance(results[8], BaseException), results[8]
-    if merged != "creates":  # a create reported done is stored
-        for made in fresh:
-            got = await controlled.get(made.id)
-            assert got is not None and got.data == made.data
+    assert not isinstance(results[11], BaseException), results[11]
+    for group, made_here in (("creates", fresh), ("users", users)):
+        if merged != group:  # a create reported done is stored
+            for made in made_here:
+                got = await controlled.get(made.id)
+                assert got is not None and got.data == made.data
     if merged != "writes":  # a write reported done is stored
         for s in loaded:
             got = await controlled.get(s.id)

@@ -42,18 +42,13 @@ _INDEX_FNS = lua("index")
 _COMMON_CREATE = lua("common_create")
 INSERT = _Script(_PURGE_FN + _INDEX_FNS + lua("insert"), first=_COMMON_CREATE + lua("insert_first"))
 MULTI_INSERT = _Script(_PURGE_FN + _COMMON_CREATE + lua("multi_insert"))
+_INSERT_FN = "local function insert(KEYS, ARGV)\n" + lua("insert") + "\nend\n"
+MULTI_INSERT_USER = _Script(_PURGE_FN + _INDEX_FNS + _INSERT_FN + lua("multi_insert_user"))
 REPLACE = _Script(_PURGE_FN + _INDEX_FNS + lua("replace"), first=lua("replace_first"))
 RESEAL = _Script(lua("reseal"))
 TOUCH = _Script(_PURGE_FN + lua("touch"))
 ROTATE = _Script(lua("rotate"))
-ROTATE_INTO = _Script(
-    _PURGE_FN
-    + _INDEX_FNS
-    + "local function insert(KEYS, ARGV)\n"
-    + lua("insert")
-    + "\nend\n"
-    + lua("rotate_into")
-)
+ROTATE_INTO = _Script(_PURGE_FN + _INDEX_FNS + _INSERT_FN + lua("rotate_into"))
 RETIRE = _Script(lua("retire"))
 _COMMON_APPLY = lua("common_apply")
 APPLY = _Script(lua("apply"), first=_COMMON_APPLY + lua("apply_first"))
@@ -86,6 +81,7 @@ SCRIPTS = (
     COUNT_SLOTS,
     MULTI_GET,
     MULTI_INSERT,
+    MULTI_INSERT_USER,
     MULTI_APPLY,
     SCAN,
     ROTATE_INTO,

@@ -9,7 +9,8 @@ one ``pipeline(transaction=False)`` (a lone request as one ``execute_command``) 
 connection the client's pool lends for that exchange only, with the client's own
 timeouts, health checks, retry, TLS and credentials. On one server the session reads
 of a batch merge into one ``HMGET`` or one multi-key script call, and so do its
-creates of anonymous sessions that expire (``MULTI_INSERT``) and its common writes
+creates of anonymous sessions that expire (``MULTI_INSERT``), its creates of user
+sessions (``MULTI_INSERT_USER``) and its common writes
 (``MULTI_APPLY``: no idle timeout, nothing written since the caller loaded the
 session; the others go as ``APPLY`` after). Whatever happens in a batch, of any
 exception type, every waiter is resolved, and by the deadline set when its batch
@@ -40,7 +41,15 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from ..._deadline import DEADLINE
 from ...errors import StoreUnavailable
-from .scripts import APPLY, INSERT, MULTI_APPLY, MULTI_GET, MULTI_INSERT, source_of
+from .scripts import (
+    APPLY,
+    INSERT,
+    MULTI_APPLY,
+    MULTI_GET,
+    MULTI_INSERT,
+    MULTI_INSERT_USER,
+    source_of,
+)
 
 CLOSE_WAIT = 20.0
 """How long ``close()`` of a store without ``timeout`` waits for work still on the
@@ -188,6 +197,12 @@ def _common_create(args: Command) -> bool:
         return False
     listed = args[7]
     return isinstance(listed, bytes) and listed.split(b",", 5)[4] != b""
+
+
+def _user_create(args: Command) -> bool:
+    """Whether ``args`` is an insert of a user's session (three keys: the user's
+    index the third), which ``MULTI_INSERT_USER`` runs too."""
+    return len(args) == 9 and args[1] == INSERT.sha and args[2] == 3
 
 
 def _common_apply(args: Command) -> bool:
@@ -640,6 +655,7 @@ class Transport:
         reads = [key for key, args in requests if args is None]
         merged = self._merge_reads and len(reads) > 1
         creates: list[Command] = []
+        users: list[Command] = []
         updates: list[Command] = []
         if self._merge_reads:
             for _, args in requests:
@@ -648,12 +664,16 @@ class Transport:
                         creates.append(args)
                     elif _common_apply(args):
                         updates.append(args)
+                    elif _user_create(args):
+                        users.append(args)
         if len(creates) < 2:
             creates = []
+        if len(users) < 2:
+            users = []
         if len(updates) < 2:
             updates = []
         # the merged requests, by identity: their replies once the round trip is back
-        done: dict[int, Any] = dict.fromkeys(map(id, creates + updates))
+        done: dict[int, Any] = dict.fromkeys(map(id, creates + users + updates))
         wire: list[Command] = []
         if merged:
             wire.append(("EVALSHA", MULTI_GET.sha, len(reads), *reads))
@@ -661,6 +681,10 @@ class Transport:
             keys = [key for args in creates for key in args[3:5]]
             argv = [arg for args in creates for arg in args[5:8]]
             wire.append(("EVALSHA", MULTI_INSERT.sha, len(keys), *keys, *argv))
+        if users:
+            keys = [key for args in users for key in args[3:6]]
+            argv = [arg for args in users for arg in args[6:9]]
+            wire.append(("EVALSHA", MULTI_INSERT_USER.sha, len(keys), *keys, *argv))
         if updates:
             keys = [args[3] for args in updates]
             argv = [arg for args in updates for arg in args[5:7]]
@@ -675,6 +699,8 @@ class Transport:
         got = _each(replies.pop(0), len(reads)) if merged else iter(())
         if creates:
             done.update(zip(map(id, creates), _each(replies.pop(0), len(creates)), strict=True))
+        if users:
+            done.update(zip(map(id, users), _each(replies.pop(0), len(users)), strict=True))
         if updates:
             done.update(zip(map(id, updates), _each(replies.pop(0), len(updates)), strict=True))
         out: list[Any] = []
