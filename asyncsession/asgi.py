@@ -63,6 +63,7 @@ from .session import (
     is_valid_session_id,
     new_session,
     normalize_user_id,
+    session_handle,
 )
 from .store import Store
 
@@ -1669,6 +1670,14 @@ async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = 
     if session.user_id is None:
         return 0
     keep = session.id if keep_current else None
+    if keep is None:
+        # nothing kept, so the store does not check this session in the deletes'
+        # step: check it first (a request that loaded it before a revoke must not
+        # end the user's other sessions)
+        try:
+            await conn.within(conn.store.get(session.id))
+        except SessionNotFound as exc:
+            conn._gone(session, exc)
     try:
         count = await conn.within(conn.store.delete_by_user(session.user_id, keep=keep))
     except SessionNotFound as exc:  # the session to keep is gone: rotated or ended
@@ -1698,7 +1707,9 @@ async def list_user_sessions(connection: HTTPConnection) -> list[Session]:
     if user_id is None:
         return []
     conn = _work(connection)
-    return await conn.within(conn.store.list_by_user(user_id))
+    sessions = await conn.within(conn.store.list_by_user(user_id))
+    await _still_current(conn, sessions)
+    return sessions
 
 
 async def revoke_session(connection: HTTPConnection, short_id: str) -> bool:
@@ -1712,11 +1723,33 @@ async def revoke_session(connection: HTTPConnection, short_id: str) -> bool:
     if current.short_id == short_id:
         await logout(connection)
         return True
-    for session in await conn.within(conn.store.list_by_user(current.user_id)):
+    sessions = await conn.within(conn.store.list_by_user(current.user_id))
+    await _still_current(conn, sessions)
+    for session in sessions:
         if session.short_id == short_id:
             await conn.within(conn.store.delete(session.id))
             return True
     return False
+
+
+async def _still_current(conn: _Connection, sessions: list[Session]) -> None:
+    """The request's session is among its user's live ``sessions`` (as listed, ids
+    at rest), or ``SessionConflict`` (409): a request that loaded it before a revoke,
+    a logout everywhere, an eviction or a login elsewhere ended or moved it (a slow
+    request body, a websocket held open) acts no more on the user's sessions. One
+    missing from the list is looked up once, to tell a rotation from an end."""
+    current = conn.session
+    if current is None:
+        return
+    handle = session_handle(current.id)
+    if any(s.id == current.id or s.id == handle for s in sessions):
+        return
+    try:
+        got = await conn.within(conn.store.get(current.id))
+    except SessionNotFound as exc:
+        conn._gone(current, exc)
+    if got.user_id != current.user_id:  # (bound to another user meanwhile)
+        conn._gone(current, SessionNotFound("session no longer belongs to its user"))
 
 
 async def save_session(connection: HTTPConnection) -> None:

@@ -37,10 +37,12 @@ from asyncsession import (
     current_user_id,
     generate_session_id,
     install_exception_handler,
+    list_user_sessions,
     login,
     logout,
     logout_everywhere,
     new_session,
+    revoke_session,
     save_session,
     short_hash,
     update_session,
@@ -96,6 +98,17 @@ def make_app(
         keep = "all" not in request.query_params
         return JSONResponse({"revoked": await logout_everywhere(request, keep_current=keep)})
 
+    async def devices(request: Request) -> JSONResponse:
+        """list_user_sessions, or revoke_session of ``short``, after ``wait`` as
+        /write does (a slow body, say)."""
+        request.session.get("x")
+        if "wait" in request.query_params and gate is not None:
+            gate[0].set()
+            await gate[1].wait()
+        if "short" in request.query_params:
+            return JSONResponse(await revoke_session(request, request.query_params["short"]))
+        return JSONResponse([s.short_id for s in await list_user_sessions(request)])
+
     async def count(request: Request) -> JSONResponse:
         """update_session (saved at once), then ``wait`` as /write does."""
         n = await update_session(request, lambda d: d.update(n=d.get("n", 0) + 1) or d["n"])
@@ -135,6 +148,7 @@ def make_app(
             Route("/login", do_login, methods=["POST"]),
             Route("/logout", do_logout, methods=["POST"]),
             Route("/others-out", others_out, methods=["POST"]),
+            Route("/devices", devices, methods=["POST"]),
             Route("/record", record),
             Route("/count", count, methods=["POST"]),
             Route("/cart", cart_then_login, methods=["POST"]),
@@ -246,6 +260,50 @@ async def test_a_login_from_a_cookie_already_rotated_starts_afresh(
         assert r.json() == {"data": {}, "user": "alice"}  # nothing of the rotated session
     with pytest.raises(SessionRotated):
         await store.get(old)
+
+
+@pytest.mark.parametrize("action", ["list", "revoke", "all-out"])
+@pytest.mark.parametrize("how", ["revoked", "evicted", "rotated"])
+async def test_a_request_whose_session_ended_meanwhile_acts_on_no_other_session(
+    store: ControlledStore, action: str, how: str
+) -> None:
+    """A request that loaded its session before it was revoked (the victim's
+    logout everywhere), evicted or moved by a login (a slow body, outside
+    review) answers 409 to list_user_sessions, revoke_session and
+    logout_everywhere(keep_current=False): nothing listed, nothing deleted."""
+    entered, go = asyncio.Event(), asyncio.Event()
+    app = make_app(store, (entered, go))
+    async with client(app) as c:
+        ids = []
+        for _ in range(2):
+            r = await c.post("/login", params={"user": "alice"}, headers={"cookie": ""})
+            ids.append(issued(r))
+        attacker, victim = ids
+        victim_short = short_hash(victim)
+        path, params = {
+            "list": ("/devices", {}),
+            "revoke": ("/devices", {"short": victim_short}),
+            "all-out": ("/others-out", {"all": "1"}),
+        }[action]
+        late = asyncio.create_task(
+            c.post(path, params={**params, "wait": "1"}, headers=jar(attacker))
+        )
+        await entered.wait()  # loaded, still live
+        if how == "revoked":  # the victim logs the other devices out
+            r = await c.post("/others-out", headers=jar(victim))
+            assert r.json() == {"revoked": 1}
+        elif how == "evicted":
+            await store.delete(attacker)
+        else:
+            issued(await c.post("/login", params={"user": "alice"}, headers=jar(attacker)))
+        go.set()
+        answer = await late
+        assert answer.status_code == 409, answer.text
+        assert set_cookies(answer) == []
+        reason = answer.json()["error"]["reason"]
+        assert reason == ("rotated" if how == "rotated" else "ended"), reason
+        kept = await store.get(victim)  # the victim's session lives on
+        assert kept.user_id == "alice"
 
 
 async def test_a_login_after_a_write_to_a_session_ended_meanwhile_goes_on(
