@@ -535,6 +535,7 @@ class _Connection:
         "data",
         "degraded",
         "exact",
+        "fresh",
         "legacy",
         "migrate",
         "moved",
@@ -579,6 +580,9 @@ class _Connection:
         self.tossed = False  # several values of our cookie: clearing ours would not help
         self.legacy = False  # the session came in the legacy cookie: move it to ours
         self.migrate = False  # ... under a new id, which commit gives it (_migrate)
+        # the id a login() of this request stored, until a response carries its
+        # cookie: a request that fails first undoes the login (undo_login)
+        self.fresh: str | None = None
         self.budget: float | None = mw.timeout  # seconds of store work left (None: no bound)
         self.accessed = False  # a helper (current_user_id, login...) looked at the session
 
@@ -708,6 +712,32 @@ class _Connection:
             _outage(logging.WARNING, "session cookie move skipped: %s", exc)
         else:
             self.refreshed = True
+
+    async def undo_login(self) -> None:
+        """A login whose new id reaches no client (its request raised, or its save
+        was refused with 409/413/400 and the refusal carries no cookie) is undone: its
+        session is deleted, so no session that nobody holds takes a place in the
+        user's limit (``reject`` locking the user out, ``oldest`` evicting their real
+        devices on the next tries). The rotated cookie stays as it is (a read gets an
+        empty session, a write 409 until a login). Within what is left of the
+        request's deadline; if the store fails, logged, and it expires with its ttl."""
+        session_id, self.fresh = self.fresh, None
+        if session_id is None:
+            return
+        try:
+            await self.within(self.store.delete(session_id))
+        except Exception as exc:
+            _log_limited(
+                _log_limit,
+                "login_undo",
+                logging.WARNING,
+                "a failed request's login left session %s (no client has its cookie), "
+                "not ended: %s",
+                short_hash(session_id),
+                exc,
+            )
+        else:
+            logger.info("login undone: session %s, its request failed", short_hash(session_id))
 
     def check_writable(self) -> None:
         """With ``on_unavailable="anonymous"``, a request whose session the store could
@@ -1209,6 +1239,7 @@ class SessionMiddleware:
                 if status is not None:
                     replaced = True
                     conn.cookie_possible = False
+                    await conn.undo_login()
                     if conn.refusal is None or not await _app_answers(
                         conn.refusal, scope, receive, send
                     ):
@@ -1216,6 +1247,7 @@ class SessionMiddleware:
                     return
             extra = conn.cookie_headers()
             conn.cookie_possible = False  # from here on no response can carry a cookie
+            conn.fresh = None  # (a login's cookie goes with this response)
             if extra:
                 if _sets_cookie(extra):
                     if not _has_header(message, b"cache-control"):
@@ -1229,6 +1261,8 @@ class SessionMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             conn.scope = None
+            if conn.fresh is not None:  # the app raised, or answered nothing
+                await conn.undo_login()
         data = conn.data
         # (changes() returns at once for a request that wrote nothing and read no list)
         if (
@@ -1286,8 +1320,10 @@ class SessionMiddleware:
                 status = await _commit_or_status(conn)
                 conn.cookie_possible = False
                 if status is not None:
+                    await conn.undo_login()
                     await send({"type": "websocket.close", "code": 1011})
                     return
+                conn.fresh = None
                 extra = conn.cookie_headers()
                 if extra:
                     message = _with_headers(message, extra)
@@ -1316,6 +1352,8 @@ class SessionMiddleware:
             await self._websocket_ended(conn)
         finally:
             conn.scope = None
+            if conn.fresh is not None:  # closed or failed before the accept
+                await conn.undo_login()
 
     async def _websocket_ended(self, conn: _Connection) -> None:
         """Save the changes made after the handshake. No response carries a cookie now
@@ -1611,6 +1649,7 @@ async def login(
     conn.touch_due = False
     conn.refreshed = True
     conn.stale = conn.rotated = conn.ambiguous = conn.migrate = False
+    conn.fresh = session.id  # until a response carries its cookie
     logger.info("login: session %s for user %r", short_hash(session.id), session.user_id)
     return session
 

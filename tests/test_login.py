@@ -49,6 +49,7 @@ from asyncsession import (
     with_controls,
 )
 
+from .asgi_calls import http_scope
 from .clock import FakeClock
 from .conftest import Harness
 from .redis_servers import Server, _base_args, free_ports, require_servers
@@ -193,6 +194,53 @@ async def racing_a_login(
     return await late, new
 
 
+async def raw_post(app: Any, path: str, session_id: str) -> list[dict[str, Any]]:
+    """POST ``path`` with the cookie ``session_id``, in-process and with no client
+    in between (one that expects a response): the messages the app sent."""
+    scope = http_scope([(b"cookie", jar(session_id)["cookie"].encode())], path)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def ws_handshake(app: Any, path: str, session_id: str) -> list[dict[str, Any]]:
+    """A websocket handshake with the cookie ``session_id``, in-process (on this
+    test's event loop, unlike TestClient's): the messages the app sent."""
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "wss",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver"), (b"cookie", jar(session_id)["cookie"].encode())],
+        "client": ("203.0.113.9", 1234),
+        "server": ("testserver", 443),
+        "subprotocols": [],
+    }
+    inbox = [{"type": "websocket.connect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if inbox:
+            return inbox.pop(0)
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
 @pytest.fixture
 async def store(harness: Harness) -> ControlledStore:
     return await harness.controlled(
@@ -253,6 +301,7 @@ async def test_a_login_from_a_cookie_already_rotated_starts_afresh(
         old = issued(await c.post("/write", params={"key": "cart", "value": "3"}))
         lost = await c.post("/login-fail", headers=jar(old))
         assert lost.status_code == 500 and set_cookies(lost) == []
+        assert await store.list_by_user("alice") == []  # the failed login was undone
         again = await c.post("/login", params={"user": "alice"}, headers=jar(old))
         assert again.status_code == 200, again.text
         new = issued(again)
@@ -276,8 +325,9 @@ async def test_a_request_whose_session_ended_meanwhile_acts_on_no_other_session(
     async with client(app) as c:
         ids = []
         for _ in range(2):
-            r = await c.post("/login", params={"user": "alice"}, headers={"cookie": ""})
-            ids.append(issued(r))
+            c.cookies.clear()  # (a device of its own)
+            ids.append(issued(await c.post("/login", params={"user": "alice"})))
+        c.cookies.clear()
         attacker, victim = ids
         victim_short = short_hash(victim)
         path, params = {
@@ -304,6 +354,74 @@ async def test_a_request_whose_session_ended_meanwhile_acts_on_no_other_session(
         assert reason == ("rotated" if how == "rotated" else "ended"), reason
         kept = await store.get(victim)  # the victim's session lives on
         assert kept.user_id == "alice"
+
+
+@pytest.mark.parametrize("failure", ["413", "500", "no-response", "websocket"])
+@pytest.mark.parametrize("eviction", ["reject", "oldest"])
+async def test_a_login_whose_request_fails_is_undone(
+    harness: Harness, failure: str, eviction: str
+) -> None:
+    """login() stores the new session at once; if its request then fails before a
+    response carries the cookie (data too large: 413; an exception: 500; an app
+    that answers nothing; a websocket closed before its accept), the login is
+    undone: no session nobody holds keeps a place in the user's limit, so failed
+    attempts neither lock the user out (reject) nor evict their devices (oldest)
+    (outside attacker: 3 such logins locked the user out, or logged 2 devices out)."""
+    store = await harness.controlled(
+        Config(
+            site_id="site-a",
+            max_sessions_per_user=3,
+            eviction=eviction,
+            max_session_size=2048,
+            cleanup_interval=0,
+        )
+    )
+
+    async def login_then_fail(request: Request) -> JSONResponse:
+        await login(request, "alice")
+        if failure == "413":
+            request.session["tokens"] = "x" * 4096  # (the save is refused: 413)
+            return JSONResponse("saved?")
+        raise RuntimeError("the app fails after login")
+
+    class LoginAnswersNothing:  # (an ASGI app, not a request handler, for Route)
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await login(Request(scope, receive), "alice")
+
+    async def ws_login(websocket: WebSocket) -> None:
+        await login(websocket, "alice")
+        await websocket.close()  # (before the accept: the handshake is refused)
+
+    app = make_app(store)
+    app.router.routes.append(Route("/login-fail", login_then_fail, methods=["POST"]))
+    app.router.routes.append(Route("/login-nothing", LoginAnswersNothing(), methods=["POST"]))
+    app.router.routes.append(WebSocketRoute("/ws-login", ws_login))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
+        devices = []
+        for _ in range(2):
+            c.cookies.clear()  # (a device of its own)
+            devices.append(issued(await c.post("/login", params={"user": "alice"})))
+        for _ in range(3):
+            c.cookies.clear()
+            old = issued(await c.post("/write", params={"key": "k", "value": "v"}))
+            c.cookies.clear()
+            if failure == "websocket":
+                sent = await ws_handshake(app, "/ws-login", old)
+                assert [m["type"] for m in sent] == ["websocket.close"], sent
+            elif failure == "no-response":  # (httpx's transport wants a response)
+                assert await raw_post(app, "/login-nothing", old) == []
+            else:
+                lost = await c.post("/login-fail", headers=jar(old))
+                assert lost.status_code == (413 if failure == "413" else 500), lost.text
+                assert not [h for h in set_cookies(lost) if "Max-Age=0" not in h]
+        listed = await store.list_by_user("alice")
+        assert len(listed) == 2, listed  # the two devices, nothing of the failed logins
+        for device in devices:
+            assert (await store.get(device)).user_id == "alice"
+        c.cookies.clear()
+        ok = await c.post("/login", params={"user": "alice"})
+        assert ok.status_code == 200, ok.text
 
 
 async def test_a_login_after_a_write_to_a_session_ended_meanwhile_goes_on(
