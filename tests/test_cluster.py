@@ -849,3 +849,41 @@ async def test_sessions_stored_under_plain_ids_move_to_their_handles_in_their_sl
     for s in [*made, anon]:
         assert s.id[4:].encode() not in blob
         assert (await store.get(s.id)).data == s.data | ({"x": 1} if s is made[1] else {})
+
+
+@pytest.mark.parametrize("write", ["create", "apply"])
+async def test_a_write_whose_reply_is_lost_is_not_sent_again(
+    env: Env, monkeypatch: pytest.MonkeyPatch, write: str
+) -> None:
+    """A node ran the script and its reply was lost (the connection dropped): the
+    caller gets StoreUnavailable (in doubt), never a resend, whose second run would
+    answer "already exists" or a conflict for the caller's own applied write
+    (outside check: redis-py's cluster client retried 10 times by default)."""
+    store = env.controlled()
+    kept = await store.create(new_session("alice", 60, data={"n": 0}))
+    real = Connection.read_response
+    dropped: list[bool] = []
+
+    async def lose_first_reply(self: Connection, *args: Any, **kwargs: Any) -> Any:
+        reply = await real(self, *args, **kwargs)
+        if not dropped:
+            dropped.append(True)
+            await self.disconnect()
+            raise redis.exceptions.ConnectionError("connection lost before the reply")
+        return reply
+
+    fresh = new_session("alice", 60, data={"n": 1})
+    monkeypatch.setattr(Connection, "read_response", lose_first_reply)
+    with pytest.raises(StoreUnavailable):
+        if write == "create":
+            await store.create(fresh)
+        else:
+            await store.apply(kept.id, Changes(set={"n": 2}, expect={"n": 0}))
+    monkeypatch.undo()
+    assert dropped == [True]
+    if write == "create":  # it ran once: stored, as the caller may find out
+        got = await store.get(fresh.id)
+        assert got.data == {"n": 1} and got.version == 0
+    else:
+        got = await store.get(kept.id)
+        assert got.data == {"n": 2} and got.version == kept.version + 1

@@ -289,6 +289,16 @@ class RedisStore(Store):
             problem = cluster_client_problem(redis.__version__)
             if problem is not None:
                 raise ValueError(problem)
+            if client.retry.get_retries() != 0:
+                # (a cluster client cannot be copied without its retries as a pool can)
+                logger.warning(
+                    "asyncsession: the RedisCluster client resends commands after a "
+                    "connection error or timeout (%d retries); a write whose reply was "
+                    "lost may then be applied twice and its caller told a conflict "
+                    "(give the store a client with retry=Retry(NoBackoff(), 0), as "
+                    "from_url builds)",
+                    client.retry.get_retries(),
+                )
             layout = ClusterLayout(self.config.key_prefix)
             self._layout = layout
             self._where = "redis+cluster://" + ",".join(node.name for node in client.get_nodes())
@@ -384,6 +394,12 @@ class RedisStore(Store):
             bounded = BOUNDED_REDIS_OPTIONS if timeout is not None else {}
             options = {**DEFAULT_REDIS_OPTIONS, **bounded, **tls, **parsed, **redis_options}
             startup = [ClusterNode(host, port) for host, port in nodes]
+            # redis-py's cluster client sends a command again after a connection error
+            # or a timeout (3 to 10 times by version): a script the node ran whose reply
+            # was lost would run twice, and its caller be told "already exists" or a
+            # conflict for its own write. Redirections (MOVED, ASK) are not retries and
+            # still happen; the next call after an error reloads the slot map.
+            options.setdefault("retry", Retry(NoBackoff(), 0))
             cluster = RedisCluster(startup_nodes=startup, **options)
             store = cls(cluster, config, clock=clock, timeout=timeout)
         else:  # (options in the URL win over keyword arguments)
