@@ -45,6 +45,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from . import _plain_http as plain_http
 from ._deadline import DEADLINE
 from .changes import ABSENT, Applied, Changes
+from .codec import not_serializable
 from .controls import LogLimiter
 from .errors import (
     SessionConflict,
@@ -465,7 +466,41 @@ class SessionDict(dict[str, Any]):
                     expect[key] = before
         if not sets and not deletes:
             return None
+        for key in sets:
+            if type(key) is not str:  # (request.session[1] = ...: as for a new session)
+                raise not_serializable({k: None for k in sets})
         return Changes(sets, deletes, expect)
+
+    @property
+    def modified(self) -> bool:
+        """Whether the request changed the session (what the middleware would save
+        now, or ``clear()``), as Starlette's session's ``modified``; unlike it, setting
+        a key to the value it holds is no change."""
+        if self._cleared:
+            return True
+        try:
+            return self.changes() is not None
+        except SessionError:  # (a value that cannot be saved: changed all the same)
+            return True
+
+    @modified.setter
+    def modified(self, value: bool) -> None:
+        """``session.modified = True`` (Flask's idiom) saves every key as it is now,
+        as ``mark_changed`` on each; False changes nothing."""
+        if value:
+            for key in list(dict.keys(self)):
+                self.mark_changed(key)
+
+    @property
+    def accessed(self) -> bool:
+        """Whether the request used the session (``request.session``, a read or a
+        write), as Starlette's session's ``accessed``."""
+        return bool(self._accessed or self._base or self._read_all or self._cleared)
+
+    @accessed.setter
+    def accessed(self, value: bool) -> None:
+        if value:
+            self.mark_accessed()
 
     def _forget(self) -> None:
         self._base = {}

@@ -68,11 +68,11 @@ def encode_data(data: Any) -> bytes:
         # subclasses ...
         raw = orjson.dumps(data, option=_STRICT)
     except (orjson.JSONEncodeError, TypeError, RecursionError) as exc:
-        raise _not_serializable(data) from exc
+        raise not_serializable(data) from exc
     # ... but encodes tuples, UUIDs, enums and NaN/Infinity without complaint, changing
     # them. One exact-type pass catches those; orjson already bounded the depth.
     if not _json_native(data):
-        raise _not_serializable(data)
+        raise not_serializable(data)
     return raw
 
 
@@ -161,7 +161,8 @@ def _clip(text: str) -> str:
     return f"{text[:half]}...{text[-half:]}"
 
 
-def _not_serializable(data: dict[str, Any]) -> NotSerializable:
+def not_serializable(data: dict[str, Any]) -> NotSerializable:
+    """The error for ``data`` that is not JSON-native, naming the first bad path."""
     path, reason, type_name = find_non_json(data)
     path, reason = _clip(path), _clip(reason)
     return NotSerializable(

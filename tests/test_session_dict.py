@@ -14,10 +14,11 @@ import pickle
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncsession import ABSENT, SessionDict
+from asyncsession import ABSENT, NotSerializable, SessionDict
 
 KEYS = ["a", "b", "c", "d"]
 scalars = st.one_of(
@@ -196,3 +197,41 @@ def test_a_list_held_across_a_save_is_still_watched() -> None:
     tags.append("x")
     changes = blind.changes()
     assert changes is not None and changes.set == {"tags": ["x"]} and changes.expect == {}
+
+
+def test_modified_and_accessed_as_starlettes_session_has_them() -> None:
+    """Starlette's session has ``modified`` and ``accessed`` (its own tests read
+    them; Flask code sets ``modified = True``): here they say what would be saved."""
+    d = SessionDict({"a": 1, "cart": ["x"]})
+    assert not d.modified and not d.accessed
+    assert d["a"] == 1
+    assert d.accessed and not d.modified
+    d["a"] = 1  # the value it holds: no change
+    assert not d.modified
+    d["cart"].append("y")
+    assert d.modified
+    changes = d.changes()
+    assert changes is not None and changes.set == {"cart": ["x", "y"]}
+
+    e = SessionDict({"a": 1, "b": 2})
+    e.modified = True  # every key saved as it is: blind writes of the same values
+    changes = e.changes()
+    assert changes is not None and changes.set == {"a": 1, "b": 2} and changes.expect == {}
+    f = SessionDict({"a": 1})
+    f.accessed = True
+    assert f.accessed and not f.modified
+    g = SessionDict({"a": 1})
+    g.clear()
+    assert g.modified
+
+
+def test_a_non_str_key_is_not_serializable_with_its_path() -> None:
+    """``session[1] = ...`` on a stored session: NotSerializable naming the path, as
+    for a new session (was SESSION_INVALID from deep inside, so an app's handler for
+    NotSerializable did not answer)."""
+    d = SessionDict({"a": 1})
+    d[1] = "x"  # type: ignore[index]
+    assert d.modified
+    with pytest.raises(NotSerializable) as raised:
+        d.changes()
+    assert raised.value.details["path"] == "data[1]"
