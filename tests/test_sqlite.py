@@ -626,7 +626,14 @@ async def test_the_middlewares_timeout_bounds_a_stalled_sqlite_call(
         client.cookies.clear()
         raw = store.store
         assert isinstance(raw, SQLiteStore)
-        stall = asyncio.ensure_future(raw._run(lambda c: time.sleep(4)))
+        stalled = threading.Event()
+
+        def stall_for_4s(c: Any) -> None:
+            stalled.set()
+            time.sleep(4)
+
+        stall = asyncio.ensure_future(raw._run(stall_for_4s))
+        await asyncio.to_thread(stalled.wait)  # (the load runs on the loop: no hop starts it)
         loop = asyncio.get_running_loop()
         started = loop.time()
         response = await client.post(
@@ -1275,3 +1282,75 @@ async def test_debug_logs_of_aiosqlite_never_show_session_ids(
     assert any("asyncsession sqlite" in r.getMessage() for r in caplog.records)
     assert s.id not in caplog.text and new_id not in caplog.text
     await store.close()
+
+
+class _BusyConnection:
+    """Stands in for the loop's reader: every statement answers SQLITE_BUSY (a WAL
+    recovery, another connection in exclusive locking mode), or ``error``."""
+
+    def __init__(self, code: int = sqlite3.SQLITE_BUSY) -> None:
+        self.code = code
+        self.calls = 0
+
+    def execute(self, *args: Any) -> Any:
+        self.calls += 1
+        exc = sqlite3.OperationalError("database is locked" if self.code == 5 else "disk I/O")
+        exc.sqlite_errorcode = self.code  # type: ignore[attr-defined]
+        raise exc
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("read_on_loop", [True, False])
+async def test_point_reads_run_on_the_event_loop(
+    db: str, stores: list[SQLiteStore], read_on_loop: bool
+) -> None:
+    """get (and the rotation check of an unknown id) run on the event loop's own
+    read-only connection, without a thread hop (tens of microseconds saved per
+    read); list_by_user still goes to the reader's thread. ``read_on_loop=False``
+    keeps every read on the thread."""
+    store = SQLiteStore.with_controls(db, cfg(), read_on_loop=read_on_loop)
+    stores.append(store.store)  # type: ignore[arg-type]
+    made = await store.create(new_session("alice", 60, data={"a": 1}))
+    raw = store.store
+    assert isinstance(raw, SQLiteStore)
+    reader = raw._reader
+    assert reader is not None
+    hops: list[str] = []
+    real = reader.execute_fetchall
+
+    async def counted(sql: str, params: Any = None) -> Any:
+        hops.append(sql.split()[0])
+        return await real(sql, params)
+
+    reader.execute_fetchall = counted  # type: ignore[method-assign]
+    assert (await store.get(made.id)).data == {"a": 1}
+    with pytest.raises(SessionNotFound):
+        await store.get(new_session(None).id)  # unknown: the rotation check too
+    assert len(await store.list_by_user("alice")) == 1
+    # on the thread: the get, the unknown id (a get, a plain-id lookup, the rotation
+    # check), the list; on the loop only the list hops
+    assert len(hops) == (1 if read_on_loop else 5), hops
+
+
+async def test_a_busy_point_read_goes_to_the_readers_thread(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    """SQLITE_BUSY on the loop's connection (it never waits) sends the read to the
+    reader's thread, which answers; any other error is StoreUnavailable."""
+    store = SQLiteStore.with_controls(db, cfg())
+    stores.append(store.store)  # type: ignore[arg-type]
+    made = await store.create(new_session("alice", 60, data={"a": 1}))
+    raw = store.store
+    assert isinstance(raw, SQLiteStore)
+    real = raw._inline
+    busy = _BusyConnection()
+    raw._inline = busy  # type: ignore[assignment]
+    assert (await store.get(made.id)).data == {"a": 1}
+    assert busy.calls == 1
+    raw._inline = _BusyConnection(sqlite3.SQLITE_IOERR)  # type: ignore[assignment]
+    with pytest.raises(StoreUnavailable):
+        await store.get(made.id)
+    raw._inline = real
+    assert (await store.get(made.id)).data == {"a": 1}

@@ -13,7 +13,10 @@ which takes the database write lock up front, so they are atomic across processe
 too; ``update`` and ``touch`` are single compare-and-set ``UPDATE`` statements. Reads
 (get, list_by_user, the admin scan and its estimate) are one ``SELECT`` each on the
 reader, a read-only connection: in WAL mode it sees the last commit and never waits
-for a writer, this process's (queued behind a busy write) or another's.
+for a writer, this process's (queued behind a busy write) or another's. Point reads
+(get and the rotation check) run on the event loop itself, on a third, plain
+connection that never waits (``_read``): a lookup by primary key takes microseconds,
+a thread hop tens.
 """
 
 from __future__ import annotations
@@ -407,7 +410,9 @@ class SQLiteStore(Store):
     connections (a writer and a reader; one for ``":memory:"``) open on first use or
     ``async with`` and ``close()`` closes them. ``busy_timeout`` is how long (seconds)
     a write waits for another process's write lock before failing with
-    ``StoreUnavailable``; reads never wait for it. It is also the store's ``timeout``,
+    ``StoreUnavailable``; reads never wait for it. ``read_on_loop`` (default True)
+    runs ``get`` on the event loop (no thread hop; see ``_read``); False keeps every
+    read on the reader's thread. ``busy_timeout`` is also the store's ``timeout``,
     so ``SessionMiddleware`` bounds a whole request's session work by it (one budget
     for its touch, ``update_session``, ``login`` and the final save), and a write's
     wait for the lock ends within what is left of that budget.
@@ -425,6 +430,7 @@ class SQLiteStore(Store):
         *,
         clock: Clock | None = None,
         busy_timeout: float = 5.0,
+        read_on_loop: bool = True,
     ) -> None:
         super().__init__(config, clock=clock)
         path = os.fspath(path)
@@ -438,6 +444,9 @@ class SQLiteStore(Store):
         self._conn: aiosqlite.Connection | None = None  # the writer
         self._reader: aiosqlite.Connection | None = None  # the writer itself for :memory:
         self._sqlite: sqlite3.Connection | None = None  # used on the connection thread only
+        # point reads (get, the rotation check) on the event loop: see _read
+        self.read_on_loop = bool(read_on_loop)
+        self._inline: sqlite3.Connection | None = None
         self._busy_ms = 0  # the writer's current busy timeout (connection thread only)
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._next_file_check = 0.0  # time.monotonic() of the next _check_file
@@ -451,10 +460,11 @@ class SQLiteStore(Store):
         *,
         clock: Clock | None = None,
         busy_timeout: float = 5.0,
+        read_on_loop: bool = True,
         **options: Any,
     ) -> ControlledStore:
         """A controlled SQLite store: ``with_controls(SQLiteStore(path, config, ...), config)``."""
-        store = cls(path, config, clock=clock, busy_timeout=busy_timeout)
+        store = cls(path, config, clock=clock, busy_timeout=busy_timeout, read_on_loop=read_on_loop)
         return with_controls(store, config, **options)
 
     def __repr__(self) -> str:
@@ -486,9 +496,12 @@ class SQLiteStore(Store):
                     opened.append(reader)
                     await reader.execute_fetchall("PRAGMA query_only = 1")
                     reader.row_factory = _decode  # type: ignore[assignment,unused-ignore]
+                    if self.read_on_loop:
+                        self._inline = _inline_reader(self.path)
             except BaseException as exc:
                 self._sqlite = None
                 self._identity = None
+                self._close_inline()
                 for c in reversed(opened):
                     try:
                         await c.close()
@@ -653,9 +666,25 @@ class SQLiteStore(Store):
             raise self._lost(exc) from exc
         return result
 
-    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    async def _read(self, sql: str, params: tuple[Any, ...], *, point: bool = False) -> list[Any]:
         """Every row of one ``SELECT`` on the reader, session rows decoded (``_decode``):
-        one thread hop, one read transaction of its own (a snapshot of the last commit)."""
+        one thread hop, one read transaction of its own (a snapshot of the last commit).
+
+        A ``point`` read (one row by its primary key: ``get``, the rotation check)
+        runs on the event loop instead, on a read-only connection of its own that
+        never waits (busy timeout 0): in WAL mode a reader takes no lock a writer
+        holds, so it answers in microseconds, where the thread hop costs tens. In
+        the rare case SQLite says busy (a WAL recovery, another connection in
+        exclusive locking mode) it goes to the reader's thread as any read."""
+        inline = self._inline
+        if point and inline is not None:
+            try:
+                if self._identity is not None:
+                    self._check_file_due()
+                return inline.execute(sql, _Hidden(params)).fetchall()
+            except sqlite3.Error as exc:
+                if not _busy(exc):
+                    raise self._unavailable(exc) from exc
         reader = self._reader
         if reader is None:
             _, reader = await self._connect()
@@ -696,8 +725,17 @@ class SQLiteStore(Store):
             details={"path": self.path, "sqlite_error": name},
         )
 
+    def _close_inline(self) -> None:
+        inline, self._inline = self._inline, None
+        if inline is not None:
+            try:
+                inline.close()
+            except sqlite3.Error as exc:  # pragma: no cover - a read-only connection
+                logger.warning("asyncsession: closing sqlite reader %r failed: %s", self.path, exc)
+
     async def _close(self) -> None:
         async with self._open_lock:
+            self._close_inline()
             conn, reader = self._conn, self._reader
             self._conn = self._reader = None
             # the reader first: the writer, closed last, checkpoints the WAL into the file
@@ -723,7 +761,7 @@ class SQLiteStore(Store):
         return InsertResult(evicted) if evicted else NO_EVICTIONS
 
     async def _load(self, session_id: str) -> Session | None:
-        rows = await self._read(_GET, (session_id,))
+        rows = await self._read(_GET, (session_id,), point=True)
         return _loaded(rows[0]) if rows else None
 
     async def _replace(
@@ -765,7 +803,8 @@ class SQLiteStore(Store):
 
     async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
         # on the reader: every unknown id asks this, and must not wait behind a write
-        return bool(await self._read(_ROTATED, (_hash(session_id), scope.site_id, to_us(now))))
+        rotated = (_hash(session_id), scope.site_id, to_us(now))
+        return bool(await self._read(_ROTATED, rotated, point=True))
 
     async def _adopt(self, session_id: str, handle: str) -> bool:
         """Move the row of ``session_id`` (written before hashed ids) to ``handle``: one
@@ -773,7 +812,7 @@ class SQLiteStore(Store):
         user's sessions, stays; user and expiry live in columns and their indexes
         follow. First one read on the reader: nothing to move costs no write lock.
         True also when another task or process moved it since the caller looked."""
-        rows = await self._read(_ADOPTABLE, (session_id, session_id, handle))
+        rows = await self._read(_ADOPTABLE, (session_id, session_id, handle), point=True)
         if not rows:
             return False
         if not any(plain for (plain,) in rows):
@@ -894,6 +933,27 @@ class SQLiteStore(Store):
     async def _scan_estimate(self) -> int | None:
         count: int = (await self._read(_COUNT, ()))[0][0]
         return count
+
+
+def _inline_reader(path: str) -> sqlite3.Connection:
+    """The event loop's read-only connection (``_read``'s point reads): autocommit, a
+    busy timeout of 0 (it never waits), session rows decoded by ``_decode``. Opened
+    after the writer's setup (WAL, schema); used from the loop's thread (allowed
+    from others, as SQLite serializes a connection's calls)."""
+    c = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
+    try:
+        c.execute("PRAGMA query_only = 1")
+        c.row_factory = _decode
+    except BaseException:
+        c.close()
+        raise
+    return c
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED, extended codes included: the read must wait."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _daemon(conn: aiosqlite.Connection) -> aiosqlite.Connection:
