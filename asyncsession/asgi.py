@@ -485,11 +485,11 @@ class SessionDict(dict[str, Any]):
 
     @modified.setter
     def modified(self, value: bool) -> None:
-        """``session.modified = True`` (Flask's idiom) saves every key as it is now,
-        as ``mark_changed`` on each; False changes nothing."""
-        if value:
-            for key in list(dict.keys(self)):
-                self.mark_changed(key)
+        """Accepted and ignored (Flask's ``session.modified = True``): every change
+        made through the session is seen, nested ones included. Forcing a save of
+        keys the request did not change would write back what it loaded over other
+        requests' changes; for a value changed around the session's methods, call
+        ``mark_changed(key)``."""
 
     @property
     def accessed(self) -> bool:
@@ -1300,11 +1300,7 @@ class SessionMiddleware:
                 await conn.undo_login()
         data = conn.data
         # (changes() returns at once for a request that wrote nothing and read no list)
-        if (
-            not conn.cookie_possible
-            and not replaced
-            and (data._cleared or data.changes() is not None)
-        ):
+        if not conn.cookie_possible and not replaced and data.modified:
             # a background task or a streaming body changed the session after the
             # response started: nothing saves that, say so
             _log_limited(

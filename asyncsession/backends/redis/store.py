@@ -399,7 +399,8 @@ class RedisStore(Store):
             # was lost would run twice, and its caller be told "already exists" or a
             # conflict for its own write. Redirections (MOVED, ASK) are not retries and
             # still happen; the next call after an error reloads the slot map.
-            options.setdefault("retry", Retry(NoBackoff(), 0))
+            if "cluster_error_retry_attempts" not in options:  # (yours, if given)
+                options.setdefault("retry", Retry(NoBackoff(), 0))
             cluster = RedisCluster(startup_nodes=startup, **options)
             store = cls(cluster, config, clock=clock, timeout=timeout)
         else:  # (options in the URL win over keyword arguments)
