@@ -1308,8 +1308,8 @@ async def test_point_reads_run_on_the_event_loop(
 ) -> None:
     """get (and the rotation check of an unknown id) run on the event loop's own
     read-only connection, without a thread hop (tens of microseconds saved per
-    read); list_by_user still goes to the reader's thread. ``read_on_loop=False``
-    keeps every read on the thread."""
+    read); list_by_user still goes to the reader's thread. Without ``read_on_loop``
+    (the default: a stalled disk would stall the loop) every read is on the thread."""
     store = SQLiteStore.with_controls(db, cfg(), read_on_loop=read_on_loop)
     stores.append(store.store)  # type: ignore[arg-type]
     made = await store.create(new_session("alice", 60, data={"a": 1}))
@@ -1339,7 +1339,7 @@ async def test_a_busy_point_read_goes_to_the_readers_thread(
 ) -> None:
     """SQLITE_BUSY on the loop's connection (it never waits) sends the read to the
     reader's thread, which answers; any other error is StoreUnavailable."""
-    store = SQLiteStore.with_controls(db, cfg())
+    store = SQLiteStore.with_controls(db, cfg(), read_on_loop=True)
     stores.append(store.store)  # type: ignore[arg-type]
     made = await store.create(new_session("alice", 60, data={"a": 1}))
     raw = store.store
@@ -1354,3 +1354,28 @@ async def test_a_busy_point_read_goes_to_the_readers_thread(
         await store.get(made.id)
     raw._inline = real
     assert (await store.get(made.id)).data == {"a": 1}
+
+
+@pytest.mark.parametrize("read_on_loop", [False, True])
+async def test_a_file_that_cannot_be_checked_is_store_unavailable(
+    db: str, stores: list[SQLiteStore], monkeypatch: pytest.MonkeyPatch, read_on_loop: bool
+) -> None:
+    """The deleted-file check's stat failing otherwise (a directory made unsearchable
+    while open) is StoreUnavailable, never a raw PermissionError (outside check)."""
+    store = SQLiteStore.with_controls(db, cfg(), read_on_loop=read_on_loop)
+    stores.append(store.store)  # type: ignore[arg-type]
+    made = await store.create(new_session("alice", 60))
+    real = os.stat
+
+    def denied(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if os.fspath(path) == os.path.abspath(db):
+            raise PermissionError(13, "Permission denied")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite_backend.os, "stat", denied)
+    store.store._next_file_check = 0.0  # type: ignore[attr-defined]  # (check now)
+    with pytest.raises(StoreUnavailable):
+        await store.get(made.id)
+    monkeypatch.undo()
+    store.store._next_file_check = 0.0  # type: ignore[attr-defined]
+    assert (await store.get(made.id)).id == made.id

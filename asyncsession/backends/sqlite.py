@@ -13,10 +13,10 @@ which takes the database write lock up front, so they are atomic across processe
 too; ``update`` and ``touch`` are single compare-and-set ``UPDATE`` statements. Reads
 (get, list_by_user, the admin scan and its estimate) are one ``SELECT`` each on the
 reader, a read-only connection: in WAL mode it sees the last commit and never waits
-for a writer, this process's (queued behind a busy write) or another's. Point reads
-(get and the rotation check) run on the event loop itself, on a third, plain
-connection that never waits (``_read``): a lookup by primary key takes microseconds,
-a thread hop tens.
+for a writer, this process's (queued behind a busy write) or another's. With
+``read_on_loop`` the point reads (get and the rotation check) run on the event loop
+itself, on a third, plain connection that never waits (``_read``): a lookup by
+primary key takes microseconds, a thread hop tens.
 """
 
 from __future__ import annotations
@@ -410,9 +410,10 @@ class SQLiteStore(Store):
     connections (a writer and a reader; one for ``":memory:"``) open on first use or
     ``async with`` and ``close()`` closes them. ``busy_timeout`` is how long (seconds)
     a write waits for another process's write lock before failing with
-    ``StoreUnavailable``; reads never wait for it. ``read_on_loop`` (default True)
-    runs ``get`` on the event loop (no thread hop; see ``_read``); False keeps every
-    read on the reader's thread. ``busy_timeout`` is also the store's ``timeout``,
+    ``StoreUnavailable``; reads never wait for it. ``read_on_loop=True`` runs
+    ``get`` on the event loop (no thread hop, about half the time; see ``_read``),
+    for a database on a local disk: a disk that stalls then stalls the whole worker,
+    which no deadline can cut. ``busy_timeout`` is also the store's ``timeout``,
     so ``SessionMiddleware`` bounds a whole request's session work by it (one budget
     for its touch, ``update_session``, ``login`` and the final save), and a write's
     wait for the lock ends within what is left of that budget.
@@ -430,7 +431,7 @@ class SQLiteStore(Store):
         *,
         clock: Clock | None = None,
         busy_timeout: float = 5.0,
-        read_on_loop: bool = True,
+        read_on_loop: bool = False,
     ) -> None:
         super().__init__(config, clock=clock)
         path = os.fspath(path)
@@ -460,7 +461,7 @@ class SQLiteStore(Store):
         *,
         clock: Clock | None = None,
         busy_timeout: float = 5.0,
-        read_on_loop: bool = True,
+        read_on_loop: bool = False,
         **options: Any,
     ) -> ControlledStore:
         """A controlled SQLite store: ``with_controls(SQLiteStore(path, config, ...), config)``."""
@@ -647,6 +648,10 @@ class SQLiteStore(Store):
             st = os.stat(self.path)
         except FileNotFoundError:
             raise _Gone("database file was deleted while open") from None
+        except OSError as exc:  # (a directory made unsearchable: never a raw OSError)
+            raise sqlite3.OperationalError(
+                f"cannot check the database file: {type(exc).__name__}"
+            ) from None
         if (st.st_dev, st.st_ino) != self._identity:
             raise _Gone("database file was replaced while open")
 
