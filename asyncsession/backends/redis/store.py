@@ -295,8 +295,8 @@ class RedisStore(Store):
                     "asyncsession: the RedisCluster client resends commands after a "
                     "connection error or timeout (%d retries); a write whose reply was "
                     "lost may then be applied twice and its caller told a conflict "
-                    "(give the store a client with retry=Retry(NoBackoff(), 0), as "
-                    "from_url builds)",
+                    "(give it retry=Retry(NoBackoff(), 0); from_url does unless "
+                    "given retry= or cluster_error_retry_attempts=)",
                     client.retry.get_retries(),
                 )
             layout = ClusterLayout(self.config.key_prefix)
