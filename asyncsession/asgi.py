@@ -1739,15 +1739,11 @@ async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = 
         return 0
     if session.user_id is None:
         return 0
-    keep = session.id if keep_current else None
-    if keep is None:
-        # nothing kept, so the store does not check this session in the deletes'
-        # step: check it first (a request that loaded it before a revoke must not
-        # end the user's other sessions)
-        try:
-            await conn.within(conn.store.get(session.id))
-        except SessionNotFound as exc:
-            conn._gone(session, exc)
+    # The store checks the session kept in the same atomic step as the deletes, so a
+    # request whose session ended or moved since it loaded deletes nothing. With
+    # keep_current=False too: the others go in that step, then this session (a
+    # revoke racing the check cannot land in between: outside attacker)
+    keep = session.id
     try:
         count = await conn.within(conn.store.delete_by_user(session.user_id, keep=keep))
     except SessionNotFound as exc:  # the session to keep is gone: rotated or ended
@@ -1763,6 +1759,8 @@ async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = 
             details={"session": short_hash(session.id), "reason": reason, "revoked": revoked},
         ) from exc
     if not keep_current:
+        if await conn.within(conn.store.delete(session.id)):
+            count += 1
         conn.forget()
     return count
 
