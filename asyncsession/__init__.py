@@ -102,13 +102,28 @@ _LAZY = {
 }
 
 
+_EXTRAS = {"starlette": "asgi", "redis": "redis", "hiredis": "redis", "aiosqlite": "sqlite"}
+"""The extra that installs each optional library a lazy name needs."""
+
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'asyncsession' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(module, __name__), name)
+    try:
+        loaded = importlib.import_module(module, __name__)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        extra = _EXTRAS.get(missing)
+        if extra is None:
+            raise
+        raise ModuleNotFoundError(
+            f"asyncsession.{name} needs {missing}: pip install 'asyncsession[{extra}]'",
+            name=exc.name,
+        ) from exc
+    return getattr(loaded, name)
 
 
 __all__ = [

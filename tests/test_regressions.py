@@ -36,3 +36,35 @@ async def test_update_cannot_move_a_session_to_another_site(harness: Harness, cl
         await a.get(s.id)
     assert [e.type for e in a_events] == ["site_mismatch"]
     assert await a.list_by_user("alice") == []
+
+
+@pytest.mark.parametrize(
+    ("name", "library", "extra"),
+    [
+        ("SessionMiddleware", "starlette", "asgi"),
+        ("RedisStore", "redis", "redis"),
+        ("SQLiteStore", "aiosqlite", "sqlite"),
+    ],
+)
+def test_a_name_whose_extra_is_missing_says_which_to_install(
+    monkeypatch: pytest.MonkeyPatch, name: str, library: str, extra: str
+) -> None:
+    """``from asyncsession import SessionMiddleware`` without the ``asgi`` extra named
+    the extra, as ``open_store`` does, not a bare "No module named 'starlette'"
+    (outside newcomer)."""
+    import sys
+
+    import asyncsession
+
+    module = asyncsession._LAZY[name][1:]
+    for loaded in [
+        m
+        for m in sys.modules
+        if m == f"asyncsession.{module}" or m.startswith(f"asyncsession.{module}.")
+    ]:
+        monkeypatch.delitem(sys.modules, loaded)
+    for loaded in [m for m in sys.modules if m == library or m.startswith(library + ".")]:
+        monkeypatch.setitem(sys.modules, loaded, None)  # (an import of it fails)
+    monkeypatch.setitem(sys.modules, library, None)
+    with pytest.raises(ModuleNotFoundError, match=rf"pip install 'asyncsession\[{extra}\]'"):
+        getattr(asyncsession, name)
