@@ -48,6 +48,7 @@ from .scripts import (
     MULTI_GET,
     MULTI_INSERT,
     MULTI_INSERT_USER,
+    _Script,
     source_of,
 )
 
@@ -215,6 +216,16 @@ def _common_apply(args: Command) -> bool:
         return False
     fields = header.split(b",", 9)
     return len(fields) == 10 and fields[2] == b"" and fields[8] != b""
+
+
+_MERGED: tuple[tuple[Callable[[Command], bool], _Script, slice, slice], ...] = (
+    (_common_create, MULTI_INSERT, slice(3, 5), slice(5, 8)),
+    (_user_create, MULTI_INSERT_USER, slice(3, 6), slice(6, 9)),
+    (_common_apply, MULTI_APPLY, slice(3, 4), slice(5, 7)),
+)
+"""The writes a batch merges on one server, in wire order: which requests a merged
+call takes, its script, and the keys and arguments it sends of each (a common apply
+sends its session key alone)."""
 
 
 def reply_shape(reply: Any) -> str:
@@ -654,41 +665,26 @@ class Transport:
     ) -> list[Any]:
         reads = [key for key, args in requests if args is None]
         merged = self._merge_reads and len(reads) > 1
-        creates: list[Command] = []
-        users: list[Command] = []
-        updates: list[Command] = []
+        # the writes merged per kind (_MERGED): two or more of a kind go as one call
+        groups: list[list[Command]] = [[] for _ in _MERGED]
         if self._merge_reads:
             for _, args in requests:
                 if args is not None:
-                    if _common_create(args):
-                        creates.append(args)
-                    elif _common_apply(args):
-                        updates.append(args)
-                    elif _user_create(args):
-                        users.append(args)
-        if len(creates) < 2:
-            creates = []
-        if len(users) < 2:
-            users = []
-        if len(updates) < 2:
-            updates = []
+                    for group, (takes, *_) in zip(groups, _MERGED, strict=True):
+                        if takes(args):
+                            group.append(args)
+                            break
+        groups = [group if len(group) > 1 else [] for group in groups]
         # the merged requests, by identity: their replies once the round trip is back
-        done: dict[int, Any] = dict.fromkeys(map(id, creates + users + updates))
+        done: dict[int, Any] = dict.fromkeys(id(args) for group in groups for args in group)
         wire: list[Command] = []
         if merged:
             wire.append(("EVALSHA", MULTI_GET.sha, len(reads), *reads))
-        if creates:
-            keys = [key for args in creates for key in args[3:5]]
-            argv = [arg for args in creates for arg in args[5:8]]
-            wire.append(("EVALSHA", MULTI_INSERT.sha, len(keys), *keys, *argv))
-        if users:
-            keys = [key for args in users for key in args[3:6]]
-            argv = [arg for args in users for arg in args[6:9]]
-            wire.append(("EVALSHA", MULTI_INSERT_USER.sha, len(keys), *keys, *argv))
-        if updates:
-            keys = [args[3] for args in updates]
-            argv = [arg for args in updates for arg in args[5:7]]
-            wire.append(("EVALSHA", MULTI_APPLY.sha, len(keys), *keys, *argv))
+        for group, (_, script, keys_at, argv_at) in zip(groups, _MERGED, strict=True):
+            if group:
+                keys = [key for args in group for key in args[keys_at]]
+                argv = [arg for args in group for arg in args[argv_at]]
+                wire.append(("EVALSHA", script.sha, len(keys), *keys, *argv))
         for key, args in requests:
             if args is None:
                 if not merged:
@@ -697,12 +693,9 @@ class Transport:
                 wire.append(args)
         replies = await send_recovering(self.client, wire)
         got = _each(replies.pop(0), len(reads)) if merged else iter(())
-        if creates:
-            done.update(zip(map(id, creates), _each(replies.pop(0), len(creates)), strict=True))
-        if users:
-            done.update(zip(map(id, users), _each(replies.pop(0), len(users)), strict=True))
-        if updates:
-            done.update(zip(map(id, updates), _each(replies.pop(0), len(updates)), strict=True))
+        for group in groups:
+            if group:
+                done.update(zip(map(id, group), _each(replies.pop(0), len(group)), strict=True))
         out: list[Any] = []
         again: list[tuple[int, Command]] = []  # the merged writes that go as APPLY
         position = 0
