@@ -948,15 +948,7 @@ class _Connection:
         shared cache must not serve to a client that has a session). As Starlette's
         middleware does, ``Vary: Cookie`` goes on exactly those responses (and on
         every one that sets the cookie)."""
-        data = self.data
-        return bool(
-            self.accessed
-            or data._accessed
-            or data._base
-            or data._read_all
-            or data._cleared
-            or not STARLETTE_MARKS_ACCESS
-        )
+        return self.accessed or self.data.accessed or not STARLETTE_MARKS_ACCESS
 
 
 class SessionMiddleware:
