@@ -1302,6 +1302,18 @@ class _BusyConnection:
         pass
 
 
+async def alice_on(
+    db: str, stores: list[SQLiteStore], read_on_loop: bool
+) -> tuple[ControlledStore, SQLiteStore, Session]:
+    """A controlled store on ``db`` (closed after the test), its raw store, and one
+    session of alice's it holds, ``{"a": 1}``."""
+    store = SQLiteStore.with_controls(db, cfg(), read_on_loop=read_on_loop)
+    raw = store.store
+    assert isinstance(raw, SQLiteStore)
+    stores.append(raw)
+    return store, raw, await store.create(new_session("alice", 60, data={"a": 1}))
+
+
 @pytest.mark.parametrize("read_on_loop", [True, False])
 async def test_point_reads_run_on_the_event_loop(
     db: str, stores: list[SQLiteStore], read_on_loop: bool
@@ -1310,11 +1322,7 @@ async def test_point_reads_run_on_the_event_loop(
     read-only connection, without a thread hop (tens of microseconds saved per
     read); list_by_user still goes to the reader's thread. Without ``read_on_loop``
     (the default: a stalled disk would stall the loop) every read is on the thread."""
-    store = SQLiteStore.with_controls(db, cfg(), read_on_loop=read_on_loop)
-    stores.append(store.store)  # type: ignore[arg-type]
-    made = await store.create(new_session("alice", 60, data={"a": 1}))
-    raw = store.store
-    assert isinstance(raw, SQLiteStore)
+    store, raw, made = await alice_on(db, stores, read_on_loop)
     reader = raw._reader
     assert reader is not None
     hops: list[str] = []
@@ -1339,11 +1347,7 @@ async def test_a_busy_point_read_goes_to_the_readers_thread(
 ) -> None:
     """SQLITE_BUSY on the loop's connection (it never waits) sends the read to the
     reader's thread, which answers; any other error is StoreUnavailable."""
-    store = SQLiteStore.with_controls(db, cfg(), read_on_loop=True)
-    stores.append(store.store)  # type: ignore[arg-type]
-    made = await store.create(new_session("alice", 60, data={"a": 1}))
-    raw = store.store
-    assert isinstance(raw, SQLiteStore)
+    store, raw, made = await alice_on(db, stores, read_on_loop=True)
     real = raw._inline
     busy = _BusyConnection()
     raw._inline = busy  # type: ignore[assignment]
@@ -1362,9 +1366,7 @@ async def test_a_file_that_cannot_be_checked_is_store_unavailable(
 ) -> None:
     """The deleted-file check's stat failing otherwise (a directory made unsearchable
     while open) is StoreUnavailable, never a raw PermissionError (outside check)."""
-    store = SQLiteStore.with_controls(db, cfg(), read_on_loop=read_on_loop)
-    stores.append(store.store)  # type: ignore[arg-type]
-    made = await store.create(new_session("alice", 60))
+    store, raw, made = await alice_on(db, stores, read_on_loop)
     real = os.stat
 
     def denied(path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -1373,9 +1375,9 @@ async def test_a_file_that_cannot_be_checked_is_store_unavailable(
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(sqlite_backend.os, "stat", denied)
-    store.store._next_file_check = 0.0  # type: ignore[attr-defined]  # (check now)
+    raw._next_file_check = 0.0  # (check now)
     with pytest.raises(StoreUnavailable):
         await store.get(made.id)
     monkeypatch.undo()
-    store.store._next_file_check = 0.0  # type: ignore[attr-defined]
+    raw._next_file_check = 0.0
     assert (await store.get(made.id)).id == made.id
