@@ -7,15 +7,13 @@
 -- as INSERT would.
 local out = {}
 for i = 1, #KEYS / 3 do
-  local k, a = 3 * i - 2, 3 * i - 2
-  local ok, reply = pcall(insert, {KEYS[k], KEYS[k + 1], KEYS[k + 2]},
-    {ARGV[a], ARGV[a + 1], ARGV[a + 2]})
-  if ok then
-    out[i] = reply
-  elseif type(reply) == 'table' and reply.err then
-    out[i] = reply
+  local j = 3 * i - 2  -- (three keys and three arguments per create)
+  local ok, reply = pcall(insert, {KEYS[j], KEYS[j + 1], KEYS[j + 2]},
+    {ARGV[j], ARGV[j + 1], ARGV[j + 2]})
+  if ok or (type(reply) == 'table' and reply.err) then
+    out[i] = reply  -- its reply, or the error Redis raised (a table in Redis 7)
   else
-    out[i] = {err = 'ERR ' .. tostring(reply)}
+    out[i] = {err = 'ERR ' .. tostring(reply)}  -- (fakeredis raises other types)
   end
 end
 return out
