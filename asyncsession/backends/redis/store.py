@@ -289,7 +289,8 @@ class RedisStore(Store):
             problem = cluster_client_problem(redis.__version__)
             if problem is not None:
                 raise ValueError(problem)
-            if client.retry.get_retries() != 0:
+            retries = client.retry.get_retries()
+            if retries != 0:
                 # (a cluster client cannot be copied without its retries as a pool can)
                 logger.warning(
                     "asyncsession: the RedisCluster client resends commands after a "
@@ -297,7 +298,7 @@ class RedisStore(Store):
                     "lost may then be applied twice and its caller told a conflict "
                     "(give it retry=Retry(NoBackoff(), 0); from_url does unless "
                     "given retry= or cluster_error_retry_attempts=)",
-                    client.retry.get_retries(),
+                    retries,
                 )
             layout = ClusterLayout(self.config.key_prefix)
             self._layout = layout
