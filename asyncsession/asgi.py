@@ -1787,8 +1787,16 @@ async def revoke_session(connection: HTTPConnection, short_id: str) -> bool:
     await _still_current(conn, sessions)
     for session in sessions:
         if session.short_id == short_id:
-            await conn.within(conn.store.delete(session.id))
-            return True
+            # deleted in the same atomic step that checks this request's session is
+            # still live: one revoked meanwhile (a logout everywhere racing this
+            # request) revokes nothing
+            try:
+                deleted = await conn.within(
+                    conn.store.delete_by_user(current.user_id, keep=current.id, only=session.id)
+                )
+            except SessionNotFound as exc:
+                conn._gone(current, exc)
+            return deleted > 0
     return False
 
 

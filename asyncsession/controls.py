@@ -373,9 +373,16 @@ class ControlledStore(Store):
         return self.store._delete(session_id, scope)
 
     def _delete_by_user(
-        self, user_id: str, keep: str | None, scope: Config, now: datetime
+        self,
+        user_id: str,
+        keep: str | None,
+        scope: Config,
+        now: datetime,
+        only: str | None = None,
     ) -> Coroutine[Any, Any, list[str]]:
-        return self.store._delete_by_user(user_id, keep, scope, now)
+        if only is None:  # (the hook's form without it: any backend takes that)
+            return self.store._delete_by_user(user_id, keep, scope, now)
+        return self.store._delete_by_user(user_id, keep, scope, now, only)
 
     def _list_by_user(
         self, user_id: str, scope: Config, now: datetime

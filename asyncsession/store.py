@@ -826,7 +826,9 @@ class Store(ABC):
             self._event("deleted", None, session_id=session_id)
         return outcome is Outcome.OK
 
-    async def delete_by_user(self, user_id: str | Any, *, keep: str | None = None) -> int:
+    async def delete_by_user(
+        self, user_id: str | Any, *, keep: str | None = None, only: str | None = None
+    ) -> int:
         """Delete the user's sessions on this site, except ``keep``; returns how many.
 
         ``keep`` must be one of the user's live sessions on this site, checked in the same
@@ -835,9 +837,19 @@ class Store(ABC):
         devices" sent with an id a parallel login replaced must not delete the
         login's new session). On Redis a user with more than ``USER_BATCH`` sessions
         is deleted in batches, each checking ``keep``: a login between two of them
-        stops the rest, and the error's ``details["deleted"]`` says how many went."""
+        stops the rest, and the error's ``details["deleted"]`` says how many went.
+
+        ``only`` (an id, or the handle ``list_by_user`` shows) deletes that one session
+        if it is the user's on this site (returns 1, else 0), in the same atomic step
+        as the check of ``keep``: "revoke that device" from a session that was itself
+        revoked meanwhile deletes nothing."""
         self._check_open()
         user = self._check_user(user_id)
+        target = None
+        if only is not None:
+            target = self._key_or_handle(only)
+            if target is not only and await self._load(target) is None:
+                await self._adopted(only)  # stored before hashing: move it to its handle
         if keep is not None:
             kept = self._key_or_handle(keep)
             if kept is not keep and await self._load(kept) is None:
@@ -845,7 +857,15 @@ class Store(ABC):
             elif kept is keep and self._hash_ids:  # a listed handle: move the user's old records
                 await self._adopt_listed(await self._list_by_user(user, self.scope, self.clock()))
             keep = kept
-        deleted = await self._delete_by_user(user, keep, self.scope, self.clock())
+        if target is not None and target == keep:
+            raise InvalidSession(
+                "only and keep name the same session: nothing to delete",
+                details={"session": short_hash(keep)},
+            )
+        if target is None:
+            deleted = await self._delete_by_user(user, keep, self.scope, self.clock())
+        else:
+            deleted = await self._delete_by_user(user, keep, self.scope, self.clock(), target)
         for session_id in deleted:
             self._event("deleted", None, session_id=session_id, user_id=user)
         if isinstance(deleted, KeepGone):
@@ -1113,14 +1133,21 @@ class Store(ABC):
 
     @abstractmethod
     async def _delete_by_user(
-        self, user_id: str, keep: str | None, scope: Config, now: datetime
+        self,
+        user_id: str,
+        keep: str | None,
+        scope: Config,
+        now: datetime,
+        only: str | None = None,
     ) -> list[str]:
         """Atomically delete the user's sessions on the site except ``keep``; returns the
         ids of the live ones deleted (expired ones go too, uncounted). A ``KeepGone``,
         and nothing (more) deleted, when ``keep`` is not (or no longer) one of the
         user's live sessions on the site: a login rotated it, and its new session must
         stay. (A backend that works in several atomic steps checks ``keep`` in each,
-        and stops with a ``KeepGone`` of what the steps before deleted.)"""
+        and stops with a ``KeepGone`` of what the steps before deleted.) With ``only``
+        (a storage id, never ``keep``): that session alone, if it is the user's on the
+        site, in the same step as the check of ``keep``."""
 
     @abstractmethod
     async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:

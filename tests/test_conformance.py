@@ -494,6 +494,31 @@ async def test_delete_by_user_and_keep(store: ControlledStore, clock: Any) -> No
     assert await store.delete_by_user("nobody") == 0
 
 
+async def test_delete_by_user_only_deletes_that_session_of_the_user(
+    store: ControlledStore, clock: Any
+) -> None:
+    """``only`` deletes the one session named (an id, or a listed handle) if it is the
+    user's, nothing else; checked against ``keep`` in the same step (revoke_session:
+    a device revoked meanwhile revokes nothing)."""
+    mine = [await store.create(new_session("alice", now=clock())) for _ in range(4)]
+    theirs = await store.create(new_session("bob", now=clock()))
+    assert await store.delete_by_user("alice", keep=mine[0].id, only=mine[1].id) == 1
+    handles = [s.id for s in await store.list_by_user("alice")]
+    assert handles == [store.handle(s.id) for s in (mine[0], mine[2], mine[3])]
+    assert await store.delete_by_user("alice", only=handles[1]) == 1  # a listed handle
+    assert await store.delete_by_user("alice", only=mine[1].id) == 0  # gone already
+    assert await store.delete_by_user("alice", only=theirs.id) == 0  # another user's
+    assert (await store.get(theirs.id)).user_id == "bob"
+    assert await store.delete_by_user("bob", keep=theirs.id, only=mine[3].id) == 0
+    with pytest.raises(InvalidSession):  # nothing to delete but the one to keep
+        await store.delete_by_user("alice", keep=mine[0].id, only=mine[0].id)
+    await store.delete(mine[0].id)  # the session to keep ended: nothing deleted
+    with pytest.raises(SessionNotFound) as caught:
+        await store.delete_by_user("alice", keep=mine[0].id, only=mine[3].id)
+    assert caught.value.details["deleted"] == 0
+    assert [s.id for s in await store.list_by_user("alice")] == [store.handle(mine[3].id)]
+
+
 async def test_delete_by_user_counts_live_only(store: ControlledStore, clock: Any) -> None:
     await store.create(new_session("alice", 10, now=clock()))
     live = await store.create(new_session("alice", 1000, now=clock()))

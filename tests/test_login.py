@@ -28,6 +28,7 @@ from starlette.websockets import WebSocket
 from asyncsession import (
     Config,
     ControlledStore,
+    Session,
     SessionMiddleware,
     SessionNotFound,
     SessionRotated,
@@ -354,6 +355,41 @@ async def test_a_request_whose_session_ended_meanwhile_acts_on_no_other_session(
         assert reason == ("rotated" if how == "rotated" else "ended"), reason
         kept = await store.get(victim)  # the victim's session lives on
         assert kept.user_id == "alice"
+
+
+async def test_a_revoke_whose_session_ends_between_its_list_and_its_delete_deletes_nothing(
+    store: ControlledStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """revoke_session checks the request's own session in the step that deletes the
+    one it names: the victim's logout everywhere landing after the revoke listed the
+    devices (a round trip before its delete: outside attacker, 4 to 8 in 40 landed on
+    Redis) answers 409 and the victim's session lives on."""
+    app = make_app(store)
+    async with client(app) as c:
+        ids = []
+        for _ in range(2):
+            c.cookies.clear()  # (a device of its own)
+            ids.append(issued(await c.post("/login", params={"user": "alice"})))
+        c.cookies.clear()
+        attacker, victim = ids
+        listed = store.list_by_user
+
+        async def list_then_victim_logs_others_out(user_id: Any) -> list[Session]:
+            sessions = await listed(user_id)  # the attacker's session still live in it
+            assert await store.delete_by_user("alice", keep=victim) == 1
+            return sessions
+
+        monkeypatch.setattr(store, "list_by_user", list_then_victim_logs_others_out)
+        answer = await c.post(
+            "/devices", params={"short": short_hash(victim)}, headers=jar(attacker)
+        )
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["error"]["reason"] == "ended"
+        assert set_cookies(answer) == []
+        monkeypatch.undo()
+        assert (await store.get(victim)).user_id == "alice"  # the victim stays logged in
+        with pytest.raises(SessionNotFound):
+            await store.get(attacker)
 
 
 @pytest.mark.parametrize("failure", ["413", "500", "no-response", "websocket"])

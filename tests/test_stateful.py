@@ -710,12 +710,24 @@ class StoreMachine(RuleBasedStateMachine):
         self.model.records.pop(session_id, None)
         self.recheck.add(session_id)
 
-    @rule(site=sites, user=users, keep=st.one_of(st.none(), picks))
-    def delete_by_user(self, site: str, user: str, keep: int | None) -> None:
+    @rule(
+        site=sites,
+        user=users,
+        keep=st.one_of(st.none(), picks),
+        only=st.one_of(st.none(), st.none(), picks),
+    )
+    def delete_by_user(self, site: str, user: str, keep: int | None, only: int | None) -> None:
         site = self.site(site)
         now = self.now
         keep_id = None if keep is None else self.pick(keep)
-        out = self.attempt(lambda: self.stores[site].delete_by_user(user, keep=keep_id))
+        only_id = None if only is None else self.pick(only)
+        out = self.attempt(
+            lambda: self.stores[site].delete_by_user(user, keep=keep_id, only=only_id)
+        )
+        if only_id is not None and only_id == keep_id:  # refused before anything is read
+            self.expect_error(out, InvalidSession)
+            self.expect_violations(site)
+            return
         kept = self.model.records.get(keep_id) if keep_id is not None else None
         if keep_id is not None and not (
             kept is not None
@@ -730,7 +742,11 @@ class StoreMachine(RuleBasedStateMachine):
                 self.expect_violations(site)
             return
         count = self.expect_ok(out)
-        doomed = [r for r in self.model.of_user(site, user) if r.id != keep_id]
+        doomed = [
+            r
+            for r in self.model.of_user(site, user)
+            if r.id != keep_id and (only_id is None or r.id == only_id)
+        ]
         assert count == sum(1 for r in doomed if self.model.live(r, now))
         self.expect_violations(site)
         for r in doomed:

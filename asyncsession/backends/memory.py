@@ -418,7 +418,12 @@ class MemoryStore(Store):
         return Outcome.OK
 
     async def _delete_by_user(
-        self, user_id: str, keep: str | None, scope: Config, now: datetime
+        self,
+        user_id: str,
+        keep: str | None,
+        scope: Config,
+        now: datetime,
+        only: str | None = None,
     ) -> list[str]:
         index = self._users.get((scope.site_id, user_id))
         if keep is not None and (
@@ -428,7 +433,7 @@ class MemoryStore(Store):
         if not index:
             return []
         deleted = []
-        for session_id in list(index):
+        for session_id in list(index) if only is None else [only] if only in index else []:
             if session_id == keep:
                 continue
             entry = self._remove(session_id)

@@ -171,6 +171,9 @@ _DELETE_USER = (
     "DELETE FROM sessions WHERE site_id = ? AND user_id = ? AND id IS NOT ? "
     "RETURNING rowid, id, expires"
 )
+_DELETE_USERS_ONE = (
+    "DELETE FROM sessions WHERE id = ? AND site_id = ? AND user_id = ? RETURNING rowid, id, expires"
+)
 _USERS_SESSION = f"SELECT 1 FROM sessions WHERE id = ? AND site_id = ? AND user_id = ? AND {_LIVE}"
 _LIST_USER = (
     f"SELECT id, {_FIELDS} FROM sessions WHERE site_id = ? AND user_id = ? AND {_LIVE} "
@@ -883,9 +886,14 @@ class SQLiteStore(Store):
         return await self._run(_delete, session_id, scope.site_id)
 
     async def _delete_by_user(
-        self, user_id: str, keep: str | None, scope: Config, now: datetime
+        self,
+        user_id: str,
+        keep: str | None,
+        scope: Config,
+        now: datetime,
+        only: str | None = None,
     ) -> list[str]:
-        return await self._run(_delete_by_user, scope.site_id, user_id, keep, to_us(now))
+        return await self._run(_delete_by_user, scope.site_id, user_id, keep, to_us(now), only)
 
     async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:
         return _listed(await self._read(_LIST_USER, (scope.site_id, user_id, to_us(now))))
@@ -1263,7 +1271,12 @@ def _delete(c: sqlite3.Connection, session_id: str, site_id: str) -> Outcome:
 
 
 def _delete_by_user(
-    c: sqlite3.Connection, site_id: str, user_id: str, keep: str | None, now_us: int
+    c: sqlite3.Connection,
+    site_id: str,
+    user_id: str,
+    keep: str | None,
+    now_us: int,
+    only: str | None = None,
 ) -> list[str]:
     c.execute("BEGIN IMMEDIATE")
     try:
@@ -1271,7 +1284,11 @@ def _delete_by_user(
         if keep is not None and not c.execute(_USERS_SESSION, kept).fetchall():
             c.execute("ROLLBACK")
             return KeepGone()
-        rows: Sequence[Row] = c.execute(_DELETE_USER, (site_id, user_id, keep)).fetchall()
+        rows: Sequence[Row]
+        if only is None:
+            rows = c.execute(_DELETE_USER, (site_id, user_id, keep)).fetchall()
+        else:
+            rows = c.execute(_DELETE_USERS_ONE, (only, site_id, user_id)).fetchall()
         c.execute("COMMIT")
     except BaseException:
         _rollback(c)

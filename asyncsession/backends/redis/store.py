@@ -920,13 +920,26 @@ class RedisStore(Store):
 
     @_guarded
     async def _delete_by_user(
-        self, user_id: str, keep: str | None, scope: Config, now: datetime
+        self,
+        user_id: str,
+        keep: str | None,
+        scope: Config,
+        now: datetime,
+        only: str | None = None,
     ) -> list[str]:
         """``USER_BATCH`` sessions per script call, from the front of the index, until
         the index holds nothing but ``keep``; each call first checks that ``keep`` is
-        still in the index (a login takes it out), and stops if not."""
+        still in the index (a login takes it out), and stops if not. With ``only``:
+        one call, for that session alone."""
         keys = (self.index_key(scope.site_id, user_id), self._layout.user_expiry_key(user_id))
-        args = (keep or b"", codec.to_us(now), self._sprefix, scope.site_id, USER_BATCH)
+        args: tuple[Any, ...] = (
+            keep or b"",
+            codec.to_us(now),
+            self._sprefix,
+            scope.site_id,
+            USER_BATCH,
+            only or b"",
+        )
         deleted: list[str] = []
         while True:
             reply = await self._eval(DELETE_BY_USER, keys, args)

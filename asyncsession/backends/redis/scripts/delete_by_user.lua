@@ -1,5 +1,5 @@
 -- KEYS: user index, expiry set
--- ARGV: keep ('' = none), now, session key prefix, site, batch size
+-- ARGV: keep ('' = none), now, session key prefix, site, batch size, only ('' = all)
 -- At most `batch` sessions per call, from the front of the index; every member it
 -- looks at (but `keep`) leaves the index, so the next call starts at the front
 -- again. Returns {more (1: call again), id of each live session deleted...}, or
@@ -16,10 +16,16 @@ if keep ~= '' then
     return {-1}
   end
 end
-local ids = redis.call('ZRANGE', ikey, 0, batch)  -- batch + 1: one may be `keep`
+local only = ARGV[6]
 local todo = {}
-for _, id in ipairs(ids) do
-  if id ~= keep and #todo < batch then todo[#todo + 1] = id end
+if only and only ~= '' then  -- that one session alone, if it is in the index
+  if redis.call('ZSCORE', ikey, only) then todo[1] = only end
+  batch = 2  -- (never "call again")
+else
+  local ids = redis.call('ZRANGE', ikey, 0, batch)  -- batch + 1: one may be `keep`
+  for _, id in ipairs(ids) do
+    if id ~= keep and #todo < batch then todo[#todo + 1] = id end
+  end
 end
 local found = {}
 for j, id in ipairs(todo) do found[j] = fields(key_of(sprefix, id), 's', 'e', 'i') or false end
