@@ -1065,7 +1065,8 @@ class SessionMiddleware:
         self._cookie_cache: dict[bytes, tuple[int, tuple[str, ...]]] = {}
         max_age = _whole_seconds(max_age)
         if max_age == 0:
-            max_age = None  # a browser-session cookie, as Starlette and starsessions take 0
+            max_age = None  # a browser-session cookie, as starsessions takes 0 (Starlette:
+            # Max-Age=0, a cookie deleted at once)
         if max_age is not None and max_age < 0:
             raise ValueError(
                 f"max_age must be positive, got {max_age} (None or 0: a browser-session cookie)"

@@ -238,6 +238,7 @@ class Store(ABC):
         self._hash_ids = self.config.hash_ids
         self._closed = False
         self._cleanup_task: asyncio.Task[None] | None = None
+        self._opened_in: asyncio.AbstractEventLoop | None = None  # the loop of __aenter__
         # Stores (ControlledStores) told what purge removed, when they ask for it.
         self._purge_watchers: weakref.WeakSet[Store] = weakref.WeakSet()
 
@@ -246,6 +247,18 @@ class Store(ABC):
     async def __aenter__(self) -> Self:
         if self._closed:
             raise StoreClosed(f"{self.backend_name} store is closed")
+        loop = asyncio.get_running_loop()
+        opened = self._opened_in
+        if opened is not None and opened is not loop and not opened.is_closed():
+            # (two TestClients on one app: two lifespans, each in its own loop) its
+            # connections and cleanup task belong to the first loop: say so now rather
+            # than fail later with a cross-loop RuntimeError
+            raise RuntimeError(
+                f"this {self.backend_name} store is already open in another event loop; "
+                "a store serves one event loop: open one per lifespan (with TestClient, "
+                "one per `with TestClient(app)`)"
+            )
+        self._opened_in = loop
         try:
             await self._open()
         except BaseException:

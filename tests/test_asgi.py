@@ -24,6 +24,7 @@ import pytest
 pytest.importorskip("starlette")
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
@@ -1692,3 +1693,38 @@ def test_session_dict_sees_mutations_through_items_and_copies() -> None:
     k = SessionDict({"f": 0.0})
     k["f"] = -0.0  # equal in Python, different JSON
     assert _diff(k) == (["f"], [], {})
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_a_second_lifespan_on_a_store_open_in_another_loop_is_refused_clearly(
+    backend: str, tmp_path: Path
+) -> None:
+    """Two TestClients on one app run two lifespans, each in an event loop of its own:
+    the second ``async with store`` is refused at once with a message that says what
+    to do, rather than failing requests or its teardown later with a cross-loop
+    RuntimeError (outside check, a port of Starlette's own session tests); the first
+    client goes on working."""
+    url = "memory://" if backend == "memory" else f"sqlite:///{tmp_path / 's.db'}"
+    store = open_store(url, Config(cleanup_interval=timedelta(minutes=5)))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with store:
+            yield
+
+    async def bump(request: Request) -> JSONResponse:
+        request.session["n"] = request.session.get("n", 0) + 1
+        return JSONResponse(request.session["n"])
+
+    app = Starlette(
+        routes=[Route("/", bump)],
+        middleware=[Middleware(SessionMiddleware, store=store)],
+        lifespan=lifespan,
+    )
+    with TestClient(app, base_url=BASE) as first:
+        assert first.get("/").json() == 1
+        second = TestClient(app, base_url=BASE)
+        with pytest.raises(RuntimeError, match="already open in another event loop"):
+            second.__enter__()
+        assert first.get("/").json() == 2  # the first lifespan's store still serves
+    assert store.closed
