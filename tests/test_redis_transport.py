@@ -20,6 +20,7 @@ redis = pytest.importorskip("redis")
 
 from redis.asyncio import Redis  # noqa: E402
 from redis.asyncio.cluster import ClusterNode, RedisCluster  # noqa: E402
+from redis.exceptions import ResponseError  # noqa: E402
 
 from asyncsession import (  # noqa: E402
     Changes,
@@ -138,14 +139,21 @@ async def controlled(clock: FakeClock) -> AsyncIterator[ControlledStore]:
 
 
 @pytest.mark.parametrize("merged", ["reads", "creates", "users", "writes"])
-@pytest.mark.parametrize("bad", ["first", [b"ok"], 42, None])
+@pytest.mark.parametrize(
+    "bad",
+    ["first", [b"ok"], 42, None, ResponseError("WRONGTYPE Operation against a key")],
+    ids=["first", "one-item", "int", "nil", "whole-call-wrongtype"],
+)
 async def test_a_merged_reply_of_the_wrong_shape_fails_each_merged_caller(
     merged: str, bad: Any, controlled: ControlledStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A merged call's reply that is not one entry per merged request (a proxy or
     server gone wrong) fails each merged caller with StoreUnavailable: never one
     caller's session handed to the others, never a create or write reported done
-    that was not. The batch's other requests get their own replies."""
+    that was not. An error reply to the whole call is the call's failure, not each
+    key's (a WRONGTYPE there made every merged read "not found", logging its users
+    out: outside check with a fake server). The batch's other requests get their
+    own replies."""
     kept = [await controlled.create(new_session(None, 60, data={"n": n})) for n in range(5)]
     loaded = [await controlled.get(s.id) for s in kept[3:]]
     script = {

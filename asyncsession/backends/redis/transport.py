@@ -241,7 +241,9 @@ def _each(reply: Any, count: int) -> Iterator[Any]:
     to every caller as its own: a one-item list is not each caller's session)."""
     if isinstance(reply, list) and len(reply) == count:
         return iter(reply)
-    if not isinstance(reply, ResponseError):  # (the reply itself may hold session data)
+    if isinstance(reply, ResponseError):  # the call's error, never one key's (WRONGTYPE)
+        reply = ResponseError(f"a merged call failed: {reply}")
+    else:  # (the reply itself may hold session data)
         reply = ResponseError(f"unexpected {reply_shape(reply)} reply to a merged call")
     return iter([reply] * count)
 
