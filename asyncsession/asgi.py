@@ -1601,6 +1601,43 @@ async def login(
     (``organization_id``, ``data``, ``ip_address``, ``user_agent``); the client's
     address and user agent are recorded by default; times come from the store's clock.
     """
+    return await _login(connection, user_id, ttl, keep_data, fields, live=False)
+
+
+async def rotate_session(connection: HTTPConnection) -> Session | None:
+    """A new id for the current session, with the same user and data
+    (starsessions' ``regenerate_session_id``, Django's ``cycle_key``): the old id is
+    rotated as at ``login``. Use it rather than ``login(request,
+    current_user_id(request))``: a session that ended while the request ran (revoked
+    by its user's "log out everywhere", say, its body still arriving) answers 409
+    (``SessionConflict``, reason ``ended``, or ``rotated`` if a login moved it) and
+    nothing is created, where ``login`` would start a new session for that user
+    (right for a login, whose credentials the app has just checked; not for a
+    stolen cookie being revoked). A request without a stored session has nothing to
+    rotate: ``None`` (409 ``rotated`` if its cookie was rotated before it came in)."""
+    conn = _work(connection)
+    conn.check_writable()
+    old = conn.session
+    if old is None:
+        conn.check_not_rotated()
+        return None
+    fields: dict[str, Any] = {}
+    if old.organization_id is not None:
+        fields["organization_id"] = old.organization_id
+    return await _login(connection, old.user_id, None, True, fields, live=True)
+
+
+async def _login(
+    connection: HTTPConnection,
+    user_id: str | int | Any,
+    ttl: timedelta | float | None,
+    keep_data: bool | None,
+    fields: dict[str, Any],
+    *,
+    live: bool,
+) -> Session:
+    """``login``; with ``live`` (``rotate_session``), a session that ended meanwhile
+    is a 409, never a new session."""
     conn = _work(connection)
     conn.check_writable()
     if not conn.cookie_possible:
@@ -1622,7 +1659,7 @@ async def login(
             try:
                 await conn.commit()  # this request's own changes first, as usual
             except SessionConflict:
-                if conn.session is not None or conn.moved:
+                if conn.session is not None or conn.moved or live:
                     raise  # a key it read changed, or a parallel login moved it: 409
                 # ended meanwhile (logout elsewhere, revoke, expiry): as below, a new session
         if conn.moved:  # a parallel login moved it (found by the commit's touch): 409
@@ -1634,7 +1671,7 @@ async def login(
             try:
                 conn.adopt(await conn.within(store.get(old.id)))
             except SessionNotFound as exc:  # gone meanwhile: as in the loop below
-                _login_lost(conn, old, exc)
+                _login_lost(conn, old, exc, live)
                 conn.session = None
             old = conn.session
     explicit = "data" in fields
@@ -1656,13 +1693,13 @@ async def login(
             if attempts >= LOGIN_ATTEMPTS:
                 raise
         except SessionNotFound as exc:  # gone meanwhile (deleted, expired, another login)
-            _login_lost(conn, old, exc)
+            _login_lost(conn, old, exc, live)
             old = None
             continue
         try:  # changed by a parallel request: take its data and try again
             old = await conn.within(store.get(old.id))
         except SessionNotFound as exc:
-            _login_lost(conn, old, exc)
+            _login_lost(conn, old, exc, live)
             old = None
         else:
             if keep_data and not explicit:
@@ -1693,14 +1730,15 @@ def _keys_behind(exc: SessionNotFound) -> None:
     ) from exc
 
 
-def _login_lost(conn: _Connection, old: Session, exc: SessionNotFound) -> None:
+def _login_lost(conn: _Connection, old: Session, exc: SessionNotFound, live: bool) -> None:
     """The session a login was replacing vanished. Another login moved it (a double
     submit, a second tab): that one won, this one answers 409 and leaves its cookie
     alone, rather than start a second session that would replace the winner's
-    cookie. Deleted or expired: the login goes on with a new session. Sealed under a
-    key this instance lacks: an outage (503), nothing created."""
+    cookie. Deleted or expired: the login goes on with a new session (``live``,
+    ``rotate_session``: 409, nothing created). Sealed under a key this instance
+    lacks: an outage (503), nothing created."""
     _keys_behind(exc)
-    if isinstance(exc, SessionRotated):
+    if live or isinstance(exc, SessionRotated):
         conn._gone(old, exc)
 
 
@@ -1989,6 +2027,7 @@ __all__ = [
     "logout_everywhere",
     "require_user",
     "revoke_session",
+    "rotate_session",
     "save_session",
     "session_data",
     "session_error_handler",

@@ -44,6 +44,7 @@ from asyncsession import (
     logout_everywhere,
     new_session,
     revoke_session,
+    rotate_session,
     save_session,
     short_hash,
     update_session,
@@ -480,6 +481,93 @@ async def test_a_login_after_a_write_to_a_session_ended_meanwhile_goes_on(
         assert r.status_code == 200, r.text
         again = issued(r)
         assert (await c.get("/read", headers=jar(again))).json()["user"] == "alice"
+
+
+def regenerate_app(store: ControlledStore, gate: tuple[asyncio.Event, asyncio.Event]) -> Starlette:
+    """make_app plus /regenerate: rotate_session after ``wait`` (a slow body), with
+    a write first if ``write`` is given."""
+
+    async def regenerate(request: Request) -> JSONResponse:
+        request.session.get("x")
+        if "write" in request.query_params:
+            request.session["seen"] = request.query_params["write"]
+        if "wait" in request.query_params:
+            gate[0].set()
+            await gate[1].wait()
+        session = await rotate_session(request)
+        return JSONResponse(None if session is None else session.user_id)
+
+    app = make_app(store)
+    app.router.routes.append(Route("/regenerate", regenerate, methods=["POST"]))
+    return app
+
+
+async def test_rotate_session_moves_the_session_to_a_new_id_with_its_user_and_data(
+    store: ControlledStore,
+) -> None:
+    app = regenerate_app(store, (asyncio.Event(), asyncio.Event()))
+    async with client(app) as c:
+        r = await c.post("/regenerate")  # nothing stored yet: nothing to rotate
+        assert r.json() is None and set_cookies(r) == []
+        anon = issued(await c.post("/write", params={"key": "cart", "value": "3"}))
+        r = await c.post("/regenerate", headers=jar(anon))
+        assert r.status_code == 200 and r.json() is None, r.text
+        moved = issued(r)
+        assert moved != anon
+        assert (await store.get(moved)).data == {"cart": "3"}
+        first = issued(await c.post("/login", params={"user": "alice"}, headers=jar(moved)))
+        r = await c.post("/regenerate", params={"write": "1"}, headers=jar(first))
+        assert r.status_code == 200 and r.json() == "alice", r.text
+        again = issued(r)
+        got = await store.get(again)
+        assert (got.user_id, got.data) == ("alice", {"cart": "3", "seen": "1"})
+        for old in (anon, moved, first):
+            with pytest.raises(SessionRotated):
+                await store.get(old)
+        assert [s.id for s in await store.list_by_user("alice")] == [store.handle(again)]
+        r = await c.post("/regenerate", headers=jar(first))  # a cookie rotated before
+        assert r.status_code == 409 and r.json()["error"]["reason"] == "rotated", r.text
+
+
+@pytest.mark.parametrize("write", [False, True])
+@pytest.mark.parametrize("how", ["logout-everywhere", "revoked", "rotated"])
+async def test_rotate_session_of_a_session_ended_meanwhile_creates_nothing(
+    store: ControlledStore, how: str, write: bool
+) -> None:
+    """A stolen session that its user revokes while the thief's request runs (a slow
+    body) cannot make itself a new live session by rotating: rotate_session answers
+    409 and nothing is created (outside attacker: login(request,
+    current_user_id(request)), the regenerate pattern, did so 20 of 20 times)."""
+    entered, go = asyncio.Event(), asyncio.Event()
+    app = regenerate_app(store, (entered, go))
+    async with client(app) as c:
+        ids = []
+        for _ in range(2):
+            c.cookies.clear()  # (a device of its own)
+            ids.append(issued(await c.post("/login", params={"user": "alice"})))
+        c.cookies.clear()
+        thief, victim = ids
+        params = {"wait": "1", **({"write": "x"} if write else {})}
+        late = asyncio.create_task(c.post("/regenerate", params=params, headers=jar(thief)))
+        await entered.wait()  # loaded, still live
+        if how == "logout-everywhere":
+            assert (await c.post("/others-out", headers=jar(victim))).json() == {"revoked": 1}
+        elif how == "revoked":
+            short = short_hash(thief)
+            assert (await c.post("/devices", params={"short": short}, headers=jar(victim))).json()
+        else:
+            await store.rotate(thief)  # (a login with the thief's cookie, elsewhere)
+        go.set()
+        answer = await late
+        assert answer.status_code == 409, answer.text
+        reason = answer.json()["error"]["reason"]
+        assert reason == ("rotated" if how == "rotated" else "ended"), reason
+        assert set_cookies(answer) == []
+        listed = {s.id for s in await store.list_by_user("alice")}
+        if how == "rotated":  # the victim's, and the one the thief's id was moved to
+            assert len(listed) == 2 and store.handle(victim) in listed, listed
+        else:  # nothing created: the victim's alone
+            assert listed == {store.handle(victim)}, listed
 
 
 async def test_a_login_whose_session_a_parallel_login_moved_answers_409_touch_or_not(
