@@ -66,7 +66,7 @@ from .session import (
     normalize_user_id,
     session_handle,
 )
-from .store import Store
+from .store import Store, absolute_deadline
 
 if TYPE_CHECKING:
     from fastapi import Depends
@@ -1621,10 +1621,22 @@ async def rotate_session(connection: HTTPConnection) -> Session | None:
     if old is None:
         conn.check_not_rotated()
         return None
+    if conn.data._cleared:  # this request logged out: nothing is left to rotate
+        return None
+    if conn.pending():  # this request's own changes first (a touch due counts)
+        await conn.commit()  # (a key it read changed, or a login moved it: 409)
+        if conn.session is None:  # its save or touch found it ended meanwhile
+            conn._gone(old, SessionNotFound("session ended during the request"))
+        old = conn.session
     fields: dict[str, Any] = {}
     if old.organization_id is not None:
         fields["organization_id"] = old.organization_id
-    return await _login(connection, old.user_id, None, True, fields, live=True)
+    # the same absolute deadline: rotating never lengthens a session's life
+    ttl = None
+    deadline = absolute_deadline(old)
+    if deadline is not None:
+        ttl = max(deadline - conn.store.clock(), timedelta(milliseconds=1))
+    return await _login(connection, old.user_id, ttl, True, fields, live=True)
 
 
 async def _login(
@@ -1644,9 +1656,9 @@ async def _login(
         # the new id could reach no client: the browser would be left with a rotated
         # cookie (logged out) and the store with a session nobody holds
         raise RuntimeError(
-            "login() after the response started (a background task, a streaming body) "
-            "or after a websocket's accept: no cookie can carry the new session id; "
-            "call it before"
+            f"{'rotate_session' if live else 'login'}() after the response started (a "
+            "background task, a streaming body) or after a websocket's accept: no cookie "
+            "can carry the new session id; call it before"
         )
     store = conn.store
     user = normalize_user_id(user_id)

@@ -262,6 +262,7 @@ class Store(ABC):
         try:
             await self._open()
         except BaseException:
+            self._opened_in = opened  # not open here after all
             await self._stop_cleanup()  # (a call before the open may have started it)
             raise
         self._start_cleanup()  # only once open: a store that fails to open runs nothing

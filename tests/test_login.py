@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -483,7 +484,9 @@ async def test_a_login_after_a_write_to_a_session_ended_meanwhile_goes_on(
         assert (await c.get("/read", headers=jar(again))).json()["user"] == "alice"
 
 
-def regenerate_app(store: ControlledStore, gate: tuple[asyncio.Event, asyncio.Event]) -> Starlette:
+def regenerate_app(
+    store: ControlledStore, gate: tuple[asyncio.Event, asyncio.Event], **options: Any
+) -> Starlette:
     """make_app plus /regenerate: rotate_session after ``wait`` (a slow body), with
     a write first if ``write`` is given."""
 
@@ -497,7 +500,7 @@ def regenerate_app(store: ControlledStore, gate: tuple[asyncio.Event, asyncio.Ev
         session = await rotate_session(request)
         return JSONResponse(None if session is None else session.user_id)
 
-    app = make_app(store)
+    app = make_app(store, **options)
     app.router.routes.append(Route("/regenerate", regenerate, methods=["POST"]))
     return app
 
@@ -568,6 +571,79 @@ async def test_rotate_session_of_a_session_ended_meanwhile_creates_nothing(
             assert len(listed) == 2 and store.handle(victim) in listed, listed
         else:  # nothing created: the victim's alone
             assert listed == {store.handle(victim)}, listed
+
+
+@pytest.mark.parametrize("idle", [False, True])
+async def test_rotate_session_ended_meanwhile_with_a_touch_due_creates_nothing(
+    harness: Harness, idle: bool
+) -> None:
+    """A touch due (an idle timeout's, or touch_interval's) makes the request's first
+    store step the touch, which finds the revoked session gone: still 409, nothing
+    created (review: a new session for the user, 200)."""
+    config = Config(site_id="site-a", cleanup_interval=0)
+    if idle:
+        config = replace(config, idle_timeout=timedelta(minutes=30))
+    store = await harness.controlled(config)
+    entered, go = asyncio.Event(), asyncio.Event()
+    app = regenerate_app(store, (entered, go), **({} if idle else {"touch_interval": 60}))
+    async with client(app) as c:
+        thief = issued(await c.post("/login", params={"user": "alice"}))
+        c.cookies.clear()
+        harness.clock.advance(600)  # the touch is due
+        late = asyncio.create_task(c.post("/regenerate", params={"wait": "1"}, headers=jar(thief)))
+        await entered.wait()
+        assert await store.delete(thief)  # revoked while the request waits
+        go.set()
+        answer = await late
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["error"]["reason"] == "ended"
+        assert set_cookies(answer) == []
+        assert await store.list_by_user("alice") == []
+
+
+async def test_rotate_session_after_clear_rotates_nothing_and_binds_no_user(
+    store: ControlledStore,
+) -> None:
+    """clear() is a logout: a rotate_session after it in the same request returns
+    None and no session of the user is left (review: it logged the user back in)."""
+
+    async def clear_then_rotate(request: Request) -> JSONResponse:
+        request.session.clear()
+        if "keep" in request.query_params:
+            request.session["theme"] = "dark"
+        session = await rotate_session(request)
+        return JSONResponse(None if session is None else session.user_id)
+
+    app = make_app(store)
+    app.router.routes.append(Route("/clear-rotate", clear_then_rotate, methods=["POST"]))
+    async with client(app) as c:
+        for params in ({}, {"keep": "1"}):
+            c.cookies.clear()
+            sid = issued(await c.post("/login", params={"user": "alice"}))
+            r = await c.post("/clear-rotate", params=params, headers=jar(sid))
+            assert r.status_code == 200 and r.json() is None, r.text
+            assert await store.list_by_user("alice") == [], params
+            with pytest.raises(SessionNotFound):
+                await store.get(sid)
+
+
+async def test_rotate_session_keeps_the_absolute_deadline(harness: Harness) -> None:
+    """Rotating never lengthens a session's life (review: each rotation restarted
+    the absolute lifetime, so a session rotated now and then never ended)."""
+    store = await harness.controlled(
+        Config(site_id="site-a", cleanup_interval=0, default_ttl=timedelta(hours=1))
+    )
+    app = regenerate_app(store, (asyncio.Event(), asyncio.Event()))
+    async with client(app) as c:
+        for params in ({"user": "alice"}, {"user": "alice", "ttl": "300"}):
+            c.cookies.clear()
+            sid = issued(await c.post("/login", params=params))
+            deadline = (await store.get(sid)).absolute_expires_at
+            assert deadline is not None
+            for _ in range(2):
+                harness.clock.advance(120)
+                sid = issued(await c.post("/regenerate", headers=jar(sid)))
+                assert (await store.get(sid)).absolute_expires_at == deadline, params
 
 
 async def test_a_login_whose_session_a_parallel_login_moved_answers_409_touch_or_not(

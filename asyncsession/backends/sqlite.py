@@ -172,7 +172,8 @@ _DELETE_USER = (
     "RETURNING rowid, id, expires"
 )
 _DELETE_USERS_ONE = (
-    "DELETE FROM sessions WHERE id = ? AND site_id = ? AND user_id = ? RETURNING rowid, id, expires"
+    "DELETE FROM sessions WHERE id = ? AND site_id = ? AND user_id = ? AND id IS NOT ? "
+    "RETURNING rowid, id, expires"
 )
 _USERS_SESSION = f"SELECT 1 FROM sessions WHERE id = ? AND site_id = ? AND user_id = ? AND {_LIVE}"
 _LIST_USER = (
@@ -1288,7 +1289,7 @@ def _delete_by_user(
         if only is None:
             rows = c.execute(_DELETE_USER, (site_id, user_id, keep)).fetchall()
         else:
-            rows = c.execute(_DELETE_USERS_ONE, (only, site_id, user_id)).fetchall()
+            rows = c.execute(_DELETE_USERS_ONE, (only, site_id, user_id, keep)).fetchall()
         c.execute("COMMIT")
     except BaseException:
         _rollback(c)

@@ -19,7 +19,7 @@ end
 local only = ARGV[6]
 local todo = {}
 if only and only ~= '' then  -- that one session alone, if it is in the index
-  if redis.call('ZSCORE', ikey, only) then todo[1] = only end
+  if only ~= keep and redis.call('ZSCORE', ikey, only) then todo[1] = only end
   batch = 2  -- (never "call again")
 else
   local ids = redis.call('ZRANGE', ikey, 0, batch)  -- batch + 1: one may be `keep`
