@@ -180,6 +180,17 @@ def issued(response: httpx.Response, name: str = "__Host-session") -> str:
     return value
 
 
+async def devices_of_alice(c: httpx.AsyncClient, count: int) -> list[str]:
+    """``count`` logins of alice, each a device of its own (no cookie sent); the
+    client's cookie jar is left empty."""
+    ids = []
+    for _ in range(count):
+        c.cookies.clear()
+        ids.append(issued(await c.post("/login", params={"user": "alice"})))
+    c.cookies.clear()
+    return ids
+
+
 def jar(session_id: str, name: str = "__Host-session") -> dict[str, str]:
     return {"cookie": f"{name}={session_id}"}
 
@@ -326,11 +337,7 @@ async def test_a_request_whose_session_ended_meanwhile_acts_on_no_other_session(
     entered, go = asyncio.Event(), asyncio.Event()
     app = make_app(store, (entered, go))
     async with client(app) as c:
-        ids = []
-        for _ in range(2):
-            c.cookies.clear()  # (a device of its own)
-            ids.append(issued(await c.post("/login", params={"user": "alice"})))
-        c.cookies.clear()
+        ids = await devices_of_alice(c, 2)
         attacker, victim = ids
         victim_short = short_hash(victim)
         path, params = {
@@ -368,11 +375,7 @@ async def test_a_revoke_whose_session_ends_between_its_list_and_its_delete_delet
     Redis) answers 409 and the victim's session lives on."""
     app = make_app(store)
     async with client(app) as c:
-        ids = []
-        for _ in range(2):
-            c.cookies.clear()  # (a device of its own)
-            ids.append(issued(await c.post("/login", params={"user": "alice"})))
-        c.cookies.clear()
+        ids = await devices_of_alice(c, 2)
         attacker, victim = ids
         listed = store.list_by_user
 
@@ -436,10 +439,7 @@ async def test_a_login_whose_request_fails_is_undone(
     app.router.routes.append(WebSocketRoute("/ws-login", ws_login))
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
-        devices = []
-        for _ in range(2):
-            c.cookies.clear()  # (a device of its own)
-            devices.append(issued(await c.post("/login", params={"user": "alice"})))
+        devices = await devices_of_alice(c, 2)
         for _ in range(3):
             c.cookies.clear()
             old = issued(await c.post("/write", params={"key": "k", "value": "v"}))
@@ -544,11 +544,7 @@ async def test_rotate_session_of_a_session_ended_meanwhile_creates_nothing(
     entered, go = asyncio.Event(), asyncio.Event()
     app = regenerate_app(store, (entered, go))
     async with client(app) as c:
-        ids = []
-        for _ in range(2):
-            c.cookies.clear()  # (a device of its own)
-            ids.append(issued(await c.post("/login", params={"user": "alice"})))
-        c.cookies.clear()
+        ids = await devices_of_alice(c, 2)
         thief, victim = ids
         params = {"wait": "1", **({"write": "x"} if write else {})}
         late = asyncio.create_task(c.post("/regenerate", params=params, headers=jar(thief)))
