@@ -1601,7 +1601,7 @@ async def login(
     (``organization_id``, ``data``, ``ip_address``, ``user_agent``); the client's
     address and user agent are recorded by default; times come from the store's clock.
     """
-    return await _login(connection, user_id, ttl, keep_data, fields, live=False)
+    return await _login(connection, user_id, ttl, keep_data, fields)
 
 
 async def rotate_session(connection: HTTPConnection) -> Session | None:
@@ -1613,30 +1613,48 @@ async def rotate_session(connection: HTTPConnection) -> Session | None:
     (``SessionConflict``, reason ``ended``, or ``rotated`` if a login moved it) and
     nothing is created, where ``login`` would start a new session for that user
     (right for a login, whose credentials the app has just checked; not for a
-    stolen cookie being revoked). A request without a stored session has nothing to
-    rotate: ``None`` (409 ``rotated`` if its cookie was rotated before it came in)."""
+    stolen cookie being revoked). The new session keeps the record's creation time,
+    client fields and absolute deadline. A request without a stored session, or one
+    that cleared it, has nothing to rotate: ``None`` (409 ``rotated`` if its cookie
+    was rotated before it came in). Stored at once and undone as a login's is if no
+    response carries the cookie (which logs the user out): call it last."""
     conn = _work(connection)
     conn.check_writable()
+    _check_cookie_possible(conn, "rotate_session")
     old = conn.session
     if old is None:
         conn.check_not_rotated()
         return None
     if conn.data._cleared:  # this request logged out: nothing is left to rotate
         return None
+    conn.migrate = False  # a legacy cookie's session: this rotation moves it
     if conn.pending():  # this request's own changes first (a touch due counts)
         await conn.commit()  # (a key it read changed, or a login moved it: 409)
-        if conn.session is None:  # its save or touch found it ended meanwhile
-            conn._gone(old, SessionNotFound("session ended during the request"))
+        if conn.session is None:  # its save or touch found it moved or ended meanwhile
+            conn._gone(
+                old,
+                SessionRotated("session id was rotated during the request")
+                if conn.moved
+                else SessionNotFound("session ended during the request"),
+            )
         old = conn.session
-    fields: dict[str, Any] = {}
+    # the record as it was, under a new id: its client fields, creation time and
+    # absolute deadline (rotating never lengthens a session's life)
+    fields: dict[str, Any] = {"ip_address": old.ip_address, "user_agent": old.user_agent}
     if old.organization_id is not None:
         fields["organization_id"] = old.organization_id
-    # the same absolute deadline: rotating never lengthens a session's life
-    ttl = None
-    deadline = absolute_deadline(old)
-    if deadline is not None:
-        ttl = max(deadline - conn.store.clock(), timedelta(milliseconds=1))
-    return await _login(connection, old.user_id, ttl, True, fields, live=True)
+    return await _login(connection, old.user_id, None, True, fields, like=old)
+
+
+def _check_cookie_possible(conn: _Connection, helper: str) -> None:
+    if not conn.cookie_possible:
+        # the new id could reach no client: the browser would be left with a rotated
+        # cookie (logged out) and the store with a session nobody holds
+        raise RuntimeError(
+            f"{helper}() after the response started (a background task, a streaming "
+            "body) or after a websocket's accept: no cookie can carry the new session "
+            "id; call it before"
+        )
 
 
 async def _login(
@@ -1646,20 +1664,15 @@ async def _login(
     keep_data: bool | None,
     fields: dict[str, Any],
     *,
-    live: bool,
+    like: Session | None = None,
 ) -> Session:
-    """``login``; with ``live`` (``rotate_session``), a session that ended meanwhile
-    is a 409, never a new session."""
+    """``login``; with ``like`` (``rotate_session``: the session it rotates), a
+    session that ended meanwhile is a 409, never a new session, and the new one
+    keeps ``like``'s creation time and absolute deadline."""
+    live = like is not None
     conn = _work(connection)
     conn.check_writable()
-    if not conn.cookie_possible:
-        # the new id could reach no client: the browser would be left with a rotated
-        # cookie (logged out) and the store with a session nobody holds
-        raise RuntimeError(
-            f"{'rotate_session' if live else 'login'}() after the response started (a "
-            "background task, a streaming body) or after a websocket's accept: no cookie "
-            "can carry the new session id; call it before"
-        )
+    _check_cookie_possible(conn, "rotate_session" if live else "login")
     store = conn.store
     user = normalize_user_id(user_id)
     conn.migrate = False  # a legacy cookie's session: the login's rotation moves it
@@ -1693,7 +1706,14 @@ async def _login(
         fields.setdefault(key, value)
     attempts = 0
     while True:
-        session = new_session(user, ttl, now=store.clock(), **fields)
+        now = store.clock()
+        if like is not None:
+            deadline = absolute_deadline(like)
+            if deadline is not None:  # (one clock read: the deadline exactly)
+                ttl = max(deadline - now, timedelta(milliseconds=1))
+        session = new_session(user, ttl, now=now, **fields)
+        if like is not None:
+            session.created_at = like.created_at
         if old is None:
             session = await conn.within(store.create(session))
             break

@@ -238,7 +238,7 @@ class Store(ABC):
         self._hash_ids = self.config.hash_ids
         self._closed = False
         self._cleanup_task: asyncio.Task[None] | None = None
-        self._opened_in: asyncio.AbstractEventLoop | None = None  # the loop of __aenter__
+        self._opened_in: asyncio.AbstractEventLoop | None = None  # __aenter__'s loop
         # Stores (ControlledStores) told what purge removed, when they ask for it.
         self._purge_watchers: weakref.WeakSet[Store] = weakref.WeakSet()
 
@@ -247,7 +247,10 @@ class Store(ABC):
     async def __aenter__(self) -> Self:
         if self._closed:
             raise StoreClosed(f"{self.backend_name} store is closed")
-        loop = asyncio.get_running_loop()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio: the memory store runs there)
+            loop = None
         opened = self._opened_in
         if opened is not None and opened is not loop and not opened.is_closed():
             # (two TestClients on one app: two lifespans, each in its own loop) its

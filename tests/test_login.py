@@ -623,23 +623,58 @@ async def test_rotate_session_after_clear_rotates_nothing_and_binds_no_user(
                 await store.get(sid)
 
 
-async def test_rotate_session_keeps_the_absolute_deadline(harness: Harness) -> None:
-    """Rotating never lengthens a session's life (review: each rotation restarted
-    the absolute lifetime, so a session rotated now and then never ended)."""
+async def test_rotate_session_keeps_the_record_but_its_id(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rotating never lengthens a session's life, to the microsecond, on a clock that
+    moves at every read (review: each rotation restarted the absolute lifetime, then
+    still crept by the time between two clock reads); the creation time and the
+    client fields stay (the device list and "oldest" eviction see the same device)."""
     store = await harness.controlled(
         Config(site_id="site-a", cleanup_interval=0, default_ttl=timedelta(hours=1))
     )
-    app = regenerate_app(store, (asyncio.Event(), asyncio.Event()))
+    ticking = harness.clock
+
+    def tick() -> Any:
+        return ticking.advance(timedelta(milliseconds=1))
+
+    app = regenerate_app(store, (asyncio.Event(), asyncio.Event()), record_client=False)
     async with client(app) as c:
         for params in ({"user": "alice"}, {"user": "alice", "ttl": "300"}):
             c.cookies.clear()
             sid = issued(await c.post("/login", params=params))
-            deadline = (await store.get(sid)).absolute_expires_at
-            assert deadline is not None
-            for _ in range(2):
-                harness.clock.advance(120)
+            before = await store.get(sid)
+            assert before.absolute_expires_at is not None
+            monkeypatch.setattr(FakeClock, "__call__", lambda self: tick())
+            for _ in range(3):
+                harness.clock.advance(60)
                 sid = issued(await c.post("/regenerate", headers=jar(sid)))
-                assert (await store.get(sid)).absolute_expires_at == deadline, params
+            monkeypatch.undo()
+            after = await store.get(sid)
+            assert after.absolute_expires_at == before.absolute_expires_at, params
+            assert after.created_at == before.created_at, params
+            assert (after.ip_address, after.user_agent) == (None, None)  # (record_client off)
+
+
+async def test_rotate_session_with_a_touch_due_after_a_parallel_login_says_rotated(
+    harness: Harness,
+) -> None:
+    """The touch finds the session moved by a login elsewhere: 409 reason rotated,
+    as without a touch (review: 'ended')."""
+    store = await harness.controlled(Config(site_id="site-a", cleanup_interval=0))
+    entered, go = asyncio.Event(), asyncio.Event()
+    app = regenerate_app(store, (entered, go), touch_interval=60)
+    async with client(app) as c:
+        (sid,) = await devices_of_alice(c, 1)
+        harness.clock.advance(600)  # the touch is due
+        late = asyncio.create_task(c.post("/regenerate", params={"wait": "1"}, headers=jar(sid)))
+        await entered.wait()
+        await store.rotate(sid)  # a login with this cookie, elsewhere
+        go.set()
+        answer = await late
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["error"]["reason"] == "rotated"
+        assert len(await store.list_by_user("alice")) == 1
 
 
 async def test_a_login_whose_session_a_parallel_login_moved_answers_409_touch_or_not(
