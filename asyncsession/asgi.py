@@ -1624,6 +1624,12 @@ async def rotate_session(connection: HTTPConnection) -> Session | None:
     old = conn.session
     if old is None:
         conn.check_not_rotated()
+        if conn.stale:  # a save or touch earlier in this request found it gone
+            reason = "rotated" if conn.moved else "ended"
+            raise SessionConflict(
+                f"the session {reason} during the request; nothing was rotated",
+                details={"reason": reason},
+            )
         return None
     if conn.data._cleared:  # this request logged out: nothing is left to rotate
         return None

@@ -497,6 +497,8 @@ def regenerate_app(
         if "wait" in request.query_params:
             gate[0].set()
             await gate[1].wait()
+        if "save" in request.query_params:
+            await save_session(request)  # (a touch due: it finds the session gone, says nothing)
         session = await rotate_session(request)
         return JSONResponse(None if session is None else session.user_id)
 
@@ -569,13 +571,15 @@ async def test_rotate_session_of_a_session_ended_meanwhile_creates_nothing(
             assert listed == {store.handle(victim)}, listed
 
 
+@pytest.mark.parametrize("save", [False, True])
 @pytest.mark.parametrize("idle", [False, True])
 async def test_rotate_session_ended_meanwhile_with_a_touch_due_creates_nothing(
-    harness: Harness, idle: bool
+    harness: Harness, idle: bool, save: bool
 ) -> None:
     """A touch due (an idle timeout's, or touch_interval's) makes the request's first
     store step the touch, which finds the revoked session gone: still 409, nothing
-    created (review: a new session for the user, 200)."""
+    created (review: a new session for the user, 200), also when a save_session
+    before it was that step (outside attacker: 200 and None)."""
     config = Config(site_id="site-a", cleanup_interval=0)
     if idle:
         config = replace(config, idle_timeout=timedelta(minutes=30))
@@ -586,7 +590,8 @@ async def test_rotate_session_ended_meanwhile_with_a_touch_due_creates_nothing(
         thief = issued(await c.post("/login", params={"user": "alice"}))
         c.cookies.clear()
         harness.clock.advance(600)  # the touch is due
-        late = asyncio.create_task(c.post("/regenerate", params={"wait": "1"}, headers=jar(thief)))
+        params = {"wait": "1", **({"save": "1"} if save else {})}
+        late = asyncio.create_task(c.post("/regenerate", params=params, headers=jar(thief)))
         await entered.wait()
         assert await store.delete(thief)  # revoked while the request waits
         go.set()
