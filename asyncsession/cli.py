@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO, cast
 
+from ._redact import redact, url_secrets
 from .config import Config
 from .controls import ControlledStore, ViolationEvent
 from .crypto import SealBroken, generate_key, is_sealed
@@ -52,7 +53,7 @@ from .errors import (
     StoreUnavailable,
     short_hash,
 )
-from .factory import open_store, redact, sqlite_path, url_secrets
+from .factory import open_store, sqlite_path
 from .session import Session, is_handle
 from .store import PlainIdsFound
 

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from ._redact import redact
 from .asgi import (
     SessionMiddleware,
     current_session,
@@ -35,7 +36,7 @@ from .asgi import (
 )
 from .config import Config
 from .controls import ControlledStore
-from .factory import open_store, redact
+from .factory import open_store
 
 DEFAULT_DB = "asyncsession-demo.db"
 DEMO_CONFIG = Config(max_sessions_per_user=10, default_ttl=timedelta(days=7))

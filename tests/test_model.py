@@ -27,7 +27,8 @@ from asyncsession import (
     open_store,
     short_hash,
 )
-from asyncsession.factory import redact, sqlite_path, url_secrets
+from asyncsession._redact import redact, url_secrets
+from asyncsession.factory import sqlite_path
 
 # ------------------------------------------------------------------------ ids, model
 

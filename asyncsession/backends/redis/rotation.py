@@ -6,8 +6,9 @@ The record is ``{prefix}r:{id}`` (on a cluster ``{prefix}r:{{tag}}{rest}``, the 
 session's hash slot), a string ``"<until us>:<site>"`` that never names the new id,
 with a native expiry (``PXAT``) at its deadline plus the store's expiry grace: the
 deadline itself comes from the store's clock and is checked here, so Redis needs no
-purge for them. The Lua bodies below get ``_PRELUDE`` (and for ``ROTATE_INTO`` the
-index helpers and ``_INSERT`` as a function) prepended in ``redis.py``.
+purge for them. The scripts (``scripts/rotate.lua``, ``rotate_into.lua``,
+``retire.lua``) get the prelude (and ``ROTATE_INTO`` the index helpers and the
+insert as a function) prepended in ``scripts.py``.
 """
 
 from __future__ import annotations

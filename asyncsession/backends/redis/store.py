@@ -32,6 +32,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from ... import codec
+from ..._redact import redact
 from ...changes import Applied, EncodedChanges
 from ...config import Config
 from ...controls import ControlledStore, with_controls
@@ -42,7 +43,6 @@ from ...errors import (
     StoreUnavailable,
     short_hash,
 )
-from ...factory import redact
 from ...session import Clock, Session, is_seconds, user_tag
 from ...store import (
     NO_EVICTIONS,
