@@ -1,0 +1,375 @@
+"""The session data of one request (``request.session``): a real ``dict`` that
+knows, per top-level key, whether the request read it before writing it, so the
+middleware saves only what changed, as blind writes or as writes that depend on
+what was read (``SessionDict.changes``)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+
+from .changes import ABSENT, Changes
+from .codec import not_serializable
+from .errors import SessionError
+
+_MUTABLE = (list, dict)
+
+
+class _Snapshot:
+    """The JSON of a list or dict as it was when first read (it may be mutated in
+    place afterwards)."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, json: bytes | None) -> None:
+        self.json = json  # None: not encodable, so always counted as changed
+
+
+def _snapshot(value: Any) -> _Snapshot:
+    try:
+        return _Snapshot(orjson.dumps(value))
+    except (TypeError, RecursionError):
+        return _Snapshot(None)
+
+
+def _same(before: Any, now: Any) -> bool:
+    """Whether ``now`` encodes as ``before`` did (``before`` as recorded by _base)."""
+    if type(before) is _Snapshot:
+        return before.json is not None and _snapshot(now).json == before.json
+    if before is ABSENT or type(now) is not type(before):
+        return False
+    if type(before) is float:  # -0.0 == 0.0, yet they are different JSON
+        return bool(orjson.dumps(now) == orjson.dumps(before))
+    return bool(now == before)
+
+
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    """A plain-dict copy that does not count as reading every key: ``dict(d)`` and
+    ``dict.copy(d)`` go through ``keys()`` and ``[]`` once ``__iter__`` is overridden,
+    iterating the items view does not."""
+    return dict(dict.items(data))
+
+
+class SessionDict(dict[str, Any]):
+    """The session data of one request: a real ``dict`` (``request.session``).
+
+    It remembers, per top-level key, what the key held when the request first
+    touched it, and whether that first touch was a read (``[]``, ``get``, ``in``,
+    ``setdefault``, ``pop``; iterating, ``len``, ``keys``/``values``/``items``,
+    ``copy`` and ``==`` read every key) or a write. When the response starts only
+    keys whose JSON differs are saved: a key written without being read is a blind
+    write (last writer wins); a key read and then written depends on what was read,
+    and if another request changed it meanwhile nothing of this request is saved and
+    it answers 409. Nested mutations (``session["cart"].append(x)``) are seen (the
+    key was read); setting a key to the value it already has is not a write; a
+    read-only request encodes nothing unless it read a list or dict. A value reached
+    around the session's own methods is not seen: call ``mark_changed(key)``.
+
+    ``clear()`` ends the session like ``logout``: the stored record is deleted when
+    the response starts, and anything written afterwards goes into a new session
+    with a new id.
+    """
+
+    __slots__ = ("_accessed", "_base", "_blind", "_cleared", "_dirty", "_forced", "_read_all")
+
+    def __init__(self, data: dict[str, Any] | None = None) -> None:
+        dict.__init__(self, data or ())
+        self._base: dict[str, Any] = {}  # key -> ABSENT, a scalar, or a _Snapshot
+        self._blind: set[str] = set()  # keys written before any read
+        self._forced: set[str] = set()  # mark_changed
+        self._read_all = False  # every key was read (iteration, len, ...)
+        self._dirty = False  # written, or a list/dict handed out: commit must look
+        self._cleared = False
+        self._accessed = False  # handed to the app as request.session (Vary: Cookie)
+
+    def mark_accessed(self) -> None:
+        """Starlette's ``request.session`` calls this: the response may depend on the
+        session however it is then used (``repr``, ``orjson.dumps``, a template), so
+        it gets ``Vary: Cookie``."""
+        self._accessed = True
+
+    # -- reads
+
+    def _read(self, key: str, value: Any) -> None:
+        if type(value) in _MUTABLE:
+            self._base[key] = _snapshot(value)
+            self._dirty = True
+        else:
+            self._base[key] = value
+
+    def __getitem__(self, key: str) -> Any:
+        value = dict.get(self, key, ABSENT)
+        base = self._base
+        if key not in base:
+            if type(value) in _MUTABLE:
+                self._read(key, value)
+            else:  # a scalar is recorded as is: no encoding on the read path
+                base[key] = value
+        if value is ABSENT:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = dict.get(self, key, ABSENT)
+        base = self._base
+        if key not in base:
+            if type(value) in _MUTABLE:
+                self._read(key, value)
+            else:
+                base[key] = value
+        return default if value is ABSENT else value
+
+    def __contains__(self, key: object) -> bool:
+        if key not in self._base and type(key) is str:
+            self._read(key, dict.get(self, key, ABSENT))
+        return dict.__contains__(self, key)
+
+    def _see_all(self) -> None:
+        """Every key counts as read; lists and dicts are snapshotted now (they may be
+        mutated through what is handed out), scalars when first written."""
+        if self._read_all:
+            return
+        self._read_all = True
+        base = self._base
+        for key, value in dict.items(self):
+            if key not in base and type(value) in _MUTABLE:
+                base[key] = _snapshot(value)
+                self._dirty = True
+
+    def __iter__(self) -> Any:
+        self._see_all()
+        return dict.__iter__(self)
+
+    def __reversed__(self) -> Any:
+        self._see_all()
+        return dict.__reversed__(self)
+
+    def __len__(self) -> int:
+        self._see_all()
+        return dict.__len__(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._see_all()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        self._see_all()
+        return dict.__ne__(self, other)
+
+    __hash__ = None
+
+    def __or__(self, other: Any) -> Any:
+        self._see_all()
+        return dict.__or__(self, other)
+
+    def __ror__(self, other: Any) -> Any:
+        self._see_all()
+        return dict.__ror__(self, other)
+
+    def keys(self) -> Any:
+        self._see_all()
+        return dict.keys(self)
+
+    def values(self) -> Any:
+        self._see_all()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._see_all()
+        return dict.items(self)
+
+    def copy(self) -> dict[str, Any]:
+        self._see_all()
+        return _plain(self)
+
+    # copy.copy, copy.deepcopy and pickle: a plain dict, as of Starlette's session (the
+    # default protocol would rebuild a SessionDict through __setitem__, sharing and
+    # corrupting this one's record of what the request read and wrote)
+    def __copy__(self) -> dict[str, Any]:
+        return self.copy()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return copy.deepcopy(self.copy(), memo)
+
+    def __reduce__(self) -> tuple[type[dict[str, Any]], tuple[dict[str, Any]]]:
+        return (dict, (self.copy(),))
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[type[dict[str, Any]], tuple[dict[str, Any]]]:
+        return self.__reduce__()
+
+    # -- writes: remember the old value first
+
+    def _before(self, key: str) -> None:
+        if key not in self._base:
+            value = dict.get(self, key, ABSENT)
+            self._base[key] = _snapshot(value) if type(value) in _MUTABLE else value
+            if not self._read_all:
+                self._blind.add(key)
+        self._dirty = True
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._before(key)
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._before(key)
+        dict.__delitem__(self, key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key not in self._base:
+            self._read(key, dict.get(self, key, ABSENT))
+        self._dirty = True
+        return dict.pop(self, key, *default)
+
+    def popitem(self) -> tuple[str, Any]:
+        self._see_all()
+        key, value = dict.popitem(self)
+        if key not in self._base:
+            self._read(key, value)
+        self._dirty = True
+        return key, value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        value = dict.get(self, key, ABSENT)
+        if key not in self._base:
+            self._read(key, value)
+        if value is not ABSENT:
+            return value
+        self._dirty = True
+        dict.__setitem__(self, key, default)
+        return default
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other: Any) -> SessionDict:  # type: ignore[override]
+        self.update(other)
+        return self
+
+    def clear(self) -> None:
+        dict.clear(self)
+        self._forget()
+        self._cleared = True
+
+    def mark_changed(self, key: str) -> None:
+        """Save ``key`` even if no change was seen (e.g. a nested value mutated
+        through a reference obtained around this dict). Unless the request read
+        ``key`` first, it is a blind write."""
+        if key not in self._base:
+            self._base[key] = _Snapshot(None)
+            self._blind.add(key)
+        self._forced.add(key)
+        self._dirty = True
+
+    # -- for the middleware
+
+    def changes(self, *, all_reads: bool = False) -> Changes | None:
+        """What this request changed since load (or the last save), with the values
+        it read of the changed keys it read first (with ``all_reads``: of every key
+        it read) as expectations; None if nothing changed."""
+        if not self._dirty:
+            return None
+        sets: dict[str, Any] = {}
+        deletes: list[str] = []
+        expect: dict[str, Any] = {}
+        blind = self._blind
+        forced = self._forced
+        for key, before in self._base.items():
+            if dict.__contains__(self, key):
+                now = dict.__getitem__(self, key)
+                if key in forced or not _same(before, now):
+                    sets[key] = now
+                elif not all_reads:
+                    continue
+            elif before is not ABSENT:
+                deletes.append(key)
+            elif not all_reads:
+                continue
+            if key not in blind:
+                if type(before) is _Snapshot:
+                    if before.json is not None:
+                        expect[key] = orjson.Fragment(before.json)
+                else:
+                    expect[key] = before
+        if not sets and not deletes:
+            return None
+        for key in sets:
+            if type(key) is not str:  # (request.session[1] = ...: as for a new session)
+                raise not_serializable({k: None for k in sets})
+        return Changes(sets, deletes, expect)
+
+    @property
+    def modified(self) -> bool:
+        """Whether the request changed the session (what the middleware would save
+        now, or ``clear()``), as Starlette's session's ``modified``; unlike it, setting
+        a key to the value it holds is no change."""
+        if self._cleared:
+            return True
+        try:
+            return self.changes() is not None
+        except SessionError:  # (a value that cannot be saved: changed all the same)
+            return True
+
+    @modified.setter
+    def modified(self, value: bool) -> None:
+        """Accepted and ignored (Flask's ``session.modified = True``): every change
+        made through the session is seen, nested ones included. Forcing a save of
+        keys the request did not change would write back what it loaded over other
+        requests' changes; for a value changed around the session's methods, call
+        ``mark_changed(key)``."""
+
+    @property
+    def accessed(self) -> bool:
+        """Whether the request used the session (``request.session``, a read or a
+        write), as Starlette's session's ``accessed``."""
+        return bool(self._accessed or self._base or self._read_all or self._cleared)
+
+    @accessed.setter
+    def accessed(self, value: bool) -> None:
+        if value:
+            self.mark_accessed()
+
+    def _forget(self) -> None:
+        self._base = {}
+        self._blind = set()
+        self._forced = set()
+        self._read_all = False
+        self._dirty = False
+
+    def _reset(self, data: dict[str, Any], *, rebase: bool = False) -> None:
+        """A new baseline: the stored data as loaded, created or saved. With ``rebase``
+        (the same values, now under another record: a login) what the request read
+        stays read, as after ``_saved``."""
+        dict.clear(self)
+        dict.update(self, data)
+        if rebase:
+            self._saved()
+        else:
+            self._forget()
+        self._cleared = False
+
+    def _saved(self) -> None:
+        """What is stored now is what this dict holds: each key the request touched
+        keeps its kind (read or blind) with its current value as the new baseline.
+        Lists and dicts are snapshotted again, since the app may still hold them and
+        change them in place (``cart = session["cart"]``, save, ``cart.append(x)``):
+        a later commit sees that."""
+        base: dict[str, Any] = {}
+        dirty = False
+        keys = dict.keys(self) if self._read_all else self._base.keys()
+        for key in keys:
+            value = dict.get(self, key, ABSENT)
+            if type(value) in _MUTABLE:
+                base[key] = _snapshot(value)
+                dirty = True
+            else:
+                base[key] = value
+        for key in self._base:  # keys read (or deleted) as absent stay so
+            base.setdefault(key, ABSENT)
+        self._base = base
+        self._blind = {key for key in self._blind if key in base}
+        self._forced = set()
+        self._dirty = dirty
