@@ -26,7 +26,7 @@ def fresh_log_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     """The middleware's rate limits on client-triggered and outage log records start
     afresh in every test: a record one test expects is not suppressed because an
     earlier test logged its kind within the interval."""
-    from asyncsession import asgi
+    from asyncsession.asgi import middleware as asgi
     from asyncsession.controls import LogLimiter
 
     monkeypatch.setattr(asgi, "_log_limit", LogLimiter())

@@ -879,7 +879,7 @@ async def test_a_logout_with_several_live_cookies_ends_nothing_and_says_so(
 async def test_remembered_cookie_parses_give_the_same_answers(cstore: CountingStore) -> None:
     """The middleware remembers what a Cookie header parsed to: the same app must give
     the same answers on every repeat, for good, ambiguous and hostile headers."""
-    from asyncsession import asgi
+    from asyncsession.asgi import middleware as asgi
 
     real = await cstore.create(new_session(None, data={"a": 1}))
     app = make_app(cstore)
