@@ -724,7 +724,7 @@ class StoreMachine(RuleBasedStateMachine):
         out = self.attempt(
             lambda: self.stores[site].delete_by_user(user, keep=keep_id, only=only_id)
         )
-        if only_id is not None and only_id == keep_id:  # refused before anything is read
+        if only_id is not None and only_id == keep_id:  # refused before the backend is asked
             self.expect_error(out, InvalidSession)
             self.expect_violations(site)
             return
