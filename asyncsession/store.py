@@ -875,10 +875,12 @@ class Store(ABC):
                 await self._adopt_listed(await self._list_by_user(user, self.scope, self.clock()))
             keep = kept
         if target is not None and target == keep:
-            raise InvalidSession(
+            same = InvalidSession(
                 "only and keep name the same session: nothing to delete",
                 details={"session": short_hash(keep)},
             )
+            self._violation("invalid_session", same, None)
+            raise same
         if target is None:
             deleted = await self._delete_by_user(user, keep, self.scope, self.clock())
         else:

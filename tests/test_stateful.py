@@ -726,7 +726,7 @@ class StoreMachine(RuleBasedStateMachine):
         )
         if only_id is not None and only_id == keep_id:  # refused before the backend is asked
             self.expect_error(out, InvalidSession)
-            self.expect_violations(site)
+            self.expect_violations(site, "invalid_session")
             return
         kept = self.model.records.get(keep_id) if keep_id is not None else None
         if keep_id is not None and not (
