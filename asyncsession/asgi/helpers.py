@@ -145,7 +145,7 @@ async def rotate_session(connection: HTTPConnection) -> Session | None:
     that cleared it, has nothing to rotate: ``None`` (409 ``rotated`` if its cookie
     was rotated before it came in). Stored at once and undone as a login's is if no
     response carries the cookie (which logs the user out): call it last."""
-    conn = _work(connection)
+    conn = _conn(connection)  # (_login takes the websocket's budget: _work)
     conn.check_writable()
     _check_cookie_possible(conn, "rotate_session")
     old = conn.session
@@ -160,17 +160,6 @@ async def rotate_session(connection: HTTPConnection) -> Session | None:
         return None
     if conn.data._cleared:  # this request logged out: nothing is left to rotate
         return None
-    conn.migrate = False  # a legacy cookie's session: this rotation moves it
-    if conn.pending():  # this request's own changes first (a touch due counts)
-        await conn.commit()  # (a key it read changed, or a login moved it: 409)
-        if conn.session is None:  # its save or touch found it moved or ended meanwhile
-            conn._gone(
-                old,
-                SessionRotated("session id was rotated during the request")
-                if conn.moved
-                else SessionNotFound("session ended during the request"),
-            )
-        old = conn.session
     # the record as it was, under a new id: its client fields, creation time and
     # absolute deadline (rotating never lengthens a session's life)
     fields: dict[str, Any] = {"ip_address": old.ip_address, "user_agent": old.user_agent}
@@ -222,6 +211,8 @@ async def _login(
                 # ended meanwhile (logout elsewhere, revoke, expiry): as below, a new session
         if conn.moved:  # a parallel login moved it (found by the commit's touch): 409
             conn._gone(old, SessionRotated("session id was rotated during the request"))
+        if live and conn.session is None:  # its save or touch found it ended: 409
+            conn._gone(old, SessionNotFound("session ended during the request"))
         old = conn.session
         if old is not None and not conn.exact:
             # a save merged with other requests' writes: their keys move too, and the
@@ -237,13 +228,12 @@ async def _login(
         fields["data"] = dict(conn.data) if keep_data else {}
     for key, value in conn.mw.client_fields(connection.scope).items():
         fields.setdefault(key, value)
+    deadline = None if like is None else absolute_deadline(like)
     attempts = 0
     while True:
         now = store.clock()
-        if like is not None:
-            deadline = absolute_deadline(like)
-            if deadline is not None:  # (one clock read: the deadline exactly)
-                ttl = max(deadline - now, timedelta(milliseconds=1))
+        if deadline is not None:  # (one clock read: the deadline exactly)
+            ttl = max(deadline - now, timedelta(milliseconds=1))
         session = new_session(user, ttl, now=now, **fields)
         if like is not None:
             session.created_at = like.created_at
