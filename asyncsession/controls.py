@@ -380,8 +380,6 @@ class ControlledStore(Store):
         now: datetime,
         only: str | None = None,
     ) -> Coroutine[Any, Any, list[str]]:
-        if only is None:  # (the hook's form without it: any backend takes that)
-            return self.store._delete_by_user(user_id, keep, scope, now)
         return self.store._delete_by_user(user_id, keep, scope, now, only)
 
     def _list_by_user(

@@ -862,16 +862,10 @@ class Store(ABC):
         revoked meanwhile deletes nothing."""
         self._check_open()
         user = self._check_user(user_id)
-        target = None
-        if only is not None:
-            target = self._key_or_handle(only)
-            if target is not only and await self._load(target) is None:
-                await self._adopted(only)  # stored before hashing: move it to its handle
+        target = None if only is None else await self._stored_as(only)
         if keep is not None:
-            kept = self._key_or_handle(keep)
-            if kept is not keep and await self._load(kept) is None:
-                await self._adopted(keep)  # an id whose record is stored under it: move it
-            elif kept is keep and self._hash_ids:  # a listed handle: move the user's old records
+            kept = await self._stored_as(keep)
+            if kept is keep and self._hash_ids:  # a listed handle: move the user's old records
                 await self._adopt_listed(await self._list_by_user(user, self.scope, self.clock()))
             keep = kept
         if target is not None and target == keep:
@@ -881,10 +875,7 @@ class Store(ABC):
             )
             self._violation("invalid_session", same, None)
             raise same
-        if target is None:
-            deleted = await self._delete_by_user(user, keep, self.scope, self.clock())
-        else:
-            deleted = await self._delete_by_user(user, keep, self.scope, self.clock(), target)
+        deleted = await self._delete_by_user(user, keep, self.scope, self.clock(), target)
         for session_id in deleted:
             self._event("deleted", None, session_id=session_id, user_id=user)
         if isinstance(deleted, KeepGone):
@@ -1001,6 +992,14 @@ class Store(ABC):
                 handle = session_handle(session.id)  # a row written from outside stays)
                 await self._move_plain(session.id, handle)
                 session.id = handle
+
+    async def _stored_as(self, session_id: str) -> str:
+        """The storage id of an id or listed handle the caller names (``_key_or_handle``),
+        after moving a record of an id stored before hashing to its handle."""
+        key = self._key_or_handle(session_id)
+        if key is not session_id and await self._load(key) is None:
+            await self._adopted(session_id)  # stored under the plain id: move it
+        return key
 
     async def _adopted(self, session_id: str) -> bool:
         """After a write found nothing under the handle: whether a record stored under

@@ -432,8 +432,9 @@ class MemoryStore(Store):
             return KeepGone()
         if not index:
             return []
+        doomed = list(index) if only is None else [only] if only in index else []
         deleted = []
-        for session_id in list(index) if only is None else [only] if only in index else []:
+        for session_id in doomed:
             if session_id == keep:
                 continue
             entry = self._remove(session_id)

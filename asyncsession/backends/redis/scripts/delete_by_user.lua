@@ -16,11 +16,10 @@ if keep ~= '' then
     return {-1}
   end
 end
-local only = ARGV[6]
+local only = ARGV[6] or ''
 local todo = {}
-if only and only ~= '' then  -- that one session alone, if it is in the index
+if only ~= '' then  -- that one session alone, if it is in the index: one call
   if only ~= keep and redis.call('ZSCORE', ikey, only) then todo[1] = only end
-  batch = 2  -- (never "call again")
 else
   local ids = redis.call('ZRANGE', ikey, 0, batch)  -- batch + 1: one may be `keep`
   for _, id in ipairs(ids) do
@@ -39,7 +38,8 @@ for j, id in ipairs(todo) do
   end
   redis.call('ZREM', ikey, id)
 end
-if #todo == batch and redis.call('ZCARD', ikey) > (redis.call('ZSCORE', ikey, keep) and 1 or 0) then
+if only == '' and #todo == batch
+    and redis.call('ZCARD', ikey) > (redis.call('ZSCORE', ikey, keep) and 1 or 0) then
   out[1] = 1
 end
 return out
