@@ -997,8 +997,13 @@ class Store(ABC):
         """The storage id of an id or listed handle the caller names (``_key_or_handle``),
         after moving a record of an id stored before hashing to its handle."""
         key = self._key_or_handle(session_id)
-        if key is not session_id and await self._load(key) is None:
-            await self._adopted(session_id)  # stored under the plain id: move it
+        if key is not session_id:
+            try:
+                found = await self._load(key) is not None
+            except codec.CorruptRecord:
+                found = True  # a damaged record is stored under the handle: none to move
+            if not found:
+                await self._adopted(session_id)  # stored under the plain id: move it
         return key
 
     async def _adopted(self, session_id: str) -> bool:
@@ -1011,7 +1016,11 @@ class Store(ABC):
         is stored under ``session_id`` (read only: nothing moves)."""
         if self._moves_plain_ids:
             return await self._adopt(session_id, handle)
-        if await self._load(session_id) is not None:
+        try:
+            found = await self._load(session_id) is not None
+        except codec.CorruptRecord:
+            found = True  # damaged, but stored under the plain id all the same
+        if found:
             raise PlainIdsFound
         return False
 

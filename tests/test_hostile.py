@@ -746,6 +746,14 @@ async def test_corrupted_records(harness: Harness, clock: FakeClock, variant: An
     for s in listed:
         assert isinstance(s.data, dict)
     await population.unchanged()
+    # the damaged session named as the one to keep, or the one to delete (a revoke):
+    # a value or a SessionError, never the backend's own decoding error
+    for op in (
+        lambda: store.delete_by_user("carol", keep=victim.id, only=peers[1].id),
+        lambda: store.delete_by_user("carol", keep=peers[0].id, only=victim.id),
+    ):
+        result = await outcome(op)
+        assert not isinstance(result, BaseException) or isinstance(result, SessionError), result
 
     # the user is at the limit (3, counting the damaged one): a login still works
     login = await outcome(lambda: store.create(new_session("carol", now=clock())))

@@ -666,7 +666,8 @@ async def test_close_of_a_store_without_timeout_never_hangs(
 async def test_a_reply_of_the_wrong_shape_is_never_quoted(clock: FakeClock) -> None:
     """A reply of the wrong shape (a proxy mixing up replies) was quoted in the
     ``StoreUnavailable`` message, and so in the middleware's ERROR log: with plain
-    ids a record's text starts with the whole session id. Now its type only."""
+    ids a record's text starts with the whole session id. Now its type only; and a
+    counting reply of another shape is an error, never a made-up count."""
     async with serve("no_info") as fake:
         config = cfg(hash_ids=False)
         store = RedisStore.from_url(f"redis://127.0.0.1:{fake.port}/0", config, clock=clock)
@@ -677,6 +678,8 @@ async def test_a_reply_of_the_wrong_shape_is_never_quoted(clock: FakeClock) -> N
                 lambda: store.get(session.id),
                 lambda: store.apply(session.id, Changes(set={"a": 1})),
                 lambda: store.create(session),
+                # (a count read off such a reply was its first byte: 79 for "+OK")
+                lambda: store.purge_expired(),
             ]
             for call in calls:
                 with pytest.raises(StoreUnavailable) as info:

@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError, TryAgainError
 from ...errors import StoreUnavailable
 from .layout import SLOTS, slot_tag
 from .scripts import COUNT_SLOTS, PURGE_SLOTS
-from .transport import NEVER_DECODE, send_recovering, within
+from .transport import NEVER_DECODE, leading_ints, send_recovering, within
 
 RESHARD_ATTEMPTS = 6
 """Rounds a purge retries slots that moved while it ran before giving up."""
@@ -120,7 +120,7 @@ class ClusterOps:
         start = 0
         while start < len(tags):
             reply = await self.call(node, "EVALSHA", PURGE_SLOTS.sha, 0, *head, *tags[start:])
-            count, resume, n = int(reply[0]), int(reply[1]), int(reply[2])
+            count, resume, n = leading_ints(reply, 3, "purge")
             skipped += [slots[start + int(position) - 1] for position in reply[3 : 3 + n]]
             on_rows(list(reply[3 + n :]), count)
             if not resume:

@@ -76,7 +76,7 @@ from .scripts import (
 )
 from .sentinel import follow_sentinels
 from .server import PROBE_KEY, check_scripts, check_server, cluster_client_problem
-from .transport import Raw, Transport, reply_shape
+from .transport import Raw, Transport, leading_ints, reply_shape
 from .urls import (
     TLS_OPTIONS,
     check_client_options,
@@ -981,8 +981,9 @@ class RedisStore(Store):
             reply = await self._eval(
                 PURGE, (self.expiry_key,), (cutoff, PURGE_BATCH, self._sprefix, flag)
             )
-            collect(list(reply[2:]), int(reply[0]))
-            if int(reply[1]) < PURGE_BATCH:
+            count, seen = leading_ints(reply, 2, "purge")
+            collect(list(reply[2:]), count)
+            if seen < PURGE_BATCH:
                 return removed
 
     def _entry(self, session_id: str, site: bytes, ikey: bytes, expires: bytes, size: Any) -> Any:

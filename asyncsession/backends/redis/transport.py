@@ -235,6 +235,17 @@ def reply_shape(reply: Any) -> str:
     return type(reply).__name__
 
 
+def leading_ints(reply: Any, count: int, what: str) -> list[int]:
+    """The first ``count`` items of a script's reply, each an integer (a counting
+    reply of another shape, such as a proxy's ``+OK``, is an error, never a count)."""
+    if not isinstance(reply, list) or len(reply) < count:
+        raise ValueError(f"unexpected {reply_shape(reply)} reply to {what}")
+    head = reply[:count]
+    if not all(type(v) is int for v in head):
+        raise ValueError(f"unexpected {reply_shape(reply)} reply to {what}: not counts")
+    return head
+
+
 def _each(reply: Any, count: int) -> Iterator[Any]:
     """The replies in a merged call's reply, one per request it merged. Anything but
     a list of exactly that many is an error for each of them (never a reply handed
