@@ -333,11 +333,11 @@ def _open(args: argparse.Namespace) -> ControlledStore:
             hash_ids=not getattr(args, "plain_ids", False),
             encryption_keys=_env_keys(),
         )
+        store = open_store(url, config)  # (first: a missing extra is the thing to fix)
         if url.split(":", 1)[0].lower() == "sqlite":
             path = sqlite_path(url)
             if path != ":memory:" and not os.path.isfile(path):
                 raise CommandError(f"no SQLite database at {path!r}", UNAVAILABLE)
-        store = open_store(url, config)
     except ValueError as exc:
         raise CommandError(str(exc), BAD_INPUT) from exc
     # Commands must not move a record found under a plain id to its hash: for an

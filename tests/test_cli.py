@@ -762,3 +762,16 @@ def test_a_reader_that_stops_early_gets_no_error(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0, err
     assert "error" not in err.lower() and "Traceback" not in err, err
+
+
+def test_a_missing_extra_is_named_before_a_missing_database(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without the sqlite extra, a SQLite path that does not exist (yet) exited 3 "no
+    SQLite database": installing the extra is what to fix first (exit 2, named)."""
+    for loaded in [m for m in sys.modules if m.startswith(("asyncsession.backends.sqlite",))]:
+        monkeypatch.delitem(sys.modules, loaded)
+    monkeypatch.setitem(sys.modules, "aiosqlite", None)  # (an import of it fails)
+    status, out, err = run(capsys, "stats", "--store", f"sqlite:///{tmp_path}/none.db")
+    assert (status, out) == (2, ""), err
+    assert "pip install 'asyncsession[sqlite]'" in err
