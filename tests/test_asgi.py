@@ -1728,3 +1728,29 @@ def test_a_second_lifespan_on_a_store_open_in_another_loop_is_refused_clearly(
             second.__enter__()
         assert first.get("/").json() == 2  # the first lifespan's store still serves
     assert store.closed
+
+
+async def test_a_503_body_never_carries_the_backends_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``session_error_handler``'s 503 said what the store said: the Redis address
+    and database, and up to 300 characters of the server's error text, to any
+    client (outside fault test). The body is now fixed; the log keeps the cause."""
+
+    async def down(request: Request) -> PlainTextResponse:
+        raise StoreUnavailable(
+            "Redis at redis://10.0.0.5:6379/3 is unavailable (ResponseError: user=app_rw)"
+        )
+
+    app = Starlette(routes=[Route("/down", down)])
+    install_exception_handler(app)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
+        with caplog.at_level(logging.ERROR, "asyncsession"):
+            response = await c.get("/down")
+    assert response.status_code == 503
+    assert response.json() == {
+        "error": {"code": "STORE_UNAVAILABLE", "message": "session store unavailable"}
+    }
+    assert "10.0.0.5" not in response.text and "app_rw" not in response.text
+    assert "10.0.0.5" in caplog.text  # the operator still sees why

@@ -37,7 +37,7 @@ from ..session import (
 )
 from ..session_dict import SessionDict, _plain
 from ..store import absolute_deadline
-from .middleware import SCOPE_KEY, _Connection, _keys_behind
+from .middleware import SCOPE_KEY, _Connection, _keys_behind, _outage
 
 if TYPE_CHECKING:
     from fastapi import Depends
@@ -535,7 +535,13 @@ async def session_error_handler(request: HTTPConnection, exc: Exception) -> Resp
             with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
                 await request.close(code)
         return None
-    error = {"code": str(exc.code), "message": exc.message}
+    message = exc.message
+    if exc.http_status == 503:
+        # StoreUnavailable, StoreClosed: the backend's error (its address, a server's
+        # text) goes to the log, never to a client
+        _outage(logging.ERROR, "session store unavailable, answering 503: %s", exc)
+        message = "session store unavailable"
+    error = {"code": str(exc.code), "message": message}
     reason = exc.details.get("reason")
     if isinstance(exc, SessionConflict) and isinstance(reason, str):
         error["reason"] = reason  # why a 409 (rotated, ended, stale_cookie): a client may act on it
