@@ -330,8 +330,10 @@ async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = 
             details={"session": short_hash(session.id), "reason": reason, "revoked": revoked},
         ) from exc
     if not keep_current:
-        if await conn.within(conn.store.delete(session.id)):
-            count += 1
+        # then every session of the user, this one included: one a parallel rotation
+        # moved it to since the check goes too (not a delete of this id, which would
+        # find it gone and leave the rotated one logged in: outside attacker)
+        count += await conn.within(conn.store.delete_by_user(session.user_id))
         conn.forget()
     return count
 
