@@ -45,6 +45,13 @@ def _same(before: Any, now: Any) -> bool:
     return bool(now == before)
 
 
+def _encodes_same(mine: Any, stored: Any) -> bool:
+    """Whether a value (``ABSENT``: no such key) encodes as a stored one does."""
+    if mine is ABSENT or stored is ABSENT:
+        return mine is stored
+    return _same(_snapshot(mine) if type(mine) in _MUTABLE else mine, stored)
+
+
 def _plain(data: dict[str, Any]) -> dict[str, Any]:
     """A plain-dict copy that does not count as reading every key: ``dict(d)`` and
     ``dict.copy(d)`` go through ``keys()`` and ``[]`` once ``__iter__`` is overridden,
@@ -339,17 +346,43 @@ class SessionDict(dict[str, Any]):
         self._read_all = False
         self._dirty = False
 
-    def _reset(self, data: dict[str, Any], *, rebase: bool = False) -> None:
-        """A new baseline: the stored data as loaded, created or saved. With ``rebase``
-        (the same values, now under another record: a login) what the request read
-        stays read, as after ``_saved``."""
+    def _reset(self, data: dict[str, Any]) -> None:
+        """A new baseline: the stored data as loaded, created or saved."""
         dict.clear(self)
         dict.update(self, data)
-        if rebase:
-            self._saved()
-        else:
-            self._forget()
+        self._forget()
         self._cleared = False
+
+    def _moved(self, stored: dict[str, Any], *, taken: Any = ()) -> bool:
+        """The stored data is now ``stored``: a login or rotation moved it under a new
+        id, or ``update_session`` wrote it (its function touched the keys in
+        ``taken``), and it may hold other requests' writes made since this request's
+        view. Each other key this request touched keeps its value here and what it
+        read, so a write that depends on a key changed meanwhile still conflicts and
+        a list or dict the app holds stays watched; the rest are the stored values.
+        True if this request's view of its keys is what is stored."""
+        touched: Any = self._base.keys()
+        if self._read_all:  # every key was read, those it saw absent too
+            touched = touched | dict.keys(self) | stored.keys()
+        mine = {k: dict.get(self, k, ABSENT) for k in touched if k not in taken}
+        exact = all(_encodes_same(v, stored.get(k, ABSENT)) for k, v in mine.items())
+        order = list(dict.keys(self))
+        dict.clear(self)
+        dict.update(self, stored)
+        for key in order:  # (the stored order; keys only this request has go last)
+            value = mine.get(key, ABSENT)
+            if value is not ABSENT:
+                dict.__setitem__(self, key, value)
+        for key, value in mine.items():
+            if value is ABSENT:
+                dict.pop(self, key, None)
+        for key in taken:  # read afresh from what is stored, if read again
+            if not self._read_all:
+                self._base.pop(key, None)
+            self._blind.discard(key)
+        self._saved()
+        self._cleared = False
+        return exact
 
     def _saved(self) -> None:
         """What is stored now is what this dict holds: each key the request touched

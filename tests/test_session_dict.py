@@ -52,6 +52,8 @@ ops = st.one_of(
     ),
     st.tuples(st.just("popitem")),
     st.tuples(st.just("save")),  # save_session / login mid-request: a new baseline
+    # a login or rotation moved the data, with other requests' writes since
+    st.tuples(st.just("moved"), st.dictionaries(keys, values, max_size=4)),
 )
 
 
@@ -118,7 +120,7 @@ _READS = {"getitem", "get", "in", "pop", "setdefault", "mutate"}
 _WRITES = {"set", "update", "del", "pop", "setdefault", "mutate"}
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(
     initial=st.dictionaries(keys, values, max_size=4),
     operations=st.lists(ops, max_size=12),
@@ -137,6 +139,25 @@ def test_every_change_is_classified_blind_or_dependent(
             # what the request holds is stored now: later changes count from here, and
             # each key keeps the kind of its first touch
             session._saved()
+            loaded = copy.deepcopy(model)
+            continue
+        if kind == "moved":
+            # saved, then moved under a new id with other requests' writes (op[1]):
+            # each key the request touched keeps its value (the same object) and what
+            # it read; the others are as stored
+            stored = op[1]
+            touched = set(first) | (set(KEYS) if read_all else set())
+            same = all(_json(model.get(k, ABSENT)) == _json(stored.get(k, ABSENT)) for k in touched)
+            held = {k: dict.__getitem__(session, k) for k in touched if k in model}
+            assert session._moved(copy.deepcopy(stored)) is same
+            assert all(dict.__getitem__(session, k) is v for k, v in held.items())
+            before = list(model)
+            model = copy.deepcopy(stored)
+            for k in before:  # the stored order; keys only the request has go last
+                if k in held:
+                    model[k] = copy.deepcopy(held[k])
+            for k in touched - held.keys():
+                model.pop(k, None)
             loaded = copy.deepcopy(model)
             continue
         if kind == "read_all" or kind == "popitem":  # (popitem asks len() first)

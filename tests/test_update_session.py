@@ -274,3 +274,57 @@ async def test_demo_counter_counts_every_concurrent_click() -> None:
         assert {r.status_code for r in responses} == {303}
         sid = headers["cookie"].split("=")[1]
         assert (await demo_store.get(sid)).data == {"counter": 100}
+
+
+async def test_a_key_read_before_update_session_and_changed_meanwhile_still_conflicts(
+    store: FlakyStore,
+) -> None:
+    """The request reads n, another request sets n, the request runs update_session
+    on another key, then writes n from what it read: 409, the other request's n
+    stays. update_session forgot what the request had read, so that write became a
+    blind one and answered 200 over the other request's n (outside review)."""
+    headers = await _session(store, n=1)
+    GATE["go"] = asyncio.Event()
+
+    async def read_update_write(request: Request) -> JSONResponse:
+        n = request.session["n"]
+        await GATE["go"].wait()
+        await update_session(request, lambda d: d.update(other=1))
+        assert request.session["n"] == n  # what this request read, still
+        request.session["n"] = n + 1
+        return JSONResponse({"n": n + 1})
+
+    app = make_app(store)
+    app.router.routes.append(Route("/ruw", read_update_write, methods=["POST"]))
+    async with client(app) as c:
+        slow = asyncio.create_task(c.post("/ruw", headers=headers))
+        await asyncio.sleep(0.05)
+        assert (await c.post("/set-n", params={"n": 100}, headers=headers)).status_code == 200
+        GATE["go"].set()
+        response = await slow
+    assert response.status_code == 409, response.text
+    sid = headers["cookie"].split("=")[1]
+    assert (await store.get(sid)).data == {"n": 100, "color": "early", "other": 1}
+
+
+async def test_a_list_held_across_update_session_is_still_watched(store: FlakyStore) -> None:
+    """A list the request took out before update_session (of another key) and
+    changes afterwards is saved: update_session replaced it with a copy of the
+    stored one, and the change was dropped with a 200. update_session's own keys
+    show as it left them; the rest of the data as stored."""
+    headers = await _session(store, cart=["a"], n=1)
+
+    async def hold_update_append(request: Request) -> JSONResponse:
+        cart = request.session["cart"]
+        n = await update_session(request, bump)
+        cart.append("b")
+        return JSONResponse({"n": n, "session": dict(request.session)})
+
+    app = make_app(store)
+    app.router.routes.append(Route("/hua", hold_update_append, methods=["POST"]))
+    async with client(app) as c:
+        response = await c.post("/hua", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"n": 2, "session": {"cart": ["a", "b"], "n": 2}}
+    sid = headers["cookie"].split("=")[1]
+    assert (await store.get(sid)).data == {"cart": ["a", "b"], "n": 2}

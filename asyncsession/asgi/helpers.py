@@ -217,15 +217,21 @@ async def _login(
         if old is not None and not conn.exact:
             # a save merged with other requests' writes: their keys move too, and the
             # rotation is checked against the version that holds them
+            # (the request's own view stays as it is: see SessionDict._moved)
             try:
-                conn.adopt(await conn.within(store.get(old.id)))
+                conn.session = await conn.within(store.get(old.id))
             except SessionNotFound as exc:  # gone meanwhile: as in the loop below
                 _login_lost(conn, old, exc, live)
                 conn.session = None
             old = conn.session
     explicit = "data" in fields
     if not explicit:
-        fields["data"] = dict(conn.data) if keep_data else {}
+        if not keep_data:
+            fields["data"] = {}
+        elif old is not None:  # what is stored (other requests' writes included)
+            fields["data"] = dict(old.data)
+        else:
+            fields["data"] = dict(conn.data)
     for key, value in conn.mw.client_fields(connection.scope).items():
         fields.setdefault(key, value)
     deadline = None if like is None else absolute_deadline(like)
@@ -259,9 +265,12 @@ async def _login(
         else:
             if keep_data and not explicit:
                 fields["data"] = old.data
-    # the same values under the new id (unless the data was dropped or given): what
-    # the request read stays read, and lists it holds stay watched
-    conn.adopt(session, rebase=keep_data and not explicit)
+    if keep_data and not explicit:
+        # the stored values under the new id: what the request read stays read (a key
+        # another request changed meanwhile still conflicts), lists it holds stay watched
+        conn.rebase(session)
+    else:
+        conn.adopt(session)
     conn.touch_due = False
     conn.refreshed = True
     conn.stale = conn.rotated = conn.ambiguous = conn.migrate = False
@@ -434,7 +443,9 @@ async def update_session(
     function. The request's other pending changes are saved first, so ``fn`` sees
     them (if they conflict, ``SessionConflict`` is raised before ``fn`` runs).
     Afterwards ``request.session`` shows the session as ``fn`` left it, including
-    keys other requests wrote. Without a stored session, ``fn`` runs on a copy of
+    keys other requests wrote, but for keys this request touched before (and ``fn``
+    did not): they keep what the request had and read, so a dependent write on one
+    changed meanwhile still conflicts (409). Without a stored session, ``fn`` runs on a copy of
     the request's data and a new session is created with the result. If ``fn``
     raises, nothing it changed reaches ``request.session`` or the store.
     """
@@ -477,19 +488,20 @@ async def update_session(
             view = SessionDict(fresh.data)
             result = await _run(fn, view)
             changes = view.changes(all_reads=True)
-            if changes is None:
-                conn.adopt(fresh)
-                conn.data._reset(_plain(view))
-                return result
-            try:
-                applied = await conn.within(conn.store.apply(session.id, changes, base=fresh))
-            except SessionConflict:
-                continue
-            except SessionNotFound as exc:
-                conn._gone(session, exc)
-            conn.adopt(fresh)
-            conn.data._reset(_plain(view))
-            conn._applied(fresh, applied)
+            if changes is not None:
+                try:
+                    applied = await conn.within(conn.store.apply(session.id, changes, base=fresh))
+                except SessionConflict:
+                    continue
+                except SessionNotFound as exc:
+                    conn._gone(session, exc)
+            # what fn touched as it left it; the rest as stored, but for the keys this
+            # request touched before, which keep what it read
+            taken = dict.keys(view) | view._base.keys() if view._read_all else view._base.keys()
+            fresh.data = _plain(view)
+            conn.rebase(fresh, taken=taken)
+            if changes is not None:
+                conn._applied(fresh, applied)
             return result
     finally:
         if acquired:

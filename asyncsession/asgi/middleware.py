@@ -311,10 +311,16 @@ class _Connection:
         if every is not None:
             self.touch_due = self.store.clock() - session.last_accessed_at >= every
 
-    def adopt(self, session: Session, *, rebase: bool = False) -> None:
+    def adopt(self, session: Session) -> None:
         self.session = session
         self.exact = True
-        self.data._reset(session.data, rebase=rebase)
+        self.data._reset(session.data)
+
+    def rebase(self, session: Session, *, taken: Any = ()) -> None:
+        """``session`` is now this request's stored session (a login or rotation moved
+        the data, or ``update_session`` wrote it): ``SessionDict._moved``."""
+        self.session = session
+        self.exact = self.data._moved(session.data, taken=taken)
 
     def forget(self) -> None:
         """The stored session is gone: empty data, expire the cookie (unless a new one)."""
