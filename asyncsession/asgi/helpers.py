@@ -542,6 +542,8 @@ async def session_error_handler(request: HTTPConnection, exc: Exception) -> Resp
     message: after the accept it broke the connection)."""
     if not isinstance(exc, SessionError):  # pragma: no cover - registered for SessionError
         raise exc
+    if exc.http_status == 503:  # StoreUnavailable, StoreClosed: the cause, logged
+        _outage(logging.ERROR, "session store unavailable, the app's handler answers: %s", exc)
     if request.scope["type"] == "websocket":
         if isinstance(request, WebSocket):  # (Starlette hands its handlers one)
             code = 1013 if exc.http_status == 503 else 1008  # (StoreUnavailable, StoreClosed)
@@ -549,12 +551,8 @@ async def session_error_handler(request: HTTPConnection, exc: Exception) -> Resp
             with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
                 await request.close(code)
         return None
-    message = exc.message
-    if exc.http_status == 503:
-        # StoreUnavailable, StoreClosed: the backend's error (its address, a server's
-        # text) goes to the log, never to a client
-        _outage(logging.ERROR, "session store unavailable, answering 503: %s", exc)
-        message = "session store unavailable"
+    # a 503's own message (the store's address, a server's text) goes to the log only
+    message = "session store unavailable" if exc.http_status == 503 else exc.message
     error = {"code": str(exc.code), "message": message}
     reason = exc.details.get("reason")
     if isinstance(exc, SessionConflict) and isinstance(reason, str):
