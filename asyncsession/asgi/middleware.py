@@ -27,7 +27,7 @@ import inspect
 import logging
 import math
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from datetime import timedelta
 from typing import Any, Literal, NoReturn, TypeVar
 
@@ -390,9 +390,21 @@ class _Connection:
         else:
             self.refreshed = True
 
+    def login_stands(self) -> bool:
+        """Whether a login (or ``rotate_session``) of this request stored a session that
+        is still this request's: a refused save leaves it as it is, and the refusal
+        carries its cookie (``undo_login`` then has nothing to undo)."""
+        fresh, session = self.fresh, self.session
+        if fresh is None or session is None or session.id != fresh:
+            return False
+        if self.data._cleared:  # a logout after it, which the refusal left undone
+            return False
+        self.fresh = None
+        return True
+
     async def undo_login(self) -> None:
-        """A login whose new id reaches no client (its request raised, or its save
-        was refused with 409/413/400 and the refusal carries no cookie) is undone: its
+        """A login whose new id reaches no client (its request raised, or answered
+        nothing, or its websocket closed before the accept) is undone: its
         session is deleted, so no session that nobody holds takes a place in the
         user's limit (``reject`` locking the user out, ``oldest`` evicting their real
         devices on the next tries). The rotated cookie stays as it is (a read gets an
@@ -908,12 +920,16 @@ class SessionMiddleware:
                 status = await _commit_or_status(conn)
                 if status is not None:
                     replaced = True
+                    # a login or rotation of this request stands (its session lives):
+                    # the refusal carries its cookie, as the app's response would have;
+                    # only what the request changed after it is refused
+                    cookie = conn.cookie_headers() if conn.login_stands() else []
                     conn.cookie_possible = False
                     await conn.undo_login()
                     if conn.refusal is None or not await _app_answers(
-                        conn.refusal, scope, receive, send
+                        conn.refusal, scope, receive, send, cookie
                     ):
-                        await _send_error(send, status)
+                        await _send_error(send, status, cookie)
                     return
             extra = conn.cookie_headers()
             conn.cookie_possible = False  # from here on no response can carry a cookie
@@ -1105,10 +1121,17 @@ async def _commit_or_status(conn: _Connection) -> int | None:
     return None
 
 
-async def _app_answers(exc: SessionError, scope: Scope, receive: Receive, send: Send) -> bool:
+async def _app_answers(
+    exc: SessionError,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    cookie: Sequence[tuple[bytes, bytes]],
+) -> bool:
     """Answer ``exc`` with the app's own exception handler for it (Starlette's
     ``exception_handlers``, e.g. from ``install_exception_handler``), if it has one:
-    the middleware saves after the app has returned, outside its handlers' reach."""
+    the middleware saves after the app has returned, outside its handlers' reach.
+    ``cookie``: the headers of a login's cookie that goes with the answer."""
     handlers = getattr(scope.get("app"), "exception_handlers", None)
     if not isinstance(handlers, dict):
         return False
@@ -1126,8 +1149,14 @@ async def _app_answers(exc: SessionError, scope: Scope, receive: Receive, send: 
         return False
 
     async def vary(message: Message) -> None:  # the error depends on the cookie
-        if message["type"] == "http.response.start" and not _varies_on_cookie(message):
-            message = _with_headers(message, list(_VARY))
+        if message["type"] == "http.response.start":
+            extra = [] if _varies_on_cookie(message) else list(_VARY)
+            if cookie:
+                extra += [h for h in cookie if h[0] == b"set-cookie"]
+                if not _has_header(message, b"cache-control"):
+                    extra.append(_PRIVATE)
+            if extra:
+                message = _with_headers(message, extra)
         await send(message)
 
     await response(scope, receive, vary)
@@ -1141,7 +1170,7 @@ _ERROR_TEXT = {
 }
 
 
-async def _send_error(send: Send, status: int) -> None:
+async def _send_error(send: Send, status: int, cookie: Sequence[tuple[bytes, bytes]] = ()) -> None:
     body = _ERROR_TEXT.get(status, b"Error")
     await send(
         {
@@ -1152,6 +1181,7 @@ async def _send_error(send: Send, status: int) -> None:
                 (b"content-length", str(len(body)).encode()),
                 (b"cache-control", b"no-store"),
                 _VARY[0],  # a session error depends on the cookie
+                *(h for h in cookie if h[0] == b"set-cookie"),
             ],
         }
     )
