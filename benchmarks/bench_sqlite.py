@@ -50,8 +50,11 @@ from asyncsession import (
 from asyncsession import with_controls as controls
 
 aiosqlite = pytest.importorskip("aiosqlite")
-from asyncsession.backends import sqlite as backend  # noqa: E402
-from asyncsession.backends.sqlite import SQLiteStore  # noqa: E402
+from asyncsession.backends.sqlite import (  # noqa: E402
+    SQLiteStore,
+    schema,
+    writes,
+)
 
 SUITE = "sqlite"
 LIMIT = 5
@@ -108,7 +111,7 @@ def _rows(
         for _ in range(per_owner):
             session_id = generate_session_id()
             template.user_id = owner
-            yield session_id, (session_handle(session_id), *backend._row_params(template, data))
+            yield session_id, (session_handle(session_id), *schema._row_params(template, data))
 
 
 def _bulk_insert(c: sqlite3.Connection, rows: Iterator[tuple[str, Any]]) -> list[str]:
@@ -127,7 +130,7 @@ def _bulk_insert(c: sqlite3.Connection, rows: Iterator[tuple[str, Any]]) -> list
 
 def _flush(c: sqlite3.Connection, chunk: list[Any]) -> None:
     c.execute("BEGIN")
-    c.executemany(backend._INSERT, chunk)
+    c.executemany(schema._INSERT, chunk)
     c.execute("COMMIT")
     chunk.clear()
 
@@ -430,7 +433,7 @@ def test_purge(
     holds: list[float] = []
     cpus: list[float] = []
     sizes: list[int] = []
-    real_batch = backend._purge_batch
+    real_batch = writes._purge_batch
 
     def timed_batch(c: sqlite3.Connection, now_us: int, size: int) -> tuple[int, int, float]:
         cpu = time.thread_time()
@@ -440,7 +443,7 @@ def test_purge(
         sizes.append(size)
         return result
 
-    monkeypatch.setattr(backend, "_purge_batch", timed_batch)
+    monkeypatch.setattr(writes, "_purge_batch", timed_batch)
     probe: dict[str, float] = {}
     result: dict[str, Any] = {}
 

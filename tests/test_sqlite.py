@@ -50,8 +50,10 @@ from asyncsession import (
     session_handle,
     with_controls,
 )
-from asyncsession.backends import sqlite as sqlite_backend
-from asyncsession.backends.sqlite import (
+from asyncsession.backends.sqlite import schema as sqlite_schema
+from asyncsession.backends.sqlite import store as sqlite_module
+from asyncsession.backends.sqlite import writes as sqlite_writes
+from asyncsession.backends.sqlite.store import (
     BUSY_SLACK_MS,
     PURGE_BATCH,
     PURGE_FIRST_BATCH,
@@ -136,7 +138,7 @@ async def test_lazy_open_once_under_concurrent_first_use(
         calls.append(args[0])
         return real_connect(*args, **kwargs)
 
-    monkeypatch.setattr(sqlite_backend.aiosqlite, "connect", counting_connect)
+    monkeypatch.setattr(sqlite_module.aiosqlite, "connect", counting_connect)
     store = SQLiteStore.with_controls(db, cfg(max_sessions_per_user=0))
     stores.append(store.store)  # type: ignore[arg-type]
     assert not os.path.exists(db), "constructing a store must not touch the file"
@@ -200,13 +202,13 @@ async def test_a_wal_a_long_reader_grew_is_cut_back(db: str, stores: list[SQLite
     for _ in range(150):
         await store.create(new_session(None, data={"blob": os.urandom(32_000).hex()}))
     grown = wal.stat().st_size
-    assert grown > 2 * sqlite_backend.JOURNAL_SIZE_LIMIT
+    assert grown > 2 * sqlite_module.JOURNAL_SIZE_LIMIT
     reader.rollback()
     reader.close()
     for _ in range(3):  # a checkpoint of all of it, then writes that start it again
         await store._run(lambda c: c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
         await store.create(new_session(None))
-    assert wal.stat().st_size <= sqlite_backend.JOURNAL_SIZE_LIMIT + 64 * 1024, grown
+    assert wal.stat().st_size <= sqlite_module.JOURNAL_SIZE_LIMIT + 64 * 1024, grown
 
 
 async def test_queries_use_the_indexes(db: str, stores: list[SQLiteStore]) -> None:
@@ -217,11 +219,11 @@ async def test_queries_use_the_indexes(db: str, stores: list[SQLiteStore]) -> No
         n = sql.count("?")
         return " ".join(r[3] for r in raw_sql(db, "EXPLAIN QUERY PLAN " + sql, (1,) * n))
 
-    assert "sessions_user" in plan(sqlite_backend._LIST_USER)
-    assert "sessions_user" in plan(sqlite_backend._LIVE_BY_CREATED)
-    assert "sessions_user" in plan(sqlite_backend._DELETE_USER)
-    assert "sessions_expires" in plan(sqlite_backend._PURGE)
-    assert "SCAN" not in plan(sqlite_backend._GET)
+    assert "sessions_user" in plan(sqlite_schema._LIST_USER)
+    assert "sessions_user" in plan(sqlite_schema._LIVE_BY_CREATED)
+    assert "sessions_user" in plan(sqlite_schema._DELETE_USER)
+    assert "sessions_expires" in plan(sqlite_schema._PURGE)
+    assert "SCAN" not in plan(sqlite_schema._GET)
 
 
 async def test_reopen_keeps_every_session_intact(db: str, stores: list[SQLiteStore]) -> None:
@@ -770,13 +772,13 @@ async def test_reads_never_wait_for_a_write_waiting_on_another_process(
     old_id = (await store.create(new_session("u-rotated"))).id
     await store.rotate(old_id)
     waiting = threading.Event()
-    real_insert = sqlite_backend._insert
+    real_insert = sqlite_writes._insert
 
     def insert(c: sqlite3.Connection, *args: Any) -> Any:
         waiting.set()  # on the writer's thread, about to wait for the lock
         return real_insert(c, *args)
 
-    monkeypatch.setattr(sqlite_backend, "_insert", insert)
+    monkeypatch.setattr(sqlite_writes, "_insert", insert)
     with write_lock_held(db, "UPDATE sessions SET data = '{\"half\": 1}'", "DELETE FROM sessions"):
         write = asyncio.create_task(store.create(new_session("u0")))
         assert await asyncio.to_thread(waiting.wait, 30)
@@ -816,13 +818,13 @@ def _reading_worker(path: str, ids: list[str], release: Any, results: Any) -> No
 
     async def main() -> None:
         waiting = threading.Event()
-        real_insert = sqlite_backend._insert
+        real_insert = sqlite_writes._insert
 
         def insert(c: sqlite3.Connection, *args: Any) -> Any:
             waiting.set()
             return real_insert(c, *args)
 
-        sqlite_backend._insert = insert  # type: ignore[assignment]  # this process only
+        sqlite_writes._insert = insert  # type: ignore[assignment]  # this process only
         store = SQLiteStore.with_controls(path, cfg(max_sessions_per_user=0), busy_timeout=60)
         async with store:
             write = asyncio.create_task(store.create(new_session("late")))
@@ -1120,7 +1122,7 @@ async def test_purge_runs_in_batches_and_lets_others_in(
     sizes: list[int] = []
     # what each batch "took": the first one too long, the rest quick
     reported = iter([5 * PURGE_HOLD, *[PURGE_HOLD / 100] * 10])
-    real_batch, real_touch = sqlite_backend._purge_batch, sqlite_backend._touch
+    real_batch, real_touch = sqlite_writes._purge_batch, sqlite_writes._touch
 
     def batch(c: sqlite3.Connection, now_us: int, size: int) -> tuple[int, int, float]:
         _, count, _ = real_batch(c, now_us, size)
@@ -1132,8 +1134,8 @@ async def test_purge_runs_in_batches_and_lets_others_in(
         order.append("touch")
         return real_touch(c, *args)
 
-    monkeypatch.setattr(sqlite_backend, "_purge_batch", batch)
-    monkeypatch.setattr(sqlite_backend, "_touch", touch)
+    monkeypatch.setattr(sqlite_writes, "_purge_batch", batch)
+    monkeypatch.setattr(sqlite_writes, "_touch", touch)
     purge = asyncio.create_task(store.purge_expired())
     await asyncio.sleep(0)
     await store.touch(live.id)  # a write: it queues on the purge's connection
@@ -1374,7 +1376,7 @@ async def test_a_file_that_cannot_be_checked_is_store_unavailable(
             raise PermissionError(13, "Permission denied")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(sqlite_backend.os, "stat", denied)
+    monkeypatch.setattr(sqlite_module.os, "stat", denied)
     raw._next_file_check = 0.0  # (check now)
     with pytest.raises(StoreUnavailable):
         await store.get(made.id)

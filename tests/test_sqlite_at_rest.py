@@ -35,8 +35,8 @@ from asyncsession import (
     short_hash,
     with_controls,
 )
-from asyncsession.backends import sqlite as sqlite_backend
 from asyncsession.backends.sqlite import PLAIN_SCHEMA_VERSION, SCHEMA_VERSION, SQLiteStore
+from asyncsession.backends.sqlite import writes as sqlite_writes
 
 from .clock import FakeClock
 from .test_sqlite import raw_sql
@@ -269,14 +269,14 @@ async def test_concurrent_first_touch_moves_once_and_loses_no_write(
     legacy: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     outcomes: list[int] = []
-    real_adopt = sqlite_backend._adopt
+    real_adopt = sqlite_writes._adopt
 
     def adopt(c: sqlite3.Connection, session_id: str, handle: str) -> int:
         outcome = real_adopt(c, session_id, handle)
         outcomes.append(outcome)
         return outcome
 
-    monkeypatch.setattr(sqlite_backend, "_adopt", adopt)
+    monkeypatch.setattr(sqlite_writes, "_adopt", adopt)
     store = SQLiteStore.with_controls(legacy, legacy_config(), clock=legacy_clock())
     session_id = ident("anon-2")
     try:
@@ -294,7 +294,7 @@ async def test_concurrent_first_touch_moves_once_and_loses_no_write(
     assert all(g.data.items() >= BY_LABEL["anon-2"]["data"].items() for g in got[1::2])
     assert final.data == {**BY_LABEL["anon-2"]["data"], **{f"k{i}": i for i in range(0, 100, 2)}}
     assert final.version == 50
-    assert outcomes.count(sqlite_backend._ADOPT_MOVED) >= 1  # the move, once; others saw it
+    assert outcomes.count(sqlite_writes._ADOPT_MOVED) >= 1  # the move, once; others saw it
     ids = stored_ids(legacy)
     assert session_id not in ids and session_handle(session_id) in ids
     assert len(ids) == len(KEPT)  # no row gained or lost

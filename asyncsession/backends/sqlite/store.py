@@ -22,48 +22,59 @@ primary key takes microseconds, a thread hop tens.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime, timedelta
-from typing import Any, NamedTuple, TypeVar
+from datetime import datetime
+from typing import Any, TypeVar
 
 import aiosqlite
-import orjson
 
-from .._deadline import DEADLINE
-from ..changes import Applied, EncodedChanges, apply_to_data
-from ..codec import EPOCH, CorruptRecord, header_bound, record_size, to_us
-from ..config import Config
-from ..controls import ControlledStore, with_controls
-from ..errors import InvalidSession, SessionLimitExceeded, StoreClosed, StoreUnavailable, short_hash
-from ..session import Clock, Session, is_handle
-from ..store import (
+from ..._deadline import DEADLINE
+from ...changes import Applied, EncodedChanges
+from ...codec import CorruptRecord, to_us
+from ...config import Config
+from ...controls import ControlledStore, with_controls
+from ...errors import StoreClosed, StoreUnavailable
+from ...session import Clock, Session
+from ...store import (
     NO_EVICTIONS,
     InsertResult,
-    KeepGone,
     Outcome,
     PurgedSession,
     ScanEntry,
     Store,
-    absolute_deadline,
-    idle_deadline,
+)
+from . import writes
+from .schema import (
+    _ADOPTABLE,
+    _COUNT,
+    _GET,
+    _LIST_USER,
+    _PURGE_ROTATIONS,
+    _ROTATED,
+    _SCAN,
+    _TOUCH,
+    _TOUCH_IDLE,
+    MIGRATIONS,
+    PLAIN_SCHEMA_VERSION,
+    SCHEMA_VERSION,
+    _decode,
+    _hash,
+    _listed,
+    _loaded,
+    _row_params,
+    _scanned_dt,
+    _until,
 )
 
 logger = logging.getLogger("asyncsession")
 
 T = TypeVar("T")
 _B = TypeVar("_B")
-
-SCHEMA_VERSION = 3
-"""Stored in ``PRAGMA user_version``; a database with a higher one is refused."""
-PLAIN_SCHEMA_VERSION = 2
-"""The version a store with ``Config(hash_ids=False)`` leaves a file at: the sessions
-are keyed by plain ids, and releases before hashed ids can still open the file."""
 
 PURGE_BATCH = 1_000
 """Most rows ``purge_expired`` deletes per statement (one write-lock hold)."""
@@ -72,277 +83,12 @@ PURGE_FIRST_BATCH = 250
 PURGE_MIN_BATCH = 10
 PURGE_HOLD = 0.01
 """Seconds of write-lock hold each purge batch aims at (the issue allows 50 ms)."""
-WAL_AUTOCHECKPOINT = 1000  # SQLite's default, restored after each purge batch
 JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
 """Bytes of WAL file kept after a checkpoint empties it (SQLite's default: all of it)."""
 BUSY_SLACK_MS = 10
 """How far the writer's busy timeout may be from a write's remaining budget unchanged."""
 
 MEMORY = ":memory:"
-
-# Each entry upgrades the schema from version ``i`` to ``i + 1`` in one transaction.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE sessions (
-            id       TEXT PRIMARY KEY NOT NULL,
-            site_id  TEXT NOT NULL,
-            user_id  TEXT,
-            org_id   TEXT,
-            created  INTEGER NOT NULL,
-            updated  INTEGER NOT NULL,
-            accessed INTEGER NOT NULL,
-            expires  INTEGER,
-            absolute INTEGER,
-            ip       TEXT,
-            ua       TEXT,
-            version  INTEGER NOT NULL,
-            data     BLOB NOT NULL
-        )""",
-        # Anonymous sessions are never looked up by user: keep them out of this index.
-        "CREATE INDEX sessions_user ON sessions (site_id, user_id, created) "
-        "WHERE user_id IS NOT NULL",
-        "CREATE INDEX sessions_expires ON sessions (expires)",
-    ),
-    # 2: records of rotated ids (by SHA-256, never the new id), kept for a short while
-    (
-        """CREATE TABLE rotations (
-            hash    BLOB PRIMARY KEY NOT NULL,
-            site_id TEXT NOT NULL,
-            until   INTEGER NOT NULL
-        ) WITHOUT ROWID""",
-    ),
-    # 3: rows may be keyed by handles (Config.hash_ids), which a release before them
-    # would not find: the version alone makes such a release refuse the file
-    (),
-)
-assert len(MIGRATIONS) == SCHEMA_VERSION
-
-_FIELDS = (
-    "site_id, user_id, org_id, created, updated, accessed, expires, absolute, ip, ua, version, data"
-)
-# A number past ``?``; text or a blob (a damaged row: SQLite sorts them after every
-# number) is never live, as the Redis backend treats a deadline it cannot read.
-_LIVE = "(expires IS NULL OR (expires > ? AND expires < ''))"
-
-_GET = f"SELECT id, {_FIELDS} FROM sessions WHERE id = ?"
-_SELECT = f"SELECT {_FIELDS} FROM sessions WHERE id = ?"  # on the writer, in a transaction
-_INSERT = f"INSERT INTO sessions (id, {_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_LIVE_OF_USER = (
-    f"SELECT id FROM sessions WHERE site_id = ? AND user_id = ? AND id != ? AND {_LIVE} "
-    "ORDER BY {order}, rowid"
-)
-_LIVE_BY_CREATED = _LIVE_OF_USER.format(order="created")
-_LIVE_BY_ACCESS = _LIVE_OF_USER.format(order="accessed")
-_EVICT = "DELETE FROM sessions WHERE id = ?"
-_REPLACE = (
-    "UPDATE sessions SET org_id = ?, created = ?, updated = ?, accessed = ?, "
-    "expires = ?, absolute = ?, ip = ?, ua = ?, version = ?, data = ? "
-    f"WHERE id = ? AND site_id = ? AND user_id IS ? AND version = ? AND {_LIVE}"
-)
-_RESEAL = (  # reencrypt: the data only; times and the rest stay as stored
-    f"UPDATE sessions SET version = ?, data = ? WHERE id = ? AND site_id = ? AND version = ? "
-    f"AND {_LIVE}"
-)
-_APPLY = (
-    "UPDATE sessions SET updated = ?, accessed = ?, expires = ?, version = ?, data = ? WHERE id = ?"
-)
-_STATE = "SELECT site_id, user_id, version, expires FROM sessions WHERE id = ?"
-_TOUCH = f"UPDATE sessions SET accessed = ? WHERE id = ? AND site_id = ? AND {_LIVE}"
-# min(absolute deadline, now + idle); the absolute deadline of a row without one is its
-# current expiry, as in the memory backend. Right-hand sides see the old row.
-_TOUCH_IDLE = (
-    "UPDATE sessions SET accessed = ?1, expires = CASE "
-    "WHEN coalesce(absolute, expires) IS NULL OR ?2 < coalesce(absolute, expires) THEN ?2 "
-    "ELSE coalesce(absolute, expires) END "
-    "WHERE id = ?3 AND site_id = ?4 AND (expires IS NULL OR (expires > ?5 AND expires < ''))"
-)
-_ROTATE = (
-    f"INSERT INTO sessions (id, {_FIELDS}) SELECT ?, {_FIELDS} FROM sessions "
-    f"WHERE id = ? AND site_id = ? AND {_LIVE}"
-)
-_DELETE = "DELETE FROM sessions WHERE id = ? AND site_id = ?"
-_RECORD_ROTATION = "INSERT OR REPLACE INTO rotations (hash, site_id, until) VALUES (?, ?, ?)"
-_ROTATED = "SELECT 1 FROM rotations WHERE hash = ? AND site_id = ? AND until > ?"
-_PURGE_ROTATIONS = "DELETE FROM rotations WHERE until <= ?"
-_EXISTS = "SELECT 1 FROM sessions WHERE id = ?"
-_ADOPTABLE = "SELECT id = ? FROM sessions WHERE id IN (?, ?)"  # on the reader: 1 = plain id
-_ADOPT = "UPDATE sessions SET id = ? WHERE id = ?"  # the rowid, so the listing order, stays
-_DELETE_USER = (
-    "DELETE FROM sessions WHERE site_id = ? AND user_id = ? AND id IS NOT ? "
-    "RETURNING rowid, id, expires"
-)
-_DELETE_USERS_ONE = (
-    "DELETE FROM sessions WHERE id = ? AND site_id = ? AND user_id = ? AND id IS NOT ? "
-    "RETURNING rowid, id, expires"
-)
-_USERS_SESSION = f"SELECT 1 FROM sessions WHERE id = ? AND site_id = ? AND user_id = ? AND {_LIVE}"
-_LIST_USER = (
-    f"SELECT id, {_FIELDS} FROM sessions WHERE site_id = ? AND user_id = ? AND {_LIVE} "
-    "ORDER BY created, rowid"
-)
-_PURGE = (  # past, or not a number (a damaged row: never live, see _LIVE)
-    "DELETE FROM sessions WHERE rowid IN "
-    "(SELECT rowid FROM sessions WHERE expires <= ? OR expires >= '' LIMIT ?)"
-)
-_PURGE_REPORT = _PURGE + " RETURNING site_id, user_id, id"
-_COUNT = "SELECT count(*) FROM sessions"
-_SCAN = (
-    "SELECT rowid, site_id, user_id, id, length(data), expires FROM sessions "
-    "WHERE rowid > ? ORDER BY rowid LIMIT ?"
-)
-
-Row = tuple[Any, ...]
-
-
-def _hash(session_id: str) -> bytes:
-    """How a rotated id is kept: its SHA-256 (the id itself is never stored there).
-    Given a handle, the SHA-256 of its id, which the handle carries: records made
-    before ids were hashed (and with ``hash_ids=False``) keep matching."""
-    if is_handle(session_id):
-        return bytes.fromhex(session_id[5:])
-    return hashlib.sha256(session_id.encode()).digest()
-
-
-def _until(scope: Config, now: datetime) -> int | None:
-    """When the rotation record of a rotation at ``now`` lapses (None: no record)."""
-    return to_us(now + scope.rotation_grace) if scope.rotation_grace else None
-
-
-def _us(when: datetime | None) -> int | None:
-    return None if when is None else to_us(when)
-
-
-def _at(us: int) -> datetime:
-    return EPOCH + timedelta(0, 0, us)
-
-
-def _dt(us: int | None) -> datetime | None:
-    return None if us is None else EPOCH + timedelta(0, 0, us)
-
-
-def _scanned_dt(us: object) -> datetime | None:
-    """``_dt`` for an admin scan, which must get through every row: a deadline that is
-    not a number (a damaged row, never live: see ``_LIVE``) reads as long past."""
-    if us is None:
-        return None
-    if type(us) is int or type(us) is float:
-        try:
-            return EPOCH + timedelta(0, 0, us)
-        except OverflowError:
-            pass
-    return EPOCH
-
-
-def _row_params(session: Session, data: bytes) -> tuple[Any, ...]:
-    """The ``_FIELDS`` values of ``session``."""
-    return (
-        session.site_id,
-        session.user_id,
-        session.organization_id,
-        to_us(session.created_at),
-        to_us(session.updated_at),
-        to_us(session.last_accessed_at),
-        _us(session.expires_at),
-        _us(session.absolute_expires_at),
-        session.ip_address,
-        session.user_agent,
-        session.version,
-        data,
-    )
-
-
-def _session(session_id: str, row: Row) -> Session:
-    """A ``Session`` from the ``_FIELDS`` columns of a row; ``CorruptRecord`` if they
-    are not what this backend writes."""
-    try:
-        site, user, org, created, updated, accessed, expires, absolute, ip, ua, version, raw = row
-        data = orjson.loads(raw)
-        if type(data) is not dict:
-            raise CorruptRecord("session data is not a JSON object")
-        if type(version) is not int:
-            raise CorruptRecord("version is not an integer")
-        # Timestamps often coincide (a fresh session: all three; expiry and deadline
-        # until the first idle slide): convert each distinct value once.
-        created_at = _at(created)
-        updated_at = created_at if updated == created else _at(updated)
-        accessed_at = updated_at if accessed == updated else _at(accessed)
-        expires_at = None if expires is None else _at(expires)
-        absolute_at = expires_at if absolute == expires else _dt(absolute)
-        return Session(
-            id=session_id,
-            user_id=user,
-            site_id=site,
-            organization_id=org,
-            data=data,
-            created_at=created_at,
-            updated_at=updated_at,
-            last_accessed_at=accessed_at,
-            expires_at=expires_at,
-            absolute_expires_at=absolute_at,
-            ip_address=ip,
-            user_agent=ua,
-            version=version,
-        )
-    except CorruptRecord:
-        raise
-    except (TypeError, ValueError, OverflowError) as exc:  # JSONDecodeError is a ValueError
-        raise CorruptRecord(f"undecodable session row: {type(exc).__name__}") from exc
-
-
-class _Undecodable(NamedTuple):
-    session_id: str
-    error: CorruptRecord
-
-
-_SESSION_ROW = 1 + len(_FIELDS.split(","))
-"""Columns of a session row (``id``, then ``_FIELDS``: ``_GET``, ``_LIST_USER``); no other
-statement the reader runs has as many."""
-
-
-def _decode(cursor: sqlite3.Cursor | None, row: Row) -> Any:
-    """The reader's row factory: a session row becomes its ``Session`` (or an
-    ``_Undecodable``) on the reader's thread, about 12 us per get cheaper than on the
-    event loop; other rows stay tuples. (``:memory:`` shares the writer's connection,
-    whose functions want plain rows: ``_read`` applies it there.)"""
-    if len(row) != _SESSION_ROW:
-        return row
-    try:
-        return _session(row[0], row[1:])
-    except CorruptRecord as exc:
-        return _Undecodable(row[0], exc)
-
-
-def _loaded(got: Session | _Undecodable) -> Session:
-    if isinstance(got, _Undecodable):
-        raise got.error
-    return got
-
-
-def _listed(rows: list[Session | _Undecodable]) -> list[Session]:
-    """The sessions of ``_LIST_USER``; an undecodable row is skipped with a warning."""
-    sessions = []
-    for got in rows:
-        if isinstance(got, _Undecodable):
-            logger.warning(
-                "asyncsession: skipping undecodable sqlite row %s: %s",
-                short_hash(got.session_id),
-                got.error,
-            )
-        else:
-            sessions.append(got)
-    return sessions
-
-
-def _live(expires: object, now_us: int) -> bool:
-    """As ``_LIVE``: a deadline that is not a number (a damaged row) is never live."""
-    return expires is None or (
-        (type(expires) is int or type(expires) is float) and expires > now_us
-    )
-
-
-def _rollback(c: sqlite3.Connection) -> None:
-    if c.in_transaction:
-        c.execute("ROLLBACK")
 
 
 class _Gone(sqlite3.OperationalError):
@@ -577,7 +323,7 @@ class SQLiteStore(Store):
                     c.execute(f"PRAGMA user_version = {target}")
                 c.execute("COMMIT")
             except BaseException:
-                _rollback(c)
+                writes._rollback(c)
                 raise
         self._sqlite = c
         if self.path != MEMORY:
@@ -766,7 +512,9 @@ class SQLiteStore(Store):
     ) -> InsertResult:
         params = (session.id, *_row_params(session, record))
         limit = scope.max_sessions_per_user if session.user_id is not None else 0
-        evicted = await self._run(_insert, params, scope.site_id, limit, scope.eviction, to_us(now))
+        evicted = await self._run(
+            writes._insert, params, scope.site_id, limit, scope.eviction, to_us(now)
+        )
         return InsertResult(evicted) if evicted else NO_EVICTIONS
 
     async def _load(self, session_id: str) -> Session | None:
@@ -786,14 +534,14 @@ class SQLiteStore(Store):
             session.version - 1,
             to_us(now),
         )
-        return await self._run(_replace, params, session.user_id, session.version - 1)
+        return await self._run(writes._replace, params, session.user_id, session.version - 1)
 
     async def _reseal_write(
         self, session: Session, record: bytes, scope: Config, now: datetime
     ) -> Outcome:
         expected = session.version - 1
         params = (session.version, record, session.id, scope.site_id, expected, to_us(now))
-        return await self._run(_reseal, params, session.user_id, expected)
+        return await self._run(writes._reseal, params, session.user_id, expected)
 
     async def _touch(self, session_id: str, scope: Config, now: datetime) -> Outcome:
         now_us = to_us(now)
@@ -803,11 +551,11 @@ class SQLiteStore(Store):
         else:
             sliding = to_us(now + scope.idle_timeout)
             sql, params = _TOUCH_IDLE, (now_us, sliding, session_id, scope.site_id, now_us)
-        return await self._run(_touch, sql, params, session_id, scope.site_id, now_us)
+        return await self._run(writes._touch, sql, params, session_id, scope.site_id, now_us)
 
     async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
         return await self._run(
-            _rotate, session_id, new_id, scope.site_id, to_us(now), _until(scope, now)
+            writes._rotate, session_id, new_id, scope.site_id, to_us(now), _until(scope, now)
         )
 
     async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
@@ -826,7 +574,7 @@ class SQLiteStore(Store):
             return False
         if not any(plain for (plain,) in rows):
             return True  # already under the handle: moved meanwhile
-        return await self._run(_adopt, session_id, handle) != _ADOPT_GONE
+        return await self._run(writes._adopt, session_id, handle) != writes._ADOPT_GONE
 
     async def _migrated(self, moved: int) -> None:
         """After ``migrate_ids``: ``VACUUM`` rebuilds the file (always: first touches
@@ -835,8 +583,8 @@ class SQLiteStore(Store):
         holds old page images, is checkpointed and truncated to zero bytes."""
         # always: rows moved by first touches (or an earlier run) leave plain ids in
         # free pages of a file the release before wrote without secure_delete
-        await self._run(_execute, "VACUUM", ())
-        busy = await self._run(_truncate_wal)
+        await self._run(writes._execute, "VACUUM", ())
+        busy = await self._run(writes._truncate_wal)
         if busy:
             logger.warning(
                 "asyncsession: sqlite database %r: readers kept the WAL from being "
@@ -857,7 +605,7 @@ class SQLiteStore(Store):
         params = (session.id, *_row_params(session, record))
         limit = scope.max_sessions_per_user if session.user_id is not None else 0
         result = await self._run(
-            _rotate_into,
+            writes._rotate_into,
             session_id,
             version,
             params,
@@ -881,10 +629,10 @@ class SQLiteStore(Store):
         base: Session | None = None,
     ) -> Applied | Outcome:
         idle = scope.idle_timeout
-        return await self._run(_apply, session_id, changes, scope.site_id, now, idle, limit)
+        return await self._run(writes._apply, session_id, changes, scope.site_id, now, idle, limit)
 
     async def _delete(self, session_id: str, scope: Config) -> Outcome:
-        return await self._run(_delete, session_id, scope.site_id)
+        return await self._run(writes._delete, session_id, scope.site_id)
 
     async def _delete_by_user(
         self,
@@ -894,24 +642,26 @@ class SQLiteStore(Store):
         now: datetime,
         only: str | None = None,
     ) -> list[str]:
-        return await self._run(_delete_by_user, scope.site_id, user_id, keep, to_us(now), only)
+        return await self._run(
+            writes._delete_by_user, scope.site_id, user_id, keep, to_us(now), only
+        )
 
     async def _list_by_user(self, user_id: str, scope: Config, now: datetime) -> list[Session]:
         return _listed(await self._read(_LIST_USER, (scope.site_id, user_id, to_us(now))))
 
     async def _purge(self, now: datetime) -> int:
         removed = 0
-        async for count in self._purge_batches(_purge_batch, to_us(now)):
+        async for count in self._purge_batches(writes._purge_batch, to_us(now)):
             removed += count
-        await self._run(_execute, _PURGE_ROTATIONS, (to_us(now),))
+        await self._run(writes._execute, _PURGE_ROTATIONS, (to_us(now),))
         return removed
 
     async def _purge_report(self, now: datetime) -> list[PurgedSession]:
         """``_purge`` returning what it removed (only used when expired events are wanted)."""
         removed: list[PurgedSession] = []
-        async for rows in self._purge_batches(_purge_report_batch, to_us(now)):
+        async for rows in self._purge_batches(writes._purge_report_batch, to_us(now)):
             removed.extend(PurgedSession(*row) for row in rows)
-        await self._run(_execute, _PURGE_ROTATIONS, (to_us(now),))
+        await self._run(writes._execute, _PURGE_ROTATIONS, (to_us(now),))
         return removed
 
     async def _purge_batches(
@@ -981,347 +731,3 @@ def _daemon(conn: aiosqlite.Connection) -> aiosqlite.Connection:
     if isinstance(thread, threading.Thread) and not thread.is_alive():
         thread.daemon = True
     return conn
-
-
-# ----------------------------------------------------- connection-thread functions
-#
-# Each runs on aiosqlite's thread with the sqlite3 connection (autocommit mode: a
-# statement outside BEGIN is its own transaction). They never await, so nothing else
-# on this connection runs between their statements.
-
-
-def _insert(
-    c: sqlite3.Connection,
-    params: tuple[Any, ...],
-    site_id: str,
-    limit: int,
-    eviction: str,
-    now_us: int,
-) -> list[str]:
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        evicted = _insert_rows(c, params, site_id, limit, eviction, now_us)
-        c.execute("COMMIT")
-    except BaseException:
-        _rollback(c)
-        raise
-    return evicted
-
-
-def _insert_rows(
-    c: sqlite3.Connection,
-    params: tuple[Any, ...],
-    site_id: str,
-    limit: int,
-    eviction: str,
-    now_us: int,
-) -> list[str]:
-    """``_insert`` inside the caller's transaction."""
-    session_id, user_id = params[0], params[2]
-    try:
-        c.execute(_INSERT, params)
-    except sqlite3.IntegrityError as exc:
-        if "UNIQUE" not in str(exc):
-            raise
-        raise InvalidSession(
-            "a session with this id already exists",
-            details={"session": short_hash(session_id)},
-        ) from None
-    evicted: list[str] = []
-    if limit:
-        sql = _LIVE_BY_ACCESS if eviction == "lru" else _LIVE_BY_CREATED
-        live = [r[0] for r in c.execute(sql, (site_id, user_id, session_id, now_us))]
-        excess = len(live) - limit + 1
-        if excess > 0:
-            if eviction == "reject":
-                raise SessionLimitExceeded(
-                    f"user already has {len(live)} sessions (limit {limit})",
-                    details={"limit": limit, "count": len(live)},
-                )
-            evicted = live[:excess]
-            c.executemany(_EVICT, [(i,) for i in evicted])
-    return evicted
-
-
-def _classify(
-    c: sqlite3.Connection,
-    session_id: str,
-    site_id: str,
-    now_us: int,
-    user_id: str | None = None,
-    version: int | None = None,
-) -> Outcome:
-    """Why a guarded write matched no row, checked in the memory backend's order."""
-    row = c.execute(_STATE, (session_id,)).fetchone()
-    if row is None:
-        return Outcome.MISSING
-    if row[0] != site_id:
-        return Outcome.OTHER_SITE
-    if not _live(row[3], now_us):
-        return Outcome.EXPIRED
-    if version is not None:
-        if row[1] != user_id:
-            return Outcome.USER_CHANGED
-        if row[2] != version:
-            return Outcome.CONFLICT
-    return Outcome.MISSING  # pragma: no cover - changed between the write and this read
-
-
-def _replace(
-    c: sqlite3.Connection, params: tuple[Any, ...], user_id: str | None, expected: int
-) -> Outcome:
-    if c.execute(_REPLACE, params).rowcount == 1:
-        return Outcome.OK
-    return _classify(c, params[10], params[11], params[14], user_id, expected)
-
-
-def _reseal(
-    c: sqlite3.Connection, params: tuple[Any, ...], user_id: str | None, expected: int
-) -> Outcome:
-    if c.execute(_RESEAL, params).rowcount == 1:
-        return Outcome.OK
-    return _classify(c, params[2], params[3], params[5], user_id, expected)
-
-
-def _touch(
-    c: sqlite3.Connection,
-    sql: str,
-    params: tuple[Any, ...],
-    session_id: str,
-    site_id: str,
-    now_us: int,
-) -> Outcome:
-    if c.execute(sql, params).rowcount == 1:
-        return Outcome.OK
-    return _classify(c, session_id, site_id, now_us)
-
-
-def _rotate(
-    c: sqlite3.Connection,
-    session_id: str,
-    new_id: str,
-    site_id: str,
-    now_us: int,
-    until: int | None,
-) -> Outcome:
-    # INSERT a copy then DELETE (not UPDATE id): the copy gets a new rowid, so like the
-    # memory backend the rotated session sorts after its peers of equal created_at.
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        try:
-            moved = c.execute(_ROTATE, (new_id, session_id, site_id, now_us)).rowcount
-        except sqlite3.IntegrityError:
-            outcome = Outcome.CONFLICT  # the new id exists: never overwrite
-        else:
-            if moved == 1:
-                c.execute(_EVICT, (session_id,))
-                if until is not None:
-                    c.execute(_RECORD_ROTATION, (_hash(session_id), site_id, until))
-                outcome = Outcome.OK
-            else:
-                outcome = _classify(c, session_id, site_id, now_us)
-        c.execute("COMMIT")
-    except BaseException:
-        _rollback(c)
-        raise
-    return outcome
-
-
-def _apply(
-    c: sqlite3.Connection,
-    session_id: str,
-    changes: EncodedChanges,
-    site_id: str,
-    now: datetime,
-    idle: timedelta | None,
-    limit: int,
-) -> Applied | Outcome:
-    """Check the expected keys and write the changes in one write transaction."""
-    now_us = to_us(now)
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        row: Row | None = c.execute(_SELECT, (session_id,)).fetchone()
-        if row is None:
-            outcome: Applied | Outcome = Outcome.MISSING
-        elif row[0] != site_id:
-            outcome = Outcome.OTHER_SITE
-        elif not _live(row[6], now_us):
-            outcome = Outcome.EXPIRED
-        else:
-            outcome = _apply_row(c, session_id, row, changes, now, idle, limit)
-        c.execute("COMMIT")
-    except BaseException:
-        _rollback(c)
-        raise
-    return outcome
-
-
-def _rotate_into(
-    c: sqlite3.Connection,
-    session_id: str,
-    version: int | None,
-    params: tuple[Any, ...],
-    site_id: str,
-    limit: int,
-    eviction: str,
-    now_us: int,
-    until: int | None,
-) -> list[str] | Outcome:
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        row = c.execute(_STATE, (session_id,)).fetchone()
-        if row is None:
-            outcome: list[str] | Outcome = Outcome.MISSING
-        elif row[0] != site_id:
-            outcome = Outcome.OTHER_SITE
-        elif not _live(row[3], now_us):
-            outcome = Outcome.EXPIRED
-        elif version is not None and row[2] != version:
-            outcome = Outcome.CONFLICT
-        else:
-            c.execute(_EVICT, (session_id,))  # first: it does not count for the limit
-            outcome = _insert_rows(c, params, site_id, limit, eviction, now_us)
-            if until is not None:
-                c.execute(_RECORD_ROTATION, (_hash(session_id), site_id, until))
-        c.execute("COMMIT")
-    except BaseException:
-        _rollback(c)
-        raise
-    return outcome
-
-
-def _apply_row(
-    c: sqlite3.Connection,
-    session_id: str,
-    row: Row,
-    changes: EncodedChanges,
-    now: datetime,
-    idle: timedelta | None,
-    limit: int,
-) -> Applied | Outcome:
-    try:
-        data = apply_to_data(row[11], changes, keyless=True)
-    except (TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        if isinstance(exc, CorruptRecord):
-            raise
-        raise CorruptRecord(f"undecodable session row: {type(exc).__name__}") from exc
-    if data is None:
-        return Outcome.CONFLICT
-    session = _session(session_id, (*row[:11], b"{}"))
-    absolute = absolute_deadline(session)
-    session.version += 1
-    session.updated_at = session.last_accessed_at = now
-    session.expires_at = idle_deadline(absolute, now, idle)
-    session.absolute_expires_at = absolute
-    if limit and (len(data) + header_bound(session) > limit and record_size(session, data) > limit):
-        return Outcome.TOO_LARGE
-    now_us = to_us(now)
-    c.execute(
-        _APPLY,
-        (now_us, now_us, _us(session.expires_at), session.version, data, session_id),
-    )
-    return Applied(session.version, now, session.expires_at)
-
-
-_ADOPT_MOVED = 1  # the row moved to its handle
-_ADOPT_DROPPED = 2  # a row was already under the handle: the plain one was dropped
-_ADOPT_GONE = 0  # no row under either id (deleted meanwhile)
-
-
-def _adopt(c: sqlite3.Connection, session_id: str, handle: str) -> int:
-    """Move the row of plain ``session_id`` to ``handle`` in one write transaction,
-    unless a row is already there (then the plain one goes): one of ``_ADOPT_*``."""
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        at_handle = c.execute(_EXISTS, (handle,)).fetchone() is not None
-        if at_handle:
-            plain = c.execute(_EVICT, (session_id,)).rowcount
-            outcome = _ADOPT_DROPPED if plain else _ADOPT_MOVED  # moved by another meanwhile
-        else:
-            moved = c.execute(_ADOPT, (handle, session_id)).rowcount
-            outcome = _ADOPT_MOVED if moved else _ADOPT_GONE
-        c.execute("COMMIT")
-    except BaseException:
-        _rollback(c)
-        raise
-    return outcome
-
-
-def _truncate_wal(c: sqlite3.Connection) -> bool:
-    """Checkpoint the WAL and truncate it to zero bytes; True if readers kept it
-    from completing (within the busy timeout)."""
-    busy, _, _ = c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    return bool(busy)
-
-
-def _fetch_one(c: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> Row | None:
-    row: Row | None = c.execute(sql, params).fetchone()
-    return row
-
-
-def _execute(c: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:
-    c.execute(sql, params)
-
-
-def _delete(c: sqlite3.Connection, session_id: str, site_id: str) -> Outcome:
-    if c.execute(_DELETE, (session_id, site_id)).rowcount == 1:
-        return Outcome.OK
-    if c.execute(_EXISTS, (session_id,)).fetchone() is not None:
-        return Outcome.OTHER_SITE
-    return Outcome.MISSING
-
-
-def _delete_by_user(
-    c: sqlite3.Connection,
-    site_id: str,
-    user_id: str,
-    keep: str | None,
-    now_us: int,
-    only: str | None = None,
-) -> list[str]:
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        kept = (keep, site_id, user_id, now_us)
-        if keep is not None and not c.execute(_USERS_SESSION, kept).fetchall():
-            c.execute("ROLLBACK")
-            return KeepGone()
-        rows: Sequence[Row]
-        if only is None:
-            rows = c.execute(_DELETE_USER, (site_id, user_id, keep)).fetchall()
-        else:
-            rows = c.execute(_DELETE_USERS_ONE, (only, site_id, user_id, keep)).fetchall()
-        c.execute("COMMIT")
-    except BaseException:
-        _rollback(c)
-        raise
-    return [r[1] for r in sorted(rows) if _live(r[2], now_us)]
-
-
-def _held(c: sqlite3.Connection, fn: Callable[[], T]) -> tuple[T, float]:
-    """Run ``fn``, one write statement in autocommit (begin, write and commit all
-    inside SQLite, which releases the GIL meanwhile, so other Python threads cannot
-    stretch the hold); its result and its duration, an upper bound of the write-lock
-    hold. The WAL checkpoint SQLite would run inside the commit runs after it
-    instead: a checkpoint does not hold the write lock, other writers go on."""
-    c.execute("PRAGMA wal_autocheckpoint = 0").fetchall()
-    try:
-        started = time.perf_counter()
-        result = fn()
-        held = time.perf_counter() - started
-    finally:
-        c.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}").fetchall()
-    c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-    return result, held
-
-
-def _purge_batch(c: sqlite3.Connection, now_us: int, batch: int) -> tuple[int, int, float]:
-    """One purge batch: (rows deleted, rows deleted, seconds it held the write lock)."""
-    count, held = _held(c, lambda: int(c.execute(_PURGE, (now_us, batch)).rowcount))
-    return count, count, held
-
-
-def _purge_report_batch(
-    c: sqlite3.Connection, now_us: int, batch: int
-) -> tuple[list[Row], int, float]:
-    rows, held = _held(c, lambda: c.execute(_PURGE_REPORT, (now_us, batch)).fetchall())
-    return rows, len(rows), held
