@@ -1,6 +1,7 @@
-"""The writes of the SQLite backend: functions that run on the writer connection's
-thread, each a whole transaction (or one statement in autocommit), never awaiting
-in between, so no other statement on the connection lands inside them."""
+"""The writes of the SQLite backend: functions that run on aiosqlite's thread with
+the writer's sqlite3 connection (autocommit mode: a statement outside ``BEGIN`` is
+its own transaction), each a whole transaction or one statement. They never await,
+so no other statement on the connection lands between theirs."""
 
 from __future__ import annotations
 
@@ -54,13 +55,6 @@ WAL_AUTOCHECKPOINT = 1000  # SQLite's default, restored after each purge batch
 def _rollback(c: sqlite3.Connection) -> None:
     if c.in_transaction:
         c.execute("ROLLBACK")
-
-
-# ----------------------------------------------------- connection-thread functions
-#
-# Each runs on aiosqlite's thread with the sqlite3 connection (autocommit mode: a
-# statement outside BEGIN is its own transaction). They never await, so nothing else
-# on this connection runs between their statements.
 
 
 def _insert(
