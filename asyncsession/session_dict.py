@@ -12,7 +12,7 @@ import orjson
 
 from .changes import ABSENT, Changes
 from .codec import not_serializable
-from .errors import SessionError
+from .errors import SessionConflict, SessionError
 
 _MUTABLE = (list, dict)
 
@@ -79,7 +79,16 @@ class SessionDict(dict[str, Any]):
     with a new id.
     """
 
-    __slots__ = ("_accessed", "_base", "_blind", "_cleared", "_dirty", "_forced", "_read_all")
+    __slots__ = (
+        "_accessed",
+        "_base",
+        "_blind",
+        "_cleared",
+        "_dirty",
+        "_forced",
+        "_orphans",
+        "_read_all",
+    )
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         dict.__init__(self, data or ())
@@ -90,6 +99,9 @@ class SessionDict(dict[str, Any]):
         self._dirty = False  # written, or a list/dict handed out: commit must look
         self._cleared = False
         self._accessed = False  # handed to the app as request.session (Vary: Cookie)
+        # lists and dicts the app may still hold whose key now holds another kind of
+        # value (update_session's function replaced it): a change to one is a conflict
+        self._orphans: list[tuple[Any, _Snapshot]] = []
 
     def mark_accessed(self) -> None:
         """Starlette's ``request.session`` calls this: the response may depend on the
@@ -279,6 +291,13 @@ class SessionDict(dict[str, Any]):
         it read) as expectations; None if nothing changed."""
         if not self._dirty:
             return None
+        for obj, before in self._orphans:
+            if not _same(before, obj):
+                raise SessionConflict(
+                    "a list or dict taken from the session before update_session() "
+                    "replaced its key was changed afterwards: not saved",
+                    details={"reason": "replaced"},
+                )
         sets: dict[str, Any] = {}
         deletes: list[str] = []
         expect: dict[str, Any] = {}
@@ -340,6 +359,7 @@ class SessionDict(dict[str, Any]):
             self.mark_accessed()
 
     def _forget(self) -> None:
+        self._orphans = []
         self._base = {}
         self._blind = set()
         self._forced = set()
@@ -360,12 +380,17 @@ class SessionDict(dict[str, Any]):
         view. Each other key this request touched keeps its value here and what it
         read, so a write that depends on a key changed meanwhile still conflicts and
         a list or dict the app holds stays watched; the rest are the stored values.
-        True if this request's view of its keys is what is stored."""
+        A key in ``taken`` counts as read at its stored value, which a list or dict
+        the app holds for it takes in place (``cart = session["cart"]``, then
+        ``update_session`` of the cart, then ``cart.append(x)``: saved); one that
+        cannot (the key now holds another kind of value) makes a change to it a
+        conflict. True if this request's view of its keys is what is stored."""
         touched: Any = self._base.keys()
         if self._read_all:  # every key was read, those it saw absent too
             touched = touched | dict.keys(self) | stored.keys()
         mine = {k: dict.get(self, k, ABSENT) for k in touched if k not in taken}
         exact = all(_encodes_same(v, stored.get(k, ABSENT)) for k, v in mine.items())
+        held = {k: v for k in taken if type(v := dict.get(self, k)) in _MUTABLE}
         order = list(dict.keys(self))
         dict.clear(self)
         dict.update(self, stored)
@@ -376,9 +401,21 @@ class SessionDict(dict[str, Any]):
         for key, value in mine.items():
             if value is ABSENT:
                 dict.pop(self, key, None)
-        for key in taken:  # read afresh from what is stored, if read again
-            if not self._read_all:
-                self._base.pop(key, None)
+        for key, obj in held.items():
+            new = dict.get(self, key, ABSENT)
+            if new is obj:
+                continue
+            if type(new) is list and type(obj) is list:
+                obj[:] = new
+            elif type(new) is dict and type(obj) is dict:
+                obj.clear()
+                obj.update(new)
+            else:
+                self._orphans.append((obj, _snapshot(obj)))
+                continue
+            dict.__setitem__(self, key, obj)
+        for key in taken:  # read (by the function) at what is stored now
+            self._base[key] = ABSENT  # (the baseline _saved sets)
             self._blind.discard(key)
         self._saved()
         self._cleared = False
@@ -405,4 +442,4 @@ class SessionDict(dict[str, Any]):
         self._base = base
         self._blind = {key for key in self._blind if key in base}
         self._forced = set()
-        self._dirty = dirty
+        self._dirty = dirty or bool(self._orphans)

@@ -328,3 +328,68 @@ async def test_a_list_held_across_update_session_is_still_watched(store: FlakySt
     assert response.json() == {"n": 2, "session": {"cart": ["a", "b"], "n": 2}}
     sid = headers["cookie"].split("=")[1]
     assert (await store.get(sid)).data == {"cart": ["a", "b"], "n": 2}
+
+
+@pytest.mark.parametrize("how", ["setdefault", "getitem"])
+async def test_a_list_held_across_update_session_of_the_same_key_is_saved(
+    store: FlakyStore, how: str
+) -> None:
+    """The request holds the cart; update_session's function reads (or changes) the
+    cart; the request then appends to the list it holds. The function's cart was a
+    copy that replaced the request's list, so the append answered 200 and was never
+    stored (outside attacker, Redis and SQLite). The held list now takes the stored
+    value in place and stays watched."""
+    headers = await _session(store, cart=["a"])
+
+    def fn(data: dict[str, Any]) -> int:
+        data["count"] = data.get("count", 0) + len(data["cart"])
+        data["cart"].append("fn")
+        return int(data["count"])
+
+    async def hold_update_append(request: Request) -> JSONResponse:
+        if how == "setdefault":
+            cart = request.session.setdefault("cart", [])
+        else:
+            cart = request.session["cart"]
+        await update_session(request, fn)
+        assert cart == ["a", "fn"]  # the held list shows what the function left
+        cart.append("b")
+        return JSONResponse(request.session["cart"])
+
+    app = make_app(store)
+    app.router.routes.append(Route("/hold", hold_update_append, methods=["POST"]))
+    async with client(app) as c:
+        response = await c.post("/hold", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json() == ["a", "fn", "b"]
+    sid = headers["cookie"].split("=")[1]
+    assert (await store.get(sid)).data == {"cart": ["a", "fn", "b"], "count": 1}
+
+
+async def test_a_list_held_across_update_session_replacing_its_kind_conflicts(
+    store: FlakyStore,
+) -> None:
+    """update_session's function turns the cart into another kind of value; the
+    request then changes the list it still holds: 409, never a 200 for a change
+    that cannot be stored. Left unchanged, it is no conflict."""
+    headers = await _session(store, cart=["a"])
+
+    async def hold_replace(request: Request) -> JSONResponse:
+        cart = request.session["cart"]
+        await update_session(request, lambda d: d.update(cart="emptied"))
+        if "append" in request.query_params:
+            cart.append("b")
+        return JSONResponse(request.session["cart"])
+
+    app = make_app(store)
+    app.router.routes.append(Route("/replace", hold_replace, methods=["POST"]))
+    sid = headers["cookie"].split("=")[1]
+    async with client(app) as c:
+        response = await c.post("/replace", params={"append": "1"}, headers=headers)
+        assert response.status_code == 409, response.text
+        assert response.json()["error"]["reason"] == "replaced"
+        assert (await store.get(sid)).data == {"cart": "emptied"}  # update_session's
+        await store.apply(sid, Changes(set={"cart": ["a"]}))
+        response = await c.post("/replace", headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json() == "emptied"
