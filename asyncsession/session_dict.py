@@ -99,8 +99,8 @@ class SessionDict(dict[str, Any]):
         self._dirty = False  # written, or a list/dict handed out: commit must look
         self._cleared = False
         self._accessed = False  # handed to the app as request.session (Vary: Cookie)
-        # lists and dicts the app may still hold whose key now holds another kind of
-        # value (update_session's function replaced it): a change to one is a conflict
+        # lists and dicts the app may still hold whose key update_session's function
+        # has since replaced (no longer the session's): a change to one is a conflict
         self._orphans: list[tuple[Any, _Snapshot]] = []
 
     def mark_accessed(self) -> None:
@@ -295,7 +295,8 @@ class SessionDict(dict[str, Any]):
             if not _same(before, obj):
                 raise SessionConflict(
                     "a list or dict taken from the session before update_session() "
-                    "replaced its key was changed afterwards: not saved",
+                    "replaced its key was changed afterwards (read the key again after "
+                    "update_session): not saved",
                     details={"reason": "replaced"},
                 )
         sets: dict[str, Any] = {}
@@ -380,11 +381,12 @@ class SessionDict(dict[str, Any]):
         view. Each other key this request touched keeps its value here and what it
         read, so a write that depends on a key changed meanwhile still conflicts and
         a list or dict the app holds stays watched; the rest are the stored values.
-        A key in ``taken`` counts as read at its stored value, which a list or dict
-        the app holds for it takes in place (``cart = session["cart"]``, then
-        ``update_session`` of the cart, then ``cart.append(x)``: saved); one that
-        cannot (the key now holds another kind of value) makes a change to it a
-        conflict. True if this request's view of its keys is what is stored."""
+        A key in ``taken`` counts as read at its stored value; a list or dict the app
+        may still hold from before for it is no longer the session's, and a change to
+        it (nested values included) is a conflict at the next save (``cart =
+        session["cart"]``, ``update_session`` of the cart, ``cart.append(x)``: 409,
+        never a 200 that drops it). True if this request's view of its keys is what
+        is stored."""
         touched: Any = self._base.keys()
         if self._read_all:  # every key was read, those it saw absent too
             touched = touched | dict.keys(self) | stored.keys()
@@ -402,18 +404,10 @@ class SessionDict(dict[str, Any]):
             if value is ABSENT:
                 dict.pop(self, key, None)
         for key, obj in held.items():
-            new = dict.get(self, key, ABSENT)
-            if new is obj:
-                continue
-            if type(new) is list and type(obj) is list:
-                obj[:] = new
-            elif type(new) is dict and type(obj) is dict:
-                obj.clear()
-                obj.update(new)
-            else:
-                self._orphans.append((obj, _snapshot(obj)))
-                continue
-            dict.__setitem__(self, key, obj)
+            if dict.get(self, key, ABSENT) is not obj:  # no longer the session's
+                before = _snapshot(obj)
+                if before.json is not None:
+                    self._orphans.append((obj, before))
         for key in taken:  # read (by the function) at what is stored now
             self._base[key] = ABSENT  # (the baseline _saved sets)
             self._blind.discard(key)

@@ -23,6 +23,7 @@ from asyncsession import (
     SessionMiddleware,
     install_exception_handler,
     new_session,
+    save_session,
     update_session,
 )
 from asyncsession.demo import create_app
@@ -330,40 +331,50 @@ async def test_a_list_held_across_update_session_is_still_watched(store: FlakySt
     assert (await store.get(sid)).data == {"cart": ["a", "b"], "n": 2}
 
 
-@pytest.mark.parametrize("how", ["setdefault", "getitem"])
-async def test_a_list_held_across_update_session_of_the_same_key_is_saved(
+@pytest.mark.parametrize("how", ["setdefault", "getitem", "nested"])
+async def test_a_list_held_across_update_session_of_the_same_key_conflicts(
     store: FlakyStore, how: str
 ) -> None:
-    """The request holds the cart; update_session's function reads (or changes) the
-    cart; the request then appends to the list it holds. The function's cart was a
-    copy that replaced the request's list, so the append answered 200 and was never
-    stored (outside attacker, Redis and SQLite). The held list now takes the stored
-    value in place and stays watched."""
-    headers = await _session(store, cart=["a"])
+    """The request holds the cart (or a list inside it); update_session's function
+    changes the cart; the request then appends to what it holds. The function's
+    cart replaced it, so the append answered 200 and was never stored (outside
+    attacker, Redis and SQLite). It is no longer the session's: 409 (reason
+    ``replaced``), and the function's write stays. Read again after the call, the
+    key is the session's: a change to it is saved."""
+    headers = await _session(store, cart={"items": ["a"]})
 
     def fn(data: dict[str, Any]) -> int:
-        data["count"] = data.get("count", 0) + len(data["cart"])
-        data["cart"].append("fn")
+        data["cart"]["items"].append("fn")
+        data["count"] = data.get("count", 0) + 1
         return int(data["count"])
 
     async def hold_update_append(request: Request) -> JSONResponse:
         if how == "setdefault":
-            cart = request.session.setdefault("cart", [])
+            held = request.session.setdefault("cart", {})["items"]
+        elif how == "getitem":
+            held = request.session["cart"]["items"]
         else:
             cart = request.session["cart"]
+            held = cart["items"]
         await update_session(request, fn)
-        assert cart == ["a", "fn"]  # the held list shows what the function left
-        cart.append("b")
+        if "again" in request.query_params:
+            held = request.session["cart"]["items"]  # the session's, as fn left it
+        held.append("b")
         return JSONResponse(request.session["cart"])
 
     app = make_app(store)
     app.router.routes.append(Route("/hold", hold_update_append, methods=["POST"]))
+    sid = headers["cookie"].split("=")[1]
     async with client(app) as c:
         response = await c.post("/hold", headers=headers)
-    assert response.status_code == 200, response.text
-    assert response.json() == ["a", "fn", "b"]
-    sid = headers["cookie"].split("=")[1]
-    assert (await store.get(sid)).data == {"cart": ["a", "fn", "b"], "count": 1}
+        assert response.status_code == 409, response.text
+        assert response.json()["error"]["reason"] == "replaced"
+        stored = (await store.get(sid)).data
+        assert stored == {"cart": {"items": ["a", "fn"]}, "count": 1}  # fn's write
+        response = await c.post("/hold", params={"again": "1"}, headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"items": ["a", "fn", "fn", "b"]}
+    assert (await store.get(sid)).data == {"cart": {"items": ["a", "fn", "fn", "b"]}, "count": 2}
 
 
 async def test_a_list_held_across_update_session_replacing_its_kind_conflicts(
@@ -393,3 +404,48 @@ async def test_a_list_held_across_update_session_replacing_its_kind_conflicts(
         response = await c.post("/replace", headers=headers)
         assert response.status_code == 200, response.text
         assert response.json() == "emptied"
+
+
+async def test_update_session_never_rewrites_an_object_the_request_holds(
+    store: FlakyStore,
+) -> None:
+    """One list under two keys of the request (``backup = cart``), then
+    update_session appends to the cart: the backup, which no function touched, keeps
+    what it held, in the request and in the store (review: rewriting the request's
+    list in place changed the backup too, and Redis then stored it, though no save
+    named it). A function that stores the request's own list under another key
+    keeps it there."""
+    headers = await _session(store, cart=["a"])
+
+    async def alias_then_update(request: Request) -> JSONResponse:
+        request.session["backup"] = request.session["cart"]
+        await save_session(request)
+        await update_session(request, lambda d: d["cart"].append("b"))
+        request.session["n"] = 1  # a save after it (Redis: base= the session)
+        return JSONResponse(dict(request.session))
+
+    async def keep_own(request: Request) -> JSONResponse:
+        cart = request.session["cart"]
+
+        def fn(d: dict[str, Any]) -> None:
+            d["saved"] = cart
+            d["cart"] = []
+
+        await update_session(request, fn)
+        request.session["m"] = 1
+        return JSONResponse(dict(request.session))
+
+    app = make_app(store)
+    app.router.routes.append(Route("/alias", alias_then_update, methods=["POST"]))
+    app.router.routes.append(Route("/own", keep_own, methods=["POST"]))
+    sid = headers["cookie"].split("=")[1]
+    async with client(app) as c:
+        response = await c.post("/alias", headers=headers)
+        assert response.status_code == 200, response.text
+        expected = {"cart": ["a", "b"], "backup": ["a"], "n": 1}
+        assert response.json() == expected
+        assert (await store.get(sid)).data == expected
+        response = await c.post("/own", headers=headers)
+        assert response.status_code == 200, response.text
+    stored = (await store.get(sid)).data
+    assert stored == {"cart": [], "backup": ["a"], "n": 1, "saved": ["a", "b"], "m": 1}
