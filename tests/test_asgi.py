@@ -624,29 +624,6 @@ async def test_touch_at_most_once_per_fraction_of_idle_timeout(clock: FakeClock)
         assert stored.expires_at == clock.now + timedelta(seconds=600)
 
 
-async def test_a_cookie_never_outlives_its_sessions_fixed_life(clock: FakeClock) -> None:
-    """``max_age`` as long as ``default_ttl`` (the migration guide's setup): a save at
-    minute 59 re-sent a cookie for another hour, although the session ends at 60
-    (starsessions' own test). Its ``Max-Age`` is now what is left of the session's
-    absolute deadline, whole seconds rounded up; a full ``max_age`` while that is
-    longer."""
-    store = CountingStore(Config(cleanup_interval=0, default_ttl=3600), clock)
-    async with client(make_app(store, max_age=3600)) as c:
-        await new_cookie(c)
-        clock.advance(600)
-        response = await c.post("/set", params={"key": "b", "value": "2"})
-        assert attrs(set_cookies(response)[0])["max-age"] == "3000"
-        clock.advance(2999.5)
-        response = await c.post("/set", params={"key": "b", "value": "3"})
-        assert attrs(set_cookies(response)[0])["max-age"] == "1"
-    long_lived = CountingStore(Config(cleanup_interval=0, default_ttl=7200), clock)
-    async with client(make_app(long_lived, max_age=3600)) as c:
-        await new_cookie(c)
-        clock.advance(600)
-        response = await c.post("/set", params={"key": "b", "value": "2"})
-        assert attrs(set_cookies(response)[0])["max-age"] == "3600"
-
-
 async def test_touch_interval_without_idle_timeout(clock: FakeClock) -> None:
     store = CountingStore(Config(cleanup_interval=0), clock)
     async with client(make_app(store, touch_interval=30)) as c:

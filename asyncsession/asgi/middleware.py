@@ -583,8 +583,7 @@ class _Connection:
                 return _VARY if self.looked() else []
             self.client_id = session.id
             self.refreshed = False
-            cookie = mw.set_cookie_value(session.id, self.life_left(session))
-            headers = [_VARY[0], (b"set-cookie", cookie)]
+            headers = [_VARY[0], (b"set-cookie", mw.set_cookie_value(session.id))]
             if self.legacy and mw.legacy_expire_value is not None:
                 self.legacy = False
                 headers.append((b"set-cookie", mw.legacy_expire_value))
@@ -596,16 +595,6 @@ class _Connection:
                 return [(b"vary", b"Cookie"), (b"set-cookie", mw.legacy_expire_value)]
             return [(b"vary", b"Cookie"), (b"set-cookie", mw.expire_cookie_value)]
         return _VARY if self.looked() else []
-
-    def life_left(self, session: Session) -> int | None:
-        """Whole seconds to the session's absolute deadline when fewer than ``max_age``
-        (None otherwise): a cookie re-sent near the end of a session's fixed life must
-        not outlive it (starsessions sends what is left too)."""
-        max_age, absolute = self.mw.max_age, session.absolute_expires_at
-        if max_age is None or absolute is None:
-            return None
-        left = math.ceil((absolute - self.store.clock()).total_seconds())
-        return left if left < max_age else None
 
     def looked(self) -> bool:
         """Whether the response may depend on the cookie: the app looked at the
@@ -770,13 +759,10 @@ class SessionMiddleware:
 
     # ---------------------------------------------------------------- cookies
 
-    def set_cookie_value(self, session_id: str, left: int | None = None) -> bytes:
-        """The ``Set-Cookie`` value for ``session_id``; ``left``, seconds of the
-        session's life left when that is less than ``max_age``: its ``Max-Age``."""
-        max_age = self._max_age_attr if left is None else f"; Max-Age={max(left, 1)}"
-        return (f"{self.cookie_name}={session_id}{self._path_attr}{max_age}{self._flags}").encode(
-            "ascii"
-        )
+    def set_cookie_value(self, session_id: str) -> bytes:
+        return (
+            f"{self.cookie_name}={session_id}{self._path_attr}{self._max_age_attr}{self._flags}"
+        ).encode("ascii")
 
     def read_cookie(self, scope: Scope) -> tuple[int, tuple[str, ...]]:
         """(how many distinct values our cookie had, the well-formed ids among them).
