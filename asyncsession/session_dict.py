@@ -381,12 +381,13 @@ class SessionDict(dict[str, Any]):
         view. Each other key this request touched keeps its value here and what it
         read, so a write that depends on a key changed meanwhile still conflicts and
         a list or dict the app holds stays watched; the rest are the stored values.
-        A key in ``taken`` counts as read at its stored value; a list or dict the app
-        may still hold from before for it is no longer the session's, and a change to
-        it (nested values included) is a conflict at the next save (``cart =
-        session["cart"]``, ``update_session`` of the cart, ``cart.append(x)``: 409,
-        never a 200 that drops it). True if this request's view of its keys is what
-        is stored."""
+        A key in ``taken`` counts as read at its stored value. A list or dict the app
+        may still hold from before for it stays the value while it holds what is
+        stored (the function only read it); otherwise it is no longer the session's,
+        and a change to it (nested values included) is a conflict at the next save
+        (``cart = session["cart"]``, ``update_session`` changing the cart,
+        ``cart.append(x)``: 409, never a 200 that drops it). True if this request's
+        view of its keys is what is stored."""
         touched: Any = self._base.keys()
         if self._read_all:  # every key was read, those it saw absent too
             touched = touched | dict.keys(self) | stored.keys()
@@ -404,10 +405,15 @@ class SessionDict(dict[str, Any]):
             if value is ABSENT:
                 dict.pop(self, key, None)
         for key, obj in held.items():
-            if dict.get(self, key, ABSENT) is not obj:  # no longer the session's
-                before = _snapshot(obj)
-                if before.json is not None:
-                    self._orphans.append((obj, before))
+            new = dict.get(self, key, ABSENT)
+            if new is obj:
+                continue
+            if _encodes_same(obj, new):  # what is stored: the app's object stays the value
+                dict.__setitem__(self, key, obj)
+                continue
+            before = _snapshot(obj)  # no longer the session's
+            if before.json is not None:
+                self._orphans.append((obj, before))
         for key in taken:  # read (by the function) at what is stored now
             self._base[key] = ABSENT  # (the baseline _saved sets)
             self._blind.discard(key)

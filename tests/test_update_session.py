@@ -449,3 +449,33 @@ async def test_update_session_never_rewrites_an_object_the_request_holds(
         assert response.status_code == 200, response.text
     stored = (await store.get(sid)).data
     assert stored == {"cart": [], "backup": ["a"], "n": 1, "saved": ["a", "b"], "m": 1}
+
+
+@pytest.mark.parametrize("fn_reads", ["key", "everything"])
+async def test_a_list_held_across_update_session_that_only_read_it_is_saved(
+    store: FlakyStore, fn_reads: str
+) -> None:
+    """The function only reads the cart (or iterates the whole session) and counts:
+    the list the request holds is still the session's, and appending to it after
+    the call is saved (review: it answered 409 'replaced', a conflict with nothing)."""
+    headers = await _session(store, cart=["a"])
+
+    def fn(data: dict[str, Any]) -> int:
+        seen = len(data["cart"]) if fn_reads == "key" else len(list(data.items()))
+        data["count"] = seen
+        return seen
+
+    async def hold_count_append(request: Request) -> JSONResponse:
+        cart = request.session["cart"]
+        await update_session(request, fn)
+        cart.append("b")
+        return JSONResponse(request.session["cart"])
+
+    app = make_app(store)
+    app.router.routes.append(Route("/count", hold_count_append, methods=["POST"]))
+    async with client(app) as c:
+        response = await c.post("/count", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json() == ["a", "b"]
+    sid = headers["cookie"].split("=")[1]
+    assert (await store.get(sid)).data == {"cart": ["a", "b"], "count": 1}
