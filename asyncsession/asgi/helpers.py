@@ -445,9 +445,11 @@ async def update_session(
     Afterwards ``request.session`` shows the session as ``fn`` left it, including
     keys other requests wrote, but for keys this request touched before (and ``fn``
     did not): they keep what the request had and read, so a dependent write on one
-    changed meanwhile still conflicts (409). Without a stored session, ``fn`` runs on a copy of
-    the request's data and a new session is created with the result. If ``fn``
-    raises, nothing it changed reaches ``request.session`` or the store.
+    changed meanwhile still conflicts (409). A list or dict taken before the call from
+    a key ``fn`` changed is no longer the session's: changing it answers 409 (read the
+    key again). Without a stored session, ``fn`` runs on a copy of the request's data
+    and a new session is created with the result. If ``fn`` raises, nothing it
+    changed reaches ``request.session`` or the store.
     """
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
