@@ -1754,3 +1754,40 @@ async def test_a_503_body_never_carries_the_backends_error(
     }
     assert "10.0.0.5" not in response.text and "app_rw" not in response.text
     assert "10.0.0.5" in caplog.text  # the operator still sees why
+
+
+def test_save_session_says_when_a_new_session_cannot_be_stored(cstore: CountingStore) -> None:
+    """A client without a session writes after the websocket's accept (or after an
+    HTTP response started) and the app calls ``save_session``: no cookie can carry
+    a new id, so nothing is stored. It returned as if it had stored it (outside
+    FastAPI tester); it raises ``RuntimeError`` now, as ``update_session`` does."""
+    from starlette.background import BackgroundTask
+
+    outcomes: list[str] = []
+
+    async def try_save(connection: Any) -> None:
+        connection.session["late"] = 1
+        try:
+            await save_session(connection)
+            outcomes.append("saved?")
+        except RuntimeError as exc:
+            outcomes.append("refused" if "no cookie" in str(exc) else repr(exc))
+
+    async def ws_anonymous(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await try_save(websocket)
+        await websocket.send_text(outcomes[-1])
+        await websocket.close()
+
+    async def http_late(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("sent", background=BackgroundTask(try_save, request))
+
+    app = make_app(cstore)
+    app.router.routes.append(WebSocketRoute("/ws-anonymous", ws_anonymous))
+    app.router.routes.append(Route("/late", http_late))
+    with TestClient(app, base_url=BASE) as tc:
+        with tc.websocket_connect("wss://testserver/ws-anonymous") as websocket:
+            assert websocket.receive_text() == "refused"
+        assert tc.get("/late").text == "sent"
+    assert outcomes == ["refused", "refused"]
+    assert cstore.calls["create"] == 0

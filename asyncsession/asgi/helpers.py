@@ -412,9 +412,11 @@ async def _still_current(conn: _Connection, sessions: list[Session]) -> None:
 
 async def save_session(connection: HTTPConnection) -> None:
     """Persist changes now (the middleware otherwise saves when the response starts,
-    or for websockets when the connection ends); useful in long-lived websockets."""
+    or for websockets when the connection ends); useful in long-lived websockets.
+    ``RuntimeError`` for data of a client without a session once no cookie can reach
+    it (after the response started, or a websocket's accept): nothing is stored."""
     conn = _work(connection)
-    await conn.commit()
+    await conn.commit(explicit=True)
 
 
 UPDATE_ATTEMPTS = 10

@@ -336,7 +336,7 @@ class _Connection:
 
     # ------------------------------------------------------------------ save
 
-    async def commit(self) -> None:
+    async def commit(self, *, explicit: bool = False) -> None:
         """Persist this request's changes (idempotent: a second call saves only new ones).
         Each store call runs ``within`` the request's deadline; a touch that fails or
         runs out of it is skipped, as it is only a refresh."""
@@ -350,7 +350,7 @@ class _Connection:
             data._cleared = False
         if self.session is None:
             if dict.__len__(self.data):
-                await self._create()
+                await self._create(explicit=explicit)
             return
         changes = self.data.changes()
         if changes is not None:
@@ -481,7 +481,7 @@ class _Connection:
         if self.ambiguous:
             raise _ambiguous("ended")
 
-    async def _create(self) -> None:
+    async def _create(self, *, explicit: bool = False) -> None:
         if self.stale:  # a rotated id, or several live ones: the newer cookie stays
             if self.ambiguous:
                 raise _ambiguous("saved")
@@ -491,6 +491,12 @@ class _Connection:
             )
         self.check_writable()
         if not self.cookie_possible:
+            if explicit:  # save_session(): the app asked, and must not think it stored
+                raise RuntimeError(
+                    "save_session() for a client without a session after the response "
+                    "started (or a websocket's accept): no cookie can carry a new "
+                    "session's id, so nothing was stored; write before it"
+                )
             logger.debug(
                 "session first written after the response started (or a websocket's "
                 "accept): not stored, no cookie can carry its id"
