@@ -997,14 +997,16 @@ class Store(ABC):
         """The storage id of an id or listed handle the caller names (``_key_or_handle``),
         after moving a record of an id stored before hashing to its handle."""
         key = self._key_or_handle(session_id)
-        if key is not session_id:
-            try:
-                found = await self._load(key) is not None
-            except codec.CorruptRecord:
-                found = True  # a damaged record is stored under the handle: none to move
-            if not found:
-                await self._adopted(session_id)  # stored under the plain id: move it
+        if key is not session_id and not await self._stored(key):
+            await self._adopted(session_id)  # stored under the plain id: move it
         return key
+
+    async def _stored(self, storage_id: str) -> bool:
+        """Whether a record is stored under ``storage_id``, a damaged one included."""
+        try:
+            return await self._load(storage_id) is not None
+        except codec.CorruptRecord:
+            return True
 
     async def _adopted(self, session_id: str) -> bool:
         """After a write found nothing under the handle: whether a record stored under
@@ -1016,11 +1018,7 @@ class Store(ABC):
         is stored under ``session_id`` (read only: nothing moves)."""
         if self._moves_plain_ids:
             return await self._adopt(session_id, handle)
-        try:
-            found = await self._load(session_id) is not None
-        except codec.CorruptRecord:
-            found = True  # damaged, but stored under the plain id all the same
-        if found:
+        if await self._stored(session_id):
             raise PlainIdsFound
         return False
 
