@@ -374,6 +374,12 @@ class SessionDict(dict[str, Any]):
         self._forget()
         self._cleared = False
 
+    def _touched(self) -> Any:
+        """The keys this request read or wrote (every key it holds, once it read all)."""
+        if self._read_all:
+            return self._base.keys() | dict.keys(self)
+        return self._base.keys()
+
     def _moved(self, stored: dict[str, Any], *, taken: Any = ()) -> bool:
         """The stored data is now ``stored``: a login or rotation moved it under a new
         id, or ``update_session`` wrote it (its function touched the keys in
@@ -388,9 +394,9 @@ class SessionDict(dict[str, Any]):
         (``cart = session["cart"]``, ``update_session`` changing the cart,
         ``cart.append(x)``: 409, never a 200 that drops it). True if this request's
         view of its keys is what is stored."""
-        touched: Any = self._base.keys()
+        touched: Any = self._touched()
         if self._read_all:  # every key was read, those it saw absent too
-            touched = touched | dict.keys(self) | stored.keys()
+            touched = touched | stored.keys()
         mine = {k: dict.get(self, k, ABSENT) for k in touched if k not in taken}
         exact = all(_encodes_same(v, stored.get(k, ABSENT)) for k, v in mine.items())
         held = {k: v for k in taken if type(v := dict.get(self, k)) in _MUTABLE}

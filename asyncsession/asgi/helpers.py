@@ -501,9 +501,8 @@ async def update_session(
                     conn._gone(session, exc)
             # what fn touched as it left it; the rest as stored, but for the keys this
             # request touched before, which keep what it read
-            taken = dict.keys(view) | view._base.keys() if view._read_all else view._base.keys()
             fresh.data = _plain(view)
-            conn.rebase(fresh, taken=taken)
+            conn.rebase(fresh, taken=view._touched())
             if changes is not None:
                 conn._applied(fresh, applied)
             return result
