@@ -392,15 +392,12 @@ class _Connection:
 
     def login_stands(self) -> bool:
         """Whether a login (or ``rotate_session``) of this request stored a session that
-        is still this request's: a refused save leaves it as it is, and the refusal
-        carries its cookie (``undo_login`` then has nothing to undo)."""
+        is still this request's, with no logout after it: a refused save leaves it as
+        it is, and the refusal carries its cookie."""
         fresh, session = self.fresh, self.session
         if fresh is None or session is None or session.id != fresh:
             return False
-        if self.data._cleared:  # a logout after it, which the refusal left undone
-            return False
-        self.fresh = None
-        return True
+        return not self.data._cleared  # (a logout after it, which the refusal left undone)
 
     async def undo_login(self) -> None:
         """A login whose new id reaches no client (its request raised, or answered
@@ -929,7 +926,10 @@ class SessionMiddleware:
                     # a login or rotation of this request stands (its session lives):
                     # the refusal carries its cookie, as the app's response would have;
                     # only what the request changed after it is refused
-                    cookie = conn.cookie_headers() if conn.login_stands() else []
+                    cookie: list[tuple[bytes, bytes]] = []
+                    if conn.login_stands():
+                        cookie = [h for h in conn.cookie_headers() if h[0] == b"set-cookie"]
+                        conn.fresh = None  # (delivered: nothing to undo)
                     conn.cookie_possible = False
                     await conn.undo_login()
                     if conn.refusal is None or not await _app_answers(
@@ -1137,7 +1137,7 @@ async def _app_answers(
     """Answer ``exc`` with the app's own exception handler for it (Starlette's
     ``exception_handlers``, e.g. from ``install_exception_handler``), if it has one:
     the middleware saves after the app has returned, outside its handlers' reach.
-    ``cookie``: the headers of a login's cookie that goes with the answer."""
+    ``cookie``: the ``Set-Cookie`` headers of a login that go with the answer."""
     handlers = getattr(scope.get("app"), "exception_handlers", None)
     if not isinstance(handlers, dict):
         return False
@@ -1158,7 +1158,7 @@ async def _app_answers(
         if message["type"] == "http.response.start":
             extra = [] if _varies_on_cookie(message) else list(_VARY)
             if cookie:
-                extra += [h for h in cookie if h[0] == b"set-cookie"]
+                extra += cookie
                 if not _has_header(message, b"cache-control"):
                     extra.append(_PRIVATE)
             if extra:
@@ -1187,7 +1187,7 @@ async def _send_error(send: Send, status: int, cookie: Sequence[tuple[bytes, byt
                 (b"content-length", str(len(body)).encode()),
                 (b"cache-control", b"no-store"),
                 _VARY[0],  # a session error depends on the cookie
-                *(h for h in cookie if h[0] == b"set-cookie"),
+                *cookie,
             ],
         }
     )
