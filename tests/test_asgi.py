@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -411,6 +411,30 @@ async def test_vary_cookie_joins_the_vary_of_the_apps_error_handler(cstore: Coun
         response = await c.post("/bad")
         assert response.status_code == 400
         assert response.headers.get_list("vary") == ["Accept-Language", "Cookie"]
+
+
+@pytest.mark.parametrize("where", ["outer", "sub-app"])
+async def test_a_refusal_in_a_mounted_sub_app_is_answered_by_the_apps_handler(
+    cstore: CountingStore, where: str
+) -> None:
+    """A save refused in a route of a mounted sub-app is answered by the handler of the
+    app the middleware wraps (outside review: the sub-app had put itself in
+    ``scope["app"]``, so the middleware found no handler and answered plain text), or
+    by the sub-app's own when only it has one."""
+
+    async def bad(request: Request) -> PlainTextResponse:
+        request.session["x"] = {1, 2}
+        return PlainTextResponse("never")
+
+    sub = Starlette(routes=[Route("/bad", bad, methods=["POST"])])
+    app = Starlette(routes=[Mount("/api", app=sub)])
+    app.add_middleware(SessionMiddleware, store=cstore, cookie_name="session")
+    install_exception_handler(app if where == "outer" else sub)
+    async with client(app) as c:
+        response = await c.post("/api/bad")
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["code"] == "SESSION_NOT_SERIALIZABLE"
 
 
 async def test_cookie_options(cstore: CountingStore) -> None:

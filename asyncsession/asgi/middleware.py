@@ -910,6 +910,9 @@ class SessionMiddleware:
             await self._websocket(conn, scope, receive, send)
             return
         replaced = False
+        # the app this middleware wraps (a mounted sub-app puts itself in scope["app"]
+        # as the request goes through it): its exception handlers answer a refusal
+        outer = scope.get("app")
 
         async def send_wrapper(message: Message) -> None:
             nonlocal replaced
@@ -933,7 +936,7 @@ class SessionMiddleware:
                     conn.cookie_possible = False
                     await conn.undo_login()
                     if conn.refusal is None or not await _app_answers(
-                        conn.refusal, scope, receive, send, cookie
+                        conn.refusal, outer, scope, receive, send, cookie
                     ):
                         await _send_error(send, status, cookie)
                     return
@@ -1127,8 +1130,17 @@ async def _commit_or_status(conn: _Connection) -> int | None:
     return None
 
 
+def _handler_for(exc: SessionError, app: Any) -> Any:
+    """``app``'s exception handler for ``exc`` (Starlette's ``exception_handlers``), if any."""
+    handlers = getattr(app, "exception_handlers", None)
+    if not isinstance(handlers, dict):
+        return None
+    return next((handlers[c] for c in type(exc).__mro__ if c in handlers), None)
+
+
 async def _app_answers(
     exc: SessionError,
+    outer: Any,
     scope: Scope,
     receive: Receive,
     send: Send,
@@ -1137,11 +1149,12 @@ async def _app_answers(
     """Answer ``exc`` with the app's own exception handler for it (Starlette's
     ``exception_handlers``, e.g. from ``install_exception_handler``), if it has one:
     the middleware saves after the app has returned, outside its handlers' reach.
-    ``cookie``: the ``Set-Cookie`` headers of a login that go with the answer."""
-    handlers = getattr(scope.get("app"), "exception_handlers", None)
-    if not isinstance(handlers, dict):
-        return False
-    handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers), None)
+    ``outer``: the app the middleware wraps, asked first; then the mounted sub-app
+    that served the request (now ``scope["app"]``), if any. ``cookie``: the
+    ``Set-Cookie`` headers of a login that go with the answer."""
+    handler = _handler_for(exc, outer)
+    if handler is None and scope.get("app") is not outer:
+        handler = _handler_for(exc, scope.get("app"))
     if handler is None:
         return False
     try:
