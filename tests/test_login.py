@@ -504,6 +504,72 @@ async def test_a_save_refused_after_a_login_keeps_the_login(
         await store.get(old)
 
 
+@pytest.mark.parametrize("then", ["refused", "raise"])
+async def test_a_new_session_saved_early_goes_out_with_a_refusal_or_is_undone(
+    store: ControlledStore, then: str
+) -> None:
+    """A visitor without a session: ``update_session`` stores a new one at once. A save
+    refused after it (413) carries that session's cookie, so the stored change is the
+    client's (outside review: no cookie, and the stored cart reached nobody); a
+    request that raises instead deletes it, as an undone login."""
+    store.config = replace(store.config, max_session_size=2048)
+
+    made: list[str] = []
+
+    async def add_then(request: Request) -> JSONResponse:
+        await update_session(request, lambda d: d.setdefault("cart", []).append("book"))
+        session = current_session(request)
+        assert session is not None
+        made.append(session.id)
+        if then == "raise":
+            raise RuntimeError("a later bug (test)")
+        request.session["note"] = "x" * 4096  # refused at the response's start: 413
+        return JSONResponse("saved?")
+
+    app = make_app(store)
+    app.router.routes.append(Route("/add", add_then, methods=["POST"]))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
+        refused = await c.post("/add")
+        if then == "raise":
+            assert refused.status_code == 500 and set_cookies(refused) == []
+            with pytest.raises(SessionNotFound):  # undone: no session that nobody holds
+                await store.get(made[0])
+            return
+        assert refused.status_code == 413, refused.text
+        new = issued(refused)
+        after = (await c.get("/read", headers=jar(new))).json()
+        assert after == {"data": {"cart": ["book"]}, "user": None}
+
+
+@pytest.mark.parametrize("how", ["logout", "clear"])
+async def test_a_logout_then_a_refused_write_stays_logged_out(
+    store: ControlledStore, how: str
+) -> None:
+    """``logout()`` (or ``clear()``), then a write the store refuses (a NaN: 400): the
+    logout stands and the refusal expires the cookie (outside review: the session was
+    deleted but the refusal left the cookie, answering as if nothing had happened)."""
+
+    async def out_then_bad(request: Request) -> JSONResponse:
+        if how == "logout":
+            await logout(request)
+        else:
+            request.session.clear()
+        request.session["draft"] = float("nan")
+        return JSONResponse("saved?")
+
+    app = make_app(store)
+    app.router.routes.append(Route("/out", out_then_bad, methods=["POST"]))
+    async with client(app) as c:
+        old = issued(await c.post("/login", params={"user": "alice"}))
+        c.cookies.clear()
+        refused = await c.post("/out", headers=jar(old))
+        assert refused.status_code == 400, refused.text
+        (header,) = set_cookies(refused)
+        assert header.startswith("__Host-session=;") and "Max-Age=0" in header
+    assert await store.list_by_user("alice") == []
+
+
 @pytest.mark.parametrize("helper", ["login", "rotate_session"])
 async def test_a_logout_refused_after_a_login_hands_out_no_live_session(
     store: ControlledStore, helper: str
@@ -1277,6 +1343,38 @@ async def test_legacy_cookie_name_is_migrated(store: ControlledStore) -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
         r = await c.get("/read", headers={"cookie": f"session={live.id}"})
         assert r.json() == {"data": {"k": 1}, "user": "erin"} and set_cookies(r) == []
+
+
+@pytest.mark.parametrize("then", ["raise", "refused"])
+async def test_a_save_before_the_response_does_not_move_the_legacy_session(
+    store: ControlledStore, then: str
+) -> None:
+    """``update_session`` (or ``save_session``) with the legacy cookie saves the change
+    but leaves the move to the response's start: a request that then raises, or whose
+    final save is refused, keeps the user's session under the legacy id (outside
+    review: the early save moved it, no response carried the new id, and the user was
+    logged out). The next request moves it."""
+    live = await store.create(new_session("erin", data={"visits": 0}))
+
+    async def bump_then(request: Request) -> JSONResponse:
+        await update_session(request, lambda d: d.update(visits=d["visits"] + 1))
+        if then == "raise":
+            raise RuntimeError("a later bug (test)")
+        request.session["bad"] = float("nan")  # refused at the response's start
+        return JSONResponse({})
+
+    app = make_app(store, legacy_cookie_name="session")
+    app.router.routes.append(Route("/bump", bump_then, methods=["POST"]))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
+        r = await c.post("/bump", headers={"cookie": f"session={live.id}"})
+        # (refused: a 400 from the app's handler for NotSerializable)
+        assert r.status_code == (500 if then == "raise" else 400) and set_cookies(r) == []
+        assert (await store.get(live.id)).data == {"visits": 1}  # saved, not moved
+        r = await c.get("/read", headers={"cookie": f"session={live.id}"})
+        assert r.json() == {"data": {"visits": 1}, "user": "erin"}
+        moved = issued(r)  # moved now, by a response that carries the new id
+        assert moved != live.id and (await store.get(moved)).data == {"visits": 1}
 
 
 async def test_a_legacy_move_put_off_by_an_outage_sets_no_cookie(

@@ -450,7 +450,8 @@ async def update_session(
     changed meanwhile still conflicts (409). A list or dict taken before the call from
     a key ``fn`` changed is no longer the session's: changing it answers 409 (read the
     key again). Without a stored session, ``fn`` runs on a copy of the request's data
-    and a new session is created with the result. If ``fn`` raises, nothing it
+    and a new session is created with the result, at once: a refusal later in the
+    request carries its cookie, and a request that fails deletes it. If ``fn`` raises, nothing it
     changed reaches ``request.session`` or the store.
     """
     if attempts < 1:

@@ -205,6 +205,7 @@ class _Connection:
         "cookie_sent",
         "data",
         "degraded",
+        "ended",
         "exact",
         "fresh",
         "legacy",
@@ -251,9 +252,11 @@ class _Connection:
         self.tossed = False  # several values of our cookie: clearing ours would not help
         self.legacy = False  # the session came in the legacy cookie: move it to ours
         self.migrate = False  # ... under a new id, which commit gives it (_migrate)
-        # the id a login() of this request stored, until a response carries its
-        # cookie: a request that fails first undoes the login (undo_login)
+        # the id of a session this request stored under a new id (a login(), a
+        # rotate_session(), a new session saved before the response), until a response
+        # carries its cookie: a request that fails first undoes it (undo_login)
         self.fresh: str | None = None
+        self.ended = False  # this request deleted the client's session (a logout)
         self.budget: float | None = mw.timeout  # seconds of store work left (None: no bound)
         self.accessed = False  # a helper (current_user_id, login...) looked at the session
 
@@ -336,10 +339,14 @@ class _Connection:
 
     # ------------------------------------------------------------------ save
 
-    async def commit(self, *, explicit: bool = False) -> None:
+    async def commit(self, *, explicit: bool = False, final: bool = False) -> None:
         """Persist this request's changes (idempotent: a second call saves only new ones).
         Each store call runs ``within`` the request's deadline; a touch that fails or
-        runs out of it is skipped, as it is only a refresh."""
+        runs out of it is skipped, as it is only a refresh. ``final``: the commit at the
+        response's start (or a websocket's accept or end), the only one that moves a
+        session from the legacy cookie: its response carries the new id (a move at an
+        earlier save, then a request that fails, would leave the client's id rotated
+        to one it never gets)."""
         data = self.data
         if data._cleared:
             # cleared stays set until the delete is done: a failed save retries it
@@ -352,10 +359,11 @@ class _Connection:
             if dict.__len__(self.data):
                 await self._create(explicit=explicit)
             return
+        move = final and self.migrate
         changes = self.data.changes()
         if changes is not None:
             await self._save(self.session, changes)
-        elif self.migrate:
+        elif move:
             self.touch_due = False  # the rotation below refreshes it as a touch would
         elif self.touch_due:
             self.touch_due = False
@@ -367,7 +375,7 @@ class _Connection:
                 _outage(logging.WARNING, "session touch skipped: %s", exc)
             else:
                 self.refreshed = True
-        if self.migrate and self.session is not None:  # (a touch that lost it: no move)
+        if move and self.session is not None:  # (a touch that lost it: no move)
             await self._migrate(self.session)
 
     async def _migrate(self, session: Session) -> None:
@@ -391,22 +399,36 @@ class _Connection:
             self.refreshed = True
 
     def login_stands(self) -> bool:
-        """Whether a login (or ``rotate_session``) of this request stored a session that
-        is still this request's, with no logout after it: a refused save leaves it as
-        it is, and the refusal carries its cookie."""
+        """Whether this request stored a session under a new id (a login,
+        ``rotate_session``, a new session saved before the response) that is still
+        this request's, with no logout after it: a refused save leaves it as it is,
+        and the refusal carries its cookie."""
         fresh, session = self.fresh, self.session
         if fresh is None or session is None or session.id != fresh:
             return False
         return not self.data._cleared  # (a logout after it, which the refusal left undone)
 
+    def standing_cookie(self) -> list[tuple[bytes, bytes]]:
+        """The ``Set-Cookie`` headers a refused save still sends: what the request did
+        to the client's session before the refused write stands. A session it stored
+        under a new id (``login_stands``) gets its cookie; a session it ended (a
+        ``logout()`` or ``clear()``, with nothing stored after it) has its cookie
+        expired."""
+        if self.login_stands():
+            self.fresh = None  # (delivered: nothing to undo)
+        elif not (self.ended and self.session is None):
+            return []
+        return [h for h in self.cookie_headers() if h[0] == b"set-cookie"]
+
     async def undo_login(self) -> None:
-        """A login whose new id reaches no client (its request raised, or answered
-        nothing, or its websocket closed before the accept) is undone: its
-        session is deleted, so no session that nobody holds takes a place in the
-        user's limit (``reject`` locking the user out, ``oldest`` evicting their real
-        devices on the next tries). The rotated cookie stays as it is (a read gets an
-        empty session, a write 409 until a login). Within what is left of the
-        request's deadline; if the store fails, logged, and it expires with its ttl."""
+        """A login (or a new session saved early) whose new id reaches no client (its
+        request raised, or answered nothing, or its websocket closed before the
+        accept) is undone: its session is deleted, so no session that nobody holds
+        takes a place in the user's limit (``reject`` locking the user out,
+        ``oldest`` evicting their real devices on the next tries). The rotated cookie
+        stays as it is (a read gets an empty session, a write 409 until a login).
+        Within what is left of the request's deadline; if the store fails, logged,
+        and it expires with its ttl."""
         session_id, self.fresh = self.fresh, None
         if session_id is None:
             return
@@ -423,7 +445,10 @@ class _Connection:
                 exc,
             )
         else:
-            logger.info("login undone: session %s, its request failed", short_hash(session_id))
+            logger.info(
+                "login undone: session %s, its request failed before a response carried its cookie",
+                short_hash(session_id),
+            )
 
     def check_writable(self) -> None:
         """With ``on_unavailable="anonymous"``, a request whose session the store could
@@ -461,6 +486,7 @@ class _Connection:
             store._was_rotated(session.id, store.scope, store.clock())
         ):
             self._gone(session, store._rotated_error(session.id))
+        self.ended = True
         return True
 
     def check_not_rotated(self) -> None:
@@ -502,6 +528,7 @@ class _Connection:
         client = self.mw.client_fields(self.scope) if self.scope is not None else {}
         session = new_session(None, data=_plain(self.data), now=self.store.clock(), **client)
         self.session = await self.within(self.store.create(session))
+        self.fresh = self.session.id  # until a response carries its cookie
         self.exact = True
         self.data._saved()
         self.refreshed = True
@@ -926,13 +953,11 @@ class SessionMiddleware:
                 status = await _commit_or_status(conn)
                 if status is not None:
                     replaced = True
-                    # a login or rotation of this request stands (its session lives):
-                    # the refusal carries its cookie, as the app's response would have;
-                    # only what the request changed after it is refused
-                    cookie: list[tuple[bytes, bytes]] = []
-                    if conn.login_stands():
-                        cookie = [h for h in conn.cookie_headers() if h[0] == b"set-cookie"]
-                        conn.fresh = None  # (delivered: nothing to undo)
+                    # what the request did to the client's session before the refused
+                    # write stands (a login, a rotation, a new session saved early, a
+                    # logout): the refusal carries its cookie, as the app's response
+                    # would have; only what the request changed after it is refused
+                    cookie = conn.standing_cookie()
                     conn.cookie_possible = False
                     await conn.undo_login()
                     if conn.refusal is None or not await _app_answers(
@@ -1093,7 +1118,7 @@ def _with_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> Message
 async def _commit_or_status(conn: _Connection) -> int | None:
     """Commit; on failure log and return the status to answer instead."""
     try:
-        await conn.commit()
+        await conn.commit(final=True)
     except _UNAVAILABLE as exc:
         _outage(logging.ERROR, "session not saved, store unavailable: %s", exc)
         return 503
