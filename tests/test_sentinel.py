@@ -11,6 +11,7 @@ failover to see the old primary as a good replica again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -66,6 +67,70 @@ def test_sentinel_url_forms() -> None:
         _urls.parse_sentinel_url("redis+sentinel://s1:26379")
     with pytest.raises(ValueError, match="service"):
         RedisStore.from_url("redis+sentinel://:secret@s1:26379/")
+
+
+@pytest.mark.parametrize("error", [AttributeError, TypeError, redis.ConnectionError])
+async def test_the_sentinel_follower_outlives_any_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: type
+) -> None:
+    """The follower of ``+switch-master`` keeps following after any error of a
+    sentinel's link, not only a ``RedisError`` (outside fault injection: one reply of
+    the wrong type made redis-py raise ``AttributeError``, the follower ended for good
+    and the store went on writing to the demoted primary). A server speaking the
+    Redis protocol stands in for the sentinel; its first two subscriptions fail."""
+    from . import backend_redis
+
+    if not backend_redis.server_reachable():
+        if backend_redis.REQUIRE:
+            pytest.fail(f"no Redis server at {backend_redis.REDIS_URL}")
+        pytest.skip(f"no Redis server at {backend_redis.REDIS_URL} (pub/sub needs one)")
+    from types import SimpleNamespace
+
+    from redis.asyncio.client import PubSub
+
+    from asyncsession.backends.redis import sentinel as sentinel_module
+
+    monkeypatch.setattr(sentinel_module, "RETRY_MAX", 0.01)
+    real, failing = PubSub.subscribe, [2]
+
+    async def subscribe(self: PubSub, *args: Any, **kwargs: Any) -> Any:
+        if failing[0]:
+            failing[0] -= 1
+            raise error("a malformed reply (test)")
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PubSub, "subscribe", subscribe)
+    service = f"svc-{uuid.uuid4().hex[:8]}"
+    calls: list[float] = []
+
+    async def switched() -> None:
+        calls.append(time.monotonic())
+
+    client = redis.asyncio.Redis.from_url(backend_redis.REDIS_URL)
+    follower = asyncio.ensure_future(
+        sentinel_module.follow_sentinels(
+            SimpleNamespace(sentinels=[client]),  # type: ignore[arg-type]
+            service,
+            switched,
+        )
+    )
+    try:
+        async with asyncio.timeout(10):
+            while not calls:  # subscribed at the third try: a missed switch is assumed
+                assert not follower.done(), follower.exception()
+                await asyncio.sleep(0.01)
+            assert failing == [0] and len(calls) == 1
+            while len(calls) == 1:  # a real announcement, for this service
+                await client.publish("+switch-master", f"{service} 10.0.0.1 6379 10.0.0.2 6379")
+                await client.publish("+switch-master", "another 10.0.0.1 6379 10.0.0.2 6379")
+                await asyncio.sleep(0.05)
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        await client.aclose()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == (0 if error is redis.ConnectionError else 1), warnings
 
 
 async def test_store_through_from_sentinel_and_the_url(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -19,7 +20,10 @@ async def follow_sentinels(
 ) -> None:
     """Until cancelled: await ``switched()`` whenever a sentinel publishes
     ``+switch-master`` for ``service`` (and after reconnecting to a sentinel, since an
-    announcement may have been missed meanwhile)."""
+    announcement may have been missed meanwhile). Each sentinel is followed on its own,
+    and no failure of one (a lost connection, a malformed reply that redis-py answers
+    with an ``AttributeError`` or ``TypeError``) stops following it: once the follower
+    ended, the store would keep writing to a demoted primary."""
     await asyncio.gather(*(_follow(client, service, switched) for client in sentinel.sentinels))
 
 
@@ -31,6 +35,7 @@ async def _follow(client: Redis, service: str, switched: Callable[[], Awaitable[
     )
     name = service.encode()
     missed = False
+    failures = 0  # in a row: the wait before the next try grows to RETRY_MAX
     try:
         while True:
             pubsub = listener.pubsub()
@@ -39,15 +44,29 @@ async def _follow(client: Redis, service: str, switched: Callable[[], Awaitable[
                 if missed:
                     await switched()
                 async for message in pubsub.listen():
+                    failures = 0  # (the subscription's confirmation is a message too)
                     data = message.get("data")
                     ours = isinstance(data, bytes) and data.split(b" ", 1)[0] == name
                     if message.get("type") == "message" and ours:
                         await switched()
-            except (RedisError, OSError) as exc:
-                logger.debug("asyncsession: sentinel subscription lost (%s); retrying", exc)
+            except Exception as exc:  # (cancellation is no Exception: it ends the loop)
+                expected = isinstance(exc, (RedisError, OSError))
+                logger.log(
+                    logging.DEBUG if expected or failures else logging.WARNING,
+                    "asyncsession: sentinel subscription lost (%s: %s); retrying",
+                    type(exc).__name__,
+                    exc,
+                )
                 missed = True
-                await asyncio.sleep(0.5)
+                failures += 1
+                await asyncio.sleep(min(RETRY_MAX, 0.5 * failures))
             finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
+                with contextlib.suppress(Exception):  # (a broken connection's close)
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
     finally:
-        await listener.aclose()
+        with contextlib.suppress(Exception):
+            await listener.aclose()
+
+
+RETRY_MAX = 5.0
+"""Seconds at most between two tries to subscribe to a sentinel again."""
