@@ -479,3 +479,78 @@ async def test_a_list_held_across_update_session_that_only_read_it_is_saved(
     assert response.json() == ["a", "b"]
     sid = headers["cookie"].split("=")[1]
     assert (await store.get(sid)).data == {"cart": ["a", "b"], "count": 1}
+
+
+@pytest.mark.parametrize("reads", ["items", "values", "copy", "iterate"])
+@pytest.mark.parametrize("meanwhile", ["changed", "added"])
+async def test_a_function_that_read_every_key_reruns_when_any_changed(
+    store: FlakyStore, reads: str, meanwhile: str
+) -> None:
+    """The function sums the session's quantities (through ``items()``, ``values()``,
+    a copy or iteration) while another request changes one of them, or adds
+    one: it runs again and the stored total is right (outside review: plain values
+    read that way were no expectation, and a stale total was stored with a 200)."""
+    headers = await _session(store, qty_a=1, qty_b=1)
+    sid = headers["cookie"].split("=")[1]
+    runs: list[int] = []
+
+    async def total(data: dict[str, Any]) -> int:
+        if reads == "items":
+            qty = [v for k, v in data.items() if k.startswith("qty_")]
+        elif reads == "values":
+            qty = [v for v in data.values() if type(v) is int]
+        elif reads == "copy":
+            qty = [v for k, v in data.copy().items() if k.startswith("qty_")]
+        else:
+            qty = [data.get(k) for k in data if k.startswith("qty_")]
+        if not runs:  # another request, between this load and this write
+            change = {"qty_b": 10} if meanwhile == "changed" else {"qty_c": 1}
+            await store.apply(sid, Changes(set=change))
+        runs.append(1)
+        data["total"] = sum(int(q or 0) for q in qty)
+        return int(data["total"])
+
+    async def route(request: Request) -> JSONResponse:
+        return JSONResponse(await update_session(request, total))
+
+    app = make_app(store)
+    app.router.routes.append(Route("/total", route, methods=["POST"]))
+    async with client(app) as c:
+        response = await c.post("/total", headers=headers)
+    assert response.status_code == 200, response.text
+    stored = (await store.get(sid)).data
+    assert len(runs) == 2
+    quantities = [v for k, v in stored.items() if k.startswith("qty_")]
+    expected = 11 if meanwhile == "changed" else 3
+    assert stored["total"] == sum(quantities) == response.json() == expected, stored
+
+
+async def test_the_list_update_session_returned_is_the_sessions(store: FlakyStore) -> None:
+    """``cart = await update_session(request, lambda d: d.setdefault("cart", []))``,
+    then ``cart.append(x)``: saved, whether or not the request read the cart before
+    (outside review: when the session already had a cart, the request's own list
+    stayed the value and the append to the returned one was dropped with a 200).
+    Changing both the list held from before and the returned one is a conflict."""
+    headers = await _session(store, cart=["book"])
+    sid = headers["cookie"].split("=")[1]
+
+    async def add(request: Request) -> JSONResponse:
+        how = request.query_params["how"]
+        held = request.session["cart"] if how != "untouched" else None
+        cart = await update_session(request, lambda d: d.setdefault("cart", []))
+        cart.append(request.query_params["sku"])
+        if how == "both" and held is not None:
+            held.append("other")
+        return JSONResponse(request.session["cart"])
+
+    app = make_app(store)
+    app.router.routes.append(Route("/add", add, methods=["POST"]))
+    async with client(app) as c:
+        r = await c.post("/add", params={"how": "untouched", "sku": "pen"}, headers=headers)
+        assert r.status_code == 200 and r.json() == ["book", "pen"], r.text
+        r = await c.post("/add", params={"how": "held", "sku": "mug"}, headers=headers)
+        assert r.status_code == 200 and r.json() == ["book", "pen", "mug"], r.text
+        assert (await store.get(sid)).data == {"cart": ["book", "pen", "mug"]}
+        r = await c.post("/add", params={"how": "both", "sku": "cup"}, headers=headers)
+        assert r.status_code == 409 and r.json()["error"]["reason"] == "replaced", r.text
+    assert (await store.get(sid)).data == {"cart": ["book", "pen", "mug"]}

@@ -14,6 +14,7 @@ import logging
 import random
 import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
@@ -22,6 +23,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ..changes import Applied, Changes
 from ..errors import (
     SessionConflict,
     SessionError,
@@ -435,11 +437,14 @@ async def update_session(
 
     Runs ``fn(data)`` on the session data freshly loaded from the store, then applies
     what it changed with the value of every key it read as an expectation, in one
-    atomic step. If another request changed one of those keys meanwhile, it reloads
-    and runs ``fn`` again, up to ``attempts`` times in all, then raises
+    atomic step (if it read every key, by iterating or ``items()``, the version it
+    loaded is the expectation: any change meanwhile runs it again). If another
+    request changed one of those keys meanwhile, it reloads and runs ``fn`` again,
+    up to ``attempts`` times in all, then raises
     ``SessionConflict``. Calls in one process for one session take turns, so retries
     only happen between processes; waiting for the turn counts against the request's
-    deadline like any session work. Returns what ``fn`` returned.
+    deadline like any session work. Returns what ``fn`` returned (a list or dict it
+    returns from the data is the session's: changing it is saved).
 
     ``fn`` may run more than once: keep side effects out of it. It may be a coroutine
     function. The request's other pending changes are saved first, so ``fn`` sees
@@ -495,7 +500,7 @@ async def update_session(
             changes = view.changes(all_reads=True)
             if changes is not None:
                 try:
-                    applied = await conn.within(conn.store.apply(session.id, changes, base=fresh))
+                    applied = await conn.within(_write(conn, fresh, view, changes))
                 except SessionConflict:
                     continue
                 except SessionNotFound as exc:
@@ -514,6 +519,18 @@ async def update_session(
         f"session data kept changing underneath; gave up after {attempts} attempts",
         details={"session": short_hash(session.id), "attempts": attempts},
     )
+
+
+async def _write(conn: _Connection, fresh: Session, view: SessionDict, changes: Changes) -> Applied:
+    """Store what ``update_session``'s function changed. It read some keys: their
+    values are the expectations (``Store.apply``). It read every key (iterated,
+    ``len``, ``items()``, ``copy()``...): what it computed may depend on any of them,
+    and on the keys that were not there, so the whole session must be as it was:
+    a compare-and-set of the version it loaded (``Store.update``)."""
+    if not view._read_all:
+        return await conn.store.apply(fresh.id, changes, base=fresh)
+    updated = await conn.store.update(replace(fresh, data=_plain(view)))
+    return Applied(updated.version, updated.updated_at, updated.expires_at)
 
 
 async def _run(fn: Callable[[SessionDict], T | Awaitable[T]], data: SessionDict) -> T:
