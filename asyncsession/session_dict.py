@@ -99,9 +99,11 @@ class SessionDict(dict[str, Any]):
         self._dirty = False  # written, or a list/dict handed out: commit must look
         self._cleared = False
         self._accessed = False  # handed to the app as request.session (Vary: Cookie)
-        # lists and dicts the app may still hold whose key update_session's function
-        # has since replaced (no longer the session's): a change to one is a conflict
-        self._orphans: list[tuple[Any, _Snapshot]] = []
+        # lists and dicts the app may still hold that are no longer the value of their
+        # key (update_session replaced it): (object, its JSON then, key). A change to
+        # one is a conflict, unless it held what is stored for the key and the key's
+        # value is unchanged: then it becomes the value (_claim_orphans)
+        self._orphans: list[tuple[Any, _Snapshot, str]] = []
 
     def mark_accessed(self) -> None:
         """Starlette's ``request.session`` calls this: the response may depend on the
@@ -119,6 +121,8 @@ class SessionDict(dict[str, Any]):
             self._base[key] = value
 
     def __getitem__(self, key: str) -> Any:
+        if self._orphans:
+            self._claim_orphans(key, strict=False)
         value = dict.get(self, key, ABSENT)
         base = self._base
         if key not in base:
@@ -131,6 +135,8 @@ class SessionDict(dict[str, Any]):
         return value
 
     def get(self, key: str, default: Any = None) -> Any:
+        if self._orphans:
+            self._claim_orphans(key, strict=False)
         value = dict.get(self, key, ABSENT)
         base = self._base
         if key not in base:
@@ -148,6 +154,8 @@ class SessionDict(dict[str, Any]):
     def _see_all(self) -> None:
         """Every key counts as read; lists and dicts are snapshotted now (they may be
         mutated through what is handed out), scalars when first written."""
+        if self._orphans:
+            self._claim_orphans(strict=False)
         if self._read_all:
             return
         self._read_all = True
@@ -291,14 +299,8 @@ class SessionDict(dict[str, Any]):
         it read) as expectations; None if nothing changed."""
         if not self._dirty:
             return None
-        for obj, before in self._orphans:
-            if not _same(before, obj):
-                raise SessionConflict(
-                    "a list or dict taken from the session before update_session() "
-                    "replaced its key was changed afterwards (read the key again after "
-                    "update_session): not saved",
-                    details={"reason": "replaced"},
-                )
+        if self._orphans:
+            self._claim_orphans()
         sets: dict[str, Any] = {}
         deletes: list[str] = []
         expect: dict[str, Any] = {}
@@ -327,6 +329,36 @@ class SessionDict(dict[str, Any]):
             if type(key) is not str:  # (request.session[1] = ...: as for a new session)
                 raise not_serializable({k: None for k in sets})
         return Changes(sets, deletes, expect)
+
+    def _claim_orphans(self, only: str | None = None, *, strict: bool = True) -> None:
+        """A changed orphan that held what is stored for its key (``update_session``'s
+        function returned its own copy of a list the request also holds) becomes the
+        key's value while that value is unchanged; the value it displaces becomes an
+        orphan. Any other changed orphan is a conflict (``strict``: raised), as its
+        change cannot be saved. ``only``: the orphans of that key (a read of it)."""
+        base = self._base
+        for index, (obj, before, key) in enumerate(self._orphans):
+            if (only is not None and key != only) or _same(before, obj):
+                continue
+            value = dict.get(self, key, ABSENT)
+            stored = base.get(key, ABSENT)
+            if (
+                type(stored) is _Snapshot
+                and stored.json == before.json
+                and type(value) in _MUTABLE
+                and _same(stored, value)
+            ):
+                dict.__setitem__(self, key, obj)
+                self._orphans[index] = (value, stored, key)
+                continue
+            if not strict:
+                continue
+            raise SessionConflict(
+                "a list or dict taken from the session before update_session() "
+                "replaced its key was changed afterwards (read the key again after "
+                "update_session): not saved",
+                details={"reason": "replaced"},
+            )
 
     @property
     def modified(self) -> bool:
@@ -388,18 +420,20 @@ class SessionDict(dict[str, Any]):
         read, so a write that depends on a key changed meanwhile still conflicts and
         a list or dict the app holds stays watched; the rest are the stored values.
         A key in ``taken`` counts as read at its stored value. A list or dict the app
-        may still hold from before for it stays the value while it holds what is
-        stored (the function only read it); otherwise it is no longer the session's,
-        and a change to it (nested values included) is a conflict at the next save
-        (``cart = session["cart"]``, ``update_session`` changing the cart,
-        ``cart.append(x)``: 409, never a 200 that drops it). True if this request's
-        view of its keys is what is stored."""
-        touched: Any = self._touched()
-        if self._read_all:  # every key was read, those it saw absent too
-            touched = touched | stored.keys()
+        may still hold from before for it (a key this request touched) stays the
+        value while it holds what is stored (the function only read it), and the
+        function's own copy, which it may have returned, takes its place if only that
+        copy is changed later (``_claim_orphans``); otherwise the app's object is no
+        longer the session's, and a change to it (nested values included) is a
+        conflict at the next save (``cart = session["cart"]``, ``update_session``
+        changing the cart, ``cart.append(x)``: 409, never a 200 that drops it). A key
+        this request never touched takes the function's value. True if this
+        request's view of its keys is what is stored."""
+        handed: Any = self._touched()  # what the app may hold
+        touched = handed | stored.keys() if self._read_all else handed  # (absent ones too)
         mine = {k: dict.get(self, k, ABSENT) for k in touched if k not in taken}
         exact = all(_encodes_same(v, stored.get(k, ABSENT)) for k, v in mine.items())
-        held = {k: v for k in taken if type(v := dict.get(self, k)) in _MUTABLE}
+        held = {k: v for k in taken if k in handed and type(v := dict.get(self, k)) in _MUTABLE}
         order = list(dict.keys(self))
         dict.clear(self)
         dict.update(self, stored)
@@ -416,10 +450,12 @@ class SessionDict(dict[str, Any]):
                 continue
             if _encodes_same(obj, new):  # what is stored: the app's object stays the value
                 dict.__setitem__(self, key, obj)
+                if type(new) in _MUTABLE:  # and the function's own (it may have
+                    self._orphans.append((new, _snapshot(new), key))  # returned it)
                 continue
             before = _snapshot(obj)  # no longer the session's
             if before.json is not None:
-                self._orphans.append((obj, before))
+                self._orphans.append((obj, before, key))
         for key in taken:  # read (by the function) at what is stored now
             self._base[key] = ABSENT  # (the baseline _saved sets)
             self._blind.discard(key)
