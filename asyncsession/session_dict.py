@@ -406,6 +406,27 @@ class SessionDict(dict[str, Any]):
         self._forget()
         self._cleared = False
 
+    def _refused(self, stored: dict[str, Any]) -> None:
+        """A save of this request was refused (a conflict the app was told of): its
+        pending changes are dropped and ``stored`` is the new baseline. A list or dict
+        the app may still hold is watched as an orphan: one that held what is stored
+        takes its key's place if changed (the key counts as read), any other one
+        changed is a conflict. Orphans of before are dropped: their conflict was
+        reported."""
+        held = [
+            (value, _snapshot(value), key)
+            for key in self._touched()
+            if type(value := dict.get(self, key)) in _MUTABLE
+        ]
+        self._reset(stored)
+        for value, before, key in held:
+            if before.json is None:
+                continue
+            self._orphans.append((value, before, key))
+            if key not in self._base:
+                self._read(key, dict.get(self, key, ABSENT))
+        self._dirty = bool(self._orphans)
+
     def _touched(self) -> Any:
         """The keys this request read or wrote (every key it holds, once it read all)."""
         if self._read_all:

@@ -1426,6 +1426,62 @@ def test_the_exception_handler_closes_a_websocket_instead_of_breaking_it(
         assert refused.value.code == 1008
 
 
+@pytest.mark.parametrize("refused", ["conflict", "replaced"])
+def test_a_websocket_goes_on_saving_after_a_refused_save(
+    cstore: CountingStore, refused: str
+) -> None:
+    """A websocket's ``save_session`` refused with 409 (a key it read was changed by a
+    parallel request; or a list it held was replaced by ``update_session``): its
+    pending changes are dropped and the session taken as stored, so later saves and
+    ``update_session`` work (review: every later save of the socket answered 409 and
+    nothing more of it was saved). A list it still holds from before, as stored,
+    is saved when changed."""
+
+    async def ws_route(websocket: WebSocket) -> None:
+        await websocket.accept()
+        session = websocket.session
+        n, cart = session["n"], session["cart"]
+        await websocket.receive_text()  # meanwhile a request changes n
+        if refused == "conflict":
+            session["n"] = n + 10  # a dependent write on a stale read
+        else:
+            note = session["note"]
+            await update_session(websocket, lambda d: d.update(note=[]))
+            note.append("lost")  # no longer the session's
+        outcome = []
+        try:
+            await save_session(websocket)
+        except SessionConflict as exc:
+            outcome.append(exc.details.get("reason", "conflict"))
+        session["chat"] = "hello"  # a blind write
+        await update_session(websocket, lambda d: d.update(n=d["n"] + 1))
+        cart.append("pen")  # held from before the refusal, as stored
+        await save_session(websocket)
+        outcome.append("saved")
+        await websocket.send_json(outcome)
+        await websocket.close()
+
+    async def bump(request: Request) -> JSONResponse:
+        request.session["n"] += 1
+        return JSONResponse(request.session["n"])
+
+    app = make_app(cstore)
+    app.router.routes.append(WebSocketRoute("/ws-refused", ws_route))
+    app.router.routes.append(Route("/bump", bump, methods=["POST"]))
+    with TestClient(app, base_url=BASE) as tc:
+        sid = tc.post("/set", params={"key": "n", "value": "0"}).cookies["session"]
+        session = tc.portal.call(cstore.get, sid)
+        session.data.update(n=0, cart=["book"], note=["keep"])
+        tc.portal.call(cstore.update, session)
+        with tc.websocket_connect("wss://testserver/ws-refused") as websocket:
+            assert tc.post("/bump").json() == 1
+            websocket.send_text("go")
+            assert websocket.receive_json() == [refused, "saved"]
+        stored = tc.portal.call(cstore.get, sid).data
+    note = ["keep"] if refused == "conflict" else []
+    assert stored == {"n": 2, "cart": ["book", "pen"], "note": note, "chat": "hello"}
+
+
 def test_websocket_refused_when_store_is_down(cstore: CountingStore) -> None:
     from starlette.websockets import WebSocketDisconnect
 

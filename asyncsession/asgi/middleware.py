@@ -360,12 +360,17 @@ class _Connection:
                 await self._create(explicit=explicit)
             return
         move = final and self.migrate
-        changes = self.data.changes()
-        if changes is not None:
-            await self._save(self.session, changes)
-        elif move:
+        try:
+            changes = self.data.changes()
+            if changes is not None:
+                await self._save(self.session, changes)
+        except SessionConflict:
+            if not final and self.session is not None:  # (None: it ended or moved)
+                await self._reload(self.session)
+            raise
+        if changes is None and move:
             self.touch_due = False  # the rotation below refreshes it as a touch would
-        elif self.touch_due:
+        elif changes is None and self.touch_due:
             self.touch_due = False
             try:
                 await self.within(self.store.touch(self.session.id))
@@ -377,6 +382,25 @@ class _Connection:
                 self.refreshed = True
         if move and self.session is not None:  # (a touch that lost it: no move)
             await self._migrate(self.session)
+
+    async def _reload(self, session: Session) -> None:
+        """After a conflict refused an explicit save (``save_session``,
+        ``update_session``), which the app is told by the exception: the request's
+        pending changes are dropped and the session is taken as stored, so the
+        connection can go on (a websocket has no other way to reload; review: every
+        later save of it answered 409). Lists and dicts the app may still hold are
+        watched as after ``update_session`` (``SessionDict._refused``). An outage
+        leaves things as they are: the next save is refused again and reloads then."""
+        try:
+            fresh = await self.within(self.store.get(session.id))
+        except SessionNotFound as exc:
+            self._lost(exc)
+            return
+        except _UNAVAILABLE:
+            return
+        self.session = fresh
+        self.exact = True
+        self.data._refused(fresh.data)
 
     async def _migrate(self, session: Session) -> None:
         """Move a session that came in ``legacy_cookie_name`` to a new id (set under the
