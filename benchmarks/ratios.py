@@ -174,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         help="statistic the ratios and verdicts use (default: median)",
     )
     args = parser.parse_args(argv)
-    rows = [Row(b) for path in args.json for b in json.loads(path.read_text())["benchmarks"]]
+    try:
+        rows = [Row(b) for path in args.json for b in json.loads(path.read_text())["benchmarks"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # (a suite that skipped, e.g. without its extras, writes no file)
+        print(f"ratios.py: cannot read the benchmark JSON: {exc}", file=sys.stderr)
+        return 2
     lines, missed = report(rows, args.stat)
     print("\n".join(lines).lstrip("\n"))
     print(f"\n{missed} target(s) missed" if missed else "\nall targets met")
