@@ -27,7 +27,7 @@ from .changes import Applied, EncodedChanges
 from .config import Config
 from .errors import ErrorCode, SessionError, SessionTooLarge, StoreClosed, short_hash
 from .session import Session
-from .store import InsertResult, Outcome, PurgedSession, ScanEntry, Store
+from .store import InsertResult, Miss, Outcome, PurgedSession, ScanEntry, Store
 
 logger = logging.getLogger("asyncsession")
 
@@ -365,6 +365,11 @@ class ControlledStore(Store):
 
     def _adopt(self, session_id: str, handle: str) -> Coroutine[Any, Any, bool]:
         return self.store._adopt(session_id, handle)
+
+    def _missing(
+        self, session_id: str, key: str, scope: Config, now: datetime, plain: bool
+    ) -> Coroutine[Any, Any, Miss]:
+        return self.store._missing(session_id, key, scope, now, plain)
 
     def _migrated(self, moved: int) -> Coroutine[Any, Any, None]:
         return self.store._migrated(moved)

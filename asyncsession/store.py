@@ -75,6 +75,14 @@ class Outcome(Enum):
     TOO_LARGE = "too_large"
 
 
+class Miss(Enum):
+    """What a lookup that found nothing under an id's storage key learns (``_missing``)."""
+
+    MOVED = "moved"  # a record stored under the plain id (before hashing) is there now
+    ROTATED = "rotated"  # the id was rotated less than ``rotation_grace`` ago
+    UNKNOWN = "unknown"
+
+
 @dataclass(frozen=True, slots=True)
 class InsertResult:
     """What ``_insert`` did besides inserting: the ids it evicted for the per-user limit."""
@@ -543,8 +551,16 @@ class Store(ABC):
         key = session_handle(session_id) if self._hash_ids else session_id
         try:
             session = await self._load(key)
-            if session is None and self._hash_ids and await self._move_plain(session_id, key):
-                session = await self._load(key)
+            if session is None:
+                plain = self._hash_ids  # look for a record stored under the plain id
+                if plain and not self._moves_plain_ids:
+                    await self._move_plain(session_id, key)  # (PlainIdsFound if one is)
+                    plain = False
+                miss = await self._missing(session_id, key, self.config, self.clock(), plain)
+                if miss is Miss.MOVED:
+                    session = await self._load(key)
+                elif miss is Miss.ROTATED:
+                    raise self._rotated_error(session_id)
         except codec.CorruptRecord as exc:
             raise self._corrupt(session_id, exc) from exc
         now = self.clock()
@@ -554,9 +570,6 @@ class Store(ABC):
                 session.expires_at is None or now < session.expires_at
             ):
                 return self._open_data(session, session_id)  # [encryption]
-        scope = self.config
-        if session is None and scope.rotation_grace and await self._rotated(key, scope, now):
-            raise self._rotated_error(session_id)
         return self._open_data(
             self._visible(session, session_id, self.config.site_id, now), session_id
         )
@@ -1239,6 +1252,19 @@ class Store(ABC):
             if outcome is not Outcome.CONFLICT:
                 return outcome
         return Outcome.CONFLICT  # pragma: no cover - CAS_ATTEMPTS writers in a row
+
+    async def _missing(
+        self, session_id: str, key: str, scope: Config, now: datetime, plain: bool
+    ) -> Miss:
+        """``get`` found nothing under ``key``, the storage id of ``session_id``: did a
+        record stored under the plain id (before hashing; looked for when ``plain``)
+        move there now, or was the id rotated recently? A backend may answer both in
+        one round trip (Redis)."""
+        if plain and await self._adopt(session_id, key):
+            return Miss.MOVED
+        if scope.rotation_grace and await self._rotated(key, scope, now):
+            return Miss.ROTATED
+        return Miss.UNKNOWN
 
     async def _was_rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
         """Whether the id ``session_id`` (not a storage id) was rotated recently."""

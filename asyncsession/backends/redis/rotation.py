@@ -76,13 +76,18 @@ async def rotate(
 
 
 async def rotated(store: RedisStore, session_id: str, scope: Config, now: datetime) -> bool:
-    reply = await store._call("GET", rotation_key(store, session_id))
-    if not reply:
+    return live(await store._call("GET", rotation_key(store, session_id)), scope, now)
+
+
+def live(record: Any, scope: Config, now: datetime) -> bool:
+    """Whether a rotation record (``GET`` of its key: None if there is none) is of
+    ``scope``'s site and not past its deadline; a damaged one is not."""
+    if not record:
         return False
-    until, _, site = bytes(reply).partition(b":")
+    until, _, site = bytes(record).partition(b":")
     try:
         return site.decode() == scope.site_id and codec.to_us(now) < int(until)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, TypeError):
         return False
 
 

@@ -48,6 +48,7 @@ from ...store import (
     NO_EVICTIONS,
     InsertResult,
     KeepGone,
+    Miss,
     Outcome,
     PurgedSession,
     ScanEntry,
@@ -651,8 +652,33 @@ class RedisStore(Store):
         session.id = session_id
         return session
 
+    async def _missing(
+        self, session_id: str, key: str, scope: Config, now: datetime, plain: bool
+    ) -> Miss:
+        """One script for a lookup that found nothing: whether a record is stored
+        under the plain id, and the rotation record (an unknown or stale cookie costs
+        two round trips, not three: outside review)."""
+        if not (plain and scope.rotation_grace):
+            return await super()._missing(session_id, key, scope, now, plain)
+        return await self._missing_read(session_id, key, scope, now)
+
     @_guarded
-    async def _adopt(self, session_id: str, handle: str) -> bool:
+    async def _missing_read(self, session_id: str, key: str, scope: Config, now: datetime) -> Miss:
+        keys = (
+            self.session_key(session_id),
+            self.session_key(key),
+            rotation.rotation_key(self, key),
+        )
+        found = await self._eval(ADOPT_READ, keys, ())
+        if int(found[0]):  # stored under the plain id: move it
+            return Miss.MOVED if await self._adopt(session_id, key, found) else Miss.UNKNOWN
+        if int(found[1]):  # moved meanwhile by a concurrent adopt
+            return Miss.MOVED
+        record = found[2] if len(found) > 2 else None
+        return Miss.ROTATED if rotation.live(record, scope, now) else Miss.UNKNOWN
+
+    @_guarded
+    async def _adopt(self, session_id: str, handle: str, found: Any = None) -> bool:
         """Move a session stored under the plain ``session_id`` (the layout before
         ``Config.hash_ids``) to ``handle``. One read-only script says whether there is
         one (when there is not: that is all); the record is rebuilt here with the
@@ -663,7 +689,8 @@ class RedisStore(Store):
         cluster the handle keeps the id's first 4 characters: every key in one slot."""
         okey, hkey = self.session_key(session_id), self.session_key(handle)
         for _ in range(ADOPT_ATTEMPTS):
-            found = await self._eval(ADOPT_READ, (okey, hkey), ())
+            if found is None:  # (else: the first read, done by the caller)
+                found = await self._eval(ADOPT_READ, (okey, hkey), ())
             if not int(found[0]):
                 return bool(int(found[1]))
             record, ikey = bytes(found[1]), bytes(found[2])
@@ -675,6 +702,7 @@ class RedisStore(Store):
             reply = await self._eval(ADOPT, keys, args)
             if reply != b"changed":
                 return reply in (b"moved", b"found")
+            found = None
         raise RuntimeError(
             f"session {short_hash(session_id)} stored under its plain id kept changing "
             f"while it was moved to its handle ({ADOPT_ATTEMPTS} reads)"
