@@ -12,8 +12,14 @@ from .crypto import KeyRing, parse_keys
 from .session import as_duration
 
 Eviction = Literal["oldest", "lru", "reject"]
-"""What ``create`` does for a user at ``max_sessions_per_user``: evict the oldest
-session, the least recently used one, or refuse (``SessionLimitExceeded``)."""
+"""The type of ``Config.eviction``.
+
+What ``create`` (and a ``login`` or ``rotate`` binding a user) does for a user
+already at ``max_sessions_per_user``: ``"oldest"`` (the default) evicts the
+session created first, ``"lru"`` the least recently used one (by
+``last_accessed_at``), each with an ``evicted`` event; ``"reject"`` refuses with
+``SessionLimitExceeded`` and writes nothing. ``EVICTION_POLICIES`` lists the
+values."""
 EVICTION_POLICIES: tuple[str, ...] = get_args(Eviction)
 """The values of ``Eviction``."""
 

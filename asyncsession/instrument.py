@@ -117,7 +117,13 @@ _OUTCOMES = {
 
 class OperationStats:
     """One operation's counters: exact calls and errors, and the latency histogram
-    of the timed calls."""
+    of the timed calls.
+
+    ``calls``: every call; ``errors``: calls by failed outcome (an error code in
+    lower case such as ``session_not_found``, ``cancelled`` or ``error``; ``ok`` is
+    the rest, see ``outcomes()``); ``buckets``: timed calls per bound of
+    ``StoreMetrics.bounds``, then one past the last (+Inf), not cumulative;
+    ``total``: seconds over the timed calls; ``timed``: how many were timed."""
 
     __slots__ = ("buckets", "calls", "errors", "last_timed", "mask", "total")
 
@@ -131,6 +137,7 @@ class OperationStats:
 
     @property
     def timed(self) -> int:
+        """How many calls were timed (under load, a sample of ``calls``)."""
         return sum(self.buckets)
 
     def outcomes(self) -> dict[str, int]:
@@ -139,11 +146,25 @@ class OperationStats:
         return {"ok": self.calls - sum(errors.values()), **errors}
 
     def fail(self, outcome: str) -> None:
+        """Count one call as failed with ``outcome``."""
         self.errors[outcome] = self.errors.get(outcome, 0) + 1
 
 
 class StoreMetrics:
-    """What one instrumented store recorded; exporters read it when they collect."""
+    """What one instrumented store recorded since ``instrument()``, as ``metrics(store)``
+    returns it; exporters read it when they collect. Live counters, updated in place
+    (copy what you want to keep); never a session id or user id.
+
+    - ``backend``: the backend's name (``memory``, ``sqlite``, ``redis``);
+    - ``site``: ``Config.site_id`` of the store;
+    - ``bounds``: the latency histogram's bucket bounds in seconds (``buckets``);
+    - ``operations``: an ``OperationStats`` per operation of ``OPERATIONS``
+      (``create``, ``get``... ``purge_expired``), every one present, calls or not;
+    - ``violations``: count by violation type (``size_exceeded``, ``conflict``...),
+      only the types seen;
+    - ``events``: count by lifecycle event type (``created``, ``expired``...), only
+      the types seen.
+    """
 
     def __init__(self, backend: str, site: str, bounds: Sequence[float]) -> None:
         self.backend = backend
@@ -152,6 +173,15 @@ class StoreMetrics:
         self.operations = {op: OperationStats(len(self.bounds)) for op in OPERATIONS}
         self.violations: dict[str, int] = {}
         self.events: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        ops = list(self.operations.values())
+        return (
+            f"StoreMetrics(backend={self.backend!r}, site={self.site!r}, "
+            f"calls={sum(st.calls for st in ops)}, "
+            f"errors={sum(sum(st.errors.values()) for st in ops)}, "
+            f"violations={sum(self.violations.values())}, events={sum(self.events.values())})"
+        )
 
 
 def _outcome(exc: BaseException) -> str:
@@ -230,7 +260,11 @@ def instrument(
 
 
 def metrics(store: ControlledStore) -> StoreMetrics | None:
-    """The counters of an instrumented store (None if it is not instrumented)."""
+    """The counters of an instrumented store (None if it is not instrumented).
+
+    Pass the twin ``instrument()`` returned, not the store it was made from. The
+    ``StoreMetrics`` is live: read it when you need the numbers, with or without
+    an exporter, e.g. ``metrics(twin).operations["get"].outcomes()``."""
     return _METRICS.get(store)
 
 

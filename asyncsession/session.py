@@ -86,6 +86,11 @@ def is_handle(value: object) -> bool:
 
 
 def is_valid_session_id(session_id: object) -> bool:
+    """True if ``session_id`` is a ``str`` of 16-128 characters of ``A-Z``, ``a-z``,
+    ``0-9``, ``-`` and ``_``: the form every store accepts (what
+    ``generate_session_id`` makes is one). A check of form only, never of existence;
+    never raises (the stores raise ``InvalidSession`` for anything else). A handle
+    (``session_handle``) is not a valid id."""
     return isinstance(session_id, str) and SESSION_ID_RE.fullmatch(session_id) is not None
 
 
@@ -218,11 +223,23 @@ def new_session(
     now: datetime | None = None,
     **fields: Any,
 ) -> Session:
-    """Build a new session with a fresh id .
+    """Build a new session with a fresh id (not stored yet: pass it to ``Store.create``).
 
-    ``ttl`` (timedelta or seconds) sets ``expires_at``; without it the store applies
-    ``Config.default_ttl``. ``fields`` sets ``data``, ``organization_id``,
-    ``ip_address``, ``user_agent``. A user session's id starts with the user's tag
+    ``user_id``: a ``str``, ``int`` or ``UUID`` (stored as its ``str``), or ``None``
+    for an anonymous session. ``ttl`` (timedelta or seconds, positive) sets
+    ``expires_at`` and ``absolute_expires_at``; without it the store applies
+    ``Config.default_ttl``. ``now`` is the creation time (``created_at``,
+    ``updated_at``, ``last_accessed_at``, and where ``ttl`` counts from): a
+    timezone-aware ``datetime``, default the current UTC time; a naive one (or
+    anything else) raises ``InvalidSession``. Pass ``store.clock()`` where the
+    store has an injected clock. ``fields`` sets ``data``, ``organization_id``,
+    ``ip_address``, ``user_agent`` and ``site_id``; any other name is a
+    ``TypeError``.
+
+    ``site_id`` need not be given: ``Store.create`` sets it to the store's
+    ``Config.site_id`` whatever it was (and fills ``expires_at`` from
+    ``default_ttl`` when no ``ttl`` was given), so the session is visible to that
+    site only. A user session's id starts with the user's tag
     (``generate_session_id(user_id)``), which Redis Cluster needs.
     """
     unknown = set(fields) - _NEW_SESSION_FIELDS

@@ -107,7 +107,18 @@ def _last_accessed_at(entry: _Entry) -> datetime:
 
 
 class MemoryStore(Store):
-    """In-process store (the seed's ``backend/memory``)."""
+    """Sessions kept in this process's memory, with no I/O: for development, tests
+    and single-process apps (``open_store("memory://")``).
+
+    Nothing is shared with other processes or workers, and everything is lost when
+    the process exits. Data is held as encoded JSON, so every ``get`` returns an
+    independent copy and values round-trip exactly as in the SQLite and Redis
+    stores, under the same ``Store`` contract. ``clock`` injects the time (tests).
+
+    Applications use it as a controlled store, ``MemoryStore.with_controls(config)``
+    or ``open_store("memory://", config)``, which adds the size limit, violation
+    events and logs (see ``with_controls``).
+    """
 
     backend_name = "memory"
     stores_header = False  # metadata lives in the entry; ``record`` is the data
@@ -125,7 +136,8 @@ class MemoryStore(Store):
     def with_controls(
         cls, config: Config | None = None, *, clock: Clock | None = None, **options: Any
     ) -> ControlledStore:
-        """A controlled memory store: the seed's ``NewWithControls(config)``."""
+        """A controlled memory store:
+        ``with_controls(MemoryStore(config, clock=clock), config, **options)``."""
         return with_controls(cls(config, clock=clock), config, **options)
 
     def __len__(self) -> int:
