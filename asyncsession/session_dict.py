@@ -88,6 +88,7 @@ class SessionDict(dict[str, Any]):
         "_forced",
         "_orphans",
         "_read_all",
+        "_stale",
     )
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
@@ -104,6 +105,10 @@ class SessionDict(dict[str, Any]):
         # one is a conflict, unless it held what is stored for the key and the key's
         # value is unchanged: then it becomes the value (_claim_orphans)
         self._orphans: list[tuple[Any, _Snapshot, str]] = []
+        # after a refused save (_refused): what the request had read of each key, so a
+        # write of one not read again still depends on that read (a conflict), never
+        # a blind write of a value computed from what was refused
+        self._stale: dict[str, Any] = {}
 
     def mark_accessed(self) -> None:
         """Starlette's ``request.session`` calls this: the response may depend on the
@@ -230,10 +235,13 @@ class SessionDict(dict[str, Any]):
 
     def _before(self, key: str) -> None:
         if key not in self._base:
-            value = dict.get(self, key, ABSENT)
-            self._base[key] = _snapshot(value) if type(value) in _MUTABLE else value
-            if not self._read_all:
-                self._blind.add(key)
+            if self._stale and key in self._stale:  # read before a refused save
+                self._base[key] = self._stale.pop(key)
+            else:
+                value = dict.get(self, key, ABSENT)
+                self._base[key] = _snapshot(value) if type(value) in _MUTABLE else value
+                if not self._read_all:
+                    self._blind.add(key)
         self._dirty = True
 
     def __setitem__(self, key: str, value: Any) -> None:
@@ -245,6 +253,8 @@ class SessionDict(dict[str, Any]):
         dict.__delitem__(self, key)
 
     def pop(self, key: str, *default: Any) -> Any:
+        if self._orphans:
+            self._claim_orphans(key, strict=False)
         if key not in self._base:
             self._read(key, dict.get(self, key, ABSENT))
         self._dirty = True
@@ -259,6 +269,8 @@ class SessionDict(dict[str, Any]):
         return key, value
 
     def setdefault(self, key: str, default: Any = None) -> Any:
+        if self._orphans:
+            self._claim_orphans(key, strict=False)
         value = dict.get(self, key, ABSENT)
         if key not in self._base:
             self._read(key, value)
@@ -286,8 +298,11 @@ class SessionDict(dict[str, Any]):
         through a reference obtained around this dict). Unless the request read
         ``key`` first, it is a blind write."""
         if key not in self._base:
-            self._base[key] = _Snapshot(None)
-            self._blind.add(key)
+            if self._stale and key in self._stale:  # read before a refused save
+                self._base[key] = self._stale.pop(key)
+            else:
+                self._base[key] = _Snapshot(None)
+                self._blind.add(key)
         self._forced.add(key)
         self._dirty = True
 
@@ -393,6 +408,7 @@ class SessionDict(dict[str, Any]):
 
     def _forget(self) -> None:
         self._orphans = []
+        self._stale = {}
         self._base = {}
         self._blind = set()
         self._forced = set()
@@ -408,23 +424,31 @@ class SessionDict(dict[str, Any]):
 
     def _refused(self, stored: dict[str, Any]) -> None:
         """A save of this request was refused (a conflict the app was told of): its
-        pending changes are dropped and ``stored`` is the new baseline. A list or dict
-        the app may still hold is watched as an orphan: one that held what is stored
-        takes its key's place if changed (the key counts as read), any other one
-        changed is a conflict. Orphans of before are dropped: their conflict was
-        reported."""
-        held = [
-            (value, _snapshot(value), key)
-            for key in self._touched()
-            if type(value := dict.get(self, key)) in _MUTABLE
-        ]
+        pending changes are dropped and ``stored`` is the new baseline. Every list or
+        dict the app may still hold (the values of keys it touched, the orphans of
+        before) is watched as an orphan from its state now: one that holds what is
+        stored takes its key's place if changed (the key counts as read), any other
+        one changed is a conflict. A key the request had read keeps that read for a
+        write made without reading it again (``_stale``)."""
+        base, blind = self._base, self._blind
+        reads = {k: v for k, v in base.items() if k not in blind}
+        if self._read_all:  # (a scalar it read but never wrote is not in _base)
+            for key, value in dict.items(self):
+                if key not in base:
+                    reads[key] = _snapshot(value) if type(value) in _MUTABLE else value
+        held = [(obj, key) for obj, _, key in self._orphans]
+        held += [(v, k) for k in self._touched() if type(v := dict.get(self, k)) in _MUTABLE]
         self._reset(stored)
-        for value, before, key in held:
-            if before.json is None:
+        seen: set[int] = set()
+        for obj, key in held:
+            before = _snapshot(obj)
+            if before.json is None or id(obj) in seen:
                 continue
-            self._orphans.append((value, before, key))
+            seen.add(id(obj))
+            self._orphans.append((obj, before, key))
             if key not in self._base:
                 self._read(key, dict.get(self, key, ABSENT))
+        self._stale = {k: v for k, v in reads.items() if k not in self._base}
         self._dirty = bool(self._orphans)
 
     def _touched(self) -> Any:
@@ -433,7 +457,7 @@ class SessionDict(dict[str, Any]):
             return self._base.keys() | dict.keys(self)
         return self._base.keys()
 
-    def _moved(self, stored: dict[str, Any], *, taken: Any = ()) -> bool:
+    def _moved(self, stored: dict[str, Any], *, taken: Any = (), returned: Any = None) -> bool:
         """The stored data is now ``stored``: a login or rotation moved it under a new
         id, or ``update_session`` wrote it (its function touched the keys in
         ``taken``), and it may hold other requests' writes made since this request's
@@ -443,8 +467,9 @@ class SessionDict(dict[str, Any]):
         A key in ``taken`` counts as read at its stored value. A list or dict the app
         may still hold from before for it (a key this request touched) stays the
         value while it holds what is stored (the function only read it), and the
-        function's own copy, which it may have returned, takes its place if only that
-        copy is changed later (``_claim_orphans``); otherwise the app's object is no
+        function's own copy, if it ``returned`` it (or holds it in a list or dict it
+        returned), takes its place if only that copy is changed later
+        (``_claim_orphans``; one such copy per key, the latest); otherwise the app's object is no
         longer the session's, and a change to it (nested values included) is a
         conflict at the next save (``cart = session["cart"]``, ``update_session``
         changing the cart, ``cart.append(x)``: 409, never a 200 that drops it). A key
@@ -455,6 +480,11 @@ class SessionDict(dict[str, Any]):
         mine = {k: dict.get(self, k, ABSENT) for k in touched if k not in taken}
         exact = all(_encodes_same(v, stored.get(k, ABSENT)) for k, v in mine.items())
         held = {k: v for k in taken if k in handed and type(v := dict.get(self, k)) in _MUTABLE}
+        out = {id(returned)}  # what the function handed back to the app
+        if type(returned) in (list, tuple):
+            out.update(id(v) for v in returned)
+        elif type(returned) is dict:
+            out.update(id(v) for v in returned.values())
         order = list(dict.keys(self))
         dict.clear(self)
         dict.update(self, stored)
@@ -471,8 +501,12 @@ class SessionDict(dict[str, Any]):
                 continue
             if _encodes_same(obj, new):  # what is stored: the app's object stays the value
                 dict.__setitem__(self, key, obj)
-                if type(new) in _MUTABLE:  # and the function's own (it may have
-                    self._orphans.append((new, _snapshot(new), key))  # returned it)
+                if type(new) in _MUTABLE and id(new) in out:  # the function's own
+                    twin = _snapshot(new)  # (replacing an earlier copy as stored)
+                    self._orphans = [
+                        o for o in self._orphans if o[2] != key or o[1].json != twin.json
+                    ]
+                    self._orphans.append((new, twin, key))
                 continue
             before = _snapshot(obj)  # no longer the session's
             if before.json is not None:

@@ -554,3 +554,133 @@ async def test_the_list_update_session_returned_is_the_sessions(store: FlakyStor
         r = await c.post("/add", params={"how": "both", "sku": "cup"}, headers=headers)
         assert r.status_code == 409 and r.json()["error"]["reason"] == "replaced", r.text
     assert (await store.get(sid)).data == {"cart": ["book", "pen", "mug"]}
+
+
+@pytest.mark.parametrize("mode", ["returned", "orphan"])
+async def test_lists_left_by_update_session_stay_watched_after_a_refused_save(
+    store: FlakyStore, mode: str
+) -> None:
+    """A caught 409 from ``save_session`` reloads the session: a list the function
+    returned is still the session's (its change saved), and a list the function
+    replaced is still no longer the session's (its change a 409), never a 200 that
+    drops it (review of the reload: both were forgotten)."""
+    headers = await _session(store, cart=["a"], n=0)
+    sid = headers["cookie"].split("=")[1]
+
+    async def route(request: Request) -> JSONResponse:
+        held = request.session["cart"]
+        if mode == "returned":
+            cart = await update_session(request, lambda d: d.setdefault("cart", []))
+        else:  # the function changes the cart: the held list is not the session's
+            await update_session(request, lambda d: d["cart"].append("u"))
+            cart = held
+        request.session["n"] = request.session["n"] + 1
+        await store.apply(sid, Changes(set={"n": 100}))  # a parallel request
+        with pytest.raises(SessionConflict):
+            await save_session(request)
+        cart.append("x")
+        return JSONResponse(cart)
+
+    app = make_app(store)
+    app.router.routes.append(Route("/r", route, methods=["POST"]))
+    async with client(app) as c:
+        response = await c.post("/r", headers=headers)
+    stored = (await store.get(sid)).data
+    if mode == "returned":
+        assert response.status_code == 200, response.text
+        assert stored == {"cart": ["a", "x"], "n": 100}
+    else:
+        assert response.status_code == 409 and response.json()["error"]["reason"] == "replaced"
+        assert stored == {"cart": ["a", "u"], "n": 100}
+
+
+async def test_a_key_read_before_a_refused_save_and_written_unread_still_conflicts(
+    store: FlakyStore,
+) -> None:
+    """The handler reads n, writes n + 1, a parallel request sets n, the save is
+    refused (409) and caught; the handler writes n + 1 again from what it read
+    before: 409, not a blind write over the parallel one (review of the reload). Read
+    again, the write goes through."""
+    headers = await _session(store, n=0)
+    sid = headers["cookie"].split("=")[1]
+
+    async def route(request: Request) -> JSONResponse:
+        n = request.session["n"]
+        request.session["n"] = n + 1
+        parallel = 100 if "again" in request.query_params else 50
+        await store.apply(sid, Changes(set={"n": parallel}))  # a parallel request
+        with pytest.raises(SessionConflict):
+            await save_session(request)
+        if "again" in request.query_params:
+            n = request.session["n"]
+        request.session["n"] = n + 1
+        return JSONResponse(n + 1)
+
+    app = make_app(store)
+    app.router.routes.append(Route("/r", route, methods=["POST"]))
+    async with client(app) as c:
+        stale = await c.post("/r", headers=headers)
+        assert stale.status_code == 409, stale.text
+        assert (await store.get(sid)).data == {"n": 50}
+        fresh = await c.post("/r?again=1", headers=headers)
+        assert fresh.status_code == 200 and fresh.json() == 101, fresh.text
+    assert (await store.get(sid)).data == {"n": 101}
+
+
+@pytest.mark.parametrize("how", ["setdefault", "pop", "getitem"])
+async def test_every_read_of_the_key_sees_the_list_update_session_returned(
+    store: FlakyStore, how: str
+) -> None:
+    """The request looked at the cart, ``update_session`` returned the function's
+    cart, the app appended to it: ``setdefault``, ``pop`` and ``[]`` all see the
+    append (review: ``setdefault`` and ``pop`` handed out the stale list, and the
+    request answered 409)."""
+    headers = await _session(store, cart=["a"])
+    sid = headers["cookie"].split("=")[1]
+
+    async def route(request: Request) -> JSONResponse:
+        assert "cart" in request.session
+        cart = await update_session(request, lambda d: d.setdefault("cart", []))
+        cart.append("b")
+        if how == "pop":
+            return JSONResponse(request.session.pop("cart"))
+        seen = request.session.setdefault("cart", []) if how == "setdefault" else None
+        seen = seen if seen is not None else request.session["cart"]
+        seen.append("c")
+        return JSONResponse(seen)
+
+    app = make_app(store)
+    app.router.routes.append(Route("/r", route, methods=["POST"]))
+    async with client(app) as c:
+        response = await c.post("/r", headers=headers)
+    assert response.status_code == 200, response.text
+    stored = (await store.get(sid)).data
+    if how == "pop":
+        assert response.json() == ["a", "b"] and stored == {}
+    else:
+        assert response.json() == ["a", "b", "c"] and stored == {"cart": ["a", "b", "c"]}
+
+
+async def test_repeated_update_session_calls_keep_no_pile_of_copies(store: FlakyStore) -> None:
+    """A long-lived connection (a websocket, a loop) that holds a list and calls
+    ``update_session`` again and again keeps at most one watched copy per key, and
+    none for a function that returns nothing (review: one copy of the whole list
+    per call, every read re-encoding them all)."""
+    headers = await _session(store, cart=list(range(200)), n=0)
+
+    async def route(request: Request) -> JSONResponse:
+        request.session["cart"].append(-1)
+        for _ in range(50):
+            await update_session(request, lambda d: d.update(n=d["n"] + len(d["cart"])))
+        quiet = len(request.session._orphans)
+        for _ in range(50):
+            cart = await update_session(request, lambda d: d.setdefault("cart", []))
+        cart.append(-2)
+        return JSONResponse([quiet, len(request.session._orphans), request.session["cart"][-2:]])
+
+    app = make_app(store)
+    app.router.routes.append(Route("/r", route, methods=["POST"]))
+    async with client(app) as c:
+        response = await c.post("/r", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json() == [0, 1, [-1, -2]]

@@ -508,7 +508,7 @@ async def update_session(
             # what fn touched as it left it; the rest as stored, but for the keys this
             # request touched before, which keep what it read
             fresh.data = _plain(view)
-            conn.rebase(fresh, taken=view._touched())
+            conn.rebase(fresh, taken=view._touched(), returned=result)
             if changes is not None:
                 conn._applied(fresh, applied)
             return result

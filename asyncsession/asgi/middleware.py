@@ -319,11 +319,11 @@ class _Connection:
         self.exact = True
         self.data._reset(session.data)
 
-    def rebase(self, session: Session, *, taken: Any = ()) -> None:
+    def rebase(self, session: Session, *, taken: Any = (), returned: Any = None) -> None:
         """``session`` is now this request's stored session (a login or rotation moved
         the data, or ``update_session`` wrote it): ``SessionDict._moved``."""
         self.session = session
-        self.exact = self.data._moved(session.data, taken=taken)
+        self.exact = self.data._moved(session.data, taken=taken, returned=returned)
 
     def forget(self) -> None:
         """The stored session is gone: empty data, expire the cookie (unless a new one)."""
