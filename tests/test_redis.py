@@ -52,7 +52,7 @@ from asyncsession import (  # noqa: E402
 )
 from asyncsession.backends import redis as redis_backend  # noqa: E402
 from asyncsession.backends.redis import RedisStore, transport  # noqa: E402
-from asyncsession.backends.redis.rotation import rotation_key  # noqa: E402
+from asyncsession.backends.redis.rotation import live, rotation_key  # noqa: E402
 from asyncsession.codec import to_us  # noqa: E402
 
 from . import backend_redis, redis_servers  # noqa: E402
@@ -1583,3 +1583,15 @@ def test_a_client_of_another_event_loop_is_named_as_such(env: Env) -> None:
         assert isinstance(error, StoreUnavailable)
         assert "with TestClient(app) as client:" in error.message
     assert "TestClient" not in store._unavailable(ConnectionError("refused")).message
+
+
+def test_a_rotation_record_of_the_wrong_type_is_no_rotation(clock: FakeClock) -> None:
+    """What a broken server hands back in the rotation record's place is no rotation,
+    and costs nothing: an integer is never turned into bytes (review: ``bytes(n)``
+    allocated a gigabyte for ``n`` = 10**9)."""
+    now = clock()
+    until = b"%d:site-a" % (to_us(now) + 1_000_000)
+    assert live(until, cfg(), now)
+    assert not live(until.replace(b"site-a", b"site-b"), cfg(), now)
+    for garbage in (10**12, [until], until.decode(), None, b"", b"x:site-a", 1.5):
+        assert not live(garbage, cfg(), now), garbage

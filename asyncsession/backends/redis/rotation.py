@@ -82,9 +82,9 @@ async def rotated(store: RedisStore, session_id: str, scope: Config, now: dateti
 def live(record: Any, scope: Config, now: datetime) -> bool:
     """Whether a rotation record (``GET`` of its key: None if there is none) is of
     ``scope``'s site and not past its deadline; a damaged one is not."""
-    if not record:
+    if type(record) is not bytes:  # (None: no record; anything else is garbage)
         return False
-    until, _, site = bytes(record).partition(b":")
+    until, _, site = record.partition(b":")
     try:
         return site.decode() == scope.site_id and codec.to_us(now) < int(until)
     except (ValueError, UnicodeDecodeError, TypeError):
