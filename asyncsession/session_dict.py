@@ -395,6 +395,13 @@ class SessionDict(dict[str, Any]):
         requests' changes; for a value changed around the session's methods, call
         ``mark_changed(key)``."""
 
+    def mark_modified(self) -> None:
+        """Accepted and ignored, as ``modified = True`` (Starlette 1.x's session has
+        this method): every change made through the session is seen already, and
+        saving keys the request did not change would write back what it loaded over
+        other requests' changes. For a value changed around the session's methods,
+        call ``mark_changed(key)``."""
+
     @property
     def accessed(self) -> bool:
         """Whether the request used the session (``request.session``, a read or a

@@ -413,6 +413,24 @@ async def test_vary_cookie_joins_the_vary_of_the_apps_error_handler(cstore: Coun
         assert response.headers.get_list("vary") == ["Accept-Language", "Cookie"]
 
 
+async def test_mark_modified_as_starlettes_session_has_it(cstore: CountingStore) -> None:
+    """Starlette 1.x code calls ``request.session.mark_modified()`` after changing a
+    nested value: it answers 200 and the change is saved (Starlette's own tests,
+    ported: ``AttributeError``, a 500)."""
+
+    async def add(request: Request) -> JSONResponse:
+        request.session.setdefault("cart", []).append("book")
+        request.session.mark_modified()
+        return JSONResponse(request.session["cart"])
+
+    app = make_app(cstore)
+    app.router.routes.append(Route("/add", add, methods=["POST"]))
+    async with client(app) as c:
+        assert (await c.post("/add")).json() == ["book"]
+        response = await c.post("/add")
+        assert response.status_code == 200 and response.json() == ["book", "book"]
+
+
 @pytest.mark.parametrize("where", ["outer", "sub-app"])
 async def test_a_refusal_in_a_mounted_sub_app_is_answered_by_the_apps_handler(
     cstore: CountingStore, where: str

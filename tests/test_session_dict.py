@@ -238,6 +238,8 @@ def test_modified_and_accessed_as_starlettes_session_has_them() -> None:
     assert e["a"] == 1
     e.modified = True  # accepted, and nothing forced: no key written back (review:
     assert e.changes() is None and not e.modified  # that reverted other requests' changes)
+    e.mark_modified()  # Starlette 1.x's method: the same (ported suite: AttributeError)
+    assert e.changes() is None and not e.modified
     f = SessionDict({"a": 1})
     f.accessed = True
     assert f.accessed and not f.modified
