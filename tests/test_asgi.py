@@ -1500,6 +1500,52 @@ def test_a_websocket_goes_on_saving_after_a_refused_save(
     assert stored == {"n": 2, "cart": ["book", "pen"], "note": note, "chat": "hello"}
 
 
+@pytest.mark.parametrize("elsewhere", ["logout", "login"])
+def test_a_websocket_whose_session_ended_gets_a_conflict_not_a_crash(
+    cstore: CountingStore, elsewhere: str
+) -> None:
+    """A chat socket is open when its session ends (a logout in another tab) or moves
+    (a login): its next ``update_session`` and ``save_session`` answer 409 with the
+    reason (``ended``, ``rotated``), which tells the app to close it (a FastAPI app
+    over uvicorn: ``update_session`` raised ``RuntimeError``, an ERROR traceback and a
+    dropped connection)."""
+
+    async def chat(websocket: WebSocket) -> None:
+        await websocket.accept()
+        websocket.session.get("n")
+        await websocket.receive_text()  # meanwhile the session ends or moves
+        reasons = []
+        for save in ("update", "save", "update"):
+            try:
+                if save == "update":
+                    await update_session(websocket, lambda d: d.update(n=d.get("n", 0) + 1))
+                else:
+                    websocket.session["last"] = "hello"
+                    await save_session(websocket)
+            except SessionConflict as exc:
+                reasons.append(exc.details["reason"])
+        await websocket.send_json(reasons)
+        await websocket.close()
+
+    async def in_again(request: Request) -> JSONResponse:
+        session = await login(request, "alice")
+        return JSONResponse(session.user_id)
+
+    app = make_app(cstore)
+    app.router.routes.append(WebSocketRoute("/chat", chat))
+    app.router.routes.append(Route("/in", in_again, methods=["POST"]))
+    with TestClient(app, base_url=BASE) as tc:
+        tc.post("/in")
+        with tc.websocket_connect("wss://testserver/chat") as websocket:
+            if elsewhere == "logout":
+                tc.post("/logout")
+            else:
+                tc.post("/in")
+            websocket.send_text("go")
+            reason = "ended" if elsewhere == "logout" else "rotated"
+            assert websocket.receive_json() == [reason] * 3
+
+
 def test_websocket_refused_when_store_is_down(cstore: CountingStore) -> None:
     from starlette.websockets import WebSocketDisconnect
 

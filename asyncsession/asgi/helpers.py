@@ -465,6 +465,7 @@ async def update_session(
     await conn.commit()
     session = conn.session
     if session is None:
+        conn.check_not_stale()  # (a websocket whose session ended or moved: 409)
         if not conn.cookie_possible:
             raise RuntimeError(
                 "update_session() for a client without a session after the response "

@@ -528,14 +528,29 @@ class _Connection:
         if self.ambiguous:
             raise _ambiguous("ended")
 
+    def check_not_stale(self) -> None:
+        """No new session for a request whose cookie names a session it may not
+        replace: one a login rotated (before the request: ``stale_cookie``; during
+        it: ``rotated``), one that ended during it (a logout elsewhere, a revoke:
+        ``ended``; a websocket then has nothing left to save to), or several live ones
+        (``ambiguous``). The client's newer cookie, if any, must stay: 409."""
+        if not self.stale:
+            return
+        if self.ambiguous:
+            raise _ambiguous("saved")
+        if self.moved:
+            reason, what = "rotated", "was rotated (a login elsewhere)"
+        elif self.rotated:
+            reason, what = "stale_cookie", "is stale (rotated)"
+        else:
+            reason, what = "ended", "ended (a logout, revoke or expiry)"
+        raise SessionConflict(
+            f"the session cookie {what}: nothing saved; reload (a websocket: reconnect)",
+            details={"reason": reason},
+        )
+
     async def _create(self, *, explicit: bool = False) -> None:
-        if self.stale:  # a rotated id, or several live ones: the newer cookie stays
-            if self.ambiguous:
-                raise _ambiguous("saved")
-            raise SessionConflict(
-                "the session cookie is stale (rotated); reload and retry",
-                details={"reason": "stale_cookie"},
-            )
+        self.check_not_stale()  # a rotated id, or several live ones: the newer cookie stays
         self.check_writable()
         if not self.cookie_possible:
             if explicit:  # save_session(): the app asked, and must not think it stored
@@ -1147,11 +1162,12 @@ async def _commit_or_status(conn: _Connection) -> int | None:
         _outage(logging.ERROR, "session not saved, store unavailable: %s", exc)
         return 503
     except SessionConflict as exc:
-        # any client can cause these at will (parallel requests, two tabs, an old cookie)
+        # any client can cause these at will (parallel requests, two tabs, an old
+        # cookie), and a browser does in normal use: INFO, rate-limited
         _log_limited(
             _log_limit,
             "conflict",
-            logging.WARNING,
+            logging.INFO,
             "session not saved (409, %s): %s",
             exc.details.get("reason", "a key it read was changed meanwhile"),
             exc,
