@@ -99,6 +99,11 @@ most once per
 every one."""
 
 
+ROUTINE = frozenset({"conflict", "rotated"})
+"""Of those, what a browser causes in normal use (parallel tabs writing one key, a tab
+still on the id a login rotated): logged at INFO, not WARNING, under the same limit."""
+
+
 class LogLimiter:
     """Rate limit for client-triggerable log records: one WARNING per kind per
     ``interval`` seconds carrying the count suppressed since, DEBUG for the rest."""
@@ -231,6 +236,8 @@ class ControlledStore(Store):
         level, suppressed = logging.WARNING, 0
         if kind in CLIENT_TRIGGERED:
             level, suppressed = self._log_limit.level(kind)
+            if kind in ROUTINE and level == logging.WARNING:
+                level = logging.INFO
         elif kind == "invalid_session" and error.details.get("corrupt"):
             # a damaged record a client's cookie points to: it can replay that at will
             level, suppressed = self._log_limit.level("invalid_session:corrupt")
@@ -239,7 +246,7 @@ class ControlledStore(Store):
             "asyncsession violation %s: %s%s",
             kind,
             error.message,
-            f" ({suppressed} more since the last one logged at WARNING)" if suppressed else "",
+            f" ({suppressed} more since the last one logged)" if suppressed else "",
             extra={
                 "violation": kind,
                 "code": str(error.code),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import httpx
@@ -129,8 +130,9 @@ async def _session(store: ControlledStore, **data: Any) -> dict[str, str]:
 
 
 async def test_dependent_write_changed_meanwhile_answers_409_and_saves_nothing(
-    store: FlakyStore,
+    store: FlakyStore, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="asyncsession")
     headers = await _session(store, n=1)
     GATE["go"] = asyncio.Event()
     async with client(make_app(store)) as c:
@@ -145,6 +147,10 @@ async def test_dependent_write_changed_meanwhile_answers_409_and_saves_nothing(
     assert response.headers["cache-control"] == "no-store"
     sid = headers["cookie"].split("=")[1]
     assert (await store.get(sid)).data == {"n": 100, "color": "early"}
+    # two tabs writing one key is normal browsing: logged at INFO, not WARNING (a
+    # FastAPI app over uvicorn: every conflict woke whoever watches the warnings)
+    assert [r.levelno for r in caplog.records if "409" in r.getMessage()] == [logging.INFO]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_conflict_without_an_app_handler_is_a_plain_409(store: FlakyStore) -> None:
