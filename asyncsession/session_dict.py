@@ -6,6 +6,7 @@ what was read (``SessionDict.changes``)."""
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import orjson
@@ -50,6 +51,24 @@ def _encodes_same(mine: Any, stored: Any) -> bool:
     if mine is ABSENT or stored is ABSENT:
         return mine is stored
     return _same(_snapshot(mine) if type(mine) in _MUTABLE else mine, stored)
+
+
+_refcount = getattr(sys, "getrefcount", None)
+
+
+def _referenced(entries: list[Any]) -> list[Any]:
+    """The entries (object first) whose object something else still refers to: a list
+    or dict only the session watches can never change again, so it is let go (a
+    socket calling ``update_session`` in a loop keeps none of them). Where the
+    interpreter cannot tell (no ``sys.getrefcount``), all of them."""
+    if _refcount is None:
+        return entries
+    alone = _references(([],))  # what a list only its entry holds counts, here
+    return [entry for entry in entries if _references(entry) > alone]
+
+
+def _references(entry: Any) -> int:
+    return int(_refcount(entry[0])) if _refcount is not None else 0
 
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:
@@ -164,6 +183,7 @@ class SessionDict(dict[str, Any]):
         if self._read_all:
             return
         self._read_all = True
+        self._stale = {}  # (read again, every key)
         base = self._base
         for key, value in dict.items(self):
             if key not in base and type(value) in _MUTABLE:
@@ -249,6 +269,8 @@ class SessionDict(dict[str, Any]):
         dict.__setitem__(self, key, value)
 
     def __delitem__(self, key: str) -> None:
+        if not dict.__contains__(self, key):  # (nothing deleted: nothing to record)
+            raise KeyError(key)
         self._before(key)
         dict.__delitem__(self, key)
 
@@ -438,7 +460,8 @@ class SessionDict(dict[str, Any]):
         one changed is a conflict. A key the request had read keeps that read for a
         write made without reading it again (``_stale``)."""
         base, blind = self._base, self._blind
-        reads = {k: v for k, v in base.items() if k not in blind}
+        # (reads from before an earlier refusal that were not read again count too)
+        reads = {**self._stale, **{k: v for k, v in base.items() if k not in blind}}
         if self._read_all:  # (a scalar it read but never wrote is not in _base)
             for key, value in dict.items(self):
                 if key not in base:
@@ -446,6 +469,7 @@ class SessionDict(dict[str, Any]):
         held = [(obj, key) for obj, _, key in self._orphans]
         held += [(v, k) for k in self._touched() if type(v := dict.get(self, k)) in _MUTABLE]
         self._reset(stored)
+        held = _referenced(held)
         seen: set[int] = set()
         for obj, key in held:
             before = _snapshot(obj)
@@ -509,15 +533,12 @@ class SessionDict(dict[str, Any]):
             if _encodes_same(obj, new):  # what is stored: the app's object stays the value
                 dict.__setitem__(self, key, obj)
                 if type(new) in _MUTABLE and id(new) in out:  # the function's own
-                    twin = _snapshot(new)  # (replacing an earlier copy as stored)
-                    self._orphans = [
-                        o for o in self._orphans if o[2] != key or o[1].json != twin.json
-                    ]
-                    self._orphans.append((new, twin, key))
+                    self._orphans.append((new, _snapshot(new), key))
                 continue
             before = _snapshot(obj)  # no longer the session's
             if before.json is not None:
                 self._orphans.append((obj, before, key))
+        self._orphans = _referenced(self._orphans)
         for key in taken:  # read (by the function) at what is stored now
             self._base[key] = ABSENT  # (the baseline _saved sets)
             self._blind.discard(key)

@@ -275,7 +275,7 @@ async def _login(
         conn.adopt(session)
     conn.touch_due = False
     conn.refreshed = True
-    conn.stale = conn.rotated = conn.ambiguous = conn.migrate = False
+    conn.stale = conn.rotated = conn.ambiguous = conn.migrate = conn.moved = False
     conn.fresh = session.id  # until a response carries its cookie
     logger.info("login: session %s for user %r", short_hash(session.id), session.user_id)
     return session

@@ -1163,11 +1163,13 @@ async def _commit_or_status(conn: _Connection) -> int | None:
         return 503
     except SessionConflict as exc:
         # any client can cause these at will (parallel requests, two tabs, an old
-        # cookie), and a browser does in normal use: INFO, rate-limited
+        # cookie), and a browser does in normal use: INFO, rate-limited; but a list
+        # changed after update_session replaced it is a bug in the app: WARNING
+        replaced = exc.details.get("reason") == "replaced"
         _log_limited(
             _log_limit,
-            "conflict",
-            logging.INFO,
+            "conflict:replaced" if replaced else "conflict",
+            logging.WARNING if replaced else logging.INFO,
             "session not saved (409, %s): %s",
             exc.details.get("reason", "a key it read was changed meanwhile"),
             exc,
