@@ -57,18 +57,37 @@ _refcount = getattr(sys, "getrefcount", None)
 
 
 def _referenced(entries: list[Any]) -> list[Any]:
-    """The entries (object first) whose object something else still refers to: a list
-    or dict only the session watches can never change again, so it is let go (a
-    socket calling ``update_session`` in a loop keeps none of them). Where the
-    interpreter cannot tell (no ``sys.getrefcount``), all of them."""
+    """The entries (object first) whose object, or a list or dict nested in it, something
+    outside it still refers to (the app may hold ``cart["items"]`` alone): a structure
+    nothing else can reach can never change again, so it is let go (a socket calling
+    ``update_session`` in a loop keeps none of them). Where the interpreter cannot tell
+    (no ``sys.getrefcount``), all of them."""
     if _refcount is None:
         return entries
-    alone = _references(([],))  # what a list only its entry holds counts, here
-    return [entry for entry in entries if _references(entry) > alone]
+    alone = _outside(([[]],))  # a root and a child that only the structure holds
+    return [e for e in entries if any(n > a for n, a in zip(_outside(e), alone, strict=True))]
 
 
-def _references(entry: Any) -> int:
-    return int(_refcount(entry[0])) if _refcount is not None else 0
+def _outside(entry: Any) -> tuple[int, int]:
+    """(references to ``entry[0]`` from outside its structure, the most any list or
+    dict nested in it has), each counted as ``sys.getrefcount`` counts them here."""
+    assert _refcount is not None
+    root = entry[0]
+    nodes: dict[int, Any] = {id(root): root}
+    inside: dict[int, int] = {id(root): 0}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child in node.values() if type(node) is dict else node:
+            if type(child) in _MUTABLE:
+                inside[id(child)] = inside.get(id(child), 0) + 1
+                if id(child) not in nodes:
+                    nodes[id(child)] = child
+                    stack.append(child)
+    node = child = None  # (no stray reference of this frame's)
+    counts = {k: int(_refcount(v)) - inside[k] for k, v in nodes.items()}
+    top = counts.pop(id(root))
+    return top, max(counts.values(), default=0)
 
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:
@@ -175,15 +194,19 @@ class SessionDict(dict[str, Any]):
             self._read(key, dict.get(self, key, ABSENT))
         return dict.__contains__(self, key)
 
-    def _see_all(self) -> None:
+    def _see_all(self, values: bool = True) -> None:
         """Every key counts as read; lists and dicts are snapshotted now (they may be
-        mutated through what is handed out), scalars when first written."""
+        mutated through what is handed out), scalars when first written. ``values``:
+        the values were read too (``items()``, ``copy()``...), not only which keys
+        there are (``len``, ``in``, iterating the keys): reads kept from before a
+        refused save (``_stale``) are then read again."""
         if self._orphans:
             self._claim_orphans(strict=False)
+        if values and self._stale:
+            self._stale = {}
         if self._read_all:
             return
         self._read_all = True
-        self._stale = {}  # (read again, every key)
         base = self._base
         for key, value in dict.items(self):
             if key not in base and type(value) in _MUTABLE:
@@ -191,15 +214,15 @@ class SessionDict(dict[str, Any]):
                 self._dirty = True
 
     def __iter__(self) -> Any:
-        self._see_all()
+        self._see_all(values=False)
         return dict.__iter__(self)
 
     def __reversed__(self) -> Any:
-        self._see_all()
+        self._see_all(values=False)
         return dict.__reversed__(self)
 
     def __len__(self) -> int:
-        self._see_all()
+        self._see_all(values=False)
         return dict.__len__(self)
 
     def __eq__(self, other: object) -> bool:
@@ -221,7 +244,7 @@ class SessionDict(dict[str, Any]):
         return dict.__ror__(self, other)
 
     def keys(self) -> Any:
-        self._see_all()
+        self._see_all(values=False)
         return dict.keys(self)
 
     def values(self) -> Any:
@@ -265,12 +288,21 @@ class SessionDict(dict[str, Any]):
         self._dirty = True
 
     def __setitem__(self, key: str, value: Any) -> None:
+        if self._orphans:  # the app's own write of the key wins over a watched copy
+            self._drop_orphans(key)
         self._before(key)
         dict.__setitem__(self, key, value)
 
     def __delitem__(self, key: str) -> None:
-        if not dict.__contains__(self, key):  # (nothing deleted: nothing to record)
+        if not dict.__contains__(self, key):  # nothing deleted: a blind touch of its
+            if key not in self._base:  # absence, never a kept read's expectation
+                self._base[key] = ABSENT
+                if not self._read_all:
+                    self._blind.add(key)
+            self._dirty = True
             raise KeyError(key)
+        if self._orphans:
+            self._drop_orphans(key)
         self._before(key)
         dict.__delitem__(self, key)
 
@@ -367,6 +399,11 @@ class SessionDict(dict[str, Any]):
                 raise not_serializable({k: None for k in sets})
         return Changes(sets, deletes, expect)
 
+    def _drop_orphans(self, key: str) -> None:
+        """The app writes or deletes ``key`` itself: its watched copies are no longer
+        the key's concern (one changed and then assigned back is the write itself)."""
+        self._orphans = [entry for entry in self._orphans if entry[2] != key]
+
     def _claim_orphans(self, only: str | None = None, *, strict: bool = True) -> None:
         """A changed orphan that held what is stored for its key (``update_session``'s
         function returned its own copy of a list the request also holds) becomes the
@@ -378,6 +415,8 @@ class SessionDict(dict[str, Any]):
             if (only is not None and key != only) or _same(before, obj):
                 continue
             value = dict.get(self, key, ABSENT)
+            if value is obj:  # (the key's value again: a write like any other)
+                continue
             stored = base.get(key, ABSENT)
             if (
                 type(stored) is _Snapshot
@@ -470,12 +509,12 @@ class SessionDict(dict[str, Any]):
         held += [(v, k) for k in self._touched() if type(v := dict.get(self, k)) in _MUTABLE]
         self._reset(stored)
         held = _referenced(held)
-        seen: set[int] = set()
+        seen: set[tuple[int, str]] = set()  # (one list under two keys: watched for each)
         for obj, key in held:
             before = _snapshot(obj)
-            if before.json is None or id(obj) in seen:
+            if before.json is None or (id(obj), key) in seen:
                 continue
-            seen.add(id(obj))
+            seen.add((id(obj), key))
             self._orphans.append((obj, before, key))
             if key not in self._base:
                 self._read(key, dict.get(self, key, ABSENT))

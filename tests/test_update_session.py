@@ -840,3 +840,63 @@ async def test_the_reason_of_a_conflict_is_the_latest_sessions(
         assert (await c.post("/replaced", headers=other)).status_code == 409
     levels = {r.levelname for r in caplog.records if "409, replaced" in r.getMessage()}
     assert levels == {"WARNING"}
+
+
+async def test_held_lists_nested_or_under_two_keys_or_assigned_back_are_saved(
+    store: FlakyStore,
+) -> None:
+    """Third review of the reload: a list held only inside a returned dict
+    (``cart["items"]``) across several ``update_session`` calls is still watched (it
+    was let go and its append dropped with a 200); one list under two keys gets the
+    change on both after a refusal (only the first did); a watched list changed and
+    assigned back to its key is a write like any other (it answered 409); and after
+    a refusal, ``if request.session:`` does not count as reading ``n`` again."""
+    headers = await _session(store, n=0)
+    sid = headers["cookie"].split("=")[1]
+
+    async def nested(request: Request) -> JSONResponse:
+        request.session.get("cart")
+        got = await update_session(request, lambda d: d.setdefault("cart", {"items": []}))
+        items = got["items"]
+        del got
+        for _ in range(2):
+            await update_session(request, lambda d: d.update(n=d["n"] + 1))
+        items.append("x")
+        return JSONResponse(items)
+
+    async def two_keys(request: Request) -> JSONResponse:
+        shared: list[str] = []
+        request.session["a"] = request.session["b"] = shared
+        await save_session(request)  # stored: the list is what both keys hold
+        request.session["n"] = request.session["n"] + 1
+        await store.apply(sid, Changes(set={"n": 100}))
+        with pytest.raises(SessionConflict):
+            await save_session(request)
+        shared.append("x")
+        cart = await update_session(request, lambda d: d.setdefault("cart", {"items": []}))
+        cart["items"].append("y")
+        request.session["cart"] = cart  # assigned back
+        return JSONResponse("ok")
+
+    async def truthy(request: Request) -> JSONResponse:
+        n = request.session["n"]
+        request.session["n"] = n + 1
+        await store.apply(sid, Changes(set={"n": n + 7}))
+        with pytest.raises(SessionConflict):
+            await save_session(request)
+        if request.session:  # which keys there are: not a read of n's value
+            request.session["n"] = n + 1
+        return JSONResponse("written")
+
+    app = make_app(store)
+    for path, route in (("/nested", nested), ("/two", two_keys), ("/truthy", truthy)):
+        app.router.routes.append(Route(path, route, methods=["POST"]))
+    async with client(app) as c:
+        assert (await c.post("/nested", headers=headers)).json() == ["x"]
+        assert (await store.get(sid)).data == {"cart": {"items": ["x"]}, "n": 2}
+        assert (await c.post("/two", headers=headers)).status_code == 200
+        stored = (await store.get(sid)).data
+        assert stored["a"] == stored["b"] == ["x"] and stored["n"] == 100
+        assert stored["cart"] == {"items": ["x", "y"]}
+        assert (await c.post("/truthy", headers=headers)).status_code == 409
+    assert (await store.get(sid)).data["n"] == 107
