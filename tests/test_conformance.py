@@ -780,7 +780,7 @@ async def test_violation_logging_never_shows_full_id(
     store = await harness.controlled(cfg(site_id="a", max_sessions_per_user=1, eviction="reject"))
     other = with_controls(store.store, cfg(site_id="b"))
     s = await store.create(new_session("alice"))
-    caplog.set_level(logging.WARNING, logger="asyncsession")
+    caplog.set_level(logging.INFO, logger="asyncsession")
     with pytest.raises(SessionLimitExceeded):
         await store.create(new_session("alice"))
     with pytest.raises(SessionNotFound):
@@ -792,8 +792,9 @@ async def test_violation_logging_never_shows_full_id(
     records = [r for r in caplog.records if r.name == "asyncsession"]
     kinds = [getattr(r, "violation", None) for r in records]
     assert kinds == ["session_limit_exceeded", "site_mismatch", "conflict"]
+    # a conflict is what parallel tabs cause in normal use: INFO (rate-limited as well)
+    assert [r.levelname for r in records] == ["WARNING", "WARNING", "INFO"]
     for r in records:
-        assert r.levelno == logging.WARNING
         assert s.id not in r.getMessage()
         assert s.id not in repr(r.__dict__)
         assert r.code in {c.value for c in ErrorCode}  # type: ignore[attr-defined]
