@@ -276,15 +276,23 @@ class SessionDict(dict[str, Any]):
 
     # -- writes: remember the old value first
 
-    def _before(self, key: str) -> None:
-        if key not in self._base:
-            if self._stale and key in self._stale:  # read before a refused save
-                self._base[key] = self._stale.pop(key)
-            else:
-                value = dict.get(self, key, ABSENT)
-                self._base[key] = _snapshot(value) if type(value) in _MUTABLE else value
-                if not self._read_all:
-                    self._blind.add(key)
+    def _kept_read(self, key: str) -> bool:
+        """Make a read of ``key`` from before a refused save (``_stale``) its baseline,
+        so a write of it depends on that read; False if there is none."""
+        stale = self._stale
+        if stale and key in stale:
+            self._base[key] = stale.pop(key)
+            return True
+        return False
+
+    def _before(self, key: str, *, kept: bool = True) -> None:
+        """Before a write of ``key``: its first touch is recorded (a kept read, with
+        ``kept``, or else a blind write unless every key was read)."""
+        if key not in self._base and not (kept and self._kept_read(key)):
+            value = dict.get(self, key, ABSENT)
+            self._base[key] = _snapshot(value) if type(value) in _MUTABLE else value
+            if not self._read_all:
+                self._blind.add(key)
         self._dirty = True
 
     def __setitem__(self, key: str, value: Any) -> None:
@@ -295,11 +303,7 @@ class SessionDict(dict[str, Any]):
 
     def __delitem__(self, key: str) -> None:
         if not dict.__contains__(self, key):  # nothing deleted: a blind touch of its
-            if key not in self._base:  # absence, never a kept read's expectation
-                self._base[key] = ABSENT
-                if not self._read_all:
-                    self._blind.add(key)
-            self._dirty = True
+            self._before(key, kept=False)  # absence, never a kept read's expectation
             raise KeyError(key)
         if self._orphans:
             self._drop_orphans(key)
@@ -351,12 +355,9 @@ class SessionDict(dict[str, Any]):
         """Save ``key`` even if no change was seen (e.g. a nested value mutated
         through a reference obtained around this dict). Unless the request read
         ``key`` first, it is a blind write."""
-        if key not in self._base:
-            if self._stale and key in self._stale:  # read before a refused save
-                self._base[key] = self._stale.pop(key)
-            else:
-                self._base[key] = _Snapshot(None)
-                self._blind.add(key)
+        if key not in self._base and not self._kept_read(key):
+            self._base[key] = _Snapshot(None)
+            self._blind.add(key)
         self._forced.add(key)
         self._dirty = True
 
