@@ -370,6 +370,12 @@ class ControlledStore(Store):
     def _rotated(self, session_id: str, scope: Config, now: datetime) -> Coroutine[Any, Any, bool]:
         return self.store._rotated(session_id, scope, now)
 
+    def _recorded(self, session_id: str, scope: Config, now: datetime) -> Coroutine[Any, Any, Miss]:
+        return self.store._recorded(session_id, scope, now)
+
+    def _end(self, session_id: str, scope: Config, now: datetime) -> Coroutine[Any, Any, Outcome]:
+        return self.store._end(session_id, scope, now)
+
     def _adopt(self, session_id: str, handle: str) -> Coroutine[Any, Any, bool]:
         return self.store._adopt(session_id, handle)
 

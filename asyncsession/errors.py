@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
     SESSION_ROTATED = "SESSION_ROTATED"
     SESSION_CORRUPT = "SESSION_CORRUPT"
+    SESSION_ENDED = "SESSION_ENDED"
 
 
 http_status: dict[ErrorCode, int] = {
@@ -38,6 +39,7 @@ http_status: dict[ErrorCode, int] = {
     ErrorCode.STORE_UNAVAILABLE: 503,
     ErrorCode.SESSION_ROTATED: 409,
     ErrorCode.SESSION_CORRUPT: 404,
+    ErrorCode.SESSION_ENDED: 404,
 }
 """HTTP status an ASGI handler should answer for each code."""
 
@@ -98,7 +100,7 @@ class SessionNotFound(SessionError):
     cannot be decoded (``details["corrupt"]``). Code ``SESSION_NOT_FOUND``, HTTP 404;
     ``details["session"]`` is the id's short hash. Through the middleware, a cookie
     naming no session gets a fresh session. Subclasses say more: ``SessionExpired``,
-    ``SessionRotated``, ``SessionCorrupt``."""
+    ``SessionRotated``, ``SessionEnded``, ``SessionCorrupt``."""
 
     default_code = ErrorCode.SESSION_NOT_FOUND
 
@@ -122,6 +124,19 @@ class SessionRotated(SessionNotFound):
     hash."""
 
     default_code = ErrorCode.SESSION_ROTATED
+
+
+class SessionEnded(SessionNotFound):
+    """The session was ended by a logout moments ago (``Store.delete(...,
+    leave_record=True)``, which ``logout()`` and ``request.session.clear()`` use): a
+    request still carrying the id, sent before the logout, is told so rather than
+    finding an unknown id, so the middleware leaves the client's cookie alone (by then
+    it may name a new login). A ``SessionNotFound``; the record lasts
+    ``Config.rotation_grace`` and holds only a hash of the id.
+
+    Code ``SESSION_ENDED``, HTTP 404; ``details["session"]`` is the id's short hash."""
+
+    default_code = ErrorCode.SESSION_ENDED
 
 
 class SessionCorrupt(SessionNotFound):

@@ -38,6 +38,7 @@ from .errors import (
     NotSerializable,
     SessionConflict,
     SessionCorrupt,
+    SessionEnded,
     SessionError,
     SessionExpired,
     SessionLimitExceeded,
@@ -80,6 +81,7 @@ class Miss(Enum):
 
     MOVED = "moved"  # a record stored under the plain id (before hashing) is there now
     ROTATED = "rotated"  # the id was rotated less than ``rotation_grace`` ago
+    ENDED = "ended"  # a logout deleted it less than ``rotation_grace`` ago (``_end``)
     UNKNOWN = "unknown"
 
 
@@ -561,6 +563,8 @@ class Store(ABC):
                     session = await self._load(key)
                 elif miss is Miss.ROTATED:
                     raise self._rotated_error(session_id)
+                elif miss is Miss.ENDED:
+                    raise self._ended_error(session_id)
         except codec.CorruptRecord as exc:
             raise self._corrupt(session_id, exc) from exc
         now = self.clock()
@@ -572,6 +576,11 @@ class Store(ABC):
                 return self._open_data(session, session_id)  # [encryption]
         return self._open_data(
             self._visible(session, session_id, self.config.site_id, now), session_id
+        )
+
+    def _ended_error(self, session_id: str) -> SessionEnded:
+        return SessionEnded(
+            "session ended by a logout moments ago", details={"session": short_hash(session_id)}
         )
 
     def _rotated_error(self, session_id: str) -> SessionRotated:
@@ -837,14 +846,27 @@ class Store(ABC):
         return session
 
     @_one_deadline
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, *, leave_record: bool = False) -> bool:
         """Delete a session; deleting a missing one is not an error. True if this call
-        deleted it. Takes an id, or the handle ``list_by_user`` shows for one."""
+        deleted it. Takes an id, or the handle ``list_by_user`` shows for one.
+
+        ``leave_record`` (a logout: ``logout()`` and ``request.session.clear()`` set
+        it): in the same atomic step, leave a record that the id was logged out, kept
+        ``Config.rotation_grace`` like a rotation's (a hash of the id, nothing else).
+        A ``get`` of the id meanwhile raises ``SessionEnded`` instead of
+        ``SessionNotFound``: a request the browser sent before the logout is known
+        as such, and the middleware leaves the client's cookie alone (it may name a
+        new login by then). A backend without such records deletes only."""
         self._check_open()
         key = self._key_or_handle(session_id)
-        outcome = await self._delete(key, self.scope)
+        scope, now = self.scope, self.clock()
+
+        def work() -> Coroutine[Any, Any, Outcome]:
+            return self._end(key, scope, now) if leave_record else self._delete(key, scope)
+
+        outcome = await work()
         if outcome is Outcome.MISSING and key is not session_id and await self._adopted(session_id):
-            outcome = await self._delete(key, self.scope)  # it was stored before hashing
+            outcome = await work()  # it was stored before hashing
         if outcome is Outcome.OTHER_SITE:
             self._violation(
                 "site_mismatch",
@@ -1262,13 +1284,20 @@ class Store(ABC):
         one round trip (Redis)."""
         if plain and await self._adopt(session_id, key):
             return Miss.MOVED
-        if scope.rotation_grace and await self._rotated(key, scope, now):
-            return Miss.ROTATED
+        if scope.rotation_grace:
+            return await self._recorded(key, scope, now)
         return Miss.UNKNOWN
 
     async def _was_rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
         """Whether the id ``session_id`` (not a storage id) was rotated recently."""
         return bool(scope.rotation_grace) and await self._rotated(self._key(session_id), scope, now)
+
+    async def _was_recorded(self, session_id: str, scope: Config, now: datetime) -> Miss:
+        """Whether the id ``session_id`` (not a storage id) was rotated or ended by a
+        logout recently (``_recorded``)."""
+        if not scope.rotation_grace:
+            return Miss.UNKNOWN
+        return await self._recorded(self._key(session_id), scope, now)
 
     async def _adopt(self, session_id: str, handle: str) -> bool:
         """If a record is stored under the plain ``session_id`` (written before
@@ -1287,6 +1316,18 @@ class Store(ABC):
         """Whether ``session_id`` of ``scope.site_id`` was rotated less than
         ``scope.rotation_grace`` before ``now`` (asked only when the id is not found)."""
         return False
+
+    async def _recorded(self, session_id: str, scope: Config, now: datetime) -> Miss:
+        """What a live record of ``scope.site_id`` says of a ``session_id`` that is not
+        found: ``ROTATED``, ``ENDED`` (``_end``) or ``UNKNOWN``, in one lookup.
+        Default: ``_rotated`` only (a backend without logout records)."""
+        return Miss.ROTATED if await self._rotated(session_id, scope, now) else Miss.UNKNOWN
+
+    async def _end(self, session_id: str, scope: Config, now: datetime) -> Outcome:
+        """``_delete``, and if it deleted, in the same atomic step a record that the id
+        was logged out, until ``now + scope.rotation_grace`` (``_recorded`` answers
+        ``ENDED`` then). Default: ``_delete`` only, no record."""
+        return await self._delete(session_id, scope)
 
     async def _rotate_into(
         self,

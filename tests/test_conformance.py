@@ -23,6 +23,7 @@ from asyncsession import (
     Session,
     SessionConflict,
     SessionCorrupt,
+    SessionEnded,
     SessionError,
     SessionExpired,
     SessionLimitExceeded,
@@ -411,6 +412,65 @@ async def test_rotation_record_off_and_no_record_for_delete(harness: Harness) ->
     with pytest.raises(SessionNotFound) as info:
         await on.get(d.id)
     assert not isinstance(info.value, SessionRotated)
+
+
+async def test_logout_record_is_recognised_then_forgotten(
+    store: ControlledStore, harness: Harness, clock: Any
+) -> None:
+    """``delete(id, leave_record=True)`` (a logout) deletes at once and, in the same
+    step, records the id as ended for ``rotation_grace``: ``get`` raises
+    ``SessionEnded`` (a ``SessionNotFound``), never ``SessionRotated``; the record is
+    the site's own, survives a purge until it lapses, then the id is plain unknown."""
+    s = await store.create(new_session("alice", data={"k": 1}, now=clock()))
+    stale = await store.get(s.id)
+    rotated = await store.create(new_session("bob", now=clock()))
+    await store.rotate(rotated.id)
+    assert await store.delete(s.id, leave_record=True) is True
+    with pytest.raises(SessionEnded) as info:
+        await store.get(s.id)
+    assert info.value.code is ErrorCode.SESSION_ENDED and info.value.http_status == 404
+    assert isinstance(info.value, SessionNotFound) and not isinstance(info.value, SessionRotated)
+    assert s.id not in str(info.value) and s.id not in repr(info.value.details)
+    assert not await store._was_rotated(s.id, store.scope, clock())  # a logout is no login
+    for write in (store.touch(s.id), store.update(stale)):
+        with pytest.raises(SessionNotFound) as info:
+            await write
+        assert not isinstance(info.value, SessionRotated)
+    assert await store.delete(s.id, leave_record=True) is False  # gone: nothing to do
+    with pytest.raises(SessionRotated):  # the rotation's record is untouched
+        await store.get(rotated.id)
+    other = await harness.controlled(store.config, site_id="site-b")
+    with pytest.raises(SessionNotFound) as info:
+        await other.get(s.id)
+    assert not isinstance(info.value, SessionEnded)
+    clock.advance(59)
+    await store.purge_expired()  # a live record stays
+    with pytest.raises(SessionEnded):
+        await store.get(s.id)
+    clock.advance(1)
+    await store.purge_expired()
+    with pytest.raises(SessionNotFound) as info:
+        await store.get(s.id)
+    assert not isinstance(info.value, SessionEnded)
+
+
+async def test_no_logout_record_without_leave_record_grace_or_session(
+    store: ControlledStore, harness: Harness, clock: Any
+) -> None:
+    plain = await store.create(new_session("alice", now=clock()))
+    await store.delete(plain.id)  # an admin's delete (revoke): no record
+    never = "N" * 43
+    assert await store.delete(never, leave_record=True) is False  # none for a missing id
+    for session_id in (plain.id, never):
+        with pytest.raises(SessionNotFound) as info:
+            await store.get(session_id)
+        assert not isinstance(info.value, SessionEnded)
+    off = await harness.controlled(cfg(rotation_grace=0))
+    s = await off.create(new_session("bob"))
+    assert await off.delete(s.id, leave_record=True) is True
+    with pytest.raises(SessionNotFound) as info:
+        await off.get(s.id)
+    assert not isinstance(info.value, SessionEnded)
 
 
 async def test_rotate_binds_a_user_atomically(store: ControlledStore, clock: Any) -> None:
@@ -890,7 +950,9 @@ async def test_errors_are_session_errors_with_codes() -> None:
         ErrorCode.STORE_UNAVAILABLE: 503,
         ErrorCode.SESSION_ROTATED: 409,
         ErrorCode.SESSION_CORRUPT: 404,
+        ErrorCode.SESSION_ENDED: 404,
     }
     assert issubclass(SessionRotated, SessionNotFound)
+    assert issubclass(SessionEnded, SessionNotFound)
     assert issubclass(SessionCorrupt, SessionNotFound)
     assert issubclass(SessionExpired, SessionError)

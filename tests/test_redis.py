@@ -52,8 +52,9 @@ from asyncsession import (  # noqa: E402
 )
 from asyncsession.backends import redis as redis_backend  # noqa: E402
 from asyncsession.backends.redis import RedisStore, transport  # noqa: E402
-from asyncsession.backends.redis.rotation import live, rotation_key  # noqa: E402
+from asyncsession.backends.redis.rotation import kind, live, rotation_key  # noqa: E402
 from asyncsession.codec import to_us  # noqa: E402
+from asyncsession.store import Miss  # noqa: E402
 
 from . import backend_redis, redis_servers  # noqa: E402
 from .clock import FakeClock  # noqa: E402
@@ -1595,3 +1596,20 @@ def test_a_rotation_record_of_the_wrong_type_is_no_rotation(clock: FakeClock) ->
     assert not live(until.replace(b"site-a", b"site-b"), cfg(), now)
     for garbage in (10**12, [until], until.decode(), None, b"", b"x:site-a", 1.5):
         assert not live(garbage, cfg(), now), garbage
+
+
+def test_a_logout_record_is_told_apart_and_old_releases_ignore_it(clock: FakeClock) -> None:
+    """A logout's record marks its deadline ``e``: ``kind`` says ENDED, never ROTATED,
+    and a release before these records (whose parse is ``int(until)``) finds it
+    damaged, so no record at all: an upgrade and a downgrade both keep working."""
+    now = clock()
+    until = to_us(now) + 1_000_000
+    ended = b"e%d:site-a" % until
+    assert kind(ended, cfg(), now) is Miss.ENDED and not live(ended, cfg(), now)
+    assert kind(b"%d:site-a" % until, cfg(), now) is Miss.ROTATED
+    assert kind(ended.replace(b"site-a", b"site-b"), cfg(), now) is Miss.UNKNOWN
+    assert kind(b"e%d:site-a" % (to_us(now) - 1), cfg(), now) is Miss.UNKNOWN  # lapsed
+    for garbage in (b"e:site-a", b"ee1:site-a", b"e-:site-a", ended.decode()):
+        assert kind(garbage, cfg(), now) is Miss.UNKNOWN, garbage
+    with pytest.raises(ValueError):
+        int(ended.partition(b":")[0])  # what a release before the records does

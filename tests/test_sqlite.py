@@ -61,7 +61,8 @@ from asyncsession.backends.sqlite.store import (
     SCHEMA_VERSION,
     SQLiteStore,
 )
-from asyncsession.codec import EPOCH
+from asyncsession.codec import EPOCH, to_us
+from asyncsession.store import Miss, Outcome
 
 from .clock import FakeClock
 
@@ -186,6 +187,26 @@ async def test_schema_pragmas_and_indexes(db: str, stores: list[SQLiteStore]) ->
     assert await store._run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()[0]) == 2500
     assert await store._read("PRAGMA busy_timeout", ()) == [(2500,)]
     assert await store._read("PRAGMA query_only", ()) == [(1,)]  # the reader never writes
+
+
+async def test_a_logout_record_is_a_rotations_row_old_releases_take_as_lapsed(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    """A logout's record needs no schema change: a row of ``rotations`` whose deadline
+    is negated. The query of a release before these records (``until > now``) finds
+    no rotation in it, and that release's purge (``until <= now``) drops it: opening
+    the file with an older release only loses the grace."""
+    clock = FakeClock()
+    store = sqlite_store(stores, db, clock=clock)
+    s = await store.create(new_session("alice", now=clock()))
+    key = store._key(s.id)  # (the storage id: a handle)
+    assert await store._end(key, store.config, clock()) is Outcome.OK
+    ((until,),) = raw_sql(db, "SELECT until FROM rotations")
+    assert until == -to_us(clock() + store.config.rotation_grace)
+    old_rotated = "SELECT 1 FROM rotations WHERE hash = ? AND site_id = ? AND until > ?"
+    assert raw_sql(db, old_rotated, (sqlite_schema._hash(key), "site-a", to_us(clock()))) == []
+    assert await store._recorded(key, store.config, clock()) is Miss.ENDED
+    assert raw_sql(db, "DELETE FROM rotations WHERE until <= ? RETURNING 1", (to_us(clock()),))
 
 
 async def test_a_wal_a_long_reader_grew_is_cut_back(db: str, stores: list[SQLiteStore]) -> None:

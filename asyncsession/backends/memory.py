@@ -30,6 +30,7 @@ from ..store import (
     NO_EVICTIONS,
     InsertResult,
     KeepGone,
+    Miss,
     Outcome,
     PurgedSession,
     ScanEntry,
@@ -129,8 +130,9 @@ class MemoryStore(Store):
         self._users: dict[tuple[str, str], dict[str, None]] = {}
         self._buckets: dict[int, dict[str, None]] = {}
         self._bucket_keys: list[int] = []
-        # rotated id -> (site, until): the short-lived records of rotations
-        self._rotations: dict[str, tuple[str, datetime]] = {}
+        # rotated or logged-out id -> (site, until, ROTATED or ENDED): the short-lived
+        # records of rotations and logouts
+        self._rotations: dict[str, tuple[str, datetime, Miss]] = {}
 
     @classmethod
     def with_controls(
@@ -386,13 +388,20 @@ class MemoryStore(Store):
         self._record_rotation(session_id, scope, now)
         return Outcome.OK
 
-    def _record_rotation(self, session_id: str, scope: Config, now: datetime) -> None:
+    def _record_rotation(
+        self, session_id: str, scope: Config, now: datetime, kind: Miss = Miss.ROTATED
+    ) -> None:
         if scope.rotation_grace:
-            self._rotations[session_id] = (scope.site_id, now + scope.rotation_grace)
+            self._rotations[session_id] = (scope.site_id, now + scope.rotation_grace, kind)
 
     async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
+        return await self._recorded(session_id, scope, now) is Miss.ROTATED
+
+    async def _recorded(self, session_id: str, scope: Config, now: datetime) -> Miss:
         record = self._rotations.get(session_id)
-        return record is not None and record[0] == scope.site_id and now < record[1]
+        if record is None or record[0] != scope.site_id or now >= record[1]:
+            return Miss.UNKNOWN
+        return record[2]
 
     async def _rotate_into(
         self,
@@ -428,6 +437,12 @@ class MemoryStore(Store):
             return Outcome.OTHER_SITE
         self._remove(session_id)
         return Outcome.OK
+
+    async def _end(self, session_id: str, scope: Config, now: datetime) -> Outcome:
+        outcome = await self._delete(session_id, scope)  # no await inside
+        if outcome is Outcome.OK:
+            self._record_rotation(session_id, scope, now, Miss.ENDED)
+        return outcome
 
     async def _delete_by_user(
         self,
@@ -489,7 +504,7 @@ class MemoryStore(Store):
         """Empty every expired bucket, ``PURGE_BATCH`` sessions between event-loop yields;
         with ``report``, append what was removed to it. Stale rotation records go too."""
         if self._rotations:
-            for stale in [k for k, (_, until) in self._rotations.items() if now >= until]:
+            for stale in [k for k, (_, until, _) in self._rotations.items() if now >= until]:
                 del self._rotations[stale]
         cutoff = math.ceil(now.timestamp())
         removed = 0

@@ -26,9 +26,9 @@ from ..._deadline import DEADLINE
 from ...config import Config
 from ...errors import StoreUnavailable, short_hash
 from ...session import Session
-from ...store import InsertResult, Outcome
+from ...store import InsertResult, Miss, Outcome
 from .layout import id_slot
-from .scripts import RETIRE, ROTATE, ROTATE_INTO
+from .scripts import DELETE, RETIRE, ROTATE, ROTATE_INTO
 
 if TYPE_CHECKING:
     from .store import RedisStore
@@ -49,13 +49,32 @@ def rotation_key(store: RedisStore, session_id: str) -> bytes:
     return store._layout.rotation_key(session_id)
 
 
-def _record(store: RedisStore, scope: Config, now: datetime) -> tuple[bytes, int | bytes]:
-    """The record's value and native expiry (ms), or ``(b"", b"")`` for none."""
+def _record(
+    store: RedisStore, scope: Config, now: datetime, *, ended: bool = False
+) -> tuple[bytes, int | bytes]:
+    """The record's value and native expiry (ms), or ``(b"", b"")`` for none;
+    ``ended``: a logout's record (``kind``)."""
     if not scope.rotation_grace:
         return b"", b""
     until = codec.to_us(now + scope.rotation_grace)
-    value = b"%d:%s" % (until, scope.site_id.encode())
+    value = b"%s%d:%s" % (b"e" if ended else b"", until, scope.site_id.encode())
     return value, -(-until // 1000) + store.expiry_grace_ms
+
+
+async def end(store: RedisStore, session_id: str, scope: Config, now: datetime) -> Outcome:
+    """Delete the session and, if it was there, leave the logout's record: one script
+    (``scripts/delete.lua`` given the record's key)."""
+    value, pxat = _record(store, scope, now, ended=True)
+    reply = await store._eval(
+        DELETE,
+        (
+            store.session_key(session_id),
+            store.expiry_key_for(session_id),
+            rotation_key(store, session_id),
+        ),
+        (scope.site_id, session_id, value, pxat),
+    )
+    return _OUTCOMES[reply]
 
 
 async def rotate(
@@ -75,20 +94,31 @@ async def rotate(
     return _OUTCOMES[reply]
 
 
-async def rotated(store: RedisStore, session_id: str, scope: Config, now: datetime) -> bool:
-    return live(await store._call("GET", rotation_key(store, session_id)), scope, now)
+async def recorded(store: RedisStore, session_id: str, scope: Config, now: datetime) -> Miss:
+    return kind(await store._call("GET", rotation_key(store, session_id)), scope, now)
 
 
 def live(record: Any, scope: Config, now: datetime) -> bool:
-    """Whether a rotation record (``GET`` of its key: None if there is none) is of
-    ``scope``'s site and not past its deadline; a damaged one is not."""
+    """Whether a record (``GET`` of its key: None if there is none) is a rotation's
+    of ``scope``'s site and not past its deadline; a damaged one is not."""
+    return kind(record, scope, now) is Miss.ROTATED
+
+
+def kind(record: Any, scope: Config, now: datetime) -> Miss:
+    """What a record (``GET`` of its key: None if there is none) of ``scope``'s site,
+    not past its deadline, says: ``ROTATED``, or ``ENDED`` for a logout's (its
+    deadline marked ``e``: a release before these records reads it as damaged, so
+    as no record); else ``UNKNOWN`` (a damaged one too)."""
     if type(record) is not bytes:  # (None: no record; anything else is garbage)
-        return False
+        return Miss.UNKNOWN
     until, _, site = record.partition(b":")
+    ended = until[:1] == b"e"
     try:
-        return site.decode() == scope.site_id and codec.to_us(now) < int(until)
+        if site.decode() != scope.site_id or codec.to_us(now) >= int(until[ended:]):
+            return Miss.UNKNOWN
     except (ValueError, UnicodeDecodeError, TypeError):
-        return False
+        return Miss.UNKNOWN
+    return Miss.ENDED if ended else Miss.ROTATED
 
 
 async def rotate_into(

@@ -674,8 +674,7 @@ class RedisStore(Store):
             return Miss.MOVED if await self._adopt(session_id, key, found) else Miss.UNKNOWN
         if int(found[1]):  # moved meanwhile by a concurrent adopt
             return Miss.MOVED
-        record = found[2] if len(found) > 2 else None
-        return Miss.ROTATED if rotation.live(record, scope, now) else Miss.UNKNOWN
+        return rotation.kind(found[2] if len(found) > 2 else None, scope, now)
 
     @_guarded
     async def _adopt(self, session_id: str, handle: str, found: Any = None) -> bool:
@@ -921,9 +920,12 @@ class RedisStore(Store):
     async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
         return await rotation.rotate(self, session_id, new_id, scope, now)
 
-    @_guarded
     async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
-        return await rotation.rotated(self, session_id, scope, now)
+        return await self._recorded(session_id, scope, now) is Miss.ROTATED
+
+    @_guarded
+    async def _recorded(self, session_id: str, scope: Config, now: datetime) -> Miss:
+        return await rotation.recorded(self, session_id, scope, now)
 
     @_guarded
     async def _rotate_into(
@@ -945,6 +947,10 @@ class RedisStore(Store):
             (scope.site_id, session_id),
         )
         return _OUTCOMES[reply]
+
+    @_guarded
+    async def _end(self, session_id: str, scope: Config, now: datetime) -> Outcome:
+        return await rotation.end(self, session_id, scope, now)
 
     @_guarded
     async def _delete_by_user(

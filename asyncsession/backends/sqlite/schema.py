@@ -105,9 +105,16 @@ _ROTATE = (
     f"WHERE id = ? AND site_id = ? AND {_LIVE}"
 )
 _DELETE = "DELETE FROM sessions WHERE id = ? AND site_id = ?"
+# A logout's record (Store.delete(..., leave_record=True)) is a row of the rotations
+# table whose until is negated: -until. No schema change, and a release before these
+# records takes it for a lapsed rotation (never rotated; purged).
 _RECORD_ROTATION = "INSERT OR REPLACE INTO rotations (hash, site_id, until) VALUES (?, ?, ?)"
-_ROTATED = "SELECT 1 FROM rotations WHERE hash = ? AND site_id = ? AND until > ?"
-_PURGE_ROTATIONS = "DELETE FROM rotations WHERE until <= ?"
+# 1: rotated, 0: ended by a logout, no row: neither (or lapsed)
+_RECORDED = (
+    "SELECT until > 0 FROM rotations WHERE hash = ?1 AND site_id = ?2 "
+    "AND (until > ?3 OR until < -?3)"
+)
+_PURGE_ROTATIONS = "DELETE FROM rotations WHERE until BETWEEN -?1 AND ?1"
 _EXISTS = "SELECT 1 FROM sessions WHERE id = ?"
 _ADOPTABLE = "SELECT id = ? FROM sessions WHERE id IN (?, ?)"  # on the reader: 1 = plain id
 _ADOPT = "UPDATE sessions SET id = ? WHERE id = ?"  # the rowid, so the listing order, stays

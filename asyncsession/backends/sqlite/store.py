@@ -43,6 +43,7 @@ from ...session import Clock, Session
 from ...store import (
     NO_EVICTIONS,
     InsertResult,
+    Miss,
     Outcome,
     PurgedSession,
     ScanEntry,
@@ -55,7 +56,7 @@ from .schema import (
     _GET,
     _LIST_USER,
     _PURGE_ROTATIONS,
-    _ROTATED,
+    _RECORDED,
     _SCAN,
     _TOUCH,
     _TOUCH_IDLE,
@@ -559,9 +560,15 @@ class SQLiteStore(Store):
         )
 
     async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
+        return await self._recorded(session_id, scope, now) is Miss.ROTATED
+
+    async def _recorded(self, session_id: str, scope: Config, now: datetime) -> Miss:
         # on the reader: every unknown id asks this, and must not wait behind a write
-        rotated = (_hash(session_id), scope.site_id, to_us(now))
-        return bool(await self._read(_ROTATED, rotated, point=True))
+        params = (_hash(session_id), scope.site_id, to_us(now))
+        rows = await self._read(_RECORDED, params, point=True)
+        if not rows:
+            return Miss.UNKNOWN
+        return Miss.ROTATED if rows[0][0] else Miss.ENDED
 
     async def _adopt(self, session_id: str, handle: str) -> bool:
         """Move the row of ``session_id`` (written before hashed ids) to ``handle``: one
@@ -633,6 +640,12 @@ class SQLiteStore(Store):
 
     async def _delete(self, session_id: str, scope: Config) -> Outcome:
         return await self._run(writes._delete, session_id, scope.site_id)
+
+    async def _end(self, session_id: str, scope: Config, now: datetime) -> Outcome:
+        until = _until(scope, now)
+        if until is None:
+            return await self._delete(session_id, scope)
+        return await self._run(writes._end, session_id, scope.site_id, until)
 
     async def _delete_by_user(
         self,

@@ -338,6 +338,21 @@ def _delete(c: sqlite3.Connection, session_id: str, site_id: str) -> Outcome:
     return Outcome.MISSING
 
 
+def _end(c: sqlite3.Connection, session_id: str, site_id: str, until: int) -> Outcome:
+    """``_delete`` and, if it deleted, the logout's record (``until`` negated: see
+    ``_RECORD_ROTATION``), in one transaction."""
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        outcome = _delete(c, session_id, site_id)
+        if outcome is Outcome.OK:
+            c.execute(_RECORD_ROTATION, (_hash(session_id), site_id, -until))
+        c.execute("COMMIT")
+    except BaseException:
+        _rollback(c)
+        raise
+    return outcome
+
+
 def _delete_by_user(
     c: sqlite3.Connection,
     site_id: str,

@@ -1,5 +1,5 @@
--- KEYS: session, expiry set
--- ARGV: site, id
+-- KEYS: session, expiry set, [the id's record key: a logout leaves its record]
+-- ARGV: site, id, [record value, its expiry (unix ms)]
 local skey, xkey = KEYS[1], KEYS[2]
 local f = fields(skey, 's', 'i')
 if not f or not f[1] then
@@ -12,4 +12,5 @@ if f[2] then here(f[2]) end
 redis.call('DEL', skey)
 redis.call('ZREM', xkey, ARGV[2])
 if f[2] then redis.call('ZREM', f[2], ARGV[2]) end
+if KEYS[3] and ARGV[3] ~= '' then redis.call('SET', KEYS[3], ARGV[3], 'PXAT', ARGV[4]) end
 return 'ok'
