@@ -23,11 +23,16 @@ from asyncsession import (
     current_user_id,
     install_exception_handler,
     login,
+    logout,
     open_store,
 )
 
 
 async def read(request: Request) -> JSONResponse:
+    """The session; with ``delay``, after sleeping that long (a long poll)."""
+    delay = float(request.query_params.get("delay", "0"))
+    if delay:
+        await asyncio.sleep(delay)
     return JSONResponse({"data": dict(request.session), "user": current_user_id(request)})
 
 
@@ -47,6 +52,11 @@ async def do_login(request: Request) -> JSONResponse:
     return JSONResponse({"user": session.user_id})
 
 
+async def do_logout(request: Request) -> JSONResponse:
+    await logout(request)
+    return JSONResponse({"user": None})
+
+
 def create() -> Starlette:
     config = Config(
         key_prefix=os.environ.get("ASYNCSESSION_LOGIN_PREFIX", "session:"), cleanup_interval=0
@@ -63,6 +73,7 @@ def create() -> Starlette:
             Route("/read", read),
             Route("/write", write, methods=["POST"]),
             Route("/login", do_login, methods=["POST"]),
+            Route("/logout", do_logout, methods=["POST"]),
         ],
         lifespan=lifespan,
     )

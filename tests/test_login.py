@@ -30,6 +30,7 @@ from asyncsession import (
     Config,
     ControlledStore,
     Session,
+    SessionEnded,
     SessionMiddleware,
     SessionNotFound,
     SessionRotated,
@@ -580,11 +581,11 @@ async def test_a_logout_refused_after_a_login_hands_out_no_live_session(
     logged out held a live login); the login is undone as for any failure."""
     real_delete, down = store.delete, [False]
 
-    async def delete(session_id: str) -> bool:
+    async def delete(session_id: str, **kw: Any) -> bool:
         if down[0]:  # the logout's delete fails; the undo's goes through
             down[0] = False
             raise StoreUnavailable("the store is down (test)")
-        return await real_delete(session_id)
+        return await real_delete(session_id, **kw)
 
     async def then_logout(request: Request) -> JSONResponse:
         if helper == "login":
@@ -1172,17 +1173,54 @@ async def test_a_list_held_across_login_or_save_is_saved_when_changed(
         assert (await store.get(sid)).data == {"cart": ["book"]}
 
 
-async def test_logout_kills_the_id_at_once(store: ControlledStore) -> None:
+async def test_logout_kills_the_id_at_once(store: ControlledStore, clock: FakeClock) -> None:
+    """A logout deletes at once and leaves a record of the id for ``rotation_grace``:
+    a request the browser sent before the logout's answer gets no access and leaves
+    the cookie alone (by then it may name a new login: outside check, a long poll
+    cleared it 20 of 20 times); a write with it answers 409 ``ended`` and starts no
+    session; a second logout (a double click) ends nothing and expires nothing. Past
+    the grace the id is plain unknown and its cookie is expired."""
     async with client(make_app(store)) as c:
         sid = issued(await c.post("/login", params={"user": "alice"}))
         out = await c.post("/logout", headers=jar(sid))
         assert any(h.startswith("__Host-session=;") for h in set_cookies(out))
-        with pytest.raises(SessionNotFound) as info:
+        with pytest.raises(SessionEnded) as info:
             await store.get(sid)
         assert not isinstance(info.value, SessionRotated)
-        # a stale cookie of a logged-out session is cleared, not treated as rotated
+        r = await c.get("/read", headers=jar(sid))
+        assert r.json() == {"data": {}, "user": None} and set_cookies(r) == []
+        w = await c.post("/write", params={"key": "k", "value": "v"}, headers=jar(sid))
+        assert w.status_code == 409 and w.json()["error"]["reason"] == "ended"
+        assert set_cookies(w) == []
+        for path in ("/logout", "/clear"):
+            again = await c.post(path, headers=jar(sid))
+            assert again.status_code == 200 and set_cookies(again) == [], path
+        clock.advance(timedelta(seconds=61))
         r = await c.get("/read", headers=jar(sid))
         assert any(h.startswith("__Host-session=;") for h in set_cookies(r))
+        w = await c.post("/write", params={"key": "k", "value": "v"}, headers=jar(sid))
+        assert w.status_code == 200 and issued(w) != sid
+
+
+async def test_a_logout_clicked_twice_expires_no_login_that_followed(
+    store: ControlledStore,
+) -> None:
+    """Two logouts of one session at once (a double click), the second loaded before
+    the first deleted it, and a login in between: the second finds the id ended by
+    the first (the record), so it answers 200 and leaves the cookie alone: the
+    login's stays (before the record it expired it)."""
+    entered, go = asyncio.Event(), asyncio.Event()
+    async with client(make_app(store, (entered, go))) as c:
+        sid = issued(await c.post("/login", params={"user": "alice"}))
+        second = asyncio.create_task(c.post("/logout", params={"wait": "1"}, headers=jar(sid)))
+        await entered.wait()
+        first = await c.post("/logout", headers=jar(sid))
+        assert any(h.startswith("__Host-session=;") for h in set_cookies(first))
+        new = issued(await c.post("/login", params={"user": "bob"}))
+        go.set()
+        response = await second
+        assert response.status_code == 200 and set_cookies(response) == []
+        assert (await c.get("/read", headers=jar(new))).json()["user"] == "bob"
 
 
 async def test_alice_then_bob_on_one_browser(store: ControlledStore) -> None:

@@ -4,7 +4,9 @@ a file) and Redis (3 workers), with httpx clients and real concurrency.
 In 20 trials a request carrying the pre-login cookie finishes after the login: the
 user is never logged out (no clearing Set-Cookie) and that request's write is never
 dropped silently (409, or 200 only if it is in the session). Alice then Bob on one
-cookie jar: Bob sees nothing of Alice's. A tossed cookie of our name: no effect.
+cookie jar: Bob sees nothing of Alice's. A tossed cookie of our name: no effect. A
+long poll the browser keeps sending with the old cookie through a logout and a login
+never clears the new login's cookie.
 """
 
 from __future__ import annotations
@@ -128,3 +130,46 @@ async def test_alice_then_bob_and_a_tossed_cookie(server: str) -> None:
             assert r.json()["user"] != "mallory"
             assert r.headers.get_list("set-cookie") == []
         assert (await c.get("/read", headers=jar(bob))).json()["user"] == "bob"
+
+
+async def test_polls_sent_before_a_logout_never_clear_the_next_login(server: str) -> None:
+    """A page polls (``/read``, 50 ms each, one after another) with the cookie it has;
+    the user logs out and logs in again (another account). Polls the browser sent
+    before the logout's response arrive after it: the logout left a record of the
+    id, so they find it ended rather than unknown and leave the cookie alone (before
+    the record: 20 of 20 trials expired the new login's cookie). A write with the
+    logged-out id answers 409, and starts no session whose cookie would replace the
+    login's."""
+    after_logout = 0
+    async with client(server) as c:
+        for trial in range(TRIALS):
+            old = issued(await c.post("/login", params={"user": f"a{trial}"}))
+            stop = asyncio.Event()
+            seen: list[httpx.Response] = []
+            poller = asyncio.create_task(poll(c, old, stop, seen))
+            await asyncio.sleep(0.02)
+            out = await c.post("/logout", headers=jar(old))
+            assert out.status_code == 200
+            assert any(h.startswith("session=;") for h in out.headers.get_list("set-cookie"))
+            new = issued(await c.post("/login", params={"user": f"b{trial}"}))
+            await asyncio.sleep(0.12)  # polls keep coming with the old cookie
+            stop.set()
+            await poller
+            for response in seen:
+                assert response.status_code == 200
+                assert response.headers.get_list("set-cookie") == [], "a poll touched the cookie"
+                after_logout += response.json()["user"] is None
+            late = await c.post("/write", params={"key": "k", "value": "v"}, headers=jar(old))
+            assert late.status_code == 409, late.text
+            assert late.json()["error"]["reason"] == "ended"
+            assert late.headers.get_list("set-cookie") == []
+            assert (await c.get("/read", headers=jar(new))).json()["user"] == f"b{trial}"
+    assert after_logout >= TRIALS  # polls really came in after the logouts
+
+
+async def poll(
+    c: httpx.AsyncClient, cookie: str, stop: asyncio.Event, seen: list[httpx.Response]
+) -> None:
+    """A page's long poll: ``/read`` (50 ms each) with ``cookie``, one after another."""
+    while not stop.is_set():
+        seen.append(await c.get("/read", params={"delay": "0.05"}, headers=jar(cookie)))

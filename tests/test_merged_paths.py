@@ -57,9 +57,9 @@ class HangingStore(ControlledStore):
         await self._wait()
         return await super().apply(session_id, changes, **kw)
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, **kw: Any) -> bool:
         await self._wait()
-        return await super().delete(session_id)
+        return await super().delete(session_id, **kw)
 
 
 def bump(data: dict[str, Any]) -> None:
@@ -347,11 +347,11 @@ async def test_clear_survives_a_failed_explicit_save() -> None:
     class DeleteFailsOnce(ControlledStore):
         fails = 1
 
-        async def delete(self, session_id: str) -> bool:
+        async def delete(self, session_id: str, **kw: Any) -> bool:
             if self.fails:
                 self.fails -= 1
                 raise StoreUnavailable("down for a moment (test)")
-            return await super().delete(session_id)
+            return await super().delete(session_id, **kw)
 
     store = DeleteFailsOnce(MemoryStore(Config(cleanup_interval=0)))
 

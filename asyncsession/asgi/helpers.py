@@ -295,7 +295,11 @@ def _login_lost(conn: _Connection, old: Session, exc: SessionNotFound, live: boo
 
 async def logout(connection: HTTPConnection) -> None:
     """Delete the server-side session and expire the cookie. Data written afterwards
-    in the same request starts a new anonymous session.
+    in the same request starts a new anonymous session. The id is recorded as ended
+    for ``Config.rotation_grace`` (``Store.delete(..., leave_record=True)``): a request
+    the browser sent before this one's answer, arriving after a new login, leaves the
+    new cookie alone, and its writes answer 409 ``ended``. Logged out already by a
+    parallel request (a double click): nothing to end, and no cookie sent.
 
     A session a parallel login rotated (before this request or during it) is not
     ended: ``SessionConflict`` (409, reason ``rotated``) and no cookie is sent, so

@@ -42,6 +42,7 @@ from ..changes import Applied, Changes
 from ..controls import LogLimiter
 from ..errors import (
     SessionConflict,
+    SessionEnded,
     SessionError,
     SessionNotFound,
     SessionRotated,
@@ -58,7 +59,7 @@ from ..session import (
     new_session,
 )
 from ..session_dict import SessionDict, _plain
-from ..store import Store
+from ..store import Miss, Store
 
 logger = logging.getLogger("asyncsession.asgi")
 T = TypeVar("T")
@@ -506,10 +507,16 @@ class _Connection:
             self.check_not_rotated()
             return False
         store = self.store
-        if not await self.within(store.delete(session.id)) and await self.within(
-            store._was_rotated(session.id, store.scope, store.clock())
-        ):
-            self._gone(session, store._rotated_error(session.id))
+        if not await self.within(store.delete(session.id, leave_record=True)):
+            record = await self.within(store._was_recorded(session.id, store.scope, store.clock()))
+            if record is Miss.ROTATED:
+                self._gone(session, store._rotated_error(session.id))
+            if record is Miss.ENDED:
+                # another request logged it out meanwhile (a second click): that one's
+                # response expires the cookie; this one leaves it alone, as a login
+                # may have followed
+                self._lost(store._ended_error(session.id))
+                return False
         self.ended = True
         return True
 
@@ -605,7 +612,8 @@ class _Connection:
         200 for a write that was dropped), nothing is recreated, and the client's
         cookie is left alone: by now the browser may hold a newer one (a login after
         that logout), which expiring ours would clear. A later request that still
-        carries the dead id finds it unknown and expires it then."""
+        carries the dead id finds it ended (a logout's record: left alone again) or
+        unknown (past the record's grace, a revoke), and expires it then."""
         self._lost(exc)
         if isinstance(exc, SessionRotated):
             raise SessionConflict(
@@ -953,6 +961,10 @@ class SessionMiddleware:
                         if isinstance(exc, SessionRotated):
                             conn.stale = True  # a newer cookie exists: leave it alone
                             conn.rotated = True
+                        elif isinstance(exc, SessionEnded):
+                            # logged out since the browser sent this request: a login
+                            # may have followed, whose cookie expiring ours would clear
+                            conn.stale = True
                         logger.debug("session cookie not adopted: %s", short_hash(session_id))
                     else:
                         conn.loaded(session, session_id)
@@ -1044,18 +1056,20 @@ class SessionMiddleware:
         several live ones are ambiguous: an anonymous session that cannot be saved
         (409 on write), and the client's cookies are left alone."""
         live: list[tuple[Session, str]] = []
-        rotated = False
+        rotated = ended = False
         for session_id in ids:
             try:
                 live.append((await conn.within(self.store.get(session_id)), session_id))
             except SessionNotFound as exc:
                 _keys_behind(exc)  # not unknown: one of them may be the user's
                 rotated = rotated or isinstance(exc, SessionRotated)
+                ended = ended or isinstance(exc, SessionEnded)
                 continue
         if len(live) == 1:
             conn.loaded(*live[0])
         elif not live:
             conn.stale = conn.rotated = rotated  # a newer cookie exists, as for one id
+            conn.stale = conn.stale or ended
         else:
             # legacy cookies: none moved, a fresh session
             conn.stale = conn.ambiguous = not conn.legacy
