@@ -717,6 +717,28 @@ async def test_logout_everywhere_with_this_one_also_ends_a_rotation_between_its_
                 await store.get(gone)
 
 
+async def test_logging_out_everywhere_here_too_leaves_a_logout_record(
+    store: ControlledStore,
+) -> None:
+    """``logout_everywhere(keep_current=False)`` ends this browser's session as a
+    logout does: its id is recorded as ended, so a poll this browser sent before the
+    answer leaves the next login's cookie alone; the other devices are revoked
+    (no record: theirs is expired on their next request)."""
+    async with client(make_app(store)) as c:
+        mine = issued(await c.post("/login", params={"user": "alice"}))
+        phone = await store.create(new_session("alice", data={"d": "phone"}))
+        response = await c.post("/others-out", params={"all": "1"}, headers=jar(mine))
+        assert response.json() == {"revoked": 2}
+        assert any(h.startswith("__Host-session=;") for h in set_cookies(response))
+        with pytest.raises(SessionEnded):
+            await store.get(mine)
+        poll = await c.get("/read", headers=jar(mine))
+        assert poll.json() == {"data": {}, "user": None} and set_cookies(poll) == []
+        with pytest.raises(SessionNotFound) as info:
+            await store.get(phone.id)
+        assert not isinstance(info.value, SessionEnded)
+
+
 async def test_a_login_after_a_write_to_a_session_ended_meanwhile_goes_on(
     store: ControlledStore,
 ) -> None:

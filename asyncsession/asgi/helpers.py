@@ -345,9 +345,12 @@ async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = 
             details={"session": short_hash(session.id), "reason": reason, "revoked": revoked},
         ) from exc
     if not keep_current:
-        # then every session of the user, this one included: one a parallel rotation
-        # moved it to since the check goes too (not a delete of this id, which would
-        # find it gone and leave the rotated one logged in: outside attacker)
+        # then this one, leaving a logout's record (requests this browser sent before
+        # the answer leave a new login's cookie alone), then every session of the
+        # user: one a parallel rotation moved this one to since the check goes too
+        # (a delete of this id alone would find it gone and leave the rotated one
+        # logged in: outside attacker)
+        count += await conn.within(conn.store.delete(session.id, leave_record=True))
         count += await conn.within(conn.store.delete_by_user(session.user_id))
         conn.forget()
     return count
