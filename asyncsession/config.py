@@ -53,6 +53,13 @@ class Config:
     """How long a rotated id (``rotate``, ``login``) is remembered as rotated rather
     than unknown, so a request still carrying it answers 409 instead of logging the
     client out; 0 turns the records off."""
+    logout_grace: timedelta = field(default=timedelta(seconds=10))
+    """How long an id a logout ended (``logout()``, ``clear()``: ``Store.delete(...,
+    leave_record=True)``) is remembered as ended rather than unknown, so a request the
+    browser sent before the logout's answer leaves a newer login's cookie alone. It
+    needs to cover requests already on their way, no more: a client that never got
+    the logout's cookie (a lost response) cannot write for this long (409 ``ended``).
+    0 turns the records off."""
     hash_ids: bool = True
     """Keep each session under ``session_handle(id)`` (a SHA-256 of the id) instead of
     the id, so a copy of the storage (a dump, backup or replica) holds no id a client
@@ -107,6 +114,10 @@ class Config:
         if grace is None or grace < timedelta(0):
             raise ValueError(f"Config.rotation_grace must be >= 0, got {self.rotation_grace!r}")
         object.__setattr__(self, "rotation_grace", grace)
+        grace = _duration("logout_grace", self.logout_grace)
+        if grace is None or grace < timedelta(0):
+            raise ValueError(f"Config.logout_grace must be >= 0, got {self.logout_grace!r}")
+        object.__setattr__(self, "logout_grace", grace)
         if not isinstance(self.hash_ids, bool):
             raise ValueError(f"Config.hash_ids must be a bool, got {self.hash_ids!r}")
         if not isinstance(self.key_prefix, str) or any(c in self.key_prefix for c in "{}\r\n"):

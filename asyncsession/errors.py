@@ -132,7 +132,7 @@ class SessionEnded(SessionNotFound):
     request still carrying the id, sent before the logout, is told so rather than
     finding an unknown id, so the middleware leaves the client's cookie alone (by then
     it may name a new login). A ``SessionNotFound``; the record lasts
-    ``Config.rotation_grace`` and holds only a hash of the id.
+    ``Config.logout_grace`` and holds only a hash of the id.
 
     Code ``SESSION_ENDED``, HTTP 404; ``details["session"]`` is the id's short hash."""
 

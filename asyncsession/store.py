@@ -81,7 +81,7 @@ class Miss(Enum):
 
     MOVED = "moved"  # a record stored under the plain id (before hashing) is there now
     ROTATED = "rotated"  # the id was rotated less than ``rotation_grace`` ago
-    ENDED = "ended"  # a logout deleted it less than ``rotation_grace`` ago (``_end``)
+    ENDED = "ended"  # a logout deleted it less than ``logout_grace`` ago (``_end``)
     UNKNOWN = "unknown"
 
 
@@ -852,7 +852,7 @@ class Store(ABC):
 
         ``leave_record`` (a logout: ``logout()`` and ``request.session.clear()`` set
         it): in the same atomic step, leave a record that the id was logged out, kept
-        ``Config.rotation_grace`` like a rotation's (a hash of the id, nothing else).
+        ``Config.logout_grace`` (10 s), like a rotation's (a hash of the id, nothing else).
         A ``get`` of the id meanwhile raises ``SessionEnded`` instead of
         ``SessionNotFound``: a request the browser sent before the logout is known
         as such, and the middleware leaves the client's cookie alone (it may name a
@@ -1284,20 +1284,13 @@ class Store(ABC):
         one round trip (Redis)."""
         if plain and await self._adopt(session_id, key):
             return Miss.MOVED
-        if scope.rotation_grace:
+        if scope.rotation_grace or scope.logout_grace:
             return await self._recorded(key, scope, now)
         return Miss.UNKNOWN
 
     async def _was_rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
         """Whether the id ``session_id`` (not a storage id) was rotated recently."""
         return bool(scope.rotation_grace) and await self._rotated(self._key(session_id), scope, now)
-
-    async def _was_recorded(self, session_id: str, scope: Config, now: datetime) -> Miss:
-        """Whether the id ``session_id`` (not a storage id) was rotated or ended by a
-        logout recently (``_recorded``)."""
-        if not scope.rotation_grace:
-            return Miss.UNKNOWN
-        return await self._recorded(self._key(session_id), scope, now)
 
     async def _adopt(self, session_id: str, handle: str) -> bool:
         """If a record is stored under the plain ``session_id`` (written before
@@ -1325,7 +1318,7 @@ class Store(ABC):
 
     async def _end(self, session_id: str, scope: Config, now: datetime) -> Outcome:
         """``_delete``, and if it deleted, in the same atomic step a record that the id
-        was logged out, until ``now + scope.rotation_grace`` (``_recorded`` answers
+        was logged out, until ``now + scope.logout_grace`` (``_recorded`` answers
         ``ENDED`` then). Default: ``_delete`` only, no record."""
         return await self._delete(session_id, scope)
 

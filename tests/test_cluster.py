@@ -36,6 +36,7 @@ from asyncsession import (  # noqa: E402
     InvalidSession,
     Session,
     SessionConflict,
+    SessionEnded,
     SessionEvent,
     SessionNotFound,
     SessionRotated,
@@ -637,6 +638,33 @@ async def test_ask_during_a_migration_reads_follow_and_scripts_never_answer_wron
             await asyncio.to_thread(env.cluster.finish_slot, slot, target)
         await asyncio.to_thread(env.cluster.move_slot, slot, source)
     assert len(await store.list_by_user("alice")) == 2
+
+
+async def test_a_logout_at_the_start_of_a_migration_still_logs_out(env: Env) -> None:
+    """A slot marked migrating with no key moved yet: a logout's script also declares
+    the id's record key, which is on neither side, so the node answers TRYAGAIN
+    until redis-py gives up (review: 503 for every logout in the slot meanwhile,
+    where a plain delete went through). The logout falls back to a delete without
+    the record."""
+    store = env.controlled()
+    s = await store.create(new_session("alice"))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    slot = key_slot(raw.session_key(raw.handle(s.id)))
+    source = env.cluster.server_for_slot(slot)
+    target = next(x for x in env.cluster.servers if x is not source)
+    await asyncio.to_thread(env.cluster.move_slot, slot, target, keys=[], finish=False)
+    try:
+        assert await store.delete(s.id, leave_record=True) is True
+    finally:
+        await asyncio.to_thread(env.cluster.finish_slot, slot, source)
+    with pytest.raises(SessionNotFound):
+        await store.get(s.id)
+    # and with the slot settled, a logout leaves its record again
+    t = await store.create(new_session("alice"))
+    assert await store.delete(t.id, leave_record=True) is True
+    with pytest.raises(SessionEnded):
+        await store.get(t.id)
 
 
 async def test_writes_during_a_migration_are_applied_once(env: Env) -> None:

@@ -418,7 +418,7 @@ async def test_logout_record_is_recognised_then_forgotten(
     store: ControlledStore, harness: Harness, clock: Any
 ) -> None:
     """``delete(id, leave_record=True)`` (a logout) deletes at once and, in the same
-    step, records the id as ended for ``rotation_grace``: ``get`` raises
+    step, records the id as ended for ``logout_grace`` (10 s): ``get`` raises
     ``SessionEnded`` (a ``SessionNotFound``), never ``SessionRotated``; the record is
     the site's own, survives a purge until it lapses, then the id is plain unknown."""
     s = await store.create(new_session("alice", data={"k": 1}, now=clock()))
@@ -443,7 +443,7 @@ async def test_logout_record_is_recognised_then_forgotten(
     with pytest.raises(SessionNotFound) as info:
         await other.get(s.id)
     assert not isinstance(info.value, SessionEnded)
-    clock.advance(59)
+    clock.advance(9)
     await store.purge_expired()  # a live record stays
     with pytest.raises(SessionEnded):
         await store.get(s.id)
@@ -452,6 +452,8 @@ async def test_logout_record_is_recognised_then_forgotten(
     with pytest.raises(SessionNotFound) as info:
         await store.get(s.id)
     assert not isinstance(info.value, SessionEnded)
+    with pytest.raises(SessionRotated):  # a rotation's record lasts its own 60 s
+        await store.get(rotated.id)
 
 
 async def test_no_logout_record_without_leave_record_grace_or_session(
@@ -465,12 +467,18 @@ async def test_no_logout_record_without_leave_record_grace_or_session(
         with pytest.raises(SessionNotFound) as info:
             await store.get(session_id)
         assert not isinstance(info.value, SessionEnded)
-    off = await harness.controlled(cfg(rotation_grace=0))
+    off = await harness.controlled(cfg(logout_grace=0))
     s = await off.create(new_session("bob"))
     assert await off.delete(s.id, leave_record=True) is True
     with pytest.raises(SessionNotFound) as info:
         await off.get(s.id)
     assert not isinstance(info.value, SessionEnded)
+    # the two records are set apart: logouts recorded with rotations off
+    only = await harness.controlled(cfg(rotation_grace=0, site_id="site-c"))
+    s = await only.create(new_session("bob"))
+    assert await only.delete(s.id, leave_record=True) is True
+    with pytest.raises(SessionEnded):
+        await only.get(s.id)
 
 
 async def test_rotate_binds_a_user_atomically(store: ControlledStore, clock: Any) -> None:

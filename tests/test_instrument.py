@@ -61,7 +61,7 @@ async def workload(store: ControlledStore, clock: FakeClock) -> dict[str, str]:
     await store.list_by_user("alice")
     clock.advance(10)
     assert await store.purge_expired() == 1  # b
-    await store.delete(new_a)
+    await store.delete(new_a, leave_record=True)  # a logout (its own hook): counted too
     await store.delete(new_a)  # idempotent: a miss
     assert await store.delete_by_user("alice") == 0
     return {"a": a.id, "b": b.id, "new_a": new_a}

@@ -202,7 +202,7 @@ async def test_a_logout_record_is_a_rotations_row_old_releases_take_as_lapsed(
     key = store._key(s.id)  # (the storage id: a handle)
     assert await store._end(key, store.config, clock()) is Outcome.OK
     ((until,),) = raw_sql(db, "SELECT until FROM rotations")
-    assert until == -to_us(clock() + store.config.rotation_grace)
+    assert until == -to_us(clock() + store.config.logout_grace)
     old_rotated = "SELECT 1 FROM rotations WHERE hash = ? AND site_id = ? AND until > ?"
     assert raw_sql(db, old_rotated, (sqlite_schema._hash(key), "site-a", to_us(clock()))) == []
     assert await store._recorded(key, store.config, clock()) is Miss.ENDED

@@ -155,8 +155,9 @@ async def rotate_session(connection: HTTPConnection) -> Session | None:
         conn.check_not_rotated()
         if conn.stale:  # a save or touch earlier in this request found it gone
             reason = "rotated" if conn.moved else "ended"
+            when = "before" if conn.logged_out else "during"  # (a logout's record)
             raise SessionConflict(
-                f"the session {reason} during the request; nothing was rotated",
+                f"the session {reason} {when} the request; nothing was rotated",
                 details={"reason": reason},
             )
         return None
@@ -296,10 +297,10 @@ def _login_lost(conn: _Connection, old: Session, exc: SessionNotFound, live: boo
 async def logout(connection: HTTPConnection) -> None:
     """Delete the server-side session and expire the cookie. Data written afterwards
     in the same request starts a new anonymous session. The id is recorded as ended
-    for ``Config.rotation_grace`` (``Store.delete(..., leave_record=True)``): a request
+    for ``Config.logout_grace`` (``Store.delete(..., leave_record=True)``): a request
     the browser sent before this one's answer, arriving after a new login, leaves the
-    new cookie alone, and its writes answer 409 ``ended``. Logged out already by a
-    parallel request (a double click): nothing to end, and no cookie sent.
+    new cookie alone, and its writes answer 409 ``ended``. Logged out already (a
+    double click): a logout all the same, the cookie expired.
 
     A session a parallel login rotated (before this request or during it) is not
     ended: ``SessionConflict`` (409, reason ``rotated``) and no cookie is sent, so

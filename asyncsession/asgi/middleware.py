@@ -27,7 +27,7 @@ import inspect
 import logging
 import math
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from datetime import timedelta
 from typing import Any, Literal, NoReturn, TypeVar
 
@@ -59,7 +59,7 @@ from ..session import (
     new_session,
 )
 from ..session_dict import SessionDict, _plain
-from ..store import Miss, Store
+from ..store import Store
 
 logger = logging.getLogger("asyncsession.asgi")
 T = TypeVar("T")
@@ -185,6 +185,26 @@ def _keys_behind(exc: SessionNotFound) -> None:
     ) from exc
 
 
+def _takes_leave_record(store: Store) -> bool:
+    """Whether ``store.delete`` takes ``leave_record`` (a logout's record). A ``Store``
+    subclass that overrides ``delete`` with the signature before it would raise
+    ``TypeError`` on every logout: its logouts delete without a record, as before,
+    and a WARNING at start says so."""
+    try:
+        params = inspect.signature(store.delete).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a C callable, a mock
+        return False
+    if any(p.name == "leave_record" or p.kind is p.VAR_KEYWORD for p in params):
+        return True
+    logger.warning(
+        "%s.delete takes no leave_record keyword (a Store subclass overriding delete?): "
+        "logouts leave no record, so a request sent before one may expire a newer "
+        "login's cookie; accept leave_record and pass it on to enable them",
+        type(store).__name__,
+    )
+    return False
+
+
 def _ambiguous(nothing: str) -> SessionConflict:
     """409 for a request whose cookies named several live sessions (tossing)."""
     return SessionConflict(
@@ -210,6 +230,7 @@ class _Connection:
         "exact",
         "fresh",
         "legacy",
+        "logged_out",
         "migrate",
         "moved",
         "mw",
@@ -249,6 +270,7 @@ class _Connection:
         self.stale = False
         self.moved = False  # a parallel login rotated the loaded session away
         self.rotated = False  # the cookie named an id rotated before this request
+        self.logged_out = False  # ... or one a logout ended moments ago (a record)
         self.ambiguous = False  # several live sessions (or too many cookies): none adopted
         self.tossed = False  # several values of our cookie: clearing ours would not help
         self.legacy = False  # the session came in the legacy cookie: move it to ours
@@ -505,18 +527,19 @@ class _Connection:
         if session is None:
             self.check_writable()
             self.check_not_rotated()
+            if self.logged_out:  # logged out again (a double click): the cookie expired
+                self.stale = self.logged_out = False
+                self.ended = True
             return False
         store = self.store
-        if not await self.within(store.delete(session.id, leave_record=True)):
-            record = await self.within(store._was_recorded(session.id, store.scope, store.clock()))
-            if record is Miss.ROTATED:
-                self._gone(session, store._rotated_error(session.id))
-            if record is Miss.ENDED:
-                # another request logged it out meanwhile (a second click): that one's
-                # response expires the cookie; this one leaves it alone, as a login
-                # may have followed
-                self._lost(store._ended_error(session.id))
-                return False
+        deleted = await self.within(self.mw._delete_for_logout(session.id))
+        if not deleted and await self.within(
+            store._was_rotated(session.id, store.scope, store.clock())
+        ):
+            self._gone(session, store._rotated_error(session.id))
+        # deleted, or ended already: by another logout (a double click: the browser
+        # may show only this answer), by this one (an earlier try whose reply was
+        # lost), or by a revoke or expiry; a logout all the same, its cookie expired
         self.ended = True
         return True
 
@@ -790,6 +813,7 @@ class SessionMiddleware:
         self.timeout = timeout
         # the store keeps the request's deadline itself (see _deadline)
         self._honours_deadline = getattr(store, "honours_deadline", False) is True
+        self._logout_records = _takes_leave_record(store)
         self._cookie_re = _cookie_pattern(cookie_name)
         self.legacy_cookie_name = legacy_cookie_name
         self._legacy_re = _cookie_pattern(legacy_cookie_name) if legacy_cookie_name else None
@@ -830,6 +854,12 @@ class SessionMiddleware:
         self.legacy_expire_value = (
             self._expiring(legacy_cookie_name) if legacy_cookie_name else None
         )
+
+    def _delete_for_logout(self, session_id: str) -> Coroutine[Any, Any, bool]:
+        """``store.delete(session_id, leave_record=True)`` (see ``_takes_leave_record``)."""
+        if self._logout_records:
+            return self.store.delete(session_id, leave_record=True)
+        return self.store.delete(session_id)
 
     def _expiring(self, name: str) -> bytes:
         return f"{name}={self._path_attr}; {_EXPIRED}{self._flags}".encode("latin-1")
@@ -964,7 +994,7 @@ class SessionMiddleware:
                         elif isinstance(exc, SessionEnded):
                             # logged out since the browser sent this request: a login
                             # may have followed, whose cookie expiring ours would clear
-                            conn.stale = True
+                            conn.stale = conn.logged_out = True
                         logger.debug("session cookie not adopted: %s", short_hash(session_id))
                     else:
                         conn.loaded(session, session_id)

@@ -391,8 +391,9 @@ class MemoryStore(Store):
     def _record_rotation(
         self, session_id: str, scope: Config, now: datetime, kind: Miss = Miss.ROTATED
     ) -> None:
-        if scope.rotation_grace:
-            self._rotations[session_id] = (scope.site_id, now + scope.rotation_grace, kind)
+        grace = scope.logout_grace if kind is Miss.ENDED else scope.rotation_grace
+        if grace:
+            self._rotations[session_id] = (scope.site_id, now + grace, kind)
 
     async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
         return await self._recorded(session_id, scope, now) is Miss.ROTATED

@@ -54,9 +54,10 @@ def _record(
 ) -> tuple[bytes, int | bytes]:
     """The record's value and native expiry (ms), or ``(b"", b"")`` for none;
     ``ended``: a logout's record (``kind``)."""
-    if not scope.rotation_grace:
+    grace = scope.logout_grace if ended else scope.rotation_grace
+    if not grace:
         return b"", b""
-    until = codec.to_us(now + scope.rotation_grace)
+    until = codec.to_us(now + grace)
     value = b"%s%d:%s" % (b"e" if ended else b"", until, scope.site_id.encode())
     return value, -(-until // 1000) + store.expiry_grace_ms
 

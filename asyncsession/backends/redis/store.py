@@ -658,7 +658,7 @@ class RedisStore(Store):
         """One script for a lookup that found nothing: whether a record is stored
         under the plain id, and the rotation record (an unknown or stale cookie costs
         two round trips, not three: outside review)."""
-        if not (plain and scope.rotation_grace):
+        if not (plain and (scope.rotation_grace or scope.logout_grace)):
             return await super()._missing(session_id, key, scope, now, plain)
         return await self._missing_read(session_id, key, scope, now)
 
@@ -948,8 +948,19 @@ class RedisStore(Store):
         )
         return _OUTCOMES[reply]
 
-    @_guarded
     async def _end(self, session_id: str, scope: Config, now: datetime) -> Outcome:
+        try:
+            return await self._end_once(session_id, scope, now)
+        except StoreUnavailable:
+            if not self._layout.cluster:
+                raise
+            # a slot being migrated answers TRYAGAIN to a script declaring a key not
+            # moved yet (the record's, which does not exist): the logout matters more
+            # than its record (review: 503 for every logout in the slot meanwhile)
+            return await self._delete(session_id, scope)
+
+    @_guarded
+    async def _end_once(self, session_id: str, scope: Config, now: datetime) -> Outcome:
         return await rotation.end(self, session_id, scope, now)
 
     @_guarded

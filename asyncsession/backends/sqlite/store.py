@@ -642,9 +642,9 @@ class SQLiteStore(Store):
         return await self._run(writes._delete, session_id, scope.site_id)
 
     async def _end(self, session_id: str, scope: Config, now: datetime) -> Outcome:
-        until = _until(scope, now)
-        if until is None:
+        if not scope.logout_grace:
             return await self._delete(session_id, scope)
+        until = to_us(now + scope.logout_grace)
         return await self._run(writes._end, session_id, scope.site_id, until)
 
     async def _delete_by_user(
