@@ -1098,8 +1098,8 @@ class SessionMiddleware:
         if len(live) == 1:
             conn.loaded(*live[0])
         elif not live:
-            conn.stale = conn.rotated = rotated  # a newer cookie exists, as for one id
-            conn.stale = conn.stale or ended
+            conn.rotated = rotated  # a newer cookie exists (or a logout's record), as
+            conn.stale = rotated or ended  # for one id
         else:
             # legacy cookies: none moved, a fresh session
             conn.stale = conn.ambiguous = not conn.legacy

@@ -114,8 +114,10 @@ def kind(record: Any, scope: Config, now: datetime) -> Miss:
         return Miss.UNKNOWN
     until, _, site = record.partition(b":")
     ended = until[:1] == b"e"
+    if ended:
+        until = until[1:]
     try:
-        if site.decode() != scope.site_id or codec.to_us(now) >= int(until[ended:]):
+        if site.decode() != scope.site_id or codec.to_us(now) >= int(until):
             return Miss.UNKNOWN
     except (ValueError, UnicodeDecodeError, TypeError):
         return Miss.UNKNOWN
