@@ -718,6 +718,54 @@ async def test_logout_everywhere_with_this_one_also_ends_a_rotation_between_its_
                 await store.get(gone)
 
 
+async def test_logging_out_to_a_fresh_anonymous_session_as_the_docs_say(
+    store: ControlledStore,
+) -> None:
+    """docs/asgi.md, for pages that write while they poll: ``login(request, None,
+    keep_data=False)`` logs out to a fresh, empty anonymous session: the user's
+    session is gone, the old id is rotated (a poll carrying it writes nothing and
+    sends no cookie), the browser holds a cookie throughout."""
+
+    async def fresh_logout(request: Request) -> JSONResponse:
+        session = await login(request, None, keep_data=False)
+        return JSONResponse({"user": session.user_id})
+
+    app = make_app(store)
+    app.router.routes.append(Route("/fresh-logout", fresh_logout, methods=["POST"]))
+    async with client(app) as c:
+        old = issued(await c.post("/login", params={"user": "alice"}))
+        await c.post("/write", params={"key": "token", "value": "secret"}, headers=jar(old))
+        out = await c.post("/fresh-logout", headers=jar(old))
+        anon = issued(out)
+        assert anon != old and out.json() == {"user": None}
+        assert (await c.get("/read", headers=jar(anon))).json() == {"data": {}, "user": None}
+        assert await store.list_by_user("alice") == []
+        poll = await c.post("/write", params={"key": "k", "value": "v"}, headers=jar(old))
+        assert poll.status_code == 409 and set_cookies(poll) == []
+        with pytest.raises(SessionRotated):
+            await store.get(old)
+
+
+async def test_logging_out_everywhere_from_a_logged_out_id_says_so(
+    store: ControlledStore,
+) -> None:
+    """ "Log out everywhere" (either form) and "revoke that device" sent by a tab before
+    another tab's logout answered: the id is recorded as ended, so they answer 409
+    ``ended``, never 200 ``revoked: 0`` while the other devices stay logged in
+    (outside attacker: 20 of 20)."""
+    async with client(make_app(store)) as c:
+        mine = issued(await c.post("/login", params={"user": "alice"}))
+        phone = await store.create(new_session("alice", data={"d": "phone"}))
+        assert (await c.post("/logout", headers=jar(mine))).status_code == 200
+        for params in ({}, {"all": "1"}):
+            r = await c.post("/others-out", params=params, headers=jar(mine))
+            assert r.status_code == 409 and r.json()["error"]["reason"] == "ended", params
+            assert set_cookies(r) == []
+        r = await c.post("/devices", params={"short": phone.short_id}, headers=jar(mine))
+        assert r.status_code == 409 and r.json()["error"]["reason"] == "ended"
+        assert (await store.get(phone.id)).data == {"d": "phone"}  # untouched: log in again
+
+
 async def test_logging_out_everywhere_here_too_leaves_a_logout_record(
     store: ControlledStore,
 ) -> None:

@@ -323,6 +323,7 @@ async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = 
     session = conn.session
     if session is None:
         conn.check_not_rotated()
+        _check_not_logged_out(conn, "nobody's sessions were revoked")
         return 0
     if session.user_id is None:
         return 0
@@ -357,6 +358,18 @@ async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = 
     return count
 
 
+def _check_not_logged_out(conn: _Connection, nothing: str) -> None:
+    """A request whose cookie names an id a logout ended moments ago (its record)
+    acts for no user: 409 ``ended``, never a 200 "nothing to revoke" while the
+    user's other sessions live on (outside attacker: "log out everywhere" from a tab
+    sent before another tab's logout answered 200, 20 of 20, devices kept)."""
+    if conn.logged_out:
+        raise SessionConflict(
+            f"the session was logged out before this request; {nothing}: log in again",
+            details={"reason": "ended"},
+        )
+
+
 async def list_user_sessions(connection: HTTPConnection) -> list[Session]:
     """The current user's live sessions, oldest first (for a "your devices" page).
 
@@ -378,6 +391,8 @@ async def revoke_session(connection: HTTPConnection, short_id: str) -> bool:
     conn = _work(connection)
     conn.check_writable()
     current = conn.session
+    if current is None:
+        _check_not_logged_out(conn, "nothing was revoked")
     if current is None or current.user_id is None:
         return False
     if current.short_id == short_id:
