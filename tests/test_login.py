@@ -1266,6 +1266,10 @@ async def test_a_store_whose_delete_override_predates_records_still_logs_out(
             out = await c.post("/logout", headers=jar(sid))
             assert out.status_code == 200 and store.deletes == 1
             assert any(h.startswith("__Host-session=;") for h in set_cookies(out))
+            sid = issued(await c.post("/login", params={"user": "alice"}))
+            out = await c.post("/others-out", params={"all": "1"}, headers=jar(sid))
+            assert out.status_code == 200 and out.json() == {"revoked": 1}
+            assert store.deletes == 2
     assert any("takes no leave_record" in r.getMessage() for r in caplog.records)
     with pytest.raises(SessionNotFound) as info:
         await store.get(sid)

@@ -352,7 +352,7 @@ async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = 
         # user: one a parallel rotation moved this one to since the check goes too
         # (a delete of this id alone would find it gone and leave the rotated one
         # logged in: outside attacker)
-        count += await conn.within(conn.store.delete(session.id, leave_record=True))
+        count += await conn.within(conn.mw._delete_for_logout(session.id))
         count += await conn.within(conn.store.delete_by_user(session.user_id))
         conn.forget()
     return count
