@@ -110,14 +110,12 @@ class Config:
                 f"{self.cleanup_interval!r}"
             )
         object.__setattr__(self, "cleanup_interval", interval)
-        grace = _duration("rotation_grace", self.rotation_grace)
-        if grace is None or grace < timedelta(0):
-            raise ValueError(f"Config.rotation_grace must be >= 0, got {self.rotation_grace!r}")
-        object.__setattr__(self, "rotation_grace", grace)
-        grace = _duration("logout_grace", self.logout_grace)
-        if grace is None or grace < timedelta(0):
-            raise ValueError(f"Config.logout_grace must be >= 0, got {self.logout_grace!r}")
-        object.__setattr__(self, "logout_grace", grace)
+        for name in ("rotation_grace", "logout_grace"):
+            value = getattr(self, name)
+            grace = _duration(name, value)
+            if grace is None or grace < timedelta(0):
+                raise ValueError(f"Config.{name} must be >= 0, got {value!r}")
+            object.__setattr__(self, name, grace)
         if not isinstance(self.hash_ids, bool):
             raise ValueError(f"Config.hash_ids must be a bool, got {self.hash_ids!r}")
         if not isinstance(self.key_prefix, str) or any(c in self.key_prefix for c in "{}\r\n"):

@@ -367,9 +367,6 @@ class ControlledStore(Store):
     ) -> Coroutine[Any, Any, InsertResult | Outcome]:
         return self.store._rotate_into(session_id, version, session, record, scope, now)
 
-    def _rotated(self, session_id: str, scope: Config, now: datetime) -> Coroutine[Any, Any, bool]:
-        return self.store._rotated(session_id, scope, now)
-
     def _recorded(self, session_id: str, scope: Config, now: datetime) -> Coroutine[Any, Any, Miss]:
         return self.store._recorded(session_id, scope, now)
 

@@ -77,8 +77,8 @@ HOOKS = {
     "list_by_user": "_list_by_user",
 }
 """Each operation and the backend hook a controlled store forwards it through."""
-ALIASES = {"_end": "delete"}
-"""Other hooks, counted as the operation they serve (a logout's delete)."""
+MORE_HOOKS = (("delete", "_end"),)
+"""Other hooks, each counted as the operation it serves (a logout's delete)."""
 
 OPERATIONS = (*HOOKS, "purge_expired")
 """The operations that are counted and timed."""
@@ -239,7 +239,7 @@ def instrument(
     base = type(store)
     backend = store.store
     namespace: dict[str, Any] = {"__module__": base.__module__, "__doc__": base.__doc__}
-    for hook, op in [*((h, o) for o, h in HOOKS.items()), *ALIASES.items()]:
+    for op, hook in (*HOOKS.items(), *MORE_HOOKS):
         method = _counted(op, getattr(backend, hook), stats, histogram, interval)
         namespace[hook] = spans.wrap(op, method) if spans is not None else method
     purge = _counted("purge_expired", base.purge_expired, stats, histogram, interval, own=True)

@@ -916,7 +916,7 @@ class Store(ABC):
         if isinstance(deleted, KeepGone):
             assert keep is not None  # (here its storage id)
             scope = self.scope
-            if scope.rotation_grace and await self._rotated(keep, scope, self.clock()):
+            if scope.rotation_grace and await self._is_rotated(keep, scope, self.clock()):
                 exc: SessionNotFound = self._rotated_error(keep)
             else:
                 exc = SessionNotFound(
@@ -1290,7 +1290,9 @@ class Store(ABC):
 
     async def _was_rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
         """Whether the id ``session_id`` (not a storage id) was rotated recently."""
-        return bool(scope.rotation_grace) and await self._rotated(self._key(session_id), scope, now)
+        return bool(scope.rotation_grace) and await self._is_rotated(
+            self._key(session_id), scope, now
+        )
 
     async def _adopt(self, session_id: str, handle: str) -> bool:
         """If a record is stored under the plain ``session_id`` (written before
@@ -1305,16 +1307,15 @@ class Store(ABC):
         what the layout before hashing left in its files (SQLite: freed pages, the
         WAL). Default: nothing."""
 
-    async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
-        """Whether ``session_id`` of ``scope.site_id`` was rotated less than
-        ``scope.rotation_grace`` before ``now`` (asked only when the id is not found)."""
-        return False
-
     async def _recorded(self, session_id: str, scope: Config, now: datetime) -> Miss:
         """What a live record of ``scope.site_id`` says of a ``session_id`` that is not
-        found: ``ROTATED``, ``ENDED`` (``_end``) or ``UNKNOWN``, in one lookup.
-        Default: ``_rotated`` only (a backend without logout records)."""
-        return Miss.ROTATED if await self._rotated(session_id, scope, now) else Miss.UNKNOWN
+        found (asked only then), in one lookup: ``ROTATED`` (rotated less than
+        ``scope.rotation_grace`` before ``now``), ``ENDED`` (logged out less than
+        ``scope.logout_grace`` before: ``_end``) or ``UNKNOWN``. Default: no records."""
+        return Miss.UNKNOWN
+
+    async def _is_rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
+        return await self._recorded(session_id, scope, now) is Miss.ROTATED
 
     async def _end(self, session_id: str, scope: Config, now: datetime) -> Outcome:
         """``_delete``, and if it deleted, in the same atomic step a record that the id

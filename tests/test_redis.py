@@ -52,7 +52,7 @@ from asyncsession import (  # noqa: E402
 )
 from asyncsession.backends import redis as redis_backend  # noqa: E402
 from asyncsession.backends.redis import RedisStore, transport  # noqa: E402
-from asyncsession.backends.redis.rotation import kind, live, rotation_key  # noqa: E402
+from asyncsession.backends.redis.rotation import kind, rotation_key  # noqa: E402
 from asyncsession.codec import to_us  # noqa: E402
 from asyncsession.store import Miss  # noqa: E402
 
@@ -1592,10 +1592,10 @@ def test_a_rotation_record_of_the_wrong_type_is_no_rotation(clock: FakeClock) ->
     allocated a gigabyte for ``n`` = 10**9)."""
     now = clock()
     until = b"%d:site-a" % (to_us(now) + 1_000_000)
-    assert live(until, cfg(), now)
-    assert not live(until.replace(b"site-a", b"site-b"), cfg(), now)
+    assert kind(until, cfg(), now) is Miss.ROTATED
+    assert kind(until.replace(b"site-a", b"site-b"), cfg(), now) is Miss.UNKNOWN
     for garbage in (10**12, [until], until.decode(), None, b"", b"x:site-a", 1.5):
-        assert not live(garbage, cfg(), now), garbage
+        assert kind(garbage, cfg(), now) is Miss.UNKNOWN, garbage
 
 
 def test_a_logout_record_is_told_apart_and_old_releases_ignore_it(clock: FakeClock) -> None:
@@ -1605,7 +1605,7 @@ def test_a_logout_record_is_told_apart_and_old_releases_ignore_it(clock: FakeClo
     now = clock()
     until = to_us(now) + 1_000_000
     ended = b"e%d:site-a" % until
-    assert kind(ended, cfg(), now) is Miss.ENDED and not live(ended, cfg(), now)
+    assert kind(ended, cfg(), now) is Miss.ENDED
     assert kind(b"%d:site-a" % until, cfg(), now) is Miss.ROTATED
     assert kind(ended.replace(b"site-a", b"site-b"), cfg(), now) is Miss.UNKNOWN
     assert kind(b"e%d:site-a" % (to_us(now) - 1), cfg(), now) is Miss.UNKNOWN  # lapsed

@@ -395,9 +395,6 @@ class MemoryStore(Store):
         if grace:
             self._rotations[session_id] = (scope.site_id, now + grace, kind)
 
-    async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
-        return await self._recorded(session_id, scope, now) is Miss.ROTATED
-
     async def _recorded(self, session_id: str, scope: Config, now: datetime) -> Miss:
         record = self._rotations.get(session_id)
         if record is None or record[0] != scope.site_id or now >= record[1]:

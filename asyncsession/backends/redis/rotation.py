@@ -99,12 +99,6 @@ async def recorded(store: RedisStore, session_id: str, scope: Config, now: datet
     return kind(await store._call("GET", rotation_key(store, session_id)), scope, now)
 
 
-def live(record: Any, scope: Config, now: datetime) -> bool:
-    """Whether a record (``GET`` of its key: None if there is none) is a rotation's
-    of ``scope``'s site and not past its deadline; a damaged one is not."""
-    return kind(record, scope, now) is Miss.ROTATED
-
-
 def kind(record: Any, scope: Config, now: datetime) -> Miss:
     """What a record (``GET`` of its key: None if there is none) of ``scope``'s site,
     not past its deadline, says: ``ROTATED``, or ``ENDED`` for a logout's (its

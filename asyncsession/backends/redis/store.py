@@ -920,9 +920,6 @@ class RedisStore(Store):
     async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:
         return await rotation.rotate(self, session_id, new_id, scope, now)
 
-    async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
-        return await self._recorded(session_id, scope, now) is Miss.ROTATED
-
     @_guarded
     async def _recorded(self, session_id: str, scope: Config, now: datetime) -> Miss:
         return await rotation.recorded(self, session_id, scope, now)

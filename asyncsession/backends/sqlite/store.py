@@ -559,9 +559,6 @@ class SQLiteStore(Store):
             writes._rotate, session_id, new_id, scope.site_id, to_us(now), _until(scope, now)
         )
 
-    async def _rotated(self, session_id: str, scope: Config, now: datetime) -> bool:
-        return await self._recorded(session_id, scope, now) is Miss.ROTATED
-
     async def _recorded(self, session_id: str, scope: Config, now: datetime) -> Miss:
         # on the reader: every unknown id asks this, and must not wait behind a write
         params = (_hash(session_id), scope.site_id, to_us(now))
