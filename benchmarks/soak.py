@@ -158,8 +158,15 @@ def _stop_all() -> None:
 
 def _ended(response: httpx.Response) -> bool:
     """A 409 for a session that ended under the request (evicted by a login on another
-    device, expired): the write was not applied and the client was told so."""
-    return response.status_code == 409 and b"the session ended" in response.content
+    device, expired) or before it (a logout whose 503 was lost after it applied): the
+    change was not applied and the client was told so (reason ``ended``)."""
+    if response.status_code != 409:
+        return False
+    try:
+        error = response.json().get("error", {})
+    except ValueError:
+        return False
+    return isinstance(error, dict) and error.get("reason") == "ended"
 
 
 class RedisServer:
@@ -442,6 +449,9 @@ class Soak:
                 elif action == "everywhere":
                     start = self.seq
                     response = await self.request(client, "everywhere", "POST", "/everywhere")
+                    if response is not None and _ended(response):
+                        sid = None  # logged out already (a logout answered 503 had applied)
+                        continue
                     if response is None or response.status_code != 200:
                         self.failed_removal(user, start)
                     if self.session_id(client) != sid:
