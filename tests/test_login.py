@@ -746,24 +746,31 @@ async def test_logging_out_to_a_fresh_anonymous_session_as_the_docs_say(
             await store.get(old)
 
 
+@pytest.mark.parametrize("tossed", [False, True])
 async def test_logging_out_everywhere_from_a_logged_out_id_says_so(
-    store: ControlledStore,
+    store: ControlledStore, tossed: bool
 ) -> None:
     """ "Log out everywhere" (either form) and "revoke that device" sent by a tab before
     another tab's logout answered: the id is recorded as ended, so they answer 409
     ``ended``, never 200 ``revoked: 0`` while the other devices stay logged in
-    (outside attacker: 20 of 20)."""
+    (outside attacker: 20 of 20). The same beside a second cookie of our name (junk
+    tossed from a sibling domain, an old path's cookie: outside review), and a second
+    logout there is a logout, not a 409."""
     async with client(make_app(store)) as c:
         mine = issued(await c.post("/login", params={"user": "alice"}))
         phone = await store.create(new_session("alice", data={"d": "phone"}))
         assert (await c.post("/logout", headers=jar(mine))).status_code == 200
+        cookies = jar(mine)
+        if tossed:
+            cookies = {"cookie": f"__Host-session={generate_session_id()}; {cookies['cookie']}"}
         for params in ({}, {"all": "1"}):
-            r = await c.post("/others-out", params=params, headers=jar(mine))
+            r = await c.post("/others-out", params=params, headers=cookies)
             assert r.status_code == 409 and r.json()["error"]["reason"] == "ended", params
             assert set_cookies(r) == []
-        r = await c.post("/devices", params={"short": phone.short_id}, headers=jar(mine))
+        r = await c.post("/devices", params={"short": phone.short_id}, headers=cookies)
         assert r.status_code == 409 and r.json()["error"]["reason"] == "ended"
         assert (await store.get(phone.id)).data == {"d": "phone"}  # untouched: log in again
+        assert (await c.post("/logout", headers=cookies)).status_code == 200
 
 
 async def test_logging_out_everywhere_here_too_leaves_a_logout_record(
@@ -808,6 +815,28 @@ async def test_a_login_after_a_write_to_a_session_ended_meanwhile_goes_on(
         assert r.status_code == 200, r.text
         again = issued(r)
         assert (await c.get("/read", headers=jar(again))).json()["user"] == "alice"
+
+
+async def test_a_login_from_a_logged_out_cookie_leaves_that_logout_behind(
+    store: ControlledStore,
+) -> None:
+    """A handler that logs in from a logged-out cookie, logs out again and then logs
+    out everywhere: by then nobody is logged in because of this request's own logout,
+    so it answers 0, not 409 "logged out before this request" (outside review)."""
+
+    async def churn(request: Request) -> JSONResponse:
+        await login(request, "alice")
+        await logout(request)
+        return JSONResponse({"revoked": await logout_everywhere(request)})
+
+    app = make_app(store)
+    app.router.routes.append(Route("/churn", churn, methods=["POST"]))
+    async with client(app) as c:
+        mine = issued(await c.post("/login", params={"user": "alice"}))
+        assert (await c.post("/logout", headers=jar(mine))).status_code == 200
+        r = await c.post("/churn", headers=jar(mine))
+        assert r.status_code == 200, r.text
+        assert r.json() == {"revoked": 0}
 
 
 def regenerate_app(

@@ -277,6 +277,7 @@ async def _login(
     conn.touch_due = False
     conn.refreshed = True
     conn.stale = conn.rotated = conn.ambiguous = conn.migrate = conn.moved = False
+    conn.logged_out = False  # (a login from a logged-out cookie: that logout is behind it)
     conn.fresh = session.id  # until a response carries its cookie
     logger.info("login: session %s for user %r", short_hash(session.id), session.user_id)
     return session

@@ -1100,6 +1100,7 @@ class SessionMiddleware:
         elif not live:
             conn.rotated = rotated  # a newer cookie exists (or a logout's record), as
             conn.stale = rotated or ended  # for one id
+            conn.logged_out = ended and not rotated
         else:
             # legacy cookies: none moved, a fresh session
             conn.stale = conn.ambiguous = not conn.legacy

@@ -100,6 +100,9 @@ enough that under load several batches are in flight and the client builds and
 parses one while Redis runs another."""
 
 
+_RAW: dict[str, Any] = {NEVER_DECODE: True}
+
+
 async def send_batch(
     client: Redis | RedisCluster, commands: Sequence[Command], **options: Any
 ) -> list[Any]:
@@ -109,7 +112,7 @@ async def send_batch(
     connection failure raises. Only public redis-py calls: ``execute_command`` and
     ``pipeline(transaction=False)``, whose connection goes back to the pool after.
     ``options`` go to ``execute_command`` (default: raw bytes replies)."""
-    options = options or {NEVER_DECODE: True}
+    options = options or _RAW
     if len(commands) == 1:
         try:
             return [await client.execute_command(*commands[0], **options)]
@@ -367,8 +370,9 @@ class Transport:
                 try:
                     reply = await self._one(request)
                 finally:  # whatever the call did with them (raised, or lost one)
-                    for _ in range(watched.cancels if watched is not None else 0):
-                        task.uncancel()
+                    if watched is not None and watched.cancels:
+                        for _ in range(watched.cancels):
+                            task.uncancel()
             except asyncio.CancelledError:
                 if watched is None or not watched.cancels or task.cancelling() > cancelling:
                     raise  # not the watchdog's, or the caller's own too
@@ -751,6 +755,16 @@ class Transport:
         return reply
 
     def _read(self, reply: Any) -> Any:
+        """A read's reply as ``Raw`` (``(record, accessed, expires)``, each bytes or
+        None), ``WRONGTYPE``, or ``StoreUnavailable`` for anything else."""
+        if type(reply) is list and len(reply) == 3:  # the common case, checked inline
+            r, a, e = reply
+            if (
+                (r is None or type(r) is bytes)
+                and (a is None or type(a) is bytes)
+                and (e is None or type(e) is bytes)
+            ):
+                return (r, a, e)
         if isinstance(reply, ResponseError):
             if str(reply).startswith("WRONGTYPE"):
                 return WRONGTYPE
