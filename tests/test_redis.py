@@ -39,6 +39,7 @@ from asyncsession import (  # noqa: E402
     ControlledStore,
     InvalidSession,
     SessionConflict,
+    SessionEnded,
     SessionExpired,
     SessionNotFound,
     SessionRotated,
@@ -1596,6 +1597,34 @@ def test_a_rotation_record_of_the_wrong_type_is_no_rotation(clock: FakeClock) ->
     assert kind(until.replace(b"site-a", b"site-b"), cfg(), now) is Miss.UNKNOWN
     for garbage in (10**12, [until], until.decode(), None, b"", b"x:site-a", 1.5):
         assert kind(garbage, cfg(), now) is Miss.UNKNOWN, garbage
+
+
+@pytest.mark.parametrize("hash_ids", [True, False])
+async def test_a_key_of_another_type_in_a_records_place_is_no_record(
+    env: Env, clock: FakeClock, hash_ids: bool
+) -> None:
+    """A hash, list or set where a rotation or logout record goes (an operator's
+    mistake, another app's key) is a damaged record: the id is unknown, never a 503 on
+    every request that carries it (outside review: ``GET`` answered ``WRONGTYPE``, a
+    StoreUnavailable, until someone deleted the key by hand). A logout then writes
+    its record over it."""
+    store = env.controlled(cfg(hash_ids=hash_ids))
+    for kind_of_key in ("hset", "rpush", "sadd"):
+        session = await store.create(new_session("alice"))
+        key = store.store._key(session.id)  # type: ignore[attr-defined]
+        record = rotation_key(store.store, key)  # type: ignore[arg-type]
+        await store.delete(session.id)
+        if kind_of_key == "hset":
+            await env.client.hset(record, "f", "v")
+        else:
+            await getattr(env.client, kind_of_key)(record, "v")
+        with pytest.raises(SessionNotFound) as info:
+            await store.get(session.id)
+        assert type(info.value) is SessionNotFound, kind_of_key
+        again = await store.create(replace(session, data={"n": 1}))
+        assert await store.delete(again.id, leave_record=True)
+        with pytest.raises(SessionEnded):
+            await store.get(session.id)
 
 
 def test_a_logout_record_is_told_apart_and_old_releases_ignore_it(clock: FakeClock) -> None:

@@ -29,6 +29,7 @@ from ...session import Session
 from ...store import InsertResult, Miss, Outcome
 from .layout import id_slot
 from .scripts import DELETE, RETIRE, ROTATE, ROTATE_INTO
+from .transport import wrong_type
 
 if TYPE_CHECKING:
     from .store import RedisStore
@@ -96,7 +97,13 @@ async def rotate(
 
 
 async def recorded(store: RedisStore, session_id: str, scope: Config, now: datetime) -> Miss:
-    return kind(await store._call("GET", rotation_key(store, session_id)), scope, now)
+    try:
+        record = await store._call("GET", rotation_key(store, session_id))
+    except StoreUnavailable as exc:
+        if not wrong_type(exc):
+            raise
+        return Miss.UNKNOWN  # a key of another type in a record's place: damaged, as kind()
+    return kind(record, scope, now)
 
 
 def kind(record: Any, scope: Config, now: datetime) -> Miss:

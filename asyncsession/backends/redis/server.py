@@ -10,6 +10,7 @@ from redis.exceptions import ResponseError
 
 from ...errors import StoreUnavailable
 from .scripts import PROBE_SCRIPT
+from .transport import wrong_type
 
 MIN_VERSION = (7, 0)
 """The scripts use ``PEXPIRETIME``, ``PEXPIREAT ... GT`` and ``ZMSCORE`` (Redis 7.0)."""
@@ -135,9 +136,9 @@ async def _probe(
     try:
         await call(*probe)
     except StoreUnavailable as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ResponseError) and str(cause).startswith("WRONGTYPE"):
+        if wrong_type(exc):
             return  # the command exists: an app's own key of that name is no sorted set
+        cause = exc.__cause__
         raise unavailable(
             RuntimeError(
                 f"{server} at {where} cannot run asyncsession's scripts: "

@@ -262,6 +262,13 @@ def _each(reply: Any, count: int) -> Iterator[Any]:
     return iter([reply] * count)
 
 
+def wrong_type(exc: StoreUnavailable) -> bool:
+    """Whether a command's failure is Redis's ``WRONGTYPE`` reply (a key of another
+    type where it looked): the server and command worked."""
+    cause = exc.__cause__
+    return isinstance(cause, ResponseError) and str(cause).startswith("WRONGTYPE")
+
+
 def _unwrap(reply: Any) -> Any:
     if isinstance(reply, BaseException):
         raise reply

@@ -7,7 +7,11 @@
 local f = redis.pcall('HMGET', KEYS[1], 'r', 'i')
 if f.err or not f[1] then
   local found = redis.call('EXISTS', KEYS[2])
-  if KEYS[3] and found == 0 then return {0, 0, redis.call('GET', KEYS[3])} end
+  if KEYS[3] and found == 0 then
+    local record = redis.pcall('GET', KEYS[3])
+    if type(record) == 'table' then record = false end  -- another type there: damaged
+    return {0, 0, record}
+  end
   return {0, found}
 end
 return {1, f[1], f[2] or ''}
