@@ -209,6 +209,31 @@ async def test_a_logout_record_is_a_rotations_row_old_releases_take_as_lapsed(
     assert raw_sql(db, "DELETE FROM rotations WHERE until <= ? RETURNING 1", (to_us(clock()),))
 
 
+async def test_a_damaged_rotations_row_is_no_record_and_is_purged(
+    db: str, stores: list[SQLiteStore]
+) -> None:
+    """A ``rotations`` row whose deadline is no integer (text, a blob: written by hand
+    or by another tool, never by a store) is no record, as Redis reads a damaged one,
+    and ``purge_expired`` removes it (outside review: text compared greater than any
+    number, so the id stayed "rotated" for good and no purge matched it)."""
+    clock = FakeClock()
+    store = sqlite_store(stores, db, clock=clock)
+    for damaged in ("x", b"\x00\x01", 1.5e30):
+        s = await store.create(new_session("alice", now=clock()))
+        key = store._key(s.id)
+        await store.delete(s.id)
+        raw_sql(
+            db,
+            "INSERT INTO rotations (hash, site_id, until) VALUES (?, 'site-a', ?)",
+            (sqlite_schema._hash(key), damaged),
+        )
+        with pytest.raises(SessionNotFound) as info:
+            await store.get(s.id)
+        assert type(info.value) is SessionNotFound, damaged
+    await store.purge_expired()
+    assert raw_sql(db, "SELECT count(*) FROM rotations") == [(0,)]
+
+
 async def test_a_wal_a_long_reader_grew_is_cut_back(db: str, stores: list[SQLiteStore]) -> None:
     """While another process reads (a backup, an admin's sqlite3) the WAL cannot be
     checkpointed and grows; once the reader lets go, the next checkpoint that empties

@@ -109,12 +109,15 @@ _DELETE = "DELETE FROM sessions WHERE id = ? AND site_id = ?"
 # table whose until is negated: -until. No schema change, and a release before these
 # records takes it for a lapsed rotation (never rotated; purged).
 _RECORD_ROTATION = "INSERT OR REPLACE INTO rotations (hash, site_id, until) VALUES (?, ?, ?)"
-# 1: rotated, 0: ended by a logout, no row: neither (or lapsed)
+# 1: rotated, 0: ended by a logout, no row: neither (or lapsed). An until that is no
+# integer (text, a blob: damaged, never written by a store) is no record, and purged
 _RECORDED = (
     "SELECT until > 0 FROM rotations WHERE hash = ?1 AND site_id = ?2 "
-    "AND (until > ?3 OR until < -?3)"
+    "AND typeof(until) = 'integer' AND (until > ?3 OR until < -?3)"
 )
-_PURGE_ROTATIONS = "DELETE FROM rotations WHERE until BETWEEN -?1 AND ?1"
+_PURGE_ROTATIONS = (
+    "DELETE FROM rotations WHERE until BETWEEN -?1 AND ?1 OR typeof(until) != 'integer'"
+)
 _EXISTS = "SELECT 1 FROM sessions WHERE id = ?"
 _ADOPTABLE = "SELECT id = ? FROM sessions WHERE id IN (?, ?)"  # on the reader: 1 = plain id
 _ADOPT = "UPDATE sessions SET id = ? WHERE id = ?"  # the rowid, so the listing order, stays
