@@ -1227,9 +1227,17 @@ async def test_logout_everywhere_from_before_a_login_never_deletes_the_login(
         after = (await c.get("/read", headers=jar(new))).json()
         assert after == {"data": {"cart": "book"}, "user": "alice"}
         assert (await store.get(phone.id)).data == {"d": "phone"}  # nothing deleted
-        # the cookie rotated before the request: 409 too, not 200 "revoked: 0"
+        # the cookie rotated before the request: 409 too, not 200 "revoked: 0"; the
+        # same for "revoke that device", not False "no such device" (outside attacker)
         response = await c.post("/others-out", headers=jar(old))
         assert response.status_code == 409 and response.json()["error"]["reason"] == "rotated"
+        response = await c.post("/devices", params={"short": phone.short_id}, headers=jar(old))
+        assert response.status_code == 409 and response.json()["error"]["reason"] == "rotated"
+        assert (await store.get(phone.id)).data == {"d": "phone"}
+        # two live cookies (one tossed): neither adopted, so no revoke either
+        both = {"cookie": f"__Host-session={phone.id}; __Host-session={new}"}
+        response = await c.post("/devices", params={"short": phone.short_id}, headers=both)
+        assert response.status_code == 409 and response.json()["error"]["reason"] == "ambiguous"
         assert (await store.get(phone.id)).data == {"d": "phone"}
         # from the current cookie it works, and keeps that session
         response = await c.post("/others-out", headers=jar(new))

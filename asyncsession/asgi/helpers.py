@@ -392,8 +392,9 @@ async def revoke_session(connection: HTTPConnection, short_id: str) -> bool:
     conn = _work(connection)
     conn.check_writable()
     current = conn.session
-    if current is None:
-        _check_not_logged_out(conn, "nothing was revoked")
+    if current is None:  # (a rotated, ambiguous or logged-out cookie: 409, as
+        conn.check_not_rotated()  # logout_everywhere; never False "no such device"
+        _check_not_logged_out(conn, "nothing was revoked")  # while it stays logged in)
     if current is None or current.user_id is None:
         return False
     if current.short_id == short_id:
