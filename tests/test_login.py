@@ -31,6 +31,7 @@ from asyncsession import (
     ControlledStore,
     MemoryStore,
     Session,
+    SessionConflict,
     SessionEnded,
     SessionMiddleware,
     SessionNotFound,
@@ -837,6 +838,55 @@ async def test_a_login_from_a_logged_out_cookie_leaves_that_logout_behind(
         r = await c.post("/churn", headers=jar(mine))
         assert r.status_code == 200, r.text
         assert r.json() == {"revoked": 0}
+
+
+@pytest.mark.parametrize("how", ["rotated", "ended"])
+@pytest.mark.parametrize("helper", ["logout", "everywhere", "all", "revoke", "list", "rotate"])
+async def test_account_helpers_after_a_save_found_the_session_gone_answer_409(
+    store: ControlledStore, how: str, helper: str
+) -> None:
+    """The request's own save found its session moved by a login or ended elsewhere
+    (a 409 the app caught, a touch that found it gone): the account helpers act for
+    nobody then and say so with 409 (``rotated``/``ended``), never ``False``, ``0``,
+    ``[]`` or "logged out" while the user's sessions live on (outside review). A
+    logout of a session that ended is a logout."""
+
+    async def route(request: Request) -> JSONResponse:
+        request.session["k"] = "v"
+        session = current_session(request)
+        assert session is not None
+        if how == "rotated":
+            await store.rotate(session.id)
+        else:
+            await store.delete(session.id)
+        with pytest.raises(SessionConflict):
+            await save_session(request)
+        if helper == "logout":
+            await logout(request)
+            return JSONResponse("out")
+        if helper in ("everywhere", "all"):
+            keep = helper == "everywhere"
+            return JSONResponse(await logout_everywhere(request, keep_current=keep))
+        if helper == "revoke":
+            return JSONResponse(await revoke_session(request, request.query_params["short"]))
+        if helper == "list":
+            return JSONResponse([s.short_id for s in await list_user_sessions(request)])
+        rotated = await rotate_session(request)
+        return JSONResponse(None if rotated is None else rotated.user_id)
+
+    app = make_app(store)
+    app.router.routes.append(Route("/act", route, methods=["POST"]))
+    async with client(app) as c:
+        mine = issued(await c.post("/login", params={"user": "alice"}))
+        phone = await store.create(new_session("alice", data={"d": "phone"}))
+        r = await c.post("/act", params={"short": phone.short_id}, headers=jar(mine))
+        if helper == "logout" and how == "ended":
+            assert r.status_code == 200, r.text
+        else:
+            assert r.status_code == 409, r.text
+            assert r.json()["error"]["reason"] == how
+        assert set_cookies(r) == []
+        assert (await store.get(phone.id)).data == {"d": "phone"}  # nothing revoked
 
 
 def regenerate_app(

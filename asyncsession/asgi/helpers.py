@@ -152,14 +152,7 @@ async def rotate_session(connection: HTTPConnection) -> Session | None:
     _check_cookie_possible(conn, "rotate_session")
     old = conn.session
     if old is None:
-        conn.check_not_rotated()
-        if conn.stale:  # a save or touch earlier in this request found it gone
-            reason = "rotated" if conn.moved else "ended"
-            when = "before" if conn.logged_out else "during"  # (a logout's record)
-            raise SessionConflict(
-                f"the session {reason} {when} the request; nothing was rotated",
-                details={"reason": reason},
-            )
+        conn.check_not_lost("nothing was rotated")
         return None
     if conn.data._cleared:  # this request logged out: nothing is left to rotate
         return None
@@ -323,8 +316,7 @@ async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = 
     conn.check_writable()
     session = conn.session
     if session is None:
-        conn.check_not_rotated()
-        _check_not_logged_out(conn, "nobody's sessions were revoked")
+        conn.check_not_lost("nobody's sessions were revoked: log in again")
         return 0
     if session.user_id is None:
         return 0
@@ -359,28 +351,22 @@ async def logout_everywhere(connection: HTTPConnection, *, keep_current: bool = 
     return count
 
 
-def _check_not_logged_out(conn: _Connection, nothing: str) -> None:
-    """A request whose cookie names an id a logout ended moments ago (its record)
-    acts for no user: 409 ``ended``, never a 200 "nothing to revoke" while the
-    user's other sessions live on (outside attacker: "log out everywhere" from a tab
-    sent before another tab's logout answered 200, 20 of 20, devices kept)."""
-    if conn.logged_out:
-        raise SessionConflict(
-            f"the session was logged out before this request; {nothing}: log in again",
-            details={"reason": "ended"},
-        )
-
-
 async def list_user_sessions(connection: HTTPConnection) -> list[Session]:
     """The current user's live sessions, oldest first (for a "your devices" page).
 
     Show ``Session.short_id`` to identify them, never ``Session.id``: an id is a
-    bearer credential. ``revoke_session`` takes the short id.
+    bearer credential. ``revoke_session`` takes the short id. A request whose
+    cookie a login rotated, that carried several live cookies, whose id a logout
+    ended, or whose session it found gone meanwhile: ``SessionConflict`` (409),
+    never an empty list while the user's devices stay logged in.
     """
-    user_id = current_user_id(connection)
+    conn = _work(connection)
+    if conn.session is None:
+        conn.check_not_lost("nothing was listed: log in again")
+        return []
+    user_id = conn.session.user_id
     if user_id is None:
         return []
-    conn = _work(connection)
     sessions = await conn.within(conn.store.list_by_user(user_id))
     await _still_current(conn, sessions)
     return sessions
@@ -392,9 +378,8 @@ async def revoke_session(connection: HTTPConnection, short_id: str) -> bool:
     conn = _work(connection)
     conn.check_writable()
     current = conn.session
-    if current is None:  # (a rotated, ambiguous or logged-out cookie: 409, as
-        conn.check_not_rotated()  # logout_everywhere; never False "no such device"
-        _check_not_logged_out(conn, "nothing was revoked")  # while it stays logged in)
+    if current is None:  # (never False "no such device" while it stays logged in)
+        conn.check_not_lost("nothing was revoked: log in again")
     if current is None or current.user_id is None:
         return False
     if current.short_id == short_id:

@@ -527,6 +527,12 @@ class _Connection:
         if session is None:
             self.check_writable()
             self.check_not_rotated()
+            if self.moved:  # a touch or an earlier 409 found a login moved it
+                raise SessionConflict(
+                    "the session was rotated (a login) during the request; log out with "
+                    "the newer cookie",
+                    details={"reason": "rotated"},
+                )
             if self.logged_out:  # logged out again (a double click): the cookie expired
                 self.stale = self.logged_out = False
                 self.ended = True
@@ -557,6 +563,23 @@ class _Connection:
             )
         if self.ambiguous:
             raise _ambiguous("ended")
+
+    def check_not_lost(self, nothing: str) -> None:
+        """For a request with no session that acts on its user's sessions (``logout``
+        everywhere, ``revoke_session``, ``list_user_sessions``, ``rotate_session``):
+        409 when its cookie named one it may no longer act for, never an answer as if
+        there were nothing while the user's sessions live on. Rotated before the
+        request or several live cookies (``check_not_rotated``); logged out before it
+        (a logout's record: ``ended``); lost during it, as a touch or an earlier 409
+        found it (``rotated`` if a login moved it, else ``ended``)."""
+        self.check_not_rotated()
+        if self.stale:
+            reason = "rotated" if self.moved else "ended"
+            when = "before" if self.logged_out else "during"
+            raise SessionConflict(
+                f"the session {reason} {when} the request; {nothing}",
+                details={"reason": reason},
+            )
 
     def check_not_stale(self) -> None:
         """No new session for a request whose cookie names a session it may not
