@@ -1627,6 +1627,120 @@ async def test_a_key_of_another_type_in_a_records_place_is_no_record(
             await store.get(session.id)
 
 
+async def test_a_rotated_session_reads_in_one_round_trip_and_an_older_rotation_heals(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record names the id it was written under; a rotation renames the key and
+    records the new id in field ``h``, so a read checks the reply is its key's at no
+    cost. A session an older release rotated (no ``h``) is read again by a script
+    that names its key, which writes ``h``: its next reads are plain again."""
+    store = env.controlled()
+    s = await store.create(new_session("alice", data={"n": 1}))
+    new_id = await store.rotate(s.id)
+    key = store.store.session_key(session_handle(new_id))  # type: ignore[attr-defined]
+    assert await env.client.hget(key, "h") == hid(new_id)
+    sent = scripts_sent_by_name(monkeypatch)
+    assert (await store.get(new_id)).data == {"n": 1}
+    assert sent == []  # the HMGET alone
+    await env.client.hdel(key, "h")  # as a release before 'h' left it
+    assert (await store.get(new_id)).data == {"n": 1}
+    assert sent == ["verify_read"]
+    assert await env.client.hget(key, "h") == hid(new_id)
+    assert (await store.get(new_id)).data == {"n": 1}
+    assert sent == ["verify_read"]
+
+
+def scripts_sent_by_name(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the scripts the transport sends from now on (by SHA)."""
+    from asyncsession.backends.redis import scripts as redis_scripts
+
+    names = {
+        script.sha: name.lower()
+        for name, script in vars(redis_scripts).items()
+        if isinstance(script, redis_scripts._Script)
+    }
+    sent: list[str] = []
+    real = transport.send_batch
+
+    async def spy(client: Any, commands: Any, **options: Any) -> list[Any]:
+        sent.extend(names.get(c[1], "?") for c in commands if c[0] == "EVALSHA")
+        return await real(client, commands, **options)
+
+    monkeypatch.setattr(transport, "send_batch", spy)
+    return sent
+
+
+@pytest.mark.parametrize("verify_too", [False, True])
+async def test_a_reply_for_another_key_never_hands_over_its_session(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, verify_too: bool
+) -> None:
+    """A server or proxy out of step (a reply sent twice, two swapped) makes redis-py
+    read another request's reply for a lone ``HMGET``: alice's record for bob's key
+    (outside check with a lying proxy: 199 of 200 gets answered with another user's
+    session, and a write then stored alice's data under bob's key). The record names
+    its own id, so the read is made again by a script that names its key; if that
+    reply too is another key's, the client's connections are closed and the get
+    fails: never alice's session for bob's cookie."""
+    store = env.controlled()
+    alice = await store.create(new_session("alice", data={"card": "4111"}))
+    bob = await store.create(new_session("bob", data={"n": 1}))
+    akey = store.store.session_key(session_handle(alice.id))  # type: ignore[attr-defined]
+    bkey = store.store.session_key(session_handle(bob.id))  # type: ignore[attr-defined]
+    real = transport.send_batch
+    resets: list[bool] = []
+
+    async def out_of_step(client: Any, commands: Any, **options: Any) -> list[Any]:
+        swapped = []
+        for c in commands:
+            if c[0] == "HMGET" and c[1] == bkey:
+                c = (c[0], akey, *c[2:])
+            elif verify_too and c[0] == "EVALSHA" and c[3] == bkey:
+                c = (*c[:3], akey, session_handle(alice.id))
+            swapped.append(c)
+        return await real(client, swapped, **options)
+
+    async def disconnect(*args: Any, **kwargs: Any) -> None:
+        resets.append(True)
+
+    monkeypatch.setattr(transport, "send_batch", out_of_step)
+    monkeypatch.setattr(store.store.client.connection_pool, "disconnect", disconnect)  # type: ignore[attr-defined]
+    if verify_too:
+        with pytest.raises(StoreUnavailable):
+            await store.get(bob.id)
+        assert resets == [True]
+    else:
+        got = await store.get(bob.id)
+        assert got.user_id == "bob" and got.data == {"n": 1}
+        assert resets == []
+
+
+async def test_a_listing_of_another_user_is_refused(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two listing replies swapped in one pipeline (outside check: 6 of 8 callers got
+    another user's devices, data included): a session of another user in a user's
+    listing fails the call, and the client's connections are closed."""
+    store = env.controlled()
+    await store.create(new_session("alice", data={"card": "4111"}))
+    await store.create(new_session("bob"))
+    raw = store.store
+    real = raw._eval  # type: ignore[attr-defined]
+    alice_index = raw.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    resets: list[bool] = []
+
+    async def swapped(script: Any, keys: Any, args: Any) -> Any:
+        return await real(script, (alice_index,) if script is redis_backend.LIST else keys, args)
+
+    async def disconnect(*a: Any, **k: Any) -> None:
+        resets.append(True)
+
+    monkeypatch.setattr(raw, "_eval", swapped)
+    monkeypatch.setattr(raw.client.connection_pool, "disconnect", disconnect)  # type: ignore[attr-defined]
+    with pytest.raises(StoreUnavailable):
+        await store.list_by_user("bob")
+    assert resets == [True]
+
+
 def test_a_logout_record_is_told_apart_and_old_releases_ignore_it(clock: FakeClock) -> None:
     """A logout's record marks its deadline ``e``: ``kind`` says ENDED, never ROTATED,
     and a release before these records (whose parse is ``int(until)``) finds it

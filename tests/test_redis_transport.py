@@ -446,7 +446,7 @@ def send_losing_one_cancel(lost: list[int], then: Any = None) -> Any:
 
 
 @pytest.mark.parametrize(
-    "reply", [None, [None, None, None], redis.exceptions.ConnectionError("reset")]
+    "reply", [None, [None, None, None, None], redis.exceptions.ConnectionError("reset")]
 )
 async def test_an_inline_call_that_loses_a_cancellation_still_keeps_its_deadline(
     reply: Any, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
@@ -481,7 +481,7 @@ async def test_an_inline_call_that_loses_a_cancellation_still_keeps_its_deadline
     if reply is None or isinstance(reply, BaseException):
         assert isinstance(result, StoreUnavailable), repr(result)
     else:
-        assert result == (None, None, None)  # the reply (an empty hash)
+        assert result == (None, None, None, None)  # the reply (an empty hash)
 
 
 async def test_an_inline_callers_own_cancellation_is_raised_past_the_deadline(

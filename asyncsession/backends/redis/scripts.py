@@ -62,6 +62,7 @@ COUNT_SLOTS = _Script(lua("count_slots"), prelude=False)
 MULTI_GET = _Script(lua("multi_get"), prelude=False)
 SCAN = _Script(lua("scan"), prelude=False)
 ADOPT_READ = _Script(lua("adopt_read"), prelude=False)
+VERIFY_READ = _Script(lua("verify_read"), prelude=False)
 ADOPT = _Script(lua("adopt"))
 PROBE_SCRIPT = _Script("return redis.call('EXISTS', KEYS[1])", prelude=False)
 """Run once at open on the probe key: the server lets this user run scripts."""
@@ -87,6 +88,7 @@ SCRIPTS = (
     ROTATE_INTO,
     RETIRE,
     ADOPT_READ,
+    VERIFY_READ,
     ADOPT,
 )
 """Loaded at open (``SCRIPT LOAD``), so first calls need no ``NOSCRIPT`` recovery."""

@@ -73,6 +73,7 @@ from .scripts import (
     SCAN,
     SCRIPTS,
     TOUCH,
+    VERIFY_READ,
     _Script,
 )
 from .sentinel import follow_sentinels
@@ -630,11 +631,47 @@ class RedisStore(Store):
 
     @_guarded
     async def _load(self, session_id: str) -> Session | None:
-        raw = await self._transport.request((self.session_key(session_id), None))
-        return self._decode(session_id, raw)
+        """The session stored under ``session_id``, checked to be that key's: a
+        record names the id it was written under, field ``h`` the one a rotation
+        gave it. A reply that matches neither is read again by a script that names
+        its key (``_verify_read``): never another request's session handed over."""
+        key = self.session_key(session_id)
+        raw = await self._transport.request((key, None))
+        session = self._decode(session_id, raw)
+        if session is None or session.id == session_id:
+            return session
+        if raw[3] is None or raw[3].decode("utf-8", "replace") != session_id:
+            return await self._verify_read(session_id, key)
+        session.id = session_id
+        return session
 
-    def _decode(self, session_id: str, raw: Raw) -> Session | None:
-        record, accessed, expires = raw
+    async def _verify_read(self, session_id: str, key: bytes) -> Session | None:
+        reply = await self._eval(VERIFY_READ, (key,), (session_id,))
+        if type(reply) is not list or len(reply) != 4 or reply[0] != key:
+            # another request's reply on this connection (a server or proxy out of
+            # step with redis-py): nothing read on these connections can be trusted
+            await self._out_of_step()
+            raise ValueError("a read's reply was for another key: connections reset")
+        session = self._decode(session_id, (reply[1], reply[2] or None, reply[3] or None, None))
+        if session is not None:
+            session.id = session_id
+        return session
+
+    async def _out_of_step(self) -> None:
+        """Close the client's connections (the pool's, a single server's: redis-py
+        opens new ones), so replies left on one are never read as another's."""
+        logger.warning(
+            "asyncsession: Redis answered a read with another key's reply (a server or "
+            "proxy out of step); its connections are closed"
+        )
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.disconnect()
+
+    def _decode(self, session_id: str, raw: Raw | tuple[Any, Any, Any]) -> Session | None:
+        """The session in a read's ``raw`` fields, under the id its record names."""
+        record, accessed, expires = raw[0], raw[1], raw[2]
         if record is None:
             if accessed is None and expires is None:
                 return None
@@ -648,9 +685,7 @@ class RedisStore(Store):
             # (not str(exc): int() quotes the value, which may be any stored bytes, a
             # record with its session id among them; violations log this message)
             raise codec.CorruptRecord(f"bad timestamp field: {type(exc).__name__}") from exc
-        session = codec.decode(record, a, e)
-        session.id = session_id
-        return session
+        return codec.decode(record, a, e)
 
     async def _missing(
         self, session_id: str, key: str, scope: Config, now: datetime, plain: bool
@@ -730,6 +765,10 @@ class RedisStore(Store):
                     continue
                 if session is None or session.site_id != scope.site_id:
                     continue
+                if session.user_id != user_id:  # (the script reads this user's index
+                    await self._out_of_step()  # only: another request's reply)
+                    raise ValueError("a listing's reply was for another user")
+                session.id = session_id
                 if session.expires_at is None or now < session.expires_at:
                     sessions.append(session)
         sessions.sort(key=lambda s: s.created_at)

@@ -64,7 +64,9 @@ _T = TypeVar("_T")
 Command: TypeAlias = tuple[Any, ...]
 Request: TypeAlias = tuple[bytes | None, Command | None]
 """``(session key, None)`` reads a session; ``(None, args)`` is one command."""
-Raw: TypeAlias = tuple[bytes | None, bytes | None, bytes | None]
+Raw: TypeAlias = tuple[bytes | None, bytes | None, bytes | None, bytes | None]
+"""A read's reply: the record, accessed, expires, and the id a rotation gave the key
+(field ``h``: the record keeps the id it was written under)."""
 _Entry: TypeAlias = tuple[Request, "asyncio.Future[Any] | None"]
 _Watched: TypeAlias = tuple[
     float, "asyncio.Future[Any] | _Inline", "asyncio.Task[Any] | None", list[bool] | None
@@ -91,8 +93,8 @@ class _Inline:
         return self.ended
 
 
-WRONGTYPE: Raw = (b"WRONGTYPE", None, None)
-READ_FIELDS = ("r", "a", "e")
+WRONGTYPE: Raw = (b"WRONGTYPE", None, None, None)
+READ_FIELDS = ("r", "a", "e", "h")
 
 MAX_BATCH = 32
 """Requests one pipeline carries at most; more in the same turn start another. Small
@@ -276,14 +278,9 @@ def _unwrap(reply: Any) -> Any:
 
 
 def _is_raw(reply: Any) -> bool:
-    if not isinstance(reply, list | tuple) or len(reply) != 3:
+    if not isinstance(reply, list | tuple) or len(reply) != len(READ_FIELDS):
         return False
-    r, a, e = reply
-    return (
-        (r is None or type(r) is bytes)
-        and (a is None or type(a) is bytes)
-        and (e is None or type(e) is bytes)
-    )
+    return all(v is None or type(v) is bytes for v in reply)
 
 
 class Transport:
@@ -762,16 +759,17 @@ class Transport:
         return reply
 
     def _read(self, reply: Any) -> Any:
-        """A read's reply as ``Raw`` (``(record, accessed, expires)``, each bytes or
-        None), ``WRONGTYPE``, or ``StoreUnavailable`` for anything else."""
-        if type(reply) is list and len(reply) == 3:  # the common case, checked inline
-            r, a, e = reply
+        """A read's reply as ``Raw`` (four fields, each bytes or None), ``WRONGTYPE``,
+        or ``StoreUnavailable`` for anything else."""
+        if type(reply) is list and len(reply) == 4:  # the common case, checked inline
+            r, a, e, h = reply
             if (
                 (r is None or type(r) is bytes)
                 and (a is None or type(a) is bytes)
                 and (e is None or type(e) is bytes)
+                and (h is None or type(h) is bytes)
             ):
-                return (r, a, e)
+                return (r, a, e, h)
         if isinstance(reply, ResponseError):
             if str(reply).startswith("WRONGTYPE"):
                 return WRONGTYPE

@@ -15,6 +15,7 @@ if f[2] then
   score = redis.call('ZSCORE', f[2], id) or tonumber(f[4]) or 0
 end
 redis.call('RENAME', skey, nkey)
+redis.call('HSET', nkey, 'h', new)  -- the record keeps the old id: its key's is here
 -- the new member first: a set whose only member this is never empties on the way
 -- (Redis would delete it, and the ZADD make a new one without its expiry)
 if f[3] ~= '' then redis.call('ZADD', xkey, f[3], new) end
