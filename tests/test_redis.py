@@ -1714,22 +1714,24 @@ async def test_a_reply_for_another_key_never_hands_over_its_session(
         assert resets == []
 
 
+@pytest.mark.parametrize("other", ["alice", "carol"])
 async def test_a_listing_of_another_user_is_refused(
-    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, other: str
 ) -> None:
     """Two listing replies swapped in one pipeline (outside check: 6 of 8 callers got
-    another user's devices, data included): a session of another user in a user's
-    listing fails the call, and the client's connections are closed."""
+    another user's devices, data included; and a user with none made a listing
+    empty): the reply names its index, so another listing fails the call, and the
+    client's connections are closed."""
     store = env.controlled()
     await store.create(new_session("alice", data={"card": "4111"}))
     await store.create(new_session("bob"))
     raw = store.store
     real = raw._eval  # type: ignore[attr-defined]
-    alice_index = raw.index_key("site-a", "alice")  # type: ignore[attr-defined]
+    other_index = raw.index_key("site-a", other)  # type: ignore[attr-defined]
     resets: list[bool] = []
 
     async def swapped(script: Any, keys: Any, args: Any) -> Any:
-        return await real(script, (alice_index,) if script is redis_backend.LIST else keys, args)
+        return await real(script, (other_index,) if script is redis_backend.LIST else keys, args)
 
     async def disconnect(*a: Any, **k: Any) -> None:
         resets.append(True)
@@ -1739,6 +1741,56 @@ async def test_a_listing_of_another_user_is_refused(
     with pytest.raises(StoreUnavailable):
         await store.list_by_user("bob")
     assert resets == [True]
+
+
+@pytest.mark.parametrize("lie", ["wrongtype", "write_reply", "record_to_a_write"])
+async def test_a_reply_out_of_step_is_checked_closes_connections_and_shows_no_record(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, lie: str
+) -> None:
+    """Other lies of a server or proxy out of step (outside check). A ``WRONGTYPE``
+    in place of a read's reply is looked at again (it logged the user out: the
+    session is there). A write's reply in place of a read's, or a record in place of
+    a write's, is ``StoreUnavailable`` and closes the client's connections (reads and
+    writes took turns getting each other's replies for good), and its message names
+    the reply's shape, never its text (a ``KeyError`` quoted alice's record, card
+    number included, into the log)."""
+    store = env.controlled()
+    alice = await store.create(new_session("alice", data={"card": "4111-1111"}))
+    bob = await store.create(new_session("bob", data={"n": 1}))
+    akey = store.store.session_key(session_handle(alice.id))  # type: ignore[attr-defined]
+    bkey = store.store.session_key(session_handle(bob.id))  # type: ignore[attr-defined]
+    record = await env.client.hget(akey, "r")
+    real = transport.send_batch
+    resets: list[bool] = []
+
+    async def lying(client: Any, commands: Any, **options: Any) -> list[Any]:
+        replies = await real(client, commands, **options)
+        for i, c in enumerate(commands):
+            if c[0] == "HMGET" and c[1] == bkey:
+                if lie == "wrongtype":
+                    replies[i] = redis.exceptions.ResponseError("WRONGTYPE Operation")
+                elif lie == "write_reply":
+                    replies[i] = [b"ok"]
+            elif lie == "record_to_a_write" and c[0] == "EVALSHA" and c[3] == bkey:
+                replies[i] = record
+        return replies
+
+    async def disconnect(*a: Any, **k: Any) -> None:
+        resets.append(True)
+
+    monkeypatch.setattr(transport, "send_batch", lying)
+    monkeypatch.setattr(store.store.client.connection_pool, "disconnect", disconnect)  # type: ignore[attr-defined]
+    if lie == "wrongtype":
+        got = await store.get(bob.id)
+        assert got.user_id == "bob" and got.data == {"n": 1} and resets == []
+        return
+    with pytest.raises(StoreUnavailable) as info:
+        if lie == "write_reply":
+            await store.get(bob.id)
+        else:
+            await store.rotate(bob.id)
+    assert resets == [True]
+    assert "4111" not in info.value.message and "alice" not in info.value.message
 
 
 def test_a_logout_record_is_told_apart_and_old_releases_ignore_it(clock: FakeClock) -> None:

@@ -26,7 +26,7 @@ from ...crypto import KeyNotConfigured
 from ...errors import SessionError
 from ...session import Session
 from ...store import Outcome, absolute_deadline, idle_deadline
-from .transport import reply_shape
+from .transport import UnexpectedReply, reply_shape
 
 _FAILED = {
     b"missing": Outcome.MISSING,
@@ -134,4 +134,4 @@ def parse_reply(reply: Any, now: datetime) -> Applied | Outcome:
         raise KeyNotConfigured.no_keys()
     elif isinstance(reply, bytes) and reply in _FAILED:
         return _FAILED[reply]
-    raise ValueError(f"unexpected {reply_shape(reply)} reply to the apply script")
+    raise UnexpectedReply(f"unexpected {reply_shape(reply)} reply to the apply script")

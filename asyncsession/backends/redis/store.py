@@ -78,7 +78,7 @@ from .scripts import (
 )
 from .sentinel import follow_sentinels
 from .server import PROBE_KEY, check_scripts, check_server, cluster_client_problem
-from .transport import Raw, Transport, leading_ints, reply_shape
+from .transport import Raw, Transport, UnexpectedReply, leading_ints, reply_shape
 from .urls import (
     TLS_OPTIONS,
     check_client_options,
@@ -146,9 +146,21 @@ def _guarded(
     async def run(self: RedisStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return await hook(self, *args, **kwargs)
-        except (SessionError, codec.CorruptRecord):
+        except codec.CorruptRecord:
             raise
+        except SessionError as exc:
+            if isinstance(exc.__cause__, UnexpectedReply):  # (the transport's read check)
+                await self._out_of_step()
+            raise
+        except RuntimeError as exc:  # (the store's own, its message safe to show)
+            raise self._unavailable(exc) from exc
         except Exception as exc:
+            # a reply of a shape never asked for: the connections may be out of step
+            # (a reply left on one is read as the next request's), so they are closed;
+            # the message names the shape only (a KeyError's text is the reply itself)
+            await self._out_of_step()
+            if not isinstance(exc, UnexpectedReply):
+                exc = UnexpectedReply(f"unexpected reply ({type(exc).__name__})")
             raise self._unavailable(exc) from exc
 
     functools.update_wrapper(run, hook)
@@ -637,7 +649,10 @@ class RedisStore(Store):
         its key (``_verify_read``): never another request's session handed over."""
         key = self.session_key(session_id)
         raw = await self._transport.request((key, None))
-        session = self._decode(session_id, raw)
+        try:
+            session = self._decode(session_id, raw)
+        except codec.CorruptRecord:  # (or another request's reply, a WRONGTYPE put in
+            return await self._verify_read(session_id, key)  # its place: looked at again)
         if session is None or session.id == session_id:
             return session
         if raw[3] is None or raw[3].decode("utf-8", "replace") != session_id:
@@ -647,12 +662,17 @@ class RedisStore(Store):
 
     async def _verify_read(self, session_id: str, key: bytes) -> Session | None:
         reply = await self._eval(VERIFY_READ, (key,), (session_id,))
-        if type(reply) is not list or len(reply) != 4 or reply[0] != key:
+        if not (
+            type(reply) is list
+            and len(reply) == 2
+            and reply[0] == key
+            and type(reply[1]) is list
+            and len(reply[1]) == 3
+        ):
             # another request's reply on this connection (a server or proxy out of
-            # step with redis-py): nothing read on these connections can be trusted
-            await self._out_of_step()
-            raise ValueError("a read's reply was for another key: connections reset")
-        session = self._decode(session_id, (reply[1], reply[2] or None, reply[3] or None, None))
+            # step with redis-py): _guarded closes the connections
+            raise UnexpectedReply("a read's reply was for another key: connections reset")
+        session = self._decode(session_id, reply[1])
         if session is not None:
             session.id = session_id
         return session
@@ -669,7 +689,7 @@ class RedisStore(Store):
             with contextlib.suppress(Exception):
                 await pool.disconnect()
 
-    def _decode(self, session_id: str, raw: Raw | tuple[Any, Any, Any]) -> Session | None:
+    def _decode(self, session_id: str, raw: Raw | Sequence[Any]) -> Session | None:
         """The session in a read's ``raw`` fields, under the id its record names."""
         record, accessed, expires = raw[0], raw[1], raw[2]
         if record is None:
@@ -751,8 +771,10 @@ class RedisStore(Store):
         start = 0
         while start >= 0:
             flat = await self._eval(LIST, (ikey,), (self._sprefix, start, USER_BATCH))
+            if type(flat) is not list or len(flat) < 2 or flat[1] != ikey:
+                raise UnexpectedReply("a listing's reply was for another index")
             start = int(flat[0])
-            for j in range(1, len(flat), 4):
+            for j in range(2, len(flat), 4):
                 session_id = flat[j].decode()
                 try:
                     session = self._decode(session_id, (flat[j + 1], flat[j + 2], flat[j + 3]))
@@ -766,8 +788,7 @@ class RedisStore(Store):
                 if session is None or session.site_id != scope.site_id:
                     continue
                 if session.user_id != user_id:  # (the script reads this user's index
-                    await self._out_of_step()  # only: another request's reply)
-                    raise ValueError("a listing's reply was for another user")
+                    raise UnexpectedReply("a listing's reply was for another user")  # only)
                 session.id = session_id
                 if session.expires_at is None or now < session.expires_at:
                     sessions.append(session)
@@ -850,7 +871,7 @@ class RedisStore(Store):
         reply = await self._eval(INSERT, keys, self._insert_args(session, record, scope, now))
         result = self._inserted(reply, scope)
         if result is None:
-            raise ValueError(f"unexpected {reply_shape(reply)} reply to insert")
+            raise UnexpectedReply(f"unexpected {reply_shape(reply)} reply to insert")
         return result
 
     @staticmethod

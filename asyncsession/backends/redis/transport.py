@@ -233,6 +233,12 @@ call takes, its script, and the keys and arguments it sends of each (a common ap
 sends its session key alone)."""
 
 
+class UnexpectedReply(ValueError):
+    """A reply of a shape the store never asks for (a server or proxy out of step, or
+    garbage): its message names the shape only, never the reply's text, which may
+    hold a session's record."""
+
+
 def reply_shape(reply: Any) -> str:
     """A reply's type and size, never its text (it may hold a session's id or data)."""
     if isinstance(reply, list | tuple | bytes | str):
@@ -244,10 +250,10 @@ def leading_ints(reply: Any, count: int, what: str) -> list[int]:
     """The first ``count`` items of a script's reply, each an integer (a counting
     reply of another shape, such as a proxy's ``+OK``, is an error, never a count)."""
     if not isinstance(reply, list) or len(reply) < count:
-        raise ValueError(f"unexpected {reply_shape(reply)} reply to {what}")
+        raise UnexpectedReply(f"unexpected {reply_shape(reply)} reply to {what}")
     head = reply[:count]
     if not all(type(v) is int for v in head):
-        raise ValueError(f"unexpected {reply_shape(reply)} reply to {what}: not counts")
+        raise UnexpectedReply(f"unexpected {reply_shape(reply)} reply to {what}: not counts")
     return head
 
 
@@ -260,7 +266,7 @@ def _each(reply: Any, count: int) -> Iterator[Any]:
     if isinstance(reply, ResponseError):  # the call's error, never one key's (WRONGTYPE)
         reply = ResponseError(f"a merged call failed: {reply}")
     else:  # (the reply itself may hold session data)
-        reply = ResponseError(f"unexpected {reply_shape(reply)} reply to a merged call")
+        reply = UnexpectedReply(f"unexpected {reply_shape(reply)} reply to a merged call")
     return iter([reply] * count)
 
 
@@ -754,7 +760,7 @@ class Transport:
         return out
 
     def _reply(self, reply: Any) -> Any:
-        if isinstance(reply, ResponseError):
+        if isinstance(reply, ResponseError | UnexpectedReply):
             return self._unavailable(reply)
         return reply
 
@@ -776,9 +782,8 @@ class Transport:
             return self._unavailable(reply)
         if not _is_raw(reply):
             # (never its text: a record's would show a plain id, with hash_ids off)
-            return self._unavailable(
-                ResponseError(f"unexpected {reply_shape(reply)} reply to a read")
-            )
+            shape = reply_shape(reply)
+            return self._unavailable(UnexpectedReply(f"unexpected {shape} reply to a read"))
         return tuple(reply)
 
     async def aclose(self) -> None:
