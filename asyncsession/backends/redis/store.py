@@ -156,12 +156,14 @@ def _guarded(
             raise self._unavailable(exc) from exc
         except Exception as exc:
             # a reply of a shape never asked for: the connections may be out of step
-            # (a reply left on one is read as the next request's), so they are closed;
-            # the message names the shape only (a KeyError's text is the reply itself)
+            # (a reply left on one is read as the next request's), so they are closed
             await self._out_of_step()
-            if not isinstance(exc, UnexpectedReply):
-                exc = UnexpectedReply(f"unexpected reply ({type(exc).__name__})")
-            raise self._unavailable(exc) from exc
+            shown = exc if isinstance(exc, UnexpectedReply) else None
+            kind = type(exc).__name__
+        # raised here, outside the handler, so that no exception keeps the original as
+        # its context: a KeyError's text is the reply itself, a record maybe
+        shown = shown or UnexpectedReply(f"unexpected reply ({kind})")
+        raise self._unavailable(shown) from shown
 
     functools.update_wrapper(run, hook)
     return run
@@ -678,16 +680,18 @@ class RedisStore(Store):
         return session
 
     async def _out_of_step(self) -> None:
-        """Close the client's connections (the pool's, a single server's: redis-py
-        opens new ones), so replies left on one are never read as another's."""
+        """Close the idle connections of the client's pool (a single server's:
+        redis-py opens new ones), so a reply left on one is never read as another
+        request's. Connections in use are left to their requests (closing them would
+        put their writes in doubt); one out of step meets the checks again."""
         logger.warning(
-            "asyncsession: Redis answered a read with another key's reply (a server or "
-            "proxy out of step); its connections are closed"
+            "asyncsession: Redis answered with a reply of a shape never asked for, or of "
+            "another request (a server or proxy out of step); idle connections are closed"
         )
         pool = getattr(self.client, "connection_pool", None)
         if pool is not None:
             with contextlib.suppress(Exception):
-                await pool.disconnect()
+                await pool.disconnect(inuse_connections=False)
 
     def _decode(self, session_id: str, raw: Raw | Sequence[Any]) -> Session | None:
         """The session in a read's ``raw`` fields, under the id its record names."""

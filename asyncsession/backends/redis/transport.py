@@ -776,7 +776,7 @@ class Transport:
                 and (h is None or type(h) is bytes)
             ):
                 return (r, a, e, h)
-        if isinstance(reply, ResponseError):
+        if isinstance(reply, ResponseError | UnexpectedReply):
             if str(reply).startswith("WRONGTYPE"):
                 return WRONGTYPE
             return self._unavailable(reply)
