@@ -526,13 +526,9 @@ class _Connection:
         session = self.session
         if session is None:
             self.check_writable()
-            self.check_not_rotated()
-            if self.moved:  # a touch or an earlier 409 found a login moved it
-                raise SessionConflict(
-                    "the session was rotated (a login) during the request; log out with "
-                    "the newer cookie",
-                    details={"reason": "rotated"},
-                )
+            if self.moved:  # a touch or an earlier 409 found a login moved it: 409
+                self.check_not_lost("nothing was logged out: log out with the newer cookie")
+            self.check_not_rotated()  # (ended meanwhile: a logout all the same)
             if self.logged_out:  # logged out again (a double click): the cookie expired
                 self.stale = self.logged_out = False
                 self.ended = True

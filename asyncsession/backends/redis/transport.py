@@ -284,9 +284,16 @@ def _unwrap(reply: Any) -> Any:
 
 
 def _is_raw(reply: Any) -> bool:
-    if not isinstance(reply, list | tuple) or len(reply) != len(READ_FIELDS):
+    """Whether ``reply`` is a read's fields (``READ_FIELDS``), each bytes or None."""
+    if not isinstance(reply, list | tuple) or len(reply) != 4:
         return False
-    return all(v is None or type(v) is bytes for v in reply)
+    r, a, e, h = reply
+    return (
+        (r is None or type(r) is bytes)
+        and (a is None or type(a) is bytes)
+        and (e is None or type(e) is bytes)
+        and (h is None or type(h) is bytes)
+    )
 
 
 class Transport:
@@ -380,9 +387,8 @@ class Transport:
                 try:
                     reply = await self._one(request)
                 finally:  # whatever the call did with them (raised, or lost one)
-                    if watched is not None and watched.cancels:
-                        for _ in range(watched.cancels):
-                            task.uncancel()
+                    for _ in range(watched.cancels if watched is not None else 0):
+                        task.uncancel()
             except asyncio.CancelledError:
                 if watched is None or not watched.cancels or task.cancelling() > cancelling:
                     raise  # not the watchdog's, or the caller's own too
@@ -767,24 +773,15 @@ class Transport:
     def _read(self, reply: Any) -> Any:
         """A read's reply as ``Raw`` (four fields, each bytes or None), ``WRONGTYPE``,
         or ``StoreUnavailable`` for anything else."""
-        if type(reply) is list and len(reply) == 4:  # the common case, checked inline
-            r, a, e, h = reply
-            if (
-                (r is None or type(r) is bytes)
-                and (a is None or type(a) is bytes)
-                and (e is None or type(e) is bytes)
-                and (h is None or type(h) is bytes)
-            ):
-                return (r, a, e, h)
+        if _is_raw(reply):  # (first: the common case)
+            return tuple(reply)
         if isinstance(reply, ResponseError | UnexpectedReply):
             if str(reply).startswith("WRONGTYPE"):
                 return WRONGTYPE
             return self._unavailable(reply)
-        if not _is_raw(reply):
-            # (never its text: a record's would show a plain id, with hash_ids off)
-            shape = reply_shape(reply)
-            return self._unavailable(UnexpectedReply(f"unexpected {shape} reply to a read"))
-        return tuple(reply)
+        # (never its text: a record's would show a plain id, with hash_ids off)
+        shape = reply_shape(reply)
+        return self._unavailable(UnexpectedReply(f"unexpected {shape} reply to a read"))
 
     async def aclose(self) -> None:
         """Wait for batches still on the wire (their callers get their replies), for
