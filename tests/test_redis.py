@@ -583,6 +583,33 @@ async def test_concurrent_gets_share_one_round_trip(env: Env, clock: FakeClock) 
         assert (await store.get(s.id)).data["touched"] is True
 
 
+async def test_a_burst_alone_on_the_wire_goes_as_two_halves(env: Env, clock: FakeClock) -> None:
+    """Callers that arrive together with nothing else on the wire (clients in step)
+    would ride one batch after another, the client idle while Redis runs each: a
+    batch of ``SPLIT_AT`` or more that is most of what is on the wire goes as two
+    pipelines, each caller still with its own reply. Beside other batches, or with
+    no slot to spare (a pool of two), it goes whole."""
+    need_real_redis()
+    for pool, size, writes in ((None, 32, 3), (None, 64, 3), (2, 32, 2), (None, 8, 2)):
+        options: dict[str, Any] = {"connection_class": CountingConnection}
+        if pool is not None:
+            options["max_connections"] = pool
+        raw = env.raw(cfg(), **options)
+        store = with_controls(raw, cfg())
+        await raw.__aenter__()
+        made = [await store.create(new_session(f"u{i}", data={"i": i})) for i in range(size)]
+        await asyncio.gather(*(store.get(s.id) for s in made))  # opens the connections
+        CountingConnection.writes = 0
+        got = await asyncio.gather(*(store.get(s.id) for s in made))
+        # 32: one at once, the 31 behind it as 16 + 15; 64: one, then 32 + 31 (each
+        # half of the wire); a pool of two: one slot, no spare; 8: under SPLIT_AT
+        assert CountingConnection.writes == writes, (pool, size)
+        assert [g.data["i"] for g in got] == list(range(size))
+        assert [g.id for g in got] == [s.id for s in made]
+        await asyncio.sleep(0)  # (a batch's work counts off the wire once it has ended)
+        assert raw._transport._on_wire == 0 and raw._transport._busy == 0
+
+
 async def test_concurrent_common_creates_share_one_script_call(
     env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,7 +7,9 @@ of a turn leads a batch: its task waits for one of ``max_in_flight`` slots while
 requests of this turn (and of the turns it waits) join, then the batch goes out as
 one ``pipeline(transaction=False)`` (a lone request as one ``execute_command``) on a
 connection the client's pool lends for that exchange only, with the client's own
-timeouts, health checks, retry, TLS and credentials. On one server the session reads
+timeouts, health checks, retry, TLS and credentials. A large batch that is most of
+what is on the wire goes as two pipelines on two slots (``SPLIT_AT``), so that Redis
+runs one half while the first half's callers go on. On one server the session reads
 of a batch merge into one ``HMGET`` or one multi-key script call, and so do its
 creates of anonymous sessions that expire (``MULTI_INSERT``), its creates of user
 sessions (``MULTI_INSERT_USER``) and its common writes
@@ -100,6 +102,14 @@ MAX_BATCH = 32
 """Requests one pipeline carries at most; more in the same turn start another. Small
 enough that under load several batches are in flight and the client builds and
 parses one while Redis runs another."""
+
+SPLIT_AT = 12
+"""A batch of at least this many requests that is more than half of all the requests
+on the wire goes as two pipelines, each on its own slot when one is free (``_deliver``):
+Redis runs the second while the callers of the first already go on. Otherwise callers
+that arrive together (a burst, clients in step) stay in one batch, and each round
+trip leaves the client idle while Redis runs it and Redis idle while the client
+runs the callers."""
 
 
 _RAW: dict[str, Any] = {NEVER_DECODE: True}
@@ -317,6 +327,7 @@ class Transport:
         self._open: list[_Entry] | None = None
         self._slots = asyncio.Semaphore(self.max_in_flight)
         self._busy = 0  # batches holding a slot
+        self._on_wire = 0  # requests of batches sent and not yet answered
         self._tasks: set[asyncio.Task[Any]] = set()
         # lone requests in flight (deadline, waiter, work, slot), in order of deadline
         self._watched: deque[_Watched] = deque()
@@ -600,6 +611,7 @@ class Transport:
         ``socket_timeout``). The cancelled work ends on its own and only then gives
         its slot (and so its pooled connection) back."""
         slot = [True]  # held until the work ends (or, never started, is done)
+        self._on_wire += len(batch)
         work = self._spawn(self._deliver(batch, slot))
         timer = None
         if deadline is not None:
@@ -619,6 +631,7 @@ class Transport:
         work: asyncio.Task[None],
     ) -> None:
         """A batch's work is done (maybe long after its deadline)."""
+        self._on_wire -= len(batch)
         if timer is not None:
             timer.cancel()
         failure: BaseException = RuntimeError("the batch was cancelled")
@@ -636,14 +649,28 @@ class Transport:
         """Send a batch and hand each waiter its reply, then free the slot (before
         the callers run again: one that calls at once finds it free). On a cluster
         each primary's part goes on its own and its callers get their replies as
-        soon as that primary answers, not when the slowest one does."""
+        soon as that primary answers, not when the slowest one does. A large batch
+        on one server may go as two halves (``SPLIT_AT``), the second on a slot of
+        its own."""
+        spare: list[bool] = []
         try:
             parts = self._parts(batch)
+            if (
+                len(parts) == 1
+                and len(batch) >= SPLIT_AT
+                and 2 * self._on_wire < 3 * len(batch)  # the others: under half of it
+                and not self._slots.locked()
+            ):
+                await self._acquire(None)  # (a free one: taken at once)
+                spare.append(True)
+                half = (len(batch) + 1) // 2
+                parts = [parts[0][:half], parts[0][half:]]
             if len(parts) == 1:
                 await self._send_part(batch, parts[0])
             else:
                 await asyncio.gather(*(self._send_part(batch, part) for part in parts))
         finally:
+            self._free(spare)
             self._free(slot)
 
     def _parts(self, batch: list[_Entry]) -> list[list[int]]:
