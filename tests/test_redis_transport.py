@@ -342,6 +342,62 @@ async def test_callers_settle_even_when_a_send_ignores_its_cancellation(
         assert sent == [1]  # the batches behind the first waited for its slot, in vain
 
 
+async def test_a_split_batch_holds_its_slots_until_both_halves_end(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst goes as two pipelines (``SPLIT_AT``). Past the deadline both are
+    cancelled; one half ends, the other ignores it and reads on (as redis-py can).
+    Every caller settles by the deadline, and the batch keeps both its slots until
+    that half ends too: the store never holds more connections than slots, so the
+    user's pool is never drained behind its back (outside review: the slots were
+    freed as soon as the first half ended)."""
+    if not backend_redis.server_reachable():
+        pytest.skip("needs a real Redis server")
+    client = Redis.from_url(backend_redis.REDIS_URL)
+    prefix = backend_redis.prefix_for(f"split-{uuid.uuid4().hex[:8]}")
+    store = RedisStore(client, cfg(key_prefix=prefix), clock=clock, timeout=0.5)
+    tr = store._transport
+    real = transport.send_batch
+    in_use = [0]
+    merged: list[int] = []
+
+    async def send(client: Any, commands: Any, **options: Any) -> list[Any]:
+        if not (len(commands) == 1 and commands[0][1] == transport.MULTI_GET.sha):
+            return await real(client, commands, **options)
+        merged.append(commands[0][2])  # a half's merged read: its key count
+        in_use[0] += 1
+        try:
+            if len(merged) % 2:
+                await asyncio.sleep(30)  # this half honours its cancellation
+            end = time.monotonic() + 1.5  # this one loses it and reads on
+            while (left := end - time.monotonic()) > 0:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(left)
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+        finally:
+            in_use[0] -= 1
+
+    try:
+        async with store:
+            monkeypatch.setattr(transport, "send_batch", send)
+            ids = [new_session(None).id for _ in range(32)]
+            results = await all_settle([store.get(i) for i in ids])
+            assert sorted(merged) == [15, 16]  # one at once, then 16 + 15
+            assert sum(isinstance(r, StoreUnavailable) for r in results) == 31
+            await asyncio.sleep(0.2)  # (the cancellations have run their course)
+            assert in_use[0] == 1  # the stubborn half reads on...
+            assert tr._busy >= in_use[0]  # ...on a slot still held
+            for _ in range(300):
+                if not in_use[0]:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
+            assert in_use[0] == 0 and tr._busy == 0 and tr._on_wire == 0
+    finally:
+        await backend_redis.delete_prefix(client, prefix)
+        await client.aclose()
+
+
 async def test_a_cancelled_batch_task_still_resolves_its_waiters(clock: FakeClock) -> None:
     """Closing the loop's tasks mid-batch (the batch task cancelled) fails its
     callers with StoreUnavailable instead of leaving them waiting."""

@@ -668,7 +668,12 @@ class Transport:
             if len(parts) == 1:
                 await self._send_part(batch, parts[0])
             else:
-                await asyncio.gather(*(self._send_part(batch, part) for part in parts))
+                # (return_exceptions: cancelled, the gather still waits for every part
+                # to end, so no slot is freed while a part that ignored its
+                # cancellation holds a pooled connection)
+                await asyncio.gather(
+                    *(self._send_part(batch, part) for part in parts), return_exceptions=True
+                )
         finally:
             self._free(spare)
             self._free(slot)
