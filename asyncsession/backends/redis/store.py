@@ -275,9 +275,10 @@ class RedisStore(Store):
     which keeps it."""
 
     max_in_flight: ClassVar[int] = 8
-    """Batches on the wire at once (each holds one pooled connection for its round
-    trip); on one server at most half the pool's ``max_connections``, so the app's
-    own commands on the same client always find a connection."""
+    """Slots for batches on the wire at once (each holds one pooled connection for its
+    round trip; a batch split in two, ``transport.SPLIT_AT``, takes two slots); on one
+    server at most half the pool's ``max_connections``, so the app's own commands on
+    the same client always find a connection."""
 
     def __init__(
         self,

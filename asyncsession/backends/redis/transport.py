@@ -10,7 +10,7 @@ connection the client's pool lends for that exchange only, with the client's own
 timeouts, health checks, retry, TLS and credentials. A large batch that is most of
 what is on the wire goes as two pipelines on two slots (``SPLIT_AT``), so that Redis
 runs one half while the first half's callers go on. On one server the session reads
-of a batch merge into one ``HMGET`` or one multi-key script call, and so do its
+of a pipeline merge into one ``HMGET`` or one multi-key script call, and so do its
 creates of anonymous sessions that expire (``MULTI_INSERT``), its creates of user
 sessions (``MULTI_INSERT_USER``) and its common writes
 (``MULTI_APPLY``: no idle timeout, nothing written since the caller loaded the
@@ -104,12 +104,12 @@ enough that under load several batches are in flight and the client builds and
 parses one while Redis runs another."""
 
 SPLIT_AT = 12
-"""A batch of at least this many requests that is more than half of all the requests
-on the wire goes as two pipelines, each on its own slot when one is free (``_deliver``):
-Redis runs the second while the callers of the first already go on. Otherwise callers
-that arrive together (a burst, clients in step) stay in one batch, and each round
-trip leaves the client idle while Redis runs it and Redis idle while the client
-runs the callers."""
+"""A batch of at least this many requests that is more than two thirds of the requests
+on the wire (of batches sent and not yet answered) goes as two pipelines, the second
+on a slot of its own when one is free (``_deliver``): Redis runs the second while the
+callers of the first already go on. Otherwise callers that arrive together (a burst,
+clients in step) stay in one batch, and each round trip leaves the client idle while
+Redis runs it and Redis idle while the client runs the callers."""
 
 
 _RAW: dict[str, Any] = {NEVER_DECODE: True}
