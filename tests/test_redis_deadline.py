@@ -97,6 +97,31 @@ async def test_lone_and_batched_calls_answer_by_the_request_deadline(clock: Fake
             await asyncio.wait_for(client.aclose(), 5)
 
 
+async def test_a_batched_call_due_after_its_batch_is_not_watched_on_its_own(
+    clock: FakeClock,
+) -> None:
+    """Calls that join a batch whose deadline comes first are answered by the batch's
+    timer: the watchdog keeps no entry for each of them (one per batched call cost
+    every get under load its share of the watchdog's work). One due earlier than its
+    batch is watched (the test above)."""
+    async with serve("silent") as fake:
+        client = Redis(host="127.0.0.1", port=fake.port, socket_connect_timeout=2)
+        raw = RedisStore(client, cfg(), clock=clock, timeout=STORE_TIMEOUT)
+        store = with_controls(raw, cfg())
+        try:
+            tasks = [asyncio.ensure_future(store.get(new_session(None).id)) for _ in range(20)]
+            await asyncio.sleep(0.05)
+            watched = [entry for entry in raw._transport._watched if not entry[1].done()]
+            assert len(watched) == 1  # the lone first call, in its caller's task
+            results = await asyncio.wait_for(
+                asyncio.gather(*tasks, return_exceptions=True), STORE_TIMEOUT + MARGIN
+            )
+            assert all(isinstance(r, StoreUnavailable) for r in results)
+        finally:
+            await asyncio.wait_for(store.close(), 5)
+            await asyncio.wait_for(client.aclose(), 5)
+
+
 async def test_the_middleware_answers_503_by_its_timeout_not_the_stores(clock: FakeClock) -> None:
     """The middleware's ``timeout`` (shorter than the store's) bounds a request on a
     silent Redis, with no ``asyncio.timeout`` of its own around the store call."""

@@ -325,6 +325,7 @@ class Transport:
         self._merge_reads = merge_reads
         self._by_node = isinstance(client, RedisCluster)
         self._open: list[_Entry] | None = None
+        self._open_until: float | None = None  # the open batch's deadline
         self._slots = asyncio.Semaphore(self.max_in_flight)
         self._busy = 0  # batches holding a slot
         self._on_wire = 0  # requests of batches sent and not yet answered
@@ -351,7 +352,9 @@ class Transport:
             batch.append((request, waiter))
             if len(batch) >= MAX_BATCH:
                 self._open = None
-            if limit is not None:  # (the batch keeps its leader's deadline)
+            until = self._open_until
+            if limit is not None and (until is None or limit < until):
+                # (the batch answers by its leader's deadline: watched if this is earlier)
                 self._watch_until(loop, limit, waiter, None, None)
             return _unwrap(await waiter)
         deadline = None if self.timeout is None else loop.time() + self.timeout
@@ -370,6 +373,7 @@ class Transport:
         # has a slot: the requests of this turn, and of the turns it waits, join.
         waiter = loop.create_future()
         batch = self._open = [(request, waiter)]
+        self._open_until = deadline
         self._crowded = True
         task = self._spawn(self._run(batch, deadline))
         task.add_done_callback(functools.partial(self._never_ran, batch))
