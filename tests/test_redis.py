@@ -1741,6 +1741,50 @@ async def test_a_reply_for_another_key_never_hands_over_its_session(
         assert resets == []
 
 
+async def test_an_apply_handed_another_writes_reply_is_refused(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server or proxy out of step hands bob's write the reply of alice's (outside
+    check with a proxy that duplicates replies: 1-12 applies in 40 waves were told
+    another write's version and expiry). An ``ok`` names the key it wrote, so bob's
+    caller gets ``StoreUnavailable`` (its write in doubt: it was sent) and the
+    client's idle connections are closed, never alice's version as bob's."""
+    store = env.controlled()
+    alice = await store.create(new_session("alice", data={"n": 0}))
+    bob = await store.create(new_session("bob", data={"n": 0}))
+    for _ in range(3):  # alice's version moves ahead of bob's
+        await store.apply(alice.id, Changes(set={"n": 1}))
+    bkey = store.store.session_key(session_handle(bob.id))  # type: ignore[attr-defined]
+    real = transport.send_batch
+    last: list[Any] = []
+    resets: list[bool] = []
+
+    async def one_behind(client: Any, commands: Any, **options: Any) -> list[Any]:
+        replies = await real(client, commands, **options)
+        for i, c in enumerate(commands):
+            if c[0] == "EVALSHA" and c[1] == redis_backend.APPLY.sha:
+                if c[3] == bkey and last:
+                    replies[i] = last[-1]  # alice's reply, read again for bob's
+                else:
+                    last.append(replies[i])
+        return replies
+
+    async def disconnect(*args: Any, **kwargs: Any) -> None:
+        resets.append(True)
+
+    monkeypatch.setattr(transport, "send_batch", one_behind)
+    monkeypatch.setattr(store.store.client.connection_pool, "disconnect", disconnect)  # type: ignore[attr-defined]
+    applied = await store.apply(alice.id, Changes(set={"n": 2}))
+    assert applied.version == 4
+    with pytest.raises(StoreUnavailable):
+        await store.apply(bob.id, Changes(set={"n": 2}))
+    assert resets == [True]
+    monkeypatch.setattr(transport, "send_batch", real)
+    got = await store.get(bob.id)  # the write was sent: it landed, in bob's session
+    assert (got.version, got.data) == (1, {"n": 2})
+    assert (await store.get(alice.id)).version == 4
+
+
 @pytest.mark.parametrize("other", ["alice", "carol"])
 async def test_a_listing_of_another_user_is_refused(
     env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, other: str

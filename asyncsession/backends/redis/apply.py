@@ -116,15 +116,20 @@ def _whole_record(
     return base.version, record, expires
 
 
-def parse_reply(reply: Any, now: datetime) -> Applied | Outcome:
+def parse_reply(reply: Any, now: datetime, key: bytes) -> Applied | Outcome:
     """``Applied`` or the failed ``Outcome``; ``CorruptRecord`` when the script found
     the stored record damaged (``corrupt``). Any other reply is not the script's (a
     broken server or proxy): ``ValueError``, which the store reports as
-    ``StoreUnavailable``, so a garbled reply never reads as a damaged session."""
-    if isinstance(reply, list) and len(reply) in (2, 3):
-        if reply[0] == b"too_large":
+    ``StoreUnavailable``, so a garbled reply never reads as a damaged session. An
+    ``ok`` names the session key it wrote: another key's (a server or proxy out of
+    step, one write handed another's reply) is ``UnexpectedReply``, never another
+    write's version and expiry told as this one's."""
+    if isinstance(reply, list) and len(reply) in (2, 4):
+        if reply[0] == b"too_large" and len(reply) == 2:
             return Outcome.TOO_LARGE
-        if reply[0] == b"ok" and len(reply) == 3:
+        if reply[0] == b"ok" and len(reply) == 4:
+            if reply[3] != key:
+                raise UnexpectedReply("an apply's reply was for another key: connections reset")
             version, expires = int(reply[1]), reply[2]
             expires_at = codec.EPOCH + timedelta(microseconds=int(expires)) if expires else None
             return Applied(version, now, expires_at)

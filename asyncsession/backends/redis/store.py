@@ -979,7 +979,7 @@ class RedisStore(Store):
         """One script edits the record in place (see ``apply.py``)."""
         keys = (self.session_key(session_id), self.expiry_key_for(session_id))
         args = apply_args(session_id, changes, scope, now, limit, self.expiry_grace_ms, base)
-        return parse_reply(await self._eval(APPLY, keys, args), now)
+        return parse_reply(await self._eval(APPLY, keys, args), now, keys[0])
 
     @_guarded
     async def _rotate(self, session_id: str, new_id: str, scope: Config, now: datetime) -> Outcome:

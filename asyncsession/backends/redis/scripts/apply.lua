@@ -165,4 +165,4 @@ if sliding ~= '' then
   schedule(xkey, e, ARGV[5], px)
   if f[2] then outlive(f[2], px, t) end
 end
-return {'ok', n, e}
+return {'ok', n, e, KEYS[1]}  -- (the key: the caller checks the reply is its own)
