@@ -216,6 +216,34 @@ def as_duration(value: object, what: str) -> timedelta | None:
     raise ValueError(f"{what} must be a timedelta or seconds, not {shown}")
 
 
+def anonymous_session(
+    data: dict[str, Any], now: datetime, ip_address: str | None, user_agent: str | None
+) -> Session:
+    """``new_session(None, data=data, now=now, ip_address=..., user_agent=...)`` for a
+    caller whose arguments are known to be good (the middleware: a plain dict of its
+    own, the store's clock, the client's address and agent): ``data`` is taken, not
+    copied, and only the clock is checked (a naive one is ``InvalidSession``, as there).
+    A new session costs one request's Python: the dataclass's ``__init__`` and the
+    checks are a good part of it."""
+    if not isinstance(now, datetime) or now.utcoffset() is None:
+        return new_session(None, data=data, now=now)  # (raises, with its message)
+    session: Session = _blank(Session)
+    session.id = secrets.token_urlsafe(32)
+    session.user_id = None
+    session.site_id = ""
+    session.organization_id = None
+    session.data = data
+    session.created_at = session.updated_at = session.last_accessed_at = now
+    session.expires_at = session.absolute_expires_at = None
+    session.ip_address = ip_address
+    session.user_agent = user_agent
+    session.version = 0
+    return session
+
+
+_blank = Session.__new__
+
+
 def new_session(
     user_id: str | int | UUID | None,
     ttl: timedelta | float | None = None,

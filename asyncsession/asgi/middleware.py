@@ -53,10 +53,10 @@ from ..errors import (
 )
 from ..session import (
     Session,
+    anonymous_session,
     as_duration,
     is_seconds,
     is_valid_session_id,
-    new_session,
 )
 from ..session_dict import SessionDict, _plain
 from ..store import Store
@@ -168,6 +168,7 @@ def _cookie_pattern(name: str) -> re.Pattern[bytes]:
 
 
 _EMPTY_SESSION = SessionDict()  # a placeholder, never handed to an app
+_NO_CLIENT: tuple[None, None] = (None, None)  # no client recorded on a new session
 
 
 def _keys_behind(exc: SessionNotFound) -> None:
@@ -613,8 +614,8 @@ class _Connection:
                 "accept): not stored, no cookie can carry its id"
             )
             return
-        client = self.mw.client_fields(self.scope) if self.scope is not None else {}
-        session = new_session(None, data=_plain(self.data), now=self.store.clock(), **client)
+        ip, agent = self.mw.client_fields(self.scope) if self.scope is not None else _NO_CLIENT
+        session = anonymous_session(_plain(self.data), self.store.clock(), ip, agent)
         self.session = await self.within(self.store.create(session))
         self.fresh = self.session.id  # until a response carries its cookie
         self.exact = True
@@ -954,17 +955,17 @@ class SessionMiddleware:
                 ids.append(session_id)
         return len(values), tuple(ids)
 
-    def client_fields(self, scope: Scope) -> dict[str, Any]:
+    def client_fields(self, scope: Scope) -> tuple[str | None, str | None]:
         """``ip_address`` and ``user_agent`` recorded on a new session."""
         if not self.record_client:
-            return {}
+            return _NO_CLIENT
         client = scope.get("client")
         agent = None
         for key, value in scope["headers"]:
             if key == b"user-agent":
                 agent = value.decode("latin-1")[:MAX_USER_AGENT]
                 break
-        return {"ip_address": client[0] if client else None, "user_agent": agent}
+        return (client[0] if client else None, agent)
 
     # ------------------------------------------------------------------- ASGI
 
