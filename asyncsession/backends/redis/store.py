@@ -545,11 +545,15 @@ class RedisStore(Store):
     async def _call(self, *args: Any) -> Any:
         return await self._transport.command(*args)
 
-    async def _eval(self, script: _Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+    def _eval(
+        self, script: _Script, keys: Sequence[bytes], args: Sequence[Any]
+    ) -> Coroutine[Any, Any, Any]:
         """One script call through the batching transport: ``EVALSHA`` by the script's
         SHA (``NOSCRIPT`` recovered), routed by its first key on a cluster; an error
-        reply or a failure is ``StoreUnavailable``."""
-        return await self._transport.command("EVALSHA", script.sha, len(keys), *keys, *args)
+        reply or a failure is ``StoreUnavailable``. (The transport's coroutine itself,
+        no frame of its own: every frame between a request and its reply costs each
+        caller's task again at every suspension.)"""
+        return self._transport.request((None, ("EVALSHA", script.sha, len(keys), *keys, *args)))
 
     async def _open(self) -> None:
         """Check the server(s) (Redis >= 7.0 with the commands the scripts use), load

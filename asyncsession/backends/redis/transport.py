@@ -558,10 +558,10 @@ class Transport:
         self._busy -= 1
         self._slots.release()
 
-    async def command(self, *args: Any) -> Any:
+    def command(self, *args: Any) -> Coroutine[Any, Any, Any]:
         """One command through the batch; its reply (an error reply raised as
         ``StoreUnavailable``)."""
-        return await self.request((None, args))
+        return self.request((None, args))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
