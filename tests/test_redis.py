@@ -708,6 +708,49 @@ async def test_concurrent_user_creates_share_one_script_call(
     assert await env.client.zcard(raw.index_key("site-a", "alice")) == 3
 
 
+@pytest.mark.parametrize("user", [None, "alice"])
+async def test_a_merged_batch_checks_its_ids_once_and_extends_the_expiry_set_once(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, user: str | None
+) -> None:
+    """The creates merged into one call (``MULTI_INSERT``, ``MULTI_INSERT_USER``) ask
+    one ``EXISTS`` for all their ids and extend the expiry set once, to the latest
+    deadline among them (batch.lua). Two creates of one id in the batch: the first
+    is stored, the second refused as an id that exists (its own ``EXISTS`` would
+    have said so), never written over it. The expiry set, new before the batch (no
+    TTL yet), then outlives every session the batch stored."""
+    store = env.controlled(cfg(cleanup_interval=0, max_sessions_per_user=50))
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    seed = await store.create(new_session("seed", 60, now=clock()))  # (opens the client)
+    await env.client.delete(raw.expiry_key)  # the batch's creates make the set again
+    twin = new_session(user, 30, data={"n": "first"}, now=clock())
+    # (ten creates: one batch, under the size that goes as two halves, SPLIT_AT)
+    made = [new_session(user, 30 + i, data={"n": i}, now=clock()) for i in range(8)]
+    sent = scripts_sent(monkeypatch)
+    results = await asyncio.gather(
+        store.get(seed.id),  # (a lone call, to open a batch behind it)
+        store.create(replace(twin)),
+        *(store.create(s) for s in made),
+        store.create(replace(twin, data={"n": "second"})),
+        return_exceptions=True,
+    )
+    monkeypatch.undo()
+    merged = transport.MULTI_INSERT_USER.sha if user else transport.MULTI_INSERT.sha
+    assert sent.count(merged) == 1 and len(sent) == 1, sent  # (all in one batch)
+    assert isinstance(results[-1], InvalidSession), results[-1]
+    assert not any(isinstance(r, BaseException) for r in results[:-1]), results
+    got = await store.get(twin.id)
+    assert got.data == {"n": "first"}
+    for i, session in enumerate(made):
+        assert (await store.get(session.id)).data == {"n": i}
+    xkey = raw.expiry_key
+    assert await env.client.zcard(xkey) == 1 + 8
+    outlives = await env.client.pexpiretime(xkey)
+    keys = [raw.session_key(raw.handle(s.id)) for s in [twin, *made]]
+    deadlines = [await env.client.pexpiretime(key) for key in keys]
+    assert min(deadlines) > 0 and outlives >= max(deadlines), (outlives, deadlines)
+
+
 async def test_concurrent_common_writes_share_one_script_call(
     env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

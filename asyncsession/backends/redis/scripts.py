@@ -39,10 +39,14 @@ _PRELUDE = PRELUDE  # the name the single-module backend used
 _PURGE_FN = lua("purge_fn")
 _INDEX_FNS = lua("index")
 
-_COMMON_CREATE = lua("common_create")
-INSERT = _Script(_PURGE_FN + _INDEX_FNS + lua("insert"), first=_COMMON_CREATE + lua("insert_first"))
+# (batch.lua: the merged creates' shared state; `batch` is nil in a create of its own)
+_COMMON_CREATE = lua("batch") + lua("common_create")
+INSERT = _Script(
+    _PURGE_FN + _INDEX_FNS + "local batch = nil\n" + lua("insert"),
+    first=_COMMON_CREATE + lua("insert_first"),
+)
 MULTI_INSERT = _Script(_PURGE_FN + _COMMON_CREATE + lua("multi_insert"))
-_INSERT_FN = "local function insert(KEYS, ARGV)\n" + lua("insert") + "\nend\n"
+_INSERT_FN = lua("batch") + "local function insert(KEYS, ARGV, batch)\n" + lua("insert") + "\nend\n"
 MULTI_INSERT_USER = _Script(_PURGE_FN + _INDEX_FNS + _INSERT_FN + lua("multi_insert_user"))
 REPLACE = _Script(_PURGE_FN + _INDEX_FNS + lua("replace"), first=lua("replace_first"))
 RESEAL = _Script(lua("reseal"))

@@ -4,20 +4,26 @@
 -- insert.lua, multi_insert.lua trims before each). `v` is insert.lua's list as sent, split: site, version,
 -- created, accessed, expires, absolute, px, now, limit, eviction, id, trim cutoff,
 -- trim count. Used by insert_first.lua (one create) and multi_insert.lua (the
--- common creates of one batch in one call).
+-- common creates of one batch in one call, `batch` theirs: see batch.lua).
 local function split_insert(list)
   return {string.match(list, '^' .. string.rep('([^,]*),', 13))}
 end
-local function common_create(skey, xkey, record, v)
-  local found = redis.pcall('EXISTS', skey)
-  if type(found) == 'table' then error({err = 'TRYAGAIN ' .. tostring(found.err)}) end
-  if found == 1 then return {'exists'} end
+local function common_create(skey, xkey, record, v, batch)
+  local seen = made_before(batch, skey)
+  if seen == nil then
+    local found = redis.pcall('EXISTS', skey)
+    if type(found) == 'table' then error({err = 'TRYAGAIN ' .. tostring(found.err)}) end
+    seen = found == 1
+  end
+  if seen then return {'exists'} end
   redis.call('HSET', skey, 'r', record, 's', v[1], 'n', v[2], 'c', v[3], 'a', v[4],
     'e', v[5], 'x', v[6])
   redis.call('PEXPIREAT', skey, v[7])
   redis.call('ZADD', xkey, v[5], v[11])
+  if batch then  -- (extend_sets, once for the batch)
+    outlast(batch, xkey, v[7])
   -- the expiry set outlives its sessions (GT leaves a new, persistent set alone)
-  if redis.call('PEXPIREAT', xkey, v[7], 'GT') == 0 then
+  elseif redis.call('PEXPIREAT', xkey, v[7], 'GT') == 0 then
     redis.call('PEXPIREAT', xkey, v[7], 'NX')
   end
   return {'ok'}

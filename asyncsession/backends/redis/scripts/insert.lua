@@ -17,7 +17,8 @@ local skey, xkey, ikey = KEYS[1], KEYS[2], KEYS[3]
 local site, e, px, now = ARGV[2], ARGV[6], ARGV[8], tonumber(ARGV[9])
 local limit, eviction, sprefix, id = tonumber(ARGV[10]), ARGV[11], ARGV[12], ARGV[13]
 trim(xkey, ARGV[14], sprefix, tonumber(ARGV[15]) or 0)
-if redis.call('EXISTS', skey) == 1 then return {'exists'} end
+local seen = made_before(batch, skey)  -- (batch: the merged creates', else nil)
+if seen or (seen == nil and redis.call('EXISTS', skey) == 1) then return {'exists'} end
 local evicted = {'ok'}
 local drop, victims, skip = {}, {}, {}  -- index members to remove; sessions to delete
 local zadd, kept, t  -- the new member's ZADD arguments; members the index keeps
@@ -150,8 +151,10 @@ if e == '' then
 else
   redis.call('PEXPIREAT', skey, px)
   redis.call('ZADD', xkey, e, id)
+  if batch then  -- (extend_sets, once for the batch)
+    outlast(batch, xkey, px)
   -- the expiry set outlives its sessions (GT leaves a new, persistent set alone)
-  if redis.call('PEXPIREAT', xkey, px, 'GT') == 0 and redis.call('PEXPIRETIME', xkey) == -1 then
+  elseif redis.call('PEXPIREAT', xkey, px, 'GT') == 0 and redis.call('PEXPIRETIME', xkey) == -1 then
     redis.call('PEXPIREAT', xkey, px)
   end
 end
