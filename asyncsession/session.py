@@ -216,7 +216,7 @@ def as_duration(value: object, what: str) -> timedelta | None:
     raise ValueError(f"{what} must be a timedelta or seconds, not {shown}")
 
 
-def anonymous_session(
+def _anonymous_session(
     data: dict[str, Any], now: datetime, ip_address: str | None, user_agent: str | None
 ) -> Session:
     """``new_session(None, data=data, now=now, ip_address=..., user_agent=...)`` for a

@@ -29,7 +29,7 @@ from asyncsession import (
 )
 from asyncsession._redact import redact, url_secrets
 from asyncsession.factory import sqlite_path
-from asyncsession.session import anonymous_session
+from asyncsession.session import _anonymous_session
 
 # ------------------------------------------------------------------------ ids, model
 
@@ -72,13 +72,13 @@ def test_new_session_fields() -> None:
 
 
 def test_the_middlewares_anonymous_session_is_new_sessions() -> None:
-    """``anonymous_session`` (the middleware's new sessions, built without the checks
+    """``_anonymous_session`` (the middleware's new sessions, built without the checks
     its arguments never need) makes what ``new_session`` makes from the same
     arguments, field by field, takes the data as it is, and refuses a naive clock
     with the same coded error."""
     now = datetime(2030, 1, 1, tzinfo=UTC)
     data = {"n": 1}
-    fast = anonymous_session(data, now, "203.0.113.9", "UA/1")
+    fast = _anonymous_session(data, now, "203.0.113.9", "UA/1")
     slow = new_session(None, data=data, now=now, ip_address="203.0.113.9", user_agent="UA/1")
     assert is_valid_session_id(fast.id) and fast.id != slow.id
     fast.id = slow.id
@@ -86,7 +86,7 @@ def test_the_middlewares_anonymous_session_is_new_sessions() -> None:
     assert fast.data is data  # (the middleware's own copy: taken, not copied again)
     assert fast.created_at is fast.updated_at is fast.last_accessed_at is now
     with pytest.raises(InvalidSession, match="timezone-aware") as info:
-        anonymous_session({}, datetime(2030, 1, 1), None, None)
+        _anonymous_session({}, datetime(2030, 1, 1), None, None)
     assert info.value.code is ErrorCode.SESSION_INVALID
 
 

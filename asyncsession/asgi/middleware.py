@@ -53,7 +53,7 @@ from ..errors import (
 )
 from ..session import (
     Session,
-    anonymous_session,
+    _anonymous_session,
     as_duration,
     is_seconds,
     is_valid_session_id,
@@ -615,7 +615,7 @@ class _Connection:
             )
             return
         ip, agent = self.mw.client_fields(self.scope) if self.scope is not None else _NO_CLIENT
-        session = anonymous_session(_plain(self.data), self.store.clock(), ip, agent)
+        session = _anonymous_session(_plain(self.data), self.store.clock(), ip, agent)
         self.session = await self.within(self.store.create(session))
         self.fresh = self.session.id  # until a response carries its cookie
         self.exact = True
