@@ -38,9 +38,11 @@ from asyncsession import (  # noqa: E402
     Config,
     ControlledStore,
     InvalidSession,
+    Session,
     SessionConflict,
     SessionEnded,
     SessionExpired,
+    SessionLimitExceeded,
     SessionNotFound,
     SessionRotated,
     StoreUnavailable,
@@ -749,6 +751,53 @@ async def test_a_merged_batch_checks_its_ids_once_and_extends_the_expiry_set_onc
     keys = [raw.session_key(raw.handle(s.id)) for s in [twin, *made]]
     deadlines = [await env.client.pexpiretime(key) for key in keys]
     assert min(deadlines) > 0 and outlives >= max(deadlines), (outlives, deadlines)
+
+
+@pytest.mark.parametrize("case", ["error", "reject", "evicted"])
+async def test_a_merged_create_of_an_id_refused_or_evicted_earlier_in_its_call_is_stored(
+    env: Env, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """Outside review of batch.lua: in one ``MULTI_INSERT_USER`` call, a create whose
+    id an earlier create of the call did not write (it failed on a user index that
+    is not a sorted set, or was refused by a ``reject`` limit) or wrote and a later
+    one evicted, is stored, as it would be in a call of its own: never refused as
+    an id that exists while no key does."""
+    config = {
+        "error": cfg(max_sessions_per_user=0),
+        "reject": cfg(max_sessions_per_user=1, eviction="reject"),
+        "evicted": cfg(max_sessions_per_user=1, eviction="oldest"),
+    }[case]
+    store = env.controlled(config)
+    raw = store.store
+    assert isinstance(raw, RedisStore)
+    seed = await store.create(new_session("alice", 60, now=clock()))
+    await env.client.set(raw.index_key("site-a", "mallory"), b"not a sorted set")
+    x = new_session("mallory" if case == "error" else "alice", 60, now=clock())
+    creates = {
+        "error": [x, replace(x, user_id="bob", data={"who": "bob"})],
+        "reject": [x, replace(x, user_id="bob", data={"who": "bob"})],
+        "evicted": [
+            x,
+            new_session("alice", 61, now=clock()),  # (evicts x: a limit of 1)
+            replace(x, data={"who": "again"}),
+        ],
+    }[case]
+    sent = scripts_sent(monkeypatch)
+    results = await asyncio.gather(
+        store.get(seed.id),  # (a lone call, to open a batch behind it)
+        *(store.create(s) for s in creates),
+        return_exceptions=True,
+    )
+    monkeypatch.undo()
+    assert sent == [transport.MULTI_INSERT_USER.sha], sent
+    last = results[-1]
+    assert isinstance(last, Session), last  # (before the fix: InvalidSession, "exists")
+    got = await store.get(x.id)
+    assert got.data == creates[-1].data and got.user_id == creates[-1].user_id
+    if case == "error":
+        assert isinstance(results[1], StoreUnavailable)
+    if case == "reject":
+        assert isinstance(results[1], SessionLimitExceeded)
 
 
 async def test_concurrent_common_writes_share_one_script_call(

@@ -1,9 +1,9 @@
 -- The creates a merged script (multi_insert, multi_insert_user) runs share a batch:
 -- `fresh` when one EXISTS over all their session keys found none (the usual case:
--- ids are random), so each create skips its own EXISTS and only a key an earlier
--- create of the batch wrote (`made`) exists; `px`, per expiry set, the latest PX
--- deadline its creates need it to outlive, applied once at the end (extend_sets)
--- instead of once per create. Saves two or three calls per create.
+-- ids are random), so a create skips its own EXISTS unless a create of the batch
+-- wrote its key (`made`); `px`, per expiry set, the latest PX deadline its creates
+-- need it to outlive, applied once at the end (extend_sets) instead of once per
+-- create. Saves two or three calls per create.
 local function new_batch(skeys)
   local found = 0
   for j = 1, #skeys, 1000 do
@@ -11,13 +11,17 @@ local function new_batch(skeys)
   end
   return {fresh = found == 0, made = {}, px = {}}
 end
--- In a fresh batch, whether an earlier create of it wrote `skey` (which the create
--- about to write it then records); nil outside one: the create asks EXISTS itself.
-local function made_before(batch, skey)
-  if not (batch and batch.fresh) then return nil end
-  if batch.made[skey] then return true end
-  batch.made[skey] = true
-  return false
+-- Whether `skey` is known not to exist, so its create needs no EXISTS: the batch is
+-- fresh and no create of it wrote the key. One that did asks EXISTS as a create of its
+-- own would: the key may have been evicted since (outside review: a create refused by
+-- a limit or an error, or evicted by a later one, made the next create of the same id
+-- "exists" while no key did).
+local function known_absent(batch, skey)
+  return batch ~= nil and batch.fresh and not batch.made[skey]
+end
+-- a create of the batch wrote `skey` (right after its HSET)
+local function wrote(batch, skey)
+  if batch then batch.made[skey] = true end
 end
 local function outlast(batch, xkey, px)
   local was = batch.px[xkey]

@@ -9,15 +9,14 @@ local function split_insert(list)
   return {string.match(list, '^' .. string.rep('([^,]*),', 13))}
 end
 local function common_create(skey, xkey, record, v, batch)
-  local seen = made_before(batch, skey)
-  if seen == nil then
+  if not known_absent(batch, skey) then
     local found = redis.pcall('EXISTS', skey)
     if type(found) == 'table' then error({err = 'TRYAGAIN ' .. tostring(found.err)}) end
-    seen = found == 1
+    if found == 1 then return {'exists'} end
   end
-  if seen then return {'exists'} end
   redis.call('HSET', skey, 'r', record, 's', v[1], 'n', v[2], 'c', v[3], 'a', v[4],
     'e', v[5], 'x', v[6])
+  wrote(batch, skey)
   redis.call('PEXPIREAT', skey, v[7])
   redis.call('ZADD', xkey, v[5], v[11])
   if batch then  -- (extend_sets, once for the batch)

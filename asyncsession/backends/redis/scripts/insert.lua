@@ -17,8 +17,10 @@ local skey, xkey, ikey = KEYS[1], KEYS[2], KEYS[3]
 local site, e, px, now = ARGV[2], ARGV[6], ARGV[8], tonumber(ARGV[9])
 local limit, eviction, sprefix, id = tonumber(ARGV[10]), ARGV[11], ARGV[12], ARGV[13]
 trim(xkey, ARGV[14], sprefix, tonumber(ARGV[15]) or 0)
-local seen = made_before(batch, skey)  -- (batch: the merged creates', else nil)
-if seen or (seen == nil and redis.call('EXISTS', skey) == 1) then return {'exists'} end
+-- (batch: the merged creates' state, batch.lua; nil in a create of its own)
+if not known_absent(batch, skey) and redis.call('EXISTS', skey) == 1 then
+  return {'exists'}
+end
 local evicted = {'ok'}
 local drop, victims, skip = {}, {}, {}  -- index members to remove; sessions to delete
 local zadd, kept, t  -- the new member's ZADD arguments; members the index keeps
@@ -146,6 +148,7 @@ else
   redis.call('HSET', skey, 'r', ARGV[1], 's', site, 'n', ARGV[3], 'c', ARGV[4], 'a', ARGV[5],
     'e', e, 'x', ARGV[7])
 end
+wrote(batch, skey)
 if e == '' then
   redis.call('ZREM', xkey, id)
 else
