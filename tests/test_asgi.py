@@ -849,6 +849,30 @@ async def test_new_session_records_the_client_an_inner_middleware_resolved(
     assert (await cstore.get(sid)).ip_address == "198.51.100.7"
 
 
+@pytest.mark.parametrize("extra", [{}, {"organization_id": "org-1"}])
+async def test_a_subclass_client_fields_is_what_new_sessions_record(
+    cstore: CountingStore, extra: dict[str, str]
+) -> None:
+    """``client_fields`` returns ``new_session``'s fields as a dict: a subclass that
+    masks the address (or adds a field) has its dict recorded on new sessions, as
+    ``new_session`` would take it (outside review: a tuple in its place stored the
+    dict's keys as the address and agent)."""
+
+    class Masking(SessionMiddleware):
+        def client_fields(self, scope: Any) -> dict[str, Any]:
+            fields = super().client_fields(scope)
+            fields["ip_address"] = fields["ip_address"].rsplit(".", 1)[0] + ".0"
+            return {**fields, **extra}
+
+    app = Starlette(routes=ROUTES)
+    app.add_middleware(Masking, store=cstore, cookie_name="session")
+    async with client(app) as c:
+        sid = await new_cookie(c)
+    stored = await cstore.get(sid)
+    assert (stored.ip_address, stored.user_agent) == ("203.0.113.0", "pytest-agent/1.0")
+    assert stored.organization_id == extra.get("organization_id")
+
+
 async def test_requests_leave_no_reference_cycles(cstore: CountingStore) -> None:
     """A request's session state is freed by reference counting when the request ends,
     not left to the cyclic garbage collector (a scope <-> connection cycle once cost

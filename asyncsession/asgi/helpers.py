@@ -228,9 +228,8 @@ async def _login(
             fields["data"] = dict(old.data)
         else:
             fields["data"] = dict(conn.data)
-    ip, agent = conn.mw.client_fields(connection.scope)  # (None: not recorded)
-    fields.setdefault("ip_address", ip)
-    fields.setdefault("user_agent", agent)
+    for key, value in conn.mw.client_fields(connection.scope).items():
+        fields.setdefault(key, value)
     deadline = None if like is None else absolute_deadline(like)
     attempts = 0
     while True:

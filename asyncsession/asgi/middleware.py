@@ -57,6 +57,7 @@ from ..session import (
     as_duration,
     is_seconds,
     is_valid_session_id,
+    new_session,
 )
 from ..session_dict import SessionDict, _plain
 from ..store import Store
@@ -168,7 +169,7 @@ def _cookie_pattern(name: str) -> re.Pattern[bytes]:
 
 
 _EMPTY_SESSION = SessionDict()  # a placeholder, never handed to an app
-_NO_CLIENT: tuple[None, None] = (None, None)  # no client recorded on a new session
+_CLIENT_FIELDS = frozenset({"ip_address", "user_agent"})  # client_fields()'s own
 
 
 def _keys_behind(exc: SessionNotFound) -> None:
@@ -614,8 +615,14 @@ class _Connection:
                 "accept): not stored, no cookie can carry its id"
             )
             return
-        ip, agent = self.mw.client_fields(self.scope) if self.scope is not None else _NO_CLIENT
-        session = _anonymous_session(_plain(self.data), self.store.clock(), ip, agent)
+        client = self.mw.client_fields(self.scope) if self.scope is not None else {}
+        now = self.store.clock()
+        if client.keys() <= _CLIENT_FIELDS:  # (the common case, built without checks)
+            get = client.get
+            ip, agent = get("ip_address"), get("user_agent")
+            session = _anonymous_session(_plain(self.data), now, ip, agent)
+        else:  # (a subclass's client_fields with other fields: new_session checks them)
+            session = new_session(None, data=_plain(self.data), now=now, **client)
         self.session = await self.within(self.store.create(session))
         self.fresh = self.session.id  # until a response carries its cookie
         self.exact = True
@@ -955,17 +962,18 @@ class SessionMiddleware:
                 ids.append(session_id)
         return len(values), tuple(ids)
 
-    def client_fields(self, scope: Scope) -> tuple[str | None, str | None]:
-        """``ip_address`` and ``user_agent`` recorded on a new session."""
+    def client_fields(self, scope: Scope) -> dict[str, Any]:
+        """``ip_address`` and ``user_agent`` recorded on a new session (fields of
+        ``new_session``: a subclass may return others, or mask these)."""
         if not self.record_client:
-            return _NO_CLIENT
+            return {}
         client = scope.get("client")
         agent = None
         for key, value in scope["headers"]:
             if key == b"user-agent":
                 agent = value.decode("latin-1")[:MAX_USER_AGENT]
                 break
-        return (client[0] if client else None, agent)
+        return {"ip_address": client[0] if client else None, "user_agent": agent}
 
     # ------------------------------------------------------------------- ASGI
 
