@@ -53,6 +53,7 @@ from .session import (
     SESSION_ID_RE,
     Clock,
     Session,
+    _blank_session,
     check_session_id,
     generate_session_id,
     is_handle,
@@ -116,7 +117,6 @@ class ScanEntry(NamedTuple):
     expires_at: datetime | None
 
 
-_new_session = Session.__new__
 _KEEP: Any = object()
 _id_match = SESSION_ID_RE.fullmatch
 
@@ -126,7 +126,7 @@ def _with_id(session: Session, session_id: str) -> Session:
     than ``dataclasses.replace`` on the hot path)."""
     if type(session) is not Session:  # a subclass may carry more fields
         return replace(session, id=session_id)
-    copy = _new_session(Session)
+    copy = _blank_session(Session)
     copy.id = session_id
     copy.user_id = session.user_id
     copy.site_id = session.site_id
@@ -635,7 +635,7 @@ class Store(ABC):
             # dataclasses.replace, spelled out, and the slots set directly: Session(...)
             # goes through type.__call__, which in CPython 3.11 packs the keyword
             # arguments into a dict for __init__ (all that __init__ does is set them)
-            new = _new_session(Session)
+            new = _blank_session(Session)
             new.id = self._key(session.id)
             new.user_id = session.user_id
             new.site_id = scope.site_id
