@@ -40,13 +40,14 @@ _PURGE_FN = lua("purge_fn")
 _INDEX_FNS = lua("index")
 
 # (batch.lua: the merged creates' shared state; `batch` is nil in a create of its own)
-_COMMON_CREATE = lua("batch") + lua("common_create")
+_BATCH = lua("batch")
+_COMMON_CREATE = _BATCH + lua("common_create")
 INSERT = _Script(
     _PURGE_FN + _INDEX_FNS + "local batch = nil\n" + lua("insert"),
     first=_COMMON_CREATE + lua("insert_first"),
 )
 MULTI_INSERT = _Script(_PURGE_FN + _COMMON_CREATE + lua("multi_insert"))
-_INSERT_FN = lua("batch") + "local function insert(KEYS, ARGV, batch)\n" + lua("insert") + "\nend\n"
+_INSERT_FN = _BATCH + "local function insert(KEYS, ARGV, batch)\n" + lua("insert") + "\nend\n"
 MULTI_INSERT_USER = _Script(_PURGE_FN + _INDEX_FNS + _INSERT_FN + lua("multi_insert_user"))
 REPLACE = _Script(_PURGE_FN + _INDEX_FNS + lua("replace"), first=lua("replace_first"))
 RESEAL = _Script(lua("reseal"))

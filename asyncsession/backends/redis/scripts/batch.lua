@@ -27,11 +27,14 @@ local function outlast(batch, xkey, px)
   local was = batch.px[xkey]
   if not was or tonumber(px) > tonumber(was) then batch.px[xkey] = px end
 end
--- each expiry set outlives its sessions (GT leaves a new, persistent set alone)
-local function extend_sets(batch)
-  for xkey, px in pairs(batch.px) do
-    if redis.call('PEXPIREAT', xkey, px, 'GT') == 0 then
-      redis.call('PEXPIREAT', xkey, px, 'NX')
-    end
+-- the expiry set outlives a session due at PX `px` (GT leaves a new, persistent set
+-- alone: NX gives it one)
+local function extend_set(xkey, px)
+  if redis.call('PEXPIREAT', xkey, px, 'GT') == 0 then
+    redis.call('PEXPIREAT', xkey, px, 'NX')
   end
+end
+-- each expiry set of the batch outlives its sessions
+local function extend_sets(batch)
+  for xkey, px in pairs(batch.px) do extend_set(xkey, px) end
 end

@@ -21,9 +21,8 @@ local function common_create(skey, xkey, record, v, batch)
   redis.call('ZADD', xkey, v[5], v[11])
   if batch then  -- (extend_sets, once for the batch)
     outlast(batch, xkey, v[7])
-  -- the expiry set outlives its sessions (GT leaves a new, persistent set alone)
-  elseif redis.call('PEXPIREAT', xkey, v[7], 'GT') == 0 then
-    redis.call('PEXPIREAT', xkey, v[7], 'NX')
+  else
+    extend_set(xkey, v[7])
   end
   return {'ok'}
 end

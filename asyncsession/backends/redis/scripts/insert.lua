@@ -156,9 +156,8 @@ else
   redis.call('ZADD', xkey, e, id)
   if batch then  -- (extend_sets, once for the batch)
     outlast(batch, xkey, px)
-  -- the expiry set outlives its sessions (GT leaves a new, persistent set alone)
-  elseif redis.call('PEXPIREAT', xkey, px, 'GT') == 0 and redis.call('PEXPIRETIME', xkey) == -1 then
-    redis.call('PEXPIREAT', xkey, px)
+  else
+    extend_set(xkey, px)
   end
 end
 return evicted
